@@ -1,0 +1,76 @@
+"""The `lafs-fast` command. Sub-commands only parse arguments and hand over to their module.
+
+Each command lives in a module with ``add_arguments(parser)`` and ``run(args) -> int``; the module
+is imported only when its command runs, so ``lafs-fast --help`` stays instant. A user's mistake
+(ValueError, a missing or unwritable path) ends with one sentence on stderr and exit code 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Add a command by adding its line here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("lafs_fast.info", "versions, devices, and the backend each fast module picks and why"),
+    "config": ("lafs_fast.config", "print the resolved configuration of a preset with overrides"),
+    "checkpoint": ("lafs_fast.models.checkpoints", "import / export reference (Part fViT, LAFS SSL) checkpoints"),
+}
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+def _top_help() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = [
+        "usage: lafs-fast COMMAND [options]",
+        "",
+        "Fast, faithful LAFS / Part fViT face-recognition training (Triton, DALI, xformers, torch.compile).",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()),
+        "",
+        "Run `lafs-fast COMMAND --help` for a command's options.",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    """The parser of one command and its module."""
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"lafs-fast {name}", description=help_)
+    module.add_arguments(parser)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_help())
+        return 0
+    if argv[0] == "--version":
+        from lafs_fast import __version__
+
+        print(f"lafs-fast {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"lafs-fast: error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    parser, module = build_parser(name)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except USER_ERRORS as exc:
+        print(f"lafs-fast {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lafs-fast {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Test session setup. TRITON_INTERPRET must be set before any Triton kernel is defined."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture
+def orl_dir() -> Path:
+    """../shared/data/orl_faces (AT&T/ORL, 40 people x 10 grey 92x112 PGM); skip when absent."""
+    path = SHARED / "data" / "orl_faces"
+    if not path.is_dir():
+        pytest.skip("../shared/data/orl_faces not present (a user's clone has no shared/)")
+    return path
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A fresh-seeded CPU generator: the seed is printed on failure through the test id's repr."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    g.seed_value = seed  # type: ignore[attr-defined]
+    return g
