@@ -1,0 +1,424 @@
+"""One loader interface over every data source and decode path, chosen automatically.
+
+``make_loader(source, batch_size, ...)`` returns a :class:`Loader` that yields
+``(images (B, 112, 112, 3) uint8 RGB on device, labels (B,) int64 on device)`` and says in
+``loader.backend`` which path it took and why:
+
+- ``dali``: DALI decodes (``mixed`` = nvJPEG on a GPU, ``cpu`` without one) the record bytes that
+  our sampler picks (``fn.external_source``), so epochs, sharding and resume are exact and the same
+  as on every other path (see ``dali.py``; ``dali-mxnet`` is DALI's own ``fn.readers.mxnet``);
+- ``nvjpeg``: a GPU without DALI: batched ``torchvision.io.decode_jpeg`` on CUDA;
+- ``pil``: no DALI, no GPU: a torch DataLoader whose workers decode with PIL;
+- ``synthetic``: the built-in faces rendered straight on the device (zero I/O).
+
+Epoch semantics (all paths but ``dali-mxnet``): epoch ``e`` is the permutation
+``default_rng([seed, e])`` of all N records (identity order when ``shuffle=False``); rank ``r`` of
+``W`` takes positions ``r, r+W, r+2W, ...``, so every record is in exactly one rank's shard. With
+``drop_last=True`` every rank yields the same number of full batches, ``(N // W) // B`` (a few
+records sit out each epoch, different ones each epoch); with ``drop_last=False`` every record is
+yielded exactly once per epoch across ranks (the last batch may be short).
+
+Resume: ``state_dict()`` is ``{epoch, batch, ...}`` where ``batch`` counts the batches already
+handed out this epoch; ``load_state_dict`` continues at the next one, bit for bit. ``set_epoch(e)``
+with a new ``e`` restarts at batch 0; with the current epoch it keeps the position (so the usual
+``load_state_dict`` then ``set_epoch`` works); iterating an exhausted epoch moves to the next.
+
+Corrupt images (``rec``, folder): skipped, counted and named (``loader.corrupt``: list of
+``(what, reason)``, one warning each), and the batch is one image shorter; training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from lafs_fast.data.recordio import RecordIOReader, read_meta, rec_paths
+from lafs_fast.data.synthetic import SyntheticFaces, parse_spec
+
+log = logging.getLogger("lafs_fast.data")
+
+BGR_DATASETS = ("ms1m", "faces_emore", "glint")  # InsightFace releases stored BGR (cv2 arrays encoded as RGB)
+
+
+# --------------------------------------------------------------------------------------------------
+# sources: N items, each (encoded bytes, label), with a name for error messages
+
+
+class RecSource:
+    """Image records of a rec (minus keys listed in ``<rec>.bad``)."""
+
+    kind = "rec"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.reader = RecordIOReader(path)
+        bad = self.reader.bad_keys()
+        keys = self.reader.image_keys
+        self.keys = keys[~np.isin(keys, list(bad))] if bad else keys
+        all_labels = self.reader.labels
+        self.labels = all_labels[np.isin(keys, self.keys)] if bad else all_labels
+        self.num_classes = self.reader.num_classes
+        self.height, self.width = self.reader.property.height, self.reader.property.width
+        self.path = self.reader.rec_path
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def get(self, i: int) -> bytes:
+        return self.reader.image(int(self.keys[i]))
+
+    def name(self, i: int) -> str:
+        k = int(self.keys[i])
+        return f"{self.path} key {k} (offset {self.reader.offset(k)})"
+
+    def color_order(self) -> str:
+        meta = read_meta(self.path)
+        if "color_order" in meta:
+            return meta["color_order"]
+        return "BGR" if any(n in str(self.path).lower() for n in BGR_DATASETS) else "RGB"
+
+
+class FolderSource:
+    """Images of an identity folder (``root/<identity>/<image>``)."""
+
+    kind = "folder"
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        from lafs_fast.data.folder import list_folder
+
+        listing = list_folder(root)
+        for name in listing.empty:
+            log.warning("%s/%s holds no image; that identity is left out", root, name)
+        items = listing.items()
+        self.paths = [p for p, _ in items]
+        self.labels = np.array([label for _, label in items], dtype=np.int64)
+        self.num_classes = len(listing.identities)
+        self.path = Path(root)
+        self.height = self.width = None  # per image
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def get(self, i: int) -> bytes:
+        return self.paths[i].read_bytes()
+
+    def name(self, i: int) -> str:
+        return str(self.paths[i])
+
+    def color_order(self) -> str:
+        return "RGB"
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling
+
+
+def shard_indices(n: int, epoch: int, *, seed: int, shuffle: bool, rank: int, world_size: int) -> np.ndarray:
+    """(n_rank,) int64 positions of this rank's records in epoch ``epoch`` (see the module docstring)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    return order[rank::world_size].astype(np.int64)
+
+
+def num_batches(n: int, batch_size: int, *, rank: int, world_size: int, drop_last: bool) -> int:
+    """Batches per epoch on ``rank``."""
+    if drop_last:
+        return (n // world_size) // batch_size
+    return math.ceil(len(range(rank, n, world_size)) / batch_size)
+
+
+class Loader:
+    """Base: epochs, sharding, position; subclasses implement ``_fetch(positions) -> (images, labels)``."""
+
+    backend: str = ""
+
+    def __init__(self, n: int, batch_size: int, *, rank: int, world_size: int, shuffle: bool, seed: int, device: str | torch.device, drop_last: bool, num_classes: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, not {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if n == 0:
+            raise ValueError("the data source holds no image")
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.device = torch.device(device)
+        self.num_classes = num_classes
+        self.epoch = 0
+        self.batch = 0
+        self.corrupt: list[tuple[str, str]] = []
+        if len(self) == 0:
+            raise ValueError(f"{n} images over {world_size} rank(s) make no full batch of {batch_size}; lower the batch size or pass drop_last=False")
+
+    def __len__(self) -> int:
+        return num_batches(self.n, self.batch_size, rank=self.rank, world_size=self.world_size, drop_last=self.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batch = int(epoch), 0
+
+    def batch_positions(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of epoch ``epoch``: a list of (B,) int64 record positions."""
+        idx = shard_indices(self.n, epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank, world_size=self.world_size)
+        return [idx[b * self.batch_size : (b + 1) * self.batch_size] for b in range(len(self))]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "n": self.n, "batch_size": self.batch_size, "world_size": self.world_size, "backend": self.backend.split(":")[0]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("seed", "n", "batch_size", "world_size"):
+            if k in state and state[k] != getattr(self, k):
+                raise ValueError(f"the saved loader position is for {k}={state[k]} but this loader has {k}={getattr(self, k)}; resume with the same data, batch size and world size")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def _note_corrupt(self, bad: Sequence[tuple[str, str]]) -> None:
+        for what, why in bad:
+            self.corrupt.append((what, why))
+            log.warning("skipped a corrupt image: %s (%s); %d so far", what, why, len(self.corrupt))
+
+    def _fetch_all(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in batches:
+            yield self._fetch(b)
+
+    def _fetch(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.batch >= len(self):
+            self.epoch, self.batch = self.epoch + 1, 0
+        batches = self.batch_positions(self.epoch)[self.batch :]
+        for out in self._fetch_all(batches):
+            self.batch += 1  # counted before the hand-over: a checkpoint taken now resumes after it
+            yield out
+
+
+# --------------------------------------------------------------------------------------------------
+# PIL DataLoader
+
+
+def decode_pil(data: bytes, size: int, bgr: bool) -> np.ndarray:
+    """Encoded image -> (size, size, 3) uint8 RGB (bilinear resize only when the size differs)."""
+    from lafs_fast.data.folder import load_rgb
+
+    arr = np.asarray(load_rgb(data, size))
+    return np.ascontiguousarray(arr[..., ::-1]) if bgr else arr
+
+
+class _BatchDecode(torch.utils.data.Dataset):
+    """Item = one whole batch of positions, decoded in one worker: (images, labels, corrupt list)."""
+
+    def __init__(self, source, size: int, bgr: bool) -> None:
+        self.source, self.size, self.bgr = source, size, bgr
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, positions: np.ndarray):
+        imgs, labels, bad = [], [], []
+        for i in positions:
+            try:
+                imgs.append(decode_pil(self.source.get(int(i)), self.size, self.bgr))
+                labels.append(int(self.source.labels[i]))
+            except (OSError, ValueError, SyntaxError) as e:
+                bad.append((self.source.name(int(i)), f"{type(e).__name__}: {e}"))
+        images = torch.from_numpy(np.stack(imgs)) if imgs else torch.empty(0, self.size, self.size, 3, dtype=torch.uint8)
+        return images, torch.tensor(labels, dtype=torch.int64), bad
+
+
+class PilLoader(Loader):
+    """CPU decode with PIL in torch DataLoader workers (one batch per worker task)."""
+
+    def __init__(self, source, batch_size: int, *, num_workers: int | None = None, image_size: int = 112, color_order: str = "RGB", reason: str = "", **kw) -> None:
+        super().__init__(len(source), batch_size, num_classes=source.num_classes, **kw)
+        self.source, self.image_size = source, image_size
+        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.dataset = _BatchDecode(source, image_size, color_order == "BGR")
+        self.backend = f"pil: PIL decode in a torch DataLoader, {self.num_workers} workers ({reason})"
+
+    def _fetch_all(self, batches):
+        dl = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, sampler=batches, num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+        )
+        for images, labels, bad in dl:
+            self._note_corrupt(bad)
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# nvJPEG through torchvision
+
+
+class NvjpegLoader(Loader):
+    """GPU without DALI: batched ``torchvision.io.decode_jpeg(device='cuda')`` (nvJPEG), resize on the GPU.
+
+    Non-JPEG records fall back to PIL one by one; a batch that fails to decode is decoded image by
+    image to name the corrupt ones.
+    """
+
+    def __init__(self, source, batch_size: int, *, image_size: int = 112, color_order: str = "RGB", reason: str = "", **kw) -> None:
+        super().__init__(len(source), batch_size, num_classes=source.num_classes, **kw)
+        if self.device.type != "cuda":
+            raise ValueError("the nvjpeg backend needs a CUDA device; pass device='cuda' or backend='pil'")
+        self.source, self.image_size, self.bgr = source, image_size, color_order == "BGR"
+        self.backend = f"nvjpeg: torchvision.io.decode_jpeg on {self.device} ({reason})"
+
+    def _decode_one(self, data: torch.Tensor) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if data[:2].tolist() == [0xFF, 0xD8]:
+            img = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        else:  # PNG and friends: PIL, then to the device
+            img = torch.from_numpy(decode_pil(data.numpy().tobytes(), self.image_size, False)).permute(2, 0, 1).to(self.device)
+        return img
+
+    def _fetch(self, positions):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        datas = [torch.frombuffer(bytearray(self.source.get(int(i))), dtype=torch.uint8) for i in positions]
+        keep = list(range(len(positions)))
+        try:
+            if not all(d[:2].tolist() == [0xFF, 0xD8] for d in datas):
+                raise RuntimeError("not all JPEG")
+            imgs = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            imgs, keep, bad = [], [], []
+            for j, d in enumerate(datas):
+                try:
+                    imgs.append(self._decode_one(d))
+                    keep.append(j)
+                except (RuntimeError, OSError, ValueError) as e:
+                    bad.append((self.source.name(int(positions[j])), f"{type(e).__name__}: {e}"))
+            self._note_corrupt(bad)
+        out = []
+        for img in imgs:  # (3, H, W) uint8 on the device
+            if img.shape[1:] != (self.image_size, self.image_size):
+                img = torch.nn.functional.interpolate(img[None].float(), size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
+            out.append(img)
+        images = torch.stack(out).permute(0, 2, 3, 1).contiguous() if out else torch.empty(0, self.image_size, self.image_size, 3, dtype=torch.uint8, device=self.device)
+        if self.bgr:
+            images = images.flip(-1)
+        labels = torch.as_tensor(self.source.labels[np.asarray(positions)[keep]], dtype=torch.int64).to(self.device)
+        return images, labels
+
+
+# --------------------------------------------------------------------------------------------------
+# synthetic
+
+
+class SyntheticLoader(Loader):
+    """The built-in faces, rendered in batches straight on the device (no files, no decode)."""
+
+    def __init__(self, dataset: SyntheticFaces, batch_size: int, *, reason: str = "", **kw) -> None:
+        super().__init__(len(dataset), batch_size, num_classes=dataset.num_classes, **kw)
+        self.dataset = dataset
+        self.backend = f"synthetic: {dataset.num_identities} x {dataset.images_per_identity} procedural faces (seed {dataset.seed}) rendered on {self.device} ({reason})"
+
+    def _fetch(self, positions):
+        return self.dataset.batch(positions, self.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# factory
+
+
+def _dali_available() -> str | None:
+    """None when DALI imports, else the reason it does not."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception as e:  # ImportError, or a broken CUDA library under it
+        return f"DALI not importable: {type(e).__name__}"
+    return None
+
+
+def open_source(source):
+    """A path / spec / dataset -> (kind, source object)."""
+    if source is None or isinstance(source, SyntheticFaces):
+        return "synthetic", source or parse_spec("synthetic")
+    if isinstance(source, str) and source.startswith("synthetic"):
+        return "synthetic", parse_spec(source)
+    p = Path(source)
+    if p.suffix == ".rec" or (p.is_dir() and (p / "train.rec").is_file()):
+        return "rec", RecSource(p)
+    if p.is_dir():
+        return "folder", FolderSource(p)
+    if not p.exists():
+        raise FileNotFoundError(f"{source} does not exist; pass a .rec, a folder holding train.rec, an image folder, or synthetic[:IDSxIMGS]")
+    raise ValueError(f"{source} is neither a .rec nor a folder; pass a .rec, a folder holding train.rec, an image folder, or synthetic[:IDSxIMGS]")
+
+
+BACKENDS = ("auto", "dali", "dali-mxnet", "nvjpeg", "pil", "synthetic")
+
+
+def make_loader(
+    source,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle: bool = True,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    drop_last: bool = True,
+    backend: str = "auto",
+    num_workers: int | None = None,
+    color_order: str = "auto",
+    image_size: int = 112,
+) -> Loader:
+    """A :class:`Loader` over ``source`` (a ``.rec`` path, a folder holding ``train.rec``, an image
+    folder, ``"synthetic[:IDSxIMGS[:seed=S]]"``, a :class:`SyntheticFaces`, or None = synthetic).
+
+    ``backend``: ``auto`` (DALI when it imports; else nvJPEG on CUDA, else PIL), or one of
+    ``dali``, ``dali-mxnet`` (rec only), ``nvjpeg``, ``pil``. ``color_order``: how the source stores
+    channels, ``RGB`` / ``BGR`` / ``auto`` (our ``lafs_fast.json``, else BGR for the InsightFace
+    MS1M/Glint releases by name, else RGB); the output is always RGB. The choice and the reason are
+    in ``loader.backend`` and logged.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown data backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    kind, src = open_source(source)
+    device = torch.device(device)
+    common = dict(rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, device=device, drop_last=drop_last)
+    if kind == "synthetic":
+        if backend not in ("auto", "synthetic"):
+            raise ValueError(f"backend {backend!r} decodes files; the synthetic source is rendered (use backend='auto')")
+        loader: Loader = SyntheticLoader(src, batch_size, reason="no files: procedural faces", **common)
+    else:
+        if color_order == "auto":
+            color_order = src.color_order()
+        if color_order not in ("RGB", "BGR"):
+            raise ValueError(f"colour order must be RGB, BGR or auto, not {color_order!r}")
+        if backend == "synthetic":
+            raise ValueError(f"backend 'synthetic' renders faces; {source} is a {kind}")
+        dali_missing = _dali_available()
+        cuda = device.type == "cuda"
+        if backend == "auto":
+            if dali_missing is None:
+                backend, reason = "dali", f"DALI installed, decode {'mixed (nvJPEG)' if cuda else 'on the CPU'}"
+            elif cuda:
+                backend, reason = "nvjpeg", f"{dali_missing}; CUDA device"
+            else:
+                backend, reason = "pil", f"{dali_missing}; no CUDA device"
+        else:
+            reason = "requested"
+        if backend in ("dali", "dali-mxnet"):
+            if dali_missing is not None:
+                raise ValueError(f"backend {backend!r} needs NVIDIA DALI ({dali_missing}); pip install nvidia-dali-cuda130 or use backend='pil'")
+            from lafs_fast.data.dali import DaliLoader, DaliMxnetLoader
+
+            if backend == "dali-mxnet":
+                if kind != "rec":
+                    raise ValueError("backend 'dali-mxnet' reads .rec files only; use backend='dali' for an image folder")
+                loader = DaliMxnetLoader(src, batch_size, image_size=image_size, color_order=color_order, reason=reason, **common)
+            else:
+                loader = DaliLoader(src, batch_size, image_size=image_size, color_order=color_order, reason=reason, **common)
+        elif backend == "nvjpeg":
+            loader = NvjpegLoader(src, batch_size, image_size=image_size, color_order=color_order, reason=reason, **common)
+        else:
+            loader = PilLoader(src, batch_size, num_workers=num_workers, image_size=image_size, color_order=color_order, reason=reason, **common)
+        loader.backend += f"; colour order of the source: {color_order}"
+    log.info("data loader: %s", loader.backend)
+    return loader
