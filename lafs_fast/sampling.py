@@ -16,7 +16,14 @@ import torch
 
 from lafs_fast.kernels.patch_sampling import sample_patches_torch
 
-__all__ = ["sample_patches", "BACKENDS", "resolve_backend", "triton_sampler", "validate_inputs"]
+__all__ = [
+    "sample_patches",
+    "BACKENDS",
+    "resolve_backend",
+    "triton_sampler",
+    "validate_inputs",
+    "draw_landmark_randomness",
+]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -89,6 +96,33 @@ def validate_inputs(
             raise ValueError(f"indices must lie in [0, {k}) (the number of landmarks)")
 
 
+def draw_landmark_randomness(
+    batch: int,
+    num_landmarks: int,
+    num_tokens: int | None,
+    sigma: float,
+    seed: int,
+    device: torch.device,
+    length: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The twin's draws of the LAFS shuffle and perturbation, from a generator seeded with ``seed``.
+
+    Returns:
+        indices: (B, num_tokens) int64 uniform with replacement in [0, K), or None when
+            ``num_tokens`` is None; noise: (B, L, 2) fp32 N(0, sigma^2) px, or None when sigma == 0
+            (L = num_tokens, else ``length``, else K).
+    The Triton kernel draws from Philox instead: same distributions, not the same numbers.
+    """
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    indices = noise = None
+    if num_tokens is not None:
+        indices = torch.randint(0, num_landmarks, (batch, num_tokens), generator=gen, device=device)
+    if sigma > 0:
+        n = num_tokens if num_tokens is not None else (length if length is not None else num_landmarks)
+        noise = torch.randn((batch, n, 2), generator=gen, device=device, dtype=torch.float32) * sigma
+    return indices, noise
+
+
 def sample_patches(
     images: torch.Tensor,
     coords: torch.Tensor,
@@ -99,7 +133,11 @@ def sample_patches(
     out_dtype: torch.dtype | None = None,
     backend: str = "auto",
     check_finite: bool = True,
-) -> torch.Tensor:
+    num_tokens: int | None = None,
+    sigma: float = 0.0,
+    seed: int | None = None,
+    return_draws: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Landmark patches as tokens, in the reference layout.
 
     Args:
@@ -113,15 +151,49 @@ def sample_patches(
         backend: "auto", "torch" or "triton".
         check_finite: reject NaN/inf coords (a host sync; hot loops that already guard the loss
             may pass False).
+        num_tokens: draw L = num_tokens landmark indices per sample, uniformly with replacement
+            (the LAFS shuffle of local views); exclusive with ``indices``.
+        sigma: draw N(0, sigma^2) px perturbation per token and axis (LAFS: 5); exclusive with
+            ``noise``. 0 = no perturbation.
+        seed: seed of those draws (Triton: the Philox key, drawn in-kernel; torch: a
+            torch.Generator on the image device). Default: one drawn from torch's global RNG.
+            A seed reproduces the draws of one backend; the two backends draw different numbers.
+        return_draws: also return the indices and noise used, so any draw can be replayed
+            (e.g. through the twin with ``backend="torch", indices=..., noise=...``).
 
     Returns:
-        tokens: (B, L, 3 * P * P), differentiable w.r.t. ``coords`` (and ``noise``).
+        tokens: (B, L, 3 * P * P), differentiable w.r.t. ``coords`` (and ``noise``); with
+        ``return_draws``: ``(tokens, indices (B, L) int64 or None, noise (B, L, 2) fp32 or None)``
+        (None: all K landmarks in order / no perturbation).
     """
     validate_inputs(images, coords, patch_size, indices, check_finite)
+    if indices is not None and num_tokens is not None:
+        raise ValueError("pass either indices or num_tokens (to draw indices in the sampler), not both")
+    if noise is not None and sigma > 0:
+        raise ValueError("pass either noise or sigma > 0 (to draw noise in the sampler), not both")
+    if sigma < 0 or (num_tokens is not None and num_tokens < 0):
+        raise ValueError(f"sigma and num_tokens must be >= 0, got sigma={sigma}, num_tokens={num_tokens}")
+    if noise is not None:
+        n_l = indices.shape[1] if indices is not None else coords.shape[1]
+        if tuple(noise.shape) != (coords.shape[0], n_l, 2):
+            raise ValueError(f"noise must be (B, L, 2) = ({coords.shape[0]}, {n_l}, 2), got {tuple(noise.shape)}")
+    if seed is None and (num_tokens is not None or sigma > 0):
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     chosen, _ = resolve_backend(backend, images.device)
     if chosen == "triton":
         fn, why = triton_sampler()
         if fn is None:
             raise ValueError(f"backend='triton' requested but {why}")
-        return fn(images, coords, patch_size, indices=indices, noise=noise, out_dtype=out_dtype)
-    return sample_patches_torch(images, coords, patch_size, indices=indices, noise=noise, out_dtype=out_dtype)
+        return fn(
+            images, coords, patch_size, indices=indices, noise=noise, out_dtype=out_dtype,
+            num_tokens=num_tokens, sigma=sigma, seed=seed, return_draws=return_draws,
+        )
+    if num_tokens is not None or sigma > 0:
+        drawn_idx, drawn_noise = draw_landmark_randomness(
+            coords.shape[0], coords.shape[1], num_tokens, sigma, seed, images.device,
+            length=indices.shape[1] if indices is not None else None,
+        )
+        indices = drawn_idx if drawn_idx is not None else indices
+        noise = drawn_noise if drawn_noise is not None else noise
+    tokens = sample_patches_torch(images, coords, patch_size, indices=indices, noise=noise, out_dtype=out_dtype)
+    return (tokens, indices, noise) if return_draws else tokens

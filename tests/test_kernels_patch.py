@@ -1,0 +1,218 @@
+"""Triton patch sampler vs the torch twin (TRITON_INTERPRET=1 on CPU; the same suite on CUDA).
+
+Fresh random inputs each run (seed in the failure message), outputs poisoned with NaN first,
+coordinates outside the image / on borders / fractional, L = 36 and 196, token counts that are not
+multiples of the kernel's block. Grids stay small: the interpreter costs ~25 ms per program here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lafs_fast.kernels.patch_sampling import sample_patches_torch
+from lafs_fast.kernels.patch_sampling_triton import patch_sample_forward, sample_patches_triton
+from lafs_fast.sampling import sample_patches
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+H = 112
+K = 196
+
+
+def _tol(device: str) -> float:
+    # CPU: the kernel mirrors the CPU grid_sample's rounding (max error ~1e-7). CUDA's grid_sample
+    # unnormalises with a different expression: rare elements differ by ~1e-5 there.
+    return 1e-5 if device == "cpu" else 4e-5
+
+
+def _coords(b: int, k: int, gen: torch.Generator, device: str) -> torch.Tensor:
+    """(b, k, 2) px: fractional inside, far outside, on the borders and exact pixel centres."""
+    c = torch.rand(b, k, 2, generator=gen) * (H + 24) - 12  # -12 .. 124: inside and outside
+    special = torch.tensor(
+        [0.0, 111.0, -0.5, 111.5, 112.0, -4.0, 115.5, 56.0, 3.5, 108.0, -30.0, 200.0, 0.25, 110.75],
+    )
+    n = special.numel()
+    c[:, :n, 0] = special
+    c[:, :n, 1] = special.flip(0)
+    c[:, n : 2 * n, 0] = special.roll(3)
+    c[:, n : 2 * n, 1] = torch.rand(n, generator=gen) * H
+    return c.to(device)
+
+
+def _images(b: int, kind: str, gen: torch.Generator, device: str) -> torch.Tensor:
+    if kind == "uint8":
+        return torch.randint(0, 256, (b, H, H, 3), generator=gen, dtype=torch.uint8).to(device)
+    x = (torch.rand(b, 3, H, H, generator=gen) * 2 - 1).to(device)
+    if kind == "float_channels_last":  # non-contiguous NCHW view: exercises the stride path
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["uint8", "float", "float_channels_last"])
+@pytest.mark.parametrize("b,n_l", [(2, 196), (3, 36), (1, 196)])
+def test_forward_matches_twin_fp32_nan_poisoned(device, kind, b, n_l, gen):
+    # 3 * 36 and 1 * 196 tokens leave a partial last block
+    images = _images(b, kind, gen, device)
+    coords = _coords(b, K, gen, device)
+    indices = torch.randint(0, K, (b, n_l), generator=gen).to(device) if n_l != K else None
+    noise = (torch.randn(b, n_l, 2, generator=gen) * 5).to(device)
+    out = torch.full((b, n_l, 192), float("nan"), device=device)
+    tokens, _, _ = patch_sample_forward(images, coords, 8, indices, noise, torch.float32, None, 0.0, 0, out=out)
+    assert tokens.data_ptr() == out.data_ptr()
+    assert torch.isfinite(tokens).all(), f"unwritten elements (seed {gen.initial_seed()})"
+    ref = sample_patches_torch(images, coords, 8, indices=indices, noise=noise)
+    torch.testing.assert_close(tokens, ref, atol=_tol(device), rtol=1e-5, msg=f"seed {gen.initial_seed()}")
+    # Tokens near/outside the border really read zeros: a landmark at (-30, 200) gives all zeros.
+    far = sample_patches_torch(images, torch.tensor([[[-30.0, 200.0]]], device=device).expand(b, 1, 2).contiguous())
+    assert far.abs().max() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_forward_low_precision_outputs(device, out_dtype, gen):
+    b, n_l = 3, 36
+    images = _images(b, "uint8", gen, device)
+    coords = _coords(b, K, gen, device)
+    indices = torch.randint(0, K, (b, n_l), generator=gen).to(device)
+    out = torch.full((b, n_l, 192), float("nan"), dtype=out_dtype, device=device)
+    tokens, _, _ = patch_sample_forward(images, coords, 8, indices, None, out_dtype, None, 0.0, 0, out=out)
+    assert tokens.dtype == out_dtype and torch.isfinite(tokens.float()).all()
+    ref = sample_patches_torch(images, coords, 8, indices=indices)
+    # Relative 1e-2 (bf16 has 8 mantissa bits); small values get an absolute floor.
+    torch.testing.assert_close(tokens.float(), ref, rtol=1e-2, atol=1e-2, msg=f"seed {gen.initial_seed()}")
+    # and it is the correctly rounded value, not merely close
+    torch.testing.assert_close(tokens, ref.to(out_dtype), rtol=1e-2, atol=1e-2)
+
+
+def test_bf16_image_input_against_fp32_twin(gen):
+    images = _images(2, "float", gen, "cpu")
+    coords = _coords(2, 36, gen, "cpu")
+    tokens = sample_patches_triton(images.to(torch.bfloat16), coords, out_dtype=torch.float32)
+    ref = sample_patches_torch(images.to(torch.bfloat16).float(), coords)
+    torch.testing.assert_close(tokens, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["uint8", "float"])
+def test_coordinate_gradient_matches_autograd_through_twin(device, kind, gen):
+    b, n_l = 2, 36
+    images = _images(b, kind, gen, device)
+    coords = _coords(b, K, gen, device)
+    # Indices with duplicates: a landmark drawn twice must receive both contributions.
+    indices = torch.randint(0, K, (b, n_l), generator=gen).to(device)
+    indices[:, 1] = indices[:, 0]
+    noise0 = (torch.randn(b, n_l, 2, generator=gen) * 5).to(device)
+    g = torch.randn(b, n_l, 192, generator=gen).to(device)
+
+    c_k = coords.clone().requires_grad_()
+    n_k = noise0.clone().requires_grad_()
+    tok = sample_patches_triton(images, c_k, indices=indices, noise=n_k)
+    (tok * g).sum().backward()
+
+    c_t = coords.clone().requires_grad_()
+    n_t = noise0.clone().requires_grad_()
+    ref = sample_patches_torch(images, c_t, indices=indices, noise=n_t)
+    (ref * g).sum().backward()
+
+    assert c_t.grad.abs().max() > 0  # the comparison is not vacuous
+    torch.testing.assert_close(c_k.grad, c_t.grad, atol=1e-4, rtol=1e-4, msg=f"seed {gen.initial_seed()}")
+    torch.testing.assert_close(n_k.grad, n_t.grad, atol=1e-4, rtol=1e-4)
+    untouched = torch.ones(b, K, dtype=torch.bool, device=device)
+    untouched.scatter_(1, indices, False)
+    assert (c_k.grad[untouched] == 0).all()  # landmarks never drawn get no gradient
+
+
+def test_gradient_all_landmarks_and_drawn_noise(gen):
+    """Dense view (no indices) with in-kernel noise: gradient vs the twin replaying the draws."""
+    b = 1
+    images = _images(b, "uint8", gen, "cpu")
+    coords = _coords(b, K, gen, "cpu")
+    g = torch.randn(b, K, 192, generator=gen)
+    c_k = coords.clone().requires_grad_()
+    tok, idx, noise = sample_patches_triton(images, c_k, sigma=5.0, seed=11, return_draws=True)
+    assert idx is None and noise.shape == (b, K, 2)
+    (tok * g).sum().backward()
+    c_t = coords.clone().requires_grad_()
+    ref = sample_patches_torch(images, c_t, noise=noise)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(tok, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c_k.grad, c_t.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_in_kernel_draws_replay_seed_and_statistics(gen):
+    b, n_l = 3, 36
+    images = _images(b, "uint8", gen, "cpu")
+    coords = _coords(b, K, gen, "cpu")
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    tok1, idx1, nz1 = sample_patches_triton(images, coords, num_tokens=n_l, sigma=5.0, seed=seed, return_draws=True)
+    tok2, idx2, nz2 = sample_patches_triton(images, coords, num_tokens=n_l, sigma=5.0, seed=seed, return_draws=True)
+    _, idx3, nz3 = sample_patches_triton(images, coords, num_tokens=n_l, sigma=5.0, seed=seed + 1, return_draws=True)
+    assert idx1.shape == (b, n_l) and idx1.dtype == torch.int64 and nz1.shape == (b, n_l, 2)
+    assert torch.equal(idx1, idx2) and torch.equal(nz1, nz2) and torch.equal(tok1, tok2)
+    assert not torch.equal(idx1, idx3) and not torch.equal(nz1, nz3)
+    assert int(idx1.min()) >= 0 and int(idx1.max()) < K
+    # the drawn tokens are exactly the twin's tokens for those draws
+    ref = sample_patches_torch(images, coords, indices=idx1, noise=nz1)
+    torch.testing.assert_close(tok1, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_draw_distributions():
+    """Index draw ~ U{0..K-1}, noise ~ N(0, sigma^2): loose statistical bounds (fixed seed, 1 draw)."""
+    b, n_l, k = 32, 36, 196  # 1152 tokens = 144 programs of a tiny (K = 196 coords, 1 image) problem
+    images = torch.zeros(1, 3, 16, 16).expand(b, 3, 16, 16)
+    coords = torch.zeros(b, k, 2)
+    _, idx, nz = sample_patches_triton(images, coords, num_tokens=n_l, sigma=5.0, seed=1234, return_draws=True)
+    counts = torch.bincount(idx.flatten(), minlength=k).float()
+    expected = idx.numel() / k
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 300, chi2  # dof 195: mean 195, sd ~20
+    assert abs(float(nz.mean())) < 0.3
+    assert abs(float(nz.std()) - 5.0) < 0.3
+    # x and y noise uncorrelated
+    assert abs(float(torch.corrcoef(nz.reshape(-1, 2).T)[0, 1])) < 0.08
+
+
+def test_public_dispatch_triton_on_cpu_and_torch_draws(gen):
+    b = 2
+    images = _images(b, "uint8", gen, "cpu")
+    coords = _coords(b, K, gen, "cpu")
+    # explicit draws through both backends agree
+    idx = torch.randint(0, K, (b, 36), generator=gen)
+    nz = torch.randn(b, 36, 2, generator=gen)
+    a = sample_patches(images, coords, indices=idx, noise=nz, backend="triton", out_dtype=torch.bfloat16)
+    t = sample_patches(images, coords, indices=idx, noise=nz, backend="torch", out_dtype=torch.bfloat16)
+    assert a.dtype == torch.bfloat16
+    torch.testing.assert_close(a.float(), t.float(), rtol=1e-2, atol=1e-2)
+    # in-sampler draws: each backend reproduces its own draws from a seed and returns them
+    for backend in ("triton", "torch"):
+        t1, i1, n1 = sample_patches(images, coords, num_tokens=36, sigma=5.0, seed=7, backend=backend, return_draws=True)
+        t2, i2, n2 = sample_patches(images, coords, num_tokens=36, sigma=5.0, seed=7, backend=backend, return_draws=True)
+        assert torch.equal(i1, i2) and torch.equal(n1, n2) and torch.equal(t1, t2)
+        replay = sample_patches(images, coords, indices=i1, noise=n1, backend="torch")
+        torch.testing.assert_close(t1, replay, atol=1e-5, rtol=1e-5)
+    # auto on CPU is the twin
+    auto = sample_patches(images, coords, indices=idx, noise=nz)
+    torch.testing.assert_close(auto, sample_patches_torch(images, coords, indices=idx, noise=nz))
+
+
+def test_option_errors():
+    images = torch.zeros(1, 3, 16, 16)
+    coords = torch.zeros(1, 4, 2)
+    with pytest.raises(ValueError, match="either indices or num_tokens"):
+        sample_patches(images, coords, indices=torch.zeros(1, 2, dtype=torch.long), num_tokens=2)
+    with pytest.raises(ValueError, match="either noise or sigma"):
+        sample_patches(images, coords, noise=torch.zeros(1, 4, 2), sigma=1.0)
+    with pytest.raises(ValueError, match="noise must be"):
+        sample_patches(images, coords, noise=torch.zeros(1, 3, 2))
+    with pytest.raises(ValueError, match="out_dtype"):
+        sample_patches_triton(images, coords, out_dtype=torch.int32)
+
+
+def test_empty_and_single_token(gen):
+    images = _images(1, "uint8", gen, "cpu")
+    coords = torch.tensor([[[55.3, 60.7]]])
+    out = sample_patches_triton(images, coords)
+    torch.testing.assert_close(out, sample_patches_torch(images, coords), atol=1e-5, rtol=1e-5)
+    empty = sample_patches_triton(images, coords, indices=torch.zeros(1, 0, dtype=torch.long))
+    assert empty.shape == (1, 0, 192)
