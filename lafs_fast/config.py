@@ -1,0 +1,383 @@
+"""Typed configuration: dataclasses, presets, a YAML file and ``section.key=value`` overrides.
+
+One config tree serves every stage::
+
+    cfg = load_config(preset="small", yaml_path=None, overrides=["model.dim=256", "optim.epochs=3"])
+
+Presets: ``reference`` (every value of LAFS_SPEC.md; the dataclass defaults) and ``small`` (fast on
+a CPU). Unknown keys and values of the wrong type or outside a field's choices are rejected with the
+key's name (ValueError). ``lafs-fast config show --preset P k=v ...`` prints the resolved tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "Config", "ModelConfig", "DinoConfig", "ViewsConfig", "OptimConfig", "FinetuneConfig", "DataConfig",
+    "TrainConfig", "PRESETS", "load_config", "apply_overrides", "config_to_dict", "config_from_dict",
+]
+
+
+def choice(default: Any, *choices: Any, help: str = "") -> Any:  # noqa: A002 - matches argparse
+    """A field restricted to ``choices`` (checked on every override)."""
+    return field(default=default, metadata={"choices": choices, "help": help})
+
+
+def doc(default: Any, help: str) -> Any:  # noqa: A002
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    """The fViT backbone and the landmark CNN (LAFS_SPEC.md section 2)."""
+
+    image_size: int = doc(112, "input face size (aligned, square)")
+    patch_size: int = doc(8, "patch side P; a token has 3*P*P values")
+    num_patches: int = doc(196, "landmarks per face = tokens of a dense view (positions 0..num_patches)")
+    dim: int = 768
+    depth: int = 12
+    heads: int = 11
+    head_dim: int = 64
+    mlp_dim: int = 2048
+    dropout: float = doc(0.1, "dropout in attention output and MLP")
+    emb_dropout: float = doc(0.1, "dropout after adding the position embedding")
+    drop_path: float = doc(0.1, "stochastic depth, the SAME rate in every block (reference), not a ramp")
+    ln_eps: float = 1e-5
+    attn_scale: str = choice("dim", "dim", "head_dim", help="softmax scale dim**-0.5 (reference quirk) or head_dim**-0.5")
+    attention: str = choice("auto", "auto", "xformers", "sdpa", "math", help="attention backend")
+    token_init_std: float = doc(1.0, "std of the CLS / position embedding init (reference N(0, 1))")
+    landmark_cnn: str = doc("mobilenetv3", "'mobilenetv3' (reference layout, weight-compatible) or 'timm:<name>'")
+    landmark_dropout: float = doc(0.5, "dropout before the landmark regression layer")
+
+
+@dataclass
+class DinoConfig:
+    """Stage 1 (LAFS_SPEC.md section 3): DINO head, temperatures, EMA, centering."""
+
+    out_dim: int = doc(100_000, "prototypes of the weight-normed last layer")
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    student_temp: float = 0.1
+    teacher_temp_start: float = doc(0.07, "teacher temperature at epoch 0 (reference: 0.07, decreasing)")
+    teacher_temp_end: float = doc(0.04, "teacher temperature after the warm-up epochs")
+    teacher_temp_epochs: int = 30
+    center_momentum: float = 0.9
+    teacher_momentum: float = doc(0.996, "EMA momentum at step 0, cosine to 1.0 at the last step")
+    teacher_mode: str = choice("train", "train", "eval", help="reference keeps the teacher in train mode (dropout on)")
+    freeze_last_layer_epochs: int = 1
+    norm_last_layer: bool = doc(True, "fix the weight norm of the last layer to 1")
+
+
+@dataclass
+class ViewsConfig:
+    """LAFS landmark multi-crop (LAFS_SPEC.md section 3)."""
+
+    mode: str = choice("lafs", "lafs", "dino", help="landmark views, or the DINO-face baseline (image grids)")
+    landmarks: str = doc("grid", "'grid', 'detector', or a stage-0 / reference checkpoint path")
+    n_global: int = 2
+    n_local: int = 8
+    global_tokens: int = 196
+    local_tokens: int = 36
+    local_size: int = doc(48, "local crop size of the dino baseline (6x6 patches of 8)")
+    crop_scale_min: float = 0.4
+    crop_scale_max: float = 1.0
+    flip_p: float = 0.5
+    interpolation: str = choice("bicubic", "bicubic", "bilinear")
+    perturb_sigma: float = doc(5.0, "landmark position noise, px")
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p_global1: float = 1.0
+    blur_p_global2: float = 0.1
+    blur_p_local: float = 0.5
+    blur_radius_min: float = 0.1
+    blur_radius_max: float = 2.0
+    solarize_p_global2: float = 0.2
+    solarize_threshold: int = 128
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with cosine schedules; defaults are the stage-1 reference values."""
+
+    epochs: int = 41
+    batch_size: int = doc(82, "per-GPU batch")
+    accumulation: int = 1
+    lr: float = doc(5e-4, "peak lr per 256 samples of global batch (scaled linearly)")
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    landmark_weight_decay: float = doc(0.05, "weight decay of landmark-CNN weights (stages 0 and 2)")
+    clip_grad: float = doc(3.0, "per-parameter gradient-norm clip (0 = off)")
+    layer_decay: float = doc(1.0, "layer-wise lr decay (1.0 = off, the reference's effective behaviour)")
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class FinetuneConfig:
+    """Stages 0 and 2 (LAFS_SPEC.md section 4)."""
+
+    head: str = choice("cosface", "cosface", "arcface")
+    scale: float = 64.0
+    margin: float = doc(0.4, "CosFace 0.4 (reference); ArcFace usually 0.5")
+    landmark_reg: bool = doc(True, "lambda-scheduled MSE to a frozen stage-0 landmark CNN")
+    mixup_alpha: float = 0.2
+    mixup_p: float = 0.1
+    randaug_magnitude: float = 1.0
+    shard_classes: bool = doc(False, "Partial-FC-style class centres split across ranks")
+    sample_rate: float = doc(1.0, "fraction of negative classes sampled by the sharded head")
+
+
+@dataclass
+class DataConfig:
+    path: str = doc("", "'' = built-in synthetic faces; a .rec file or an image folder otherwise")
+    color_order: str = choice("rgb", "rgb", "bgr", help="channel order stored in the data (MS1MV3: bgr)")
+    synthetic_identities: int = 1000
+    synthetic_images_per_identity: int = 8
+    loader: str = choice("auto", "auto", "dali", "nvjpeg", "pil", "synthetic")
+    workers: int = 4
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/lafs"
+    seed: int = 0
+    device: str = choice("auto", "auto", "cuda", "cpu")
+    gpus: int = 1
+    compile: bool = True
+    precision: str = choice("auto", "auto", "bf16", "fp32")
+    log_every: int = 10
+    ckpt_every_epochs: int = 1
+    keep_last: int = 2
+    max_steps: int = doc(0, "stop after this many steps (0 = run all epochs)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Preset = overrides on top of the reference defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "reference": {},
+    "small": {
+        "model.dim": 192, "model.depth": 4, "model.heads": 3, "model.head_dim": 64, "model.mlp_dim": 384,
+        "model.attn_scale": "head_dim",
+        "dino.out_dim": 1024, "dino.hidden_dim": 384, "dino.bottleneck_dim": 96,
+        "dino.teacher_temp_epochs": 2,
+        "optim.epochs": 4, "optim.batch_size": 32, "optim.warmup_epochs": 1, "optim.lr": 1e-3,
+        "data.synthetic_identities": 64, "data.synthetic_images_per_identity": 4,
+        "train.compile": False, "train.out_dir": "runs/small",
+    },
+}
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Convert ``value`` (from YAML or a ``k=v`` string) to the field type ``tp``, or say why not."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(key, args[0], value)
+    if origin is tuple:
+        items = value
+        if isinstance(value, str):
+            items = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        args = typing.get_args(tp)
+        if not isinstance(items, (list, tuple)) or len(items) != len(args):
+            raise ValueError(f"config key {key!r} expects {len(args)} comma-separated values, got {value!r}")
+        return tuple(_coerce(key, a, v) for a, v in zip(args, items))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"config key {key!r} expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"config key {key!r} expects an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key {key!r} expects an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ValueError(f"config key {key!r} expects an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key {key!r} expects a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"config key {key!r} expects a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ValueError(f"config key {dotted!r} must be 'section.key' (sections: {', '.join(_sections())})")
+    section, key = parts
+    if section not in _sections():
+        raise ValueError(f"unknown config section {section!r} in {dotted!r}; sections: {', '.join(_sections())}")
+    sub = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(sub)}
+    if key not in fields:
+        raise ValueError(f"unknown config key {dotted!r}; {section} has: {', '.join(fields)}")
+    f = fields[key]
+    hints = typing.get_type_hints(type(sub))
+    new = _coerce(dotted, hints[key], value)
+    choices = f.metadata.get("choices")
+    if choices and new not in choices:
+        raise ValueError(f"config key {dotted!r} must be one of {', '.join(map(str, choices))}, got {new!r}")
+    setattr(sub, key, new)
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field and range checks, each naming the key."""
+    m = cfg.model
+    positive = {
+        "model.dim": m.dim, "model.depth": m.depth, "model.heads": m.heads, "model.head_dim": m.head_dim,
+        "model.mlp_dim": m.mlp_dim, "model.patch_size": m.patch_size, "model.num_patches": m.num_patches,
+        "optim.epochs": cfg.optim.epochs, "optim.batch_size": cfg.optim.batch_size,
+        "optim.accumulation": cfg.optim.accumulation, "dino.out_dim": cfg.dino.out_dim, "train.gpus": cfg.train.gpus,
+    }
+    for key, val in positive.items():
+        if val <= 0:
+            raise ValueError(f"config key {key!r} must be positive, got {val}")
+    for key in ("model.dropout", "model.emb_dropout", "model.drop_path", "model.landmark_dropout", "views.flip_p",
+                "views.jitter_p", "views.grayscale_p", "finetune.mixup_p"):
+        sec, k = key.split(".")
+        val = getattr(getattr(cfg, sec), k)
+        if not 0.0 <= val <= 1.0:
+            raise ValueError(f"config key {key!r} is a probability and must lie in [0, 1], got {val}")
+    if m.patch_size % 2:
+        raise ValueError(f"config key 'model.patch_size' must be even, got {m.patch_size}")
+    if not 0 < cfg.views.crop_scale_min <= cfg.views.crop_scale_max <= 1:
+        raise ValueError("config keys 'views.crop_scale_min' <= 'views.crop_scale_max' must lie in (0, 1]")
+    if max(cfg.views.global_tokens, cfg.views.local_tokens) > m.num_patches:
+        raise ValueError("config keys 'views.global_tokens' / 'views.local_tokens' exceed 'model.num_patches'")
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Config:
+    """Apply ``{"section.key": value}`` or ``["section.key=value", ...]`` in order."""
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} must look like section.key=value")
+            k, v = item.split("=", 1)
+            items.append((k.strip(), v.strip()))
+    for k, v in items:
+        _set(cfg, k, v)
+    return cfg
+
+
+def _flatten(d: dict[str, Any], where: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, body in d.items():
+        if not isinstance(body, dict):
+            raise ValueError(f"{where}: section {section!r} must be a mapping of keys to values")
+        for k, v in body.items():
+            flat[f"{section}.{k}"] = v
+    return flat
+
+
+def load_config(
+    preset: str = "reference",
+    yaml_path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Config:
+    """Resolve a config: reference defaults <- preset <- YAML file <- overrides, then validate."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = apply_overrides(Config(), PRESETS[preset])
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections")
+        data.pop("preset", None)
+        apply_overrides(cfg, _flatten(data, str(path)))
+    if overrides:
+        apply_overrides(cfg, overrides)
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists): what checkpoints and `config show` store."""
+    d = dataclasses.asdict(cfg)
+    return {s: {k: list(v) if isinstance(v, tuple) else v for k, v in body.items()} for s, body in d.items()}
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Inverse of ``config_to_dict`` (validated; unknown keys rejected)."""
+    cfg = apply_overrides(Config(), _flatten(d, "config"))
+    _validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- CLI: lafs-fast config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--preset / --config / trailing key=value overrides: shared by every training command."""
+    parser.add_argument("--preset", default="reference", choices=list(PRESETS), help="starting values (default: reference)")
+    parser.add_argument("--config", metavar="YAML", help="a YAML file of sections (model:, optim:, ...) applied on the preset")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides applied last")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.preset, args.config, args.overrides)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = sub.add_parser("show", help="print the resolved config as YAML")
+    add_config_arguments(show)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    return 0

@@ -1,0 +1,186 @@
+"""fViT: the Part fViT / LAFS backbone, with the reference's semantics and state-dict names.
+
+Module names follow the reference (``transformer.layers.N.0.fn.fn.to_qkv`` ...) so a reference
+state dict loads with no key mapping (LAFS_SPEC.md section 7). Semantics (section 2):
+
+- tokens (B, N, 192) -> ``patch_to_embedding`` -> prepend CLS -> add ``pos_embedding[:, :N+1]``
+  (a 36-token view uses positions 0..36) -> embedding dropout;
+- pre-norm blocks, drop-path constant in every block, attention scale ``dim**-0.5`` (reference) or
+  ``head_dim**-0.5``, qkv without bias, GELU MLP;
+- output: the CLS token through a LayerNorm (``mlp_head``), no projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+
+from lafs_fast.models.attention import attention, resolve_attention
+from lafs_fast.sampling import sample_patches
+
+__all__ = ["FViT", "Attention", "FeedForward", "image_grid_tokens"]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; ``to_qkv`` packs q, k, v (heads major within each), no bias."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, dropout: float, scale: float, backend: str = "auto") -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim, self.scale = heads, head_dim, scale
+        self.backend = backend
+        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        """x: (B, N, dim) -> (B, N, dim); ``backend`` already resolved for x's device."""
+        b, n, _ = x.shape
+        q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, self.head_dim).unbind(2)
+        out = attention(q, k, v, self.scale, backend)
+        return self.to_out(out.reshape(b, n, self.heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        return self.net(x)
+
+
+class PreNorm(nn.Module):
+    def __init__(self, dim: int, fn: nn.Module, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        return self.fn(self.norm(x), backend)
+
+
+class Residual(nn.Module):
+    """x + drop_path(fn(x)); the reference's ``Residual_droppath``."""
+
+    def __init__(self, fn: nn.Module, drop_path: float) -> None:
+        super().__init__()
+        self.fn = fn
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        return x + self.drop_path(self.fn(x, backend))
+
+
+class Transformer(nn.Module):
+    def __init__(self, dim: int, depth: int, heads: int, head_dim: int, mlp_dim: int, dropout: float,
+                 drop_path: float, scale: float, eps: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleList([
+                Residual(PreNorm(dim, Attention(dim, heads, head_dim, dropout, scale), eps), drop_path),
+                Residual(PreNorm(dim, FeedForward(dim, mlp_dim, dropout), eps), drop_path),
+            ])
+            for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        for attn, ff in self.layers:
+            x = ff(attn(x, backend), backend)
+        return x
+
+
+def image_grid_tokens(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """A regular grid of patches (the reference's path without landmarks, and the DINO baseline).
+
+    images: (B, 3, H, W) float -> tokens (B, (H/P)*(W/P), 3*P*P), each flattened (p1, p2, c).
+    """
+    b, c, h, w = images.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+    x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+class FViT(nn.Module):
+    """The face ViT backbone.
+
+    Args:
+        dim, depth, heads, head_dim, mlp_dim: sizes (reference 768, 12, 11, 64, 2048).
+        num_patches: maximum token count (196); the position table has num_patches + 1 rows.
+        patch_size: P; tokens have 3*P*P values.
+        attn_scale: "dim" (reference quirk, dim**-0.5) or "head_dim".
+        attention: "auto" | "xformers" | "sdpa" | "math".
+        token_init_std: CLS / position init std (reference N(0, 1)).
+    """
+
+    def __init__(
+        self,
+        dim: int = 768,
+        depth: int = 12,
+        heads: int = 11,
+        head_dim: int = 64,
+        mlp_dim: int = 2048,
+        num_patches: int = 196,
+        patch_size: int = 8,
+        dropout: float = 0.1,
+        emb_dropout: float = 0.1,
+        drop_path: float = 0.1,
+        ln_eps: float = 1e-5,
+        attn_scale: str = "dim",
+        attention: str = "auto",
+        token_init_std: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if attn_scale not in ("dim", "head_dim"):
+            raise ValueError(f"attn_scale must be 'dim' or 'head_dim', got {attn_scale!r}")
+        resolve_attention(attention, torch.device("cpu"))  # validates the name early
+        self.dim, self.patch_size, self.num_patches = dim, patch_size, num_patches
+        self.token_dim = 3 * patch_size * patch_size
+        self.attention_backend = attention
+        self._resolved: dict[str, str] = {}
+        scale = (dim if attn_scale == "dim" else head_dim) ** -0.5
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim) * token_init_std)
+        self.patch_to_embedding = nn.Linear(self.token_dim, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * token_init_std)
+        self.dropout = nn.Dropout(emb_dropout)
+        self.transformer = Transformer(dim, depth, heads, head_dim, mlp_dim, dropout, drop_path, scale, ln_eps)
+        self.mlp_head = nn.Sequential(nn.LayerNorm(dim, eps=ln_eps))
+
+    @classmethod
+    def from_config(cls, m: "ModelConfig") -> "FViT":  # noqa: F821 - lafs_fast.config.ModelConfig
+        return cls(m.dim, m.depth, m.heads, m.head_dim, m.mlp_dim, m.num_patches, m.patch_size, m.dropout,
+                   m.emb_dropout, m.drop_path, m.ln_eps, m.attn_scale, m.attention, m.token_init_std)
+
+    def attention_for(self, device: torch.device) -> str:
+        """The resolved attention backend on ``device`` (cached; call once before torch.compile)."""
+        key = device.type
+        if key not in self._resolved:
+            self._resolved[key] = resolve_attention(self.attention_backend, device)[0]
+        return self._resolved[key]
+
+    def set_attention(self, backend: str) -> None:
+        resolve_attention(backend, torch.device("cpu"))
+        self.attention_backend = backend
+        self._resolved.clear()
+
+    def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, N, 3*P*P) -> all outputs (B, N+1, dim), CLS first, before the final norm."""
+        if tokens.dim() != 3 or tokens.shape[-1] != self.token_dim:
+            raise ValueError(f"tokens must be (B, N, {self.token_dim}), got {tuple(tokens.shape)}")
+        b, n, _ = tokens.shape
+        if n > self.num_patches:
+            raise ValueError(f"{n} tokens exceed the {self.num_patches} positions of the position embedding")
+        x = self.patch_to_embedding(tokens)
+        x = torch.cat((self.cls_token.expand(b, -1, -1).to(x.dtype), x), dim=1)
+        x = x + self.pos_embedding[:, : n + 1]
+        x = self.dropout(x)
+        return self.transformer(x, self.attention_for(x.device))
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedding (B, dim) from tokens (B, N, 192), or images (B, 3, H, W) in [-1, 1] with
+        landmarks ``coords`` (B, L, 2) px, or images alone (a regular grid of patches)."""
+        if x.dim() == 4:
+            x = sample_patches(x, coords, self.patch_size) if coords is not None else image_grid_tokens(x, self.patch_size)
+        return self.mlp_head(self.forward_features(x)[:, 0])

@@ -1,0 +1,76 @@
+"""Part fViT: landmark CNN -> patch sampler -> fViT backbone (-> margin head), end to end.
+
+The loss reaches the landmark CNN through the sampler's bilinear weights (gradient w.r.t. coords).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from lafs_fast.models.fvit import FViT
+from lafs_fast.models.heads import ArcFace, CosFace, MarginHead
+from lafs_fast.models.landmark_cnn import LandmarkCNN
+from lafs_fast.sampling import sample_patches
+
+__all__ = ["PartFViT", "build_backbone", "build_landmark_cnn", "build_margin_head", "build_part_fvit"]
+
+
+class PartFViT(nn.Module):
+    """images (B, 3, S, S) in [-1, 1] -> embedding (B, dim); with labels -> (logits, coords).
+
+    State dict: ``landmark_cnn.*``, ``backbone.*``, ``head.weight`` (see models.checkpoints for the
+    mapping to the reference's flat names).
+    """
+
+    def __init__(self, landmark_cnn: LandmarkCNN, backbone: FViT, head: MarginHead | None = None,
+                 sampler_backend: str = "auto") -> None:
+        super().__init__()
+        self.landmark_cnn, self.backbone, self.head = landmark_cnn, backbone, head
+        self.sampler_backend = sampler_backend
+
+    def landmarks(self, images: torch.Tensor) -> torch.Tensor:
+        """coords (B, 196, 2) px predicted for images (B, 3, S, S)."""
+        return self.landmark_cnn(images)
+
+    def embed(self, images: torch.Tensor, coords: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding (B, dim), coords (B, L, 2)); coords predicted when not given."""
+        if coords is None:
+            coords = self.landmark_cnn(images)
+        tokens = sample_patches(images, coords, self.backbone.patch_size, backend=self.sampler_backend,
+                                check_finite=not torch.compiler.is_compiling())
+        return self.backbone(tokens), coords
+
+    def forward(self, images: torch.Tensor, label: torch.Tensor | None = None):
+        emb, coords = self.embed(images)
+        if label is None:
+            return emb
+        if self.head is None:
+            raise ValueError("this PartFViT has no margin head: build it with num_classes to train with labels")
+        return self.head(emb, label), coords
+
+
+def build_backbone(m) -> FViT:
+    """FViT from a ``ModelConfig``."""
+    return FViT.from_config(m)
+
+
+def build_landmark_cnn(m) -> LandmarkCNN:
+    return LandmarkCNN(m.num_patches, m.image_size, m.landmark_cnn, m.landmark_dropout)
+
+
+def build_margin_head(kind: str, dim: int, num_classes: int, s: float = 64.0, m: float | None = None) -> MarginHead:
+    if kind == "cosface":
+        return CosFace(dim, num_classes, s, 0.4 if m is None else m)
+    if kind == "arcface":
+        return ArcFace(dim, num_classes, s, 0.5 if m is None else m)
+    raise ValueError(f"unknown margin head {kind!r}; choose cosface or arcface")
+
+
+def build_part_fvit(cfg, num_classes: int | None = None) -> PartFViT:
+    """A PartFViT from a full ``Config`` (margin head only when ``num_classes`` is given)."""
+    head = None
+    if num_classes:
+        f = cfg.finetune
+        head = build_margin_head(f.head, cfg.model.dim, num_classes, f.scale, f.margin)
+    return PartFViT(build_landmark_cnn(cfg.model), build_backbone(cfg.model), head)

@@ -1,0 +1,145 @@
+"""Model stack: sizes, reference semantics, attention backends, heads, Part fViT gradients."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lafs_fast.config import load_config
+from lafs_fast.models import (
+    ArcFace, CosFace, DINOHead, FViT, LandmarkCNN, attention, build_backbone, build_landmark_cnn, build_part_fvit,
+)
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_reference_sizes():
+    cfg = load_config("reference")
+    assert n_params(build_backbone(cfg.model)) == 64_082_688
+    lm = build_landmark_cnn(cfg.model)
+    assert n_params(lm.stn) == 2_809_816
+    assert n_params(lm.output_layer) == 63_112
+    assert n_params(build_part_fvit(cfg, num_classes=100)) == 67_032_416
+
+
+def test_landmark_cnn_shapes_and_minmax():
+    torch.manual_seed(0)
+    lm = LandmarkCNN().eval()
+    x = torch.rand(3, 3, 112, 112) * 2 - 1
+    assert lm.stn(x).shape == (3, 160, 4, 4)
+    coords = lm(x)
+    assert coords.shape == (3, 196, 2)
+    flat = coords.reshape(3, -1)
+    torch.testing.assert_close(flat.min(1).values, torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.max(1).values, torch.full((3,), 111.0))
+
+
+def small_vit(**kw) -> FViT:
+    args = dict(dim=48, depth=2, heads=3, head_dim=16, mlp_dim=64, num_patches=196)
+    args.update(kw)
+    return FViT(**args)
+
+
+@pytest.mark.parametrize("scale", ["dim", "head_dim"])
+def test_attention_backends_agree(scale, gen):
+    vit = small_vit(attn_scale=scale).eval()
+    tokens = torch.randn(2, 37, 192, generator=gen)
+    outs = {}
+    for backend in ("math", "sdpa"):
+        vit.set_attention(backend)
+        outs[backend] = vit(tokens)
+    torch.testing.assert_close(outs["sdpa"], outs["math"], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_scale_is_honoured(gen):
+    q, k, v = (torch.randn(2, 5, 3, 16, generator=gen) for _ in range(3))
+    for scale in (48 ** -0.5, 16 ** -0.5):
+        expect = torch.einsum("bhij,bhjd->bhid", (torch.einsum("bihd,bjhd->bhij", q, k) * scale).softmax(-1), v.transpose(1, 2))
+        for backend in ("math", "sdpa"):
+            torch.testing.assert_close(attention(q, k, v, scale, backend), expect.transpose(1, 2), rtol=1e-5, atol=1e-6)
+    assert small_vit(attn_scale="dim").transformer.layers[0][0].fn.fn.scale == 48 ** -0.5
+    assert small_vit(attn_scale="head_dim").transformer.layers[0][0].fn.fn.scale == 16 ** -0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers attention needs CUDA")
+def test_xformers_matches_sdpa_on_cuda(gen):
+    q, k, v = (torch.randn(2, 197, 4, 64, generator=gen).cuda() for _ in range(3))
+    torch.testing.assert_close(attention(q, k, v, 0.036, "xformers"), attention(q, k, v, 0.036, "sdpa"), rtol=2e-3, atol=2e-3)
+
+
+def test_position_slice_for_short_views(gen):
+    """A 36-token view uses positions 0..36: equal to the first 36 tokens of a longer view only
+    through pos[:, :37] (checked by zeroing later positions and comparing)."""
+    vit = small_vit().eval()
+    with torch.no_grad():
+        vit.pos_embedding[:, 37:] = 1e3  # would wreck the result if used
+    tokens = torch.randn(2, 36, 192, generator=gen)
+    ref = vit(tokens)
+    with torch.no_grad():
+        vit.pos_embedding[:, 37:] = -1e3
+    torch.testing.assert_close(vit(tokens), ref)
+    with pytest.raises(ValueError, match="exceed"):
+        vit(torch.randn(1, 197, 192))
+
+
+def test_drop_path_constant_per_block():
+    vit = build_backbone(load_config("reference").model)
+    rates = [blk.drop_path.drop_prob for layer in vit.transformer.layers for blk in layer]
+    assert rates == [0.1] * 24
+
+
+def test_token_init_std():
+    torch.manual_seed(0)
+    vit = build_backbone(load_config("reference").model)
+    assert 0.9 < vit.pos_embedding.std().item() < 1.1  # N(0, 1) as the reference
+
+
+def test_vit_takes_images_and_landmarks(gen):
+    vit = small_vit().eval()
+    imgs = torch.rand(2, 3, 112, 112, generator=gen) * 2 - 1
+    coords = torch.rand(2, 196, 2, generator=gen) * 111
+    from lafs_fast import sample_patches
+    torch.testing.assert_close(vit(imgs, coords), vit(sample_patches(imgs, coords)))
+    assert vit(imgs).shape == (2, 48)  # regular 14x14 grid
+
+
+def test_part_fvit_gradient_reaches_landmark_cnn(gen):
+    cfg = load_config("small", overrides=["model.depth=1"])
+    model = build_part_fvit(cfg, num_classes=5).train()
+    imgs = torch.rand(4, 3, 112, 112, generator=gen) * 2 - 1
+    logits, coords = model(imgs, torch.tensor([0, 1, 2, 3]))
+    assert logits.shape == (4, 5) and coords.shape == (4, 196, 2)
+    F.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
+    g = model.landmark_cnn.output_layer[1].weight.grad
+    assert g is not None and g.abs().sum() > 0
+    assert model.landmark_cnn.stn.features[0][0].weight.grad.abs().sum() > 0
+
+
+def test_dino_head(gen):
+    head = DINOHead(48, out_dim=300, hidden_dim=64, bottleneck_dim=32)
+    out = head(torch.randn(5, 48, generator=gen))
+    assert out.shape == (5, 300)
+    assert not head.last_layer.weight_g.requires_grad
+    w = head.last_layer.weight_g * head.last_layer.weight_v / head.last_layer.weight_v.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(300))
+    # output = normalised bottleneck . unit prototypes: a cosine, so |out| <= 1
+    assert out.abs().max() <= 1 + 1e-5
+    assert [k for k in head.state_dict() if "last_layer" in k] == ["last_layer.weight_v", "last_layer.weight_g"]
+
+
+def test_cosface_and_arcface_formulas(gen):
+    emb = torch.randn(4, 16, generator=gen)
+    label = torch.tensor([0, 2, 1, 2])
+    cos_head, arc_head = CosFace(16, 3), ArcFace(16, 3)
+    arc_head.weight.data.copy_(cos_head.weight.data)
+    cos = F.normalize(emb) @ F.normalize(cos_head.weight).T
+    y = F.one_hot(label, 3).float()
+    torch.testing.assert_close(cos_head(emb, label), 64 * (cos - 0.4 * y))
+    theta = torch.acos(cos.clamp(-1, 1))
+    target = torch.where(cos > math.cos(math.pi - 0.5), torch.cos(theta + 0.5), cos - math.sin(math.pi - 0.5) * 0.5)
+    torch.testing.assert_close(arc_head(emb, label), 64 * (y * target + (1 - y) * cos), rtol=1e-4, atol=1e-4)
+    soft = torch.tensor([[0.7, 0.3, 0.0]] * 4)
+    torch.testing.assert_close(cos_head(emb, soft), 64 * (cos - 0.4 * soft))
