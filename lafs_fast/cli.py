@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("lafs_fast.info", "versions, devices, and the backend each fast module picks and why"),
     "config": ("lafs_fast.config", "print the resolved configuration of a preset with overrides"),
     "checkpoint": ("lafs_fast.models.checkpoints", "import / export reference (Part fViT, LAFS SSL) checkpoints"),
+    "data": ("lafs_fast.data.cli", "datasets: build / inspect / subset / verify InsightFace recs, landmarks, face alignment"),
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)

@@ -1,0 +1,12 @@
+"""Data: InsightFace RecordIO without MXNet, DALI / nvJPEG / PIL loaders, synthetic faces, tools.
+
+``make_loader(source, batch_size, ...)`` is the one entry for training (see ``loaders.py``);
+``SyntheticFaces`` the built-in dataset; ``RecordIOReader`` / ``RecordIOWriter`` the file format.
+Heavy modules (DALI, face-alignment) load only when used.
+"""
+
+from lafs_fast.data.loaders import Loader, make_loader
+from lafs_fast.data.recordio import RecordIOReader, RecordIOWriter
+from lafs_fast.data.synthetic import SyntheticFaces
+
+__all__ = ["Loader", "make_loader", "RecordIOReader", "RecordIOWriter", "SyntheticFaces"]

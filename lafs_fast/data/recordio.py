@@ -159,6 +159,8 @@ def decode_record(buf: bytes | memoryview | mmap.mmap, offset: int, *, path: str
 def rec_paths(path: str | os.PathLike) -> tuple[Path, Path, Path]:
     """``(rec, idx, property)`` paths from a ``.rec`` path or a folder holding ``train.rec``."""
     p = Path(path)
+    if not p.exists() and p.suffix != ".rec":
+        raise FileNotFoundError(f"{path} does not exist; pass a .rec file or a folder holding train.rec")
     if p.is_dir():
         p = p / "train.rec"
     if p.suffix != ".rec":

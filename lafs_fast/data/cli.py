@@ -1,0 +1,167 @@
+"""``lafs-fast data SUBCOMMAND``: build, inspect, subset, verify, landmarks, align.
+
+Each sub-command is an ``(add_arguments, run, help)`` triple in :data:`SUBCOMMANDS`; adding one
+(e.g. ``make-bin``) is two functions (here or imported from another module) and one line in the
+table. ``run`` functions return the exit code; user mistakes raise ValueError / FileNotFoundError,
+which ``lafs_fast.cli`` prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Callable
+
+
+def _print(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=1, default=str))
+        return
+    for k, v in report.items():
+        if isinstance(v, list) and len(v) > 10:
+            v = f"{len(v)} items, first: {v[:3]}"
+        print(f"{k}: {v}")
+
+
+# -- build ----------------------------------------------------------------------------------------
+def _add_build(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="image folder: one sub-folder of images per identity")
+    p.add_argument("out", help="output folder (gets train.rec, train.idx, property, lafs_fast.json)")
+    p.add_argument("--size", type=int, default=None, help="resize every image to SIZE x SIZE (default: keep; the loaders resize to 112)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    p.add_argument("--workers", type=int, default=None, help="encode threads (default: cores, at most 16)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing train.rec in OUT")
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from lafs_fast.data.folder import build_rec
+
+    rep = build_rec(args.src, args.out, size=args.size, quality=args.quality, workers=args.workers, overwrite=args.overwrite)
+    print(f"wrote {args.out}/train.rec: {rep['identities']} identities, {rep['images']} images, {rep['height']}x{rep['width']}")
+    for path, why in rep["skipped"]:
+        print(f"skipped unreadable image {path}: {why}")
+    for name in rep["empty_identities"]:
+        print(f"skipped identity {name}: its folder holds no image")
+    for name in rep["unreadable_identities"]:
+        print(f"skipped identity {name}: none of its images could be read")
+    if rep["skipped"]:
+        print(f"{len(rep['skipped'])} image(s) skipped")
+    return 0
+
+
+# -- inspect --------------------------------------------------------------------------------------
+def _add_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rec", help="a .rec file or a folder holding train.rec")
+    p.add_argument("--montage", default=None, help="montage PNG path (default: <rec name>_montage.png in the current folder; 'none' to skip)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from lafs_fast.data.recordio import rec_paths
+    from lafs_fast.data.tools import inspect_rec
+
+    montage = args.montage
+    if montage is None:
+        rec = rec_paths(args.rec)[0]
+        montage = f"{rec.parent.name}_{rec.stem}_montage.png"
+    rep = inspect_rec(args.rec, montage=None if montage == "none" else montage)
+    _print(rep, args.json)
+    return 0
+
+
+# -- subset ---------------------------------------------------------------------------------------
+def _add_subset(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rec", help="source .rec (or folder holding train.rec)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--shots", type=int, default=None, help="K images per identity (default: all)")
+    p.add_argument("--fraction", type=float, default=1.0, help="fraction P of the identities (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the choice (default 0)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _run_subset(args: argparse.Namespace) -> int:
+    from lafs_fast.data.subsets import make_subset
+
+    rep = make_subset(args.rec, args.out, shots=args.shots, fraction=args.fraction, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {args.out}/train.rec: {rep['identities']} identities, {rep['images']} images")
+    if rep["identities_with_fewer_shots"]:
+        print(f"{rep['identities_with_fewer_shots']} identities have fewer than {args.shots} images and keep them all")
+    return 0
+
+
+# -- verify ---------------------------------------------------------------------------------------
+def _add_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rec", help="a .rec file or a folder holding train.rec")
+    p.add_argument("--write-bad", action="store_true", help="list corrupt keys in <rec>.bad; every loader skips them")
+    p.add_argument("--workers", type=int, default=None)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from lafs_fast.data.tools import verify_rec
+
+    rep = verify_rec(args.rec, workers=args.workers, write_bad=args.write_bad)
+    for key, offset, why in rep["corrupt"]:
+        print(f"corrupt: key {key} at offset {offset}: {why}")
+    for msg in rep["problems"]:
+        print(f"problem: {msg}")
+    print(f"{rep['images']} images decoded, {len(rep['corrupt'])} corrupt" + (f"; listed in {rep['bad_file']}" if "bad_file" in rep else ""))
+    return 1 if rep["corrupt"] or rep["problems"] else 0
+
+
+# -- landmarks / align ----------------------------------------------------------------------------
+def _add_landmarks(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rec", help="a .rec file or a folder holding train.rec")
+    p.add_argument("out", nargs="?", default=None, help="sidecar .npz (default: <rec>.landmarks.npz beside it)")
+    p.add_argument("--detector", choices=("blazeface", "fan"), default="blazeface", help="blazeface: 6 keypoints (weights local); fan: 68 points (needs FAN weights)")
+    p.add_argument("--weights", default=None, help="folder holding the weights (default: $TORCH_HOME/hub/checkpoints, then ../shared/data/blazeface)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+
+
+def _run_landmarks(args: argparse.Namespace) -> int:
+    from lafs_fast.data.align import rec_landmarks
+
+    rep = rec_landmarks(args.rec, args.out, detector=args.detector, weights=args.weights, batch_size=args.batch_size, device=args.device)
+    print(f"wrote {rep['path']}: {rep['images']} images, {rep['found']} with a face, {rep['points']} points each ({rep['detector']})")
+    return 0
+
+
+def _add_align(p: argparse.ArgumentParser) -> None:
+    p.add_argument("raw", help="folder of photos (sub-folders per identity are kept)")
+    p.add_argument("out", help="output folder of aligned 112x112 faces (same sub-folders)")
+    p.add_argument("--detector", choices=("blazeface", "fan"), default="blazeface")
+    p.add_argument("--weights", default=None, help="folder holding the weights (default: $TORCH_HOME/hub/checkpoints, then ../shared/data/blazeface)")
+    p.add_argument("--device", default="cpu")
+
+
+def _run_align(args: argparse.Namespace) -> int:
+    from lafs_fast.data.align import align_folder
+
+    rep = align_folder(args.raw, args.out, detector=args.detector, weights=args.weights, device=args.device)
+    print(f"aligned {rep['aligned']} of {rep['images']} images into {args.out}")
+    for path in rep["no_face"]:
+        print(f"no face found: {path}")
+    return 0
+
+
+# name -> (add_arguments, run, help). Add a sub-command with one line here.
+SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
+    "build": (_add_build, _run_build, "image folder (one sub-folder per identity) -> rec/idx/property, one label per identity"),
+    "inspect": (_add_inspect, _run_inspect, "counts, identities, images per identity, a montage PNG"),
+    "subset": (_add_subset, _run_subset, "few-shot subset: K images per identity of a fraction of identities, by seed"),
+    "verify": (_add_verify, _run_verify, "decode every record; name the corrupt ones by key and offset"),
+    "landmarks": (_add_landmarks, _run_landmarks, "face-alignment landmarks of every image, into a sidecar .npz"),
+    "align": (_add_align, _run_align, "detect + 5-point similarity-align raw photos to 112x112 (ArcFace template)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    for name, (add, run_fn, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add(p)
+        p.set_defaults(data_run=run_fn)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args.data_run(args) or 0)
