@@ -6,7 +6,15 @@ Drop-in fast modules::
     from lafs_fast.compat import ViT_face_landmark_patch8, extract_patches_pytorch_gridsample
 """
 
-from lafs_fast._torchvision_fix import ensure_torchvision as _ensure_torchvision
+import os as _os
+
+# Run from a source checkout without installing (e.g. PYTHONPATH=. on an offline GPU machine):
+# make the top-level kernels/ folder importable as lafs_fast.kernels, as pyproject maps it.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isfile(_os.path.join(_root, "kernels", "patch_sampling.py")):
+    __path__.append(_root)  # noqa: F821 - the package's own search path
+
+from lafs_fast._torchvision_fix import ensure_torchvision as _ensure_torchvision  # noqa: E402
 
 _ensure_torchvision()  # before anything imports timm (no-op where torchvision works)
 
