@@ -1,0 +1,204 @@
+"""Loaders: sharding, epochs, exact resume, DALI-CPU vs PIL pixels, corrupt records, colour order."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lafs_fast.data import make_loader
+from lafs_fast.data.loaders import num_batches, shard_indices
+from lafs_fast.data.recordio import write_identity_dataset
+from lafs_fast.data.synthetic import SyntheticFaces
+
+try:
+    import nvidia.dali  # noqa: F401
+
+    HAS_DALI = True
+except Exception:
+    HAS_DALI = False
+needs_dali = pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+
+IDS, PER = 6, 5
+
+
+def _encode(arr: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _make_rec(folder: Path, fmt: str, size: int = 112, corrupt: set[int] = frozenset(), meta: dict | None = None) -> Path:
+    ds = SyntheticFaces(IDS, PER, seed=5, image_size=size)
+    images, _ = ds.batch(range(len(ds)))
+    ids = [[_encode(images[i * PER + j].numpy(), fmt) for j in range(PER)] for i in range(IDS)]
+    for flat in corrupt:  # garbage after a JPEG start marker: every decoder rejects it
+        ids[flat // PER][flat % PER] = b"\xff\xd8\xff\xe0" + b"\x13" * 50
+    write_identity_dataset(folder, ids, height=size, width=size, meta=meta)
+    return folder / "train.rec"
+
+
+@pytest.fixture(scope="module")
+def jpeg_rec(tmp_path_factory) -> Path:
+    return _make_rec(tmp_path_factory.mktemp("jpeg"), "JPEG")
+
+
+@pytest.fixture(scope="module")
+def png_rec(tmp_path_factory) -> Path:
+    return _make_rec(tmp_path_factory.mktemp("png"), "PNG")
+
+
+def _epoch(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    ims, labs = zip(*list(loader))
+    return torch.cat(ims), torch.cat(labs)
+
+
+@pytest.mark.parametrize("n,world,bs", [(30, 1, 4), (30, 3, 4), (31, 4, 3), (7, 2, 5)])
+def test_sharding_covers_every_record_once(n: int, world: int, bs: int) -> None:
+    for epoch in (0, 1):
+        shards = [shard_indices(n, epoch, seed=3, shuffle=True, rank=r, world_size=world) for r in range(world)]
+        assert sorted(np.concatenate(shards).tolist()) == list(range(n))
+        full = [num_batches(n, bs, rank=r, world_size=world, drop_last=True) for r in range(world)]
+        assert len(set(full)) == 1 and full[0] * bs <= min(len(s) for s in shards)
+    a = shard_indices(n, 0, seed=3, shuffle=True, rank=0, world_size=1)
+    b = shard_indices(n, 1, seed=3, shuffle=True, rank=0, world_size=1)
+    assert not np.array_equal(a, b) or n < 3  # a new permutation each epoch
+
+
+BACKENDS = ["pil", pytest.param("dali", marks=needs_dali)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loader_sharding_end_to_end(jpeg_rec: Path, backend: str) -> None:
+    """Across 3 ranks with drop_last=False every image is yielded exactly once (identified by pixels)."""
+    world, seen = 3, []
+    ref = make_loader(jpeg_rec, 30, shuffle=False, drop_last=False, backend="pil", num_workers=0)
+    ref_imgs, ref_labels = _epoch(ref)
+    for rank in range(world):
+        ld = make_loader(jpeg_rec, 4, rank=rank, world_size=world, seed=1, drop_last=False, backend=backend, num_workers=0)
+        ims, labs = _epoch(ld)
+        assert ims.shape[1:] == (112, 112, 3) and ims.dtype == torch.uint8 and labs.dtype == torch.int64
+        for im, lab in zip(ims, labs):
+            match = [i for i in range(len(ref_imgs)) if (ref_imgs[i].int() - im.int()).abs().max() <= 8]
+            assert len(match) == 1 and ref_labels[match[0]] == lab
+            seen.append(match[0])
+    assert sorted(seen) == list(range(IDS * PER))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_is_exact(jpeg_rec: Path, backend: str) -> None:
+    kw = dict(seed=7, backend=backend, num_workers=0)
+    full = make_loader(jpeg_rec, 4, **kw)
+    full.set_epoch(2)
+    batches = list(full)
+    part = make_loader(jpeg_rec, 4, **kw)
+    part.set_epoch(2)
+    it = iter(part)
+    next(it), next(it)
+    state = part.state_dict()
+    assert state["epoch"] == 2 and state["batch"] == 2
+    resumed = make_loader(jpeg_rec, 4, **kw)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # the usual loop calls set_epoch after loading: keeps the position
+    rest = list(resumed)
+    assert len(rest) == len(batches) - 2
+    for (a, la), (b, lb) in zip(batches[2:], rest):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    with pytest.raises(ValueError, match="batch size"):
+        make_loader(jpeg_rec, 5, **kw).load_state_dict(state)
+
+
+@needs_dali
+def test_dali_mxnet_reader_resume_and_epoch(jpeg_rec: Path) -> None:
+    """DALI's own reader: full batches, labels of the rec, and its checkpoint resumes the same stream."""
+    ld = make_loader(jpeg_rec, 4, seed=3, backend="dali-mxnet")
+    assert ld.backend.startswith("dali-mxnet") and len(ld) == 7
+    it = iter(ld)
+    first = [next(it) for _ in range(3)]
+    state = ld.state_dict()
+    tail = list(it)
+    assert len(first) + len(tail) == 7
+    again = make_loader(jpeg_rec, 4, seed=3, backend="dali-mxnet")
+    again.load_state_dict(state)
+    for (a, la), (b, lb) in zip(tail, again):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    labels = torch.cat([lab for _, lab in first + tail])
+    assert labels.min() >= 0 and labels.max() < IDS
+
+
+@needs_dali
+def test_dali_cpu_matches_pil_pixels(jpeg_rec: Path, png_rec: Path) -> None:
+    """Same records through DALI's CPU graph and PIL: PNG (lossless) bit-identical; JPEG within the
+    few levels that two JPEG decoders (IDCT / chroma upsampling) may differ by."""
+    for rec, tol in ((png_rec, 0), (jpeg_rec, 6)):
+        a_img, a_lab = _epoch(make_loader(rec, 8, shuffle=False, drop_last=False, backend="pil", num_workers=0))
+        b_img, b_lab = _epoch(make_loader(rec, 8, shuffle=False, drop_last=False, backend="dali"))
+        assert torch.equal(a_lab, b_lab)
+        diff = (a_img.int() - b_img.int()).abs()
+        assert diff.max() <= tol, f"{rec.parent.name}: max diff {diff.max()}"
+        assert diff.float().mean() < 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupt_record_skipped_counted_named(tmp_path: Path, backend: str) -> None:
+    rec = _make_rec(tmp_path / "bad", "JPEG", corrupt={7})
+    ld = make_loader(rec, 6, shuffle=False, drop_last=False, backend=backend, num_workers=0)
+    ims, labs = _epoch(ld)
+    assert len(ims) == IDS * PER - 1 and len(labs) == len(ims)
+    assert len(ld.corrupt) == 1 and "key 8 (offset" in ld.corrupt[0][0]  # flat 7 -> key 8
+    assert labs.tolist() == [i // PER for i in range(IDS * PER) if i != 7]
+
+
+def test_bad_list_from_verify_is_skipped(tmp_path: Path) -> None:
+    from lafs_fast.data.tools import verify_rec
+
+    rec = _make_rec(tmp_path / "bad", "JPEG", corrupt={0, 13})
+    rep = verify_rec(rec, write_bad=True, progress=False)
+    assert [k for k, _, _ in rep["corrupt"]] == [1, 14]
+    ld = make_loader(rec, 4, shuffle=False, drop_last=False, backend="pil", num_workers=0)
+    ims, labs = _epoch(ld)
+    assert len(ims) == IDS * PER - 2 and ld.corrupt == []
+
+
+def test_bgr_source_is_flipped_to_rgb(tmp_path: Path, png_rec: Path) -> None:
+    bgr = _make_rec(tmp_path / "bgr", "PNG", meta={"color_order": "BGR"})
+    a, _ = _epoch(make_loader(png_rec, 8, shuffle=False, drop_last=False, backend="pil", num_workers=0))
+    b, _ = _epoch(make_loader(bgr, 8, shuffle=False, drop_last=False, backend="pil", num_workers=0))
+    assert torch.equal(a, b.flip(-1))
+    assert "BGR" in make_loader(bgr, 8, backend="pil", num_workers=0).backend
+
+
+def test_resize_when_source_differs(tmp_path: Path) -> None:
+    rec = _make_rec(tmp_path / "small", "PNG", size=64)
+    for backend in ["pil"] + (["dali"] if HAS_DALI else []):
+        ims, _ = _epoch(make_loader(rec, 8, drop_last=False, backend=backend, num_workers=0))
+        assert ims.shape == (IDS * PER, 112, 112, 3)
+
+
+def test_synthetic_loader_and_auto_choice(jpeg_rec: Path) -> None:
+    ld = make_loader("synthetic:4x3:seed=2", 5, seed=0)
+    assert ld.backend.startswith("synthetic") and len(ld) == 2
+    ims, labs = _epoch(ld)
+    ref = SyntheticFaces(4, 3, seed=2)
+    first = shard_indices(12, 0, seed=0, shuffle=True, rank=0, world_size=1)[0]
+    assert torch.equal(ims[0], torch.from_numpy(ref[int(first)][0])) and labs[0] == ref.label(int(first))
+    auto = make_loader(jpeg_rec, 4)
+    assert auto.backend.startswith("dali" if HAS_DALI else "pil")
+    with pytest.raises(ValueError, match="unknown data backend"):
+        make_loader(jpeg_rec, 4, backend="magic")
+    with pytest.raises(ValueError, match="no full batch"):
+        make_loader(jpeg_rec, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_paths_match_pil(jpeg_rec: Path) -> None:
+    a, la = _epoch(make_loader(jpeg_rec, 8, shuffle=False, drop_last=False, backend="pil", num_workers=0))
+    for backend in ["nvjpeg"] + (["dali"] if HAS_DALI else []):
+        b, lb = _epoch(make_loader(jpeg_rec, 8, shuffle=False, drop_last=False, backend=backend, device="cuda"))
+        assert b.is_cuda and torch.equal(la, lb.cpu())
+        assert (a.int() - b.cpu().int()).abs().max() <= 8
