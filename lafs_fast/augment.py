@@ -1,0 +1,123 @@
+"""`augment_views`: LAFS multi-view augmentation on every device (the one public entry).
+
+Dispatch at the edge, like ``lafs_fast.sampling``: ``backend="auto"`` runs the Triton kernels on
+CUDA when they import, the torch twin otherwise; ``"torch"`` / ``"triton"`` force either (under
+``TRITON_INTERPRET=1`` an explicit ``"triton"`` also runs on CPU tensors). Both render the same
+parameters, drawn once on the images' device from ``seed`` (``kernels.views.draw_view_params``), so
+a seed reproduces the views on either backend up to float rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lafs_fast.kernels.views import ViewParams, ViewSpec, apply_views_torch, draw_view_params, lafs_view_specs
+
+__all__ = ["augment_views", "AugmentedViews", "resolve_view_backend", "triton_views", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class AugmentedViews:
+    """The views of one batch.
+
+    clean: (B, V, 3, S, S) normalised crops (no colour change), for the landmark CNN.
+    augmented: (B, V, 3, S, S) the same crops after jitter / grayscale / blur / solarize.
+    affine: (B, V, 2, 3) fp32, source pixel (x, y, 1) -> view pixel (x, y) (crop box + flip).
+    params: the drawn ViewParams (flat over B * V).
+    backend: "triton" or "torch", the one that ran.
+    """
+
+    clean: torch.Tensor
+    augmented: torch.Tensor
+    affine: torch.Tensor
+    params: ViewParams
+    backend: str
+
+
+@functools.lru_cache(maxsize=1)
+def triton_views() -> tuple[Callable | None, str]:
+    """The Triton view renderer if it imports here, else (None, why)."""
+    try:
+        mod = importlib.import_module("lafs_fast.kernels.views_triton")
+    except Exception as exc:  # triton missing or broken
+        return None, f"Triton view kernel unavailable ({type(exc).__name__}: {exc})"
+    return mod.apply_views_triton, "Triton view kernel"
+
+
+def resolve_view_backend(backend: str, device: torch.device) -> tuple[str, str]:
+    """Which backend renders views for ``backend`` on ``device``, and why."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown view backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend, "forced"
+    if device.type != "cuda":
+        return "torch", "no CUDA device: torch twin"
+    fn, why = triton_views()
+    if fn is None:
+        return "torch", why + ": torch twin"
+    return "triton", why
+
+
+def augment_views(
+    images: torch.Tensor,
+    specs: list[ViewSpec] | None = None,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    params: ViewParams | None = None,
+    out_size: int = 112,
+    interpolation: str = "bilinear",
+    out_dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    attempts: int = 10,
+) -> AugmentedViews:
+    """Render V clean + augmented views of each source face.
+
+    Args:
+        images: (B, H, W, 3) uint8 source faces (decoder output), on any device.
+        specs: V view recipes; default ``lafs_view_specs()`` (2 global + 8 local, spec section 3).
+        seed: seeds a generator on the images' device (ignored when ``generator`` or ``params``
+            is given); default: drawn from torch's global RNG.
+        generator: a torch.Generator on the images' device to draw from (advances it).
+        params: render these parameters instead of drawing.
+        out_size: S, view side (112).
+        interpolation: "bilinear" or "bicubic" (the reference uses bicubic).
+        out_dtype: fp32 / bf16 / fp16.
+        backend: "auto", "torch" or "triton".
+        attempts: RandomResizedCrop tries before the centre fallback.
+
+    Returns:
+        AugmentedViews with (B, V, 3, S, S) clean and augmented views and (B, V, 2, 3) affines.
+    """
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+        got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be (B, H, W, 3) uint8 source faces, got {got}")
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    b = images.shape[0]
+    if params is None:
+        specs = specs if specs is not None else lafs_view_specs()
+        if generator is None:
+            if seed is None:
+                seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+            generator = torch.Generator(device=images.device).manual_seed(int(seed))
+        params = draw_view_params(b, specs, (images.shape[1], images.shape[2]), generator, attempts=attempts)
+    else:
+        params = params.to(images.device)
+    chosen, _ = resolve_view_backend(backend, images.device)
+    if chosen == "triton":
+        fn, why = triton_views()
+        if fn is None:
+            raise ValueError(f"backend='triton' requested but {why}")
+    else:
+        fn = apply_views_torch
+    clean, aug = fn(images, params, out_size, interpolation=interpolation, out_dtype=out_dtype)
+    affine = params.affine(out_size).reshape(b, params.num_views, 2, 3)
+    return AugmentedViews(clean=clean, augmented=aug, affine=affine, params=params, backend=chosen)
