@@ -1,0 +1,266 @@
+"""Face detection, landmarks and 5-point alignment with face-alignment, offline.
+
+Weights (never downloaded here): face-alignment looks in ``$TORCH_HOME/hub/checkpoints``
+(default ``~/.cache/torch/hub/checkpoints``); lafs-fast searches, in order, ``--weights DIR``,
+that folder, and ``../shared/data/blazeface`` beside the repository. Files:
+
+- BlazeFace (detector + 6 keypoints: eyes, nose tip, mouth centre, ears): ``blazeface.pth`` and
+  ``anchors.npy`` (github.com/hollance/BlazeFace-PyTorch, what face-alignment downloads);
+- FAN 68 points: ``2DFAN4-11f355bf06.pth.tar`` (face-alignment's 2DFAN-4).
+
+Alignment: a similarity transform (scikit-image, least squares) from the detected points to the
+InsightFace 112x112 template (:data:`ARCFACE_112`): 5 points from FAN (eye centres, nose tip,
+mouth corners), 4 from BlazeFace (eyes, nose tip, mouth centre = the mean of the template's mouth
+corners).
+
+Landmark sidecar (``lafs-fast data landmarks``), ``<rec>.landmarks.npz``:
+``keys`` (N,) int64 image keys; ``points`` (N, P, 2) float32, x = column and y = row in the
+112x112 image the loaders yield (NaN when no face was found); ``scores`` (N,) float32 (0 when none);
+``detector`` str; ``names`` (P,) str point names (P = 6 for BlazeFace, 68 for FAN).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ARCFACE_112 = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32
+)  # left eye, right eye (image left/right), nose tip, left / right mouth corner
+BLAZE_NAMES = ("eye_image_left", "eye_image_right", "nose_tip", "mouth_centre", "ear_image_left", "ear_image_right")
+FAN_FILE = "2DFAN4-11f355bf06.pth.tar"
+SHARED_BLAZEFACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "blazeface"
+
+
+def weight_dirs(weights: str | os.PathLike | None = None) -> list[Path]:
+    """Folders searched for weights, in order."""
+    dirs = [Path(weights)] if weights else []
+    dirs.append(Path(torch.hub.get_dir()) / "checkpoints")
+    dirs.append(SHARED_BLAZEFACE)
+    return dirs
+
+
+def find_weights(names: tuple[str, ...], weights: str | os.PathLike | None = None, what: str = "") -> list[Path]:
+    """Paths of ``names`` from the first folder holding all of them; FileNotFoundError with the fix."""
+    dirs = weight_dirs(weights)
+    for d in dirs:
+        if all((d / n).is_file() for n in names):
+            return [d / n for n in names]
+    raise FileNotFoundError(
+        f"no {what or ' + '.join(names)} weights found (looked for {', '.join(names)} in {', '.join(map(str, dirs))}); "
+        f"put them in one of those folders or pass --weights DIR (nothing is downloaded)"
+    )
+
+
+class BlazeFaceKeypoints:
+    """BlazeFace (face-alignment's network, local weights): boxes + 6 keypoints, batched.
+
+    ``__call__(images)``: list of (H, W, 3) uint8 RGB -> list of ``(box (4,) x0,y0,x1,y1, points
+    (6, 2) x,y, score)`` of the most confident face per image, or None where there is none.
+    """
+
+    def __init__(self, device: str = "cpu", weights: str | os.PathLike | None = None, min_score: float = 0.5) -> None:
+        from face_alignment.detection.blazeface.net_blazeface import BlazeFace
+
+        pth, anchors = find_weights(("blazeface.pth", "anchors.npy"), weights, "BlazeFace")
+        self.net = BlazeFace(back_model=False)
+        self.net.load_state_dict(torch.load(pth, map_location="cpu", weights_only=True))
+        self.net.load_anchors_from_npy(np.load(anchors), device)
+        self.net.min_score_thresh = min_score
+        self.net.to(device).eval()
+
+    def __call__(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, float] | None]:
+        crops, frames = [], []
+        for im in images:  # centre square crop, resized to the network's 128 px
+            h, w = im.shape[:2]
+            side = min(h, w)
+            x0, y0 = (w - side) // 2, (h - side) // 2
+            crop = Image.fromarray(im[y0 : y0 + side, x0 : x0 + side]).resize((128, 128), Image.BILINEAR)
+            crops.append(np.asarray(crop))
+            frames.append((x0, y0, side))
+        preds = self.net.predict_on_batch(np.stack(crops)) if crops else []
+        out = []
+        for pred, (x0, y0, side) in zip(preds, frames):
+            pred = pred.cpu().numpy() if torch.is_tensor(pred) else np.asarray(pred)
+            if len(pred) == 0:
+                out.append(None)
+                continue
+            best = pred[np.argmax(pred[:, -1])]
+            box = np.array([best[1], best[0], best[3], best[2]]) * side + [x0, y0, x0, y0]
+            pts = best[4:16].reshape(6, 2) * side + [x0, y0]
+            if pts[0, 0] > pts[1, 0]:  # order the eyes and ears by image x
+                pts[[0, 1]] = pts[[1, 0]]
+                pts[[4, 5]] = pts[[5, 4]]
+            out.append((box.astype(np.float32), pts.astype(np.float32), float(best[-1])))
+        return out
+
+
+class FanLandmarks:
+    """face-alignment's FAN (2DFAN-4, 68 points) on a face box. ``random_init=True`` builds the real
+    architecture with random weights (tests, where the 95 MB weights cannot be had)."""
+
+    def __init__(self, device: str = "cpu", weights: str | os.PathLike | None = None, random_init: bool = False) -> None:
+        from face_alignment.models import FAN
+
+        self.net = FAN(4)
+        if not random_init:
+            (path,) = find_weights((FAN_FILE,), weights, "FAN 68-point")
+            self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.net.to(device).eval()
+        self.device = device
+
+    def __call__(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        """Images (H, W, 3) uint8 and boxes x0,y0,x1,y1 -> ``(points (68, 2) x,y, mean score)`` each."""
+        from face_alignment.utils import CENTER_Y_OFFSET, crop
+
+        crops, frames = [], []
+        for im, d in zip(images, boxes):  # face-alignment's own crop convention
+            d = [float(x) for x in d]
+            center = np.array([(d[0] + d[2]) / 2.0, (d[1] + d[3]) / 2.0])
+            center[1] -= (d[3] - d[1]) * CENTER_Y_OFFSET
+            scale = float((d[2] - d[0] + d[3] - d[1]) / 195.0)
+            crops.append(crop(im, center, scale).transpose(2, 0, 1).astype(np.float32) / 255.0)
+            frames.append((center, scale))
+        if not crops:
+            return []
+        with torch.inference_mode():
+            heat = self.net(torch.from_numpy(np.stack(crops)).to(self.device))
+            heat = (heat[-1] if isinstance(heat, (list, tuple)) else heat).float().cpu().numpy()  # last hourglass
+        out = []
+        for hm, (center, scale) in zip(heat, frames):
+            out.append(_heatmap_points(hm, center, scale))
+        return out
+
+
+def _heatmap_points(hm: np.ndarray, center: np.ndarray, scale: float) -> tuple[np.ndarray, float]:
+    """(68, R, R) heatmaps -> (points (68, 2) in the image, mean peak score): face-alignment's
+    get_preds_fromhm (argmax, quarter-pixel step towards the larger neighbour, crop -> image), in
+    numpy (theirs is a numba function that compiles for ~30 s in every new process)."""
+    c, r, _ = hm.shape
+    flat = hm.reshape(c, -1)
+    idx = flat.argmax(1)
+    scores = flat[np.arange(c), idx]
+    x, y = (idx % r).astype(np.float32), (idx // r).astype(np.float32)
+    xi, yi = x.astype(int), y.astype(int)
+    inner = (xi > 0) & (xi < r - 1) & (yi > 0) & (yi < r - 1)
+    j = np.arange(c)[inner]
+    x[inner] += 0.25 * np.sign(hm[j, yi[inner], xi[inner] + 1] - hm[j, yi[inner], xi[inner] - 1])
+    y[inner] += 0.25 * np.sign(hm[j, yi[inner] + 1, xi[inner]] - hm[j, yi[inner] - 1, xi[inner]])
+    h = 200.0 * scale  # crop side in image pixels (face-alignment's SCALE_FACTOR)
+    pts = np.stack([x + 0.5, y + 0.5], 1) * (h / r) + np.asarray(center) - h / 2.0
+    return pts.astype(np.float32), float(scores.mean())
+
+
+def five_points_from_68(p: np.ndarray) -> np.ndarray:
+    """(68, 2) iBUG points -> (5, 2): eye centres (36-41, 42-47), nose tip 30, mouth corners 48, 54."""
+    return np.stack([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]]).astype(np.float32)
+
+
+def similarity_to_template(points: np.ndarray) -> np.ndarray:
+    """(5, 2) or BlazeFace (6, 2) points -> (3, 3) similarity matrix mapping them onto ARCFACE_112."""
+    from skimage.transform import SimilarityTransform
+
+    if len(points) == 5:
+        src, dst = points, ARCFACE_112
+    else:  # BlazeFace: eyes, nose, mouth centre
+        src = points[:4]
+        dst = np.vstack([ARCFACE_112[:3], ARCFACE_112[3:].mean(0)])
+    t = SimilarityTransform.from_estimate(src, dst) if hasattr(SimilarityTransform, "from_estimate") else None
+    if t is None:
+        t = SimilarityTransform()
+        t.estimate(src, dst)
+    return np.asarray(t.params, dtype=np.float64)
+
+
+def warp_112(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Warp (H, W, 3) uint8 with the forward similarity ``matrix`` -> (112, 112, 3) uint8 (bilinear)."""
+    inv = np.linalg.inv(matrix)  # PIL maps output pixels back to input pixels
+    coeffs = tuple(inv[0, :3]) + tuple(inv[1, :3])
+    return np.asarray(Image.fromarray(image).transform((112, 112), Image.AFFINE, coeffs, resample=Image.BILINEAR))
+
+
+def _detector(kind: str, device: str, weights, fan_random: bool = False):
+    blaze = BlazeFaceKeypoints(device, weights)
+    fan = FanLandmarks(device, weights, random_init=fan_random) if kind == "fan" else None
+    return blaze, fan
+
+
+def align_folder(raw: str | os.PathLike, out: str | os.PathLike, *, detector: str = "blazeface", weights=None, device: str = "cpu", fan_random: bool = False) -> dict:
+    """Align every photo under ``raw`` (sub-folders kept) to ``out`` as 112x112 PNG; report counts
+    and the photos without a face. Each file is written under a temporary name, then renamed."""
+    from lafs_fast.data.folder import IMAGE_EXTS
+    from lafs_fast.data.tools import atomic_write_bytes
+
+    raw, out = Path(raw), Path(out)
+    if not raw.is_dir():
+        raise FileNotFoundError(f"{raw} is not a folder of photos")
+    files = sorted(p for p in raw.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise ValueError(f"{raw} holds no image ({', '.join(sorted(IMAGE_EXTS))}); nothing to align")
+    blaze, fan = _detector(detector, device, weights, fan_random)
+    aligned, no_face, residuals = 0, [], []
+    for path in files:
+        im = np.asarray(Image.open(path).convert("RGB"))
+        det = blaze([im])[0]
+        if det is None:
+            no_face.append(str(path))
+            continue
+        box, pts, _ = det
+        if fan is not None:
+            pts = five_points_from_68(fan([im], [box])[0][0])
+        m = similarity_to_template(pts)
+        mapped = (m[:2, :2] @ pts[: len(pts) if len(pts) == 5 else 4].T).T + m[:2, 2]
+        target = ARCFACE_112 if len(pts) == 5 else np.vstack([ARCFACE_112[:3], ARCFACE_112[3:].mean(0)])
+        residuals.append(float(np.abs(mapped - target).max()))
+        buf = io.BytesIO()
+        Image.fromarray(warp_112(im, m)).save(buf, format="PNG")
+        atomic_write_bytes(out / path.relative_to(raw).with_suffix(".png"), buf.getvalue())
+        aligned += 1
+    return {"images": len(files), "aligned": aligned, "no_face": no_face, "max_residual_px": residuals}
+
+
+def rec_landmarks(rec, out=None, *, detector: str = "blazeface", weights=None, batch_size: int = 64, device: str = "cpu", fan_random: bool = False, progress: bool = True) -> dict:
+    """Landmarks of every image record of ``rec`` (decoded and resized to 112 like the loaders),
+    batched, into the sidecar described in the module docstring; returns counts and the path."""
+    import sys
+
+    from tqdm import tqdm
+
+    from lafs_fast.data.loaders import RecSource, decode_pil
+    from lafs_fast.data.tools import atomic_write_bytes
+
+    src = RecSource(rec)
+    bgr = src.color_order() == "BGR"
+    blaze, fan = _detector(detector, device, weights, fan_random)
+    n_pts = 68 if fan is not None else 6
+    points = np.full((len(src), n_pts, 2), np.nan, dtype=np.float32)
+    scores = np.zeros(len(src), dtype=np.float32)
+    for start in tqdm(range(0, len(src), batch_size), desc="landmarks", unit="batch", disable=not progress, file=sys.stderr):
+        idx = list(range(start, min(start + batch_size, len(src))))
+        ims = []
+        for i in idx:
+            try:
+                ims.append(decode_pil(src.get(i), 112, bgr))
+            except (OSError, ValueError, SyntaxError):
+                ims.append(None)  # corrupt: stays NaN / score 0
+        ok = [j for j, im in enumerate(ims) if im is not None]
+        dets = blaze([ims[j] for j in ok])
+        found = [(j, d) for j, d in zip(ok, dets) if d is not None]
+        if fan is not None and found:
+            res = fan([ims[j] for j, _ in found], [d[0] for _, d in found])
+            for (j, _), (p, s) in zip(found, res):
+                points[idx[j]], scores[idx[j]] = p, s
+        else:
+            for j, (_, p, s) in found:
+                points[idx[j]], scores[idx[j]] = p, s
+    path = Path(out) if out else src.path.with_suffix(src.path.suffix + ".landmarks.npz")
+    buf = io.BytesIO()
+    names = np.array([f"ibug68_{i}" for i in range(68)] if fan is not None else BLAZE_NAMES)
+    np.savez(buf, keys=src.keys.astype(np.int64), points=points, scores=scores, detector=np.array(detector), names=names)
+    atomic_write_bytes(path, buf.getvalue())
+    return {"path": str(path), "images": len(src), "found": int((scores > 0).sum()), "points": n_pts, "detector": detector}
