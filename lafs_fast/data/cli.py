@@ -144,6 +144,19 @@ def _run_align(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- make-bin (implemented in lafs_fast.eval.make_bin) --------------------------------------------
+def _add_make_bin(p: argparse.ArgumentParser) -> None:
+    from lafs_fast.eval.make_bin import add_arguments
+
+    add_arguments(p)
+
+
+def _run_make_bin(args: argparse.Namespace) -> int:
+    from lafs_fast.eval.make_bin import run
+
+    return run(args)
+
+
 # name -> (add_arguments, run, help). Add a sub-command with one line here.
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
     "build": (_add_build, _run_build, "image folder (one sub-folder per identity) -> rec/idx/property, one label per identity"),
@@ -152,6 +165,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable
     "verify": (_add_verify, _run_verify, "decode every record; name the corrupt ones by key and offset"),
     "landmarks": (_add_landmarks, _run_landmarks, "face-alignment landmarks of every image, into a sidecar .npz"),
     "align": (_add_align, _run_align, "detect + 5-point similarity-align raw photos to 112x112 (ArcFace template)"),
+    "make-bin": (_add_make_bin, _run_make_bin, "verification .bin from pairs.txt or seeded balanced random pairs of an identity folder"),
 }
 
 

@@ -1,0 +1,133 @@
+"""InsightFace verification ``.bin`` files (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW), read safely.
+
+A ``.bin`` is a pickle of ``(bins, issame)``: ``bins`` a list of 2*P encoded images (JPEG bytes;
+pair i is ``bins[2i], bins[2i+1]``), ``issame`` a list of P booleans. The public files were written
+by Python 2 (``str`` payloads), so they are read with ``encoding="bytes"``.
+
+A pickle can name any importable callable and call it (``os.system``...), so ``load_bin`` never uses
+``pickle.load``: :class:`RestrictedUnpickler` resolves only the few globals such a file can hold
+(numpy's array/scalar reconstruction, ``_codecs.encode`` that Python 3 writes for ``bytes`` under
+protocol 2, ``bytes`` / ``bytearray``) and refuses every other one before anything runs.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from lafs_fast.io import atomic_write_bytes
+
+__all__ = ["UnsafePickleError", "RestrictedUnpickler", "restricted_loads", "BinSet", "load_bin", "write_bin"]
+
+# (module, name) pairs a verification .bin may reference. Each builds plain data and nothing else:
+# the class argument of numpy's _reconstruct goes through find_class too, so only ndarray passes.
+_ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+    ("builtins", "bytes"),
+    ("builtins", "bytearray"),
+    ("__builtin__", "bytearray"),  # Python 2 name
+})
+
+
+class UnsafePickleError(ValueError):
+    """A pickle referenced a global outside the allow-list (it could run code); nothing was run."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` whose ``find_class`` only returns the globals of ``_ALLOWED_GLOBALS``.
+
+    Every opcode that calls something (REDUCE, NEWOBJ, INST, OBJ, BUILD with ``__setstate__``)
+    needs the callable first, and the callable can only come from ``find_class`` (or be an object
+    built from allowed globals), so refusing there stops any payload before it runs.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise UnsafePickleError(
+            f"refusing to load {module}.{name}: a verification .bin holds only image bytes and booleans, "
+            "so this file is corrupt or crafted to run code; get the set from a trusted source"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError("refusing a pickle with persistent ids: not a verification .bin")
+
+
+def restricted_loads(data: bytes) -> Any:
+    """Unpickle ``data`` with :class:`RestrictedUnpickler` (Python 2 strings come back as bytes)."""
+    return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+
+
+@dataclass
+class BinSet:
+    """A verification set. ``images``: 2*P encoded images (bytes); ``issame``: (P,) bool."""
+
+    name: str
+    images: list[bytes]
+    issame: np.ndarray
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.issame.shape[0])
+
+
+def _as_bytes(x: Any, i: int, path: Path) -> bytes:
+    if isinstance(x, (bytes, bytearray)):
+        return bytes(x)
+    if isinstance(x, np.ndarray) and x.dtype == np.uint8:
+        return x.tobytes()
+    if isinstance(x, str):  # a Python 2 str read with encoding="latin1" by another tool
+        return x.encode("latin1")
+    raise ValueError(f"{path}: image {i} is a {type(x).__name__}, not encoded image bytes; not a verification .bin")
+
+
+def load_bin(path: str | Path) -> BinSet:
+    """Read a verification ``.bin`` safely (see the module doc). Raises FileNotFoundError, or
+    ValueError (:class:`UnsafePickleError` for a refused global) naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"verification set {path} does not exist; pass the path of a .bin such as lfw.bin")
+    try:
+        obj = restricted_loads(path.read_bytes())
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{path}: {exc}") from None
+    except Exception as exc:  # truncated / not a pickle
+        raise ValueError(f"{path} is not a readable verification .bin ({type(exc).__name__}: {exc})") from None
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+        raise ValueError(f"{path} does not hold (images, issame): not a verification .bin")
+    bins, issame = obj
+    if isinstance(bins, np.ndarray):
+        bins = list(bins)
+    if not isinstance(bins, list):
+        raise ValueError(f"{path}: the image list is a {type(bins).__name__}; not a verification .bin")
+    images = [_as_bytes(b, i, path) for i, b in enumerate(bins)]
+    try:
+        same = np.asarray(issame, dtype=bool).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: the is-same list is not booleans; not a verification .bin") from None
+    if len(images) != 2 * same.shape[0]:
+        raise ValueError(f"{path}: {len(images)} images for {same.shape[0]} pairs (need exactly 2 per pair); the file is damaged")
+    if same.shape[0] == 0:
+        raise ValueError(f"{path} holds no pairs")
+    return BinSet(path.stem, images, same)
+
+
+def write_bin(path: str | Path, images: Sequence[bytes], issame: Sequence[bool]) -> None:
+    """Write ``(list of image bytes, list of bool)`` as InsightFace does (highest protocol),
+    atomically. ``images``: 2*P encoded images; ``issame``: P booleans."""
+    images = [bytes(b) for b in images]
+    same = [bool(s) for s in issame]
+    if len(images) != 2 * len(same):
+        raise ValueError(f"write_bin needs 2 images per pair: got {len(images)} images for {len(same)} pairs")
+    atomic_write_bytes(pickle.dumps((images, same), protocol=pickle.HIGHEST_PROTOCOL), path)

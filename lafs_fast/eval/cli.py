@@ -1,0 +1,129 @@
+"""``lafs-fast eval MODEL SET [SET ...]``: verification accuracy and TAR@FAR of a checkpoint.
+
+A SET is a verification ``.bin`` (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW...), a folder of ``.bin``
+files, or an IJB-B/C release root (a folder with ``meta/`` and ``loose_crop/``). MODEL is any model
+file lafs-fast writes or a reference Part fViT / LAFS checkpoint. Example::
+
+    lafs-fast eval finetuned.pt data/lfw.bin data/cfp_fp.bin data/agedb_30.bin IJB_release/IJBC --out eval/
+
+prints the protocol line and a results table; ``--out`` also writes results.json, results.txt and
+``<set>_scores.npz`` (for ``lafs-fast viz roc``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lafs_fast.eval.metrics import DEFAULT_FARS
+
+__all__ = ["add_arguments", "run", "resolve_sets", "add_model_arguments", "make_embedder"]
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Options every embedding command shares (eval, embed, viz landmarks)."""
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="backbone compute dtype (auto: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--batch-size", type=int, default=128, help="faces per forward pass (default 128)")
+    p.add_argument("--input-norm", default="train", choices=("train", "reference"),
+                   help="train: x/255*2-1, as in training (default); reference: x/255-0.5, as the reference's eval scripts")
+    p.add_argument("--sampler", default="auto", choices=("auto", "torch", "triton"), help="patch sampler backend (default auto)")
+    p.add_argument("--workers", type=int, default=4, help="image decode threads (default 4)")
+
+
+def make_embedder(args: argparse.Namespace, flip: bool = True):
+    """Load ``args.model`` and wrap it in an Embedder per the shared options."""
+    import torch
+
+    from lafs_fast.eval.embedder import Embedder
+    from lafs_fast.models.checkpoints import load_model
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(args.model)
+    return Embedder(model, device=device, dtype=args.dtype, batch_size=args.batch_size, flip=flip,
+                    input_norm=args.input_norm, sampler_backend=args.sampler)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__.split("\n\n")[0] if __doc__ else None
+    p.add_argument("model", help="model file (lafs-fast or reference checkpoint)")
+    p.add_argument("sets", nargs="+", help=".bin files, folders of .bin files, or IJB-B/C roots (meta/ + loose_crop/)")
+    p.add_argument("--out", default=None, help="folder for results.json, results.txt and <set>_scores.npz")
+    p.add_argument("--nfolds", type=int, default=10, help="folds of the .bin accuracy protocol (default 10)")
+    p.add_argument("--far", type=float, nargs="+", default=list(DEFAULT_FARS), help="FARs for TAR (default 1e-6 .. 1e-1)")
+    p.add_argument("--far-rule", default="at_most", choices=("at_most", "nearest"),
+                   help="at_most: best TAR with FPR <= FAR (default); nearest: InsightFace IJB script's nearest ROC point")
+    p.add_argument("--no-flip", action="store_true", help="no flip-sum (the protocol uses it; for ablations only)")
+    p.add_argument("--no-detector-score", action="store_true", help="IJB: do not weight image features by detector score")
+    p.add_argument("--ijb-target", default=None, choices=("ijbb", "ijbc"), help="IJB meta prefix (default: detected)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_model_arguments(p)
+
+
+def resolve_sets(paths: list[str]) -> list[tuple[str, Path]]:
+    """[(kind 'bin' | 'ijb', path)] for the command-line SETs (folders of .bin files expanded)."""
+    from lafs_fast.eval.ijb import is_ijb_root
+
+    out: list[tuple[str, Path]] = []
+    for s in paths:
+        p = Path(s)
+        if p.is_file():
+            out.append(("bin", p))
+        elif is_ijb_root(p):
+            out.append(("ijb", p))
+        elif p.is_dir():
+            bins = sorted(p.glob("*.bin"))
+            if not bins:
+                raise ValueError(f"{p} holds no .bin file and is not an IJB root (no meta/*_face_tid_mid.txt)")
+            out += [("bin", b) for b in bins]
+        else:
+            raise FileNotFoundError(f"evaluation set {p} does not exist; pass .bin files, folders of them, or an IJB root")
+    names = [p.stem if k == "bin" else p.name for k, p in out]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"two sets share the name {sorted(dup)[0]!r}; their result files would collide, rename one")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from lafs_fast.eval.ijb import evaluate_ijb
+    from lafs_fast.eval.verification import evaluate_bin, format_table, save_results
+    from lafs_fast.io import check_writable_dir
+
+    sets = resolve_sets(args.sets)  # fail on a bad path before loading the model
+    if args.out:
+        check_writable_dir(args.out)
+    emb = make_embedder(args, flip=not args.no_flip)
+    protocol = emb.describe()
+    print(f"model {args.model}: {protocol}", file=sys.stderr)
+    results = []
+    for kind, path in sets:
+        if kind == "bin":
+            r = evaluate_bin(emb, path, args.nfolds, args.far, progress=not args.no_progress, workers=args.workers)
+        else:
+            r = evaluate_ijb(emb, path, args.ijb_target, args.far, args.far_rule, progress=not args.no_progress,
+                             workers=args.workers, use_detector_score=not args.no_detector_score)
+        results.append(r)
+        if not args.json:
+            acc = "" if kind == "ijb" else f"acc {100 * r.accuracy:.2f} +- {100 * r.std:.2f} %, "
+            print(f"{r.name}: {acc}TAR@FAR=1e-4 {100 * r.tar.get(1e-4, float('nan')):.2f} %", file=sys.stderr)
+    meta = {"model": str(args.model), "protocol": protocol, "nfolds": args.nfolds, "far_rule": args.far_rule,
+            "flip": not args.no_flip, "input_norm": args.input_norm}
+    if args.json:
+        print(json.dumps({**meta, "results": [r.to_json() for r in results]}, indent=1))
+    else:
+        print(format_table(results, tuple(f for f in (1e-4, 1e-3) if f in args.far) or tuple(args.far[:2])))
+        for r in results:
+            for note in r.notes:
+                print(f"note ({r.name}): {note}")
+        print(f"protocol: {protocol}; .bin accuracy over {args.nfolds} folds, each fold's threshold chosen on the others; "
+              f"TAR@FAR rule {args.far_rule}")
+    if args.out:
+        path = save_results(args.out, results, meta)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0

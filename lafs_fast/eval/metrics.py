@@ -1,0 +1,122 @@
+"""Verification metrics: k-fold accuracy (InsightFace protocol), ROC, TAR at FAR.
+
+Scores are cosine similarities of L2-normalised embeddings (higher = more alike). The k-fold
+accuracy follows InsightFace's ``calculate_roc`` exactly: squared Euclidean distance
+``d = 2 - 2 cos`` against thresholds ``0, 0.01, ..., 3.99``, a pair is "same" when ``d < t``; the
+pairs are cut into k contiguous folds (sklearn ``KFold(shuffle=False)`` sizes); for each fold the
+threshold with the best accuracy on the OTHER k-1 folds (first one on ties) is applied to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_FARS", "KFoldResult", "kfold_accuracy", "roc_curve", "tar_at_far", "l2_normalise", "pair_scores",
+]
+
+DEFAULT_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows of ``x`` (N, D) float scaled to unit length (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def pair_scores(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:
+    """Cosine similarity of row pairs: emb1, emb2 (P, D) -> (P,) float64 (rows normalised here)."""
+    return np.sum(l2_normalise(emb1) * l2_normalise(emb2), axis=-1)
+
+
+@dataclass
+class KFoldResult:
+    """``accuracy``/``std``: mean and std over folds of the held-out fold accuracy; ``threshold``:
+    mean of the chosen cosine thresholds; ``fold_accuracy``/``fold_threshold``: per fold."""
+
+    accuracy: float
+    std: float
+    threshold: float
+    fold_accuracy: list[float] = field(default_factory=list)
+    fold_threshold: list[float] = field(default_factory=list)
+
+
+def _accuracy(dist2: np.ndarray, same: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Accuracy of ``d < t`` for every threshold: dist2 (n,), same (n,) bool -> (T,)."""
+    pred = dist2[None, :] < thresholds[:, None]
+    return (pred == same[None, :]).mean(axis=1)
+
+
+def kfold_accuracy(scores: np.ndarray, issame: np.ndarray, nfolds: int = 10,
+                   thresholds: np.ndarray | None = None) -> KFoldResult:
+    """k-fold verification accuracy, threshold chosen on the other folds (module doc).
+
+    Args:
+        scores: (P,) cosine similarities of L2-normalised embeddings.
+        issame: (P,) bool.
+        nfolds: k (10 for every standard set); needs at least k pairs.
+        thresholds: squared-distance thresholds; default InsightFace's ``arange(0, 4, 0.01)``.
+    Returns: :class:`KFoldResult`; thresholds reported as cosine ``1 - t / 2``.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    same = np.asarray(issame, dtype=bool).reshape(-1)
+    if scores.shape != same.shape:
+        raise ValueError(f"scores {scores.shape} and issame {same.shape} must have the same length")
+    if nfolds < 2 or scores.shape[0] < nfolds:
+        raise ValueError(f"k-fold accuracy needs nfolds >= 2 and at least nfolds pairs; got {nfolds} folds, {scores.shape[0]} pairs")
+    thr = np.arange(0, 4, 0.01) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    dist2 = 2.0 - 2.0 * scores
+    folds = np.array_split(np.arange(scores.shape[0]), nfolds)  # == sklearn KFold(n_splits, shuffle=False)
+    accs, chosen = [], []
+    for k, test in enumerate(folds):
+        train = np.concatenate([f for j, f in enumerate(folds) if j != k])
+        best = int(np.argmax(_accuracy(dist2[train], same[train], thr)))  # first maximum, as InsightFace
+        accs.append(float(_accuracy(dist2[test], same[test], thr[best:best + 1])[0]))
+        chosen.append(float(1.0 - thr[best] / 2.0))
+    return KFoldResult(float(np.mean(accs)), float(np.std(accs)), float(np.mean(chosen)), accs, chosen)
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC of "same when score >= threshold", one point per distinct score (plus the origin).
+
+    scores: (P,) float; labels: (P,) bool. Returns ``fpr, tpr, thresholds``, each (T + 1,) float64,
+    fpr and tpr non-decreasing, ``thresholds[0] = +inf``.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=bool).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"scores {s.shape} and labels {y.shape} must have the same length")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"an ROC needs both genuine and impostor pairs; got {n_pos} genuine, {n_neg} impostor")
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], s.shape[0] - 1]  # last index of each distinct score
+    tp = np.cumsum(y)[last]
+    fp = (last + 1) - tp
+    return (np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos], np.r_[np.inf, s[last]])
+
+
+def tar_at_far(scores: np.ndarray, labels: np.ndarray, fars: tuple[float, ...] = DEFAULT_FARS,
+               rule: str = "at_most") -> dict[float, float]:
+    """True accept rate at each false accept rate.
+
+    rule ``"at_most"`` (default): the largest TPR of an operating point whose FPR <= FAR; NaN when
+    FAR < 1 / impostors (the set is too small to measure it). ``"nearest"``: InsightFace's IJB
+    script (the point whose FPR is nearest to FAR, which may exceed it).
+    """
+    if rule not in ("at_most", "nearest"):
+        raise ValueError(f"unknown TAR@FAR rule {rule!r}; choose at_most or nearest")
+    fpr, tpr, _ = roc_curve(scores, labels)
+    n_neg = int((~np.asarray(labels, dtype=bool)).sum())
+    out: dict[float, float] = {}
+    for far in fars:
+        if rule == "nearest":
+            out[far] = float(tpr[int(np.argmin(np.abs(fpr - far)))])
+        elif far * n_neg < 1:
+            out[far] = float("nan")
+        else:
+            out[far] = float(tpr[fpr <= far + 1e-12].max())
+    return out

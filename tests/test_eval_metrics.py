@@ -1,0 +1,74 @@
+"""Verification metrics against hand-computed cases."""
+
+import math
+
+import numpy as np
+import pytest
+
+from lafs_fast.eval.metrics import kfold_accuracy, pair_scores, roc_curve, tar_at_far
+
+
+def test_kfold_threshold_comes_from_the_other_folds():
+    # Distances d = 2 - 2 cos are exact binary fractions: 0.25, 1.75 | 0.75, 1.25.
+    scores = np.array([0.875, 0.125, 0.625, 0.375])
+    same = np.array([True, False, True, False])
+    r = kfold_accuracy(scores, same, nfolds=2)
+    # fold 1 is tested with the threshold learnt on fold 2 (first t > 0.75: t = 0.76) -> both right;
+    # fold 2 with the threshold of fold 1 (first t > 0.25: t = 0.26) -> its genuine pair (d 0.75) fails.
+    assert r.fold_accuracy == [1.0, 0.5]
+    assert r.accuracy == pytest.approx(0.75) and r.std == pytest.approx(0.25)
+    assert r.fold_threshold == pytest.approx([1 - 0.76 / 2, 1 - 0.26 / 2])
+
+
+def test_kfold_fold_sizes_follow_sklearn_kfold():
+    rng = np.random.default_rng(0)
+    same = rng.random(103) < 0.5
+    same[32] = True
+    scores = np.where(same, 0.75, rng.uniform(-0.5, 0.0, 103))  # genuine d = 0.5: t = 0.51 everywhere
+    scores[32] = -0.9  # one hopeless genuine pair, the last of fold 3 (folds of 11, 11, 11, 10, ...)
+    r = kfold_accuracy(scores, same, 10)
+    expect = [1.0] * 10
+    expect[2] = 10 / 11
+    assert r.fold_accuracy == pytest.approx(expect)
+    assert r.fold_threshold == pytest.approx([1 - 0.51 / 2] * 10)
+    assert r.accuracy == pytest.approx(np.mean(expect)) and r.std == pytest.approx(np.std(expect))
+
+
+def test_kfold_rejects_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        kfold_accuracy(np.zeros(4), np.zeros(3, bool))
+    with pytest.raises(ValueError, match="at least nfolds pairs"):
+        kfold_accuracy(np.zeros(4), np.zeros(4, bool), 10)
+
+
+GEN = [0.9, 0.8, 0.4, 0.3]
+IMP = [0.85, 0.5, 0.2, 0.1, 0.05, 0.0, -0.1, -0.2, -0.3, -0.4]
+
+
+def _set():
+    return np.array(GEN + IMP), np.array([True] * 4 + [False] * 10)
+
+
+def test_tar_at_far_by_hand():
+    s, y = _set()
+    t = tar_at_far(s, y, (0.01, 0.1, 0.2, 1.0))
+    assert math.isnan(t[0.01])  # 10 impostors cannot measure FAR 1 %
+    assert t[0.1] == 0.5  # one false accept allowed (0.85): accept down to 0.8 -> 2 of 4
+    assert t[0.2] == 1.0  # two allowed (0.85, 0.5): accept down to 0.3 -> all
+    assert t[1.0] == 1.0
+    # InsightFace's IJB rule takes the first ROC point whose FPR is nearest: at 0.2 that is (fp 2, tp 2)
+    assert tar_at_far(s, y, (0.2,), rule="nearest")[0.2] == 0.5
+
+
+def test_roc_groups_tied_scores():
+    fpr, tpr, thr = roc_curve(np.array([0.5, 0.5, 0.1]), np.array([True, False, False]))
+    assert fpr.tolist() == [0.0, 0.5, 1.0] and tpr.tolist() == [0.0, 1.0, 1.0]
+    assert thr[0] == np.inf and thr[1:].tolist() == [0.5, 0.1]
+    with pytest.raises(ValueError, match="both genuine and impostor"):
+        roc_curve(np.array([0.1, 0.2]), np.array([True, True]))
+
+
+def test_pair_scores_are_cosines():
+    a = np.array([[3.0, 4.0], [1.0, 0.0]])
+    b = np.array([[6.0, 8.0], [0.0, 2.0]])
+    assert pair_scores(a, b) == pytest.approx([1.0, 0.0])
