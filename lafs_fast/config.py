@@ -88,6 +88,8 @@ class ViewsConfig:
     global_tokens: int = 196
     local_tokens: int = 36
     local_size: int = doc(48, "local crop size of the dino baseline (6x6 patches of 8)")
+    local_scale_min: float = doc(0.05, "local crop scale of the dino baseline (DINO's 0.05-0.4; lafs locals use crop_scale_*)")
+    local_scale_max: float = 0.4
     crop_scale_min: float = 0.4
     crop_scale_max: float = 1.0
     flip_p: float = 0.5
@@ -162,6 +164,8 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every_epochs: int = 1
     keep_last: int = 2
+    keep_every: int = doc(0, "also keep the checkpoint of every k-th epoch (0 = only the last keep_last)")
+    ckpt_every_steps: int = doc(0, "also checkpoint every this many optimiser steps (0 = epoch ends only)")
     max_steps: int = doc(0, "stop after this many steps (0 = run all epochs)")
 
 

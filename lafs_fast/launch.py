@@ -1,0 +1,130 @@
+"""Processes: ``--gpus N`` on one machine, or joining a group that ``torchrun`` started.
+
+``launch(fn, args, nprocs)`` runs ``fn(*args)`` in every process and returns ``{rank: result}``:
+
+- under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` in the environment; one or several nodes) it calls
+  ``fn`` in this process, which joins the existing group;
+- with ``nprocs > 1`` it starts the processes itself through torch's elastic launcher (the engine
+  ``torchrun`` uses; no external launcher), with ``max_restarts=0``: when one rank fails the agent
+  stops the others and ``launch`` raises :class:`RankFailed`, so the job ends non-zero within
+  seconds instead of hanging in a collective;
+- otherwise it calls ``fn`` here, single process, no process group.
+
+Inside ``fn``, ``init_distributed(device)`` creates the process group (NCCL on GPUs, gloo on the
+CPU) and returns the :class:`DistInfo` of this process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "RankFailed", "launch", "init_distributed", "under_torchrun", "resolve_device", "shutdown"]
+
+
+class RankFailed(RuntimeError):
+    """One of the processes started by ``launch`` ended with an error (the others were stopped)."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: ``rank`` of ``world_size``, its ``device``; rank 0 logs and writes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def under_torchrun() -> bool:
+    """True when an external launcher (torchrun, or our own elastic agent) set up this process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available else cpu; 'cuda' without a GPU is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is visible; use --device cpu")
+    return torch.device(device)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join (or create) the process group of this job; a no-op DistInfo in a single process.
+
+    NCCL on CUDA (device ``cuda:LOCAL_RANK``), gloo on the CPU.
+    """
+    dev = resolve_device(device)
+    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", torch.cuda.current_device())
+        return DistInfo(device=dev)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if dev.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible; lower --gpus")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1) -> dict[int, Any]:
+    """Run ``fn(*args)`` in ``nprocs`` processes of this machine (or in this one; see module doc).
+
+    ``fn`` must be a module-level function (the workers are spawned). Returns ``{rank: value}``
+    (only this process's rank under torchrun). Raises :class:`RankFailed` when a worker fails.
+    """
+    if under_torchrun() or nprocs <= 1:
+        return {int(os.environ.get("RANK", 0)): fn(*args)}
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f"lafs-fast-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_configs={"timeout": 120},
+        max_restarts=0, monitor_interval=0.5, start_method="spawn",
+    )
+    # The workers must not think they are the launcher's parent: they read RANK etc. from the agent.
+    try:
+        return elastic_launch(config, fn)(*args)
+    except ChildFailedError as exc:
+        failures = exc.failures
+        first = min(failures)
+        f = failures[first]
+        why = f"exit code {f.exitcode}" if f.exitcode is not None else "an error"
+        msg = f.message if isinstance(f.message, str) else ""
+        if isinstance(f.message, dict):
+            msg = str(f.message.get("message", ""))
+        detail = msg.strip().splitlines()[-1] if msg.strip() else ""
+        raise RankFailed(f"rank {f.rank} of {nprocs} failed with {why}" + (f": {detail}" if detail else "")
+                         + "; the other ranks were stopped") from None

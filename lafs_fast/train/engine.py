@@ -1,0 +1,498 @@
+"""The training engine: one loop for every stage.
+
+A stage (LAFS pre-training, Part fViT / fine-tuning) supplies the model and the batch -> loss map
+through the small :class:`Stage` interface; the engine owns everything else:
+
+- AdamW with parameter groups (no weight decay on biases and 1-D parameters, per-group multipliers
+  ``lr_mult`` / ``wd_mult``), per-step cosine schedules with warm-up for lr and weight decay, plus
+  whatever per-step schedules the stage adds (teacher momentum, teacher temperature, ...);
+- gradient accumulation (``optim.accumulation`` batches per optimiser step, DDP ``no_sync`` on all
+  but the last), per-parameter gradient-norm clipping (``optim.clip_grad``, DINO's rule);
+- bf16 autocast on CUDA (no loss scaler), fp32 on the CPU (``train.precision``); optional
+  ``torch.compile`` of the stage's modules (``train.compile``);
+- DDP when the process group has several ranks; rank 0 alone logs and writes;
+- a tqdm progress bar (samples/s, ETA), a JSONL metrics log (and TensorBoard when installed);
+- checkpoints written atomically (keep the last ``train.keep_last`` and every ``train.keep_every``-th
+  epoch's), and resume that continues the same trajectory bit for bit on the CPU: model,
+  optimiser, step (so every schedule), stage state (teacher, centre), RNG states and the loader's
+  position;
+- a non-finite loss stops the run with :class:`NonFiniteLoss` naming the step; a checkpoint is
+  never written from non-finite parameters.
+
+Randomness of the data path is keyed by ``StepContext.seed`` (a function of run seed, rank, step
+and micro-batch), so it needs no saved state to resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from lafs_fast.config import Config, config_to_dict
+from lafs_fast.io import atomic_save, safe_load
+from lafs_fast.launch import DistInfo
+
+__all__ = [
+    "Stage", "StepContext", "Plan", "Engine", "FitResult", "NonFiniteLoss", "cosine_schedule",
+    "linear_then_constant", "param_groups", "clip_gradients", "list_checkpoints", "latest_checkpoint",
+    "load_checkpoint", "CHECKPOINT_FORMAT",
+]
+
+CHECKPOINT_FORMAT = "lafs-fast-train"
+_CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; the run stopped before using it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# schedules
+
+
+def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0,
+                    start_warmup_value: float = 0.0) -> np.ndarray:
+    """Per-step values (epochs * steps_per_epoch,) float64: linear warm-up from ``start_warmup_value``
+    to ``base`` over ``warmup_epochs``, then half a cosine from ``base`` to ``final`` (DINO's
+    ``cosine_scheduler``, value for value)."""
+    total = int(epochs * steps_per_epoch)
+    warm = min(int(round(warmup_epochs * steps_per_epoch)), total)
+    warmup = np.linspace(start_warmup_value, base, warm) if warm > 0 else np.array([])
+    iters = np.arange(total - warm)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
+    return np.concatenate((warmup, cos)).astype(np.float64)
+
+
+def linear_then_constant(start: float, end: float, ramp_epochs: int, epochs: int, steps_per_epoch: int) -> np.ndarray:
+    """Per-step values: ``np.linspace(start, end, ramp_epochs)`` indexed by EPOCH (DINO's teacher
+    temperature: constant within an epoch), then ``end``. Works in either direction."""
+    ramp = min(ramp_epochs, epochs)
+    per_epoch = np.concatenate((np.linspace(start, end, ramp), np.full(epochs - ramp, end)))
+    return np.repeat(per_epoch, steps_per_epoch).astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# optimiser helpers
+
+
+def param_groups(model: nn.Module, lr_mult: float = 1.0, wd_mult: float = 1.0,
+                 no_decay: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Two AdamW groups of ``model``'s trainable parameters: weights (``wd_mult``) and biases /
+    1-D parameters / names containing any of ``no_decay`` (no weight decay; DINO's rule)."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in no_decay):
+            plain.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "lr_mult": lr_mult, "wd_mult": wd_mult}, {"params": plain, "lr_mult": lr_mult, "wd_mult": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def clip_gradients(params: list[torch.Tensor], clip: float) -> torch.Tensor | None:
+    """Per-parameter clip: each gradient whose 2-norm exceeds ``clip`` is scaled by
+    ``clip / (norm + 1e-6)`` (DINO's ``clip_gradients``), without a host sync. Returns the norms."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or clip <= 0:
+        return None
+    norms = torch._foreach_norm(grads, 2.0)
+    coefs = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, coefs)
+    return torch.stack(norms)
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage interface
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The run's shape: ``total_steps = epochs * steps_per_epoch`` optimiser steps of
+    ``global_batch = batch_size * world_size * accumulation`` samples."""
+
+    epochs: int
+    steps_per_epoch: int
+    accumulation: int
+    batch_size: int
+    world_size: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size * self.accumulation
+
+
+@dataclass
+class StepContext:
+    """What a stage sees of the loop at one micro-batch."""
+
+    step: int              # optimiser step (0-based) this micro-batch belongs to
+    epoch: int
+    micro: int             # micro-batch index within the accumulation
+    seed: int              # data-path seed of this (run seed, rank, step, micro)
+    values: dict[str, float]  # every schedule's value at ``step`` (lr, weight_decay, + the stage's)
+    dist: DistInfo
+    autocast: Any = field(default=None, repr=False)  # a context-manager factory (precision)
+
+
+class Stage:
+    """What a training stage provides to the engine. Subclass and implement the abstract parts.
+
+    - ``model``: the trainable ``nn.Module``; the engine moves nothing, wraps it in DDP when
+      distributed and passes the wrapped module back to ``forward_loss``; its ``state_dict`` is
+      checkpointed as ``model``;
+    - ``forward_loss(model, batch, ctx) -> (loss (), metrics)``: one micro-batch; the engine runs it
+      under autocast and calls backward on the loss;
+    - optional hooks: ``schedules``, ``param_groups``, ``before_optimizer_step`` (e.g. cancel
+      gradients of a frozen layer), ``after_optimizer_step`` (e.g. the EMA teacher), ``state_dict``
+      / ``load_state_dict`` for state outside ``model`` (teacher, centre), ``compile_targets``,
+      ``export`` (a model file for ``lafs-fast checkpoint`` / ``eval``), ``samples(batch)``.
+    """
+
+    name: str = "stage"
+    model: nn.Module
+
+    def schedules(self, plan: Plan) -> dict[str, np.ndarray]:
+        return {}
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return param_groups(model)
+
+    def forward_loss(self, model: nn.Module, batch: Any, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def before_optimizer_step(self, model: nn.Module, ctx: StepContext) -> None:
+        pass
+
+    def after_optimizer_step(self, model: nn.Module, ctx: StepContext) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.model]
+
+    def export(self) -> dict[str, Any] | None:
+        return None
+
+    def samples(self, batch: Any) -> int:
+        return int(batch[0].shape[0])
+
+    def finite_tensors(self) -> list[torch.Tensor]:
+        """Tensors that must be finite before a checkpoint is written (default: model parameters)."""
+        return list(self.model.parameters())
+
+
+@dataclass
+class FitResult:
+    steps: int                    # optimiser steps done in total (including before a resume)
+    epochs_done: int
+    last_checkpoint: Path | None
+    history: list[dict[str, float]]
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """``ckpt-XXXXXXXX.pt`` files of ``out_dir``, oldest step first."""
+    d = Path(out_dir)
+    if not d.is_dir():
+        return []
+    return sorted((p for p in d.iterdir() if _CKPT_RE.match(p.name)), key=lambda p: int(_CKPT_RE.match(p.name).group(1)))
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(out_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    obj = safe_load(path)
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a lafs-fast training checkpoint (a model file cannot be resumed; use it with --init)")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# the engine
+
+
+class Engine:
+    """Runs ``stage`` over ``loader`` for ``cfg.optim.epochs`` epochs (or ``cfg.train.max_steps``).
+
+    Args:
+        cfg: the resolved config (optim.*, train.* are read here).
+        stage: the stage (its ``model`` already on ``dist.device``).
+        loader: a ``lafs_fast.data.Loader`` (len, set_epoch, state_dict / load_state_dict).
+        dist: this process's place in the job.
+        out_dir: checkpoints and ``metrics.jsonl`` (rank 0 writes).
+        resume: a checkpoint path, "auto" (latest in ``out_dir`` if any) or None.
+        progress: show the tqdm bar (rank 0).
+    """
+
+    def __init__(self, cfg: Config, stage: Stage, loader: Any, dist: DistInfo, out_dir: str | Path,
+                 resume: str | Path | None = None, progress: bool = True) -> None:
+        self.cfg, self.stage, self.loader, self.dist = cfg, stage, loader, dist
+        self.out_dir = Path(out_dir)
+        self.device = dist.device
+        o = cfg.optim
+        steps_per_epoch = len(loader) // o.accumulation
+        if steps_per_epoch < 1:
+            raise ValueError(f"an epoch has {len(loader)} batches, fewer than optim.accumulation={o.accumulation}; lower the accumulation or the batch size")
+        self.plan = Plan(o.epochs, steps_per_epoch, o.accumulation, o.batch_size, dist.world_size)
+        precision = cfg.train.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.precision = precision
+        self.progress = progress and dist.is_main
+
+        # schedules: lr scaled by the global batch (spec: peak lr * global_batch / 256)
+        peak = o.lr * self.plan.global_batch / 256.0
+        self.schedules: dict[str, np.ndarray] = {
+            "lr": cosine_schedule(peak, o.min_lr, o.epochs, steps_per_epoch, o.warmup_epochs),
+            "weight_decay": cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, steps_per_epoch),
+        }
+        for k, v in stage.schedules(self.plan).items():
+            if len(v) != self.plan.total_steps:
+                raise ValueError(f"stage schedule {k!r} has {len(v)} steps, the run has {self.plan.total_steps}")
+            self.schedules[k] = v
+
+        # compile before DDP wraps (DDP over compiled submodules), after the attention backend is fixed
+        if cfg.train.compile:
+            for m in stage.compile_targets():
+                for sub in m.modules():
+                    if hasattr(sub, "attention_for"):
+                        sub.attention_for(self.device)
+                m.compile(dynamic=False)
+        self.model: nn.Module = stage.model
+        if dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(stage.model, device_ids=ids, broadcast_buffers=False)
+        groups = stage.param_groups(stage.model)
+        self.params = [p for g in groups for p in g["params"]]
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=float(self.schedules["lr"][0]), betas=tuple(o.betas),
+                                           weight_decay=0.0, **({"fused": True} if fused else {}))
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self.history: list[dict[str, float]] = []
+        self._tb = None
+        if resume is not None:
+            path = latest_checkpoint(self.out_dir) if str(resume) == "auto" else Path(resume)
+            if path is not None:
+                self._load(path)
+
+    # ---------------------------------------------------------------- state
+
+    def _rng_state(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full training state (CPU tensors); rank 0's RNG only, each rank keeps its own in memory."""
+        return {
+            "format": CHECKPOINT_FORMAT, "version": 1, "stage": self.stage.name,
+            "config": config_to_dict(self.cfg), "step": self.step, "epoch": self.step // self.plan.steps_per_epoch,
+            "plan": {"epochs": self.plan.epochs, "steps_per_epoch": self.plan.steps_per_epoch, "world_size": self.plan.world_size},
+            "model": self.stage.model.state_dict(), "stage_state": self.stage.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(), "rng": self._rng_state(),
+            "model_file": self.stage.export(),
+        }
+
+    def _load(self, path: Path) -> None:
+        ck = load_checkpoint(path)
+        if ck.get("stage") != self.stage.name:
+            raise ValueError(f"{path} is a {ck.get('stage')!r} checkpoint, this is {self.stage.name!r}")
+        plan = ck.get("plan", {})
+        if plan.get("steps_per_epoch") not in (None, self.plan.steps_per_epoch) or plan.get("world_size") not in (None, self.plan.world_size):
+            raise ValueError(f"{path} was written with {plan.get('steps_per_epoch')} steps per epoch on {plan.get('world_size')} process(es); "
+                             f"this run has {self.plan.steps_per_epoch} on {self.plan.world_size}: resume with the same data, batch size and --gpus")
+        self.stage.model.load_state_dict(ck["model"])
+        self.stage.load_state_dict(ck["stage_state"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.loader.load_state_dict(ck["loader"])
+        if self.dist.rank == 0:  # other ranks' streams were never saved: they keep their own seeding
+            torch.set_rng_state(ck["rng"]["torch"])
+            if "cuda" in ck["rng"] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
+        self.step = int(ck["step"])
+        self.last_checkpoint = path
+        self._log_line(f"resumed from {path} at step {self.step} (epoch {self.step // self.plan.steps_per_epoch})")
+
+    def _all_finite(self) -> bool:
+        ts = [t for t in self.stage.finite_tensors() if t.is_floating_point()]
+        if not ts:
+            return True
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(ts))).all())
+
+    def save_checkpoint(self, epoch_end: bool) -> Path | None:
+        """Write ``ckpt-<step>.pt`` atomically (rank 0), then prune. Refuses non-finite parameters."""
+        if not self._all_finite():
+            raise NonFiniteLoss(f"parameters became non-finite by step {self.step}; no checkpoint written "
+                                f"(last good: {self.last_checkpoint or 'none'})")
+        if not self.dist.is_main:
+            return None
+        path = self.out_dir / f"ckpt-{self.step:08d}.pt"
+        atomic_save(self.state_dict(), path)
+        keep_every = self.cfg.train.keep_every
+        epoch = self.step // self.plan.steps_per_epoch
+        if epoch_end and keep_every > 0 and epoch % keep_every == 0:
+            (self.out_dir / f"ckpt-{self.step:08d}.keep").touch()
+        self.last_checkpoint = path
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        ckpts = list_checkpoints(self.out_dir)
+        removable = [p for p in ckpts if not p.with_suffix(".keep").exists()]
+        for p in removable[: max(len(removable) - max(self.cfg.train.keep_last, 1), 0)]:
+            p.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- logging
+
+    def _log_line(self, text: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(f"[{self.stage.name}] {text}")
+
+    def _log_metrics(self, record: dict[str, float]) -> None:
+        self.history.append(record)
+        if not self.dist.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+            except Exception:  # tensorboard not installed: the JSONL log is the record
+                self._tb = False
+        if self._tb:
+            for k, v in record.items():
+                if k not in ("step", "epoch"):
+                    self._tb.add_scalar(k, v, record["step"])
+
+    # ---------------------------------------------------------------- the loop
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _set_optimizer_values(self, step: int) -> dict[str, float]:
+        values = {k: float(v[step]) for k, v in self.schedules.items()}
+        for g in self.optimizer.param_groups:
+            g["lr"] = values["lr"] * g.get("lr_mult", 1.0)
+            g["weight_decay"] = values["weight_decay"] * g.get("wd_mult", 1.0)
+        return values
+
+    def _seed(self, step: int, micro: int) -> int:
+        # distinct, reproducible per (run seed, rank, step, micro); < 2**63 for torch generators
+        return int(np.random.SeedSequence([self.cfg.train.seed, self.dist.rank, step, micro]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+    def _batches(self, epoch: int) -> Iterator[Any]:
+        self.loader.set_epoch(epoch)
+        return iter(self.loader)
+
+    def fit(self) -> FitResult:
+        """Train to the end of the plan (or ``train.max_steps``); checkpoint at epoch ends (every
+        ``train.ckpt_every_epochs``), every ``train.ckpt_every_steps`` and at the end."""
+        t_start = time.perf_counter()
+        cfg, plan = self.cfg.train, self.plan
+        stop = plan.total_steps if cfg.max_steps <= 0 else min(cfg.max_steps, plan.total_steps)
+        bar = tqdm(total=stop, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True, desc=self.stage.name)
+        self.model.train()
+        window_samples, window_t = 0, time.perf_counter()
+        saved_at = self.step
+        try:
+            while self.step < stop:
+                epoch = self.step // plan.steps_per_epoch
+                batches = self._batches(epoch)
+                while self.step < stop and self.step // plan.steps_per_epoch == epoch:
+                    record = self._train_step(batches, epoch)
+                    window_samples += record.pop("_samples")
+                    self.step += 1
+                    bar.update(1)
+                    now = time.perf_counter()
+                    rate = window_samples * plan.world_size / max(now - window_t, 1e-9)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{rate:.1f}")
+                    if self.step % max(cfg.log_every, 1) == 0 or self.step == stop:
+                        record.update(step=self.step, epoch=epoch, samples_per_s=rate)
+                        self._log_metrics(record)
+                        window_samples, window_t = 0, now
+                    epoch_end = self.step % plan.steps_per_epoch == 0
+                    due = (epoch_end and cfg.ckpt_every_epochs > 0 and (self.step // plan.steps_per_epoch) % cfg.ckpt_every_epochs == 0) \
+                        or (cfg.ckpt_every_steps > 0 and self.step % cfg.ckpt_every_steps == 0)
+                    if due:
+                        self.save_checkpoint(epoch_end)
+                        saved_at = self.step
+            if saved_at != self.step:
+                self.save_checkpoint(self.step % plan.steps_per_epoch == 0)
+        finally:
+            bar.close()
+            if self._tb:
+                self._tb.close()
+        return FitResult(self.step, self.step // plan.steps_per_epoch, self.last_checkpoint, self.history, time.perf_counter() - t_start)
+
+    def _train_step(self, batches: Iterator[Any], epoch: int) -> dict[str, float]:
+        plan, step = self.plan, self.step
+        values = self._set_optimizer_values(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, metrics_sum, samples = 0.0, {}, 0
+        for micro in range(plan.accumulation):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise RuntimeError(f"the loader ran out of batches at step {step} (epoch {epoch}); it yielded fewer than len(loader)") from None
+            ctx = StepContext(step, epoch, micro, self._seed(step, micro), values, self.dist, self._autocast)
+            sync = micro == plan.accumulation - 1 or not isinstance(self.model, nn.parallel.DistributedDataParallel)
+            with (contextlib.nullcontext() if sync else self.model.no_sync()):
+                with self._autocast():
+                    loss, metrics = self.stage.forward_loss(self.model, batch, ctx)
+                value = float(loss.detach())  # one host sync per micro-batch: the reference's own check
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(f"loss is {value} at step {step} (epoch {epoch}, micro-batch {micro}); stopped before "
+                                        f"the update; last good checkpoint: {self.last_checkpoint or 'none'}")
+                (loss / plan.accumulation).backward()
+            total_loss += value / plan.accumulation
+            for k, v in metrics.items():
+                metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / plan.accumulation
+            samples += self.stage.samples(batch)
+        clip_gradients(self.params, self.cfg.optim.clip_grad)
+        self.stage.before_optimizer_step(self.model, ctx)
+        self.optimizer.step()
+        self.stage.after_optimizer_step(self.model, ctx)
+        return {"loss": total_loss, **values, **metrics_sum, "_samples": samples}
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.barrier()
