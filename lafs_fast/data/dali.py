@@ -97,6 +97,7 @@ class DaliLoader(Loader):
         self.source, self.image_size, self.bgr = source, image_size, color_order == "BGR"
         self.pipe_device = "gpu" if self.device.type == "cuda" else "cpu"
         self.num_threads = num_threads
+        self.depth = 2  # batches in flight: the next one decodes while the current one trains
         self.resize_to = _resize_needed(source, image_size)
         self.pipe = self._build()
         self.backend = (
@@ -109,20 +110,59 @@ class DaliLoader(Loader):
             device=self.pipe_device, reader="external", resize_to=self.resize_to,
             batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=self.device.index or 0 if self.pipe_device == "gpu" else None,
-            prefetch_queue_depth=1, seed=self.seed,
+            prefetch_queue_depth=self.depth, seed=self.seed,
         )
         pipe.build()
+        # batches are fed one by one ahead of time (feed_input + schedule_run), so the legacy
+        # first-iteration prefetch (which expects `depth` batches already fed) must not run
+        if hasattr(pipe, "_first_iter"):
+            pipe._first_iter = False
+        elif self.depth > 1:  # a DALI without that attribute: one batch at a time
+            self.depth = 1
+            return self._build()
         return pipe
 
-    def _run(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _feed(self, positions: np.ndarray) -> None:
         datas = [np.frombuffer(self.source.get(int(i)), dtype=np.uint8) for i in positions]
         self.pipe.feed_input("jpegs", datas)
         self.pipe.feed_input("labels", np.asarray(self.source.labels[positions], dtype=np.int64))
-        images, labels = self.pipe.run()
-        images = _to_torch(images, self.device)
+
+    def _convert(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = outputs
+        images = _to_torch(images, self.device)  # a copy: DALI's buffers are reused
         if self.bgr:
             images = images.flip(-1)
         return images, _to_torch(labels, self.device).view(-1)
+
+    def _run(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch, synchronously."""
+        self._feed(positions)
+        self.pipe.schedule_run()
+        return self._convert(self.pipe.outputs())
+
+    def _fetch_all(self, batches):
+        """Up to ``depth`` batches in flight (feed + schedule_run ahead, outputs in order). After a
+        DALI error the pipeline is rebuilt and the batches in flight go through :meth:`_fetch`,
+        which names and drops the corrupt images."""
+        todo = deque(np.asarray(b) for b in batches)
+        inflight: deque = deque()
+        while todo or inflight:
+            while todo and len(inflight) < self.depth:
+                b = todo.popleft()
+                self._feed(b)
+                self.pipe.schedule_run()
+                inflight.append(b)
+            b = inflight.popleft()
+            try:
+                out = self._convert(self.pipe.outputs())
+            except RuntimeError:
+                self.pipe = self._build()
+                redo = [b, *inflight]
+                inflight.clear()
+                for r in redo:
+                    yield self._fetch(r)
+                continue
+            yield out
 
     def _fetch(self, positions):
         positions = np.asarray(positions)

@@ -90,8 +90,7 @@ def render_faces(ident: dict[str, torch.Tensor], img: dict[str, torch.Tensor], s
     out = bg.expand(-1, size, size, 3).clone()
 
     def paint(mask: torch.Tensor, colour: torch.Tensor) -> None:
-        m = mask.unsqueeze(-1)
-        out.mul_(1 - m).add_(m * colour)
+        out.lerp_(colour, mask.unsqueeze(-1))  # one fused pass: out + m * (colour - out)
 
     skin = torch.stack([ident["skin_r"], ident["skin_g"], ident["skin_b"]], -1)
     hair = torch.stack([ident["hair_r"], ident["hair_g"], ident["hair_b"]], -1)
