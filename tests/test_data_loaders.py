@@ -202,3 +202,39 @@ def test_gpu_paths_match_pil(jpeg_rec: Path) -> None:
         b, lb = _epoch(make_loader(jpeg_rec, 8, shuffle=False, drop_last=False, backend=backend, device="cuda"))
         assert b.is_cuda and torch.equal(la, lb.cpu())
         assert (a.int() - b.cpu().int()).abs().max() <= 8
+
+
+@pytest.mark.parametrize("backend,workers", [("pil", 0), ("pil", 1), pytest.param("dali", 0, marks=needs_dali)])
+def test_idx_mismatch_stops_with_one_sentence(tmp_path: Path, backend: str, workers: int) -> None:
+    """A record the .idx points into the middle of stops the run (not skipped) with file and offset."""
+    from lafs_fast.data.recordio import RecordIOError
+
+    rec = _make_rec(tmp_path / "mm", "JPEG")
+    idx = rec.with_suffix(".idx")
+    lines = idx.read_text().splitlines()
+    k, off = lines[5].split("\t")  # key 5
+    lines[5] = f"{k}\t{int(off) + 8}"
+    idx.write_text("\n".join(lines) + "\n")
+    ld = make_loader(rec, 30, shuffle=False, drop_last=False, backend=backend, num_workers=workers)
+    with pytest.raises(RecordIOError, match=rf"train\.rec has no record at offset {int(off) + 8} .*does not match") as e:
+        list(ld)
+    assert "\n" not in str(e.value)
+
+
+def test_pil_workers_persist_across_epochs_and_breaks(jpeg_rec: Path) -> None:
+    """Two worker processes, an epoch abandoned after 2 batches, then epoch 1: the same batches
+    as a fresh single-process loader's epoch 1 (no stale prefetched batch leaks in)."""
+    ld = make_loader(jpeg_rec, 4, seed=2, backend="pil", num_workers=2)
+    it = iter(ld)
+    next(it), next(it)
+    del it
+    ld.set_epoch(1)
+    got = list(ld)
+    ref = make_loader(jpeg_rec, 4, seed=2, backend="pil", num_workers=0)
+    ref.set_epoch(1)
+    want = list(ref)
+    assert len(got) == len(want) == 7
+    for (a, la), (b, lb) in zip(got, want):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    again = list(ld)  # iterating past the end moves on to epoch 2
+    assert ld.epoch == 2 and len(again) == 7

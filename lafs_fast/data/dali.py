@@ -123,9 +123,9 @@ class DaliLoader(Loader):
         return pipe
 
     def _feed(self, positions: np.ndarray) -> None:
-        datas = [np.frombuffer(self.source.get(int(i)), dtype=np.uint8) for i in positions]
-        self.pipe.feed_input("jpegs", datas)
-        self.pipe.feed_input("labels", np.asarray(self.source.labels[positions], dtype=np.int64))
+        items = [self.source.item(int(i)) for i in positions]
+        self.pipe.feed_input("jpegs", [np.frombuffer(d, dtype=np.uint8) for d, _ in items])
+        self.pipe.feed_input("labels", np.array([label for _, label in items], dtype=np.int64))
 
     def _convert(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = outputs
@@ -173,8 +173,9 @@ class DaliLoader(Loader):
             # rebuild, and run the batch again without them
             bad, keep = [], []
             for i in positions:
+                data = self.source.get(int(i))  # a RecordIOError (broken file) propagates: fatal
                 try:
-                    decode_pil(self.source.get(int(i)), self.image_size, False)
+                    decode_pil(data, self.image_size, False)
                     keep.append(int(i))
                 except (OSError, ValueError, SyntaxError) as pe:
                     bad.append((self.source.name(int(i)), f"{type(pe).__name__}: {pe}"))

@@ -38,7 +38,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from lafs_fast.data.recordio import RecordIOReader, read_meta, rec_paths
+from lafs_fast.data.recordio import RecordIOError, RecordIOReader, first_label, read_meta
 from lafs_fast.data.synthetic import SyntheticFaces, parse_spec
 
 log = logging.getLogger("lafs_fast.data")
@@ -60,8 +60,6 @@ class RecSource:
         bad = self.reader.bad_keys()
         keys = self.reader.image_keys
         self.keys = keys[~np.isin(keys, list(bad))] if bad else keys
-        all_labels = self.reader.labels
-        self.labels = all_labels[np.isin(keys, self.keys)] if bad else all_labels
         self.num_classes = self.reader.num_classes
         self.height, self.width = self.reader.property.height, self.reader.property.width
         self.path = self.reader.rec_path
@@ -69,8 +67,14 @@ class RecSource:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def item(self, i: int) -> tuple[bytes, int]:
+        """(encoded image, label) of image record ``i``: the label is read with the image, so no
+        pass over millions of headers happens at start-up."""
+        header, data = self.reader.record(int(self.keys[i]))
+        return data, int(first_label(header))
+
     def get(self, i: int) -> bytes:
-        return self.reader.image(int(self.keys[i]))
+        return self.item(i)[0]
 
     def name(self, i: int) -> str:
         k = int(self.keys[i])
@@ -103,6 +107,9 @@ class FolderSource:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def item(self, i: int) -> tuple[bytes, int]:
+        return self.paths[i].read_bytes(), int(self.labels[i])
 
     def get(self, i: int) -> bytes:
         return self.paths[i].read_bytes()
@@ -218,32 +225,55 @@ class _BatchDecode(torch.utils.data.Dataset):
 
     def __getitem__(self, positions: np.ndarray):
         imgs, labels, bad = [], [], []
-        for i in positions:
-            try:
-                imgs.append(decode_pil(self.source.get(int(i)), self.size, self.bgr))
-                labels.append(int(self.source.labels[i]))
-            except (OSError, ValueError, SyntaxError) as e:
-                bad.append((self.source.name(int(i)), f"{type(e).__name__}: {e}"))
+        try:
+            for i in positions:
+                data, label = self.source.item(int(i))  # a RecordIOError here is fatal (see below)
+                try:
+                    imgs.append(decode_pil(data, self.size, self.bgr))
+                    labels.append(label)
+                except (OSError, ValueError, SyntaxError) as e:
+                    bad.append((self.source.name(int(i)), f"{type(e).__name__}: {e}"))
+        except RecordIOError as e:
+            return None, None, str(e)  # raised in the main process as one sentence, not a worker traceback
         images = torch.from_numpy(np.stack(imgs)) if imgs else torch.empty(0, self.size, self.size, 3, dtype=torch.uint8)
         return images, torch.tensor(labels, dtype=torch.int64), bad
 
 
+class _Batches(torch.utils.data.Sampler):
+    """The sampler of a persistent DataLoader: this epoch's batches, replaced before each pass."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class PilLoader(Loader):
-    """CPU decode with PIL in torch DataLoader workers (one batch per worker task)."""
+    """CPU decode with PIL in torch DataLoader workers (one batch per worker task; the workers
+    persist across epochs, the sampler is swapped)."""
 
     def __init__(self, source, batch_size: int, *, num_workers: int | None = None, image_size: int = 112, color_order: str = "RGB", reason: str = "", **kw) -> None:
         super().__init__(len(source), batch_size, num_classes=source.num_classes, **kw)
         self.source, self.image_size = source, image_size
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self.dataset = _BatchDecode(source, image_size, color_order == "BGR")
+        self._sampler = _Batches()
+        self._dl = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, sampler=self._sampler, num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0,
+            prefetch_factor=2 if self.num_workers > 0 else None,
+        )
         self.backend = f"pil: PIL decode in a torch DataLoader, {self.num_workers} workers ({reason})"
 
     def _fetch_all(self, batches):
-        dl = torch.utils.data.DataLoader(
-            self.dataset, batch_size=None, sampler=batches, num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-        )
-        for images, labels, bad in dl:
+        self._sampler.batches = batches
+        for images, labels, bad in self._dl:
+            if images is None:
+                raise RecordIOError(bad)
             self._note_corrupt(bad)
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
@@ -278,7 +308,9 @@ class NvjpegLoader(Loader):
     def _fetch(self, positions):
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        datas = [torch.frombuffer(bytearray(self.source.get(int(i))), dtype=torch.uint8) for i in positions]
+        items = [self.source.item(int(i)) for i in positions]
+        datas = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d, _ in items]
+        all_labels = np.array([label for _, label in items], dtype=np.int64)
         keep = list(range(len(positions)))
         try:
             if not all(d[:2].tolist() == [0xFF, 0xD8] for d in datas):
@@ -301,7 +333,7 @@ class NvjpegLoader(Loader):
         images = torch.stack(out).permute(0, 2, 3, 1).contiguous() if out else torch.empty(0, self.image_size, self.image_size, 3, dtype=torch.uint8, device=self.device)
         if self.bgr:
             images = images.flip(-1)
-        labels = torch.as_tensor(self.source.labels[np.asarray(positions)[keep]], dtype=torch.int64).to(self.device)
+        labels = torch.as_tensor(all_labels[keep], dtype=torch.int64).to(self.device)
         return images, labels
 
 

@@ -200,14 +200,19 @@ class RecordIOReader:
         if not self.idx_path.is_file():
             raise FileNotFoundError(f"{self.idx_path} (the index of {self.rec_path.name}) does not exist; copy it beside the .rec")
         self.keys, self.offsets = self._read_index()
-        self._pos = {int(k): i for i, k in enumerate(self.keys)}
+        # key -> offset by binary search (a dict of millions of keys costs GBs and pickles slowly)
+        order = np.argsort(self.keys, kind="stable")
+        self._sorted_keys, self._sorted_offsets = self.keys[order], self.offsets[order]
+        if len(self._sorted_keys) > 1 and (np.diff(self._sorted_keys) == 0).any():
+            dup = int(self._sorted_keys[np.flatnonzero(np.diff(self._sorted_keys) == 0)[0]])
+            raise RecordIOError(f"{self.idx_path} lists key {dup} twice; rebuild the index")
         self._open()
         self._check_tail()
         self.header0: tuple[int, int] | None = None
         self.id_range: tuple[int, int] | None = None
         self._labels: np.ndarray | None = None
         self._identity_ranges: list[tuple[int, int]] | None = None
-        if 0 in self._pos:
+        if self.has_key(0):
             h, _ = self.record(0)
             if h.flag == 2:  # the InsightFace header: [first identity record, end)
                 a, b = int(h.label[0]), int(h.label[1])
@@ -215,7 +220,7 @@ class RecordIOReader:
                 self.id_range = (a, b)
         if self.header0 is not None:
             a, _ = self.header0
-            self.image_keys = np.array([k for k in self.keys if 0 < k < a], dtype=np.int64)
+            self.image_keys = self.keys[(self.keys > 0) & (self.keys < a)]
         else:
             self.image_keys = self.keys.copy()
         self.image_keys.sort()
@@ -303,11 +308,16 @@ class RecordIOReader:
     def read_payload_at(self, offset: int) -> bytes:
         return decode_record(self._mm, offset, path=str(self.rec_path))[0]
 
+    def has_key(self, key: int) -> bool:
+        i = int(np.searchsorted(self._sorted_keys, key))
+        return i < len(self._sorted_keys) and int(self._sorted_keys[i]) == int(key)
+
     def offset(self, key: int) -> int:
-        try:
-            return int(self.offsets[self._pos[int(key)]])
-        except KeyError:
-            raise KeyError(f"key {key} is not in {self.idx_path}") from None
+        """Byte offset of record ``key`` in the rec (KeyError when the .idx lacks it)."""
+        i = int(np.searchsorted(self._sorted_keys, key))
+        if i >= len(self._sorted_keys) or int(self._sorted_keys[i]) != int(key):
+            raise KeyError(f"key {key} is not in {self.idx_path}")
+        return int(self._sorted_offsets[i])
 
     def read_idx(self, key: int) -> bytes:
         """Payload bytes of record ``key`` (as mxnet's MXIndexedRecordIO.read_idx)."""
@@ -368,7 +378,7 @@ class RecordIOReader:
             if self.header0 is not None:
                 a, b = self.header0
                 for k in range(a, b):
-                    if k not in self._pos:
+                    if not self.has_key(k):
                         raise RecordIOError(f"{self.idx_path} lacks identity record {k} of the range [{a}, {b}) in its header; rebuild the rec")
                     h, _ = self.record(k)
                     ranges.append((int(h.label[0]), int(h.label[1])))
