@@ -1,0 +1,188 @@
+"""DINO for LAFS (LAFS_SPEC.md section 3): student / teacher fViT + DINO head, EMA teacher,
+centering, the multi-view cross-entropy, and the stage that plugs them into the engine.
+
+- :class:`MultiCrop`: backbone + head over a list of token tensors of different lengths (views of
+  equal length run as one batch); the head runs once on all embeddings.
+- :class:`DINOLoss`: mean over the (teacher global view q, student view v != q) pairs of
+  ``sum_k -softmax((t_q - c) / tau_t)_k * log_softmax(s_v / tau_s)_k``, averaged over the batch;
+  the centre ``c`` is an EMA (momentum 0.9) of the teacher outputs' batch mean, all-reduced.
+- :func:`ema_update`: teacher <- m * teacher + (1 - m) * student, over backbone and head.
+- :class:`DinoStage`: the engine's stage (views -> student / teacher -> loss), with the teacher
+  momentum (cosine 0.996 -> 1 over all steps) and teacher temperature (per epoch, linear over
+  ``teacher_temp_epochs`` from ``teacher_temp_start`` to ``teacher_temp_end``: the reference
+  DECREASES 0.07 -> 0.04; swap the two for DINO's rising default) schedules, and the last layer
+  frozen during the first ``freeze_last_layer_epochs`` epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lafs_fast.config import Config
+from lafs_fast.models import DINOHead, FViT, build_backbone
+from lafs_fast.models.checkpoints import model_file
+from lafs_fast.train.engine import Plan, Stage, StepContext, cosine_schedule, linear_then_constant, param_groups
+from lafs_fast.views import LafsViews
+
+__all__ = ["MultiCrop", "DINOLoss", "ema_update", "DinoStage", "build_dino_models"]
+
+
+class MultiCrop(nn.Module):
+    """``backbone`` + ``head``: crops [(n_i, N_i, 3*P*P), ...] -> head outputs (sum n_i, out_dim).
+
+    State dict: ``backbone.*`` (the fViT, reference names) and ``head.*`` (DINO head), the layout of
+    the reference's SSL checkpoint without ``module.``.
+    """
+
+    def __init__(self, backbone: FViT, head: DINOHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        feats = torch.cat([self.backbone(c) for c in crops])
+        return self.head(feats)
+
+
+class DINOLoss(nn.Module):
+    """The LAFS / DINO multi-view loss with centering.
+
+    forward(student_out (V*B, K), teacher_out (G*B, K), teacher_temp) -> loss () fp32; both inputs
+    view-major (view v occupies rows v*B .. v*B + B - 1; teacher views are the student's first G).
+    The centre is updated from ``teacher_out`` after the loss is computed (DINO's order).
+    """
+
+    def __init__(self, out_dim: int, n_views: int, n_global: int = 2, student_temp: float = 0.1,
+                 center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.n_views, self.n_global = n_views, n_global
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        v, g = self.n_views, self.n_global
+        logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).view(v, -1, student_out.shape[-1])
+        q = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().view(g, -1, teacher_out.shape[-1])
+        b = q.shape[1]
+        # cross[i, j] = mean_b sum_k -q_i log p_j: every (teacher view, student view) pair at once
+        cross = -torch.einsum("gbk,vbk->gv", q, logp) / b
+        mask = torch.ones(g, v, dtype=torch.bool, device=cross.device)
+        mask[torch.arange(g), torch.arange(g)] = False  # v != q: a view never predicts itself
+        loss = cross[mask].sum() / mask.sum()
+        self.update_center(teacher_out)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        """c <- m c + (1 - m) * mean of the teacher outputs over every rank's batch."""
+        batch_center = teacher_out.float().sum(dim=0, keepdim=True)
+        n = torch.tensor(float(teacher_out.shape[0]), device=teacher_out.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(batch_center)
+            dist.all_reduce(n)
+        batch_center = batch_center / n
+        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    t = [p for p in teacher.parameters()]
+    s = [p.detach() for p in student.parameters()]
+    if len(t) != len(s):
+        raise ValueError("teacher and student have different parameter lists")
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+
+def build_dino_models(cfg: Config) -> tuple[MultiCrop, MultiCrop]:
+    """(student, teacher): fViT + DINO head each; the teacher starts as a copy of the student and
+    is never trained by the optimiser."""
+    d = cfg.dino
+    student = MultiCrop(build_backbone(cfg.model), DINOHead(cfg.model.dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.norm_last_layer))
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher
+
+
+class DinoStage(Stage):
+    """LAFS pre-training as an engine stage. ``model`` is the student; the teacher, the loss centre
+    and the view maker live here.
+
+    batch: (images (B, H, W, 3) uint8, labels (B,) ignored).
+    """
+
+    name = "pretrain"
+
+    def __init__(self, cfg: Config, device: torch.device, views: LafsViews | None = None,
+                 student: MultiCrop | None = None, teacher: MultiCrop | None = None) -> None:
+        self.cfg = cfg
+        if student is None:
+            student, teacher = build_dino_models(cfg)
+        elif teacher is None:
+            teacher = copy.deepcopy(student).requires_grad_(False)
+        self.model = student.to(device)
+        self.teacher = teacher.to(device)
+        self.teacher.train(cfg.dino.teacher_mode == "train")
+        tok_dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.precision != "fp32" else torch.float32
+        self.views = (views or LafsViews(cfg.views, cfg.model, out_dtype=tok_dtype)).to(device)
+        n_views = cfg.views.n_global + cfg.views.n_local
+        self.loss_fn = DINOLoss(cfg.dino.out_dim, n_views, cfg.views.n_global, cfg.dino.student_temp, cfg.dino.center_momentum).to(device)
+
+    # -- schedules and optimiser
+
+    def schedules(self, plan: Plan) -> dict[str, np.ndarray]:
+        d = self.cfg.dino
+        return {
+            "teacher_momentum": cosine_schedule(d.teacher_momentum, 1.0, plan.epochs, plan.steps_per_epoch),
+            "teacher_temp": linear_then_constant(d.teacher_temp_start, d.teacher_temp_end, d.teacher_temp_epochs, plan.epochs, plan.steps_per_epoch),
+        }
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return param_groups(model)
+
+    # -- one micro-batch
+
+    def forward_loss(self, model: nn.Module, batch: Any, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch[0]
+        vb = self.views(images, ctx.seed)
+        with torch.no_grad():
+            teacher_out = self.teacher([vb.global_tokens])
+        student_out = model(vb.crops())
+        loss = self.loss_fn(student_out, teacher_out, ctx.values["teacher_temp"])
+        return loss, {}
+
+    def before_optimizer_step(self, model: nn.Module, ctx: StepContext) -> None:
+        if ctx.epoch < self.cfg.dino.freeze_last_layer_epochs:
+            for name, p in self.model.named_parameters():
+                if "last_layer" in name:
+                    p.grad = None  # DINO's cancel_gradients_last_layer: AdamW skips it entirely
+
+    def after_optimizer_step(self, model: nn.Module, ctx: StepContext) -> None:
+        ema_update(self.teacher, self.model, ctx.values["teacher_momentum"])
+
+    # -- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher": self.teacher.state_dict(), "center": self.loss_fn.center.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.teacher.load_state_dict(state["teacher"])
+        self.loss_fn.center.copy_(state["center"])
+
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.model.backbone, self.teacher.backbone]
+
+    def export(self) -> dict[str, Any]:
+        """The teacher (backbone + DINO head) as a lafs-fast model file: what fine-tuning reads."""
+        return model_file(self.cfg.model, self.teacher.backbone, dino_head=self.teacher.head, source="lafs-fast pretrain (teacher)")
+
+    def finite_tensors(self) -> list[torch.Tensor]:
+        return list(self.model.parameters()) + list(self.teacher.parameters()) + [self.loss_fn.center]

@@ -1,0 +1,264 @@
+"""`lafs-fast pretrain`: stage 1, LAFS self-supervised pre-training (LAFS_SPEC.md section 3).
+
+With no arguments: the built-in synthetic faces and the ``small`` preset, a few minutes on two CPU
+cores, then a k-NN / verification check on held-out synthetic identities, printed before and after
+pre-training. With ``--data PATH`` the preset defaults to ``reference``.
+
+Outputs in ``--out`` (rank 0): ``ckpt-<step>.pt`` training checkpoints (resume with ``--resume``;
+each also holds the teacher as a model file under ``model_file``), ``metrics.jsonl``, and at the
+end ``teacher.pt``, a lafs-fast model file of the teacher backbone + DINO head (the input of
+``lafs-fast finetune``; ``lafs-fast checkpoint export`` turns it into the reference's SSL layout).
+
+Processes: ``--gpus N`` starts N processes (torch's elastic launcher; NCCL on GPUs, gloo with
+``--device cpu``); under ``torchrun`` it joins the existing group. Global batch = per-process batch
+x processes x accumulation; the lr is ``optim.lr * global_batch / 256``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lafs_fast.config import Config, add_config_arguments, apply_overrides, config_from_dict, config_to_dict, load_config
+from lafs_fast.io import atomic_save, check_writable_dir
+from lafs_fast.launch import RankFailed, init_distributed, launch, shutdown, under_torchrun
+
+__all__ = ["add_arguments", "run", "resolve_config", "train_worker", "knn_check", "embed", "param_digest"]
+
+EVAL_SEED = 7_000_001  # held-out synthetic identities: a different seed draws different faces
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.set_defaults(preset=None)  # small for the built-in data, reference with --data
+    parser.add_argument("--data", help="a .rec, a folder holding train.rec, an image folder, or synthetic[:IDSxIMGS] (default: built-in synthetic faces)")
+    parser.add_argument("--out", help="output folder (default: train.out_dir)")
+    parser.add_argument("--gpus", type=int, help="processes to start on this machine (train.gpus)")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="train.device")
+    parser.add_argument("--landmarks", help="'grid' (default), a stage-0 / reference Part fViT checkpoint, or 'detector'")
+    parser.add_argument("--views", choices=["lafs", "dino"], help="landmark views (default) or the DINO-face image-grid baseline")
+    parser.add_argument("--epochs", type=int, help="optim.epochs")
+    parser.add_argument("--batch-size", type=int, help="per-process batch (optim.batch_size)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (train.max_steps)")
+    parser.add_argument("--seed", type=int, help="train.seed")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the fViT")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint (no value: the latest in --out)")
+    parser.add_argument("--knn", dest="knn", action="store_true", default=None, help="k-NN / verification check on held-out synthetic identities before and after (default: on for synthetic data)")
+    parser.add_argument("--no-knn", dest="knn", action="store_false")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Preset (small without --data, else reference) <- --config <- key=value <- the flags."""
+    preset = args.preset or ("small" if not args.data or str(args.data).startswith("synthetic") else "reference")
+    flags: dict[str, Any] = {}
+    for flag, key in (("data", "data.path"), ("out", "train.out_dir"), ("gpus", "train.gpus"), ("device", "train.device"),
+                      ("landmarks", "views.landmarks"), ("views", "views.mode"), ("epochs", "optim.epochs"),
+                      ("batch_size", "optim.batch_size"), ("max_steps", "train.max_steps"), ("seed", "train.seed"),
+                      ("compile", "train.compile")):
+        val = getattr(args, flag, None)
+        if val is not None:
+            flags[key] = val
+    cfg = load_config(preset, args.config, list(args.overrides or []))
+    return _validated(apply_overrides(cfg, flags)) if flags else cfg
+
+
+def _validated(cfg: Config) -> Config:
+    return config_from_dict(config_to_dict(cfg))
+
+
+def _data_source(cfg: Config) -> str:
+    d = cfg.data
+    return d.path or f"synthetic:{d.synthetic_identities}x{d.synthetic_images_per_identity}"
+
+
+def preflight(cfg: Config, resume: str | None) -> None:
+    """Every check that needs no work: output folder writable, data and landmark paths readable."""
+    from lafs_fast.data.loaders import open_source
+
+    check_writable_dir(cfg.train.out_dir)
+    open_source(_data_source(cfg))  # FileNotFoundError / ValueError naming the path
+    lm = cfg.views.landmarks
+    if cfg.views.mode == "lafs" and lm not in ("grid", "detector") and not Path(lm).is_file():
+        raise FileNotFoundError(f"landmark checkpoint {lm} does not exist; pass a stage-0 / Part fViT checkpoint or --landmarks grid")
+    if cfg.views.mode == "lafs" and lm == "detector":
+        raise ValueError("--landmarks detector is not available yet: use --landmarks grid or a stage-0 checkpoint path")
+    if resume not in (None, "auto") and not Path(resume).is_file():
+        raise FileNotFoundError(f"checkpoint {resume} does not exist; pass a ckpt-*.pt of a previous run, or --resume alone for the latest in --out")
+    if cfg.train.gpus > 1 and cfg.train.device == "cuda" and torch.cuda.device_count() < cfg.train.gpus:
+        raise ValueError(f"--gpus {cfg.train.gpus} but only {torch.cuda.device_count()} GPU(s) are visible")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)
+    preflight(cfg, args.resume)
+    knn = args.knn if args.knn is not None else not cfg.data.path or cfg.data.path.startswith("synthetic")
+    device = cfg.train.device
+    if device == "auto" and not torch.cuda.is_available():
+        device = "cpu"
+    nprocs = 1 if under_torchrun() else cfg.train.gpus
+    if nprocs > 1 and device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() < nprocs:
+        raise ValueError(f"--gpus {nprocs} but only {torch.cuda.device_count()} GPU(s) are visible; use --device cpu for CPU processes")
+    opts = {"resume": args.resume, "knn": knn, "progress": not args.no_progress}
+    from lafs_fast.train.engine import NonFiniteLoss
+
+    try:
+        results = launch(train_worker, (config_to_dict(cfg), opts), nprocs)
+    except NonFiniteLoss as exc:
+        print(f"lafs-fast pretrain: stopped: {exc}", file=sys.stderr)
+        return 1
+    except RankFailed as exc:
+        print(f"lafs-fast pretrain: error: {exc}", file=sys.stderr)
+        return 1
+    digests = {r["digest"] for r in results.values()}
+    if len(results) > 1:
+        for rank in sorted(results):
+            print(f"[pretrain] rank {rank}: {results[rank]['steps']} steps, parameters sha256 {results[rank]['digest'][:16]}")
+        if len(digests) != 1:
+            print("lafs-fast pretrain: error: the ranks ended with different parameters", file=sys.stderr)
+            return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the worker (one per process)
+
+
+def param_digest(module: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes, in order (equal across ranks after DDP steps)."""
+    h = hashlib.sha256()
+    for p in module.parameters():
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
+    """One process of the job: data, views, DINO, the engine; rank 0 writes. Returns a summary
+    (steps, parameter digest, k-NN figures on rank 0)."""
+    from lafs_fast.data import make_loader
+    from lafs_fast.train.dino import DinoStage
+    from lafs_fast.train.engine import Engine, barrier
+
+    cfg = config_from_dict(cfg_dict)
+    info = init_distributed(cfg.train.device)
+    try:
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        loader = make_loader(_data_source(cfg), cfg.optim.batch_size, rank=info.rank, world_size=info.world_size, shuffle=True,
+                             seed=cfg.train.seed, device=info.device, drop_last=True, backend=cfg.data.loader,
+                             num_workers=cfg.data.workers, color_order=cfg.data.color_order.upper())
+        stage = DinoStage(cfg, info.device)
+        torch.manual_seed(cfg.train.seed + 1_000 * info.rank)  # dropout / drop-path streams differ per rank
+        out = Path(cfg.train.out_dir)
+        say = print if info.is_main else (lambda *a, **k: None)
+        say(f"[pretrain] {info.world_size} process(es) on {info.device.type}; data: {loader.backend}")
+        say(f"[pretrain] views: {cfg.views.mode}, landmarks: {cfg.views.landmarks if cfg.views.mode == 'lafs' else 'none (image grid)'}; "
+            f"model dim {cfg.model.dim} depth {cfg.model.depth}, {sum(p.numel() for p in stage.model.backbone.parameters()) / 1e6:.2f} M backbone params")
+        before = None
+        if opts.get("knn") and info.is_main and not opts.get("resume"):
+            before = knn_check(stage.teacher.backbone, stage.views, info.device)
+            say(f"[pretrain] held-out check before: {format_check(before)}")
+        barrier(info)
+        engine = Engine(cfg, stage, loader, info, out, resume=opts.get("resume"), progress=opts.get("progress", True))
+        say(f"[pretrain] {engine.plan.total_steps} steps ({engine.plan.epochs} epochs x {engine.plan.steps_per_epoch}), global batch "
+            f"{engine.plan.global_batch}, peak lr {engine.schedules['lr'].max():.2e}, precision {engine.precision}, compile {cfg.train.compile}")
+        result = engine.fit()
+        summary: dict[str, Any] = {"rank": info.rank, "steps": result.steps, "digest": param_digest(stage.model),
+                                   "seconds": result.seconds, "last_checkpoint": str(result.last_checkpoint)}
+        if info.is_main:
+            atomic_save(stage.export(), out / "teacher.pt")
+            say(f"[pretrain] {result.steps} steps in {result.seconds:.1f} s; teacher model file: {out / 'teacher.pt'}")
+            if opts.get("knn"):
+                after = knn_check(stage.teacher.backbone, stage.views, info.device)
+                if before is not None:
+                    say(f"[pretrain] held-out check before: {format_check(before)}")
+                say(f"[pretrain] held-out check after:  {format_check(after)}")
+                summary.update(knn_before=before, knn_after=after)
+        barrier(info)
+        return summary
+    finally:
+        shutdown()
+
+
+# --------------------------------------------------------------------------------------------------
+# held-out check
+
+
+@torch.no_grad()
+def embed(backbone: torch.nn.Module, views: Any, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """L2-normalised embeddings (N, dim) fp32 of faces (N, H, W, 3) uint8 (+ their flips, summed)."""
+    was = backbone.training
+    backbone.eval()
+    out = []
+    try:
+        for i in range(0, images.shape[0], batch):
+            x = images[i:i + batch]
+            e = backbone(views.eval_tokens(x)).float() + backbone(views.eval_tokens(x.flip(2))).float()
+            out.append(F.normalize(e, dim=-1))
+    finally:
+        backbone.train(was)
+    return torch.cat(out)
+
+
+def knn_check(backbone: torch.nn.Module, views: Any, device: torch.device, identities: int = 40, per_identity: int = 5,
+              seed: int = EVAL_SEED) -> dict[str, float]:
+    """Held-out synthetic identities (never seen in training): leave-one-out 1-NN identification
+    accuracy (cosine) and verification accuracy on balanced pairs (every genuine pair, as many
+    impostor pairs drawn at random, best threshold), both in %."""
+    from lafs_fast.data import SyntheticFaces
+
+    ds = SyntheticFaces(identities, per_identity, seed=seed)
+    images, labels = ds.batch(range(len(ds)), device)
+    emb = embed(backbone, views, images)
+    sim = emb @ emb.T
+    sim.fill_diagonal_(-math.inf)
+    nn_idx = sim.argmax(dim=1)
+    top1 = (labels[nn_idx] == labels).float().mean().item() * 100
+    sim.fill_diagonal_(1.0)
+    same = labels[:, None] == labels[None, :]
+    iu = torch.triu_indices(len(ds), len(ds), offset=1, device=device)
+    s, y = sim[iu[0], iu[1]].cpu().numpy(), same[iu[0], iu[1]].cpu().numpy()
+    rng = np.random.default_rng(seed)
+    neg = rng.choice(np.flatnonzero(~y), size=int(y.sum()), replace=False)
+    s, y = np.concatenate((s[y], s[neg])), np.concatenate((np.ones(int(y.sum()), bool), np.zeros(len(neg), bool)))
+    order = np.argsort(-s)
+    # accuracy at every threshold between consecutive sorted scores: TP so far + TN remaining
+    tp = np.concatenate(([0], np.cumsum(y[order])))
+    fp = np.concatenate(([0], np.cumsum(~y[order])))
+    acc = (tp + (len(neg) - fp)) / len(y)
+    return {"knn_top1": round(top1, 2), "verification": round(float(acc.max()) * 100, 2)}
+
+
+def format_check(r: dict[str, float]) -> str:
+    return f"1-NN top-1 {r['knn_top1']:.1f}%, verification {r['verification']:.1f}% (held-out synthetic identities)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lafs_fast.train.pretrain ...`` (what ``torchrun`` runs): ``lafs-fast pretrain``."""
+    from lafs_fast.cli import USER_ERRORS
+
+    parser = argparse.ArgumentParser(prog="lafs-fast pretrain", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(run(args) or 0)
+    except USER_ERRORS as exc:
+        print(f"lafs-fast pretrain: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

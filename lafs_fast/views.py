@@ -1,0 +1,218 @@
+"""LAFS landmark multi-crop views (LAFS_SPEC.md section 3), and the DINO-face image-grid baseline.
+
+Per source face, ``n_global`` dense + ``n_local`` sparse views, all made on the batch's device:
+
+1. ``lafs_fast.augment.augment_views`` renders each view twice with one geometry
+   (RandomResizedCrop + flip): a CLEAN copy and an AUGMENTED copy (jitter, grayscale, blur,
+   solarize), (B, V, 3, S, S) in [-1, 1];
+2. landmarks per view (:class:`Landmarks`): the frozen landmark CNN (eval mode) on the clean copy,
+   or the regular 14 x 14 grid of patch centres (``grid``, no network);
+3. ``lafs_fast.sampling.sample_patches`` cuts 8 x 8 patches from the augmented copy with the
+   perturbation N(0, sigma^2) px on every coordinate of every view; dense views take all 196
+   landmarks in their canonical order, sparse views ``local_tokens`` indices drawn uniformly WITH
+   replacement (the shuffle: token j carries landmark idx_j and position embedding j + 1).
+
+Tokens come out view-major: ``global_tokens`` (G * B, 196, 192) holds view 0 of every image, then
+view 1; ``local_tokens`` (L * B, 36, 192) likewise, so ``chunk(G)`` / ``chunk(L)`` splits the views.
+
+``mode="dino"``: no landmarks; global crops at 112 px and local crops at ``local_size`` px become
+regular grids of 8 x 8 patches (``lafs_fast.models.image_grid_tokens``): 196 and 36 tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from lafs_fast.augment import augment_views
+from lafs_fast.config import ModelConfig, ViewsConfig
+from lafs_fast.kernels.views import ViewSpec
+from lafs_fast.models import LandmarkCNN, image_grid_tokens
+from lafs_fast.sampling import sample_patches
+
+__all__ = ["ViewBatch", "Landmarks", "LafsViews", "grid_landmarks", "view_specs", "load_landmark_cnn"]
+
+
+def grid_landmarks(image_size: int = 112, patch_size: int = 8, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(G*G, 2) fp32 px: the regular grid of patch centres, row-major (landmark i = row i // G,
+    column i % G), G = image_size // patch_size.
+
+    A landmark at ``P*c + P/2 + 0.5`` makes the sampler (which reads pixel-centre coordinate
+    ``x + o - 0.5`` for offsets o in -P/2..P/2-1) read exactly pixels ``P*c .. P*c + P - 1``: no
+    interpolation, the image's own P x P blocks.
+    """
+    g = image_size // patch_size
+    centres = torch.arange(g, dtype=torch.float32, device=device) * patch_size + patch_size / 2 + 0.5
+    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack((xx.flatten(), yy.flatten()), dim=1)
+
+
+def load_landmark_cnn(path: str) -> LandmarkCNN:
+    """The landmark CNN of a stage-0 / reference Part fViT checkpoint (or a lafs-fast model file),
+    frozen, in eval mode."""
+    from lafs_fast.models.checkpoints import load_model
+
+    model = load_model(path)
+    cnn = getattr(model, "landmark_cnn", None)
+    if cnn is None:
+        raise ValueError(f"{path} holds no landmark CNN (a bare backbone); pass a stage-0 / Part fViT checkpoint or --landmarks grid")
+    cnn.eval()
+    for p in cnn.parameters():
+        p.requires_grad_(False)
+    return cnn
+
+
+class Landmarks(nn.Module):
+    """Where the tokens of a view come from: ``grid`` or a frozen landmark CNN.
+
+    forward(clean (N, 3, S, S) in [-1, 1]) -> coords (N, K, 2) fp32 px.
+    """
+
+    def __init__(self, source: str, model: ModelConfig) -> None:
+        super().__init__()
+        self.source = source
+        self.image_size, self.patch_size = model.image_size, model.patch_size
+        self.cnn: LandmarkCNN | None = None
+        if source == "grid":
+            g = model.image_size // model.patch_size
+            if g * g != model.num_patches:
+                raise ValueError(f"--landmarks grid gives {g * g} tokens but model.num_patches is {model.num_patches}")
+        elif source == "detector":
+            raise ValueError("--landmarks detector is not available yet: use --landmarks grid or a stage-0 checkpoint path")
+        else:
+            self.cnn = load_landmark_cnn(source)
+            if self.cnn.num_points != model.num_patches:
+                raise ValueError(f"{source} predicts {self.cnn.num_points} landmarks but model.num_patches is {model.num_patches}")
+        self.register_buffer("grid", grid_landmarks(model.image_size, model.patch_size), persistent=False)
+
+    def train(self, mode: bool = True) -> "Landmarks":
+        super().train(mode)
+        if self.cnn is not None:
+            self.cnn.eval()  # frozen in eval mode whatever the caller does (spec: stage 1)
+        return self
+
+    @torch.no_grad()
+    def forward(self, clean: torch.Tensor) -> torch.Tensor:
+        if self.cnn is None:
+            return self.grid.unsqueeze(0).expand(clean.shape[0], -1, -1)
+        return self.cnn(clean.float()).float()
+
+
+@dataclass
+class ViewBatch:
+    """One batch of views, view-major.
+
+    global_tokens: (G * B, Ng, 3*P*P); local_tokens: (L * B, Nl, 3*P*P) or None when L = 0.
+    global_coords / local_coords: the landmark coordinates sampled (after perturbation and the
+    index draw), (G*B, Ng, 2) / (L*B, Nl, 2) px, or None in dino mode.
+    """
+
+    global_tokens: torch.Tensor
+    local_tokens: torch.Tensor | None
+    n_global: int
+    n_local: int
+    batch: int
+    global_coords: torch.Tensor | None = None
+    local_coords: torch.Tensor | None = None
+    local_indices: torch.Tensor | None = None
+
+    def crops(self) -> list[torch.Tensor]:
+        """The student's input: one tensor per token length (globals first)."""
+        return [self.global_tokens] + ([self.local_tokens] if self.local_tokens is not None else [])
+
+
+def view_specs(v: ViewsConfig) -> tuple[list[ViewSpec], list[ViewSpec]]:
+    """The global and local ViewSpecs of a ViewsConfig (blur / solarize per view as in the spec)."""
+    base = dict(flip_p=v.flip_p, jitter_p=v.jitter_p, brightness=v.brightness, contrast=v.contrast,
+                saturation=v.saturation, hue=v.hue, gray_p=v.grayscale_p,
+                blur_radius=(v.blur_radius_min, v.blur_radius_max), solarize_threshold=float(v.solarize_threshold))
+    scale = (v.crop_scale_min, v.crop_scale_max)
+    glob = [ViewSpec(scale=scale, blur_p=v.blur_p_global1, **base),
+            ViewSpec(scale=scale, blur_p=v.blur_p_global2, solarize_p=v.solarize_p_global2, **base)]
+    glob = [glob[i % 2] for i in range(v.n_global)]
+    local_scale = scale if v.mode == "lafs" else (v.local_scale_min, v.local_scale_max)
+    local = [ViewSpec(scale=local_scale, blur_p=v.blur_p_local, **base)] * v.n_local
+    return glob, local
+
+
+def _seed(seed: int, k: int) -> int:
+    return (int(seed) * 1_000_003 + 7919 * k) % (2**62)
+
+
+class LafsViews(nn.Module):
+    """uint8 faces (B, H, W, 3) -> :class:`ViewBatch` (module so the landmark CNN moves with ``.to``).
+
+    Args:
+        views: ViewsConfig (mode, landmarks, counts, token counts, augmentation).
+        model: ModelConfig (image size, patch size, num_patches).
+        out_dtype: token dtype (bf16 on CUDA for the fast path, fp32 on the CPU).
+        sampler_backend / view_backend: "auto" | "torch" | "triton".
+    """
+
+    def __init__(self, views: ViewsConfig, model: ModelConfig, out_dtype: torch.dtype = torch.float32,
+                 sampler_backend: str = "auto", view_backend: str = "auto") -> None:
+        super().__init__()
+        self.cfg, self.mcfg = views, model
+        self.out_dtype = out_dtype
+        self.sampler_backend, self.view_backend = sampler_backend, view_backend
+        self.global_specs, self.local_specs = view_specs(views)
+        self.landmarks = Landmarks(views.landmarks, model) if views.mode == "lafs" else None
+        if views.mode == "lafs" and views.global_tokens != model.num_patches:
+            raise ValueError(f"views.global_tokens={views.global_tokens}: dense views take all {model.num_patches} landmarks in order")
+        if views.mode == "dino":
+            if model.image_size % model.patch_size or views.local_size % model.patch_size:
+                raise ValueError(f"--views dino needs crop sizes ({model.image_size}, {views.local_size}) that are multiples of the patch size {model.patch_size}")
+            if (views.local_size // model.patch_size) ** 2 > model.num_patches:
+                raise ValueError(f"views.local_size {views.local_size} gives more tokens than model.num_patches")
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, seed: int) -> ViewBatch:
+        if self.cfg.mode == "dino":
+            return self._dino(images, seed)
+        v = self.cfg
+        b, s = images.shape[0], self.mcfg.image_size
+        specs = self.global_specs + self.local_specs
+        av = augment_views(images, specs, seed=_seed(seed, 0), out_size=s, interpolation=v.interpolation,
+                           out_dtype=torch.float32, backend=self.view_backend)
+        # view-major: (V, B, 3, S, S) -> (V*B, 3, S, S); chunk(V) then splits views
+        clean = av.clean.transpose(0, 1).reshape(-1, 3, s, s)
+        aug = av.augmented.transpose(0, 1).reshape(-1, 3, s, s)
+        coords = self.landmarks(clean)
+        g = v.n_global * b
+        p = self.mcfg.patch_size
+        gt, _, g_noise = sample_patches(aug[:g], coords[:g], p, out_dtype=self.out_dtype, backend=self.sampler_backend,
+                                        sigma=v.perturb_sigma, seed=_seed(seed, 1), return_draws=True, check_finite=False)
+        g_coords = coords[:g] + (g_noise if g_noise is not None else 0)
+        lt = l_coords = l_idx = None
+        if v.n_local > 0:
+            lt, l_idx, l_noise = sample_patches(aug[g:], coords[g:], p, out_dtype=self.out_dtype, backend=self.sampler_backend,
+                                                num_tokens=v.local_tokens, sigma=v.perturb_sigma, seed=_seed(seed, 2),
+                                                return_draws=True, check_finite=False)
+            l_coords = torch.gather(coords[g:], 1, l_idx[..., None].expand(-1, -1, 2)) + (l_noise if l_noise is not None else 0)
+        return ViewBatch(gt, lt, v.n_global, v.n_local, b, g_coords, l_coords, l_idx)
+
+    def _dino(self, images: torch.Tensor, seed: int) -> ViewBatch:
+        v, p, s = self.cfg, self.mcfg.patch_size, self.mcfg.image_size
+        b = images.shape[0]
+        glob = augment_views(images, self.global_specs, seed=_seed(seed, 0), out_size=s, interpolation=v.interpolation,
+                             backend=self.view_backend).augmented
+        gt = image_grid_tokens(glob.transpose(0, 1).reshape(-1, 3, s, s), p).to(self.out_dtype)
+        lt = None
+        if v.n_local > 0:
+            ls = v.local_size
+            loc = augment_views(images, self.local_specs, seed=_seed(seed, 3), out_size=ls, interpolation=v.interpolation,
+                                backend=self.view_backend).augmented
+            lt = image_grid_tokens(loc.transpose(0, 1).reshape(-1, 3, ls, ls), p).to(self.out_dtype)
+        return ViewBatch(gt, lt, v.n_global, v.n_local, b)
+
+    @torch.no_grad()
+    def eval_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens of whole, un-augmented faces (B, H, W, 3) uint8 for embedding at test time:
+        all landmarks in order, no perturbation (lafs), or the regular grid (dino)."""
+        x = images.permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0
+        if self.cfg.mode == "dino":
+            return image_grid_tokens(x, self.mcfg.patch_size).to(self.out_dtype)
+        coords = self.landmarks(x)
+        return sample_patches(x, coords, self.mcfg.patch_size, out_dtype=self.out_dtype, backend=self.sampler_backend, check_finite=False)
