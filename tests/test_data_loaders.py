@@ -164,12 +164,29 @@ def test_bad_list_from_verify_is_skipped(tmp_path: Path) -> None:
     assert len(ims) == IDS * PER - 2 and ld.corrupt == []
 
 
-def test_bgr_source_is_flipped_to_rgb(tmp_path: Path, png_rec: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bgr_source_is_flipped_to_rgb(tmp_path: Path, png_rec: Path, backend: str) -> None:
     bgr = _make_rec(tmp_path / "bgr", "PNG", meta={"color_order": "BGR"})
-    a, _ = _epoch(make_loader(png_rec, 8, shuffle=False, drop_last=False, backend="pil", num_workers=0))
-    b, _ = _epoch(make_loader(bgr, 8, shuffle=False, drop_last=False, backend="pil", num_workers=0))
+    a, _ = _epoch(make_loader(png_rec, 8, shuffle=False, drop_last=False, backend=backend, num_workers=0))
+    b, _ = _epoch(make_loader(bgr, 8, shuffle=False, drop_last=False, backend=backend, num_workers=0))
     assert torch.equal(a, b.flip(-1))
-    assert "BGR" in make_loader(bgr, 8, backend="pil", num_workers=0).backend
+    assert "BGR" in make_loader(bgr, 8, backend=backend, num_workers=0).backend
+    assert "RGB" in make_loader(bgr, 8, backend=backend, num_workers=0, color_order="RGB").backend
+
+
+@needs_dali
+def test_dali_mxnet_reader_shards_first_epoch(jpeg_rec: Path) -> None:
+    """fn.readers.mxnet with shard_id/num_shards: in the first epoch the 3 ranks together read
+    every image record once (pixels matched against the ordered PIL pass)."""
+    ref, _ = _epoch(make_loader(jpeg_rec, 30, shuffle=False, drop_last=False, backend="pil", num_workers=0))
+    seen = []
+    for rank in range(3):
+        ld = make_loader(jpeg_rec, 5, rank=rank, world_size=3, seed=4, backend="dali-mxnet")
+        assert len(ld) == 2
+        ims, _ = _epoch(ld)
+        for im in ims:
+            seen += [i for i in range(len(ref)) if (ref[i].int() - im.int()).abs().max() <= 6]
+    assert sorted(seen) == list(range(IDS * PER))
 
 
 def test_resize_when_source_differs(tmp_path: Path) -> None:
