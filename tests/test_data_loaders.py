@@ -255,3 +255,13 @@ def test_pil_workers_persist_across_epochs_and_breaks(jpeg_rec: Path) -> None:
         assert torch.equal(a, b) and torch.equal(la, lb)
     again = list(ld)  # iterating past the end moves on to epoch 2
     assert ld.epoch == 2 and len(again) == 7
+
+
+def test_colour_order_by_dataset_name(tmp_path: Path) -> None:
+    from lafs_fast.data.loaders import RecSource
+
+    for name, order in (("ms1mv3", "BGR"), ("faces_emore", "BGR"), ("webface4m", "RGB"), ("mine", "RGB")):
+        folder = tmp_path / name
+        write_identity_dataset(folder, [[b"x"]], height=112, width=112)
+        (folder / "lafs_fast.json").unlink()  # as downloaded: no sidecar, the name decides
+        assert RecSource(folder).color_order() == order, name

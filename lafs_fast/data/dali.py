@@ -15,8 +15,8 @@ Readers:
 - ``mxnet`` (:class:`DaliMxnetLoader`): DALI's own ``fn.readers.mxnet``, sharded by rank
   (``shard_id``/``num_shards``, shards rotate every epoch) and shuffled with ``random_shuffle``.
   DALI's RecordIO reader shuffles through a buffer of ``initial_fill`` records only
-  (``shuffle_after_epoch`` permutes whole files, and a rec is one file), and that buffer carries a
-  few records across epoch boundaries; resume uses DALI's own checkpoints. It reads an index of the
+  (``shuffle_after_epoch`` permutes whole files, and a rec is one file: seen with DALI 2.4.0, every
+  epoch then comes in file order), and that buffer carries a few records across epoch boundaries; resume uses DALI's own checkpoints. It reads an index of the
   image records only (the header and identity records hold no image), written to a temporary
   folder, without the keys listed in ``<rec>.bad``; a corrupt image not listed there stops it with
   the fix (``lafs-fast data verify REC --write-bad``).

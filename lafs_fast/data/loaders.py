@@ -43,7 +43,12 @@ from lafs_fast.data.synthetic import SyntheticFaces, parse_spec
 
 log = logging.getLogger("lafs_fast.data")
 
-BGR_DATASETS = ("ms1m", "faces_emore", "glint")  # InsightFace releases stored BGR (cv2 arrays encoded as RGB)
+# How the public InsightFace releases store channels (LAFS_SPEC section 6), matched against the rec's
+# path when the rec has no lafs_fast.json; pass color_order= to make_loader to override.
+DATASET_COLOR_ORDER = {
+    "ms1mv3": "BGR", "ms1m": "BGR", "faces_emore": "BGR",  # packed from cv2 arrays: BGR in the JPEGs
+    "webface42m": "RGB", "webface4m": "RGB", "webface": "RGB",
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,7 +89,8 @@ class RecSource:
         meta = read_meta(self.path)
         if "color_order" in meta:
             return meta["color_order"]
-        return "BGR" if any(n in str(self.path).lower() for n in BGR_DATASETS) else "RGB"
+        path = str(self.path).lower()
+        return next((order for name, order in DATASET_COLOR_ORDER.items() if name in path), "RGB")
 
 
 class FolderSource:
@@ -405,8 +411,8 @@ def make_loader(
 
     ``backend``: ``auto`` (DALI when it imports; else nvJPEG on CUDA, else PIL), or one of
     ``dali``, ``dali-mxnet`` (rec only), ``nvjpeg``, ``pil``. ``color_order``: how the source stores
-    channels, ``RGB`` / ``BGR`` / ``auto`` (our ``lafs_fast.json``, else BGR for the InsightFace
-    MS1M/Glint releases by name, else RGB); the output is always RGB. The choice and the reason are
+    channels, ``RGB`` / ``BGR`` / ``auto`` (our ``lafs_fast.json``, else :data:`DATASET_COLOR_ORDER` by
+    the path: MS1M BGR, WebFace RGB; else RGB); the output is always RGB. The choice and the reason are
     in ``loader.backend`` and logged.
     """
     if backend not in BACKENDS:
