@@ -126,5 +126,5 @@ def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1) -> dict[in
         if isinstance(f.message, dict):
             msg = str(f.message.get("message", ""))
         detail = msg.strip().splitlines()[-1] if msg.strip() else ""
-        raise RankFailed(f"rank {f.rank} of {nprocs} failed with {why}" + (f": {detail}" if detail else "")
+        raise RankFailed(f"rank {first} of {nprocs} failed with {why}" + (f": {detail}" if detail else "")
                          + "; the other ranks were stopped") from None
