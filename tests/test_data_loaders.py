@@ -265,3 +265,13 @@ def test_colour_order_by_dataset_name(tmp_path: Path) -> None:
         write_identity_dataset(folder, [[b"x"]], height=112, width=112)
         (folder / "lafs_fast.json").unlink()  # as downloaded: no sidecar, the name decides
         assert RecSource(folder).color_order() == order, name
+
+
+def test_resolve_loader_backend_says_why() -> None:
+    from lafs_fast.data import resolve_loader_backend
+
+    name, why = resolve_loader_backend("auto", "cpu")
+    assert name == ("dali" if HAS_DALI else "pil") and why
+    assert resolve_loader_backend("pil", "cpu") == ("pil", "requested")
+    with pytest.raises(ValueError, match="unknown data backend"):
+        resolve_loader_backend("opencv", "cpu")

@@ -5,8 +5,8 @@
 Heavy modules (DALI, face-alignment) load only when used.
 """
 
-from lafs_fast.data.loaders import Loader, make_loader
+from lafs_fast.data.loaders import Loader, make_loader, resolve_loader_backend
 from lafs_fast.data.recordio import RecordIOReader, RecordIOWriter
 from lafs_fast.data.synthetic import SyntheticFaces
 
-__all__ = ["Loader", "make_loader", "RecordIOReader", "RecordIOWriter", "SyntheticFaces"]
+__all__ = ["Loader", "make_loader", "resolve_loader_backend", "RecordIOReader", "RecordIOWriter", "SyntheticFaces"]

@@ -391,6 +391,22 @@ def open_source(source):
 BACKENDS = ("auto", "dali", "dali-mxnet", "nvjpeg", "pil", "synthetic")
 
 
+def resolve_loader_backend(backend: str = "auto", device: str | torch.device = "cpu") -> tuple[str, str]:
+    """``(backend, reason)`` that ``make_loader`` picks for a file source (a rec or an image folder)
+    on ``device``: DALI when it imports, else nvJPEG on CUDA, else PIL. (`lafs-fast info` shows it.)"""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown data backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend, "requested"
+    cuda = torch.device(device).type == "cuda"
+    missing = _dali_available()
+    if missing is None:
+        return "dali", f"DALI installed, decode {'mixed (nvJPEG)' if cuda else 'on the CPU'}"
+    if cuda:
+        return "nvjpeg", f"{missing}; CUDA device"
+    return "pil", f"{missing}; no CUDA device"
+
+
 def make_loader(
     source,
     batch_size: int,
@@ -425,23 +441,15 @@ def make_loader(
             raise ValueError(f"backend {backend!r} decodes files; the synthetic source is rendered (use backend='auto')")
         loader: Loader = SyntheticLoader(src, batch_size, reason="no files: procedural faces", **common)
     else:
-        if color_order == "auto":
+        color_order = color_order.upper()
+        if color_order == "AUTO":
             color_order = src.color_order()
         if color_order not in ("RGB", "BGR"):
             raise ValueError(f"colour order must be RGB, BGR or auto, not {color_order!r}")
         if backend == "synthetic":
             raise ValueError(f"backend 'synthetic' renders faces; {source} is a {kind}")
         dali_missing = _dali_available()
-        cuda = device.type == "cuda"
-        if backend == "auto":
-            if dali_missing is None:
-                backend, reason = "dali", f"DALI installed, decode {'mixed (nvJPEG)' if cuda else 'on the CPU'}"
-            elif cuda:
-                backend, reason = "nvjpeg", f"{dali_missing}; CUDA device"
-            else:
-                backend, reason = "pil", f"{dali_missing}; no CUDA device"
-        else:
-            reason = "requested"
+        backend, reason = resolve_loader_backend(backend, device)
         if backend in ("dali", "dali-mxnet"):
             if dali_missing is not None:
                 raise ValueError(f"backend {backend!r} needs NVIDIA DALI ({dali_missing}); pip install nvidia-dali-cuda130 or use backend='pil'")
