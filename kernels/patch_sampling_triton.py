@@ -40,6 +40,10 @@ OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Tokens per program: a (BLOCK_T, BLOCK_E) tile; BLOCK_E covers 3 * P * P (192 -> 256 lanes).
 _BLOCK_T = 8
+# Under the interpreter (CPU tensors) each program costs ~20 ms of Python whatever its size, so
+# fewer, larger programs; the masking logic is the same for every block size.
+_BLOCK_T_INTERPRETER = 32
+_NUM_WARPS = 8  # 8 elements per thread (4 warps: 16, ~240 registers on sm_90)
 
 
 @triton.jit
@@ -228,8 +232,10 @@ def _image_strides(images: torch.Tensor) -> tuple[bool, int, int, int, int, int,
     return False, images.shape[2], images.shape[3], sb, sy, sx, sc
 
 
-def _launch_meta(patch_size: int) -> tuple[int, int]:
-    return _BLOCK_T, triton.next_power_of_2(3 * patch_size * patch_size)
+def _launch_meta(patch_size: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_E): tokens per program and lanes per token (3 * P * P rounded up to 2^k)."""
+    block_t = _BLOCK_T if device.type == "cuda" else _BLOCK_T_INTERPRETER
+    return block_t, triton.next_power_of_2(3 * patch_size * patch_size)
 
 
 def patch_sample_forward(
@@ -291,7 +297,7 @@ def patch_sample_forward(
     noise_t = noise if noise is not None else dummy
     s_xb, s_xl = indices.stride() if indices is not None else (0, 0)
     s_nb, s_nl, s_nd = noise.stride() if noise is not None else (0, 0, 0)
-    block_t, block_e = _launch_meta(patch_size)
+    block_t, block_e = _launch_meta(patch_size, images.device)
     grid = (triton.cdiv(n_tokens, block_t),)
     _patch_fwd_kernel[grid](
         images, coords, idx_t, noise_t, out,
@@ -301,7 +307,7 @@ def patch_sample_forward(
         coords.stride(0), coords.stride(1), coords.stride(2), s_xb, s_xl, s_nb, s_nl, s_nd,
         int(seed), float(sigma),
         P=patch_size, IS_U8=is_u8, IDX_MODE=idx_mode, NOISE_MODE=noise_mode,
-        BLOCK_T=block_t, BLOCK_E=block_e,
+        BLOCK_T=block_t, BLOCK_E=block_e, num_warps=_NUM_WARPS,
     )
     return out, (idx_out.long() if idx_out is not None else None), noise_out
 
@@ -326,7 +332,7 @@ def _patch_sample_backward(
     dummy = coords
     s_xb, s_xl = indices.stride() if indices is not None else (0, 0)
     s_nb, s_nl, s_nd = noise.stride() if noise is not None else (0, 0, 0)
-    block_t, block_e = _launch_meta(patch_size)
+    block_t, block_e = _launch_meta(patch_size, images.device)
     grid = (triton.cdiv(n_tokens, block_t),)
     _patch_bwd_kernel[grid](
         images, coords, indices if indices is not None else dummy, noise if noise is not None else dummy,
@@ -336,7 +342,7 @@ def _patch_sample_backward(
         coords.stride(0), coords.stride(1), coords.stride(2), s_xb, s_xl, s_nb, s_nl, s_nd,
         grad_tokens.stride(1), grad_tokens.stride(2),
         P=patch_size, IS_U8=is_u8, IDX_MODE=int(indices is not None), NOISE_MODE=int(noise is not None),
-        BLOCK_T=block_t, BLOCK_E=block_e,
+        BLOCK_T=block_t, BLOCK_E=block_e, num_warps=_NUM_WARPS,
     )
     return gpts
 

@@ -1,0 +1,133 @@
+"""Reference-style baselines the fast paths are measured against, written from LAFS_SPEC.md.
+
+Each function is self-contained (others may add baselines to this file):
+
+- ``reference_patch_loop``: the reference's patch sampler algorithm, one ``grid_sample`` call per
+  landmark in a Python loop (spec section 2), returning tokens in the reference layout.
+- ``torchvision_views_per_sample``: the LAFS view recipe with torchvision v2 transforms applied one
+  image and one view at a time (the only way torchvision draws per-sample parameters), producing
+  the clean and augmented copy of each view with shared geometry.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["reference_patch_loop", "torchvision_views_per_sample", "reference_lafs_tokens"]
+
+
+def reference_patch_loop(images: torch.Tensor, coords: torch.Tensor, patch_size: int = 8) -> torch.Tensor:
+    """One grid_sample per landmark, as the reference does.
+
+    Args:
+        images: (B, 3, H, W) float in the network's range, square.
+        coords: (B, L, 2) px (x, y).
+    Returns:
+        tokens: (B, L, 3 * P * P), element (a, b, c) of token i at ``(a * P + b) * 3 + c``.
+    """
+    b, c, h, _ = images.shape
+    half = patch_size / 2
+    r = torch.arange(-half, half, dtype=images.dtype, device=images.device)
+    ga, gb = torch.meshgrid(r, r, indexing="ij")
+    offsets = torch.stack((ga, gb), dim=-1)  # (P, P, 2): [a, b] = (a - P/2, b - P/2), a moves x
+    tokens = []
+    for i in range(coords.shape[1]):
+        grid = (offsets[None] + coords[:, i, None, None, :].to(images.dtype)) / (h * 0.5) - 1  # (B, P, P, 2)
+        patch = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        tokens.append(patch.permute(0, 2, 3, 1).reshape(b, -1))  # (B, P, P, C) -> (a, b, c)
+    return torch.stack(tokens, dim=1)
+
+
+def torchvision_views_per_sample(
+    images: torch.Tensor,
+    specs: list,
+    out_size: int = 112,
+    *,
+    bicubic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LAFS multi-crop with torchvision v2, one (image, view) at a time.
+
+    Args:
+        images: (B, H, W, 3) uint8 on any device.
+        specs: V objects with the fields of ``lafs_fast.kernels.views.ViewSpec``.
+        out_size: S.
+        bicubic: resample bicubically (the reference) instead of bilinearly.
+    Returns:
+        clean, augmented: (B, V, 3, S, S) float32 in [-1, 1].
+    """
+    import lafs_fast  # noqa: F401  (makes torchvision importable on a CPU-only torch)
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2 as T
+
+    interp = InterpolationMode.BICUBIC if bicubic else InterpolationMode.BILINEAR
+    geo, photo = [], []
+    for s in specs:
+        geo.append(
+            T.Compose(
+                [
+                    T.RandomResizedCrop(out_size, scale=s.scale, ratio=s.ratio, interpolation=interp, antialias=True),
+                    T.RandomHorizontalFlip(p=s.flip_p),
+                ]
+            )
+        )
+        k = 2 * max(1, int(-(-3 * s.blur_radius[1] // 1))) + 1
+        ops = [
+            T.RandomApply([T.ColorJitter(s.brightness, s.contrast, s.saturation, s.hue)], p=s.jitter_p),
+            T.RandomGrayscale(p=s.gray_p),
+            T.RandomApply([T.GaussianBlur(k, sigma=s.blur_radius)], p=s.blur_p),
+        ]
+        if s.solarize_p > 0:
+            ops.append(T.RandomSolarize(threshold=s.solarize_threshold, p=s.solarize_p))
+        photo.append(T.Compose(ops))
+    b, v = images.shape[0], len(specs)
+    chw = images.permute(0, 3, 1, 2)
+    clean = torch.empty((b, v, 3, out_size, out_size), dtype=torch.float32, device=images.device)
+    aug = torch.empty_like(clean)
+    for i in range(b):
+        for j in range(v):
+            view = geo[j](chw[i])  # uint8 (3, S, S): crop + flip drawn for this sample
+            clean[i, j] = view.float() / 255 * 2 - 1
+            aug[i, j] = photo[j](view).float() / 255 * 2 - 1
+    return clean, aug
+
+
+def reference_lafs_tokens(
+    images: torch.Tensor,
+    specs: list,
+    coords: torch.Tensor,
+    n_global: int,
+    local_tokens: int,
+    sigma: float,
+    generator: torch.Generator,
+    device: torch.device,
+    out_dtype: torch.dtype = torch.float32,
+) -> list[torch.Tensor]:
+    """The reference's LAFS view path for one batch (added for benchmarks/test_bench_pretrain.py):
+    views made per (image, view) with torchvision on the CPU, moved to ``device``, then per view the
+    perturbation and shuffle drawn with torch and patches cut with one grid_sample per landmark.
+
+    Args:
+        images: (B, H, W, 3) uint8 on the CPU.
+        specs: V view recipes (``lafs_fast.kernels.views.ViewSpec`` fields), globals first.
+        coords: (K, 2) px landmarks of every view (e.g. the 14 x 14 grid).
+        n_global, local_tokens: dense views (all K landmarks) and tokens of each sparse view.
+        sigma: perturbation std, px.
+        generator: CPU generator of the landmark draws.
+    Returns:
+        [global tokens (G*B, K, 3*P*P), local tokens ((V-G)*B, local_tokens, 3*P*P)] view-major.
+    """
+    _, aug = torchvision_views_per_sample(images, specs, images.shape[1], bicubic=True)
+    aug = aug.to(device)
+    b, v = aug.shape[:2]
+    out_g, out_l = [], []
+    for j in range(v):
+        x = aug[:, j]
+        if j < n_global:
+            c = coords[None].expand(b, -1, -1)
+        else:
+            idx = torch.randint(0, coords.shape[0], (b, local_tokens), generator=generator)
+            c = coords[idx]
+        c = (c + torch.randn(c.shape, generator=generator) * sigma).to(device)
+        (out_g if j < n_global else out_l).append(reference_patch_loop(x, c).to(out_dtype))
+    return [torch.cat(out_g)] + ([torch.cat(out_l)] if out_l else [])
