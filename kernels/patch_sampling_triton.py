@@ -11,10 +11,11 @@ into one launch:
 - output written once as (B, L, 3 * P * P) in bf16 / fp16 / fp32, element (a, b, c) of a token at
   ``(a * P + b) * 3 + c`` (a = x offset index).
 
-Randomness: Philox (``tl.randint4x``), counter-based, keyed by ``seed``; the counter of a token is
-its flat index ``b * L + l``. One 4x32-bit draw per token gives the landmark index (word 0, modulo
-K) and the two noise values (words 1-2 through Box-Muller), so a seed reproduces both, independently
-of the block size and of the device. The draws are returned so that the twin can replay them.
+Randomness: Philox (``tl.philox``), counter-based, keyed by ``seed``; the counter of a token is
+(its flat index ``b * L + l``, ``offset`` as two 31-bit words, 0), so one seed gives independent
+streams per ``offset`` (e.g. a step * views + view index). One 4x32-bit draw per token gives the
+landmark index (word 0, modulo K) and the two noise values (words 1-2 through Box-Muller), so
+(seed, offset) reproduces both, independently of the block size and of the device. The draws are returned so that the twin can replay them.
 
 Why per-element gathers rather than the 9x9-window trick: the window trick (one set of bilinear
 weights per patch) is exact in real arithmetic, but the reference evaluates
@@ -29,6 +30,8 @@ Backward: d tokens / d coords only (no image gradient), a per-token reduction ov
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -51,7 +54,7 @@ def _token_points(
     coords_ptr, idx_ptr, noise_ptr, idx_out_ptr, noise_out_ptr,
     tok, tmask, L, K,
     s_cb, s_ck, s_cd, s_xb, s_xl, s_nb, s_nl, s_nd,
-    seed, sigma,
+    seed, off_lo, off_hi, sigma,
     IDX_MODE: tl.constexpr, NOISE_MODE: tl.constexpr, WRITE_DRAWS: tl.constexpr,
 ):
     """Per-token sample centre (px, py) fp32 and batch index, for a (BLOCK_T,) vector of tokens.
@@ -62,8 +65,9 @@ def _token_points(
     b = tok // L
     l_ = tok - b * L
     if IDX_MODE == 2 or NOISE_MODE == 2:
-        # Counter = flat token index: the draw does not depend on the launch geometry.
-        r0, r1, r2, r3 = tl.randint4x(seed, tok)
+        # Counter = (flat token index, offset): the draw does not depend on the launch geometry.
+        zero = tok * 0
+        r0, r1, r2, r3 = tl.philox(seed, tok, zero + off_lo, zero + off_hi, zero)
     if IDX_MODE == 0:
         k = l_
     elif IDX_MODE == 1:
@@ -158,7 +162,7 @@ def _patch_fwd_kernel(
     n_tokens, L, K, H, W,
     s_ib, s_iy, s_ix, s_ic,
     s_cb, s_ck, s_cd, s_xb, s_xl, s_nb, s_nl, s_nd,
-    seed, sigma,
+    seed, off_lo, off_hi, sigma,
     P: tl.constexpr, IS_U8: tl.constexpr, IDX_MODE: tl.constexpr, NOISE_MODE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -168,7 +172,7 @@ def _patch_fwd_kernel(
     tmask = tok < n_tokens
     b, cx, cy = _token_points(
         coords_ptr, idx_ptr, noise_ptr, idx_out_ptr, noise_out_ptr, tok, tmask, L, K,
-        s_cb, s_ck, s_cd, s_xb, s_xl, s_nb, s_nl, s_nd, seed, sigma,
+        s_cb, s_ck, s_cd, s_xb, s_xl, s_nb, s_nl, s_nd, seed, off_lo, off_hi, sigma,
         IDX_MODE, NOISE_MODE, True,
     )
     E: tl.constexpr = 3 * P * P
@@ -203,7 +207,7 @@ def _patch_bwd_kernel(
     tmask = tok < n_tokens
     b, cx, cy = _token_points(
         coords_ptr, idx_ptr, noise_ptr, idx_ptr, noise_ptr, tok, tmask, L, K,
-        s_cb, s_ck, s_cd, s_xb, s_xl, s_nb, s_nl, s_nd, 0, 0.0,
+        s_cb, s_ck, s_cd, s_xb, s_xl, s_nb, s_nl, s_nd, 0, 0, 0, 0.0,
         IDX_MODE, NOISE_MODE, False,
     )
     E: tl.constexpr = 3 * P * P
@@ -249,6 +253,7 @@ def patch_sample_forward(
     sigma: float,
     seed: int,
     out: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch the forward kernel (no autograd).
 
@@ -260,6 +265,7 @@ def patch_sample_forward(
         noise: (B, L, 2) float px or None; with ``sigma > 0`` (and noise None) it is drawn.
         out_dtype: fp32 / bf16 / fp16.
         seed: Philox key of the draws.
+        offset: second Philox counter word (0 <= offset < 2**62): independent streams per seed.
         out: optional preallocated contiguous (B, L, 3 * P * P) ``out_dtype`` to write into
             (tests poison it with NaN to catch unwritten elements).
 
@@ -305,7 +311,7 @@ def patch_sample_forward(
         n_tokens, n_l, k, h, w,
         s_ib, s_iy, s_ix, s_ic,
         coords.stride(0), coords.stride(1), coords.stride(2), s_xb, s_xl, s_nb, s_nl, s_nd,
-        int(seed), float(sigma),
+        int(seed), int(offset) & 0x7FFFFFFF, (int(offset) >> 31) & 0x7FFFFFFF, float(sigma),
         P=patch_size, IS_U8=is_u8, IDX_MODE=idx_mode, NOISE_MODE=noise_mode,
         BLOCK_T=block_t, BLOCK_E=block_e, num_warps=_NUM_WARPS,
     )
@@ -351,11 +357,11 @@ class _PatchSampleFn(torch.autograd.Function):
     """tokens = sample(images, coords[indices] + noise); gradients for coords and noise only."""
 
     @staticmethod
-    def forward(ctx, coords, noise, images, indices, patch_size, out_dtype, num_tokens, sigma, seed):  # type: ignore[override]
+    def forward(ctx, coords, noise, images, indices, patch_size, out_dtype, num_tokens, sigma, seed, offset):  # type: ignore[override]
         coords32 = coords.float()
         noise32 = noise.float() if noise is not None else None
         tokens, idx_drawn, noise_drawn = patch_sample_forward(
-            images, coords32, patch_size, indices, noise32, out_dtype, num_tokens, sigma, seed
+            images, coords32, patch_size, indices, noise32, out_dtype, num_tokens, sigma, seed, offset=offset
         )
         idx_used = indices if indices is not None else idx_drawn
         noise_used = noise32 if noise32 is not None else noise_drawn
@@ -376,7 +382,7 @@ class _PatchSampleFn(torch.autograd.Function):
         images, coords32, idx_used, noise_used = ctx.saved_tensors
         need_coords, need_noise = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_coords or need_noise):
-            return (None,) * 9
+            return (None,) * 10
         gpts = _patch_sample_backward(images, coords32, idx_used, noise_used, g_tokens, ctx.patch_size)
         g_coords = g_noise = None
         if need_coords:
@@ -389,7 +395,7 @@ class _PatchSampleFn(torch.autograd.Function):
             g_coords = g_coords.to(ctx.coords_dtype)
         if need_noise:
             g_noise = gpts.to(ctx.noise_dtype)
-        return g_coords, g_noise, None, None, None, None, None, None, None
+        return g_coords, g_noise, None, None, None, None, None, None, None, None
 
 
 def sample_patches_triton(
@@ -403,6 +409,7 @@ def sample_patches_triton(
     num_tokens: int | None = None,
     sigma: float = 0.0,
     seed: int | None = None,
+    offset: int = 0,
     return_draws: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Landmark patches as tokens, one Triton launch (CUDA, or CPU under TRITON_INTERPRET=1).
@@ -419,6 +426,7 @@ def sample_patches_triton(
         num_tokens: draw L = num_tokens indices per sample uniformly with replacement from [0, K).
         sigma: draw N(0, sigma^2) px noise per token and axis (0: none).
         seed: Philox key for the draws (default: drawn from torch's default CPU generator).
+        offset: Philox stream under that key (0 <= offset < 2**62), e.g. step * V + view.
         return_draws: also return the indices and noise actually used.
 
     Returns:
@@ -443,10 +451,17 @@ def sample_patches_triton(
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     seed = int(seed) % (2**63)
+    if not 0 <= int(offset) < 2**62:
+        raise ValueError(f"offset must lie in [0, 2**62), got {offset}")
+    if images.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            "the Triton sampler runs on CPU tensors only under TRITON_INTERPRET=1 (set before import); "
+            "use backend='torch' on the CPU"
+        )
     if coords.device != images.device:
         raise ValueError(f"coords on {coords.device} but images on {images.device}: put both on one device")
     tokens, idx_ret, noise_ret = _PatchSampleFn.apply(
-        coords, noise, images, indices, patch_size, out_dtype, num_tokens, float(sigma), seed
+        coords, noise, images, indices, patch_size, out_dtype, num_tokens, float(sigma), seed, int(offset)
     )
     if not return_draws:
         return tokens

@@ -17,6 +17,8 @@ for operation, so the two agree to float rounding (the twin is the oracle).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -349,6 +351,11 @@ def apply_views_triton(
         raise ValueError(f"images must be (B, H, W, 3) uint8, got {tuple(images.shape)} {images.dtype}")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    if images.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            "the Triton view kernels run on CPU tensors only under TRITON_INTERPRET=1 (set before import); "
+            "use backend='torch' on the CPU"
+        )
     b = images.shape[0]
     v = params.num_views
     n = b * v

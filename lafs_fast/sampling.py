@@ -104,6 +104,7 @@ def draw_landmark_randomness(
     seed: int,
     device: torch.device,
     length: int | None = None,
+    offset: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The twin's draws of the LAFS shuffle and perturbation, from a generator seeded with ``seed``.
 
@@ -112,8 +113,11 @@ def draw_landmark_randomness(
             ``num_tokens`` is None; noise: (B, L, 2) fp32 N(0, sigma^2) px, or None when sigma == 0
             (L = num_tokens, else ``length``, else K).
     The Triton kernel draws from Philox instead: same distributions, not the same numbers.
+    ``offset`` selects an independent stream under the same seed (0: the generator seeded with
+    ``seed`` itself).
     """
-    gen = torch.Generator(device=device).manual_seed(int(seed))
+    key = int(seed) if offset == 0 else hash((int(seed), int(offset))) & (2**63 - 1)  # int hashing is not salted
+    gen = torch.Generator(device=device).manual_seed(key)
     indices = noise = None
     if num_tokens is not None:
         indices = torch.randint(0, num_landmarks, (batch, num_tokens), generator=gen, device=device)
@@ -136,6 +140,7 @@ def sample_patches(
     num_tokens: int | None = None,
     sigma: float = 0.0,
     seed: int | None = None,
+    offset: int = 0,
     return_draws: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Landmark patches as tokens, in the reference layout.
@@ -158,6 +163,8 @@ def sample_patches(
         seed: seed of those draws (Triton: the Philox key, drawn in-kernel; torch: a
             torch.Generator on the image device). Default: one drawn from torch's global RNG.
             A seed reproduces the draws of one backend; the two backends draw different numbers.
+        offset: independent stream under ``seed`` (the Philox counter's second word; e.g.
+            step * views + view), 0 <= offset < 2**62.
         return_draws: also return the indices and noise used, so any draw can be replayed
             (e.g. through the twin with ``backend="torch", indices=..., noise=...``).
 
@@ -186,12 +193,12 @@ def sample_patches(
             raise ValueError(f"backend='triton' requested but {why}")
         return fn(
             images, coords, patch_size, indices=indices, noise=noise, out_dtype=out_dtype,
-            num_tokens=num_tokens, sigma=sigma, seed=seed, return_draws=return_draws,
+            num_tokens=num_tokens, sigma=sigma, seed=seed, offset=offset, return_draws=return_draws,
         )
     if num_tokens is not None or sigma > 0:
         drawn_idx, drawn_noise = draw_landmark_randomness(
             coords.shape[0], coords.shape[1], num_tokens, sigma, seed, images.device,
-            length=indices.shape[1] if indices is not None else None,
+            length=indices.shape[1] if indices is not None else None, offset=offset,
         )
         indices = drawn_idx if drawn_idx is not None else indices
         noise = drawn_noise if drawn_noise is not None else noise

@@ -176,6 +176,29 @@ def test_draw_distributions():
     assert abs(float(torch.corrcoef(nz.reshape(-1, 2).T)[0, 1])) < 0.08
 
 
+def test_offset_selects_independent_streams():
+    images = torch.zeros(1, 3, 16, 16).expand(4, 3, 16, 16)
+    coords = torch.zeros(4, 196, 2)
+
+    def draw(seed: int, offset: int, backend: str):
+        _, i, n = sample_patches(images, coords, 2, num_tokens=8, sigma=1.0, seed=seed, offset=offset,
+                                 backend=backend, return_draws=True)
+        return i, n
+
+    for backend in ("triton", "torch"):
+        a, b, c = draw(3, 0, backend), draw(3, 0, backend), draw(3, 2**40 + 5, backend)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert not torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1])
+    with pytest.raises(ValueError, match="offset"):
+        sample_patches_triton(images, coords, 2, sigma=1.0, seed=1, offset=-1)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        sample_patches_triton(torch.zeros(1, 3, 16, 16), torch.zeros(1, 4, 2))
+
+
 def test_public_dispatch_triton_on_cpu_and_torch_draws(gen):
     b = 2
     images = _images(b, "uint8", gen, "cpu")

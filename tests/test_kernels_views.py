@@ -126,6 +126,14 @@ def test_seed_determinism_and_public_dispatch(gen):
         augment_views(images.float(), specs)
 
 
+def test_triton_views_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    images = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
+    params = draw_view_params(1, [ViewSpec()], (8, 8), torch.Generator().manual_seed(0))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        apply_views_triton(images, params, 8)
+
+
 def test_crop_boxes_respect_bounds_and_match_torchvision_distribution():
     torch.manual_seed(0)
     side, n = 112, 4000
