@@ -6,6 +6,9 @@ GPU cases run at pre-training scale (issue 3): B = 256 images, 10 views (2 dense
 landmarks, 8 sparse views of 36 drawn landmarks), and record GB/s on the bytes that must move next
 to the measured device-to-device copy bandwidth (``extra_info``). No number here is asserted: the
 results are recorded with their command, device and versions (benchmarks/gpu_run.sh, render.py).
+
+``LAFS_BENCH_DRY_RUN=1`` runs the GPU cases' code on the CPU at toy scale (B = 1, Triton under the
+interpreter, no torch.compile case): it checks the benchmark code itself, not speed.
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ from __future__ import annotations
 import functools
 import os
 
-import pytest
-import torch
+DRY = os.environ.get("LAFS_BENCH_DRY_RUN", "0") == "1"
+if DRY:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 try:
     from benchmarks.baselines import reference_patch_loop, torchvision_views_per_sample
@@ -25,9 +32,10 @@ from lafs_fast.kernels.patch_sampling import sample_patches_torch
 from lafs_fast.kernels.views import lafs_view_specs
 
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
-gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA (and TRITON_INTERPRET unset)")
+gpu = pytest.mark.skipif(not (CUDA or DRY), reason="needs CUDA (and TRITON_INTERPRET unset)")
+DEVICE = "cpu" if DRY else "cuda"
 
-B_GPU, V_DENSE, V_SPARSE, K, L_SPARSE, S = 256, 2, 8, 196, 36, 112
+B_GPU, V_DENSE, V_SPARSE, K, L_SPARSE, S = (1 if DRY else 256), 2, 8, 196, 36, 112
 
 
 # --------------------------------------------------------------------------------------------- CPU
@@ -81,7 +89,9 @@ def test_views_twin_cpu(benchmark, cpu_view_images):
 @functools.lru_cache(maxsize=1)
 def copy_bandwidth_gbs() -> float:
     """Measured device-to-device copy bandwidth (read + write bytes / s), 1 GiB buffers."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    if DEVICE != "cuda":
+        return 0.0
+    src = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
@@ -97,7 +107,8 @@ def copy_bandwidth_gbs() -> float:
 def _synced(fn):
     def run(*a, **k):
         out = fn(*a, **k)
-        torch.cuda.synchronize()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
         return out
 
     return run
@@ -106,14 +117,14 @@ def _synced(fn):
 @pytest.fixture(scope="module")
 def gpu_patch_inputs():
     """Pre-training scale: dense views (512 images x 196) and sparse views (2048 images x 196 coords)."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    dense_img = torch.rand(B_GPU * V_DENSE, 3, S, S, device="cuda", generator=g) * 2 - 1
-    sparse_img = torch.rand(B_GPU * V_SPARSE, 3, S, S, device="cuda", generator=g) * 2 - 1
-    dense_xy = torch.rand(B_GPU * V_DENSE, K, 2, device="cuda", generator=g) * (S - 1)
-    sparse_xy = torch.rand(B_GPU * V_SPARSE, K, 2, device="cuda", generator=g) * (S - 1)
-    idx = torch.randint(0, K, (B_GPU * V_SPARSE, L_SPARSE), device="cuda", generator=g)
-    noise_d = torch.randn(B_GPU * V_DENSE, K, 2, device="cuda", generator=g) * 5
-    noise_s = torch.randn(B_GPU * V_SPARSE, L_SPARSE, 2, device="cuda", generator=g) * 5
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    dense_img = torch.rand(B_GPU * V_DENSE, 3, S, S, device=DEVICE, generator=g) * 2 - 1
+    sparse_img = torch.rand(B_GPU * V_SPARSE, 3, S, S, device=DEVICE, generator=g) * 2 - 1
+    dense_xy = torch.rand(B_GPU * V_DENSE, K, 2, device=DEVICE, generator=g) * (S - 1)
+    sparse_xy = torch.rand(B_GPU * V_SPARSE, K, 2, device=DEVICE, generator=g) * (S - 1)
+    idx = torch.randint(0, K, (B_GPU * V_SPARSE, L_SPARSE), device=DEVICE, generator=g)
+    noise_d = torch.randn(B_GPU * V_DENSE, K, 2, device=DEVICE, generator=g) * 5
+    noise_s = torch.randn(B_GPU * V_SPARSE, L_SPARSE, 2, device=DEVICE, generator=g) * 5
     return dense_img, sparse_img, dense_xy, sparse_xy, idx, noise_d, noise_s
 
 
@@ -168,6 +179,8 @@ def test_patch_fwd_twin_gpu(benchmark, gpu_patch_inputs):
 def test_patch_fwd_twin_compiled_gpu(benchmark, gpu_patch_inputs):
     benchmark.group = "patch sampling forward, H100 scale (256 x 10 views)"
     benchmark.extra_info.update(items=TOKENS)
+    if DRY:
+        pytest.skip("torch.compile case skipped in the dry run (30-40 s of CPU compile)")
     compiled = torch.compile(sample_patches_torch, dynamic=False)
     run = _synced(lambda: _step_twin(gpu_patch_inputs, torch.bfloat16, compiled))
     run()
@@ -215,7 +228,7 @@ def test_patch_fwd_bwd_gpu(benchmark, gpu_patch_inputs, impl):
         benchmark.extra_info["role"] = "reference"
     fn = sample_patches_torch if impl.startswith("reference") else sample_patches_triton
     coords = dense_xy.clone().requires_grad_()
-    grad = torch.randn(B_GPU * V_DENSE, K, 192, device="cuda")
+    grad = torch.randn(B_GPU * V_DENSE, K, 192, device=DEVICE)
 
     def step():
         coords.grad = None
@@ -229,8 +242,8 @@ def test_patch_fwd_bwd_gpu(benchmark, gpu_patch_inputs, impl):
 
 @pytest.fixture(scope="module")
 def gpu_view_images():
-    g = torch.Generator(device="cuda").manual_seed(0)
-    return torch.randint(0, 256, (B_GPU, S, S, 3), dtype=torch.uint8, device="cuda", generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    return torch.randint(0, 256, (B_GPU, S, S, 3), dtype=torch.uint8, device=DEVICE, generator=g)
 
 
 @gpu

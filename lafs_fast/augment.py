@@ -65,6 +65,20 @@ def resolve_view_backend(backend: str, device: torch.device) -> tuple[str, str]:
     return "triton", why
 
 
+def _check_params(params: ViewParams, batch: int, h: int, w: int) -> None:
+    """Explicit parameters must describe B * V crops inside the source (the kernels do not bound-check)."""
+    n = batch * params.num_views
+    if params.crop.shape != (n, 4):
+        raise ValueError(f"params.crop must be (B * V, 4) = ({n}, 4), got {tuple(params.crop.shape)}")
+    top, left, ch, cw = params.crop.unbind(1)
+    inside = (top >= 0) & (left >= 0) & (ch > 0) & (cw > 0) & (top + ch <= h) & (left + cw <= w)
+    if not bool(inside.all()):
+        bad = int(torch.nonzero(~inside)[0, 0])
+        raise ValueError(
+            f"crop box {params.crop[bad].tolist()} (top, left, height, width) of view {bad} leaves the {h}x{w} source"
+        )
+
+
 def augment_views(
     images: torch.Tensor,
     specs: list[ViewSpec] | None = None,
@@ -111,6 +125,7 @@ def augment_views(
         params = draw_view_params(b, specs, (images.shape[1], images.shape[2]), generator, attempts=attempts)
     else:
         params = params.to(images.device)
+        _check_params(params, b, images.shape[1], images.shape[2])
     chosen, _ = resolve_view_backend(backend, images.device)
     if chosen == "triton":
         fn, why = triton_views()

@@ -122,6 +122,11 @@ def test_seed_determinism_and_public_dispatch(gen):
     torch.testing.assert_close(t.clean, a.clean, atol=1e-5, rtol=1e-5)
     _assert_views_close(t.augmented, a.augmented, a.params.solarize.reshape(2, 3), 1e-5)
     assert augment_views(images, specs, seed=5, out_size=24).backend == "torch"  # auto on CPU
+    bad = a.params.to("cpu")
+    bad.crop = bad.crop.clone()
+    bad.crop[1] = torch.tensor([20, 0, 10, 10])  # rows 20..29 of a 24-row source
+    with pytest.raises(ValueError, match="leaves the 24x24 source"):
+        augment_views(images, params=bad, out_size=24)
     with pytest.raises(ValueError, match="uint8"):
         augment_views(images.float(), specs)
 
