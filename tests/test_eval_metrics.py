@@ -72,3 +72,25 @@ def test_pair_scores_are_cosines():
     a = np.array([[3.0, 4.0], [1.0, 0.0]])
     b = np.array([[6.0, 8.0], [0.0, 2.0]])
     assert pair_scores(a, b) == pytest.approx([1.0, 0.0])
+
+
+def test_sorted_accuracy_equals_brute_force(gen):
+    from lafs_fast.eval.metrics import _accuracy
+
+    rng = np.random.default_rng(gen.initial_seed())
+    d = np.round(rng.uniform(0, 4, 301), 2)  # ties with the grid on purpose
+    same = rng.random(301) < 0.4
+    t = np.arange(0, 4, 0.01)
+    brute = ((d[None, :] < t[:, None]) == same[None, :]).mean(axis=1)
+    np.testing.assert_allclose(_accuracy(d, same, t), brute)
+
+
+def test_threshold_step_resolves_crowded_scores():
+    from lafs_fast.eval.verification import evaluate_scores
+
+    same = np.tile([True, False], 50)
+    scores = np.where(same, 0.9999, 0.9990)  # d = 2e-4 vs 2e-3: both below InsightFace's first step
+    assert evaluate_scores("x", scores, same).accuracy == 0.5
+    assert evaluate_scores("x", scores, same, threshold_step=1e-4).accuracy == 1.0
+    with pytest.raises(ValueError, match="threshold step"):
+        evaluate_scores("x", scores, same, threshold_step=0)

@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sets", nargs="+", help=".bin files, folders of .bin files, or IJB-B/C roots (meta/ + loose_crop/)")
     p.add_argument("--out", default=None, help="folder for results.json, results.txt and <set>_scores.npz")
     p.add_argument("--nfolds", type=int, default=10, help="folds of the .bin accuracy protocol (default 10)")
+    p.add_argument("--threshold-step", type=float, default=0.01,
+                   help="squared-distance threshold grid of the k-fold search (default 0.01, InsightFace's; finer for "
+                        "models whose scores crowd together)")
     p.add_argument("--far", type=float, nargs="+", default=list(DEFAULT_FARS), help="FARs for TAR (default 1e-6 .. 1e-1)")
     p.add_argument("--far-rule", default="at_most", choices=("at_most", "nearest"),
                    help="at_most: best TAR with FPR <= FAR (default); nearest: InsightFace IJB script's nearest ROC point")
@@ -92,7 +95,7 @@ def resolve_sets(paths: list[str]) -> list[tuple[str, Path]]:
 
 def run(args: argparse.Namespace) -> int:
     from lafs_fast.eval.ijb import evaluate_ijb
-    from lafs_fast.eval.verification import evaluate_bin, format_table, save_results
+    from lafs_fast.eval.verification import evaluate_bin, format_table, pct, save_results
     from lafs_fast.io import check_writable_dir
 
     sets = resolve_sets(args.sets)  # fail on a bad path before loading the model
@@ -104,15 +107,18 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for kind, path in sets:
         if kind == "bin":
-            r = evaluate_bin(emb, path, args.nfolds, args.far, progress=not args.no_progress, workers=args.workers)
+            r = evaluate_bin(emb, path, args.nfolds, args.far, progress=not args.no_progress, workers=args.workers,
+                             threshold_step=args.threshold_step)
         else:
             r = evaluate_ijb(emb, path, args.ijb_target, args.far, args.far_rule, progress=not args.no_progress,
                              workers=args.workers, use_detector_score=not args.no_detector_score)
         results.append(r)
         if not args.json:
-            acc = "" if kind == "ijb" else f"acc {100 * r.accuracy:.2f} +- {100 * r.std:.2f} %, "
-            print(f"{r.name}: {acc}TAR@FAR=1e-4 {100 * r.tar.get(1e-4, float('nan')):.2f} %", file=sys.stderr)
-    meta = {"model": str(args.model), "protocol": protocol, "nfolds": args.nfolds, "far_rule": args.far_rule,
+            acc = "" if kind == "ijb" else f"acc {pct(r.accuracy)} +- {pct(r.std)} %, "
+            tars = ", ".join(f"TAR@FAR={f:g} {pct(r.tar[f])} %" for f in args.far if f in (1e-4, 1e-3)) or f"TAR@FAR={args.far[0]:g} {pct(r.tar[args.far[0]])} %"
+            print(f"{r.name}: {acc}{tars}", file=sys.stderr)
+    meta = {"model": str(args.model), "protocol": protocol, "nfolds": args.nfolds, "threshold_step": args.threshold_step,
+            "far_rule": args.far_rule,
             "flip": not args.no_flip, "input_norm": args.input_norm}
     if args.json:
         print(json.dumps({**meta, "results": [r.to_json() for r in results]}, indent=1))

@@ -44,9 +44,14 @@ class KFoldResult:
 
 
 def _accuracy(dist2: np.ndarray, same: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Accuracy of ``d < t`` for every threshold: dist2 (n,), same (n,) bool -> (T,)."""
-    pred = dist2[None, :] < thresholds[:, None]
-    return (pred == same[None, :]).mean(axis=1)
+    """Accuracy of "same when d < t" for every threshold: dist2 (n,), same (n,) bool -> (T,).
+
+    Counted with sorted distances (O((n + T) log n)), so a fine threshold grid costs no (T, n) matrix.
+    """
+    d_same, d_diff = np.sort(dist2[same]), np.sort(dist2[~same])
+    true_accepts = np.searchsorted(d_same, thresholds, side="left")  # genuine with d < t
+    true_rejects = d_diff.shape[0] - np.searchsorted(d_diff, thresholds, side="left")  # impostors with d >= t
+    return (true_accepts + true_rejects) / dist2.shape[0]
 
 
 def kfold_accuracy(scores: np.ndarray, issame: np.ndarray, nfolds: int = 10,

@@ -24,7 +24,7 @@ from lafs_fast.eval.embedder import Embedder, decode_face
 from lafs_fast.eval.metrics import DEFAULT_FARS, kfold_accuracy, l2_normalise, tar_at_far
 from lafs_fast.io import atomic_write_bytes
 
-__all__ = ["SetResult", "evaluate_scores", "evaluate_bin", "format_table", "save_results", "save_scores", "load_scores"]
+__all__ = ["SetResult", "pct", "evaluate_scores", "evaluate_bin", "format_table", "save_results", "save_scores", "load_scores"]
 
 
 @dataclass
@@ -55,13 +55,17 @@ class SetResult:
 
 
 def evaluate_scores(name: str, scores: np.ndarray, issame: np.ndarray, nfolds: int = 10,
-                    fars: Sequence[float] = DEFAULT_FARS, kind: str = "bin", far_rule: str = "at_most") -> SetResult:
-    """Metrics of pair scores (P,) float against issame (P,) bool; k-fold accuracy when ``nfolds``."""
+                    fars: Sequence[float] = DEFAULT_FARS, kind: str = "bin", far_rule: str = "at_most",
+                    threshold_step: float = 0.01) -> SetResult:
+    """Metrics of pair scores (P,) float against issame (P,) bool; k-fold accuracy when ``nfolds``,
+    over squared-distance thresholds ``arange(0, 4, threshold_step)`` (InsightFace: 0.01)."""
     scores = np.asarray(scores, dtype=np.float64)
     issame = np.asarray(issame, dtype=bool)
     res = SetResult(name, kind, int(scores.shape[0]), int(issame.sum()), scores=scores, labels=issame)
     if nfolds:
-        k = kfold_accuracy(scores, issame, nfolds)
+        if not 0 < threshold_step <= 0.5:
+            raise ValueError(f"threshold step must lie in (0, 0.5], got {threshold_step}")
+        k = kfold_accuracy(scores, issame, nfolds, np.arange(0, 4, threshold_step))
         res.accuracy, res.std, res.threshold, res.fold_accuracy = k.accuracy, k.std, k.threshold, k.fold_accuracy
     res.tar = tar_at_far(scores, issame, tuple(fars), rule=far_rule)
     n_neg = res.pairs - res.genuine
@@ -71,17 +75,18 @@ def evaluate_scores(name: str, scores: np.ndarray, issame: np.ndarray, nfolds: i
 
 
 def evaluate_bin(embedder: Embedder, path: str | Path, nfolds: int = 10, fars: Sequence[float] = DEFAULT_FARS,
-                 progress: bool = True, workers: int = 4) -> SetResult:
+                 progress: bool = True, workers: int = 4, threshold_step: float = 0.01) -> SetResult:
     """Read a ``.bin`` safely, embed with flip-sum (the embedder's setting), score, measure."""
     bs = load_bin(path)
     emb = embedder.embed_items(bs.images, lambda b: decode_face(b, embedder.image_size),
                                progress=bs.name if progress else None, workers=workers)
     emb = l2_normalise(emb)
     scores = np.sum(emb[0::2] * emb[1::2], axis=1)
-    return evaluate_scores(bs.name, scores, bs.issame, nfolds, fars)
+    return evaluate_scores(bs.name, scores, bs.issame, nfolds, fars, threshold_step=threshold_step)
 
 
-def _pct(v: float) -> str:
+def pct(v: float) -> str:
+    """A rate in [0, 1] as a percentage with two decimals, 'n/a' for NaN."""
     return "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}"
 
 
@@ -91,7 +96,7 @@ def format_table(results: Sequence[SetResult], fars: Sequence[float] = (1e-4, 1e
     rows = []
     for r in results:
         acc = "-" if math.isnan(r.accuracy) else f"{100 * r.accuracy:.2f} +- {100 * r.std:.2f}"
-        rows.append([r.name, str(r.pairs), acc, *[_pct(r.tar.get(f, float("nan"))) for f in fars]])
+        rows.append([r.name, str(r.pairs), acc, *[pct(r.tar.get(f, float("nan"))) for f in fars]])
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
