@@ -155,3 +155,19 @@ def test_orl_end_to_end(orl_dir, model_path, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)["results"][0]
     assert res["name"] == "orl" and res["pairs"] == 60 and 0.0 <= res["accuracy"] <= 1.0
     assert 0.0 <= res["tar"]["0.1"] <= 1.0
+
+
+def test_bf16_and_triton_sampler_paths_match_fp32(model_path):
+    """The GPU configuration (bf16 backbone, Triton sampler) on the CPU: Triton under TRITON_INTERPRET."""
+    from lafs_fast.sampling import triton_sampler
+
+    model = load_model(model_path)
+    x = faces(1, seed=4)
+    ref = Embedder(model).embed_batch(x)
+    scale = np.abs(ref).max()
+    bf16 = Embedder(model, dtype="bf16").embed_batch(x)
+    assert np.abs(bf16 - ref).max() < 0.05 * scale
+    if triton_sampler()[0] is None:
+        pytest.skip("triton not importable here")
+    tri = Embedder(model, sampler_backend="triton").embed_batch(x)
+    np.testing.assert_allclose(tri, ref, atol=1e-4 * scale)

@@ -83,7 +83,14 @@ def _numbers(path: Path, cols: int, skip_first: bool) -> tuple[list[str], np.nda
         body = "\n".join(p[1] if len(p) > 1 else "" for p in parts)
     else:
         body = "\n".join(lines)
-    vals = np.array(body.split(), dtype=np.float64)
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy warns, then stops, at the first non-number
+            vals = np.fromstring(body, dtype=np.float64, sep=" ")  # text mode: no list of 10^7 str objects
+    except (ValueError, DeprecationWarning):
+        vals = np.zeros(0)
     if vals.size != len(lines) * cols:
         raise ValueError(f"{path}: expected {cols} numbers per line{' after the name' if skip_first else ''}; the file is damaged")
     return names, vals.reshape(len(lines), cols)

@@ -55,8 +55,12 @@ def read_pairs_txt(pairs_txt: str | Path, root: str | Path) -> list[Pair]:
     pairs_txt, root = Path(pairs_txt), Path(root)
     if not pairs_txt.is_file():
         raise FileNotFoundError(f"pairs file {pairs_txt} does not exist")
+    try:
+        text = pairs_txt.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{pairs_txt} is not a text pairs file (LFW style: 'name n1 n2' / 'name1 n1 name2 n2' lines)") from None
     out: list[Pair] = []
-    for i, line in enumerate(pairs_txt.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         f = line.split()
         if not f or (i == 1 and all(re.fullmatch(r"\d+", x) for x in f)):
             continue  # blank line or the "folds pairs" header
