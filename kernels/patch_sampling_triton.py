@@ -73,7 +73,8 @@ def _token_points(
     elif IDX_MODE == 1:
         k = tl.load(idx_ptr + b * s_xb + l_ * s_xl, mask=tmask, other=0).to(tl.int32)
     else:
-        k = (r0 % K.to(tl.uint32)).to(tl.int32)
+        # r0 is uint32: widen (zero-extend) before the modulo; K may be specialised to constexpr 1.
+        k = (r0.to(tl.int64) % K).to(tl.int32)
         if WRITE_DRAWS:
             tl.store(idx_out_ptr + tok, k, mask=tmask)
     cx = tl.load(coords_ptr + b * s_cb + k * s_ck, mask=tmask, other=0.0).to(tl.float32)
