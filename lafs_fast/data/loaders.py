@@ -258,6 +258,16 @@ class _Batches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+def _worker_context():
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return None
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["lafs_fast.data.loaders"])  # imported once in the server, not per worker
+    return ctx
+
+
 class PilLoader(Loader):
     """CPU decode with PIL in torch DataLoader workers (one batch per worker task; the workers
     persist across epochs, the sampler is swapped)."""
@@ -272,6 +282,9 @@ class PilLoader(Loader):
             self.dataset, batch_size=None, sampler=self._sampler, num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0,
             prefetch_factor=2 if self.num_workers > 0 else None,
+            # not plain fork: forking a process that runs DALI's (or any) thread pools can crash the
+            # child; forkserver workers start from a clean server process
+            multiprocessing_context=_worker_context() if self.num_workers > 0 else None,
         )
         self.backend = f"pil: PIL decode in a torch DataLoader, {self.num_workers} workers ({reason})"
 
