@@ -316,14 +316,16 @@ class Engine:
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def state_dict(self) -> dict[str, Any]:
-        """The full training state (CPU tensors); rank 0's RNG only, each rank keeps its own in memory."""
+    def state_dict(self, rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The full training state; ``rng_ranks``: every rank's RNG states (gathered by
+        ``save_checkpoint``), else this process's alone."""
         return {
             "format": CHECKPOINT_FORMAT, "version": 1, "stage": self.stage.name,
             "config": config_to_dict(self.cfg), "step": self.step, "epoch": self.step // self.plan.steps_per_epoch,
             "plan": {"epochs": self.plan.epochs, "steps_per_epoch": self.plan.steps_per_epoch, "world_size": self.plan.world_size},
             "model": self.stage.model.state_dict(), "stage_state": self.stage.state_dict(),
             "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(), "rng": self._rng_state(),
+            "rng_ranks": rng_ranks or [self._rng_state()],
             "model_file": self.stage.export(),
         }
 
@@ -339,10 +341,12 @@ class Engine:
         self.stage.load_state_dict(ck["stage_state"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.loader.load_state_dict(ck["loader"])
-        if self.dist.rank == 0:  # other ranks' streams were never saved: they keep their own seeding
-            torch.set_rng_state(ck["rng"]["torch"])
-            if "cuda" in ck["rng"] and self.device.type == "cuda":
-                torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
+        ranks = ck.get("rng_ranks") or [ck["rng"]]
+        if self.dist.rank < len(ranks):  # each rank continues its own dropout / drop-path stream
+            rng = ranks[self.dist.rank]
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step = int(ck["step"])
         self.last_checkpoint = path
         self._log_line(f"resumed from {path} at step {self.step} (epoch {self.step // self.plan.steps_per_epoch})")
@@ -358,10 +362,14 @@ class Engine:
         if not self._all_finite():
             raise NonFiniteLoss(f"parameters became non-finite by step {self.step}; no checkpoint written "
                                 f"(last good: {self.last_checkpoint or 'none'})")
+        rng_ranks = None
+        if self.dist.distributed and dist.is_initialized():
+            rng_ranks = [None] * self.dist.world_size
+            dist.all_gather_object(rng_ranks, {k: v.cpu() for k, v in self._rng_state().items()})
         if not self.dist.is_main:
             return None
         path = self.out_dir / f"ckpt-{self.step:08d}.pt"
-        atomic_save(self.state_dict(), path)
+        atomic_save(self.state_dict(rng_ranks), path)
         keep_every = self.cfg.train.keep_every
         epoch = self.step // self.plan.steps_per_epoch
         if epoch_end and keep_every > 0 and epoch % keep_every == 0:
