@@ -99,7 +99,9 @@ class Embedder:
         self.sampler_backend = sampler_backend
         self.is_part = isinstance(model, PartFViT)
         self.backbone: FViT = model.backbone if self.is_part else model
-        self.image_size = 112 if self.is_part else int(self.backbone.patch_size * round(self.backbone.num_patches ** 0.5))
+        # Part fViT: the landmark CNN's extent is image_size - 1; a bare fViT: its grid covers the face.
+        self.image_size = (int(round(model.landmark_cnn.extent)) + 1 if self.is_part
+                           else int(self.backbone.patch_size * round(self.backbone.num_patches ** 0.5)))
 
     @property
     def dim(self) -> int:
