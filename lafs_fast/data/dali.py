@@ -98,6 +98,7 @@ class DaliLoader(Loader):
         self.pipe_device = "gpu" if self.device.type == "cuda" else "cpu"
         self.num_threads = num_threads
         self.depth = 2  # batches in flight: the next one decodes while the current one trains
+        self._pending = 0  # runs scheduled and not yet collected
         self.resize_to = _resize_needed(source, image_size)
         self.pipe = self._build()
         self.backend = (
@@ -144,6 +145,9 @@ class DaliLoader(Loader):
         """Up to ``depth`` batches in flight (feed + schedule_run ahead, outputs in order). After a
         DALI error the pipeline is rebuilt and the batches in flight go through :meth:`_fetch`,
         which names and drops the corrupt images."""
+        while self._pending:  # runs left in flight by an abandoned pass: drain, never hand out
+            self._pending -= 1
+            self.pipe.outputs()
         todo = deque(np.asarray(b) for b in batches)
         inflight: deque = deque()
         while todo or inflight:
@@ -151,12 +155,14 @@ class DaliLoader(Loader):
                 b = todo.popleft()
                 self._feed(b)
                 self.pipe.schedule_run()
+                self._pending += 1
                 inflight.append(b)
             b = inflight.popleft()
             try:
+                self._pending -= 1
                 out = self._convert(self.pipe.outputs())
             except RuntimeError:
-                self.pipe = self._build()
+                self.pipe, self._pending = self._build(), 0
                 redo = [b, *inflight]
                 inflight.clear()
                 for r in redo:
@@ -226,6 +232,14 @@ class DaliMxnetLoader(Loader):
             enable_checkpointing=True, checkpoint=self._checkpoint,
         )
         return DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new epoch after a partial pass: read out the rest of DALI's epoch first, so the reader's
+        stream stays the one an uninterrupted run sees."""
+        if epoch != self.epoch and self._it is not None and 0 < self.batch < len(self):
+            for _ in self._it:  # stops at DALI's epoch end (auto_reset re-arms it)
+                pass
+        super().set_epoch(epoch)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
