@@ -5,7 +5,11 @@ between the branches of a runtime ``if``, unsupported ops, register spills. Trit
 kernel to a cubin for a given ``GPUTarget`` with its bundled LLVM and ptxas and no driver, so this
 module compiles every launched variant for sm_90 (H100/H200) and reports registers and stack.
 
-    env -u TRITON_INTERPRET python -m lafs_fast.kernels.aot_check [patch|views|views-bilinear|all]
+    env -u TRITON_INTERPRET python -m lafs_fast.kernels.aot_check [all|patch|views|quick]
+
+``quick`` (used by the test suite, ~20 s cold) compiles one variant of each code path: the patch
+forward with in-kernel draws from uint8, with given draws from float, the backward, the bilinear
+view kernel and the vertical blur.
 
 Exit status 0 when every variant compiles. Must run with TRITON_INTERPRET unset (the kernels
 must be real JITFunctions).
@@ -49,8 +53,15 @@ def compile_variant(fn, types: dict[str, str], constexprs: dict, *, arch: int = 
     return {"regs": regs, "stack": stack}
 
 
+_QUICK = {"patch fwd u8=True mode=2", "patch fwd u8=False mode=1", "patch bwd", "view bicubic=False", "blur v"}
+
+
 def variants(which: str = "all") -> list[tuple[str, object, dict, dict, int]]:
     """(label, kernel, pointer/scalar types, constexprs, num_warps) for every launched variant."""
+    if which == "quick":
+        return [v for v in variants("all") if v[0] in _QUICK]
+    if which not in ("all", "patch", "views"):
+        raise ValueError(f"unknown selection {which!r}: all, patch, views or quick")
     out = []
     if which in ("patch", "all"):
         from lafs_fast.kernels import patch_sampling_triton as P
@@ -68,10 +79,10 @@ def variants(which: str = "all") -> list[tuple[str, object, dict, dict, int]]:
                  "gout_ptr": "*bf16", "gpts_ptr": "*fp32"}
         ce = dict(P=8, IS_U8=True, IDX_MODE=1, NOISE_MODE=1, BLOCK_T=P._BLOCK_T, BLOCK_E=256)
         out.append(("patch bwd", P._patch_bwd_kernel, types, ce, P._NUM_WARPS))
-    if which in ("views", "views-bilinear", "all"):
+    if which in ("views", "all"):
         from lafs_fast.kernels import views_triton as VT
 
-        for bicubic in (False, True) if which != "views-bilinear" else (False,):
+        for bicubic in (False, True):
             types = {"img_ptr": "*u8", "crop_ptr": "*i32", "flags_ptr": "*i32", "fac_ptr": "*fp32",
                      "order_ptr": "*i32", "clean_ptr": "*bf16", "pre_ptr": "*fp32"}
             out.append((f"view bicubic={bicubic}", VT._view_kernel, types, dict(BICUBIC=bicubic, BLOCK=VT._BLOCK),

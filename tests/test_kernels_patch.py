@@ -259,19 +259,20 @@ def _has_nvidia_backend() -> bool:
 
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="triton's NVIDIA backend (ptxas) not installed")
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """The interpreter checks the maths, not code generation: lower every launched variant to an
-    sm_90 cubin (bundled LLVM + ptxas, no driver) and require no register spills to the stack
-    beyond Philox's small frame."""
+    """The interpreter checks the maths, not code generation: lower one variant of every code path
+    (patch forward with in-kernel / given draws, backward, view kernel, blur) to an sm_90 cubin
+    (bundled LLVM + ptxas, no driver) and require no register spills beyond Philox's small frame.
+    The full variant list: ``env -u TRITON_INTERPRET python -m lafs_fast.kernels.aot_check all``."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "lafs_fast.kernels.aot_check", "patch"], env=env,
+    res = subprocess.run([sys.executable, "-m", "lafs_fast.kernels.aot_check", "quick"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("ok")]
-    assert len(lines) == 7, res.stdout
+    assert len(lines) == 5, res.stdout
     for ln in lines:
-        stack = int(ln.rsplit("stack=", 1)[1]) if "stack=None" not in ln else 0
+        stack = 0 if "stack=None" in ln else int(ln.rsplit("stack=", 1)[1])
         assert stack <= 64, ln
