@@ -23,6 +23,7 @@ _LAZY = {
     "draw_view_params": "lafs_fast.kernels.views",
     "apply_views_torch": "lafs_fast.kernels.views",
     "augment_views_torch": "lafs_fast.kernels.views",
+    "map_to_views": "lafs_fast.kernels.views",
     "apply_views_triton": "lafs_fast.kernels.views_triton",
 }
 

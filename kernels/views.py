@@ -43,6 +43,7 @@ __all__ = [
     "apply_views_torch",
     "augment_views_torch",
     "rgb_to_gray",
+    "map_to_views",
     "INTERPOLATIONS",
 ]
 
@@ -134,6 +135,20 @@ class ViewParams:
         a[:, 1, 1] = sy
         a[:, 1, 2] = sy * (0.5 - top) - 0.5
         return a
+
+
+def map_to_views(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Map source-image points into every view.
+
+    Args:
+        points: (B, K, 2) px (x, y) on the source images (pixel i's centre at i).
+        affine: (B, V, 2, 3) from ``ViewParams.affine`` reshaped (or ``AugmentedViews.affine``).
+
+    Returns:
+        (B, V, K, 2) px in each view's pixel coordinates (may fall outside the view).
+    """
+    lin = affine[..., :2]  # (B, V, 2, 2)
+    return torch.einsum("bvij,bkj->bvki", lin, points.to(affine.dtype)) + affine[:, :, None, :, 2]
 
 
 def _per_view(specs: list[ViewSpec], name: str, batch: int, device: torch.device, idx: int | None = None) -> torch.Tensor:

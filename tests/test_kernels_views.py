@@ -17,6 +17,7 @@ from lafs_fast.kernels.views import (
     apply_views_torch,
     draw_view_params,
     lafs_view_specs,
+    map_to_views,
     resample_tables,
 )
 from lafs_fast.kernels.views_triton import apply_views_triton
@@ -233,6 +234,11 @@ def test_affine_maps_source_points_into_views():
         inner = (src_x > left + 0.5) & (src_x < left + w - 1.5)
         assert inner.sum() > s * s // 2
         torch.testing.assert_close(vx[inner], cols[inner], atol=2e-3, rtol=0)
+        # map_to_views agrees with the matrix for any source point
+        pts = torch.tensor([[[left + 1.25, top + 2.5], [left + w - 2.0, top + h / 2]]])
+        mapped = map_to_views(pts, out.affine[:, v : v + 1])[0, 0]
+        expect = pts[0] @ a[v, :, :2].T + a[v, :, 2]
+        torch.testing.assert_close(mapped, expect)
         # y: the point at the view's vertical centre maps back inside the crop
         yc = (s - 1) / 2
         src_y = (yc - a[v, 1, 2]) / a[v, 1, 1]
