@@ -63,11 +63,17 @@ def _folder(root: Path, spec: dict[str, int]) -> Path:
 def test_cli_build_reports_bad_input(tmp_path: Path, capsys) -> None:
     src = _folder(tmp_path / "src", {"alice": 3, "bob": 0, "carol": 2})
     (src / "carol" / "broken.jpg").write_bytes(b"not a jpeg")
+    (src / "ann").mkdir()  # sorts first: its only image is unreadable, so labels must not shift
+    (src / "ann" / "x.png").write_bytes(b"\x89PNG broken")
     assert main(["data", "build", str(src), str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "2 identities, 5 images" in out and "broken.jpg" in out and "identity bob" in out
+    assert "identity ann: none of its images could be read" in out
     r = RecordIOReader(tmp_path / "out")
     assert r.labels.tolist() == [0, 0, 0, 1, 1] and r.property.height == 40 and r.property.width == 30
+    from lafs_fast.data.recordio import read_meta
+
+    assert read_meta(tmp_path / "out")["identities"] == ["alice", "carol"]
     # a second build without --overwrite, an empty folder, a missing rec: one line, exit 2
     assert main(["data", "build", str(src), str(tmp_path / "out")]) == 2
     (tmp_path / "empty").mkdir()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from lafs_fast.data.recordio import write_identity_dataset
+from lafs_fast.data.recordio import IdentityRecWriter
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pnm", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -104,29 +104,34 @@ def build_rec(
     listing = list_folder(src)
     items = listing.items()
     workers = workers or min(16, os.cpu_count() or 1)
-    encoded: list[list[bytes]] = [[] for _ in listing.files]
     skipped: list[tuple[str, str]] = []
     shapes: set[tuple[int, int]] = set()
-    with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(lambda it: _encode(it[0], size, quality), items, chunksize=16)
-        for (path, label), (data, shape, err) in tqdm(
-            zip(items, results), total=len(items), desc=f"encode {listing.root.name}", unit="img", disable=not progress, file=sys.stderr
-        ):
-            if data is None:
-                skipped.append((str(path), err))
-            else:
-                encoded[label].append(data)
-                shapes.add(shape)
-    # identities whose every image failed are dropped, like empty ones, and named in the report
-    keep = [i for i, e in enumerate(encoded) if e]
-    unreadable = [listing.identities[i] for i, e in enumerate(encoded) if not e]
-    if not keep:
-        raise ValueError(f"no image under {src} could be decoded ({len(skipped)} tried); check the files")
-    h, w = shapes.pop() if len(shapes) == 1 else (size or 112, size or 112)
-    names = [listing.identities[i] for i in keep]
-    counts = write_identity_dataset(
-        out, [encoded[i] for i in keep], height=h, width=w, overwrite=overwrite,
-        meta={"identities": names, "source": str(Path(src).resolve()), "mixed_sizes": len(shapes) > 0},
+    written: list[int] = []  # source identity index of each label
+    window = 64 * workers  # bounded look-ahead: encoded images stream to disk, memory stays flat
+    iw = IdentityRecWriter(out, overwrite=overwrite)
+    try:
+        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(items), desc=f"encode {listing.root.name}", unit="img", disable=not progress, file=sys.stderr) as bar:
+            for start in range(0, len(items), window):
+                chunk = items[start : start + window]
+                for (path, ident), (data, shape, err) in zip(chunk, pool.map(lambda it: _encode(it[0], size, quality), chunk)):
+                    if data is None:
+                        skipped.append((str(path), err))
+                    else:
+                        if iw.add(data, ident) == len(written):
+                            written.append(ident)
+                        shapes.add(shape)
+                bar.update(len(chunk))
+        if not written:
+            raise ValueError(f"no image under {src} could be decoded ({len(skipped)} tried); check the files")
+        # identities whose every image failed are dropped, like empty ones, and named in the report
+        unreadable = [name for i, name in enumerate(listing.identities) if i not in set(written)]
+        h, w = next(iter(shapes)) if len(shapes) == 1 else (size or 112, size or 112)
+    except BaseException:
+        iw.abort()
+        raise
+    counts = iw.finish(
+        height=h, width=w,
+        meta={"identities": [listing.identities[i] for i in written], "source": str(Path(src).resolve()), "mixed_sizes": len(shapes) > 1},
     )
     return {
         **counts,

@@ -484,6 +484,56 @@ class RecordIOWriter:
             self.abort()
 
 
+class IdentityRecWriter:
+    """Streams an InsightFace face rec: images keys 1..N grouped by identity (ONE label per identity:
+    its index), then one identity record per identity with its ``[start, end)`` key range, then
+    header record 0 holding the identity-record range (InsightFace's layout; record 0 written last,
+    as theirs). Images go to disk as they come, so a dataset never has to fit in memory.
+
+    ``add(data, group)``: append an image of source group ``group`` (any hashable; consecutive
+    images of one group form one identity, so an identity whose images all failed upstream simply
+    never appears and the labels stay contiguous). ``finish(height, width, meta)`` writes the rest
+    and renames everything into place; ``abort()`` leaves nothing behind.
+    """
+
+    def __init__(self, out: str | os.PathLike, *, overwrite: bool = False) -> None:
+        self.writer = RecordIOWriter(out, overwrite=overwrite)
+        self.key = 1
+        self.ranges: list[tuple[int, int]] = []
+        self._group: object = object()
+
+    def add(self, data: bytes, group) -> int:
+        """Write one image; returns its label."""
+        if group != self._group or not self.ranges:
+            self._group = group
+            self.ranges.append((self.key, self.key))
+        label = len(self.ranges) - 1
+        self.writer.write(self.key, IRHeader(0, float(label), self.key, 0), data)
+        self.key += 1
+        self.ranges[-1] = (self.ranges[-1][0], self.key)
+        return label
+
+    def finish(self, *, height: int, width: int, meta: dict | None = None) -> dict:
+        w = self.writer
+        try:
+            key = self.key
+            id_start = key
+            for a, b in self.ranges:
+                w.write(key, IRHeader(2, np.array([a, b], np.float32), 0, 0))
+                key += 1
+            w.write(0, IRHeader(2, np.array([id_start, key], np.float32), 0, 0))
+            w.set_property(len(self.ranges), height, width)
+            w.set_meta({"color_order": "RGB", "builder": "lafs-fast", **(meta or {})})
+        except BaseException:
+            w.abort()
+            raise
+        w.close()
+        return {"identities": len(self.ranges), "images": id_start - 1, "records": key}
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
 def write_identity_dataset(
     out: str | os.PathLike,
     identities: list[list[bytes]],
@@ -493,26 +543,16 @@ def write_identity_dataset(
     meta: dict | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Write an InsightFace face rec: images keys 1..N (ONE label per identity: its index), then one
-    identity record per identity with its ``[start, end)`` key range, then header record 0 holding the
-    identity-record range (the layout of InsightFace's datasets; record 0 written last, as theirs).
-
-    ``identities[i]``: the encoded images of identity i (non-empty). Returns counts.
-    """
-    with RecordIOWriter(out, overwrite=overwrite) as w:
-        key = 1
-        ranges = []
+    """Write an InsightFace face rec from ``identities[i]`` = the encoded images of identity i
+    (non-empty), with :class:`IdentityRecWriter`. Returns counts."""
+    iw = IdentityRecWriter(out, overwrite=overwrite)
+    try:
         for label, images in enumerate(identities):
-            start = key
+            if not images:
+                raise ValueError(f"identity {label} has no image; leave it out")
             for data in images:
-                w.write(key, IRHeader(0, float(label), key, 0), data)
-                key += 1
-            ranges.append((start, key))
-        id_start = key
-        for a, b in ranges:
-            w.write(key, IRHeader(2, np.array([a, b], np.float32), 0, 0))
-            key += 1
-        w.write(0, IRHeader(2, np.array([id_start, key], np.float32), 0, 0))
-        w.set_property(len(identities), height, width)
-        w.set_meta({"color_order": "RGB", "builder": "lafs-fast", **(meta or {})})
-    return {"identities": len(identities), "images": id_start - 1, "records": key}
+                iw.add(data, label)
+    except BaseException:
+        iw.abort()
+        raise
+    return iw.finish(height=height, width=width, meta=meta)
