@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from lafs_fast.data.recordio import RecordIOReader, read_meta, write_identity_dataset
+from lafs_fast.data.recordio import IdentityRecWriter, RecordIOReader, read_meta
 
 
 def choose_subset(identities: list[tuple[int, np.ndarray]], *, shots: int | None, fraction: float, seed: int) -> list[tuple[int, np.ndarray]]:
@@ -39,7 +39,6 @@ def make_subset(rec: str | os.PathLike, out: str | os.PathLike, *, shots: int | 
     reader = RecordIOReader(rec)
     chosen = choose_subset(list(reader.identities()), shots=shots, fraction=fraction, seed=seed)
     short = sum(1 for _, k in chosen if shots is not None and len(k) < shots)
-    images = [[reader.image(int(k)) for k in keys] for _, keys in chosen]
     src_meta = read_meta(rec)
     names = src_meta.get("identities")
     meta = {
@@ -50,5 +49,13 @@ def make_subset(rec: str | os.PathLike, out: str | os.PathLike, *, shots: int | 
     }
     if names:
         meta["identities"] = [names[label] for label, _ in chosen]
-    counts = write_identity_dataset(out, images, height=reader.property.height, width=reader.property.width, meta=meta, overwrite=overwrite)
+    iw = IdentityRecWriter(out, overwrite=overwrite)  # streamed: record by record, never all in memory
+    try:
+        for label, keys in chosen:
+            for k in keys:
+                iw.add(reader.image(int(k)), label)
+    except BaseException:
+        iw.abort()
+        raise
+    counts = iw.finish(height=reader.property.height, width=reader.property.width, meta=meta)
     return {**counts, "identities_with_fewer_shots": short}
