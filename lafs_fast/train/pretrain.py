@@ -44,6 +44,9 @@ EVAL_SEED = 7_000_001  # held-out synthetic identities: a different seed draws d
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.set_defaults(preset=None)  # small for the built-in data, reference with --data
+    for action in parser._actions:
+        if action.dest == "preset":
+            action.help = "starting values (default: small on the built-in synthetic faces, reference with --data PATH)"
     parser.add_argument("--data", help="a .rec, a folder holding train.rec, an image folder, or synthetic[:IDSxIMGS] (default: built-in synthetic faces)")
     parser.add_argument("--out", help="output folder (default: train.out_dir)")
     parser.add_argument("--gpus", type=int, help="processes to start on this machine (train.gpus)")
