@@ -82,8 +82,13 @@ def verify_rec(rec: str | os.PathLike, *, workers: int | None = None, write_bad:
     r = RecordIOReader(rec)
     keys = [int(k) for k in r.image_keys]
     workers = workers or min(16, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
-        reasons = list(tqdm(pool.map(lambda k: _check(r, k), keys, chunksize=64), total=len(keys), desc=f"verify {r.rec_path.name}", unit="img", disable=not progress, file=sys.stderr))
+    reasons: list[str | None] = []
+    window = 256 * workers  # bounded: millions of records never become millions of pending futures
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(keys), desc=f"verify {r.rec_path.name}", unit="img", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(keys), window):
+            chunk = keys[start : start + window]
+            reasons += pool.map(lambda k: _check(r, k), chunk)
+            bar.update(len(chunk))
     corrupt = [(k, r.offset(k), why) for k, why in zip(keys, reasons) if why is not None]
     problems = []
     if r.header0 is not None:
