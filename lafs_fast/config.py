@@ -141,6 +141,18 @@ class FinetuneConfig:
     randaug_magnitude: float = 1.0
     shard_classes: bool = doc(False, "Partial-FC-style class centres split across ranks")
     sample_rate: float = doc(1.0, "fraction of negative classes sampled by the sharded head")
+    augment: str = choice("auto", "auto", "cpu", "gpu", "none",
+                          help="cpu: timm/PIL per sample (full recipe); gpu: view kernel crop/flip/jitter + erasing, "
+                               "no RandAugment; auto: cpu")
+    randaug_ops: int = doc(2, "RandAugment ops per image (each applied with probability randaug_p)")
+    randaug_p: float = 0.5
+    randaug_std: float = doc(0.5, "std of the per-op RandAugment magnitude, N(randaug_magnitude, std)")
+    crop_scale_min: float = doc(0.9, "RandomResizedCrop(112, scale=(crop_scale_min, 1))")
+    jitter: float = doc(0.1, "ColorJitter brightness = contrast = saturation = hue")
+    erase_p: float = doc(0.5, "RandomErasing probability (area 0.02-0.1, value 0)")
+    subset: str = doc("", "few-shot: 'shots=K,fraction=P,seed=S' (a subset rec is written under train.out_dir)")
+    val_sets: str = doc("", "comma-separated .bin verification sets evaluated during training")
+    val_every: int = doc(0, "verify every this many optimiser steps (0 = at the end only)")
 
 
 @dataclass
@@ -325,11 +337,15 @@ def load_config(
     preset: str = "reference",
     yaml_path: str | Path | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> Config:
-    """Resolve a config: reference defaults <- preset <- YAML file <- overrides, then validate."""
+    """Resolve a config: reference defaults <- preset <- ``defaults`` (a command's own, e.g.
+    fine-tuning's optimiser values) <- YAML file <- overrides, then validate."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = apply_overrides(Config(), PRESETS[preset])
+    if defaults:
+        apply_overrides(cfg, defaults)
     if yaml_path is not None:
         path = Path(yaml_path)
         if not path.is_file():

@@ -1,0 +1,333 @@
+"""The `lafs-fast train-landmarks` (stage 0) and `lafs-fast finetune` (stage 2) commands.
+
+With no arguments each runs on the built-in synthetic faces with the ``small`` preset (a minute or
+two on two CPU cores) and prints a verification check on held-out synthetic identities before and
+after training. With ``--data PATH`` the preset defaults to ``reference`` and the optimiser to the
+reference fine-tuning recipe (34 epochs, 200 per process x 3 accumulation, lr 2.29e-3 at a global
+batch of 1,200 = ``optim.lr`` 4.885e-4 per 256, 5 warm-up epochs, cosine to 1e-6, weight decay 0.1
+/ 0.05 on the landmark CNN, no gradient clipping). Both presets get the constant weight decay 0.1.
+
+Outputs in ``--out`` (rank 0): ``ckpt-<step>.pt`` (resume with ``--resume``), ``metrics.jsonl``,
+``part_fvit.pt`` at the end (a lafs-fast model file: landmark CNN + fViT (+ replicated margin
+head); ``pretrain --landmarks``, ``finetune --landmarks`` and ``lafs-fast eval`` read it), and with
+``--val`` sets ``best.pt`` / ``best.json`` beside the last checkpoint.
+
+Examples::
+
+    lafs-fast train-landmarks                                   # synthetic faces, small preset
+    lafs-fast train-landmarks --data /data/webface4m --gpus 8
+    lafs-fast finetune --init runs/pre/teacher.pt --landmarks runs/s0/part_fvit.pt --data rec/ \\
+        --val lfw.bin,cfp_fp.bin --val-every 2000 finetune.head=arcface finetune.margin=0.5
+    lafs-fast finetune --init lafs_ssl.pth --landmarks part_fvit_ref.pth --data rec/ --subset shots=1,fraction=0.01,seed=0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lafs_fast.config import Config, add_config_arguments, config_from_dict, config_to_dict, load_config
+from lafs_fast.io import atomic_save, check_writable_dir
+from lafs_fast.launch import RankFailed, init_distributed, launch, shutdown, under_torchrun
+
+__all__ = ["add_arguments", "resolve_config", "run", "train_worker", "stage_defaults", "parse_subset", "prepare_data", "heldout_check"]
+
+PROG = {0: "train-landmarks", 2: "finetune"}
+
+# Per-256 lr of the reference fine-tuning: 2.29e-3 at a global batch of 1,200 (spec section 4).
+REFERENCE_LR_PER_256 = 2.29e-3 * 256 / 1200
+
+
+def stage_defaults(preset: str) -> dict[str, Any]:
+    """The supervised stages' optimiser values, applied between the preset and the user's config."""
+    d: dict[str, Any] = {"optim.weight_decay": 0.1, "optim.weight_decay_end": 0.1, "optim.clip_grad": 0.0}
+    if preset == "reference":
+        d.update({"optim.epochs": 34, "optim.batch_size": 200, "optim.accumulation": 3, "optim.lr": REFERENCE_LR_PER_256,
+                  "optim.warmup_epochs": 5, "optim.min_lr": 1e-6})
+    return d
+
+
+def add_arguments(parser: argparse.ArgumentParser, stage: int) -> None:
+    add_config_arguments(parser)
+    parser.set_defaults(preset=None)
+    parser.add_argument("--data", help="a .rec, a folder holding train.rec, an image folder, or synthetic[:IDSxIMGS] (default: built-in synthetic faces)")
+    parser.add_argument("--out", help="output folder (default: train.out_dir)")
+    parser.add_argument("--gpus", type=int, help="processes to start on this machine (train.gpus)")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="train.device")
+    if stage == 2:
+        parser.add_argument("--init", help="the stage-1 backbone: lafs-fast pretrain's teacher.pt / ckpt-*.pt, or the reference's SSL checkpoint")
+        parser.add_argument("--landmarks", help="the stage-0 landmark CNN: train-landmarks' part_fvit.pt, the reference's Part fViT checkpoint, or 'scratch' (default: --init's own if it has one)")
+        parser.add_argument("--no-landmark-reg", dest="landmark_reg", action="store_false", default=None, help="switch the lambda-scheduled landmark regulariser off")
+    else:
+        parser.add_argument("--init", help="optional starting weights (a Part fViT model file or reference checkpoint)")
+    parser.add_argument("--head", choices=["cosface", "arcface"], help="finetune.head (margin: finetune.margin)")
+    parser.add_argument("--subset", help="few-shot subset: shots=K,fraction=P,seed=S (finetune.subset)")
+    parser.add_argument("--val", help="comma-separated .bin verification sets (finetune.val_sets)")
+    parser.add_argument("--val-every", type=int, help="verify every this many steps (finetune.val_every; 0 = at the end)")
+    parser.add_argument("--augment", choices=["auto", "cpu", "gpu", "none"], help="finetune.augment")
+    parser.add_argument("--epochs", type=int, help="optim.epochs")
+    parser.add_argument("--batch-size", type=int, help="per-process batch (optim.batch_size)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (train.max_steps)")
+    parser.add_argument("--seed", type=int, help="train.seed")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the fViT")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint (no value: the latest in --out)")
+    parser.add_argument("--check", dest="check", action="store_true", default=None, help="held-out synthetic verification before and after (default: on for synthetic data)")
+    parser.add_argument("--no-check", dest="check", action="store_false")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Preset (small without --data, else reference) <- stage defaults <- --config <- key=value <- flags."""
+    preset = args.preset or ("small" if not args.data or str(args.data).startswith("synthetic") else "reference")
+    flags: dict[str, Any] = {}
+    for flag, key in (("data", "data.path"), ("out", "train.out_dir"), ("gpus", "train.gpus"), ("device", "train.device"),
+                      ("head", "finetune.head"), ("subset", "finetune.subset"), ("val", "finetune.val_sets"),
+                      ("val_every", "finetune.val_every"), ("augment", "finetune.augment"), ("epochs", "optim.epochs"),
+                      ("batch_size", "optim.batch_size"), ("max_steps", "train.max_steps"), ("seed", "train.seed"),
+                      ("compile", "train.compile"), ("landmark_reg", "finetune.landmark_reg")):
+        val = getattr(args, flag, None)
+        if val is not None:
+            flags[key] = val
+    if flags.get("finetune.head") == "arcface" and not any(str(o).startswith("finetune.margin=") for o in args.overrides or []):
+        flags["finetune.margin"] = 0.5  # ArcFace's usual margin unless given
+    return load_config(preset, args.config, [*(args.overrides or []), *(f"{k}={v}" for k, v in flags.items())],
+                       defaults=stage_defaults(preset))
+
+
+def _source(cfg: Config) -> str:
+    d = cfg.data
+    return d.path or f"synthetic:{d.synthetic_identities}x{d.synthetic_images_per_identity}"
+
+
+def parse_subset(spec: str) -> dict[str, Any]:
+    """'shots=K,fraction=P,seed=S' (any order, each optional) -> {"shots", "fraction", "seed"}."""
+    out: dict[str, Any] = {"shots": None, "fraction": 1.0, "seed": 0}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, _, val = part.partition("=")
+        try:
+            if key == "shots":
+                out["shots"] = int(val)
+            elif key == "fraction":
+                out["fraction"] = float(val)
+            elif key == "seed":
+                out["seed"] = int(val)
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--subset {spec!r}: {part!r} is not shots=K, fraction=P or seed=S") from None
+    if out["shots"] is not None and out["shots"] < 1 or not 0 < out["fraction"] <= 1:
+        raise ValueError(f"--subset {spec!r}: shots must be >= 1 and fraction in (0, 1]")
+    return out
+
+
+def prepare_data(cfg: Config, say=print) -> str:
+    """The data source to train on: ``data.path`` or, with ``finetune.subset``, the few-shot subset
+    (written once under ``train.out_dir``, reused when present; an image folder is packed into a
+    rec first). Synthetic data: ``round(P * IDS)`` identities with K images each from the same
+    generator (every synthetic identity is drawn alike, so this is the subset's distribution)."""
+    src = _source(cfg)
+    if not cfg.finetune.subset:
+        return src
+    s = parse_subset(cfg.finetune.subset)
+    if src.startswith("synthetic"):
+        from lafs_fast.data.synthetic import parse_spec
+
+        ds = parse_spec(src)
+        ids = max(1, round(s["fraction"] * ds.num_identities))
+        shots = min(s["shots"] or ds.images_per_identity, ds.images_per_identity)
+        out = f"synthetic:{ids}x{shots}:seed={ds.seed}"
+        say(f"[subset] synthetic: {ids} identities x {shots} images ({out})")
+        return out
+    from lafs_fast.data.folder import build_rec
+    from lafs_fast.data.subsets import make_subset
+
+    root = Path(cfg.train.out_dir) / f"subset-shots{s['shots']}-frac{s['fraction']:g}-seed{s['seed']}"
+    if (root / "train.rec").is_file():
+        say(f"[subset] reusing {root}")
+        return str(root)
+    rec = Path(src)
+    if rec.is_dir() and not (rec / "train.rec").is_file():  # an image folder: pack it first
+        packed = Path(cfg.train.out_dir) / "packed"
+        if not (packed / "train.rec").is_file():
+            build_rec(rec, packed, progress=False)
+        rec = packed
+    counts = make_subset(rec, root, shots=s["shots"], fraction=s["fraction"], seed=s["seed"])
+    say(f"[subset] {counts} -> {root}")
+    return str(root)
+
+
+def preflight(cfg: Config, stage: int, init: str | None, landmarks: str | None, resume: str | None) -> None:
+    from lafs_fast.data.loaders import open_source
+
+    check_writable_dir(cfg.train.out_dir)
+    open_source(_source(cfg))
+    for what, p in (("--init", init), ("--landmarks", None if landmarks == "scratch" else landmarks)):
+        if p and not Path(p).is_file():
+            raise FileNotFoundError(f"{what} {p} does not exist")
+    for p in filter(None, cfg.finetune.val_sets.split(",")):
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"verification set {p} does not exist; pass .bin files (lafs-fast data make-bin builds one)")
+    if cfg.finetune.subset:
+        parse_subset(cfg.finetune.subset)
+    if resume not in (None, "auto") and not Path(resume).is_file():
+        raise FileNotFoundError(f"checkpoint {resume} does not exist; pass a ckpt-*.pt of a previous run, or --resume alone for the latest in --out")
+
+
+def run(args: argparse.Namespace, stage: int) -> int:
+    cfg = resolve_config(args)
+    init = getattr(args, "init", None)
+    landmarks = getattr(args, "landmarks", None)
+    preflight(cfg, stage, init, landmarks, args.resume)
+    is_synthetic = not cfg.data.path or cfg.data.path.startswith("synthetic")
+    check = args.check if args.check is not None else is_synthetic
+    device = cfg.train.device
+    if device == "auto" and not torch.cuda.is_available():
+        device = "cpu"
+    nprocs = 1 if under_torchrun() else cfg.train.gpus
+    if nprocs > 1 and device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() < nprocs:
+        raise ValueError(f"--gpus {nprocs} but only {torch.cuda.device_count()} GPU(s) are visible; use --device cpu for CPU processes")
+    if not under_torchrun() or int(__import__("os").environ.get("RANK", "0")) == 0:
+        data = prepare_data(cfg)
+    else:
+        data = _source(cfg)  # rank 0 of torchrun prepares; the subset folder is reused by path
+    opts = {"resume": args.resume, "check": check, "progress": not args.no_progress, "init": init, "landmarks": landmarks, "data": data}
+    from lafs_fast.train.engine import NonFiniteLoss
+
+    try:
+        results = launch(train_worker, (config_to_dict(cfg), stage, opts), nprocs)
+    except NonFiniteLoss as exc:
+        print(f"lafs-fast {PROG[stage]}: stopped: {exc}", file=sys.stderr)
+        return 1
+    except RankFailed as exc:
+        print(f"lafs-fast {PROG[stage]}: error: {exc}", file=sys.stderr)
+        return 1
+    if len(results) > 1:
+        digests = {r["digest"] for r in results.values()}
+        for rank in sorted(results):
+            print(f"[{PROG[stage]}] rank {rank}: {results[rank]['steps']} steps, shared parameters sha256 {results[rank]['digest'][:16]}")
+        if len(digests) != 1:
+            print(f"lafs-fast {PROG[stage]}: error: the ranks ended with different parameters", file=sys.stderr)
+            return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the worker
+
+
+class _Normalise:
+    """The ``views`` argument of ``pretrain.knn_check`` for a Part fViT: uint8 faces -> [-1, 1] images."""
+
+    @staticmethod
+    def eval_tokens(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2).float() / 255.0 * 2 - 1
+
+
+def heldout_check(model, device: torch.device) -> dict[str, float]:
+    """1-NN top-1 and verification accuracy (%) on held-out synthetic identities (never trained on),
+    with flip-sum embeddings of the Part fViT (eval mode; its head is not used)."""
+    from lafs_fast.train.pretrain import knn_check
+
+    return knn_check(model, _Normalise(), device)
+
+
+def _shared_digest(model, sharded: bool) -> str:
+    """sha256 of the parameters every rank holds alike (the sharded head's slices differ by design)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if sharded and name.startswith("head."):
+            continue
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> dict[str, Any]:
+    """One process: data, model (loaded per stage), the supervised stage, the engine; rank 0 writes.
+    Returns a summary (steps, digest, loss first/last, checks, verification)."""
+    from lafs_fast.data import make_loader
+    from lafs_fast.train.engine import Engine, barrier
+    from lafs_fast.train.pretrain import format_check
+    from lafs_fast.train.supervised import SupervisedStage, build_supervised_model
+
+    cfg = config_from_dict(cfg_dict)
+    info = init_distributed(cfg.train.device)
+    name = PROG[stage]
+    say = print if info.is_main else (lambda *a, **k: None)
+    try:
+        loader = make_loader(opts.get("data") or _source(cfg), cfg.optim.batch_size, rank=info.rank, world_size=info.world_size,
+                             shuffle=True, seed=cfg.train.seed, device=info.device, drop_last=True, backend=cfg.data.loader,
+                             num_workers=cfg.data.workers, color_order=cfg.data.color_order.upper())
+        num_classes = int(loader.num_classes)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        cfg, model, ref = build_supervised_model(cfg, num_classes, stage, opts.get("init"), opts.get("landmarks"), say=say)
+        out = Path(cfg.train.out_dir)
+        val_sets = [p for p in cfg.finetune.val_sets.split(",") if p]
+        st = SupervisedStage(cfg, model, num_classes, stage, info.device, ref_landmarks=ref, out_dir=out, val_sets=val_sets,
+                             is_main=info.is_main, say=say)
+        torch.manual_seed(cfg.train.seed + 1_000 * info.rank)  # dropout / drop-path streams differ per rank
+        f = cfg.finetune
+        say(f"[{name}] {info.world_size} process(es) on {info.device.type}; data: {loader.backend}; {num_classes} identities, {loader.n} images")
+        say(f"[{name}] model dim {cfg.model.dim} depth {cfg.model.depth}, {sum(p.numel() for p in model.backbone.parameters()) / 1e6:.2f} M fViT + "
+            f"{sum(p.numel() for p in model.landmark_cnn.parameters()) / 1e6:.2f} M landmark CNN; head {f.head} (s {f.scale}, m {f.margin}) "
+            f"{'sharded' if st.sharded else 'replicated'}{f', sample rate {f.sample_rate}' if st.sharded else ''}")
+        say(f"[{name}] {st.augment.describe()}; mixup {'off' if st.mixup is None else f'alpha {f.mixup_alpha} p {f.mixup_p}'}; "
+            f"landmark regulariser {'on (lambda 1000/100/1/0.11/0 from epochs 0/8/14/21/28)' if st.reg_on else 'off'}; layer decay {cfg.optim.layer_decay}")
+        for note in st.notes:
+            say(f"[{name}] note: {note}")
+        before = None
+        if opts.get("check") and info.is_main and not opts.get("resume"):
+            before = heldout_check(model, info.device)
+            say(f"[{name}] held-out check before: {format_check(before)}")
+        barrier(info)
+        engine = Engine(cfg, st, loader, info, out, resume=opts.get("resume"), progress=opts.get("progress", True))
+        say(f"[{name}] {engine.plan.total_steps} steps ({engine.plan.epochs} epochs x {engine.plan.steps_per_epoch}), global batch "
+            f"{engine.plan.global_batch}, peak lr {engine.schedules['lr'].max():.2e}, precision {engine.precision}, compile {cfg.train.compile}")
+        if st.sharded and info.world_size > 1 and opts.get("resume"):
+            raise ValueError("resuming a multi-process run with the sharded margin head is not supported yet (checkpoints hold rank 0's slice only)")
+        result = engine.fit()
+        losses = [r["loss"] for r in result.history]
+        summary: dict[str, Any] = {"rank": info.rank, "steps": result.steps, "digest": _shared_digest(model, st.sharded),
+                                   "seconds": result.seconds, "last_checkpoint": str(result.last_checkpoint),
+                                   "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+        if info.is_main:
+            atomic_save(st.export(), out / "part_fvit.pt")
+            say(f"[{name}] {result.steps} steps in {result.seconds:.1f} s; loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}"
+                if losses else f"[{name}] nothing to do: already at step {result.steps}")
+            say(f"[{name}] model file: {out / 'part_fvit.pt'}")
+            if val_sets:
+                acc = st.validate(result.steps)
+                summary["verification"] = acc
+                summary["best"] = {"mean": st.val.best, "step": st.val.best_step}
+            if opts.get("check"):
+                after = heldout_check(model, info.device)
+                if before is not None:
+                    say(f"[{name}] held-out check before: {format_check(before)}")
+                say(f"[{name}] held-out check after:  {format_check(after)}")
+                summary.update(check_before=before, check_after=after)
+            (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "digest"}, indent=1, default=str) + "\n")
+        barrier(info)
+        return summary
+    finally:
+        shutdown()
+
+
+def main(argv: list[str] | None = None, stage: int = 2) -> int:
+    """``python -m lafs_fast.train.finetune ...`` (what ``torchrun`` runs)."""
+    from lafs_fast.cli import USER_ERRORS
+
+    parser = argparse.ArgumentParser(prog=f"lafs-fast {PROG[stage]}", description=__doc__.splitlines()[0])
+    add_arguments(parser, stage)
+    args = parser.parse_args(argv)
+    try:
+        return int(run(args, stage) or 0)
+    except USER_ERRORS as exc:
+        print(f"lafs-fast {PROG[stage]}: error: {exc}", file=sys.stderr)
+        return 2

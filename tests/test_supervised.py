@@ -1,0 +1,346 @@
+"""Stages 0 and 2 (supervised Part fViT): gradients through the sampler, the landmark regulariser and
+its schedule, augmentation, Mixup targets, optimiser groups, checkpoint loading, resume, sharded head."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lafs_fast.config import config_to_dict, load_config
+from lafs_fast.data import SyntheticFaces
+from lafs_fast.launch import DistInfo
+from lafs_fast.models.checkpoints import export_reference, model_file
+from lafs_fast.models.part_fvit import build_backbone, build_landmark_cnn
+from lafs_fast.train import supervised_run
+from lafs_fast.train.engine import Plan, StepContext, list_checkpoints
+from lafs_fast.train.supervised import (
+    FaceAugment, SupervisedStage, apply_mixup, build_mixup, build_supervised_model, landmark_lambda,
+    landmark_lambda_schedule, layer_id, random_erase, read_weights, supervised_param_groups,
+)
+
+TINY = [
+    "model.dim=32", "model.depth=2", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64",
+    "optim.batch_size=4", "optim.epochs=2", "optim.warmup_epochs=0", "data.synthetic_identities=4",
+    "data.synthetic_images_per_identity=2", "train.log_every=1",
+]
+# no dropout anywhere: forward passes become functions of the weights alone
+DETERMINISTIC = ["model.dropout=0", "model.emb_dropout=0", "model.drop_path=0", "model.landmark_dropout=0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two OpenMP threads run the CNN 5-10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(tmp_path, *extra: str):
+    return load_config("small", None, [*TINY, f"train.out_dir={tmp_path}", *extra], defaults=supervised_run.stage_defaults("small"))
+
+
+def _batch(n: int = 4, seed: int = 5):
+    return SyntheticFaces(n, 1, seed=seed).batch(range(n))
+
+
+def _ctx(step: int = 0, epoch: int = 0, lam: float = 0.0, seed: int = 1) -> StepContext:
+    return StepContext(step, epoch, 0, seed, {"lr": 1e-3, "weight_decay": 0.1, "landmark_lambda": lam}, DistInfo())
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+def test_landmark_lambda_follows_the_spec():
+    expect = {0: 1000, 7: 1000, 8: 100, 13: 100, 14: 1, 20: 1, 21: 0.11, 27: 0.11, 28: 0, 33: 0, 100: 0}
+    for epoch, lam in expect.items():
+        assert landmark_lambda(epoch) == pytest.approx(lam), epoch
+    plan = Plan(epochs=30, steps_per_epoch=3, accumulation=1, batch_size=2, world_size=1)
+    sch = landmark_lambda_schedule(plan)
+    assert sch.shape == (90,)
+    assert list(sch[::3]) == pytest.approx([landmark_lambda(e) for e in range(30)])
+    assert (sch[24:27] == 100).all() and (sch[:24] == 1000).all()  # constant within an epoch
+    assert not landmark_lambda_schedule(plan, enabled=False).any()
+
+
+def test_stage_schedule_is_off_in_stage0_and_switchable(tmp_path):
+    plan = Plan(epochs=10, steps_per_epoch=2, accumulation=1, batch_size=4, world_size=1)
+    cfg = tiny(tmp_path)
+    _, m0, ref0 = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
+    assert ref0 is None
+    s0 = SupervisedStage(cfg, m0, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
+    assert not s0.schedules(plan)["landmark_lambda"].any()
+    cnn = tmp_path / "s0.pt"
+    torch.save(s0.export(), cnn)
+    _, m2, ref2 = build_supervised_model(cfg, 4, 2, init=str(cnn), say=lambda *a: None)
+    s2 = SupervisedStage(cfg, m2, 4, 2, torch.device("cpu"), ref_landmarks=ref2, augment="none", say=lambda *a: None)
+    assert s2.schedules(plan)["landmark_lambda"][0] == 1000 and s2.reg_on
+    off = tiny(tmp_path, "finetune.landmark_reg=false")
+    s2off = SupervisedStage(off, copy.deepcopy(m2), 4, 2, torch.device("cpu"), ref_landmarks=ref2, augment="none", say=lambda *a: None)
+    assert not s2off.reg_on and not s2off.schedules(plan)["landmark_lambda"].any()
+
+
+# ------------------------------------------------------------------------------------------ gradients
+
+
+def test_gradients_reach_the_landmark_cnn_through_the_sampler(tmp_path):
+    cfg = tiny(tmp_path, *DETERMINISTIC, "finetune.mixup_p=0")
+    torch.manual_seed(0)
+    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
+    stage = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
+    images, labels = _batch()
+    loss, metrics = stage.forward_loss(model, (images, labels), _ctx())
+    loss.backward()
+    assert torch.isfinite(loss) and "landmark_mse" not in metrics
+    # the CNN's only path to the loss is the coordinates: a gradient here went through the sampler
+    for name in ("output_layer.1.weight", "stn.features.0.0.weight"):
+        g = dict(model.landmark_cnn.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+    assert model.head.weight.grad.abs().sum() > 0
+
+
+def test_regulariser_adds_lambda_times_mse_to_a_frozen_copy(tmp_path):
+    cfg = tiny(tmp_path, *DETERMINISTIC, "finetune.mixup_p=0")
+    torch.manual_seed(0)
+    src = tmp_path / "s0.pt"
+    torch.save(model_file(cfg.model, build_backbone(cfg.model), landmark_cnn=build_landmark_cnn(cfg.model)), src)
+    _, model, ref = build_supervised_model(cfg, 4, 2, init=str(src), say=lambda *a: None)
+    stage = SupervisedStage(cfg, model, 4, 2, torch.device("cpu"), ref_landmarks=ref, augment="none", say=lambda *a: None)
+    images, labels = _batch()
+    # identical CNNs, both in eval mode (the copy always is: BatchNorm on running statistics): 0
+    model.eval()
+    loss, m = stage.forward_loss(model, (images, labels), _ctx(lam=1000.0))
+    assert float(m["landmark_mse"]) == pytest.approx(0.0, abs=1e-12)
+    model.train()
+    # move the trainable CNN: loss = ce + lambda * MSE(theta_ref / 111, theta / 111)
+    with torch.no_grad():
+        model.landmark_cnn.output_layer[1].bias.add_(torch.randn(392) * 0.5)
+    loss, m = stage.forward_loss(model, (images, labels), _ctx(lam=100.0))
+    x = images.permute(0, 3, 1, 2).float() / 255 * 2 - 1
+    with torch.no_grad():
+        mse = torch.mean((model.landmark_cnn(x) / 111 - ref(x) / 111) ** 2).item()
+    assert float(m["landmark_mse"]) == pytest.approx(mse, rel=1e-5) and mse > 0
+    assert loss.item() == pytest.approx(float(m["ce"]) + 100.0 * mse, rel=1e-5)
+    loss.backward()
+    assert not any(p.requires_grad or p.grad is not None for p in ref.parameters())  # frozen
+    assert not ref.training
+    loss0, m0 = stage.forward_loss(model, (images, labels), _ctx(lam=0.0))
+    assert loss0.item() == pytest.approx(float(m0["ce"])) and "landmark_mse" not in m0
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+
+
+def test_cpu_augmentation_is_seeded_and_leaves_global_rngs_alone(tmp_path):
+    cfg = tiny(tmp_path)
+    aug = FaceAugment(cfg, "cpu")
+    images, _ = _batch(4)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = aug(images, seed=7)
+    after = torch.rand(1)
+    b = aug(images, seed=7)
+    c = aug(images, seed=8)
+    assert a.shape == (4, 3, 112, 112) and a.dtype == torch.float32
+    assert a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(before, after)  # the global torch stream did not move
+    plain = images.permute(0, 3, 1, 2).float() / 255 * 2 - 1
+    assert not torch.allclose(a, plain)
+    assert "Solarize" not in " ".join(type(op).__name__ + op.name for op in aug._cpu[0].transforms[3].ops)
+
+
+def test_gpu_path_runs_on_the_twin_and_erases(tmp_path):
+    cfg = tiny(tmp_path, "finetune.erase_p=1.0")
+    aug = FaceAugment(cfg, "gpu")
+    images, _ = _batch(4)
+    x = aug(images, seed=3)
+    assert x.shape == (4, 3, 112, 112) and torch.equal(x, aug(images, seed=3))
+    g = torch.Generator().manual_seed(0)
+    ones = torch.ones(64, 3, 112, 112)
+    erased = random_erase(ones, 1.0, g)
+    frac = (erased == 0).float().mean(dim=(1, 2, 3))
+    assert ((frac > 0.015) & (frac < 0.11)).float().mean() > 0.9  # area 0.02-0.1 (rounded sides)
+    assert torch.equal(random_erase(ones, 0.0, g), ones)
+
+
+def test_mixup_targets_sum_to_one(tmp_path):
+    cfg = tiny(tmp_path, "finetune.mixup_p=1.0")
+    mix = build_mixup(cfg, 10)
+    x = torch.randn(6, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    xm, t = apply_mixup(mix, x, labels, seed=11)
+    assert t.shape == (6, 10)
+    torch.testing.assert_close(t.sum(dim=1), torch.ones(6))
+    lam = t[0, 0].item()
+    assert 0 < lam < 1 and t[0, 5].item() == pytest.approx(1 - lam)  # timm pairs the batch with its flip
+    torch.testing.assert_close(xm, lam * x + (1 - lam) * x.flip(0))
+    xm2, t2 = apply_mixup(mix, x, labels, seed=11)
+    assert torch.equal(t, t2) and torch.equal(xm, xm2)
+    assert build_mixup(tiny(tmp_path, "finetune.mixup_p=0"), 10) is None
+
+
+def test_mixup_soft_targets_train_through_the_margin_head(tmp_path):
+    cfg = tiny(tmp_path, *DETERMINISTIC, "finetune.mixup_p=1.0")
+    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
+    stage = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
+    loss, m = stage.forward_loss(model, _batch(), _ctx())
+    assert torch.isfinite(loss) and m["ce"] > 0
+
+
+# ------------------------------------------------------------------------------------------ optimiser
+
+
+def test_param_groups_weight_decay_and_layer_decay(tmp_path):
+    cfg = tiny(tmp_path, "optim.layer_decay=0.5")
+    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
+    groups = supervised_param_groups(model, cfg)
+    where = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(where) == len(named)
+    assert cfg.optim.weight_decay == pytest.approx(0.1)
+    lm_w = named["landmark_cnn.output_layer.1.weight"]
+    assert where[id(lm_w)]["wd_mult"] * 0.1 == pytest.approx(0.05)
+    assert where[id(named["landmark_cnn.output_layer.1.bias"])]["wd_mult"] == 0
+    assert where[id(named["backbone.transformer.layers.0.0.fn.fn.to_qkv.weight"])]["wd_mult"] == 1.0
+    assert where[id(named["backbone.transformer.layers.0.0.fn.norm.weight"])]["wd_mult"] == 0
+    assert where[id(named["backbone.pos_embedding"])]["wd_mult"] == 1.0  # (1, 197, dim): not 1-D (spec: 0 on 1-D only)
+    assert where[id(named["head.weight"])]["wd_mult"] == 1.0
+    # depth 2: embeddings 0.5**3, block 0 0.5**2, block 1 0.5, final norm / head / CNN 1
+    assert where[id(named["backbone.patch_to_embedding.weight"])]["lr_mult"] == pytest.approx(0.125)
+    assert where[id(named["backbone.transformer.layers.0.0.fn.fn.to_qkv.weight"])]["lr_mult"] == pytest.approx(0.25)
+    assert where[id(named["backbone.transformer.layers.1.1.fn.fn.net.0.weight"])]["lr_mult"] == pytest.approx(0.5)
+    for n in ("backbone.mlp_head.0.weight", "head.weight", "landmark_cnn.output_layer.1.weight"):
+        assert where[id(named[n])]["lr_mult"] == 1.0, n
+    assert layer_id("backbone.transformer.layers.11.0.fn.norm.weight", 12) == 12
+    off = supervised_param_groups(model, tiny(tmp_path))
+    assert all(g["lr_mult"] == 1.0 for g in off)
+
+
+def test_reference_finetune_defaults():
+    cfg = load_config("reference", None, None, defaults=supervised_run.stage_defaults("reference"))
+    o = cfg.optim
+    assert (o.epochs, o.batch_size, o.accumulation, o.warmup_epochs) == (34, 200, 3, 5)
+    assert o.lr * 1200 / 256 == pytest.approx(2.29e-3)
+    assert (o.weight_decay, o.weight_decay_end, o.landmark_weight_decay) == (0.1, 0.1, 0.05)
+    assert cfg.finetune.head == "cosface" and cfg.finetune.landmark_reg and cfg.optim.layer_decay == 1.0
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def test_stage2_loads_reference_format_checkpoints(tmp_path):
+    cfg = tiny(tmp_path, "model.heads=1", "model.head_dim=64")  # reference files imply 64-wide heads
+    torch.manual_seed(1)
+    bb, cnn = build_backbone(cfg.model), build_landmark_cnn(cfg.model)
+    ours = tmp_path / "ours.pt"
+    torch.save(model_file(cfg.model, bb, landmark_cnn=cnn), ours)
+    ssl, part = tmp_path / "ssl.pth", tmp_path / "part.pth"
+    export_reference(ours, ssl, "ssl")  # {"teacher": {"backbone.*"...}}
+    export_reference(ours, part, "part_fvit")  # flat reference Part fViT state dict
+    only_backbone = tmp_path / "bb.pt"
+    torch.save(model_file(cfg.model, bb), only_backbone)
+    export_reference(only_backbone, tmp_path / "ssl_bb.pth", "ssl")
+    for init, lm in ((ssl, None), (tmp_path / "ssl_bb.pth", part)):
+        cfg2, model, ref = build_supervised_model(cfg, 4, 2, init=str(init), landmarks=None if lm is None else str(lm), say=lambda *a: None)
+        for k, v in bb.state_dict().items():
+            assert torch.equal(model.backbone.state_dict()[k], v), k
+        for k, v in cnn.state_dict().items():
+            assert torch.equal(model.landmark_cnn.state_dict()[k], v) and torch.equal(ref.state_dict()[k], v), k
+        # the reference layout carries no head width: the attention scale is the reference's
+        assert cfg2.model.attn_scale == "dim" and cfg2.model.dim == 32
+    assert read_weights(ssl)["landmark_cnn"] is not None
+    with pytest.raises(ValueError, match="holds no landmark CNN"):
+        build_supervised_model(cfg, 4, 2, init=str(ours), landmarks=str(only_backbone), say=lambda *a: None)
+    with pytest.raises(FileNotFoundError):
+        read_weights(tmp_path / "missing.pt")
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(preset=None, config=None, overrides=[], data=None, out=None, gpus=None, device=None, init=None, landmarks=None,
+                landmark_reg=None, head=None, subset=None, val=None, val_every=None, augment=None, epochs=None, batch_size=None,
+                max_steps=None, seed=None, compile=None, resume=None, check=False, no_progress=True)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_stage2_loads_a_stage1_checkpoint_from_the_pretrain_code(tmp_path):
+    from lafs_fast.train import pretrain
+
+    pre = load_config("small", None, [
+        "model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64", "dino.out_dim=64",
+        "dino.hidden_dim=64", "dino.bottleneck_dim=16", "optim.batch_size=2", "optim.epochs=1", "optim.warmup_epochs=0",
+        "data.synthetic_identities=2", "data.synthetic_images_per_identity=1", "views.n_local=1", "train.max_steps=1",
+        f"train.out_dir={tmp_path / 'pre'}"])
+    pretrain.train_worker(config_to_dict(pre), {"knn": False, "progress": False})
+    teacher = tmp_path / "pre" / "teacher.pt"
+    ckpt = list_checkpoints(tmp_path / "pre")[-1]
+    s0 = tmp_path / "s0.pt"
+    cfg = tiny(tmp_path)
+    torch.save(model_file(cfg.model, build_backbone(cfg.model), landmark_cnn=build_landmark_cnn(cfg.model)), s0)
+    want = torch.load(teacher, weights_only=True)["backbone"]
+    for init in (teacher, ckpt):
+        cfg2, model, ref = build_supervised_model(tiny(tmp_path, "model.depth=3"), 4, 2, init=str(init), landmarks=str(s0), say=lambda *a: None)
+        assert cfg2.model.depth == 1  # the architecture comes from the checkpoint
+        for k, v in want.items():
+            assert torch.equal(model.backbone.state_dict()[k], v), k
+        assert ref is not None
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def _run(cfg, stage: int, **opts):
+    return supervised_run.train_worker(config_to_dict(cfg), stage, {"check": False, "progress": False, **opts})
+
+
+def test_resume_continues_bitwise(tmp_path):
+    extra = ("finetune.mixup_p=1.0", "optim.epochs=2", "train.ckpt_every_steps=1")
+    full = _run(tiny(tmp_path / "a", *extra), 0)
+    assert full["steps"] == 4
+    cut = tiny(tmp_path / "b", *extra, "train.max_steps=2")
+    _run(cut, 0)
+    resumed = _run(tiny(tmp_path / "b", *extra), 0, resume="auto")
+    assert resumed["steps"] == 4
+    assert resumed["digest"] == full["digest"]
+    assert resumed["loss_last"] == full["loss_last"]
+
+
+def test_stage2_run_with_regulariser_writes_part_fvit_and_metrics(tmp_path):
+    s0 = _run(tiny(tmp_path / "s0", "train.max_steps=1"), 0)
+    assert s0["steps"] == 1
+    out = tmp_path / "s2"
+    res = _run(tiny(out, "train.max_steps=2"), 2, init=str(tmp_path / "s0" / "part_fvit.pt"))
+    assert res["steps"] == 2 and np.isfinite(res["loss_last"])
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["landmark_lambda"] == 1000 and "landmark_mse" in rows[0] and "ce" in rows[0]
+    f = torch.load(out / "part_fvit.pt", weights_only=True)
+    assert f["landmark_cnn"] is not None and f["margin_head"]["weight"].shape == (4, 32)
+
+
+def test_sharded_head_option_runs(tmp_path, capsys):
+    res = _run(tiny(tmp_path, "finetune.shard_classes=true", "finetune.sample_rate=0.5", "train.max_steps=2"), 0)
+    assert res["steps"] == 2 and np.isfinite(res["loss_last"])
+    out = capsys.readouterr().out
+    assert "sharded" in out and "Mixup off" in out
+    f = torch.load(tmp_path / "part_fvit.pt", weights_only=True)
+    assert f["margin_head"] is None and f["landmark_cnn"] is not None
+
+
+def test_bad_inputs_fail_with_one_sentence(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        supervised_run.run(_args(out=str(tmp_path), init=str(tmp_path / "nope.pt")), 2)
+    with pytest.raises(ValueError, match="shots=K"):
+        supervised_run.parse_subset("shots=2,frac=0.5")
+    assert supervised_run.parse_subset("fraction=0.25,shots=1,seed=3") == {"shots": 1, "fraction": 0.25, "seed": 3}
+    with pytest.raises(FileNotFoundError, match="verification set"):
+        supervised_run.run(_args(out=str(tmp_path), val=str(tmp_path / "lfw.bin")), 0)
+    with pytest.raises(ValueError, match="even batch"):
+        _run(tiny(tmp_path, "optim.batch_size=3", "finetune.mixup_p=1.0", "train.max_steps=1"), 0)
