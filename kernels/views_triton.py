@@ -27,8 +27,11 @@ from lafs_fast.kernels.views import INTERPOLATIONS, ViewParams, blur_weights
 
 __all__ = ["apply_views_triton"]
 
-_BLOCK = 1024  # pixels per tile (fixed meta-parameters: the interpreter cannot autotune)
-# 8 warps: 4 pixels per thread; with 4 warps the unrolled taps spill (ptxas, sm_90: 255 regs + stack).
+# Pixels per tile (fixed meta-parameters: the interpreter cannot autotune). On CUDA 512 pixels
+# over 8 warps (2 per thread): 57 registers for the view kernel on sm_90 (1024 needed 113).
+# Under the interpreter a program costs Python time per operation, so larger tiles.
+_BLOCK = 512
+_BLOCK_INTERPRETER = 1024
 _NUM_WARPS = 8
 
 
@@ -380,19 +383,20 @@ def apply_views_triton(
     factors = params.factors.to(device=dev, dtype=torch.float32).contiguous()
     order = params.order.to(device=dev, dtype=torch.int32).contiguous()
     pre = torch.empty(shape, dtype=torch.float32, device=dev)
+    block = _BLOCK if dev.type == "cuda" else _BLOCK_INTERPRETER
     sb, sy, sx, sc = images.stride()
     _view_kernel[(n,)](
         images, crop, flags.contiguous(), factors, order, clean, pre,
         v, s, sb, sy, sx, sc,
-        BICUBIC=interpolation == "bicubic", BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        BICUBIC=interpolation == "bicubic", BLOCK=block, num_warps=_NUM_WARPS,
     )
     r = params.blur_halfwidth
     wts = blur_weights(params.blur_sigma.to(dev), r)
     sigma = params.blur_sigma.to(device=dev, dtype=torch.float32).contiguous()
     tmp = torch.empty_like(pre)
-    grid = (n, triton.cdiv(s * s, _BLOCK))
-    _blur_h_kernel[grid](pre, tmp, wts, sigma, s, R=r, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    grid = (n, triton.cdiv(s * s, block))
+    _blur_h_kernel[grid](pre, tmp, wts, sigma, s, R=r, BLOCK=block, num_warps=_NUM_WARPS)
     sol = params.solarize.to(device=dev, dtype=torch.int32).contiguous()
     thr = params.solarize_threshold.to(device=dev, dtype=torch.float32).contiguous()
-    _blur_v_kernel[grid](tmp, aug, wts, sigma, sol, thr, s, R=r, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    _blur_v_kernel[grid](tmp, aug, wts, sigma, sol, thr, s, R=r, BLOCK=block, num_warps=_NUM_WARPS)
     return clean, aug
