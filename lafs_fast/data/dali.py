@@ -71,17 +71,26 @@ def face_pipeline(
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
-    """A dense DALI TensorList (CPU or GPU) -> torch tensor on ``device``."""
-    if hasattr(tl, "as_cpu") and device.type == "cuda":  # TensorListGPU: copy on the GPU
-        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+    """A dense DALI TensorList (CPU or GPU) -> torch tensor on ``device`` (a copy)."""
+    from nvidia.dali.tensors import TensorListGPU
 
-        t = tl.as_tensor()
-        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
-        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
-        return out
-    if hasattr(tl, "as_cpu"):
+    if isinstance(tl, TensorListGPU):  # both list types have as_cpu(): test the type itself
+        if device.type == "cuda":  # GPU -> GPU on torch's current stream
+            from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+            t = tl.as_tensor()
+            out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
+            return out
         tl = tl.as_cpu()
     return torch.from_numpy(np.array(tl.as_array())).to(device)
+
+
+def _device_id(device: torch.device) -> int | None:
+    """DALI's device_id: None for the CPU graph; the CUDA index (or torch's current device)."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _resize_needed(source, image_size: int) -> int | None:
@@ -110,7 +119,7 @@ class DaliLoader(Loader):
         pipe = face_pipeline(
             device=self.pipe_device, reader="external", resize_to=self.resize_to,
             batch_size=self.batch_size, num_threads=self.num_threads,
-            device_id=self.device.index or 0 if self.pipe_device == "gpu" else None,
+            device_id=_device_id(self.device),
             prefetch_queue_depth=self.depth, seed=self.seed,
         )
         pipe.build()
@@ -228,7 +237,7 @@ class DaliMxnetLoader(Loader):
             device=self.pipe_device, reader="mxnet", rec=str(self.source.path), idx=str(self.idx_path),
             shard_id=self.rank, num_shards=self.world_size, shuffle=self.shuffle, initial_fill=min(self.initial_fill, max(1, self.n // self.world_size)),
             resize_to=self.resize_to, batch_size=self.batch_size, num_threads=self.num_threads,
-            device_id=self.device.index or 0 if self.pipe_device == "gpu" else None, seed=self.seed,
+            device_id=_device_id(self.device), seed=self.seed,
             enable_checkpointing=True, checkpoint=self._checkpoint,
         )
         return DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
