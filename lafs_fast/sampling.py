@@ -116,7 +116,8 @@ def draw_landmark_randomness(
     ``offset`` selects an independent stream under the same seed (0: the generator seeded with
     ``seed`` itself).
     """
-    key = int(seed) if offset == 0 else hash((int(seed), int(offset))) & (2**63 - 1)  # int hashing is not salted
+    # A fixed (Python-version-independent) mix of (seed, offset); offset 0 keeps the plain seed.
+    key = int(seed) if offset == 0 else (int(seed) * 0x9E3779B97F4A7C15 + int(offset) * 0xBF58476D1CE4E5B9) % 2**63
     gen = torch.Generator(device=device).manual_seed(key)
     indices = noise = None
     if num_tokens is not None:
