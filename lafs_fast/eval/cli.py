@@ -2,7 +2,7 @@
 
 A SET is a verification ``.bin`` (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW...), a folder of ``.bin``
 files, or an IJB-B/C release root (a folder with ``meta/`` and ``loose_crop/``). MODEL is any model
-file lafs-fast writes or a reference Part fViT / LAFS checkpoint. Example::
+file or training checkpoint lafs-fast writes, or a reference Part fViT / LAFS checkpoint. Example::
 
     lafs-fast eval finetuned.pt data/lfw.bin data/cfp_fp.bin data/agedb_30.bin IJB_release/IJBC --out eval/
 
@@ -31,6 +31,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="train: x/255*2-1, as in training (default); reference: x/255-0.5, as the reference's eval scripts")
     p.add_argument("--sampler", default="auto", choices=("auto", "torch", "triton"), help="patch sampler backend (default auto)")
     p.add_argument("--workers", type=int, default=4, help="image decode threads (default 4)")
+    p.add_argument("--head-dim", type=int, default=64, help="attention head width of a REFERENCE checkpoint (default 64, the reference's)")
 
 
 def make_embedder(args: argparse.Namespace, flip: bool = True):
@@ -38,14 +39,16 @@ def make_embedder(args: argparse.Namespace, flip: bool = True):
     import torch
 
     from lafs_fast.eval.embedder import Embedder
-    from lafs_fast.models.checkpoints import load_model
+    from lafs_fast.eval.loading import load_eval_model
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(args.model)
-    return Embedder(model, device=device, dtype=args.dtype, batch_size=args.batch_size, flip=flip,
-                    input_norm=args.input_norm, sampler_backend=args.sampler)
+    model, kind = load_eval_model(args.model, args.head_dim)
+    emb = Embedder(model, device=device, dtype=args.dtype, batch_size=args.batch_size, flip=flip,
+                   input_norm=args.input_norm, sampler_backend=args.sampler)
+    emb.checkpoint_kind = kind  # printed beside the protocol line
+    return emb
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable_dir(args.out)
     emb = make_embedder(args, flip=not args.no_flip)
     protocol = emb.describe()
-    print(f"model {args.model}: {protocol}", file=sys.stderr)
+    print(f"model {args.model} ({emb.checkpoint_kind}): {protocol}", file=sys.stderr)
     results = []
     for kind, path in sets:
         if kind == "bin":
@@ -117,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
             acc = "" if kind == "ijb" else f"acc {pct(r.accuracy)} +- {pct(r.std)} %, "
             tars = ", ".join(f"TAR@FAR={f:g} {pct(r.tar[f])} %" for f in args.far if f in (1e-4, 1e-3)) or f"TAR@FAR={args.far[0]:g} {pct(r.tar[args.far[0]])} %"
             print(f"{r.name}: {acc}{tars}", file=sys.stderr)
-    meta = {"model": str(args.model), "protocol": protocol, "nfolds": args.nfolds, "threshold_step": args.threshold_step,
-            "far_rule": args.far_rule,
+    meta = {"model": str(args.model), "checkpoint": emb.checkpoint_kind, "protocol": protocol, "nfolds": args.nfolds,
+            "threshold_step": args.threshold_step, "far_rule": args.far_rule,
             "flip": not args.no_flip, "input_norm": args.input_norm}
     if args.json:
         print(json.dumps({**meta, "results": [r.to_json() for r in results]}, indent=1))

@@ -95,15 +95,15 @@ def run(args: argparse.Namespace) -> int:
     if args.folder is not None and args.out is None:
         raise ValueError("--out FILE.npz is required to embed a folder")
     if args.export_onnx:
+        from lafs_fast.eval.loading import load_eval_model
         from lafs_fast.eval.onnx_export import export_onnx
-        from lafs_fast.models.checkpoints import load_model
 
-        rep = export_onnx(load_model(args.model), args.export_onnx, opset=args.opset, exporter=args.onnx_exporter)
+        rep = export_onnx(load_eval_model(args.model, args.head_dim)[0], args.export_onnx, opset=args.opset, exporter=args.onnx_exporter)
         print(f"wrote {rep['path']} (opset {rep['opset']}, {rep['exporter']} exporter): images float32 (B, 3, 112, 112) in [-1, 1] (x/255*2-1) -> "
               f"embedding (B, dim); max |onnxruntime - PyTorch| = {rep['max_abs_diff']:.2e}")
     if args.folder is not None:
         emb = make_embedder(args, flip=not args.no_flip)
-        print(f"model {args.model}: {emb.describe()}", file=sys.stderr)
+        print(f"model {args.model} ({emb.checkpoint_kind}): {emb.describe()}", file=sys.stderr)
         rep = embed_folder(emb, args.folder, args.out, landmarks=args.landmarks, raw=args.raw,
                            progress=not args.no_progress, workers=args.workers)
         print(f"wrote {rep['out']}: {rep['images']} embeddings of dim {rep['dim']}")

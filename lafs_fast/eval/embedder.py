@@ -65,7 +65,7 @@ def iter_batches(items: Sequence, load: Callable[[object], np.ndarray], batch_si
 
 
 class Embedder:
-    """Embeds uint8 faces with a model from ``load_model``.
+    """Embeds uint8 faces with a model from ``lafs_fast.eval.loading.load_eval_model`` (or ``load_model``).
 
     Args:
         model: PartFViT (landmarks) or FViT (regular grid), eval mode.
@@ -82,7 +82,7 @@ class Embedder:
                  batch_size: int = 128, flip: bool = True, input_norm: str = "train",
                  sampler_backend: str = "auto") -> None:
         if not isinstance(model, (PartFViT, FViT)):
-            raise ValueError(f"cannot embed with a {type(model).__name__}: load a model with lafs_fast.models.checkpoints.load_model")
+            raise ValueError(f"cannot embed with a {type(model).__name__}: load a model with lafs_fast.eval.loading.load_eval_model")
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"unknown input normalisation {input_norm!r}; choose one of {', '.join(INPUT_NORMS)}")
         self.device = torch.device(device)
@@ -97,6 +97,7 @@ class Embedder:
         self.model = model.to(self.device).eval()
         self.batch_size, self.flip, self.input_norm = int(batch_size), bool(flip), input_norm
         self.sampler_backend = sampler_backend
+        self.checkpoint_kind = "in-memory model"  # set by the commands to the loaded file's kind
         self.is_part = isinstance(model, PartFViT)
         self.backbone: FViT = model.backbone if self.is_part else model
         # Part fViT: the landmark CNN's extent is image_size - 1; a bare fViT: its grid covers the face.
