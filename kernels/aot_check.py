@@ -84,7 +84,8 @@ def variants(which: str = "all") -> list[tuple[str, object, dict, dict, int]]:
 
         for bicubic in (False, True):
             types = {"img_ptr": "*u8", "crop_ptr": "*i32", "flags_ptr": "*i32", "fac_ptr": "*fp32",
-                     "order_ptr": "*i32", "clean_ptr": "*bf16", "pre_ptr": "*fp32"}
+                     "order_ptr": "*i32", "sigma_ptr": "*fp32", "sol_ptr": "*i32", "thr_ptr": "*fp32",
+                     "clean_ptr": "*bf16", "pre_ptr": "*fp32", "aug_ptr": "*bf16"}
             out.append((f"view bicubic={bicubic}", VT._view_kernel, types, dict(BICUBIC=bicubic, BLOCK=VT._BLOCK),
                         VT._NUM_WARPS))
         out.append(("blur h", VT._blur_h_kernel,

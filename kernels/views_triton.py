@@ -2,12 +2,12 @@
 
 1. ``_view_kernel`` (one program per view): crop + resize (bilinear or bicubic) + flip straight from
    the uint8 NHWC sources, writing the clean normalised view, then colour jitter in the view's own
-   random order, grayscale, into an fp32 [0, 1] buffer. Contrast blends with the grey mean of the
-   view as it stands when contrast comes up in the order, so a first sweep over the view's tiles
-   applies the ops before contrast and reduces that mean (recomputing the cheap resample rather
-   than storing it), and a second sweep applies everything.
-2. ``_blur_h_kernel``: horizontal Gaussian taps (reflect padding), per-view sigma; views without
-   blur copy.
+   random order and grayscale. Contrast blends with the grey mean of the view as it stands when
+   contrast comes up in the order, so a first sweep over the view's tiles applies the ops before
+   contrast and reduces that mean (recomputing the cheap resample rather than storing it), and a
+   second sweep applies everything. A view without blur is finished here (solarize, ``x * 2 - 1``,
+   output dtype): one pass. A blurred view goes to an fp32 [0, 1] scratch.
+2. ``_blur_h_kernel``: horizontal Gaussian taps (reflect padding), per-view sigma, blurred views only.
 3. ``_blur_v_kernel``: vertical taps, then solarize and ``x * 2 - 1`` into the output dtype.
 
 Parameters come from ``kernels.views.draw_view_params`` (drawn on the device; no host round trip
@@ -173,13 +173,29 @@ def _jitter(r, g, b, op, f, mean):
 
 
 @triton.jit
+def _finish(out_ptr, off, npix, m, r, g, b, sol, thr):
+    """Solarize (x >= thr -> 1 - x) when ``sol``, then x * 2 - 1 into out's dtype at planes off + c * npix."""
+    if sol != 0:
+        r = tl.where(r >= thr, 1.0 - r, r)
+        g = tl.where(g >= thr, 1.0 - g, g)
+        b = tl.where(b >= thr, 1.0 - b, b)
+    ety = out_ptr.dtype.element_ty
+    d = out_ptr + off
+    tl.store(d, (r * 2.0 - 1.0).to(ety), mask=m)
+    tl.store(d + npix, (g * 2.0 - 1.0).to(ety), mask=m)
+    tl.store(d + 2 * npix, (b * 2.0 - 1.0).to(ety), mask=m)
+
+
+@triton.jit
 def _view_kernel(
-    img_ptr, crop_ptr, flags_ptr, fac_ptr, order_ptr, clean_ptr, pre_ptr,
+    img_ptr, crop_ptr, flags_ptr, fac_ptr, order_ptr, sigma_ptr, sol_ptr, thr_ptr, clean_ptr, pre_ptr, aug_ptr,
     V, S,
     s_ib, s_iy, s_ix, s_ic,
     BICUBIC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One view n: clean (3, S, S) normalised into clean_ptr, jittered/grey [0, 1] into pre_ptr."""
+    """One view n: clean (3, S, S) normalised into clean_ptr; then jitter / grey, and either
+    solarize + normalise straight into aug_ptr (no blur: the common case finishes in this one pass)
+    or the [0, 1] values into pre_ptr for the blur passes."""
     n = tl.program_id(0)
     b = n // V
     top = tl.load(crop_ptr + n * 4)
@@ -189,6 +205,9 @@ def _view_kernel(
     flip = tl.load(flags_ptr + n * 4)
     jit = tl.load(flags_ptr + n * 4 + 1)
     gray = tl.load(flags_ptr + n * 4 + 2)
+    blur = tl.load(sigma_ptr + n) > 0
+    sol = tl.load(sol_ptr + n)
+    thr = tl.load(thr_ptr + n)
     scale_y = ch.to(tl.float32) / S
     scale_x = cw.to(tl.float32) / S
     npix = S * S
@@ -242,10 +261,13 @@ def _view_kernel(
             r = gr
             g = gr
             bl = gr
-        pptr = pre_ptr + plane + p
-        tl.store(pptr, r, mask=m)
-        tl.store(pptr + npix, g, mask=m)
-        tl.store(pptr + 2 * npix, bl, mask=m)
+        if blur:
+            pptr = pre_ptr + plane + p
+            tl.store(pptr, r, mask=m)
+            tl.store(pptr + npix, g, mask=m)
+            tl.store(pptr + 2 * npix, bl, mask=m)
+        else:
+            _finish(aug_ptr, plane + p, npix, m, r, g, bl, sol, thr)
 
 
 @triton.jit
@@ -256,75 +278,56 @@ def _reflect(i, size):
 
 @triton.jit
 def _blur_h_kernel(src_ptr, dst_ptr, w_ptr, sigma_ptr, S, R: tl.constexpr, BLOCK: tl.constexpr):
-    """dst[n, c, y, x] = sum_k w[n, k] * src[n, c, y, reflect(x + k - R)]; grid (N, tiles)."""
+    """dst[n, c, y, x] = sum_k w[n, k] * src[n, c, y, reflect(x + k - R)]; grid (N, tiles).
+    Views without blur were finished by the view kernel: their programs do nothing."""
     n = tl.program_id(0)
-    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    npix = S * S
-    m = p < npix
-    y = p // S
-    x = p - y * S
-    plane = n.to(tl.int64) * 3 * npix
     sig = tl.load(sigma_ptr + n)
-    a0 = tl.zeros([BLOCK], dtype=tl.float32)
-    a1 = tl.zeros([BLOCK], dtype=tl.float32)
-    a2 = tl.zeros([BLOCK], dtype=tl.float32)
     if sig > 0:
+        p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        npix = S * S
+        m = p < npix
+        y = p // S
+        x = p - y * S
+        plane = n.to(tl.int64) * 3 * npix
+        a0 = tl.zeros([BLOCK], dtype=tl.float32)
+        a1 = tl.zeros([BLOCK], dtype=tl.float32)
+        a2 = tl.zeros([BLOCK], dtype=tl.float32)
         for k in tl.static_range(2 * R + 1):
             w = tl.load(w_ptr + n * (2 * R + 1) + k)
             q = src_ptr + plane + y * S + _reflect(x + (k - R), S)
             a0 = a0 + w * tl.load(q, mask=m, other=0.0)
             a1 = a1 + w * tl.load(q + npix, mask=m, other=0.0)
             a2 = a2 + w * tl.load(q + 2 * npix, mask=m, other=0.0)
-    else:  # identity taps: the same numbers without the reads
-        q = src_ptr + plane + p
-        a0 = tl.load(q, mask=m, other=0.0)
-        a1 = tl.load(q + npix, mask=m, other=0.0)
-        a2 = tl.load(q + 2 * npix, mask=m, other=0.0)
-    d = dst_ptr + plane + p
-    tl.store(d, a0, mask=m)
-    tl.store(d + npix, a1, mask=m)
-    tl.store(d + 2 * npix, a2, mask=m)
+        d = dst_ptr + plane + p
+        tl.store(d, a0, mask=m)
+        tl.store(d + npix, a1, mask=m)
+        tl.store(d + 2 * npix, a2, mask=m)
 
 
 @triton.jit
 def _blur_v_kernel(
     src_ptr, out_ptr, w_ptr, sigma_ptr, sol_ptr, thr_ptr, S, R: tl.constexpr, BLOCK: tl.constexpr
 ):
-    """Vertical taps, then solarize (x >= thr -> 1 - x) and x * 2 - 1 into out's dtype."""
+    """Vertical taps, then solarize and x * 2 - 1 into out's dtype (blurred views only)."""
     n = tl.program_id(0)
-    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    npix = S * S
-    m = p < npix
-    y = p // S
-    x = p - y * S
-    plane = n.to(tl.int64) * 3 * npix
     sig = tl.load(sigma_ptr + n)
-    a0 = tl.zeros([BLOCK], dtype=tl.float32)
-    a1 = tl.zeros([BLOCK], dtype=tl.float32)
-    a2 = tl.zeros([BLOCK], dtype=tl.float32)
     if sig > 0:
+        p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        npix = S * S
+        m = p < npix
+        y = p // S
+        x = p - y * S
+        plane = n.to(tl.int64) * 3 * npix
+        a0 = tl.zeros([BLOCK], dtype=tl.float32)
+        a1 = tl.zeros([BLOCK], dtype=tl.float32)
+        a2 = tl.zeros([BLOCK], dtype=tl.float32)
         for k in tl.static_range(2 * R + 1):
             w = tl.load(w_ptr + n * (2 * R + 1) + k)
             q = src_ptr + plane + _reflect(y + (k - R), S) * S + x
             a0 = a0 + w * tl.load(q, mask=m, other=0.0)
             a1 = a1 + w * tl.load(q + npix, mask=m, other=0.0)
             a2 = a2 + w * tl.load(q + 2 * npix, mask=m, other=0.0)
-    else:
-        q = src_ptr + plane + p
-        a0 = tl.load(q, mask=m, other=0.0)
-        a1 = tl.load(q + npix, mask=m, other=0.0)
-        a2 = tl.load(q + 2 * npix, mask=m, other=0.0)
-    sol = tl.load(sol_ptr + n)
-    thr = tl.load(thr_ptr + n)
-    if sol != 0:
-        a0 = tl.where(a0 >= thr, 1.0 - a0, a0)
-        a1 = tl.where(a1 >= thr, 1.0 - a1, a1)
-        a2 = tl.where(a2 >= thr, 1.0 - a2, a2)
-    ety = out_ptr.dtype.element_ty
-    d = out_ptr + plane + p
-    tl.store(d, (a0 * 2.0 - 1.0).to(ety), mask=m)
-    tl.store(d + npix, (a1 * 2.0 - 1.0).to(ety), mask=m)
-    tl.store(d + 2 * npix, (a2 * 2.0 - 1.0).to(ety), mask=m)
+        _finish(out_ptr, plane + p, npix, m, a0, a1, a2, tl.load(sol_ptr + n), tl.load(thr_ptr + n))
 
 
 def apply_views_triton(
@@ -382,21 +385,22 @@ def apply_views_triton(
     flags = torch.stack([params.flip.to(torch.int32), params.jitter.to(torch.int32), params.gray.to(torch.int32), zeros], 1)
     factors = params.factors.to(device=dev, dtype=torch.float32).contiguous()
     order = params.order.to(device=dev, dtype=torch.int32).contiguous()
+    r = params.blur_halfwidth
+    wts = blur_weights(params.blur_sigma.to(dev), r)
+    sigma = params.blur_sigma.to(device=dev, dtype=torch.float32).contiguous()
+    sol = params.solarize.to(device=dev, dtype=torch.int32).contiguous()
+    thr = params.solarize_threshold.to(device=dev, dtype=torch.float32).contiguous()
+    # fp32 scratch for the blurred views (full size; views without blur never touch it)
     pre = torch.empty(shape, dtype=torch.float32, device=dev)
     block = _BLOCK if dev.type == "cuda" else _BLOCK_INTERPRETER
     sb, sy, sx, sc = images.stride()
     _view_kernel[(n,)](
-        images, crop, flags.contiguous(), factors, order, clean, pre,
+        images, crop, flags.contiguous(), factors, order, sigma, sol, thr, clean, pre, aug,
         v, s, sb, sy, sx, sc,
         BICUBIC=interpolation == "bicubic", BLOCK=block, num_warps=_NUM_WARPS,
     )
-    r = params.blur_halfwidth
-    wts = blur_weights(params.blur_sigma.to(dev), r)
-    sigma = params.blur_sigma.to(device=dev, dtype=torch.float32).contiguous()
     tmp = torch.empty_like(pre)
     grid = (n, triton.cdiv(s * s, block))
     _blur_h_kernel[grid](pre, tmp, wts, sigma, s, R=r, BLOCK=block, num_warps=_NUM_WARPS)
-    sol = params.solarize.to(device=dev, dtype=torch.int32).contiguous()
-    thr = params.solarize_threshold.to(device=dev, dtype=torch.float32).contiguous()
     _blur_v_kernel[grid](tmp, aug, wts, sigma, sol, thr, s, R=r, BLOCK=block, num_warps=_NUM_WARPS)
     return clean, aug

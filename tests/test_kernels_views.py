@@ -38,6 +38,7 @@ def _all_on_params(b: int, side: int, gen: torch.Generator, device: str, num_vie
     p.gray = torch.arange(n) % 3 == 2  # a deterministic mix: some grey, some not
     p.solarize = torch.arange(n) % 2 == 1
     p.blur_sigma[0] = 2.0  # the widest kernel at least once
+    p.blur_sigma[1] = 0.0  # and a solarized view without blur (finished by the view kernel)
     p.flip[:2] = torch.tensor([True, False])
     return p.to(device)
 
