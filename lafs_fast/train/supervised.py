@@ -380,6 +380,7 @@ class ValState:
     best: float = -1.0
     best_step: int = -1
     last: dict[str, float] | None = None
+    last_step: int = -1
 
 
 class SupervisedStage(Stage):
@@ -485,7 +486,7 @@ class SupervisedStage(Stage):
             self.model.train(was)
         acc = {k: round(r.accuracy * 100, 3) for k, r in results.items()}
         mean = float(np.mean(list(acc.values())))
-        self.val.last = acc
+        self.val.last, self.val.last_step = acc, step
         improved = mean > self.val.best
         if improved:
             self.val.best, self.val.best_step = mean, step

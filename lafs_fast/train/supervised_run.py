@@ -286,6 +286,10 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
         if opts.get("check") and info.is_main and not opts.get("resume"):
             before = heldout_check(model, info.device)
             say(f"[{name}] held-out check before: {format_check(before)}")
+        if val_sets and info.is_main and not opts.get("resume"):
+            summary_before = st.validate(0)  # the starting point (and best.pt until training beats it)
+        else:
+            summary_before = None
         barrier(info)
         engine = Engine(cfg, st, loader, info, out, resume=opts.get("resume"), progress=opts.get("progress", True))
         say(f"[{name}] {engine.plan.total_steps} steps ({engine.plan.epochs} epochs x {engine.plan.steps_per_epoch}), global batch "
@@ -303,8 +307,9 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
                 if losses else f"[{name}] nothing to do: already at step {result.steps}")
             say(f"[{name}] model file: {out / 'part_fvit.pt'}")
             if val_sets:
-                acc = st.validate(result.steps)
+                acc = st.val.last if st.val.last_step == result.steps else st.validate(result.steps)
                 summary["verification"] = acc
+                summary["verification_before"] = summary_before
                 summary["best"] = {"mean": st.val.best, "step": st.val.best_step}
             if opts.get("check"):
                 after = heldout_check(model, info.device)
