@@ -93,6 +93,12 @@ def test_eval_command_several_sets_writes_results(model_path, tmp_path, capsys):
     assert (out / "results.txt").read_text().startswith("set")
 
 
+def test_corrupt_image_in_bin_is_named(model_path, tmp_path):
+    write_bin(tmp_path / "bad.bin", [jpeg(faces(1)[0]), b"\xff\xd8 not a jpeg"], [True])
+    with pytest.raises(ValueError, match="bad.bin: image 1 cannot be decoded"):
+        evaluate_bin(Embedder(load_model(model_path)), tmp_path / "bad.bin", nfolds=0, progress=False)
+
+
 def test_eval_command_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.bin does not exist"):
         eval_cli.resolve_sets([str(tmp_path / "nope.bin")])

@@ -209,8 +209,11 @@ def evaluate_ijb(embedder: Embedder, root: str | Path, target: str | None = None
         path = crops / name
         if not path.is_file():
             raise FileNotFoundError(f"IJB image {path} listed in the 5-point file does not exist")
-        with Image.open(path) as im:
-            return align_face(im, lm, embedder.image_size)
+        try:
+            with Image.open(path) as im:
+                return align_face(im, lm, embedder.image_size)
+        except OSError as exc:  # PIL's UnidentifiedImageError included
+            raise ValueError(f"IJB image {path} cannot be decoded ({exc}); replace it from the release") from None
 
     feats = embedder.embed_items(items, load, progress=meta.target if progress else None, workers=workers)
     if use_detector_score:

@@ -78,8 +78,14 @@ def evaluate_bin(embedder: Embedder, path: str | Path, nfolds: int = 10, fars: S
                  progress: bool = True, workers: int = 4, threshold_step: float = 0.01) -> SetResult:
     """Read a ``.bin`` safely, embed with flip-sum (the embedder's setting), score, measure."""
     bs = load_bin(path)
-    emb = embedder.embed_items(bs.images, lambda b: decode_face(b, embedder.image_size),
-                               progress=bs.name if progress else None, workers=workers)
+
+    def load(item: tuple[int, bytes]) -> np.ndarray:
+        try:
+            return decode_face(item[1], embedder.image_size)
+        except OSError as exc:  # PIL's UnidentifiedImageError included
+            raise ValueError(f"{path}: image {item[0]} cannot be decoded ({exc}); the file is damaged") from None
+
+    emb = embedder.embed_items(list(enumerate(bs.images)), load, progress=bs.name if progress else None, workers=workers)
     emb = l2_normalise(emb)
     scores = np.sum(emb[0::2] * emb[1::2], axis=1)
     return evaluate_scores(bs.name, scores, bs.issame, nfolds, fars, threshold_step=threshold_step)
