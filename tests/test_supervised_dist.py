@@ -1,0 +1,33 @@
+"""Two CPU processes (gloo) for the supervised stages: DDP with the sharded margin head keeps the
+shared parameters identical on both ranks (each rank's slice of the class centres is its own)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64", "optim.batch_size=2",
+    "optim.epochs=1", "data.synthetic_identities=5", "data.synthetic_images_per_identity=2", "train.log_every=1",
+]
+
+
+@pytest.mark.timeout(300)
+def test_two_cpu_processes_sharded_head_stay_identical(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "lafs_fast.train.train_landmarks", "--device", "cpu", "--gpus", "2", "--max-steps", "2",
+         "--no-check", "--no-progress", "--out", str(tmp_path), *TINY, "finetune.shard_classes=true"],
+        capture_output=True, text=True, timeout=290, cwd=ROOT, env=env,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    digests = dict(re.findall(r"rank (\d): 2 steps, shared parameters sha256 ([0-9a-f]+)", r.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], r.stdout
+    assert "2 process(es) on cpu" in r.stdout and "sharded" in r.stdout
+    assert (tmp_path / "part_fvit.pt").is_file()
