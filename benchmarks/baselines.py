@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["reference_patch_loop", "torchvision_views_per_sample", "reference_lafs_tokens"]
+__all__ = ["reference_patch_loop", "torchvision_views_per_sample", "reference_lafs_tokens", "reference_part_fvit_forward"]
 
 
 def reference_patch_loop(images: torch.Tensor, coords: torch.Tensor, patch_size: int = 8) -> torch.Tensor:
@@ -131,3 +131,21 @@ def reference_lafs_tokens(
         c = (c + torch.randn(c.shape, generator=generator) * sigma).to(device)
         (out_g if j < n_global else out_l).append(reference_patch_loop(x, c).to(out_dtype))
     return [torch.cat(out_g)] + ([torch.cat(out_l)] if out_l else [])
+
+
+def reference_part_fvit_forward(landmark_cnn, backbone, head, images: torch.Tensor, targets: torch.Tensor):
+    """The reference's Part fViT training forward (added for benchmarks/test_bench_finetune.py):
+    landmarks from the CNN, one ``grid_sample`` per landmark (:func:`reference_patch_loop`), the fViT
+    (whatever attention backend it is set to), a replicated margin head.
+
+    Args:
+        landmark_cnn: images (B, 3, S, S) -> coords (B, L, 2) px.
+        backbone: tokens (B, L, 3*P*P) -> embedding (B, D).
+        head: (embedding, targets) -> logits (B, C).
+        images: (B, 3, S, S) float in [-1, 1]; targets: (B,) int or (B, C) soft.
+    Returns:
+        (logits (B, C), coords (B, L, 2)).
+    """
+    coords = landmark_cnn(images)
+    tokens = reference_patch_loop(images, coords, backbone.patch_size)
+    return head(backbone(tokens), targets), coords
