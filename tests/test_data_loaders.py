@@ -283,3 +283,40 @@ def test_resolve_loader_backend_says_why() -> None:
     assert resolve_loader_backend("pil", "cpu") == ("pil", "requested")
     with pytest.raises(ValueError, match="unknown data backend"):
         resolve_loader_backend("opencv", "cpu")
+
+
+def test_nvjpeg_loader_logic_with_stand_in_decoder(tmp_path: Path, jpeg_rec: Path, monkeypatch) -> None:
+    """The nvJPEG path's batching, per-image fallback (PNG, corrupt), resize and labels, with a PIL
+    stand-in for ``torchvision.io.decode_jpeg`` (same signature and errors; torchvision's image ops
+    do not load on this CPU torch). The real nvJPEG run is test_gpu_paths_match_pil."""
+    import torchvision.io
+
+    from lafs_fast.data.loaders import NvjpegLoader, RecSource
+
+    def stand_in(data, mode=None, device="cpu"):
+        def one(t: torch.Tensor) -> torch.Tensor:
+            try:
+                im = Image.open(io.BytesIO(t.numpy().tobytes()))
+                im.load()
+            except (OSError, SyntaxError) as e:
+                raise RuntimeError(f"decode failed: {e}") from None
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).to(device)
+
+        return [one(t) for t in data] if isinstance(data, list) else one(data)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", stand_in)
+
+    def run(rec: Path) -> tuple[torch.Tensor, torch.Tensor, list]:
+        ld = NvjpegLoader(RecSource(rec), 8, allow_cpu=True, rank=0, world_size=1, shuffle=False, seed=0, device="cpu", drop_last=False)
+        ims, labs = _epoch(ld)
+        return ims, labs, ld.corrupt
+
+    a, la = _epoch(make_loader(jpeg_rec, 8, shuffle=False, drop_last=False, backend="pil", num_workers=0))
+    b, lb, bad = run(jpeg_rec)
+    assert torch.equal(la, lb) and bad == [] and (a.int() - b.int()).abs().max() <= 6
+    c, lc, bad = run(_make_rec(tmp_path / "mixed", "JPEG", corrupt={3}))
+    assert len(c) == IDS * PER - 1 and len(bad) == 1 and "key 4 " in bad[0][0]
+    small, _, _ = run(_make_rec(tmp_path / "small", "PNG", size=64))  # not JPEG: PIL fallback + resize
+    assert small.shape == (IDS * PER, 112, 112, 3)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        make_loader(jpeg_rec, 8, backend="nvjpeg")

@@ -308,9 +308,10 @@ class NvjpegLoader(Loader):
     image to name the corrupt ones.
     """
 
-    def __init__(self, source, batch_size: int, *, image_size: int = 112, color_order: str = "RGB", reason: str = "", **kw) -> None:
+    def __init__(self, source, batch_size: int, *, image_size: int = 112, color_order: str = "RGB", reason: str = "", allow_cpu: bool = False, **kw) -> None:
         super().__init__(len(source), batch_size, num_classes=source.num_classes, **kw)
-        if self.device.type != "cuda":
+        # allow_cpu: torchvision's CPU decoder behind the same batching / fallback / resize code (tests)
+        if self.device.type != "cuda" and not allow_cpu:
             raise ValueError("the nvjpeg backend needs a CUDA device; pass device='cuda' or backend='pil'")
         self.source, self.image_size, self.bgr = source, image_size, color_order == "BGR"
         self.backend = f"nvjpeg: torchvision.io.decode_jpeg on {self.device} ({reason})"
@@ -321,7 +322,7 @@ class NvjpegLoader(Loader):
         if data[:2].tolist() == [0xFF, 0xD8]:
             img = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         else:  # PNG and friends: PIL, then to the device
-            img = torch.from_numpy(decode_pil(data.numpy().tobytes(), self.image_size, False)).permute(2, 0, 1).to(self.device)
+            img = torch.tensor(decode_pil(data.numpy().tobytes(), self.image_size, False)).permute(2, 0, 1).to(self.device)
         return img
 
     def _fetch(self, positions):
