@@ -167,9 +167,11 @@ class Loader:
             raise ValueError(f"{n} images over {world_size} rank(s) make no full batch of {batch_size}; lower the batch size or pass drop_last=False")
 
     def __len__(self) -> int:
+        """Batches per epoch on this rank."""
         return num_batches(self.n, self.batch_size, rank=self.rank, world_size=self.world_size, drop_last=self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
+        """Go to ``epoch`` at batch 0; the current epoch keeps its position (resume)."""
         if epoch != self.epoch:
             self.epoch, self.batch = int(epoch), 0
 
@@ -179,9 +181,11 @@ class Loader:
         return [idx[b * self.batch_size : (b + 1) * self.batch_size] for b in range(len(self))]
 
     def state_dict(self) -> dict:
+        """The exact position: ``epoch``, ``batch`` (handed out so far this epoch) and what must match."""
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "n": self.n, "batch_size": self.batch_size, "world_size": self.world_size, "backend": self.backend.split(":")[0]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue at a saved position; ValueError when data size, seed, batch or world size differ."""
         for k in ("seed", "n", "batch_size", "world_size"):
             if k in state and state[k] != getattr(self, k):
                 raise ValueError(f"the saved loader position is for {k}={state[k]} but this loader has {k}={getattr(self, k)}; resume with the same data, batch size and world size")
