@@ -168,3 +168,10 @@ def test_writer_refuses_overwrite_and_aborts_cleanly(tmp_path: Path) -> None:
             w.write(1, IRHeader(0, 0.0, 1, 0), b"x")
             raise RuntimeError("interrupted")
     assert not (tmp_path / "new" / "train.rec").exists() and not list((tmp_path / "new").iterdir())
+
+
+def test_bad_idx_line_is_named(spec_rec: Path) -> None:
+    idx = spec_rec.with_suffix(".idx")
+    idx.write_text(idx.read_text() + "9\tnot-a-number\n")
+    with pytest.raises(RecordIOError, match=r"train\.idx line 9 is not `key<TAB>offset`"):
+        RecordIOReader(spec_rec)
