@@ -26,6 +26,10 @@ def test_embed_folder_npz(tmp_path, capsys):
         np.testing.assert_allclose(np.linalg.norm(z["embeddings"], axis=1), 1.0, atol=1e-5)
         assert z["paths"].tolist() == ["id0/0.jpg", "id0/2.jpg", "id0/4.jpg", "id1/1.jpg", "id1/3.jpg"]
         assert z["landmarks"].shape == (5, 196, 2)
+        from lafs_fast.eval.embedder import Embedder, decode_face
+
+        first = decode_face(tmp_path / "faces" / "id0" / "0.jpg")[None]
+        np.testing.assert_allclose(z["landmarks"][0], Embedder(load_model(model)).landmarks(first)[0], atol=1e-4)
         assert "x/255*2-1" in str(z["protocol"])
     with pytest.raises(ValueError, match="--out"):
         run_command(embed_cmd, [str(tmp_path / "faces"), "--model", str(model)])

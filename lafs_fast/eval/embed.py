@@ -57,17 +57,16 @@ def embed_folder(embedder: Embedder, folder: str | Path, out: str | Path, landma
         except OSError as exc:
             raise ValueError(f"cannot read image {p} ({exc}); remove it and run again") from None
 
-    emb = embedder.embed_items(files, load, progress="embed" if progress else None, workers=workers)
+    got = embedder.embed_items(files, load, progress="embed" if progress else None, workers=workers,
+                               return_landmarks=landmarks)
+    emb, pts = got if landmarks else (got, None)
     arrays = {
         "embeddings": (emb if raw else l2_normalise(emb)).astype(np.float32),
         "paths": np.array([str(p.relative_to(folder)) for p in files]),
         "protocol": np.array(embedder.describe()),
     }
-    if landmarks:
-        from lafs_fast.eval.embedder import iter_batches
-
-        pts = [embedder.landmarks(b) for b in iter_batches(files, load, embedder.batch_size, workers)]
-        arrays["landmarks"] = np.concatenate(pts).astype(np.float32)
+    if pts is not None:
+        arrays["landmarks"] = pts.astype(np.float32)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(buf.getvalue(), out)

@@ -45,7 +45,7 @@ def decode_face(data: bytes | str | Path, size: int = 112) -> np.ndarray:
         im = im.convert("RGB")
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+        return np.array(im, dtype=np.uint8)  # a writable copy
 
 
 def iter_batches(items: Sequence, load: Callable[[object], np.ndarray], batch_size: int,
@@ -121,6 +121,8 @@ class Embedder:
 
     def _to_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) on the device, normalised."""
+        if isinstance(images, np.ndarray) and not images.flags.writeable:
+            images = images.copy()  # torch refuses to wrap read-only memory (e.g. np.asarray of a PIL image)
         x = torch.as_tensor(images)
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
             raise ValueError(f"faces must be uint8 (B, H, W, 3) RGB, got {tuple(x.shape)} {x.dtype}")
@@ -146,14 +148,20 @@ class Embedder:
         with self._autocast():
             return self.backbone(tokens).float(), coords
 
-    def embed_batch(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """uint8 (B, S, S, 3) RGB -> (B, dim) float32, unnormalised (flip-summed when ``flip``)."""
+    def embed_batch(self, images: np.ndarray | torch.Tensor, return_landmarks: bool = False):
+        """uint8 (B, S, S, 3) RGB -> (B, dim) float32, unnormalised (flip-summed when ``flip``);
+        with ``return_landmarks`` also the (B, L, 2) float32 px landmarks of the unflipped faces."""
+        if return_landmarks and not self.is_part:
+            raise ValueError("this model has no landmark CNN (a bare fViT): it uses a regular grid, there are no landmarks to store")
         x = self._to_input(images)
+        b = x.shape[0]
         if self.flip:
-            emb, _ = self._forward(torch.cat([x, x.flip(-1)]))
-            emb = emb[: x.shape[0]] + emb[x.shape[0]:]
+            emb, coords = self._forward(torch.cat([x, x.flip(-1)]))
+            emb = emb[:b] + emb[b:]
         else:
-            emb, _ = self._forward(x)
+            emb, coords = self._forward(x)
+        if return_landmarks:
+            return emb.cpu().numpy(), coords[:b].float().cpu().numpy()
         return emb.cpu().numpy()
 
     def landmarks(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -164,16 +172,23 @@ class Embedder:
             return self.model.landmark_cnn(self._to_input(images)).float().cpu().numpy()
 
     def embed_items(self, items: Sequence, load: Callable[[object], np.ndarray], progress: str | None = None,
-                    workers: int = 4) -> np.ndarray:
-        """Embed ``items`` (bytes, paths...) decoded by ``load`` -> (N, dim) float32, unnormalised."""
+                    workers: int = 4, return_landmarks: bool = False):
+        """Embed ``items`` (bytes, paths...) decoded by ``load`` -> (N, dim) float32, unnormalised;
+        with ``return_landmarks`` also (N, L, 2) float32 px (Part fViT only), from the same pass."""
         from tqdm import tqdm
 
         out = np.zeros((len(items), self.dim), dtype=np.float32)
+        pts: list[np.ndarray] = []
         bar = tqdm(total=len(items), desc=progress, unit="img", disable=progress is None, leave=False)
         i = 0
         for batch in iter_batches(items, load, self.batch_size, workers):
-            out[i:i + len(batch)] = self.embed_batch(batch)
+            if return_landmarks:
+                emb, coords = self.embed_batch(batch, return_landmarks=True)
+                pts.append(coords)
+            else:
+                emb = self.embed_batch(batch)
+            out[i:i + len(batch)] = emb
             i += len(batch)
             bar.update(len(batch))
         bar.close()
-        return out
+        return (out, np.concatenate(pts)) if return_landmarks else out
