@@ -272,3 +272,9 @@ def test_unwritable_out_dir_is_caught_before_work(tmp_path, monkeypatch):
         pretrain.preflight(tiny(target / "run"), None)
     with pytest.raises(FileNotFoundError, match="landmark checkpoint"):
         pretrain.preflight(tiny(tmp_path, f"views.landmarks={tmp_path / 'missing.pt'}"), None)
+
+
+def test_dino_baseline_trains(tmp_path):
+    summary = _run(tiny(tmp_path, "views.mode=dino", "train.max_steps=1"))
+    assert summary["steps"] == 1
+    assert load_checkpoint(list_checkpoints(tmp_path)[-1])["config"]["views"]["mode"] == "dino"
