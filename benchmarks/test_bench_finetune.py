@@ -9,8 +9,8 @@ regulariser (frozen copy of the CNN, lambda 1000 as in epoch 0), backward, AdamW
 
 - fast: ``lafs_fast.train.supervised.SupervisedStage`` (one-launch patch sampler, SDPA / xformers
   attention, fused AdamW and bf16 autocast and ``torch.compile`` of the fViT on CUDA). Augmentation
-  ``gpu`` = the view kernel (crop / flip / jitter) + erasing on the device, WITHOUT RandAugment;
-  ``cpu`` = the full per-sample PIL/timm recipe (the CPU rows show both);
+  ``gpu`` = the view kernel (crop / flip / jitter) + vectorised RandAugment + erasing on the device;
+  ``cpu`` = the per-sample PIL/timm recipe (the CPU rows show both);
 - reference-style: the same per-sample PIL/timm augmentation on the CPU (serially in the step, where
   the reference spreads it over DataLoader workers), a ``grid_sample`` per landmark, math attention,
   replicated head, eager, fp16 autocast + GradScaler on CUDA (fp32 on the CPU), for-loop AdamW.

@@ -142,8 +142,8 @@ class FinetuneConfig:
     shard_classes: bool = doc(False, "Partial-FC-style class centres split across ranks")
     sample_rate: float = doc(1.0, "fraction of negative classes sampled by the sharded head")
     augment: str = choice("auto", "auto", "cpu", "gpu", "none",
-                          help="cpu: timm/PIL per sample (full recipe); gpu: view kernel crop/flip/jitter + erasing, "
-                               "no RandAugment; auto: cpu")
+                          help="cpu: timm/PIL per sample; gpu: view kernel + vectorised RandAugment + erasing on the "
+                               "device; auto: gpu on CUDA, else cpu")
     randaug_ops: int = doc(2, "RandAugment ops per image (each applied with probability randaug_p)")
     randaug_p: float = 0.5
     randaug_std: float = doc(0.5, "std of the per-op RandAugment magnitude, N(randaug_magnitude, std)")

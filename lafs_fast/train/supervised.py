@@ -27,9 +27,10 @@ Solarize / SolarizeAdd,
 cutmix, no label smoothing) with soft-target cross-entropy through the margin head (the target's
 margin is scaled by its soft weight, the reference's behaviour).
 ``finetune.augment``: ``cpu`` runs the recipe above per sample with PIL / timm (the reference
-semantics; also the default, ``auto``); ``gpu`` renders crop / flip / jitter with the view kernel
-(``lafs_fast.augment``) and erases on the device, WITHOUT RandAugment (said in the log);
-``none`` only normalises. Every draw is keyed by the engine's per-step seed, so a resumed run sees
+semantics); ``gpu`` renders crop / flip / jitter with the view kernel (``lafs_fast.augment``), then
+RandAugment vectorised over the batch (``lafs_fast.train.randaugment``, timm's op arguments, float
+between ops) and erasing on the device; ``auto`` = ``gpu`` on CUDA, ``cpu`` otherwise; ``none``
+only normalises. Every draw is keyed by the engine's per-step seed, so a resumed run sees
 the same augmentations.
 
 Margin head: replicated (``PartFViT.head``) or, with ``finetune.shard_classes``, the Partial-FC
@@ -132,10 +133,10 @@ class FaceAugment:
             return "augmentation: none (normalise only)"
         common = f"RandomResizedCrop({self.size}, scale ({f.crop_scale_min}, 1)), flip, ColorJitter {f.jitter}"
         erase = f"RandomErasing p {f.erase_p}"
+        ra = f"RandAugment {f.randaug_ops} ops p {f.randaug_p} m ~ N({f.randaug_magnitude}, {f.randaug_std}) without Solarize"
         if self.mode == "gpu":
-            return f"augmentation (gpu: view kernel): {common}, {erase}; RandAugment NOT applied on this path"
-        return (f"augmentation (cpu, PIL/timm per sample): {common}, RandAugment {f.randaug_ops} ops p {f.randaug_p} "
-                f"m ~ N({f.randaug_magnitude}, {f.randaug_std}) without Solarize, {erase}")
+            return f"augmentation (on the device: view kernel + vectorised RandAugment): {common}, {ra}, {erase}"
+        return f"augmentation (cpu, PIL/timm per sample): {common}, {ra}, {erase}"
 
     def _build_cpu(self):
         from lafs_fast import _torchvision_fix  # noqa: F401
@@ -194,8 +195,13 @@ class FaceAugment:
         f = self.cfg.finetune
         spec = ViewSpec(scale=(f.crop_scale_min, 1.0), flip_p=0.5, jitter_p=1.0, brightness=f.jitter, contrast=f.jitter,
                         saturation=f.jitter, hue=f.jitter, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+        from lafs_fast.train.randaugment import rand_augment
+
         gen = torch.Generator(device=images.device).manual_seed(int(seed))
         x = augment_views(images, [spec], generator=gen, out_size=self.size, interpolation="bilinear").augmented[:, 0]
+        if f.randaug_ops > 0 and f.randaug_p > 0:
+            x255 = rand_augment((x.float() + 1) * 127.5, gen, f.randaug_magnitude, f.randaug_std, f.randaug_ops, f.randaug_p)
+            x = x255 / 127.5 - 1
         return random_erase(x, f.erase_p, gen)
 
 
@@ -407,8 +413,8 @@ class SupervisedStage(Stage):
         self.ref = ref_landmarks.to(device).eval() if ref_landmarks is not None else None
         self.reg_on = stage == 2 and cfg.finetune.landmark_reg and self.ref is not None
         mode = augment or cfg.finetune.augment
-        if mode == "auto":
-            mode = "cpu"
+        if mode == "auto":  # per-sample PIL would starve a GPU; the CPU keeps the reference semantics
+            mode = "gpu" if device.type == "cuda" else "cpu"
         self.augment = FaceAugment(cfg, mode)
         self.mixup = build_mixup(cfg, num_classes)
         self.notes: list[str] = []
