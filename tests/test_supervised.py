@@ -344,3 +344,13 @@ def test_bad_inputs_fail_with_one_sentence(tmp_path):
         supervised_run.run(_args(out=str(tmp_path), val=str(tmp_path / "lfw.bin")), 0)
     with pytest.raises(ValueError, match="even batch"):
         _run(tiny(tmp_path, "optim.batch_size=3", "finetune.mixup_p=1.0", "train.max_steps=1"), 0)
+
+
+def test_landmarks_and_head_stay_fp32_under_bf16_autocast(tmp_path):
+    cfg = tiny(tmp_path, *DETERMINISTIC)
+    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, coords = model(x, torch.tensor([0, 1]))
+    assert coords.dtype == torch.float32 and logits.dtype == torch.float32
+    torch.testing.assert_close(coords, model.landmark_cnn(x))  # exactly the fp32 CNN
