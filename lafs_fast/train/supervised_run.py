@@ -192,11 +192,7 @@ def run(args: argparse.Namespace, stage: int) -> int:
     nprocs = 1 if under_torchrun() else cfg.train.gpus
     if nprocs > 1 and device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() < nprocs:
         raise ValueError(f"--gpus {nprocs} but only {torch.cuda.device_count()} GPU(s) are visible; use --device cpu for CPU processes")
-    if not under_torchrun() or int(__import__("os").environ.get("RANK", "0")) == 0:
-        data = prepare_data(cfg)
-    else:
-        data = _source(cfg)  # rank 0 of torchrun prepares; the subset folder is reused by path
-    opts = {"resume": args.resume, "check": check, "progress": not args.no_progress, "init": init, "landmarks": landmarks, "data": data}
+    opts = {"resume": args.resume, "check": check, "progress": not args.no_progress, "init": init, "landmarks": landmarks}
     from lafs_fast.train.engine import NonFiniteLoss
 
     try:
@@ -262,7 +258,12 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
     name = PROG[stage]
     say = print if info.is_main else (lambda *a, **k: None)
     try:
-        loader = make_loader(opts.get("data") or _source(cfg), cfg.optim.batch_size, rank=info.rank, world_size=info.world_size,
+        # the few-shot subset (if any): rank 0 writes it, the others then find and reuse it
+        data = opts.get("data") or (prepare_data(cfg, say) if info.is_main else None)
+        barrier(info)
+        if data is None:
+            data = prepare_data(cfg, say=lambda *a, **k: None)
+        loader = make_loader(data, cfg.optim.batch_size, rank=info.rank, world_size=info.world_size,
                              shuffle=True, seed=cfg.train.seed, device=info.device, drop_last=True, backend=cfg.data.loader,
                              num_workers=cfg.data.workers, color_order=cfg.data.color_order.upper())
         num_classes = int(loader.num_classes)
