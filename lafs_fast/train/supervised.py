@@ -455,6 +455,8 @@ class SupervisedStage(Stage):
         self.val_sets = list(val_sets or [])
         self.is_main, self.say = is_main, say
         self.val = ValState()
+        self.first_loss: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_loss: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- schedules and optimiser
 
@@ -495,6 +497,10 @@ class SupervisedStage(Stage):
             loss = loss + lam * mse
             metrics["landmark_mse"] = mse.detach()
         metrics["ce"] = ce.detach()
+        # first / last micro-batch losses of this process (the summary's "loss a -> b"; no host sync here)
+        if self.first_loss is None:
+            self.first_loss = (loss.detach(), ce.detach())
+        self.last_loss = (loss.detach(), ce.detach())
         return loss, metrics
 
     def after_optimizer_step(self, model: nn.Module, ctx: StepContext) -> None:

@@ -298,14 +298,16 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
         if st.sharded and info.world_size > 1 and opts.get("resume"):
             raise ValueError("resuming a multi-process run with the sharded margin head is not supported yet (checkpoints hold rank 0's slice only)")
         result = engine.fit()
-        losses = [r["loss"] for r in result.history]
+        ran = st.first_loss is not None
+        first = [float(t) for t in st.first_loss] if ran else [None, None]
+        last = [float(t) for t in st.last_loss] if ran else [None, None]
         summary: dict[str, Any] = {"rank": info.rank, "steps": result.steps, "digest": _shared_digest(model, st.sharded),
                                    "seconds": result.seconds, "last_checkpoint": str(result.last_checkpoint),
-                                   "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+                                   "loss_first": first[0], "loss_last": last[0], "ce_first": first[1], "ce_last": last[1]}
         if info.is_main:
             atomic_save(st.export(), out / "part_fvit.pt")
-            say(f"[{name}] {result.steps} steps in {result.seconds:.1f} s; loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}"
-                if losses else f"[{name}] nothing to do: already at step {result.steps}")
+            say(f"[{name}] {result.steps} steps in {result.seconds:.1f} s; first -> last batch: loss {first[0]:.3f} -> {last[0]:.3f}, "
+                f"margin cross-entropy {first[1]:.3f} -> {last[1]:.3f}" if ran else f"[{name}] nothing to do: already at step {result.steps}")
             say(f"[{name}] model file: {out / 'part_fvit.pt'}")
             if val_sets:
                 acc = st.val.last if st.val.last_step == result.steps else st.validate(result.steps)
