@@ -54,7 +54,11 @@ def stage_defaults(preset: str) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser, stage: int) -> None:
     add_config_arguments(parser)
-    parser.set_defaults(preset=None)
+    parser.set_defaults(preset=None)  # small for the built-in data, reference with --data
+    for action in parser._actions:
+        if action.dest == "preset":
+            action.help = ("starting values (default: small on the built-in synthetic faces, reference with --data PATH; "
+                           "both with this stage's optimiser defaults, see the module doc)")
     parser.add_argument("--data", help="a .rec, a folder holding train.rec, an image folder, or synthetic[:IDSxIMGS] (default: built-in synthetic faces)")
     parser.add_argument("--out", help="output folder (default: train.out_dir)")
     parser.add_argument("--gpus", type=int, help="processes to start on this machine (train.gpus)")
