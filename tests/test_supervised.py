@@ -342,8 +342,11 @@ def test_bad_inputs_fail_with_one_sentence(tmp_path):
     assert supervised_run.parse_subset("fraction=0.25,shots=1,seed=3") == {"shots": 1, "fraction": 0.25, "seed": 3}
     with pytest.raises(FileNotFoundError, match="verification set"):
         supervised_run.run(_args(out=str(tmp_path), val=str(tmp_path / "lfw.bin")), 0)
-    with pytest.raises(ValueError, match="even batch"):
-        _run(tiny(tmp_path, "optim.batch_size=3", "finetune.mixup_p=1.0", "train.max_steps=1"), 0)
+    # an odd batch (a corrupt image skipped) passes unmixed instead of stopping the run
+    mix = build_mixup(tiny(tmp_path, "finetune.mixup_p=1.0"), 10)
+    x = torch.randn(3, 3, 8, 8)
+    xm, t = apply_mixup(mix, x, torch.tensor([1, 2, 3]), seed=0)
+    assert torch.equal(xm, x) and torch.equal(t.argmax(1), torch.tensor([1, 2, 3])) and torch.equal(t.sum(1), torch.ones(3))
 
 
 def test_landmarks_and_head_stay_fp32_under_bf16_autocast(tmp_path):

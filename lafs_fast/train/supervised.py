@@ -241,12 +241,13 @@ def build_mixup(cfg: Config, num_classes: int):
 
 def apply_mixup(mixup, x: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mixed images, soft targets (B, C) fp32 summing to one); timm draws from numpy's global RNG,
-    keyed here by ``seed`` and restored afterwards."""
+    keyed here by ``seed`` and restored afterwards. timm pairs the batch with its reverse and needs
+    an even batch: an odd one (e.g. a corrupt image skipped by the loader) passes unmixed."""
+    if x.shape[0] % 2:
+        return x, F.one_hot(labels.long(), mixup.num_classes).float()
     state = np.random.get_state()
     try:
         np.random.seed(seed % 2**32)
-        if x.shape[0] % 2:
-            raise ValueError(f"Mixup needs an even batch, got {x.shape[0]}: change optim.batch_size or set finetune.mixup_p=0")
         x, targets = mixup(x.clone(), labels)  # timm mixes in place
     finally:
         np.random.set_state(state)
