@@ -253,7 +253,7 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
     """One process: data, model (loaded per stage), the supervised stage, the engine; rank 0 writes.
     Returns a summary (steps, digest, loss first/last, checks, verification)."""
     from lafs_fast.data import make_loader
-    from lafs_fast.train.engine import Engine, barrier
+    from lafs_fast.train.engine import Engine, barrier, latest_checkpoint
     from lafs_fast.train.pretrain import format_check
     from lafs_fast.train.supervised import SupervisedStage, build_supervised_model
 
@@ -296,11 +296,13 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
         else:
             summary_before = None
         barrier(info)
+        resume = opts.get("resume")
+        if st.sharded and info.world_size > 1 and resume and (resume != "auto" or latest_checkpoint(out) is not None):
+            raise ValueError("resuming a multi-process run with the sharded margin head is not supported yet "
+                             "(checkpoints hold rank 0's slice of the class centres only)")
         engine = Engine(cfg, st, loader, info, out, resume=opts.get("resume"), progress=opts.get("progress", True))
         say(f"[{name}] {engine.plan.total_steps} steps ({engine.plan.epochs} epochs x {engine.plan.steps_per_epoch}), global batch "
             f"{engine.plan.global_batch}, peak lr {engine.schedules['lr'].max():.2e}, precision {engine.precision}, compile {cfg.train.compile}")
-        if st.sharded and info.world_size > 1 and opts.get("resume"):
-            raise ValueError("resuming a multi-process run with the sharded margin head is not supported yet (checkpoints hold rank 0's slice only)")
         result = engine.fit()
         ran = st.first_loss is not None
         first = [float(t) for t in st.first_loss] if ran else [None, None]
