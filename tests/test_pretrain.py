@@ -278,3 +278,11 @@ def test_dino_baseline_trains(tmp_path):
     summary = _run(tiny(tmp_path, "views.mode=dino", "train.max_steps=1"))
     assert summary["steps"] == 1
     assert load_checkpoint(list_checkpoints(tmp_path)[-1])["config"]["views"]["mode"] == "dino"
+
+
+def test_default_run_config_and_reference_with_data(tmp_path):
+    cfg = pretrain.resolve_config(_args())
+    assert (cfg.model.dim, cfg.data.path, cfg.optim.batch_size, cfg.dino.teacher_momentum) == (192, "", 16, 0.9)
+    ref = pretrain.resolve_config(_args("--data", str(tmp_path), "--gpus", "2", "dino.teacher_temp_start=0.04"))
+    assert (ref.model.dim, ref.dino.out_dim, ref.optim.batch_size, ref.model.token_init_std, ref.train.gpus) == (768, 100_000, 82, 1.0, 2)
+    assert ref.dino.teacher_temp_start == 0.04  # key=value still wins
