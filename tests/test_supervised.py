@@ -357,3 +357,23 @@ def test_landmarks_and_head_stay_fp32_under_bf16_autocast(tmp_path):
         logits, coords = model(x, torch.tensor([0, 1]))
     assert coords.dtype == torch.float32 and logits.dtype == torch.float32
     torch.testing.assert_close(coords, model.landmark_cnn(x))  # exactly the fp32 CNN
+
+
+def test_command_line_end_to_end_and_flags(tmp_path, capsys):
+    tiny_args = [a for a in TINY if not a.startswith("optim.epochs")]
+    rc = supervised_run.main(["--out", str(tmp_path / "s0"), "--max-steps", "1", "--no-progress", "--no-check", *tiny_args], stage=0)
+    assert rc == 0 and (tmp_path / "s0" / "part_fvit.pt").is_file()
+    out = capsys.readouterr().out
+    assert "[train-landmarks] 1 steps in" in out and "margin cross-entropy" in out
+    ns = argparse.ArgumentParser()
+    supervised_run.add_arguments(ns, 2)
+    args = ns.parse_args(["--head", "arcface", "--no-landmark-reg", "--subset", "shots=1", "optim.layer_decay=0.58"])
+    cfg = supervised_run.resolve_config(args)
+    assert (cfg.finetune.head, cfg.finetune.margin, cfg.finetune.landmark_reg, cfg.finetune.subset) == ("arcface", 0.5, False, "shots=1")
+    assert cfg.optim.layer_decay == 0.58 and cfg.model.dim == 192  # small preset without --data
+    rc = supervised_run.main(["--out", str(tmp_path / "s2"), "--init", str(tmp_path / "s0" / "part_fvit.pt"), "--max-steps", "1",
+                              "--no-progress", "--no-check", "--head", "arcface", *tiny_args], stage=2)
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "head arcface (s 64.0, m 0.5)" in out and "landmark regulariser on" in out
+    assert supervised_run.main(["--out", str(tmp_path), "--init", str(tmp_path / "none.pt")], stage=2) == 2
