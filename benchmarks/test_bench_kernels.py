@@ -65,6 +65,28 @@ def test_patch_twin_cpu(benchmark, cpu_patch_inputs):
 
 
 @pytest.fixture(scope="module")
+def cpu_patch_inputs_b64():
+    """The foundation issue's CPU comparison: B = 64 faces, 196 landmarks each."""
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(64, 3, S, S, generator=g) * 2 - 1, torch.rand(64, K, 2, generator=g) * (S - 1)
+
+
+def test_patch_reference_loop_cpu_b64(benchmark, cpu_patch_inputs_b64):
+    images, coords = cpu_patch_inputs_b64
+    benchmark.group = "patch sampling, CPU, 64 x 196 tokens"
+    benchmark.extra_info.update(role="reference", items=64 * K)
+    out = benchmark(reference_patch_loop, images, coords)
+    assert torch.equal(out, sample_patches_torch(images, coords))  # bit-identical to the twin
+
+
+def test_patch_twin_cpu_b64(benchmark, cpu_patch_inputs_b64):
+    images, coords = cpu_patch_inputs_b64
+    benchmark.group = "patch sampling, CPU, 64 x 196 tokens"
+    benchmark.extra_info.update(items=64 * K)
+    benchmark(sample_patches_torch, images, coords)
+
+
+@pytest.fixture(scope="module")
 def cpu_view_images():
     return torch.randint(0, 256, (1, S, S, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 

@@ -83,10 +83,13 @@ def sample_patches_torch(
         pts = pts + noise
     pts = pts.to(x.dtype)
     n = pts.shape[1]
-    off = patch_offsets(patch_size, x.device).to(x.dtype).reshape(1, 1, patch_size * patch_size, 2)
+    p = patch_size
+    off = patch_offsets(p, x.device).to(x.dtype).reshape(1, 1, p * p, 2)
     # Same expression as the reference ((offset + landmark) / (H * 0.5) - 1) so rounding matches.
-    grid = (off + pts[:, :, None, :]) / (h * 0.5) - 1  # (B, L, P*P, 2)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    # out: (B, C, L, P*P) -> (B, L, P*P, C): channel fastest
-    tokens = out.permute(0, 2, 3, 1).reshape(b, n, patch_size * patch_size * c)
+    grid = (off + pts[:, :, None, :]) / (h * 0.5) - 1  # (B, L, P*P, 2), rows a-major
+    # Laid out as (B, L*P, P): grid_sample's CPU kernel runs about 2x faster on short output rows
+    # than on (B, L, P*P) at B = 64 (same points, same numbers).
+    out = F.grid_sample(x, grid.reshape(b, n * p, p, 2), mode="bilinear", padding_mode="zeros", align_corners=False)
+    # out: (B, C, L*P, P) = (B, C, L, P*P) -> (B, L, P*P, C): channel fastest
+    tokens = out.reshape(b, c, n, p * p).permute(0, 2, 3, 1).reshape(b, n, p * p * c)
     return tokens.to(out_dtype) if out_dtype is not None else tokens
