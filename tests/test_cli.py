@@ -27,3 +27,13 @@ def test_info_json_reports_versions_and_backends():
         assert key in info
     assert info["backends"]["patch sampler"].startswith(("torch", "triton"))
     assert info["backends"]["attention"].split()[0] in ("sdpa", "xformers", "math")
+
+
+def test_every_command_builds_its_parser():
+    """Each command's module imports and its --help parser builds (in-process: no subprocess each)."""
+    from lafs_fast.cli import COMMANDS, build_parser
+
+    for name in COMMANDS:
+        parser, module = build_parser(name)
+        assert parser.format_help().startswith(f"usage: lafs-fast {name}")
+        assert callable(module.run)
