@@ -64,7 +64,7 @@ from lafs_fast.train.engine import CHECKPOINT_FORMAT, Plan, Stage, StepContext
 __all__ = [
     "LANDMARK_LAMBDA", "landmark_lambda", "landmark_lambda_schedule", "SupervisedStage", "FaceAugment",
     "build_mixup", "layer_id", "supervised_param_groups", "read_weights", "build_supervised_model",
-    "ARCH_FIELDS", "TrainPartFViT",
+    "ARCH_FIELDS",
 ]
 
 # (first epoch, lambda): the regulariser's weight from that epoch on (spec section 4)
@@ -294,36 +294,6 @@ def supervised_param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any
 
 
 # --------------------------------------------------------------------------------------------------
-# the trained module
-
-
-class TrainPartFViT(PartFViT):
-    """PartFViT for training under autocast: the landmark CNN and the margin head run in fp32, the
-    fViT in the autocast dtype. In bf16 the per-sample min-max of 392 numbers scaled to 0..111 has
-    0.5 px steps (too coarse for the sampler and its coordinate gradient), and a cosine has ~3
-    digits, +-0.25 on a logit at s = 64. Same modules and state-dict names as PartFViT.
-
-    forward(images (B, 3, S, S) in [-1, 1], label (B,) int | (B, C) soft | None) -> embedding
-    (B, dim), or (logits (B, C) fp32 | the sharded head's loss () fp32, coords (B, L, 2) fp32).
-    """
-
-    def embed(self, images: torch.Tensor, coords: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if coords is None:
-            with torch.autocast(images.device.type, enabled=False):
-                coords = self.landmark_cnn(images.float())
-        return super().embed(images, coords)
-
-    def forward(self, images: torch.Tensor, label: torch.Tensor | None = None):
-        emb, coords = self.embed(images)
-        if label is None:
-            return emb
-        if self.head is None:
-            raise ValueError("this PartFViT has no margin head: build it with num_classes to train with labels")
-        with torch.autocast(images.device.type, enabled=False):
-            return self.head(emb.float(), label), coords
-
-
-# --------------------------------------------------------------------------------------------------
 # loading weights
 
 
@@ -401,7 +371,7 @@ def build_supervised_model(cfg: Config, num_classes: int, stage: int, init: str 
         load_into(backbone, backbone_sd, f"{init}: backbone")
     if landmark_sd is not None:
         load_into(landmark_cnn, landmark_sd, f"{landmarks or init}: landmark CNN")
-    model = TrainPartFViT(landmark_cnn, backbone, head)
+    model = PartFViT(landmark_cnn, backbone, head)
     ref = None
     if stage == 2 and landmark_sd is not None:
         ref = copy.deepcopy(landmark_cnn).eval().requires_grad_(False)
