@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lafs_fast.config import Config, add_config_arguments, apply_overrides, config_from_dict, config_to_dict, load_config
+from lafs_fast.config import Config, config_from_dict, config_to_dict
 from lafs_fast.io import atomic_save, check_writable_dir
+from lafs_fast.train.cli_common import add_run_arguments, add_source_arguments, data_source, resolve_training_config
 from lafs_fast.launch import RankFailed, init_distributed, launch, shutdown, under_torchrun
 
 __all__ = ["add_arguments", "run", "resolve_config", "stage_defaults", "train_worker", "knn_check", "embed", "param_digest"]
@@ -42,42 +42,20 @@ EVAL_SEED = 7_000_001  # held-out synthetic identities: a different seed draws d
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.set_defaults(preset=None)  # small for the built-in data, reference with --data
-    for action in parser._actions:
-        if action.dest == "preset":
-            action.help = "starting values (default: small on the built-in synthetic faces, reference with --data PATH)"
-    parser.add_argument("--data", help="a .rec, a folder holding train.rec, an image folder, or synthetic[:IDSxIMGS] (default: built-in synthetic faces)")
-    parser.add_argument("--out", help="output folder (default: train.out_dir)")
-    parser.add_argument("--gpus", type=int, help="processes to start on this machine (train.gpus)")
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="train.device")
+    add_source_arguments(parser)
     parser.add_argument("--landmarks", help="'grid' (default), a stage-0 / reference Part fViT checkpoint, or 'detector'")
     parser.add_argument("--views", choices=["lafs", "dino"], help="landmark views (default) or the DINO-face image-grid baseline")
-    parser.add_argument("--epochs", type=int, help="optim.epochs")
-    parser.add_argument("--batch-size", type=int, help="per-process batch (optim.batch_size)")
-    parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (train.max_steps)")
-    parser.add_argument("--seed", type=int, help="train.seed")
-    parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the fViT")
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint (no value: the latest in --out)")
+    add_run_arguments(parser)
     parser.add_argument("--knn", dest="knn", action="store_true", default=None, help="k-NN / verification check on held-out synthetic identities before and after (default: on for synthetic data)")
     parser.add_argument("--no-knn", dest="knn", action="store_false")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+_STAGE_FLAGS = (("landmarks", "views.landmarks"), ("views", "views.mode"))
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """Preset (small without --data, else reference) <- --config <- key=value <- the flags."""
-    preset = args.preset or ("small" if not args.data or str(args.data).startswith("synthetic") else "reference")
-    flags: dict[str, Any] = {}
-    for flag, key in (("data", "data.path"), ("out", "train.out_dir"), ("gpus", "train.gpus"), ("device", "train.device"),
-                      ("landmarks", "views.landmarks"), ("views", "views.mode"), ("epochs", "optim.epochs"),
-                      ("batch_size", "optim.batch_size"), ("max_steps", "train.max_steps"), ("seed", "train.seed"),
-                      ("compile", "train.compile")):
-        val = getattr(args, flag, None)
-        if val is not None:
-            flags[key] = val
-    cfg = load_config(preset, args.config, list(args.overrides or []), defaults=stage_defaults(preset))
-    return _validated(apply_overrides(cfg, flags)) if flags else cfg
+    """Preset (small without --data, else reference) <- stage defaults <- --config <- key=value <- the flags."""
+    return resolve_training_config(args, _STAGE_FLAGS, stage_defaults)
 
 
 def stage_defaults(preset: str) -> dict[str, Any]:
@@ -98,21 +76,12 @@ def stage_defaults(preset: str) -> dict[str, Any]:
     }
 
 
-def _validated(cfg: Config) -> Config:
-    return config_from_dict(config_to_dict(cfg))
-
-
-def _data_source(cfg: Config) -> str:
-    d = cfg.data
-    return d.path or f"synthetic:{d.synthetic_identities}x{d.synthetic_images_per_identity}"
-
-
 def preflight(cfg: Config, resume: str | None) -> None:
     """Every check that needs no work: output folder writable, data and landmark paths readable."""
     from lafs_fast.data.loaders import open_source
 
     check_writable_dir(cfg.train.out_dir)
-    open_source(_data_source(cfg))  # FileNotFoundError / ValueError naming the path
+    open_source(data_source(cfg))  # FileNotFoundError / ValueError naming the path
     lm = cfg.views.landmarks
     if cfg.views.mode == "lafs" and lm not in ("grid", "detector") and not Path(lm).is_file():
         raise FileNotFoundError(f"landmark checkpoint {lm} does not exist; pass a stage-0 / Part fViT checkpoint or --landmarks grid")
@@ -178,7 +147,7 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
     info = init_distributed(cfg.train.device)
     try:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        loader = make_loader(_data_source(cfg), cfg.optim.batch_size, rank=info.rank, world_size=info.world_size, shuffle=True,
+        loader = make_loader(data_source(cfg), cfg.optim.batch_size, rank=info.rank, world_size=info.world_size, shuffle=True,
                              seed=cfg.train.seed, device=info.device, drop_last=True, backend=cfg.data.loader,
                              num_workers=cfg.data.workers, color_order=cfg.data.color_order.upper())
         stage = DinoStage(cfg, info.device)

@@ -28,7 +28,6 @@ All draws come from one ``torch.Generator`` on the images' device: reproducible 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -31,9 +31,10 @@ from typing import Any
 
 import torch
 
-from lafs_fast.config import Config, add_config_arguments, config_from_dict, config_to_dict, load_config
+from lafs_fast.config import Config, config_from_dict, config_to_dict
 from lafs_fast.io import atomic_save, check_writable_dir
 from lafs_fast.launch import RankFailed, init_distributed, launch, shutdown, under_torchrun
+from lafs_fast.train.cli_common import add_run_arguments, add_source_arguments, data_source, resolve_training_config
 
 __all__ = ["add_arguments", "resolve_config", "run", "train_worker", "stage_defaults", "parse_subset", "prepare_data", "heldout_check"]
 
@@ -53,16 +54,7 @@ def stage_defaults(preset: str) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, stage: int) -> None:
-    add_config_arguments(parser)
-    parser.set_defaults(preset=None)  # small for the built-in data, reference with --data
-    for action in parser._actions:
-        if action.dest == "preset":
-            action.help = ("starting values (default: small on the built-in synthetic faces, reference with --data PATH; "
-                           "both with this stage's optimiser defaults, see the module doc)")
-    parser.add_argument("--data", help="a .rec, a folder holding train.rec, an image folder, or synthetic[:IDSxIMGS] (default: built-in synthetic faces)")
-    parser.add_argument("--out", help="output folder (default: train.out_dir)")
-    parser.add_argument("--gpus", type=int, help="processes to start on this machine (train.gpus)")
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="train.device")
+    add_source_arguments(parser, "both with this stage's optimiser defaults, see the module doc")
     if stage == 2:
         parser.add_argument("--init", help="the stage-1 backbone: lafs-fast pretrain's teacher.pt / ckpt-*.pt, or the reference's SSL checkpoint")
         parser.add_argument("--landmarks", help="the stage-0 landmark CNN: train-landmarks' part_fvit.pt, the reference's Part fViT checkpoint, or 'scratch' (default: --init's own if it has one)")
@@ -74,39 +66,21 @@ def add_arguments(parser: argparse.ArgumentParser, stage: int) -> None:
     parser.add_argument("--val", help="comma-separated .bin verification sets (finetune.val_sets)")
     parser.add_argument("--val-every", type=int, help="verify every this many steps (finetune.val_every; 0 = at the end)")
     parser.add_argument("--augment", choices=["auto", "cpu", "gpu", "none"], help="finetune.augment")
-    parser.add_argument("--epochs", type=int, help="optim.epochs")
-    parser.add_argument("--batch-size", type=int, help="per-process batch (optim.batch_size)")
-    parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (train.max_steps)")
-    parser.add_argument("--seed", type=int, help="train.seed")
-    parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the fViT")
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint (no value: the latest in --out)")
+    add_run_arguments(parser)
     parser.add_argument("--check", dest="check", action="store_true", default=None, help="held-out synthetic verification before and after (default: on for synthetic data)")
     parser.add_argument("--no-check", dest="check", action="store_false")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+_STAGE_FLAGS = (("head", "finetune.head"), ("subset", "finetune.subset"), ("val", "finetune.val_sets"),
+                ("val_every", "finetune.val_every"), ("augment", "finetune.augment"), ("landmark_reg", "finetune.landmark_reg"))
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
     """Preset (small without --data, else reference) <- stage defaults <- --config <- key=value <- flags."""
-    preset = args.preset or ("small" if not args.data or str(args.data).startswith("synthetic") else "reference")
-    flags: dict[str, Any] = {}
-    for flag, key in (("data", "data.path"), ("out", "train.out_dir"), ("gpus", "train.gpus"), ("device", "train.device"),
-                      ("head", "finetune.head"), ("subset", "finetune.subset"), ("val", "finetune.val_sets"),
-                      ("val_every", "finetune.val_every"), ("augment", "finetune.augment"), ("epochs", "optim.epochs"),
-                      ("batch_size", "optim.batch_size"), ("max_steps", "train.max_steps"), ("seed", "train.seed"),
-                      ("compile", "train.compile"), ("landmark_reg", "finetune.landmark_reg")):
-        val = getattr(args, flag, None)
-        if val is not None:
-            flags[key] = val
-    if flags.get("finetune.head") == "arcface" and not any(str(o).startswith("finetune.margin=") for o in args.overrides or []):
-        flags["finetune.margin"] = 0.5  # ArcFace's usual margin unless given
-    return load_config(preset, args.config, [*(args.overrides or []), *(f"{k}={v}" for k, v in flags.items())],
-                       defaults=stage_defaults(preset))
-
-
-def _source(cfg: Config) -> str:
-    d = cfg.data
-    return d.path or f"synthetic:{d.synthetic_identities}x{d.synthetic_images_per_identity}"
+    extra = {}
+    if args.head == "arcface" and not any(str(o).startswith("finetune.margin=") for o in args.overrides or []):
+        extra["finetune.margin"] = 0.5  # ArcFace's usual margin unless given
+    return resolve_training_config(args, _STAGE_FLAGS, stage_defaults, extra)
 
 
 def parse_subset(spec: str) -> dict[str, Any]:
@@ -135,7 +109,7 @@ def prepare_data(cfg: Config, say=print) -> str:
     (written once under ``train.out_dir``, reused when present; an image folder is packed into a
     rec first). Synthetic data: ``round(P * IDS)`` identities with K images each from the same
     generator (every synthetic identity is drawn alike, so this is the subset's distribution)."""
-    src = _source(cfg)
+    src = data_source(cfg)
     if not cfg.finetune.subset:
         return src
     s = parse_subset(cfg.finetune.subset)
@@ -170,7 +144,7 @@ def preflight(cfg: Config, stage: int, init: str | None, landmarks: str | None, 
     from lafs_fast.data.loaders import open_source
 
     check_writable_dir(cfg.train.out_dir)
-    open_source(_source(cfg))
+    open_source(data_source(cfg))
     for what, p in (("--init", init), ("--landmarks", None if landmarks == "scratch" else landmarks)):
         if p and not Path(p).is_file():
             raise FileNotFoundError(f"{what} {p} does not exist")

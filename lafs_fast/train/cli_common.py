@@ -1,0 +1,66 @@
+"""Arguments and config resolution shared by the training commands (pretrain, train-landmarks,
+finetune): one place for the flags every stage has, so the three commands read alike."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from lafs_fast.config import Config, add_config_arguments, load_config
+
+__all__ = ["add_source_arguments", "add_run_arguments", "default_preset", "resolve_training_config", "data_source"]
+
+# flag (argparse dest) -> config key, for the flags of add_source_arguments / add_run_arguments
+COMMON_FLAGS: tuple[tuple[str, str], ...] = (
+    ("data", "data.path"), ("out", "train.out_dir"), ("gpus", "train.gpus"), ("device", "train.device"),
+    ("epochs", "optim.epochs"), ("batch_size", "optim.batch_size"), ("max_steps", "train.max_steps"),
+    ("seed", "train.seed"), ("compile", "train.compile"),
+)
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, preset_note: str = "") -> None:
+    """--preset/--config/overrides, --data, --out, --gpus, --device."""
+    add_config_arguments(parser)
+    parser.set_defaults(preset=None)  # small for the built-in data, reference with --data
+    for action in parser._actions:
+        if action.dest == "preset":
+            action.help = "starting values (default: small on the built-in synthetic faces, reference with --data PATH" + (
+                f"; {preset_note})" if preset_note else ")")
+    parser.add_argument("--data", help="a .rec, a folder holding train.rec, an image folder, or synthetic[:IDSxIMGS] (default: built-in synthetic faces)")
+    parser.add_argument("--out", help="output folder (default: train.out_dir)")
+    parser.add_argument("--gpus", type=int, help="processes to start on this machine (train.gpus)")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="train.device")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--epochs, --batch-size, --max-steps, --seed, --compile/--no-compile, --resume, --no-progress."""
+    parser.add_argument("--epochs", type=int, help="optim.epochs")
+    parser.add_argument("--batch-size", type=int, help="per-process batch (optim.batch_size)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (train.max_steps)")
+    parser.add_argument("--seed", type=int, help="train.seed")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the fViT")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint (no value: the latest in --out)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def default_preset(args: argparse.Namespace) -> str:
+    """--preset, else small on the built-in synthetic faces and reference with --data PATH."""
+    return args.preset or ("small" if not args.data or str(args.data).startswith("synthetic") else "reference")
+
+
+def resolve_training_config(args: argparse.Namespace, stage_flags: tuple[tuple[str, str], ...],
+                            stage_defaults: Callable[[str], dict[str, Any]], extra: dict[str, Any] | None = None) -> Config:
+    """Preset <- the stage's defaults <- --config <- key=value <- the flags (``extra`` last)."""
+    preset = default_preset(args)
+    flags = {key: getattr(args, dest) for dest, key in (*COMMON_FLAGS, *stage_flags) if getattr(args, dest, None) is not None}
+    flags.update(extra or {})
+    overrides = [*(args.overrides or []), *(f"{k}={v}" for k, v in flags.items())]
+    return load_config(preset, args.config, overrides, defaults=stage_defaults(preset))
+
+
+def data_source(cfg: Config) -> str:
+    """What make_loader reads: data.path, or the synthetic spec of the config."""
+    d = cfg.data
+    return d.path or f"synthetic:{d.synthetic_identities}x{d.synthetic_images_per_identity}"
