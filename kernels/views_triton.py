@@ -277,6 +277,28 @@ def _reflect(i, size):
 
 
 @triton.jit
+def _blur_taps(src_ptr, w_ptr, n, p, m, plane, S, R: tl.constexpr, VERTICAL: tl.constexpr, BLOCK: tl.constexpr):
+    """The 2R+1 Gaussian taps of view n along x (or y when VERTICAL), reflect padding, for the
+    pixels p of one tile: three (BLOCK,) fp32 channel sums."""
+    npix = S * S
+    y = p // S
+    x = p - y * S
+    a0 = tl.zeros([BLOCK], dtype=tl.float32)
+    a1 = tl.zeros([BLOCK], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in tl.static_range(2 * R + 1):
+        w = tl.load(w_ptr + n * (2 * R + 1) + k)
+        if VERTICAL:
+            q = src_ptr + plane + _reflect(y + (k - R), S) * S + x
+        else:
+            q = src_ptr + plane + y * S + _reflect(x + (k - R), S)
+        a0 = a0 + w * tl.load(q, mask=m, other=0.0)
+        a1 = a1 + w * tl.load(q + npix, mask=m, other=0.0)
+        a2 = a2 + w * tl.load(q + 2 * npix, mask=m, other=0.0)
+    return a0, a1, a2
+
+
+@triton.jit
 def _blur_h_kernel(src_ptr, dst_ptr, w_ptr, sigma_ptr, S, R: tl.constexpr, BLOCK: tl.constexpr):
     """dst[n, c, y, x] = sum_k w[n, k] * src[n, c, y, reflect(x + k - R)]; grid (N, tiles).
     Views without blur were finished by the view kernel: their programs do nothing."""
@@ -286,18 +308,8 @@ def _blur_h_kernel(src_ptr, dst_ptr, w_ptr, sigma_ptr, S, R: tl.constexpr, BLOCK
         p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         npix = S * S
         m = p < npix
-        y = p // S
-        x = p - y * S
         plane = n.to(tl.int64) * 3 * npix
-        a0 = tl.zeros([BLOCK], dtype=tl.float32)
-        a1 = tl.zeros([BLOCK], dtype=tl.float32)
-        a2 = tl.zeros([BLOCK], dtype=tl.float32)
-        for k in tl.static_range(2 * R + 1):
-            w = tl.load(w_ptr + n * (2 * R + 1) + k)
-            q = src_ptr + plane + y * S + _reflect(x + (k - R), S)
-            a0 = a0 + w * tl.load(q, mask=m, other=0.0)
-            a1 = a1 + w * tl.load(q + npix, mask=m, other=0.0)
-            a2 = a2 + w * tl.load(q + 2 * npix, mask=m, other=0.0)
+        a0, a1, a2 = _blur_taps(src_ptr, w_ptr, n, p, m, plane, S, R, False, BLOCK)
         d = dst_ptr + plane + p
         tl.store(d, a0, mask=m)
         tl.store(d + npix, a1, mask=m)
@@ -315,18 +327,8 @@ def _blur_v_kernel(
         p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         npix = S * S
         m = p < npix
-        y = p // S
-        x = p - y * S
         plane = n.to(tl.int64) * 3 * npix
-        a0 = tl.zeros([BLOCK], dtype=tl.float32)
-        a1 = tl.zeros([BLOCK], dtype=tl.float32)
-        a2 = tl.zeros([BLOCK], dtype=tl.float32)
-        for k in tl.static_range(2 * R + 1):
-            w = tl.load(w_ptr + n * (2 * R + 1) + k)
-            q = src_ptr + plane + _reflect(y + (k - R), S) * S + x
-            a0 = a0 + w * tl.load(q, mask=m, other=0.0)
-            a1 = a1 + w * tl.load(q + npix, mask=m, other=0.0)
-            a2 = a2 + w * tl.load(q + 2 * npix, mask=m, other=0.0)
+        a0, a1, a2 = _blur_taps(src_ptr, w_ptr, n, p, m, plane, S, R, True, BLOCK)
         _finish(out_ptr, plane + p, npix, m, a0, a1, a2, tl.load(sol_ptr + n), tl.load(thr_ptr + n))
 
 
