@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["reference_patch_loop", "torchvision_views_per_sample", "reference_lafs_tokens", "reference_part_fvit_forward"]
+__all__ = ["reference_patch_loop", "torchvision_views_per_sample", "reference_lafs_tokens", "reference_part_fvit_forward", "synced"]
 
 
 def reference_patch_loop(images: torch.Tensor, coords: torch.Tensor, patch_size: int = 8) -> torch.Tensor:
@@ -149,3 +149,15 @@ def reference_part_fvit_forward(landmark_cnn, backbone, head, images: torch.Tens
     coords = landmark_cnn(images)
     tokens = reference_patch_loop(images, coords, backbone.patch_size)
     return head(backbone(tokens), targets), coords
+
+
+def synced(fn):
+    """``fn`` followed by a wait for the GPU (when CUDA is in use), so a benchmark times the work and
+    not just its launch. Arguments pass through."""
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return out
+
+    return run

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from benchmarks.baselines import reference_part_fvit_forward
+    from benchmarks.baselines import reference_part_fvit_forward, synced
 except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
-    from baselines import reference_part_fvit_forward
+    from baselines import reference_part_fvit_forward, synced
 from lafs_fast.config import Config, load_config
 from lafs_fast.data import SyntheticFaces
 from lafs_fast.launch import DistInfo
@@ -130,15 +130,6 @@ def _reference_step(stage: SupervisedStage, device: torch.device, images_cpu: to
     return step
 
 
-def _synced(fn, device):
-    def run():
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
-    return run
-
-
 def _record(benchmark, stage: SupervisedStage, batch: int, device: torch.device, role: str = "", flops: float | None = None) -> None:
     benchmark.extra_info.update(items=batch, unit="images", preset_dim=stage.cfg.model.dim, batch=batch,
                                 augment=stage.augment.mode)
@@ -205,7 +196,7 @@ def test_finetune_step_reference_style_gpu(benchmark, gpu_setup):
     benchmark.group = f"finetune step, GPU, reference preset, {GPU_BATCH} images"
     stage = _stage(cfg, GPU_CLASSES, dev, tmp, "cpu")
     flops = step_flops(stage)
-    loss = benchmark.pedantic(_synced(_reference_step(stage, dev, images.cpu(), labels), dev), rounds=3, warmup_rounds=1)
+    loss = benchmark.pedantic(synced(_reference_step(stage, dev, images.cpu(), labels)), rounds=3, warmup_rounds=1)
     assert torch.isfinite(loss)
     _record(benchmark, stage, GPU_BATCH, dev, role="reference", flops=flops)
 
@@ -217,7 +208,7 @@ def test_finetune_step_fast_gpu(benchmark, gpu_setup):
     benchmark.group = f"finetune step, GPU, reference preset, {GPU_BATCH} images"
     stage = _stage(cfg, GPU_CLASSES, dev, tmp, "gpu")
     flops = step_flops(stage)
-    step = _synced(_fast_step(stage, dev, images, labels, compile_=True), dev)
+    step = synced(_fast_step(stage, dev, images, labels, compile_=True))
     for _ in range(3):  # compile and autotune outside the timing
         step()
     loss = benchmark.pedantic(step, rounds=10, warmup_rounds=2)

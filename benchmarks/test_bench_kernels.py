@@ -24,9 +24,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 try:
-    from benchmarks.baselines import reference_patch_loop, torchvision_views_per_sample
+    from benchmarks.baselines import reference_patch_loop, synced, torchvision_views_per_sample
 except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
-    from baselines import reference_patch_loop, torchvision_views_per_sample
+    from baselines import reference_patch_loop, synced, torchvision_views_per_sample
 from lafs_fast.augment import augment_views
 from lafs_fast.kernels.patch_sampling import sample_patches_torch
 from lafs_fast.kernels.views import lafs_view_specs
@@ -126,16 +126,6 @@ def copy_bandwidth_gbs() -> float:
     return 2 * 10 * src.numel() / (start.elapsed_time(end) / 1e3) / 1e9
 
 
-def _synced(fn):
-    def run(*a, **k):
-        out = fn(*a, **k)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    return run
-
-
 @pytest.fixture(scope="module")
 def gpu_patch_inputs():
     """Pre-training scale: dense views (512 images x 196) and sparse views (2048 images x 196 coords)."""
@@ -184,14 +174,14 @@ def test_patch_fwd_reference_loop_gpu(benchmark, gpu_patch_inputs):
     def step():
         return reference_patch_loop(dense_img, dense_xy + noise_d), reference_patch_loop(sparse_img, sparse_pts)
 
-    benchmark.pedantic(_synced(step), rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(synced(step), rounds=3, iterations=1, warmup_rounds=1)
 
 
 @gpu
 def test_patch_fwd_twin_gpu(benchmark, gpu_patch_inputs):
     benchmark.group = "patch sampling forward, H100 scale (256 x 10 views)"
     benchmark.extra_info.update(items=TOKENS)
-    run = _synced(lambda: _step_twin(gpu_patch_inputs, torch.bfloat16))
+    run = synced(lambda: _step_twin(gpu_patch_inputs, torch.bfloat16))
     run()
     benchmark(run)
     _record_bw(benchmark, _patch_bytes(4, 2))
@@ -204,7 +194,7 @@ def test_patch_fwd_twin_compiled_gpu(benchmark, gpu_patch_inputs):
     if DRY:
         pytest.skip("torch.compile case skipped in the dry run (30-40 s of CPU compile)")
     compiled = torch.compile(sample_patches_torch, dynamic=False)
-    run = _synced(lambda: _step_twin(gpu_patch_inputs, torch.bfloat16, compiled))
+    run = synced(lambda: _step_twin(gpu_patch_inputs, torch.bfloat16, compiled))
     run()
     run()
     benchmark(run)
@@ -227,7 +217,7 @@ def test_patch_fwd_triton_gpu(benchmark, gpu_patch_inputs, draw):
     else:
         def step():
             return _step_twin(gpu_patch_inputs, torch.bfloat16, sample_patches_triton)
-    run = _synced(step)
+    run = synced(step)
     got = run()
     if not draw:  # parity at scale before timing
         ref = _step_twin(gpu_patch_inputs, torch.float32)
@@ -257,7 +247,7 @@ def test_patch_fwd_bwd_gpu(benchmark, gpu_patch_inputs, impl):
         fn(dense_img, coords, 8, noise=noise_d).backward(grad)
         return coords.grad
 
-    run = _synced(step)
+    run = synced(step)
     run()
     benchmark(run)
 
@@ -272,7 +262,7 @@ def gpu_view_images():
 def test_views_torchvision_per_sample_gpu(benchmark, gpu_view_images):
     benchmark.group = "views, H100 scale (256 images x 10 views, clean + augmented)"
     benchmark.extra_info.update(role="reference", items=B_GPU * 10)
-    benchmark.pedantic(_synced(torchvision_views_per_sample), args=(gpu_view_images, lafs_view_specs()),
+    benchmark.pedantic(synced(torchvision_views_per_sample), args=(gpu_view_images, lafs_view_specs()),
                        rounds=2, iterations=1, warmup_rounds=1)
 
 
@@ -281,7 +271,7 @@ def test_views_torchvision_per_sample_gpu(benchmark, gpu_view_images):
 def test_views_gpu(benchmark, gpu_view_images, backend):
     benchmark.group = "views, H100 scale (256 images x 10 views, clean + augmented)"
     benchmark.extra_info.update(items=B_GPU * 10)
-    run = _synced(lambda: augment_views(gpu_view_images, seed=0, backend=backend, out_dtype=torch.bfloat16))
+    run = synced(lambda: augment_views(gpu_view_images, seed=0, backend=backend, out_dtype=torch.bfloat16))
     out = run()
     assert out.backend == backend
     benchmark(run)

@@ -25,12 +25,9 @@ import pytest
 import torch
 
 try:
-    from benchmarks.baselines import reference_lafs_tokens
+    from benchmarks.baselines import reference_lafs_tokens, synced
 except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
-    try:
-        from baselines import reference_lafs_tokens
-    except ImportError:  # an older baselines.py: the fast cases still run
-        reference_lafs_tokens = None
+    from baselines import reference_lafs_tokens, synced
 from lafs_fast.config import Config, load_config
 from lafs_fast.data import SyntheticFaces
 from lafs_fast.launch import DistInfo
@@ -90,8 +87,6 @@ def _fast_step(cfg: Config, device: torch.device, images: torch.Tensor, compile_
 
 
 def _reference_step(cfg: Config, device: torch.device, images_cpu: torch.Tensor):
-    if reference_lafs_tokens is None:
-        pytest.skip("benchmarks/baselines.py has no reference_lafs_tokens")
     torch.manual_seed(0)
     stage = DinoStage(cfg, device)
     for mb in (stage.model.backbone, stage.teacher.backbone):
@@ -128,15 +123,6 @@ def _reference_step(cfg: Config, device: torch.device, images_cpu: torch.Tensor)
         return loss
 
     return step
-
-
-def _synced(fn, device):
-    def run():
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
-    return run
 
 
 def _record(benchmark, cfg: Config, batch: int, device: torch.device, role: str = "") -> None:
@@ -199,7 +185,7 @@ def test_pretrain_step_reference_style_gpu(benchmark, gpu_setup):
     cfg, images = gpu_setup
     dev = torch.device("cuda")
     benchmark.group = f"pretrain step, GPU, reference preset, {GPU_BATCH} images x 10 views"
-    step = _synced(_reference_step(cfg, dev, images.cpu()), dev)
+    step = synced(_reference_step(cfg, dev, images.cpu()))
     benchmark.pedantic(step, rounds=2, warmup_rounds=1)
     _record(benchmark, cfg, GPU_BATCH, dev, role="reference")
 
@@ -210,7 +196,7 @@ def test_pretrain_step_fast_gpu(benchmark, gpu_setup, compiled):
     cfg, images = gpu_setup
     dev = torch.device("cuda")
     benchmark.group = f"pretrain step, GPU, reference preset, {GPU_BATCH} images x 10 views"
-    step = _synced(_fast_step(cfg, dev, images, compile_=compiled), dev)
+    step = synced(_fast_step(cfg, dev, images, compile_=compiled))
     for _ in range(3):  # compile + autotune + allocator warm-up
         step()
     benchmark.pedantic(step, rounds=10, warmup_rounds=1)
