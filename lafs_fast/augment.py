@@ -9,18 +9,17 @@ a seed reproduces the views on either backend up to float rounding.
 
 from __future__ import annotations
 
-import functools
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from lafs_fast.dispatch import TRITON_BACKENDS, resolve_triton_backend, triton_entry
 from lafs_fast.kernels.views import ViewParams, ViewSpec, apply_views_torch, draw_view_params, lafs_view_specs
 
 __all__ = ["augment_views", "AugmentedViews", "resolve_view_backend", "triton_views", "BACKENDS"]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = TRITON_BACKENDS
 
 
 @dataclass
@@ -41,28 +40,14 @@ class AugmentedViews:
     backend: str
 
 
-@functools.lru_cache(maxsize=1)
 def triton_views() -> tuple[Callable | None, str]:
     """The Triton view renderer if it imports here, else (None, why)."""
-    try:
-        mod = importlib.import_module("lafs_fast.kernels.views_triton")
-    except Exception as exc:  # triton missing or broken
-        return None, f"Triton view kernel unavailable ({type(exc).__name__}: {exc})"
-    return mod.apply_views_triton, "Triton view kernel"
+    return triton_entry("lafs_fast.kernels.views_triton", "apply_views_triton", "Triton view kernel")
 
 
 def resolve_view_backend(backend: str, device: torch.device) -> tuple[str, str]:
     """Which backend renders views for ``backend`` on ``device``, and why."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown view backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend, "forced"
-    if device.type != "cuda":
-        return "torch", "no CUDA device: torch twin"
-    fn, why = triton_views()
-    if fn is None:
-        return "torch", why + ": torch twin"
-    return "triton", why
+    return resolve_triton_backend(backend, device, triton_views, "view", "torch twin")
 
 
 def _check_params(params: ViewParams, batch: int, h: int, w: int) -> None:

@@ -48,7 +48,7 @@ def collect_info() -> dict[str, object]:
         "patch sampler": resolve_backend("auto", device),
         "attention": resolve_attention("auto", device),
     }
-    for name, module, fn in (("view augmentation", "lafs_fast.augment", "resolve_augment_backend"),
+    for name, module, fn in (("view augmentation", "lafs_fast.augment", "resolve_view_backend"),
                              ("data loader", "lafs_fast.data", "resolve_loader_backend")):
         try:
             backends[name] = getattr(importlib.import_module(module), fn)("auto", device)

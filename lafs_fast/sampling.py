@@ -8,12 +8,11 @@ numbers in the reference token layout (see ``lafs_fast.kernels.patch_sampling``)
 
 from __future__ import annotations
 
-import functools
-import importlib
 from collections.abc import Callable
 
 import torch
 
+from lafs_fast.dispatch import TRITON_BACKENDS, resolve_triton_backend, triton_entry
 from lafs_fast.kernels.patch_sampling import sample_patches_torch
 
 __all__ = [
@@ -25,33 +24,17 @@ __all__ = [
     "draw_landmark_randomness",
 ]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = TRITON_BACKENDS
 
 
-@functools.lru_cache(maxsize=1)
 def triton_sampler() -> tuple[Callable | None, str]:
     """The Triton sampler entry point if it can be imported here, else (None, why)."""
-    try:
-        mod = importlib.import_module("lafs_fast.kernels.patch_sampling_triton")
-    except Exception as exc:  # triton missing, or the kernel module absent/broken
-        return None, f"Triton patch kernel unavailable ({type(exc).__name__}: {exc})"
-    return mod.sample_patches_triton, "Triton patch kernel"
+    return triton_entry("lafs_fast.kernels.patch_sampling_triton", "sample_patches_triton", "Triton patch kernel")
 
 
 def resolve_backend(backend: str, device: torch.device) -> tuple[str, str]:
-    """Which backend runs for ``backend`` on ``device``, and why (for logs and `lafs-fast info`)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown sampler backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend, "forced"
-    if device.type != "cuda":
-        # The interpreter (TRITON_INTERPRET=1) runs Triton on CPU tensors only when asked for
-        # explicitly: it is a test vehicle, far slower than the twin.
-        return "torch", "no CUDA device: vectorised torch twin"
-    fn, why = triton_sampler()
-    if fn is None:
-        return "torch", why + ": vectorised torch twin"
-    return "triton", why
+    """Which backend samples patches for ``backend`` on ``device``, and why."""
+    return resolve_triton_backend(backend, device, triton_sampler, "sampler", "vectorised torch twin")
 
 
 def validate_inputs(

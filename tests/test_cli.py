@@ -27,6 +27,8 @@ def test_info_json_reports_versions_and_backends():
         assert key in info
     assert info["backends"]["patch sampler"].startswith(("torch", "triton"))
     assert info["backends"]["attention"].split()[0] in ("sdpa", "xformers", "math")
+    assert info["backends"]["view augmentation"].startswith(("torch", "triton"))
+    assert info["backends"]["data loader"].split()[0] in ("dali", "nvjpeg", "pil")
 
 
 def test_every_command_builds_its_parser():
