@@ -57,3 +57,47 @@ def test_attention_gpu(benchmark, backend, tokens):
     benchmark.group = f"attention fwd+bwd, GPU bf16, {batch} x {tokens} tokens"
     benchmark.extra_info.update(items=batch, role="reference" if backend == "math" else "")
     benchmark(_fwd_bwd(q, k, v, backend))
+
+
+# -- multi-crop: one student step's attention over 2 dense + 8 sparse views per image, either one
+#    call per token length (views of equal length batched) or every view packed in one row
+#    (block-diagonal: xformers' BlockDiagonalMask on CUDA, the per-run torch twin elsewhere)
+
+def _multicrop_step(images: int, device: str, dtype: torch.dtype, backend: str, packed: bool):
+    lengths = [(2 * images, 197), (8 * images, 37)]
+    if packed:
+        seqlens = tuple(n for count, n in lengths for _ in range(count))
+        qkv = [_qkv(1, sum(seqlens), device, dtype)]
+    else:
+        seqlens = None
+        qkv = [_qkv(count, n, device, dtype) for count, n in lengths]
+
+    def step() -> None:
+        for q, k, v in qkv:
+            out = attention(q, k, v, SCALE, backend, seqlens)
+            out.backward(torch.ones_like(out))
+            for t in (q, k, v):
+                t.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return step
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["per-length", "packed"])
+def test_multicrop_attention_cpu(benchmark, packed):
+    images = 2
+    benchmark.group = f"multi-crop attention fwd+bwd, CPU fp32 sdpa, {images} images x (2 x 197 + 8 x 37)"
+    benchmark.extra_info.update(items=images, role="" if packed else "reference")
+    benchmark(_multicrop_step(images, "cpu", torch.float32, "sdpa", packed))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("backend,packed", [("sdpa", False), ("xformers", False), ("xformers", True)],
+                         ids=["sdpa-per-length", "xformers-per-length", "xformers-packed"])
+def test_multicrop_attention_gpu(benchmark, backend, packed):
+    if backend == "xformers" and not xformers_status()[0]:
+        pytest.skip(xformers_status()[1])
+    images = 64
+    benchmark.group = f"multi-crop attention fwd+bwd, GPU bf16, {images} images x (2 x 197 + 8 x 37)"
+    benchmark.extra_info.update(items=images, role="" if packed else "reference")
+    benchmark(_multicrop_step(images, "cuda", torch.bfloat16, backend, packed))

@@ -87,6 +87,7 @@ class ViewsConfig:
     n_local: int = 8
     global_tokens: int = 196
     local_tokens: int = 36
+    pack: bool = doc(False, "student: all views in ONE sequence with block-diagonal attention (xformers on CUDA, exact torch twin elsewhere) instead of one batch per token length")
     local_size: int = doc(48, "local crop size of the dino baseline (6x6 patches of 8)")
     local_scale_min: float = doc(0.05, "local crop scale of the dino baseline (DINO's 0.05-0.4; lafs locals use crop_scale_*)")
     local_scale_max: float = 0.4

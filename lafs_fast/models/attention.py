@@ -6,16 +6,24 @@
 - ``auto``: xformers where it runs (CUDA + a working install), SDPA otherwise.
 
 Every backend honours an explicit ``scale`` (the reference uses dim**-0.5, not head_dim**-0.5).
+
+Packed sequences (``seqlens``): several sequences laid end to end in one batch row, q/k/v
+(1, sum(seqlens), H, D); a token attends only to the tokens of its own segment (block-diagonal).
+xformers runs it as one kernel with ``fmha.BlockDiagonalMask``. The torch twin (sdpa / math) does
+NOT build the dense (T, T) mask -- at the reference multi-crop (B 82: T = 56,580 tokens) that is
+3.2 G entries per head -- but splits the row into runs of equal-length segments and runs each run
+as an ordinary (count, L, H, D) batch: the same numbers as the masked softmax, O(sum L_i^2) work.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ATTENTION_BACKENDS", "attention", "resolve_attention", "xformers_status"]
+__all__ = ["ATTENTION_BACKENDS", "attention", "resolve_attention", "seqlen_runs", "xformers_status"]
 
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 
@@ -52,21 +60,59 @@ def resolve_attention(backend: str, device: torch.device) -> tuple[str, str]:
     return "sdpa", "CPU: torch scaled_dot_product_attention"
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str = "sdpa") -> torch.Tensor:
+def seqlen_runs(seqlens: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """Runs of equal consecutive lengths: (10, 10, 4, 4, 4) -> ((10, 2), (4, 3)) as (length, count).
+
+    Not cached: a few hundred ints per layer is noise, and torch.compile traces it plainly."""
+    return tuple((n, len(list(g))) for n, g in itertools.groupby(seqlens))
+
+
+@functools.lru_cache(maxsize=16)
+def _block_diagonal_mask(seqlens: tuple[int, ...], device: torch.device):  # -> xformers BlockDiagonalMask
+    # built once per (layout, device), not once per layer: from_seqlens copies seqstart to the device
+    from xformers.ops import fmha
+
+    return fmha.BlockDiagonalMask.from_seqlens(list(seqlens), device=device)
+
+
+def _dense(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+    """(B, H, N, D) -> (B, H, N, D), no mask."""
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+    if backend == "math":
+        attn = (qh @ kh.transpose(-2, -1)) * scale
+        return attn.softmax(dim=-1) @ vh
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS[1:])}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str = "sdpa",
+              seqlens: tuple[int, ...] | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v.
 
     q, k, v: (B, N, H, D). Returns (B, N, H, D). ``backend`` must be resolved (not "auto").
+    ``seqlens``: B must be 1 and N == sum(seqlens); attention is block-diagonal over the segments
+    (see the module docstring for how each backend runs it).
     """
+    if seqlens is not None:
+        if q.shape[0] != 1 or sum(seqlens) != q.shape[1]:
+            raise ValueError(f"packed attention needs q of shape (1, sum(seqlens) = {sum(seqlens)}, H, D), got {tuple(q.shape)}")
+        if backend == "xformers":
+            import xformers.ops as xops
+
+            return xops.memory_efficient_attention(q, k, v, attn_bias=_block_diagonal_mask(tuple(seqlens), q.device), scale=scale)
+        runs = seqlen_runs(tuple(seqlens))
+        sizes = [n * count for n, count in runs]
+        # torch.split, not slicing: its backward is one cat, not a zero-filled (T, H, D) per run
+        qs, ks, vs = (torch.split(t[0], sizes) for t in (q, k, v))
+        outs = []
+        for (n, count), qr, kr, vr in zip(runs, qs, ks, vs):
+            # one run of `count` segments of n tokens is an ordinary batch of `count` sequences
+            qh, kh, vh = (t.view(count, n, *t.shape[1:]).transpose(1, 2) for t in (qr, kr, vr))
+            outs.append(_dense(qh, kh, vh, scale, backend).transpose(1, 2).reshape(n * count, *q.shape[2:]))
+        return torch.cat(outs).unsqueeze(0)
     if backend == "xformers":
         import xformers.ops as xops
 
         return xops.memory_efficient_attention(q, k, v, scale=scale)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
-    if backend == "sdpa":
-        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
-    elif backend == "math":
-        attn = (qh @ kh.transpose(-2, -1)) * scale
-        out = attn.softmax(dim=-1) @ vh
-    else:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS[1:])}")
-    return out.transpose(1, 2)
+    return _dense(qh, kh, vh, scale, backend).transpose(1, 2)

@@ -8,6 +8,13 @@ state dict loads with no key mapping (LAFS_SPEC.md section 7). Semantics (sectio
 - pre-norm blocks, drop-path constant in every block, attention scale ``dim**-0.5`` (reference) or
   ``head_dim**-0.5``, qkv without bias, GELU MLP;
 - output: the CLS token through a LayerNorm (``mlp_head``), no projection.
+
+Packed views (:meth:`FViT.forward_packed`): every view of every crop tensor laid end to end in one
+sequence (1, sum_i n_i * (N_i + 1), dim), each view embedded exactly as ``forward_features`` does
+(CLS + position embedding per view), the blocks run ONCE with block-diagonal attention (``seqlens``
+threaded through Transformer -> Residual -> PreNorm -> Attention), one CLS per view read back.
+Drop-path stays per sample: in a packed row each segment (view) draws its own keep mask, expanded
+over its tokens, so packing trains with the same stochastic depth as the batched path.
 """
 
 from __future__ import annotations
@@ -16,10 +23,10 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath
 
-from lafs_fast.models.attention import attention, resolve_attention
+from lafs_fast.models.attention import attention, resolve_attention, seqlen_runs
 from lafs_fast.sampling import sample_patches
 
-__all__ = ["FViT", "Attention", "FeedForward", "image_grid_tokens"]
+__all__ = ["FViT", "Attention", "FeedForward", "image_grid_tokens", "segment_drop_path"]
 
 
 class Attention(nn.Module):
@@ -33,11 +40,12 @@ class Attention(nn.Module):
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        """x: (B, N, dim) -> (B, N, dim); ``backend`` already resolved for x's device."""
+    def forward(self, x: torch.Tensor, backend: str, seqlens: tuple[int, ...] | None = None) -> torch.Tensor:
+        """x: (B, N, dim) -> (B, N, dim); ``backend`` already resolved for x's device; ``seqlens``:
+        x is a packed row (B 1) of segments that attend only within themselves."""
         b, n, _ = x.shape
         q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, self.head_dim).unbind(2)
-        out = attention(q, k, v, self.scale, backend)
+        out = attention(q, k, v, self.scale, backend, seqlens)
         return self.to_out(out.reshape(b, n, self.heads * self.head_dim))
 
 
@@ -46,8 +54,8 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, backend: str | None = None, seqlens: tuple[int, ...] | None = None) -> torch.Tensor:
+        return self.net(x)  # token-wise: packing needs nothing here
 
 
 class PreNorm(nn.Module):
@@ -56,8 +64,8 @@ class PreNorm(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.fn = fn
 
-    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        return self.fn(self.norm(x), backend)
+    def forward(self, x: torch.Tensor, backend: str, seqlens: tuple[int, ...] | None = None) -> torch.Tensor:
+        return self.fn(self.norm(x), backend, seqlens)
 
 
 class Residual(nn.Module):
@@ -68,8 +76,31 @@ class Residual(nn.Module):
         self.fn = fn
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        return x + self.drop_path(self.fn(x, backend))
+    def forward(self, x: torch.Tensor, backend: str, seqlens: tuple[int, ...] | None = None) -> torch.Tensor:
+        y = self.fn(x, backend, seqlens)
+        if seqlens is not None and self.training and isinstance(self.drop_path, DropPath):
+            return x + segment_drop_path(y, seqlens, self.drop_path.drop_prob)
+        return x + self.drop_path(y)
+
+
+def segment_drop_path(y: torch.Tensor, seqlens: tuple[int, ...], p: float) -> torch.Tensor:
+    """timm's per-sample drop path for a packed row: y (1, T, dim), one keep draw per segment.
+
+    Each segment is kept with probability 1 - p and scaled by 1 / (1 - p) (``scale_by_keep``), as
+    ``DropPath`` does per sample; a plain DropPath on the (1, T, dim) row would keep or drop all
+    views of all images together.
+    """
+    if p == 0.0:
+        return y
+    keep = 1.0 - p
+    mask = y.new_empty(len(seqlens)).bernoulli_(keep)
+    if keep > 0.0:
+        mask.div_(keep)
+    parts, start = [], 0
+    for n, count in seqlen_runs(tuple(seqlens)):
+        parts.append(mask[start:start + count, None].expand(count, n).reshape(count * n))
+        start += count
+    return y * torch.cat(parts).view(1, -1, 1)
 
 
 class Transformer(nn.Module):
@@ -84,9 +115,10 @@ class Transformer(nn.Module):
             for _ in range(depth)
         )
 
-    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: str, seqlens: tuple[int, ...] | None = None) -> torch.Tensor:
+        """x: (B, N, dim) -> (B, N, dim); with ``seqlens``, x is a packed row (1, sum(seqlens), dim)."""
         for attn, ff in self.layers:
-            x = ff(attn(x, backend), backend)
+            x = ff(attn(x, backend, seqlens), backend, seqlens)
         return x
 
 
@@ -165,8 +197,9 @@ class FViT(nn.Module):
         self.attention_backend = backend
         self._resolved.clear()
 
-    def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (B, N, 3*P*P) -> all outputs (B, N+1, dim), CLS first, before the final norm."""
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, N, 3*P*P) -> (B, N+1, dim): patch embedding, CLS prepended, positions 0..N
+        added; before the embedding dropout."""
         if tokens.dim() != 3 or tokens.shape[-1] != self.token_dim:
             raise ValueError(f"tokens must be (B, N, {self.token_dim}), got {tuple(tokens.shape)}")
         b, n, _ = tokens.shape
@@ -174,13 +207,46 @@ class FViT(nn.Module):
             raise ValueError(f"{n} tokens exceed the {self.num_patches} positions of the position embedding")
         x = self.patch_to_embedding(tokens)
         x = torch.cat((self.cls_token.expand(b, -1, -1).to(x.dtype), x), dim=1)
-        x = x + self.pos_embedding[:, : n + 1]
-        x = self.dropout(x)
+        return x + self.pos_embedding[:, : n + 1]
+
+    def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, N, 3*P*P) -> all outputs (B, N+1, dim), CLS first, before the final norm."""
+        x = self.dropout(self.embed(tokens))
         return self.transformer(x, self.attention_for(x.device))
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_packed(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        """Embeddings (sum n_i, dim) of crops [(n_i, N_i, 3*P*P), ...], every view in ONE packed row.
+
+        Equal to ``torch.cat([self(c) for c in crops])`` (same rows, same order) up to float
+        rounding: each view is embedded as in ``forward_features`` (its own CLS, positions 0..N_i),
+        the views are laid end to end as (1, sum_i n_i * (N_i + 1), dim), and the blocks run once
+        with block-diagonal attention over the per-view segments (xformers' BlockDiagonalMask on
+        CUDA, an exact per-run torch twin elsewhere; models/attention.py). Drop-path draws one mask
+        per view (:func:`segment_drop_path`). dtype: the tokens' (the patch embedding's under autocast).
+        """
+        if not crops:
+            raise ValueError("forward_packed needs at least one crop tensor")
+        embs = [self.embed(c) for c in crops]  # [(n_i, N_i + 1, dim)]
+        seqlens = tuple(e.shape[1] for e in embs for _ in range(e.shape[0]))
+        x = torch.cat([e.reshape(1, -1, e.shape[-1]) for e in embs], dim=1)  # (1, T, dim), view-major
+        x = self.transformer(self.dropout(x), self.attention_for(x.device), seqlens)
+        cls, start = [], 0
+        for e in embs:
+            n, length = e.shape[0], e.shape[1]
+            cls.append(x[0, start:start + n * length].view(n, length, -1)[:, 0])  # each view's CLS output
+            start += n * length
+        return self.mlp_head(torch.cat(cls))
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor], coords: torch.Tensor | None = None) -> torch.Tensor:
         """Embedding (B, dim) from tokens (B, N, 192), or images (B, 3, H, W) in [-1, 1] with
-        landmarks ``coords`` (B, L, 2) px, or images alone (a regular grid of patches)."""
+        landmarks ``coords`` (B, L, 2) px, or images alone (a regular grid of patches).
+
+        A list of token tensors runs :meth:`forward_packed` (through ``forward`` so that a
+        ``module.compile()``-d backbone compiles the packed path too)."""
+        if isinstance(x, (list, tuple)):
+            if coords is not None:
+                raise ValueError("packed views take token tensors only, not images with coords")
+            return self.forward_packed(list(x))
         if x.dim() == 4:
             x = sample_patches(x, coords, self.patch_size) if coords is not None else image_grid_tokens(x, self.patch_size)
         return self.mlp_head(self.forward_features(x)[:, 0])

@@ -2,7 +2,8 @@
 centering, the multi-view cross-entropy, and the stage that plugs them into the engine.
 
 - :class:`MultiCrop`: backbone + head over a list of token tensors of different lengths (views of
-  equal length run as one batch); the head runs once on all embeddings.
+  equal length run as one batch, or with ``views.pack`` all views in one block-diagonal sequence);
+  the head runs once on all embeddings.
 - :class:`DINOLoss`: mean over the (teacher global view q, student view v != q) pairs of
   ``sum_k -softmax((t_q - c) / tau_t)_k * log_softmax(s_v / tau_s)_k``, averaged over the batch;
   the centre ``c`` is an EMA (momentum 0.9) of the teacher outputs' batch mean, all-reduced.
@@ -35,18 +36,28 @@ __all__ = ["MultiCrop", "DINOLoss", "ema_update", "DinoStage", "build_dino_model
 
 
 class MultiCrop(nn.Module):
-    """``backbone`` + ``head``: crops [(n_i, N_i, 3*P*P), ...] -> head outputs (sum n_i, out_dim).
+    """``backbone`` + ``head``: crops [(n_i, N_i, 3*P*P), ...] -> head outputs (sum n_i, out_dim),
+    rows in the crops' order (view-major within each crop tensor).
+
+    ``pack=False``: one backbone batch per crop tensor (views of equal length batched).
+    ``pack=True`` (``views.pack``): with two or more crop tensors, every view runs in ONE packed
+    sequence with block-diagonal attention (:meth:`FViT.forward_packed`; same outputs and gradients
+    up to float rounding, drop-path still per view); a single crop tensor (the teacher's globals)
+    is already one batch and runs unpacked.
 
     State dict: ``backbone.*`` (the fViT, reference names) and ``head.*`` (DINO head), the layout of
     the reference's SSL checkpoint without ``module.``.
     """
 
-    def __init__(self, backbone: FViT, head: DINOHead) -> None:
+    def __init__(self, backbone: FViT, head: DINOHead, pack: bool = False) -> None:
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.pack = backbone, head, pack
 
     def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
-        feats = torch.cat([self.backbone(c) for c in crops])
+        if self.pack and len(crops) > 1:
+            feats = self.backbone(list(crops))  # a list runs FViT.forward_packed (and its compiled form)
+        else:
+            feats = torch.cat([self.backbone(c) for c in crops])
         return self.head(feats)
 
 
@@ -105,7 +116,8 @@ def build_dino_models(cfg: Config) -> tuple[MultiCrop, MultiCrop]:
     """(student, teacher): fViT + DINO head each; the teacher starts as a copy of the student and
     is never trained by the optimiser."""
     d = cfg.dino
-    student = MultiCrop(build_backbone(cfg.model), DINOHead(cfg.model.dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.norm_last_layer))
+    student = MultiCrop(build_backbone(cfg.model), DINOHead(cfg.model.dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.norm_last_layer),
+                        pack=cfg.views.pack)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
