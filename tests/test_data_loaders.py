@@ -149,6 +149,30 @@ def test_dali_cpu_matches_pil_pixels(jpeg_rec: Path, png_rec: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_positions_name_each_image_past_a_corrupt_record(tmp_path: Path, backend: str) -> None:
+    """with_positions=True: the third element is each yielded image's record position (what indexes
+    the landmark sidecar), also after a corrupt record drops out of its batch."""
+    rec = _make_rec(tmp_path / "bad", "PNG", corrupt={7})
+    ld = make_loader(rec, 6, shuffle=True, seed=4, drop_last=False, backend=backend, num_workers=0, with_positions=True)
+    ref, _ = SyntheticFaces(IDS, PER, seed=5).batch(range(IDS * PER))
+    for (images, labels, pos), want in zip(ld, ld.batch_positions(0)):
+        assert pos.dtype == torch.int64 and pos.device.type == "cpu"
+        assert pos.tolist() == [int(p) for p in want if p != 7]
+        assert labels.tolist() == [p // PER for p in pos.tolist()]
+        assert torch.equal(images.cpu(), ref[pos])  # PNG: lossless, so the very image of that record
+    syn = make_loader("synthetic:3x2", 4, shuffle=True, seed=1, with_positions=True)
+    (images, labels, pos), = list(syn)
+    assert pos.tolist() == syn.batch_positions(0)[0].tolist()
+    assert len(next(iter(make_loader("synthetic:3x2", 4)))) == 2  # off by default: (images, labels)
+
+
+@needs_dali
+def test_dali_mxnet_cannot_give_positions(jpeg_rec: Path) -> None:
+    with pytest.raises(ValueError, match="cannot say which record"):
+        make_loader(jpeg_rec, 4, backend="dali-mxnet", with_positions=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_corrupt_record_skipped_counted_named(tmp_path: Path, backend: str) -> None:
     rec = _make_rec(tmp_path / "bad", "JPEG", corrupt={7})
     ld = make_loader(rec, 6, shuffle=False, drop_last=False, backend=backend, num_workers=0)
@@ -316,6 +340,9 @@ def test_nvjpeg_loader_logic_with_stand_in_decoder(tmp_path: Path, jpeg_rec: Pat
     assert torch.equal(la, lb) and bad == [] and (a.int() - b.int()).abs().max() <= 6
     c, lc, bad = run(_make_rec(tmp_path / "mixed", "JPEG", corrupt={3}))
     assert len(c) == IDS * PER - 1 and len(bad) == 1 and "key 4 " in bad[0][0]
+    ld = NvjpegLoader(RecSource(tmp_path / "mixed" / "train.rec"), 8, allow_cpu=True, rank=0, world_size=1, shuffle=False, seed=0,
+                      device="cpu", drop_last=False, with_positions=True)
+    assert torch.cat([pos for _, _, pos in ld]).tolist() == [p for p in range(IDS * PER) if p != 3]
     small, _, _ = run(_make_rec(tmp_path / "small", "PNG", size=64))  # not JPEG: PIL fallback + resize
     assert small.shape == (IDS * PER, 112, 112, 3)
     with pytest.raises(ValueError, match="needs a CUDA device"):

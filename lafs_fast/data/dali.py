@@ -144,11 +144,11 @@ class DaliLoader(Loader):
             images = images.flip(-1)
         return images, _to_torch(labels, self.device).view(-1)
 
-    def _run(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """One batch, synchronously."""
         self._feed(positions)
         self.pipe.schedule_run()
-        return self._convert(self.pipe.outputs())
+        return (*self._convert(self.pipe.outputs()), positions)
 
     def _fetch_all(self, batches):
         """Up to ``depth`` batches in flight (feed + schedule_run ahead, outputs in order). After a
@@ -169,7 +169,7 @@ class DaliLoader(Loader):
             b = inflight.popleft()
             try:
                 self._pending -= 1
-                out = self._convert(self.pipe.outputs())
+                out = (*self._convert(self.pipe.outputs()), b)
             except RuntimeError:
                 self.pipe, self._pending = self._build(), 0
                 redo = [b, *inflight]
@@ -199,7 +199,8 @@ class DaliLoader(Loader):
             self._note_corrupt(bad)
             self.pipe = self._build()
             if not keep:
-                return torch.empty(0, self.image_size, self.image_size, 3, dtype=torch.uint8, device=self.device), torch.empty(0, dtype=torch.int64, device=self.device)
+                return (torch.empty(0, self.image_size, self.image_size, 3, dtype=torch.uint8, device=self.device),
+                        torch.empty(0, dtype=torch.int64, device=self.device), np.empty(0, dtype=np.int64))
             return self._run(np.asarray(keep))
 
 
@@ -213,6 +214,9 @@ class DaliMxnetLoader(Loader):
 
     def __init__(self, source, batch_size: int, *, image_size: int = 112, color_order: str = "RGB", reason: str = "", num_threads: int = 4, initial_fill: int = 4096, **kw) -> None:
         kw["drop_last"] = True  # DALI's reader gives full batches; partial ones are dropped
+        if kw.pop("with_positions", False):
+            raise ValueError("backend 'dali-mxnet' reads records in DALI's own order and cannot say which record each image is; "
+                             "use backend 'dali' (records picked by our sampler) where positions are needed (--landmarks detector)")
         super().__init__(len(source), batch_size, num_classes=source.num_classes, **kw)
         self.source, self.image_size, self.bgr = source, image_size, color_order == "BGR"
         self.pipe_device = "gpu" if self.device.type == "cuda" else "cpu"

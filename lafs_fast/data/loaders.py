@@ -1,7 +1,9 @@
 """One loader interface over every data source and decode path, chosen automatically.
 
 ``make_loader(source, batch_size, ...)`` returns a :class:`Loader` that yields
-``(images (B, 112, 112, 3) uint8 RGB on device, labels (B,) int64 on device)`` and says in
+``(images (B, 112, 112, 3) uint8 RGB on device, labels (B,) int64 on device)`` (with
+``with_positions=True`` also ``positions (B,) int64 on the CPU``: each image's record position in the
+source, the index into per-record tables such as the landmark sidecar) and says in
 ``loader.backend`` which path it took and why:
 
 - ``dali``: DALI decodes (``mixed`` = nvJPEG on a GPU, ``cpu`` without one) the record bytes that
@@ -145,11 +147,12 @@ def num_batches(n: int, batch_size: int, *, rank: int, world_size: int, drop_las
 
 
 class Loader:
-    """Base: epochs, sharding, position; subclasses implement ``_fetch(positions) -> (images, labels)``."""
+    """Base: epochs, sharding, position; subclasses implement ``_fetch(positions) -> (images, labels,
+    kept)``, ``kept`` the positions of the images actually returned (corrupt ones are dropped)."""
 
     backend: str = ""
 
-    def __init__(self, n: int, batch_size: int, *, rank: int, world_size: int, shuffle: bool, seed: int, device: str | torch.device, drop_last: bool, num_classes: int) -> None:
+    def __init__(self, n: int, batch_size: int, *, rank: int, world_size: int, shuffle: bool, seed: int, device: str | torch.device, drop_last: bool, num_classes: int, with_positions: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, not {batch_size}")
         if not 0 <= rank < world_size:
@@ -158,6 +161,7 @@ class Loader:
             raise ValueError("the data source holds no image")
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.with_positions = with_positions
         self.device = torch.device(device)
         self.num_classes = num_classes
         self.epoch = 0
@@ -196,20 +200,23 @@ class Loader:
             self.corrupt.append((what, why))
             log.warning("skipped a corrupt image: %s (%s); %d so far", what, why, len(self.corrupt))
 
-    def _fetch_all(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _fetch_all(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
         for b in batches:
             yield self._fetch(b)
 
-    def _fetch(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fetch(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         raise NotImplementedError
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if self.batch >= len(self):
             self.epoch, self.batch = self.epoch + 1, 0
         batches = self.batch_positions(self.epoch)[self.batch :]
-        for out in self._fetch_all(batches):
+        for images, labels, kept in self._fetch_all(batches):
             self.batch += 1  # counted before the hand-over: a checkpoint taken now resumes after it
-            yield out
+            if self.with_positions:
+                yield images, labels, torch.as_tensor(np.asarray(kept, dtype=np.int64))
+            else:
+                yield images, labels
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,7 +232,8 @@ def decode_pil(data: bytes, size: int, bgr: bool) -> np.ndarray:
 
 
 class _BatchDecode(torch.utils.data.Dataset):
-    """Item = one whole batch of positions, decoded in one worker: (images, labels, corrupt list)."""
+    """Item = one whole batch of positions, decoded in one worker: (images, labels, corrupt list,
+    positions of the decoded images)."""
 
     def __init__(self, source, size: int, bgr: bool) -> None:
         self.source, self.size, self.bgr = source, size, bgr
@@ -234,19 +242,20 @@ class _BatchDecode(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, positions: np.ndarray):
-        imgs, labels, bad = [], [], []
+        imgs, labels, bad, kept = [], [], [], []
         try:
             for i in positions:
                 data, label = self.source.item(int(i))  # a RecordIOError here is fatal (see below)
                 try:
                     imgs.append(decode_pil(data, self.size, self.bgr))
                     labels.append(label)
+                    kept.append(int(i))
                 except (OSError, ValueError, SyntaxError) as e:
                     bad.append((self.source.name(int(i)), f"{type(e).__name__}: {e}"))
         except RecordIOError as e:
-            return None, None, str(e)  # raised in the main process as one sentence, not a worker traceback
+            return None, None, str(e), None  # raised in the main process as one sentence, not a worker traceback
         images = torch.from_numpy(np.stack(imgs)) if imgs else torch.empty(0, self.size, self.size, 3, dtype=torch.uint8)
-        return images, torch.tensor(labels, dtype=torch.int64), bad
+        return images, torch.tensor(labels, dtype=torch.int64), bad, np.asarray(kept, dtype=np.int64)
 
 
 class _Batches(torch.utils.data.Sampler):
@@ -294,11 +303,11 @@ class PilLoader(Loader):
 
     def _fetch_all(self, batches):
         self._sampler.batches = batches
-        for images, labels, bad in self._dl:
+        for images, labels, bad, kept in self._dl:
             if images is None:
                 raise RecordIOError(bad)
             self._note_corrupt(bad)
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), kept
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,7 +367,7 @@ class NvjpegLoader(Loader):
         if self.bgr:
             images = images.flip(-1)
         labels = torch.as_tensor(all_labels[keep], dtype=torch.int64).to(self.device)
-        return images, labels
+        return images, labels, np.asarray(positions)[keep]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,7 +383,7 @@ class SyntheticLoader(Loader):
         self.backend = f"synthetic: {dataset.num_identities} x {dataset.images_per_identity} procedural faces (seed {dataset.seed}) rendered on {self.device} ({reason})"
 
     def _fetch(self, positions):
-        return self.dataset.batch(positions, self.device)
+        return (*self.dataset.batch(positions, self.device), np.asarray(positions))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,6 +448,7 @@ def make_loader(
     num_workers: int | None = None,
     color_order: str = "auto",
     image_size: int = 112,
+    with_positions: bool = False,
 ) -> Loader:
     """A :class:`Loader` over ``source`` (a ``.rec`` path, a folder holding ``train.rec``, an image
     folder, ``"synthetic[:IDSxIMGS[:seed=S]]"``, a :class:`SyntheticFaces`, or None = synthetic).
@@ -447,13 +457,15 @@ def make_loader(
     ``dali``, ``dali-mxnet`` (rec only), ``nvjpeg``, ``pil``. ``color_order``: how the source stores
     channels, ``RGB`` / ``BGR`` / ``auto`` (our ``lafs_fast.json``, else :data:`DATASET_COLOR_ORDER` by
     the path: MS1M BGR, WebFace RGB; else RGB); the output is always RGB. The choice and the reason are
-    in ``loader.backend`` and logged.
+    in ``loader.backend`` and logged. ``with_positions``: yield each image's record position too
+    (not with ``dali-mxnet``, whose reader picks the records itself).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown data backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     kind, src = open_source(source)
     device = torch.device(device)
-    common = dict(rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, device=device, drop_last=drop_last)
+    common = dict(rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, device=device, drop_last=drop_last,
+                  with_positions=with_positions)
     if kind == "synthetic":
         if backend not in ("auto", "synthetic"):
             raise ValueError(f"backend {backend!r} decodes files; the synthetic source is rendered (use backend='auto')")
