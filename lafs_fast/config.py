@@ -83,6 +83,8 @@ class ViewsConfig:
 
     mode: str = choice("lafs", "lafs", "dino", help="landmark views, or the DINO-face baseline (image grids)")
     landmarks: str = doc("grid", "'grid', 'detector', or a stage-0 / reference checkpoint path")
+    detector_file: str = doc("", "landmark sidecar of --landmarks detector (default: <rec>.landmarks.npz beside the rec)")
+    detector_smoothing: float = doc(0.3, "thin-plate smoothing of the detector landmarks' densification (0: interpolate, large: affine; below ~0.1 BlazeFace points fold the grid)")
     n_global: int = 2
     n_local: int = 8
     global_tokens: int = 196

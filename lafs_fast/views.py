@@ -6,7 +6,9 @@ Per source face, ``n_global`` dense + ``n_local`` sparse views, all made on the 
    (RandomResizedCrop + flip): a CLEAN copy and an AUGMENTED copy (jitter, grayscale, blur,
    solarize), (B, V, 3, S, S) in [-1, 1];
 2. landmarks per view (:class:`Landmarks`): the frozen landmark CNN (eval mode) on the clean copy,
-   or the regular 14 x 14 grid of patch centres (``grid``, no network);
+   the regular 14 x 14 grid of patch centres (``grid``, no network), or (``detector``) each source
+   image's detected landmarks densified to 196 (``lafs_fast.dense_landmarks``) and mapped into the
+   view through its crop / flip affine;
 3. ``lafs_fast.sampling.sample_patches`` cuts 8 x 8 patches from the augmented copy with the
    perturbation N(0, sigma^2) px on every coordinate of every view; dense views take all 196
    landmarks in their canonical order, sparse views ``local_tokens`` indices drawn uniformly WITH
@@ -28,6 +30,7 @@ import torch.nn as nn
 
 from lafs_fast.augment import augment_views
 from lafs_fast.config import ModelConfig, ViewsConfig
+from lafs_fast.dense_landmarks import DetectorLandmarks, views_from_source
 from lafs_fast.kernels.views import ViewSpec
 from lafs_fast.models import LandmarkCNN, image_grid_tokens
 from lafs_fast.sampling import sample_patches
@@ -65,22 +68,28 @@ def load_landmark_cnn(path: str) -> LandmarkCNN:
 
 
 class Landmarks(nn.Module):
-    """Where the tokens of a view come from: ``grid`` or a frozen landmark CNN.
+    """Where the tokens of a view come from: ``grid``, a frozen landmark CNN, or ``detector``.
 
-    forward(clean (N, 3, S, S) in [-1, 1]) -> coords (N, K, 2) fp32 px.
+    forward(clean (N, 3, S, S) in [-1, 1]) -> coords (N, K, 2) fp32 px for ``grid`` and the CNN.
+    ``detector`` landmarks belong to the source images, not the views: ``detector`` (a
+    :class:`DetectorLandmarks` table) maps record positions to them, ``LafsViews`` moves them into
+    the views; ``forward`` gives the grid (the mean face's landmarks) for images with no position.
     """
 
-    def __init__(self, source: str, model: ModelConfig) -> None:
+    def __init__(self, source: str, model: ModelConfig, detector: DetectorLandmarks | None = None) -> None:
         super().__init__()
         self.source = source
         self.image_size, self.patch_size = model.image_size, model.patch_size
         self.cnn: LandmarkCNN | None = None
-        if source == "grid":
+        self.detector: DetectorLandmarks | None = None
+        if source in ("grid", "detector"):
             g = model.image_size // model.patch_size
             if g * g != model.num_patches:
-                raise ValueError(f"--landmarks grid gives {g * g} tokens but model.num_patches is {model.num_patches}")
-        elif source == "detector":
-            raise ValueError("--landmarks detector is not available yet: use --landmarks grid or a stage-0 checkpoint path")
+                raise ValueError(f"--landmarks {source} gives {g * g} tokens but model.num_patches is {model.num_patches}")
+            if source == "detector":
+                if detector is None:
+                    raise ValueError("--landmarks detector needs the landmark table of the training data (DetectorLandmarks.for_source)")
+                self.detector = detector
         else:
             self.cnn = load_landmark_cnn(source)
             if self.cnn.num_points != model.num_patches:
@@ -149,16 +158,17 @@ class LafsViews(nn.Module):
         model: ModelConfig (image size, patch size, num_patches).
         out_dtype: token dtype (bf16 on CUDA for the fast path, fp32 on the CPU).
         sampler_backend / view_backend: "auto" | "torch" | "triton".
+        detector: the per-record landmark table, for ``views.landmarks == "detector"``.
     """
 
     def __init__(self, views: ViewsConfig, model: ModelConfig, out_dtype: torch.dtype = torch.float32,
-                 sampler_backend: str = "auto", view_backend: str = "auto") -> None:
+                 sampler_backend: str = "auto", view_backend: str = "auto", detector: DetectorLandmarks | None = None) -> None:
         super().__init__()
         self.cfg, self.mcfg = views, model
         self.out_dtype = out_dtype
         self.sampler_backend, self.view_backend = sampler_backend, view_backend
         self.global_specs, self.local_specs = view_specs(views)
-        self.landmarks = Landmarks(views.landmarks, model) if views.mode == "lafs" else None
+        self.landmarks = Landmarks(views.landmarks, model, detector) if views.mode == "lafs" else None
         if views.mode == "lafs" and views.global_tokens != model.num_patches:
             raise ValueError(f"views.global_tokens={views.global_tokens}: dense views take all {model.num_patches} landmarks in order")
         if views.mode == "dino":
@@ -168,7 +178,8 @@ class LafsViews(nn.Module):
                 raise ValueError(f"views.local_size {views.local_size} gives more tokens than model.num_patches")
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, seed: int) -> ViewBatch:
+    def forward(self, images: torch.Tensor, seed: int, positions: torch.Tensor | None = None) -> ViewBatch:
+        """images: (B, H, W, 3) uint8; positions: (B,) int64 record positions (``--landmarks detector``)."""
         if self.cfg.mode == "dino":
             return self._dino(images, seed)
         v = self.cfg
@@ -179,7 +190,13 @@ class LafsViews(nn.Module):
         # view-major: (V, B, 3, S, S) -> (V*B, 3, S, S); chunk(V) then splits views
         clean = av.clean.transpose(0, 1).reshape(-1, 3, s, s)
         aug = av.augmented.transpose(0, 1).reshape(-1, 3, s, s)
-        coords = self.landmarks(clean)
+        det = self.landmarks.detector
+        if det is not None:
+            if positions is None:
+                raise ValueError("--landmarks detector needs each image's record position (make_loader(..., with_positions=True))")
+            coords = views_from_source(det(positions, images.device), av.affine)  # (V*B, K, 2)
+        else:
+            coords = self.landmarks(clean)
         g = v.n_global * b
         p = self.mcfg.patch_size
         gt, _, g_noise = sample_patches(aug[:g], coords[:g], p, out_dtype=self.out_dtype, backend=self.sampler_backend,
@@ -208,11 +225,13 @@ class LafsViews(nn.Module):
         return ViewBatch(gt, lt, v.n_global, v.n_local, b)
 
     @torch.no_grad()
-    def eval_tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def eval_tokens(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens of whole, un-augmented faces (B, H, W, 3) uint8 for embedding at test time:
-        all landmarks in order, no perturbation (lafs), or the regular grid (dino)."""
+        all landmarks in order, no perturbation (lafs), or the regular grid (dino). ``detector``:
+        the images' own landmarks when their record ``positions`` are given, else the mean face's."""
         x = images.permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0
         if self.cfg.mode == "dino":
             return image_grid_tokens(x, self.mcfg.patch_size).to(self.out_dtype)
-        coords = self.landmarks(x)
+        det = self.landmarks.detector
+        coords = det(positions, x.device) if det is not None and positions is not None else self.landmarks(x)
         return sample_patches(x, coords, self.mcfg.patch_size, out_dtype=self.out_dtype, backend=self.sampler_backend, check_finite=False)

@@ -15,7 +15,8 @@ corners).
 
 Landmark sidecar (``lafs-fast data landmarks``), ``<rec>.landmarks.npz``:
 ``keys`` (N,) int64 image keys; ``points`` (N, P, 2) float32, x = column and y = row in the
-112x112 image the loaders yield (NaN when no face was found); ``scores`` (N,) float32 (0 when none);
+112x112 image the loaders yield, continuous coordinates (pixel i covers [i, i + 1)), NaN when no
+face was found; ``scores`` (N,) float32 (0 when none);
 ``detector`` str; ``names`` (P,) str point names (P = 6 for BlazeFace, 68 for FAN).
 """
 
@@ -35,6 +36,14 @@ ARCFACE_112 = np.array(
 BLAZE_NAMES = ("eye_image_left", "eye_image_right", "nose_tip", "mouth_centre", "ear_image_left", "ear_image_right")
 FAN_FILE = "2DFAN4-11f355bf06.pth.tar"
 SHARED_BLAZEFACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "blazeface"
+
+
+def sidecar_path(rec: str | os.PathLike) -> Path:
+    """Where the landmark sidecar of ``rec`` (a .rec, or a folder holding train.rec) lives by default."""
+    p = Path(rec)
+    if p.is_dir():
+        p = p / "train.rec"
+    return p.with_suffix(p.suffix + ".landmarks.npz")
 
 
 def weight_dirs(weights: str | os.PathLike | None = None) -> list[Path]:
@@ -258,7 +267,7 @@ def rec_landmarks(rec, out=None, *, detector: str = "blazeface", weights=None, b
         else:
             for j, (_, p, s) in found:
                 points[idx[j]], scores[idx[j]] = p, s
-    path = Path(out) if out else src.path.with_suffix(src.path.suffix + ".landmarks.npz")
+    path = Path(out) if out else sidecar_path(src.path)
     buf = io.BytesIO()
     names = np.array([f"ibug68_{i}" for i in range(68)] if fan is not None else BLAZE_NAMES)
     np.savez(buf, keys=src.keys.astype(np.int64), points=points, scores=scores, detector=np.array(detector), names=names)

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lafs_fast.config import Config
+from lafs_fast.dense_landmarks import DetectorLandmarks
 from lafs_fast.models import DINOHead, FViT, build_backbone
 from lafs_fast.models.checkpoints import model_file
 from lafs_fast.train.engine import Plan, Stage, StepContext, cosine_schedule, linear_then_constant, param_groups
@@ -128,13 +129,15 @@ class DinoStage(Stage):
     """LAFS pre-training as an engine stage. ``model`` is the student; the teacher, the loss centre
     and the view maker live here.
 
-    batch: (images (B, H, W, 3) uint8, labels (B,) ignored).
+    batch: (images (B, H, W, 3) uint8, labels (B,) ignored[, positions (B,) int64 record positions,
+    for ``--landmarks detector``]).
     """
 
     name = "pretrain"
 
     def __init__(self, cfg: Config, device: torch.device, views: LafsViews | None = None,
-                 student: MultiCrop | None = None, teacher: MultiCrop | None = None) -> None:
+                 student: MultiCrop | None = None, teacher: MultiCrop | None = None,
+                 detector: DetectorLandmarks | None = None) -> None:
         self.cfg = cfg
         if student is None:
             student, teacher = build_dino_models(cfg)
@@ -144,7 +147,7 @@ class DinoStage(Stage):
         self.teacher = teacher.to(device)
         self.teacher.train(cfg.dino.teacher_mode == "train")
         tok_dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.precision != "fp32" else torch.float32
-        self.views = (views or LafsViews(cfg.views, cfg.model, out_dtype=tok_dtype)).to(device)
+        self.views = (views or LafsViews(cfg.views, cfg.model, out_dtype=tok_dtype, detector=detector)).to(device)
         n_views = cfg.views.n_global + cfg.views.n_local
         self.loss_fn = DINOLoss(cfg.dino.out_dim, n_views, cfg.views.n_global, cfg.dino.student_temp, cfg.dino.center_momentum).to(device)
 
@@ -164,7 +167,7 @@ class DinoStage(Stage):
 
     def forward_loss(self, model: nn.Module, batch: Any, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         images = batch[0]
-        vb = self.views(images, ctx.seed)
+        vb = self.views(images, ctx.seed, positions=batch[2] if len(batch) > 2 else None)
         with torch.no_grad():
             teacher_out = self.teacher([vb.global_tokens])
         student_out = model(vb.crops())

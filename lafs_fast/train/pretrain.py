@@ -28,11 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from lafs_fast.config import Config, config_from_dict, config_to_dict
+from lafs_fast.dense_landmarks import DetectorLandmarks
 from lafs_fast.io import atomic_save, check_writable_dir
 from lafs_fast.train.cli_common import add_run_arguments, add_source_arguments, data_source, resolve_training_config
 from lafs_fast.launch import RankFailed, init_distributed, launch, shutdown, under_torchrun
 
-__all__ = ["add_arguments", "run", "resolve_config", "stage_defaults", "train_worker", "knn_check", "embed", "param_digest"]
+__all__ = ["add_arguments", "run", "resolve_config", "stage_defaults", "train_worker", "knn_check", "embed", "param_digest",
+           "detector_landmarks"]
 
 EVAL_SEED = 7_000_001  # held-out synthetic identities: a different seed draws different faces
 
@@ -43,7 +45,9 @@ EVAL_SEED = 7_000_001  # held-out synthetic identities: a different seed draws d
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_source_arguments(parser)
-    parser.add_argument("--landmarks", help="'grid' (default), a stage-0 / reference Part fViT checkpoint, or 'detector'")
+    parser.add_argument("--landmarks", help="'grid' (default), a stage-0 / reference Part fViT checkpoint, or 'detector' (the "
+                        "face-detector landmarks of `lafs-fast data landmarks REC`, densified to the token count; "
+                        "views.detector_file=PATH names another sidecar)")
     parser.add_argument("--views", choices=["lafs", "dino"], help="landmark views (default) or the DINO-face image-grid baseline")
     add_run_arguments(parser)
     parser.add_argument("--knn", dest="knn", action="store_true", default=None, help="k-NN / verification check on held-out synthetic identities before and after (default: on for synthetic data)")
@@ -86,11 +90,21 @@ def preflight(cfg: Config, resume: str | None) -> None:
     if cfg.views.mode == "lafs" and lm not in ("grid", "detector") and not Path(lm).is_file():
         raise FileNotFoundError(f"landmark checkpoint {lm} does not exist; pass a stage-0 / Part fViT checkpoint or --landmarks grid")
     if cfg.views.mode == "lafs" and lm == "detector":
-        raise ValueError("--landmarks detector is not available yet: use --landmarks grid or a stage-0 checkpoint path")
+        if cfg.data.loader == "dali-mxnet":
+            raise ValueError("--landmarks detector needs each image's record, which DALI's mxnet reader does not say; use data.loader=dali (or auto)")
+        detector_landmarks(cfg)  # the sidecar exists, matches the rec and has faces
     if resume not in (None, "auto") and not Path(resume).is_file():
         raise FileNotFoundError(f"checkpoint {resume} does not exist; pass a ckpt-*.pt of a previous run, or --resume alone for the latest in --out")
     if cfg.train.gpus > 1 and cfg.train.device == "cuda" and torch.cuda.device_count() < cfg.train.gpus:
         raise ValueError(f"--gpus {cfg.train.gpus} but only {torch.cuda.device_count()} GPU(s) are visible")
+
+
+def detector_landmarks(cfg: Config) -> DetectorLandmarks | None:
+    """The per-record landmark table of ``--landmarks detector`` (None otherwise)."""
+    if cfg.views.mode != "lafs" or cfg.views.landmarks != "detector":
+        return None
+    return DetectorLandmarks.for_source(data_source(cfg), cfg.views.detector_file or None, image_size=cfg.model.image_size,
+                                        patch_size=cfg.model.patch_size, smoothing=cfg.views.detector_smoothing)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,16 +161,23 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
     info = init_distributed(cfg.train.device)
     try:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        detector = detector_landmarks(cfg)
         loader = make_loader(data_source(cfg), cfg.optim.batch_size, rank=info.rank, world_size=info.world_size, shuffle=True,
                              seed=cfg.train.seed, device=info.device, drop_last=True, backend=cfg.data.loader,
-                             num_workers=cfg.data.workers, color_order=cfg.data.color_order.upper())
-        stage = DinoStage(cfg, info.device)
+                             num_workers=cfg.data.workers, color_order=cfg.data.color_order.upper(),
+                             with_positions=detector is not None)
+        stage = DinoStage(cfg, info.device, detector=detector)
         torch.manual_seed(cfg.train.seed + 1_000 * info.rank)  # dropout / drop-path streams differ per rank
         out = Path(cfg.train.out_dir)
         say = print if info.is_main else (lambda *a, **k: None)
         say(f"[pretrain] {info.world_size} process(es) on {info.device.type}; data: {loader.backend}")
         say(f"[pretrain] views: {cfg.views.mode}, landmarks: {cfg.views.landmarks if cfg.views.mode == 'lafs' else 'none (image grid)'}; "
             f"model dim {cfg.model.dim} depth {cfg.model.depth}, {sum(p.numel() for p in stage.model.backbone.parameters()) / 1e6:.2f} M backbone params")
+        if detector is not None and info.is_main:
+            q = detector.quality()
+            say(f"[pretrain] {detector.describe()}; on {q['faces']} faces the densification fits the detected points to "
+                f"{q['fit_px']:.1f} px (affine {q['affine_fit_px']:.1f} px), smallest grid step {q['min_step_px']:.1f} px"
+                + (" - THE GRID FOLDS: raise views.detector_smoothing" if q["min_step_px"] <= 0 else ""))
         before = None
         if opts.get("knn") and info.is_main and not opts.get("resume"):
             before = knn_check(stage.teacher.backbone, stage.views, info.device)
