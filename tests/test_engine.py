@@ -31,7 +31,7 @@ class TensorLoader(Loader):
 
     def _fetch(self, positions):
         idx = torch.as_tensor(np.asarray(positions))
-        return self.x[idx], self.y[idx]
+        return self.x[idx], self.y[idx], np.asarray(positions)  # (images, labels, kept positions): Loader's _fetch contract
 
 
 class Regression(Stage):
