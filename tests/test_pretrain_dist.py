@@ -1,21 +1,26 @@
-"""Several processes on the CPU (gloo): DDP keeps ranks identical; a dying rank ends the job fast."""
+"""Several processes on the CPU (gloo): DDP keeps ranks identical; a 2-rank run stopped and resumed
+ends bit for bit where an uninterrupted one does; a dying rank ends the job fast."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# 4 x 2 = 8 faces over 2 ranks at batch 2: 2 steps per epoch, so stopping after step 1 resumes mid-epoch
 TINY = [
     "model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64",
     "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=16", "optim.batch_size=2", "optim.epochs=1",
-    "data.synthetic_identities=2", "data.synthetic_images_per_identity=2", "views.n_local=1", "train.log_every=1",
+    "data.synthetic_identities=4", "data.synthetic_images_per_identity=2", "views.n_local=1", "train.log_every=1",
 ]
 
 
@@ -23,18 +28,75 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.timeout(300)
-def test_two_cpu_processes_stay_identical(tmp_path):
+def _pretrain_2ranks(out: Path, *argv: str) -> subprocess.CompletedProcess:
     r = subprocess.run(
-        [sys.executable, "-m", "lafs_fast.train.pretrain", "--device", "cpu", "--gpus", "2", "--max-steps", "1", "--no-knn",
-         "--no-progress", "--out", str(tmp_path), *TINY],
-        capture_output=True, text=True, timeout=290, cwd=ROOT, env=_env(),
+        [sys.executable, "-m", "lafs_fast.train.pretrain", "--device", "cpu", "--gpus", "2", "--no-knn", "--no-progress",
+         "--out", str(out), *argv, *TINY],
+        capture_output=True, text=True, timeout=280, cwd=ROOT, env=_env(),
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    digests = dict(re.findall(r"rank (\d): 1 steps, parameters sha256 ([0-9a-f]+)", r.stdout))
+    return r
+
+
+def _digests(r: subprocess.CompletedProcess, steps: int) -> dict[str, str]:
+    return dict(re.findall(rf"rank (\d): {steps} steps, parameters sha256 ([0-9a-f]+)", r.stdout))
+
+
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 2-rank run stopped after 1 of its 2 steps (shared: the resume test continues a copy of it)."""
+    out = tmp_path_factory.mktemp("one_step")
+    return out, _pretrain_2ranks(out, "--max-steps", "1")
+
+
+@pytest.mark.timeout(300)
+def test_two_cpu_processes_stay_identical(one_step):
+    out, r = one_step
+    digests = _digests(r, 1)
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], r.stdout
     assert "2 process(es) on cpu" in r.stdout
-    assert (tmp_path / "ckpt-00000001.pt").is_file() and (tmp_path / "teacher.pt").is_file()
+    assert (out / "ckpt-00000001.pt").is_file() and (out / "teacher.pt").is_file()
+
+
+def _assert_same(a, b, where: str = "") -> None:
+    """Nested checkpoint contents equal: tensors bitwise, everything else by ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_cpu_processes_resume_bitwise(one_step, tmp_path):
+    """1 step + resume to 2 == 2 uninterrupted steps, on 2 gloo ranks, bit for bit (fp32 CPU): the
+    student, the teacher, the DINO centre, AdamW's moments, the loader position and every rank's RNG
+    (dropout / drop-path are on, different per rank) all carry over the stop."""
+    from lafs_fast.train.engine import load_checkpoint
+
+    part = tmp_path / "part"
+    shutil.copytree(one_step[0], part)
+    resumed = _pretrain_2ranks(part, "--max-steps", "2", "--resume", "auto")
+    assert "resumed from" in resumed.stdout and "at step 1 (epoch 0)" in resumed.stdout, resumed.stdout
+    full = _pretrain_2ranks(tmp_path / "full", "--max-steps", "2")
+    d_res, d_full = _digests(resumed, 2), _digests(full, 2)
+    assert set(d_full) == {"0", "1"} and len(set(d_full.values())) == 1, full.stdout
+    assert d_res == d_full, resumed.stdout + full.stdout
+    a, b = load_checkpoint(tmp_path / "full" / "ckpt-00000002.pt"), load_checkpoint(part / "ckpt-00000002.pt")
+    assert a["config"]["train"].pop("out_dir") != b["config"]["train"].pop("out_dir")
+    assert len(a["rng_ranks"]) == 2 and not torch.equal(a["rng_ranks"][0]["torch"], a["rng_ranks"][1]["torch"])
+    assert a["loader"]["epoch"] == 0 and a["loader"]["batch"] == 2
+    _assert_same(a, b)  # model, stage_state (teacher, centre), optimizer, loader, rng, rng_ranks, model_file, ...
+    losses = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "full", part)]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
 
 
 _KILL = """
