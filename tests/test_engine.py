@@ -196,6 +196,30 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
+def test_loss_is_read_one_step_late_and_a_nan_still_names_its_step(tmp_path, monkeypatch):
+    """No host sync inside a step: step s's loss is read after step s + 1 is queued (or at once when a
+    log line or a checkpoint needs it); a NaN between checkpoints stops the run naming its own step."""
+    reads = []
+    real = Engine._check_loss
+
+    def spy(self, step, epoch, record):
+        updates = int(next(iter(self.optimizer.state.values()))["step"])
+        reads.append((step, updates))  # (the step whose loss is read, optimiser updates queued so far)
+        return real(self, step, epoch, record)
+
+    monkeypatch.setattr(Engine, "_check_loss", spy)
+    eng = _engine(_cfg(tmp_path, "train.log_every=100", "train.max_steps=8"))  # 6 steps per epoch, checkpoint at 6
+    eng.fit()
+    assert [s for s, _ in reads] == list(range(8))  # every step vetted once, in order
+    assert all(queued == s + 2 for s, queued in reads if s not in (5, 7))  # read after the next step was queued
+    assert (5, 6) in reads and (7, 8) in reads  # at once before the epoch-end checkpoint and at the end
+    reads.clear()
+    eng = _engine(_cfg(tmp_path / "nan", "train.log_every=100"), Regression(nan_at=3))
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 3 \(epoch 0\).*last good checkpoint: none"):
+        eng.fit()
+    assert reads[-1] == (3, 5) and list_checkpoints(tmp_path / "nan") == []
+
+
 def test_nonfinite_parameters_are_never_saved(tmp_path):
     eng = _engine(_cfg(tmp_path))
     with torch.no_grad():

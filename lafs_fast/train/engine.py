@@ -17,7 +17,11 @@ through the small :class:`Stage` interface; the engine owns everything else:
   optimiser, step (so every schedule), stage state (teacher, centre), RNG states and the loader's
   position;
 - a non-finite loss stops the run with :class:`NonFiniteLoss` naming the step; a checkpoint is
-  never written from non-finite parameters.
+  never written from non-finite parameters. The loss is read on the host ONE STEP LATE (step s's
+  after step s + 1 is queued), and at once before every log line and checkpoint: no host sync
+  inside a step, so on a GPU the CPU queues the next step while the current one runs. A
+  non-finite step has therefore been applied (with the step after it) when the run stops; nothing
+  is saved from it, the last checkpoint is from before it.
 
 Randomness of the data path is keyed by ``StepContext.seed`` (a function of run seed, rank, step
 and micro-batch), so it needs no saved state to resume.
@@ -440,25 +444,33 @@ class Engine:
         self.model.train()
         window_samples, window_t = 0, time.perf_counter()
         saved_at = self.step
+        unchecked: tuple[int, int, dict[str, Any]] | None = None  # (step, epoch, record) whose loss is still on the device
+        last_loss = math.nan
         try:
             while self.step < stop:
                 epoch = self.step // plan.steps_per_epoch
                 batches = self._batches(epoch)
                 while self.step < stop and self.step // plan.steps_per_epoch == epoch:
                     record = self._train_step(batches, epoch)
+                    if unchecked is not None:  # the previous step: finished on the device by now, or nearly
+                        last_loss = self._check_loss(*unchecked)
+                    unchecked = (self.step, epoch, record)
                     window_samples += record.pop("_samples")
                     self.step += 1
                     bar.update(1)
                     now = time.perf_counter()
                     rate = window_samples * plan.world_size / max(now - window_t, 1e-9)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{rate:.1f}")
-                    if self.step % max(cfg.log_every, 1) == 0 or self.step == stop:
-                        record.update(step=self.step, epoch=epoch, samples_per_s=rate)
-                        self._log_metrics(record)
-                        window_samples, window_t = 0, now
+                    log = self.step % max(cfg.log_every, 1) == 0 or self.step == stop
                     epoch_end = self.step % plan.steps_per_epoch == 0
                     due = (epoch_end and cfg.ckpt_every_epochs > 0 and (self.step // plan.steps_per_epoch) % cfg.ckpt_every_epochs == 0) \
                         or (cfg.ckpt_every_steps > 0 and self.step % cfg.ckpt_every_steps == 0)
+                    if log or due:  # this step's loss is needed (or must be vetted) now
+                        last_loss, unchecked = self._check_loss(*unchecked), None
+                    bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=f"{rate:.1f}")
+                    if log:
+                        record.update(step=self.step, epoch=epoch, samples_per_s=rate)
+                        self._log_metrics(record)
+                        window_samples, window_t = 0, now
                     if due:
                         self.save_checkpoint(epoch_end)
                         saved_at = self.step
@@ -470,11 +482,26 @@ class Engine:
                 self._tb.close()
         return FitResult(self.step, self.step // plan.steps_per_epoch, self.last_checkpoint, self.history, time.perf_counter() - t_start)
 
-    def _train_step(self, batches: Iterator[Any], epoch: int) -> dict[str, float]:
+    def _check_loss(self, step: int, epoch: int, record: dict[str, Any]) -> float:
+        """Bring ``record``'s device values to the host (the one sync of a step); NonFiniteLoss
+        naming ``step`` when its loss is not finite. Returns the loss."""
+        for k, v in record.items():
+            if isinstance(v, torch.Tensor):
+                record[k] = float(v)
+        value = record["loss"]
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"loss is {value} at step {step} (epoch {epoch}); stopped, nothing saved after it; "
+                                f"last good checkpoint: {self.last_checkpoint or 'none'}")
+        return value
+
+    def _train_step(self, batches: Iterator[Any], epoch: int) -> dict[str, Any]:
+        """Queue one optimiser step; the record's loss and metrics stay device tensors (no host sync)."""
         plan, step = self.plan, self.step
         values = self._set_optimizer_values(step)
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss, metrics_sum, samples = 0.0, {}, 0
+        total_loss: torch.Tensor | float = 0.0
+        metrics_sum: dict[str, Any] = {}
+        samples = 0
         for micro in range(plan.accumulation):
             try:
                 batch = next(batches)
@@ -485,14 +512,11 @@ class Engine:
             with (contextlib.nullcontext() if sync else self.model.no_sync()):
                 with self._autocast():
                     loss, metrics = self.stage.forward_loss(self.model, batch, ctx)
-                value = float(loss.detach())  # one host sync per micro-batch: the reference's own check
-                if not math.isfinite(value):
-                    raise NonFiniteLoss(f"loss is {value} at step {step} (epoch {epoch}, micro-batch {micro}); stopped before "
-                                        f"the update; last good checkpoint: {self.last_checkpoint or 'none'}")
                 (loss / plan.accumulation).backward()
-            total_loss += value / plan.accumulation
+            total_loss = total_loss + loss.detach().float() / plan.accumulation  # NaN / inf in any micro-batch stays
             for k, v in metrics.items():
-                metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / plan.accumulation
+                v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+                metrics_sum[k] = metrics_sum.get(k, 0.0) + v / plan.accumulation
             samples += self.stage.samples(batch)
         clip_gradients(self.params, self.cfg.optim.clip_grad)
         self.stage.before_optimizer_step(self.model, ctx)
