@@ -150,8 +150,8 @@ class DetectorLandmarks:
     """Per-record densified landmarks of one data source.
 
     ``__call__(positions (B,) int64 record positions, device) -> (B, K, 2) fp32`` sampler px on the
-    source images. The sidecar's points stay on the CPU (N x P x 2 fp32: 2.7 GB for 5 M faces with
-    FAN); a batch's rows are gathered there and densified on ``device``.
+    source images. The records' points stay on the CPU, one copy per process (N x P x 2 fp32: 2.7 GB
+    for 5 M faces with FAN); a batch's rows are gathered there and densified on ``device``.
     """
 
     def __init__(self, sidecar: LandmarkSidecar, record_keys: np.ndarray, image_size: int = 112, patch_size: int = 8,
@@ -160,13 +160,14 @@ class DetectorLandmarks:
 
         if smoothing < 0:
             raise ValueError(f"views.detector_smoothing must be >= 0, not {smoothing}")
-        self.sidecar, self.smoothing, self.image_size = sidecar, float(smoothing), float(image_size)
+        self.smoothing, self.image_size = float(smoothing), float(image_size)
         self.grid_side = image_size // patch_size
+        self.source_desc = f"{sidecar.detector} landmarks from {sidecar.path} ({sidecar.points.shape[1]} points"
         template = sidecar.template()
-        points = sidecar.for_keys(np.asarray(record_keys, dtype=np.int64))
-        no_face = ~np.isfinite(points).all(axis=(1, 2))
-        points[no_face] = template.astype(np.float32)
-        self.no_face = int(no_face.sum())
+        points = sidecar.for_keys(np.asarray(record_keys, dtype=np.int64))  # a copy: the sidecar's arrays can go
+        self.found = torch.from_numpy(np.isfinite(points).all(axis=(1, 2)))  # (N,) bool per record
+        points[~self.found.numpy()] = template.astype(np.float32)
+        self.no_face = int((~self.found).sum())
         self.points = torch.from_numpy(np.ascontiguousarray(points))  # (N, P, 2) continuous px
         self.template = torch.from_numpy(template).float()
         grid = grid_landmarks(image_size, patch_size).double() + _SAMPLER_TO_CONTINUOUS  # (K, 2) continuous px
@@ -192,8 +193,7 @@ class DetectorLandmarks:
         return self.weights.shape[0]
 
     def describe(self) -> str:
-        s = self.sidecar
-        return (f"{s.detector} landmarks from {s.path} ({s.points.shape[1]} points densified to {self.num_points}; "
+        return (f"{self.source_desc} densified to {self.num_points}; "
                 f"{self.no_face} of {len(self.points)} images without a face use the mean face)")
 
     def quality(self, max_faces: int = 10_000) -> dict[str, float]:
@@ -201,8 +201,8 @@ class DetectorLandmarks:
         of the spline's image of the template to the detected points (``affine_fit_px``: the same for the
         least-squares affine map), ``min_step_px`` the smallest step between neighbouring grid
         landmarks along a row or a column (nominal: the patch size; below 0 the grid folds)."""
-        found = np.flatnonzero(self.sidecar.found)[:max_faces]
-        pts = torch.from_numpy(self.sidecar.points[found]).double()  # (F, P, 2)
+        found = torch.nonzero(self.found).flatten()[:max_faces]
+        pts = self.points[found].double()  # (F, P, 2)
         t = self.template.double()
         fit = thin_plate_weights(t, t, self.smoothing, self.image_size) @ pts
         affine = thin_plate_weights(t, t, 1e12, self.image_size) @ pts
