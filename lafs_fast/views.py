@@ -225,13 +225,22 @@ class LafsViews(nn.Module):
         return ViewBatch(gt, lt, v.n_global, v.n_local, b)
 
     @torch.no_grad()
-    def eval_tokens(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def eval_tokens(self, images: torch.Tensor, positions: torch.Tensor | None = None, flip: bool = False) -> torch.Tensor:
         """Tokens of whole, un-augmented faces (B, H, W, 3) uint8 for embedding at test time:
         all landmarks in order, no perturbation (lafs), or the regular grid (dino). ``detector``:
-        the images' own landmarks when their record ``positions`` are given, else the mean face's."""
+        the images' own landmarks when their record ``positions`` (B,) are given, else the mean
+        face's. ``flip``: of the mirrored faces (detector landmarks mirrored with them, each token
+        on the same point of the face, as in the training views)."""
         x = images.permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0
+        if flip:
+            x = x.flip(3)
         if self.cfg.mode == "dino":
             return image_grid_tokens(x, self.mcfg.patch_size).to(self.out_dtype)
         det = self.landmarks.detector
-        coords = det(positions, x.device) if det is not None and positions is not None else self.landmarks(x)
+        if det is not None and positions is not None:
+            coords = det(positions, x.device)
+            if flip:  # continuous x -> W - x; the sampler's coordinate is continuous + 0.5
+                coords = torch.stack((x.shape[3] + 1.0 - coords[..., 0], coords[..., 1]), dim=-1)
+        else:
+            coords = self.landmarks(x)
         return sample_patches(x, coords, self.mcfg.patch_size, out_dtype=self.out_dtype, backend=self.sampler_backend, check_finite=False)

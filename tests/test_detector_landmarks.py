@@ -178,8 +178,21 @@ def test_lafs_views_in_detector_mode(tmp_path: Path) -> None:
         views(images, seed=5)
     eval_tokens = views.eval_tokens(images, pos)
     torch.testing.assert_close(eval_tokens, sample_patches(images, det(pos, "cpu"), 8, backend="torch"))
+    # test-time flip: each token stays on its point of the face, its patch mirrored (the x offset axis)
+    flipped = views.eval_tokens(images, pos, flip=True).reshape(3, 196, 8, 8, 3)
+    torch.testing.assert_close(flipped, eval_tokens.reshape(3, 196, 8, 8, 3).flip(2), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="needs the landmark table"):
         LafsViews(cfg.views, cfg.model)
+
+
+def test_knn_faces_of_a_rec_carry_positions_only_for_its_own_table(tmp_path: Path) -> None:
+    rec = _make_rec_with_sidecar(tmp_path / "rec")
+    faces = pretrain.knn_faces(str(rec), torch.device("cpu"), train_data=str(rec.parent), detector=True, max_images=5)
+    assert faces.positions.tolist() == [0, 3, 6, 8, 11] and faces.labels.tolist() == [0, 1, 2, 2, 3]
+    assert faces.images.shape == (5, 112, 112, 3) and "5 faces of train.rec, 4 identities" in faces.what
+    other = _make_rec_with_sidecar(tmp_path / "other")
+    assert pretrain.knn_faces(str(other), torch.device("cpu"), train_data=str(rec), detector=True).positions is None
+    assert pretrain.knn_faces(str(rec), torch.device("cpu"), train_data=str(rec), detector=False).positions is None
 
 
 def pretrain_seed(seed: int) -> int:
@@ -201,11 +214,12 @@ TINY = [
 def test_pretrain_with_detector_landmarks_runs_and_refuses_what_it_cannot_use(tmp_path: Path) -> None:
     rec = _make_rec_with_sidecar(tmp_path / "rec")
     r = subprocess.run([sys.executable, "-m", "lafs_fast.train.pretrain", "--data", str(rec), "--landmarks", "detector", "--preset", "small",
-                        "--device", "cpu", "--max-steps", "2", "--no-progress", "--out", str(tmp_path / "run"), "data.loader=pil",
+                        "--device", "cpu", "--max-steps", "2", "--no-progress", "--out", str(tmp_path / "run"), "--knn-data", str(rec), "data.loader=pil",
                         "data.workers=0", *TINY], capture_output=True, text=True, timeout=280, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "test landmarks from" in r.stdout and "6 points densified to 196" in r.stdout and "smallest grid step" in r.stdout
     assert "2 steps in" in r.stdout and (tmp_path / "run" / "teacher.pt").is_file()
+    assert "k-NN check after:  1-NN top-1" in r.stdout and "(12 faces of train.rec, 4 identities)" in r.stdout
 
     def refusal(*args: str) -> str:
         with pytest.raises((ValueError, FileNotFoundError)) as exc:

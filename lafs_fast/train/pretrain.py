@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,11 @@ from lafs_fast.io import atomic_save, check_writable_dir
 from lafs_fast.train.cli_common import add_run_arguments, add_source_arguments, data_source, resolve_training_config
 from lafs_fast.launch import RankFailed, init_distributed, launch, shutdown, under_torchrun
 
-__all__ = ["add_arguments", "run", "resolve_config", "stage_defaults", "train_worker", "knn_check", "embed", "param_digest",
-           "detector_landmarks"]
+__all__ = ["add_arguments", "run", "resolve_config", "stage_defaults", "train_worker", "knn_check", "knn_faces", "KnnFaces",
+           "embed", "param_digest", "detector_landmarks"]
 
 EVAL_SEED = 7_000_001  # held-out synthetic identities: a different seed draws different faces
+KNN_MAX_IMAGES = 2000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,8 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "views.detector_file=PATH names another sidecar)")
     parser.add_argument("--views", choices=["lafs", "dino"], help="landmark views (default) or the DINO-face image-grid baseline")
     add_run_arguments(parser)
-    parser.add_argument("--knn", dest="knn", action="store_true", default=None, help="k-NN / verification check on held-out synthetic identities before and after (default: on for synthetic data)")
+    parser.add_argument("--knn", dest="knn", action="store_true", default=None, help="k-NN / verification check before and after "
+                        "(default: on for synthetic data or with --knn-data)")
     parser.add_argument("--no-knn", dest="knn", action="store_false")
+    parser.add_argument("--knn-data", metavar="REC", help="labelled faces for the check: a .rec (labels are read for the check "
+                        f"only; up to {KNN_MAX_IMAGES} images, evenly spaced); default: held-out synthetic identities")
 
 
 _STAGE_FLAGS = (("landmarks", "views.landmarks"), ("views", "views.mode"))
@@ -110,14 +115,19 @@ def detector_landmarks(cfg: Config) -> DetectorLandmarks | None:
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     preflight(cfg, args.resume)
-    knn = args.knn if args.knn is not None else not cfg.data.path or cfg.data.path.startswith("synthetic")
+    knn = args.knn if args.knn is not None else bool(args.knn_data) or not cfg.data.path or cfg.data.path.startswith("synthetic")
+    if args.knn_data and knn:
+        from lafs_fast.data.loaders import open_source
+
+        if open_source(args.knn_data)[0] != "rec":
+            raise ValueError(f"--knn-data {args.knn_data} is not a .rec; pack labelled faces with `lafs-fast data build`")
     device = cfg.train.device
     if device == "auto" and not torch.cuda.is_available():
         device = "cpu"
     nprocs = 1 if under_torchrun() else cfg.train.gpus
     if nprocs > 1 and device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() < nprocs:
         raise ValueError(f"--gpus {nprocs} but only {torch.cuda.device_count()} GPU(s) are visible; use --device cpu for CPU processes")
-    opts = {"resume": args.resume, "knn": knn, "progress": not args.no_progress}
+    opts = {"resume": args.resume, "knn": knn, "knn_data": args.knn_data, "progress": not args.no_progress}
     from lafs_fast.train.engine import NonFiniteLoss
 
     try:
@@ -178,10 +188,12 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
             say(f"[pretrain] {detector.describe()}; on {q['faces']} faces the densification fits the detected points to "
                 f"{q['fit_px']:.1f} px (affine {q['affine_fit_px']:.1f} px), smallest grid step {q['min_step_px']:.1f} px"
                 + (" - THE GRID FOLDS: raise views.detector_smoothing" if q["min_step_px"] <= 0 else ""))
-        before = None
-        if opts.get("knn") and info.is_main and not opts.get("resume"):
-            before = knn_check(stage.teacher.backbone, stage.views, info.device)
-            say(f"[pretrain] held-out check before: {format_check(before)}")
+        before = faces = None
+        if opts.get("knn") and info.is_main:
+            faces = knn_faces(opts.get("knn_data"), info.device, train_data=data_source(cfg), detector=detector is not None)
+        if faces is not None and not opts.get("resume"):
+            before = knn_check(stage.teacher.backbone, stage.views, info.device, faces)
+            say(f"[pretrain] {faces.title} before: {format_check(before, faces)}")
         barrier(info)
         engine = Engine(cfg, stage, loader, info, out, resume=opts.get("resume"), progress=opts.get("progress", True))
         say(f"[pretrain] {engine.plan.total_steps} steps ({engine.plan.epochs} epochs x {engine.plan.steps_per_epoch}), global batch "
@@ -192,11 +204,11 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
         if info.is_main:
             atomic_save(stage.export(), out / "teacher.pt")
             say(f"[pretrain] {result.steps} steps in {result.seconds:.1f} s; teacher model file: {out / 'teacher.pt'}")
-            if opts.get("knn"):
-                after = knn_check(stage.teacher.backbone, stage.views, info.device)
+            if faces is not None:
+                after = knn_check(stage.teacher.backbone, stage.views, info.device, faces)
                 if before is not None:
-                    say(f"[pretrain] held-out check before: {format_check(before)}")
-                say(f"[pretrain] held-out check after:  {format_check(after)}")
+                    say(f"[pretrain] {faces.title} before: {format_check(before, faces)}")
+                say(f"[pretrain] {faces.title} after:  {format_check(after, faces)}")
                 summary.update(knn_before=before, knn_after=after)
         barrier(info)
         return summary
@@ -208,43 +220,87 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
 # held-out check
 
 
+@dataclass
+class KnnFaces:
+    """Labelled faces for the check: images (N, H, W, 3) uint8 and labels (N,) int64 on the device;
+    positions (N,) int64 record positions when the views may look up the records' own landmarks
+    (``--landmarks detector`` on the training rec), else None; what they are, for the log."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor | None
+    what: str
+    title: str = "k-NN check"  # "held-out check" when no face was trained on
+
+
+def knn_faces(data: str | None, device: torch.device, *, train_data: str | None = None, detector: bool = False,
+              max_images: int = KNN_MAX_IMAGES, identities: int = 40, per_identity: int = 5) -> KnnFaces:
+    """The check's faces: ``data`` a .rec (up to ``max_images`` records, evenly spaced, decoded like
+    the loaders), or None: ``identities x per_identity`` synthetic faces never seen in training."""
+    if data is None:
+        from lafs_fast.data import SyntheticFaces
+
+        ds = SyntheticFaces(identities, per_identity, seed=EVAL_SEED)
+        images, labels = ds.batch(range(len(ds)), device)
+        return KnnFaces(images, labels, None, "held-out synthetic identities", "held-out check")
+    from lafs_fast.data.loaders import RecSource, decode_pil
+
+    src = RecSource(data)
+    picks = np.unique(np.linspace(0, len(src) - 1, min(max_images, len(src))).round().astype(np.int64))
+    bgr = src.color_order() == "BGR"
+    ims, labels = [], []
+    for i in picks:  # a corrupt record here is the data's problem: `lafs-fast data verify` names it
+        data_bytes, label = src.item(int(i))
+        ims.append(decode_pil(data_bytes, 112, bgr))
+        labels.append(label)
+    # the records' own landmarks only where the views' table is this rec's (detector mode trains on a rec)
+    same = detector and train_data is not None and RecSource(train_data).path.resolve() == src.path.resolve()
+    positions = torch.as_tensor(picks) if same else None
+    what = f"{len(picks)} faces of {src.path.name}, {len(set(labels))} identities"
+    if detector and not same:
+        what += "; the mean face's landmarks (not the training rec)"
+    return KnnFaces(torch.from_numpy(np.stack(ims)).to(device), torch.tensor(labels, dtype=torch.int64, device=device), positions, what)
+
+
 @torch.no_grad()
-def embed(backbone: torch.nn.Module, views: Any, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """L2-normalised embeddings (N, dim) fp32 of faces (N, H, W, 3) uint8 (+ their flips, summed)."""
+def embed(backbone: torch.nn.Module, views: Any, images: torch.Tensor, batch: int = 64,
+          positions: torch.Tensor | None = None) -> torch.Tensor:
+    """L2-normalised embeddings (N, dim) fp32 of faces (N, H, W, 3) uint8 (+ their flips, summed);
+    ``positions`` (N,): record positions for ``views.eval_tokens`` (detector landmarks)."""
     was = backbone.training
     backbone.eval()
     out = []
     try:
         for i in range(0, images.shape[0], batch):
             x = images[i:i + batch]
-            e = backbone(views.eval_tokens(x)).float() + backbone(views.eval_tokens(x.flip(2))).float()
+            kw = {} if positions is None else {"positions": positions[i:i + batch]}
+            e = backbone(views.eval_tokens(x, **kw)).float() + backbone(views.eval_tokens(x, flip=True, **kw)).float()
             out.append(F.normalize(e, dim=-1))
     finally:
         backbone.train(was)
     return torch.cat(out)
 
 
-def knn_check(backbone: torch.nn.Module, views: Any, device: torch.device, identities: int = 40, per_identity: int = 5,
-              seed: int = EVAL_SEED) -> dict[str, float]:
-    """Held-out synthetic identities (never seen in training): leave-one-out 1-NN identification
-    accuracy (cosine) and verification accuracy on balanced pairs (every genuine pair, as many
-    impostor pairs drawn at random, best threshold), both in %."""
-    from lafs_fast.data import SyntheticFaces
-
-    ds = SyntheticFaces(identities, per_identity, seed=seed)
-    images, labels = ds.batch(range(len(ds)), device)
-    emb = embed(backbone, views, images)
+def knn_check(backbone: torch.nn.Module, views: Any, device: torch.device, faces: KnnFaces | None = None) -> dict[str, float]:
+    """Leave-one-out 1-NN identification accuracy (cosine) and verification accuracy on balanced pairs
+    (every genuine pair, as many impostor pairs drawn at random, best threshold), both in %, on
+    ``faces`` (default: held-out synthetic identities, :func:`knn_faces`)."""
+    faces = faces or knn_faces(None, device)
+    labels = faces.labels
+    emb = embed(backbone, views, faces.images, positions=faces.positions)
+    n = len(labels)
     sim = emb @ emb.T
     sim.fill_diagonal_(-math.inf)
     nn_idx = sim.argmax(dim=1)
     top1 = (labels[nn_idx] == labels).float().mean().item() * 100
     sim.fill_diagonal_(1.0)
     same = labels[:, None] == labels[None, :]
-    iu = torch.triu_indices(len(ds), len(ds), offset=1, device=device)
+    iu = torch.triu_indices(n, n, offset=1, device=device)
     s, y = sim[iu[0], iu[1]].cpu().numpy(), same[iu[0], iu[1]].cpu().numpy()
-    rng = np.random.default_rng(seed)
-    neg = rng.choice(np.flatnonzero(~y), size=int(y.sum()), replace=False)
-    s, y = np.concatenate((s[y], s[neg])), np.concatenate((np.ones(int(y.sum()), bool), np.zeros(len(neg), bool)))
+    rng = np.random.default_rng(EVAL_SEED)
+    n_pos = int(y.sum())
+    neg = rng.choice(np.flatnonzero(~y), size=min(n_pos, int((~y).sum())), replace=False)
+    s, y = np.concatenate((s[y], s[neg])), np.concatenate((np.ones(n_pos, bool), np.zeros(len(neg), bool)))
     order = np.argsort(-s)
     # accuracy at every threshold between consecutive sorted scores: TP so far + TN remaining
     tp = np.concatenate(([0], np.cumsum(y[order])))
@@ -253,8 +309,9 @@ def knn_check(backbone: torch.nn.Module, views: Any, device: torch.device, ident
     return {"knn_top1": round(top1, 2), "verification": round(float(acc.max()) * 100, 2)}
 
 
-def format_check(r: dict[str, float]) -> str:
-    return f"1-NN top-1 {r['knn_top1']:.1f}%, verification {r['verification']:.1f}% (held-out synthetic identities)"
+def format_check(r: dict[str, float], faces: KnnFaces | None = None) -> str:
+    what = faces.what if faces is not None else "held-out synthetic identities"
+    return f"1-NN top-1 {r['knn_top1']:.1f}%, verification {r['verification']:.1f}% ({what})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -199,7 +199,8 @@ class _Normalise:
     """The ``views`` argument of ``pretrain.knn_check`` for a Part fViT: uint8 faces -> [-1, 1] images."""
 
     @staticmethod
-    def eval_tokens(x: torch.Tensor) -> torch.Tensor:
+    def eval_tokens(x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        x = x.flip(2) if flip else x
         return x.permute(0, 3, 1, 2).float() / 255.0 * 2 - 1
 
 
