@@ -160,24 +160,29 @@ def test_a_landmark_reads_the_same_point_of_the_face_in_every_view() -> None:
     assert (view_mean[inside] - expect).abs().max() < 0.5 / 255
 
 
-def test_lafs_views_in_detector_mode(tmp_path: Path) -> None:
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lafs_views_in_detector_mode(tmp_path: Path, device: str) -> None:
     rec = _make_rec_with_sidecar(tmp_path / "rec")
     cfg = load_config("small", None, ["views.landmarks=detector", "views.n_local=2", "views.perturb_sigma=0"])
     det = DetectorLandmarks.for_source(rec)
-    views = LafsViews(cfg.views, cfg.model, detector=det, sampler_backend="torch", view_backend="torch")
-    images = SyntheticFaces(3, 1, seed=1).batch(range(3))[0]
-    pos = torch.tensor([0, 4, 7])
+    backend = "torch" if device == "cpu" else "auto"  # on CUDA: the Triton kernels
+    views = LafsViews(cfg.views, cfg.model, detector=det, sampler_backend=backend, view_backend=backend).to(device)
+    images = SyntheticFaces(3, 1, seed=1).batch(range(3), device)[0]
+    pos = torch.tensor([0, 4, 7])  # record positions stay on the CPU, like the loaders yield them
     vb = views(images, seed=5, positions=pos)
     assert vb.global_tokens.shape == (2 * 3, 196, 192) and vb.local_tokens.shape == (2 * 3, 36, 192)
-    g, l, _, _ = views.global_specs, views.local_specs, None, None
-    av = augment_views(images, g + l, seed=pretrain_seed(5), interpolation=cfg.views.interpolation, backend="torch")
-    mapped = views_from_source(det(pos, "cpu"), av.affine)
+    av = augment_views(images, views.global_specs + views.local_specs, seed=pretrain_seed(5), interpolation=cfg.views.interpolation,
+                       backend=backend)
+    mapped = views_from_source(det(pos, device), av.affine)
     torch.testing.assert_close(vb.global_coords, mapped[:6])  # sigma 0: the mapped landmarks themselves
     torch.testing.assert_close(vb.local_coords, torch.gather(mapped[6:], 1, vb.local_indices[..., None].expand(-1, -1, 2)))
     with pytest.raises(ValueError, match="record position"):
         views(images, seed=5)
     eval_tokens = views.eval_tokens(images, pos)
-    torch.testing.assert_close(eval_tokens, sample_patches(images, det(pos, "cpu"), 8, backend="torch"))
+    torch.testing.assert_close(eval_tokens, sample_patches(images, det(pos, device), 8, backend="torch"), atol=1e-5, rtol=0)
     # test-time flip: each token stays on its point of the face, its patch mirrored (the x offset axis)
     flipped = views.eval_tokens(images, pos, flip=True).reshape(3, 196, 8, 8, 3)
     torch.testing.assert_close(flipped, eval_tokens.reshape(3, 196, 8, 8, 3).flip(2), atol=1e-4, rtol=0)
