@@ -67,12 +67,28 @@ def _make_rec_with_sidecar(folder: Path, points: np.ndarray | None = None) -> Pa
 # ------------------------------------------------------------------------------------------ densification
 
 
+def _face68() -> np.ndarray:
+    """68 points laid out like iBUG's (jaw arc, brows, nose, eyes, mouth), for the P = 68 (FAN) case."""
+    a = np.linspace(0.1, np.pi - 0.1, 17)
+    jaw = np.stack([56 - 38 * np.cos(a), 55 + 45 * np.sin(a)], 1)
+    brows = np.stack([np.r_[np.linspace(28, 48, 5), np.linspace(64, 84, 5)], np.full(10, 42.0)], 1)
+    nose = np.r_[np.stack([np.full(4, 56.0), np.linspace(50, 68, 4)], 1), np.stack([np.linspace(48, 64, 5), np.full(5, 72.0)], 1)]
+    e = np.linspace(0, 2 * np.pi, 7)[:6]
+    eyes = np.r_[np.stack([38 + 7 * np.cos(e), 52 + 3 * np.sin(e)], 1), np.stack([74 + 7 * np.cos(e), 52 + 3 * np.sin(e)], 1)]
+    m = np.linspace(0, 2 * np.pi, 21)[:20]
+    mouth = np.stack([56 + 14 * np.cos(m), 90 + 5 * np.sin(m)], 1)
+    pts = np.concatenate([jaw, brows, nose, eyes, mouth]).astype(np.float32)
+    assert pts.shape == (68, 2)
+    return pts
+
+
+@pytest.mark.parametrize("points", ["blazeface6", "fan68"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.3, 50.0])
-def test_spline_reproduces_affine_maps_and_the_grid(smoothing: float) -> None:
-    t = torch.from_numpy(FACE6).double()
+def test_spline_reproduces_affine_maps_and_the_grid(smoothing: float, points: str) -> None:
+    t = torch.from_numpy(FACE6 if points == "blazeface6" else _face68()).double()
     g = _grid_continuous()
     w = thin_plate_weights(t, g, smoothing, 112.0)
-    assert w.shape == (196, 6)
+    assert w.shape == (196, len(t))
     torch.testing.assert_close(w.sum(1), torch.ones(196, dtype=torch.float64))
     torch.testing.assert_close(w @ t, g, atol=1e-9, rtol=0)  # the mean face gets exactly the grid
     a, shift = 1.1 * _rotation(12.0), torch.tensor([4.0, -3.0], dtype=torch.float64)
