@@ -1,15 +1,17 @@
-"""Arguments and config resolution shared by the training commands (pretrain, train-landmarks,
-finetune): one place for the flags every stage has, so the three commands read alike."""
+"""Arguments, config resolution and process launch shared by the training commands (pretrain,
+train-landmarks, finetune): one place for what every stage has, so the three commands read alike."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from lafs_fast.config import Config, add_config_arguments, load_config
 
-__all__ = ["add_source_arguments", "add_run_arguments", "default_preset", "resolve_training_config", "data_source"]
+__all__ = ["add_source_arguments", "add_run_arguments", "default_preset", "resolve_training_config", "data_source",
+           "launch_training"]
 
 # flag (argparse dest) -> config key, for the flags of add_source_arguments / add_run_arguments
 COMMON_FLAGS: tuple[tuple[str, str], ...] = (
@@ -64,3 +66,37 @@ def data_source(cfg: Config) -> str:
     """What make_loader reads: data.path, or the synthetic spec of the config."""
     d = cfg.data
     return d.path or f"synthetic:{d.synthetic_identities}x{d.synthetic_images_per_identity}"
+
+
+def launch_training(prog: str, worker: Callable[..., dict[str, Any]], worker_args: tuple, cfg: Config,
+                    digest_what: str = "parameters") -> int:
+    """Run ``worker(*worker_args)`` in ``train.gpus`` processes (one when under torchrun, which made
+    them) and return the command's exit code: a non-finite loss or a failed rank is one line on stderr
+    and 1; with several ranks, each rank's step count and parameter digest (``worker`` returns
+    ``{"steps", "digest"}``) are printed and ranks that disagree are an error."""
+    import torch
+
+    from lafs_fast.launch import RankFailed, launch, under_torchrun
+    from lafs_fast.train.engine import NonFiniteLoss
+
+    device = cfg.train.device
+    if device == "auto" and not torch.cuda.is_available():
+        device = "cpu"
+    nprocs = 1 if under_torchrun() else cfg.train.gpus
+    if nprocs > 1 and device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() < nprocs:
+        raise ValueError(f"--gpus {nprocs} but only {torch.cuda.device_count()} GPU(s) are visible; use --device cpu for CPU processes")
+    try:
+        results = launch(worker, worker_args, nprocs)
+    except NonFiniteLoss as exc:
+        print(f"lafs-fast {prog}: stopped: {exc}", file=sys.stderr)
+        return 1
+    except RankFailed as exc:
+        print(f"lafs-fast {prog}: error: {exc}", file=sys.stderr)
+        return 1
+    if len(results) > 1:
+        for rank in sorted(results):
+            print(f"[{prog}] rank {rank}: {results[rank]['steps']} steps, {digest_what} sha256 {results[rank]['digest'][:16]}")
+        if len({r["digest"] for r in results.values()}) != 1:
+            print(f"lafs-fast {prog}: error: the ranks ended with different parameters", file=sys.stderr)
+            return 1
+    return 0

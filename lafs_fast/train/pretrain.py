@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from lafs_fast.config import Config, config_from_dict, config_to_dict
 from lafs_fast.dense_landmarks import DetectorLandmarks
 from lafs_fast.io import atomic_save, check_writable_dir
-from lafs_fast.train.cli_common import add_run_arguments, add_source_arguments, data_source, resolve_training_config
-from lafs_fast.launch import RankFailed, init_distributed, launch, shutdown, under_torchrun
+from lafs_fast.train.cli_common import add_run_arguments, add_source_arguments, data_source, launch_training, resolve_training_config
+from lafs_fast.launch import init_distributed, shutdown
 
 __all__ = ["add_arguments", "run", "resolve_config", "stage_defaults", "train_worker", "knn_check", "knn_faces", "KnnFaces",
            "embed", "param_digest", "detector_landmarks"]
@@ -121,31 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
         if open_source(args.knn_data)[0] != "rec":
             raise ValueError(f"--knn-data {args.knn_data} is not a .rec; pack labelled faces with `lafs-fast data build`")
-    device = cfg.train.device
-    if device == "auto" and not torch.cuda.is_available():
-        device = "cpu"
-    nprocs = 1 if under_torchrun() else cfg.train.gpus
-    if nprocs > 1 and device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() < nprocs:
-        raise ValueError(f"--gpus {nprocs} but only {torch.cuda.device_count()} GPU(s) are visible; use --device cpu for CPU processes")
     opts = {"resume": args.resume, "knn": knn, "knn_data": args.knn_data, "progress": not args.no_progress}
-    from lafs_fast.train.engine import NonFiniteLoss
-
-    try:
-        results = launch(train_worker, (config_to_dict(cfg), opts), nprocs)
-    except NonFiniteLoss as exc:
-        print(f"lafs-fast pretrain: stopped: {exc}", file=sys.stderr)
-        return 1
-    except RankFailed as exc:
-        print(f"lafs-fast pretrain: error: {exc}", file=sys.stderr)
-        return 1
-    digests = {r["digest"] for r in results.values()}
-    if len(results) > 1:
-        for rank in sorted(results):
-            print(f"[pretrain] rank {rank}: {results[rank]['steps']} steps, parameters sha256 {results[rank]['digest'][:16]}")
-        if len(digests) != 1:
-            print("lafs-fast pretrain: error: the ranks ended with different parameters", file=sys.stderr)
-            return 1
-    return 0
+    return launch_training("pretrain", train_worker, (config_to_dict(cfg), opts), cfg)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -33,8 +33,8 @@ import torch
 
 from lafs_fast.config import Config, config_from_dict, config_to_dict
 from lafs_fast.io import atomic_save, check_writable_dir
-from lafs_fast.launch import RankFailed, init_distributed, launch, shutdown, under_torchrun
-from lafs_fast.train.cli_common import add_run_arguments, add_source_arguments, data_source, resolve_training_config
+from lafs_fast.launch import init_distributed, shutdown
+from lafs_fast.train.cli_common import add_run_arguments, add_source_arguments, data_source, launch_training, resolve_training_config
 
 __all__ = ["add_arguments", "resolve_config", "run", "train_worker", "stage_defaults", "parse_subset", "prepare_data", "heldout_check"]
 
@@ -164,31 +164,8 @@ def run(args: argparse.Namespace, stage: int) -> int:
     preflight(cfg, stage, init, landmarks, args.resume)
     is_synthetic = not cfg.data.path or cfg.data.path.startswith("synthetic")
     check = args.check if args.check is not None else is_synthetic
-    device = cfg.train.device
-    if device == "auto" and not torch.cuda.is_available():
-        device = "cpu"
-    nprocs = 1 if under_torchrun() else cfg.train.gpus
-    if nprocs > 1 and device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() < nprocs:
-        raise ValueError(f"--gpus {nprocs} but only {torch.cuda.device_count()} GPU(s) are visible; use --device cpu for CPU processes")
     opts = {"resume": args.resume, "check": check, "progress": not args.no_progress, "init": init, "landmarks": landmarks}
-    from lafs_fast.train.engine import NonFiniteLoss
-
-    try:
-        results = launch(train_worker, (config_to_dict(cfg), stage, opts), nprocs)
-    except NonFiniteLoss as exc:
-        print(f"lafs-fast {PROG[stage]}: stopped: {exc}", file=sys.stderr)
-        return 1
-    except RankFailed as exc:
-        print(f"lafs-fast {PROG[stage]}: error: {exc}", file=sys.stderr)
-        return 1
-    if len(results) > 1:
-        digests = {r["digest"] for r in results.values()}
-        for rank in sorted(results):
-            print(f"[{PROG[stage]}] rank {rank}: {results[rank]['steps']} steps, shared parameters sha256 {results[rank]['digest'][:16]}")
-        if len(digests) != 1:
-            print(f"lafs-fast {PROG[stage]}: error: the ranks ended with different parameters", file=sys.stderr)
-            return 1
-    return 0
+    return launch_training(PROG[stage], train_worker, (config_to_dict(cfg), stage, opts), cfg, digest_what="shared parameters")
 
 
 # --------------------------------------------------------------------------------------------------
