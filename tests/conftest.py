@@ -28,3 +28,13 @@ def gen() -> torch.Generator:
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"generator seed {seed}")  # shown by pytest for a failing test
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (modules opt in with ``pytestmark``): on a busy 2-core
+    machine two OpenMP threads run the landmark CNN 5-10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from lafs_fast.config import config_to_dict, load_config
 from lafs_fast.data import make_loader
@@ -22,13 +21,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two OpenMP threads run the CNN 5-10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def _split(orl: Path, tmp: Path, train_ids: range, held_ids: range) -> tuple[Path, Path]:

@@ -31,13 +31,7 @@ TINY = [
 DETERMINISTIC = ["model.dropout=0", "model.emb_dropout=0", "model.drop_path=0", "model.landmark_dropout=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two OpenMP threads run the CNN 5-10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def tiny(tmp_path, *extra: str):

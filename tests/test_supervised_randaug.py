@@ -11,13 +11,7 @@ from lafs_fast.data import SyntheticFaces
 from lafs_fast.train.randaugment import OPS, apply_ops, rand_augment
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two OpenMP threads run much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def _timm_op(name: str, img: Image.Image, m: float, sign: float) -> Image.Image:
