@@ -70,7 +70,8 @@ def load_landmark_cnn(path: str) -> LandmarkCNN:
 class Landmarks(nn.Module):
     """Where the tokens of a view come from: ``grid``, a frozen landmark CNN, or ``detector``.
 
-    forward(clean (N, 3, S, S) in [-1, 1]) -> coords (N, K, 2) fp32 px for ``grid`` and the CNN.
+    forward(clean (B, V, 3, S, S) in [-1, 1]) -> coords (V * B, K, 2) fp32 px, view-major, for ``grid``
+    and the CNN (only the CNN reads the pixels: the grid needs no view-major copy of them).
     ``detector`` landmarks belong to the source images, not the views: ``detector`` (a
     :class:`DetectorLandmarks` table) maps record positions to them, ``LafsViews`` moves them into
     the views; ``forward`` gives the grid (the mean face's landmarks) for images with no position.
@@ -104,9 +105,10 @@ class Landmarks(nn.Module):
 
     @torch.no_grad()
     def forward(self, clean: torch.Tensor) -> torch.Tensor:
+        b, v = clean.shape[:2]
         if self.cnn is None:
-            return self.grid.unsqueeze(0).expand(clean.shape[0], -1, -1)
-        return self.cnn(clean.float()).float()
+            return self.grid.unsqueeze(0).expand(v * b, -1, -1)
+        return self.cnn(clean.transpose(0, 1).reshape(v * b, *clean.shape[2:]).float()).float()
 
 
 @dataclass
@@ -188,7 +190,6 @@ class LafsViews(nn.Module):
         av = augment_views(images, specs, seed=_seed(seed, 0), out_size=s, interpolation=v.interpolation,
                            out_dtype=torch.float32, backend=self.view_backend)
         # view-major: (V, B, 3, S, S) -> (V*B, 3, S, S); chunk(V) then splits views
-        clean = av.clean.transpose(0, 1).reshape(-1, 3, s, s)
         aug = av.augmented.transpose(0, 1).reshape(-1, 3, s, s)
         det = self.landmarks.detector
         if det is not None:
@@ -196,7 +197,7 @@ class LafsViews(nn.Module):
                 raise ValueError("--landmarks detector needs each image's record position (make_loader(..., with_positions=True))")
             coords = views_from_source(det(positions, images.device), av.affine)  # (V*B, K, 2)
         else:
-            coords = self.landmarks(clean)
+            coords = self.landmarks(av.clean)
         g = v.n_global * b
         p = self.mcfg.patch_size
         gt, _, g_noise = sample_patches(aug[:g], coords[:g], p, out_dtype=self.out_dtype, backend=self.sampler_backend,
@@ -242,5 +243,5 @@ class LafsViews(nn.Module):
             if flip:  # continuous x -> W - x; the sampler's coordinate is continuous + 0.5
                 coords = torch.stack((x.shape[3] + 1.0 - coords[..., 0], coords[..., 1]), dim=-1)
         else:
-            coords = self.landmarks(x)
+            coords = self.landmarks(x[:, None])  # one view per face
         return sample_patches(x, coords, self.mcfg.patch_size, out_dtype=self.out_dtype, backend=self.sampler_backend, check_finite=False)
