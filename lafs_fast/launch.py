@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "RankFailed", "launch", "init_distributed", "under_torchrun", "resolve_device", "shutdown"]
+__all__ = ["DistInfo", "RankFailed", "launch", "init_distributed", "under_torchrun", "resolve_device", "resolve_precision", "shutdown"]
 
 
 class RankFailed(RuntimeError):
@@ -63,6 +63,17 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA GPU is visible; use --device cpu")
     return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` -> "bf16" | "fp32": 'auto' is bf16 on CUDA and fp32 elsewhere; an explicit
+    value means the same dtypes on every device (bf16 view tokens, bf16 autocast around the stage,
+    fp32 where the design needs it), so ``train.precision=bf16`` on the CPU runs the GPU's regime."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"train.precision={precision!r}; choose auto, bf16 or fp32")
+    return precision
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

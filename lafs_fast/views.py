@@ -108,7 +108,9 @@ class Landmarks(nn.Module):
         b, v = clean.shape[:2]
         if self.cnn is None:
             return self.grid.unsqueeze(0).expand(v * b, -1, -1)
-        return self.cnn(clean.transpose(0, 1).reshape(v * b, *clean.shape[2:]).float()).float()
+        # fp32 under the run's autocast: in bf16 the CNN's min-max coordinates move in 0.5 px steps
+        with torch.autocast(clean.device.type, enabled=False):
+            return self.cnn(clean.transpose(0, 1).reshape(v * b, *clean.shape[2:]).float()).float()
 
 
 @dataclass
@@ -195,7 +197,8 @@ class LafsViews(nn.Module):
         if det is not None:
             if positions is None:
                 raise ValueError("--landmarks detector needs each image's record position (make_loader(..., with_positions=True))")
-            coords = views_from_source(det(positions, images.device), av.affine)  # (V*B, K, 2)
+            with torch.autocast(images.device.type, enabled=False):  # the densification matmul in fp32
+                coords = views_from_source(det(positions, images.device), av.affine)  # (V*B, K, 2)
         else:
             coords = self.landmarks(av.clean)
         g = v.n_global * b
@@ -239,7 +242,8 @@ class LafsViews(nn.Module):
             return image_grid_tokens(x, self.mcfg.patch_size).to(self.out_dtype)
         det = self.landmarks.detector
         if det is not None and positions is not None:
-            coords = det(positions, x.device)
+            with torch.autocast(x.device.type, enabled=False):
+                coords = det(positions, x.device)
             if flip:  # continuous x -> W - x; the sampler's coordinate is continuous + 0.5
                 coords = torch.stack((x.shape[3] + 1.0 - coords[..., 0], coords[..., 1]), dim=-1)
         else:

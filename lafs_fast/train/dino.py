@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from lafs_fast.config import Config
 from lafs_fast.dense_landmarks import DetectorLandmarks
+from lafs_fast.launch import resolve_precision
 from lafs_fast.models import DINOHead, FViT, build_backbone
 from lafs_fast.models.checkpoints import model_file
 from lafs_fast.train.engine import Plan, Stage, StepContext, cosine_schedule, linear_then_constant, param_groups
@@ -78,6 +79,12 @@ class DINOLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        # fp32 throughout, as the spec computes it: under bf16 autocast the einsum below would run as a
+        # bf16 bmm (3 significant digits on a sum over 100k prototypes)
+        with torch.autocast(student_out.device.type, enabled=False):
+            return self._loss(student_out, teacher_out, teacher_temp)
+
+    def _loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         v, g = self.n_views, self.n_global
         logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).view(v, -1, student_out.shape[-1])
         q = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().view(g, -1, teacher_out.shape[-1])
@@ -146,7 +153,8 @@ class DinoStage(Stage):
         self.model = student.to(device)
         self.teacher = teacher.to(device)
         self.teacher.train(cfg.dino.teacher_mode == "train")
-        tok_dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.precision != "fp32" else torch.float32
+        # the views' tokens in the run's compute dtype (bf16 regime: bf16 tokens on every device)
+        tok_dtype = torch.bfloat16 if resolve_precision(cfg.train.precision, device) == "bf16" else torch.float32
         self.views = (views or LafsViews(cfg.views, cfg.model, out_dtype=tok_dtype, detector=detector)).to(device)
         n_views = cfg.views.n_global + cfg.views.n_local
         self.loss_fn = DINOLoss(cfg.dino.out_dim, n_views, cfg.views.n_global, cfg.dino.student_temp, cfg.dino.center_momentum).to(device)

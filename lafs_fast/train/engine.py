@@ -8,7 +8,8 @@ through the small :class:`Stage` interface; the engine owns everything else:
   whatever per-step schedules the stage adds (teacher momentum, teacher temperature, ...);
 - gradient accumulation (``optim.accumulation`` batches per optimiser step, DDP ``no_sync`` on all
   but the last), per-parameter gradient-norm clipping (``optim.clip_grad``, DINO's rule);
-- bf16 autocast on CUDA (no loss scaler), fp32 on the CPU (``train.precision``); optional
+- bf16 autocast (no loss scaler) on CUDA, fp32 on the CPU (``train.precision`` auto; an explicit
+  ``bf16`` runs the same regime on the CPU, :func:`lafs_fast.launch.resolve_precision`); optional
   ``torch.compile`` of the stage's modules (``train.compile``);
 - DDP when the process group has several ranks; rank 0 alone logs and writes;
 - a tqdm progress bar (samples/s, ETA), a JSONL metrics log (and TensorBoard when installed);
@@ -47,7 +48,7 @@ from tqdm import tqdm
 
 from lafs_fast.config import Config, config_to_dict
 from lafs_fast.io import atomic_save, safe_load
-from lafs_fast.launch import DistInfo
+from lafs_fast.launch import DistInfo, resolve_precision
 
 __all__ = [
     "Stage", "StepContext", "Plan", "Engine", "FitResult", "NonFiniteLoss", "cosine_schedule",
@@ -270,10 +271,7 @@ class Engine:
         if steps_per_epoch < 1:
             raise ValueError(f"an epoch has {len(loader)} batches, fewer than optim.accumulation={o.accumulation}; lower the accumulation or the batch size")
         self.plan = Plan(o.epochs, steps_per_epoch, o.accumulation, o.batch_size, dist.world_size)
-        precision = cfg.train.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.precision = precision
+        self.precision = resolve_precision(cfg.train.precision, self.device)
         self.progress = progress and dist.is_main
 
         # schedules: lr scaled by the global batch (spec: peak lr * global_batch / 256)

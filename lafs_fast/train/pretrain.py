@@ -241,9 +241,15 @@ def knn_faces(data: str | None, device: torch.device, *, train_data: str | None 
 
 @torch.no_grad()
 def embed(backbone: torch.nn.Module, views: Any, images: torch.Tensor, batch: int = 64,
-          positions: torch.Tensor | None = None) -> torch.Tensor:
+          positions: torch.Tensor | None = None, precision: str | None = None) -> torch.Tensor:
     """L2-normalised embeddings (N, dim) fp32 of faces (N, H, W, 3) uint8 (+ their flips, summed);
-    ``positions`` (N,): record positions for ``views.eval_tokens`` (detector landmarks)."""
+    ``positions`` (N,): record positions for ``views.eval_tokens`` (detector landmarks).
+
+    ``precision``: "bf16" runs the backbone under bf16 autocast, as in training (what the views'
+    bf16 tokens need: the backbone's weights stay fp32); "fp32" without; None: bf16 when the views
+    make bf16 tokens (``views.out_dtype``), else fp32. The embeddings are fp32 either way."""
+    if precision is None:
+        precision = "bf16" if getattr(views, "out_dtype", torch.float32) == torch.bfloat16 else "fp32"
     was = backbone.training
     backbone.eval()
     out = []
@@ -251,20 +257,22 @@ def embed(backbone: torch.nn.Module, views: Any, images: torch.Tensor, batch: in
         for i in range(0, images.shape[0], batch):
             x = images[i:i + batch]
             kw = {} if positions is None else {"positions": positions[i:i + batch]}
-            e = backbone(views.eval_tokens(x, **kw)).float() + backbone(views.eval_tokens(x, flip=True, **kw)).float()
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                e = backbone(views.eval_tokens(x, **kw)).float() + backbone(views.eval_tokens(x, flip=True, **kw)).float()
             out.append(F.normalize(e, dim=-1))
     finally:
         backbone.train(was)
     return torch.cat(out)
 
 
-def knn_check(backbone: torch.nn.Module, views: Any, device: torch.device, faces: KnnFaces | None = None) -> dict[str, float]:
+def knn_check(backbone: torch.nn.Module, views: Any, device: torch.device, faces: KnnFaces | None = None,
+              precision: str | None = None) -> dict[str, float]:
     """Leave-one-out 1-NN identification accuracy (cosine) and verification accuracy on balanced pairs
     (every genuine pair, as many impostor pairs drawn at random, best threshold), both in %, on
-    ``faces`` (default: held-out synthetic identities, :func:`knn_faces`)."""
+    ``faces`` (default: held-out synthetic identities, :func:`knn_faces`); ``precision`` as in :func:`embed`."""
     faces = faces or knn_faces(None, device)
     labels = faces.labels
-    emb = embed(backbone, views, faces.images, positions=faces.positions)
+    emb = embed(backbone, views, faces.images, positions=faces.positions, precision=precision)
     n = len(labels)
     sim = emb @ emb.T
     sim.fill_diagonal_(-math.inf)

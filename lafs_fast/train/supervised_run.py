@@ -33,7 +33,7 @@ import torch
 
 from lafs_fast.config import Config, config_from_dict, config_to_dict
 from lafs_fast.io import atomic_save, check_writable_dir
-from lafs_fast.launch import init_distributed, shutdown
+from lafs_fast.launch import init_distributed, resolve_precision, shutdown
 from lafs_fast.train.cli_common import add_run_arguments, add_source_arguments, data_source, launch_training, resolve_training_config
 
 __all__ = ["add_arguments", "resolve_config", "run", "train_worker", "stage_defaults", "parse_subset", "prepare_data", "heldout_check"]
@@ -181,12 +181,13 @@ class _Normalise:
         return x.permute(0, 3, 1, 2).float() / 255.0 * 2 - 1
 
 
-def heldout_check(model, device: torch.device) -> dict[str, float]:
+def heldout_check(model, device: torch.device, precision: str = "fp32") -> dict[str, float]:
     """1-NN top-1 and verification accuracy (%) on held-out synthetic identities (never trained on),
-    with flip-sum embeddings of the Part fViT (eval mode; its head is not used)."""
+    with flip-sum embeddings of the Part fViT (eval mode; its head is not used), the fViT under the
+    run's ``precision`` (the landmark CNN stays fp32 in PartFViT)."""
     from lafs_fast.train.pretrain import knn_check
 
-    return knn_check(model, _Normalise(), device)
+    return knn_check(model, _Normalise(), device, precision=precision)
 
 
 def _shared_digest(model, sharded: bool) -> str:
@@ -241,7 +242,7 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
             say(f"[{name}] note: {note}")
         before = None
         if opts.get("check") and info.is_main and not opts.get("resume"):
-            before = heldout_check(model, info.device)
+            before = heldout_check(model, info.device, resolve_precision(cfg.train.precision, info.device))
             say(f"[{name}] held-out check before: {format_check(before)}")
         if val_sets and info.is_main and not opts.get("resume"):
             summary_before = st.validate(0)  # the starting point (and best.pt until training beats it)
@@ -273,7 +274,7 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
                 summary["verification_before"] = summary_before
                 summary["best"] = {"mean": st.val.best, "step": st.val.best_step}
             if opts.get("check"):
-                after = heldout_check(model, info.device)
+                after = heldout_check(model, info.device, resolve_precision(cfg.train.precision, info.device))
                 if before is not None:
                     say(f"[{name}] held-out check before: {format_check(before)}")
                 say(f"[{name}] held-out check after:  {format_check(after)}")
