@@ -25,7 +25,7 @@ def collect_info() -> dict[str, object]:
     """Everything `lafs-fast info` prints, as a dict (also recorded beside benchmark results)."""
     import lafs_fast
     from lafs_fast import _torchvision_fix
-    from lafs_fast.models.attention import resolve_attention
+    from lafs_fast.models.attention import resolve_attention, xformers_extension
     from lafs_fast.sampling import resolve_backend
 
     cuda = torch.cuda.is_available()
@@ -36,6 +36,7 @@ def collect_info() -> dict[str, object]:
         "torch": torch.__version__,
         "triton": _version("triton"),
         "xformers": _version("xformers"),
+        "xformers_extension": xformers_extension()[1],  # "loaded", or why not (then its kernels are torch's)
         "nvidia.dali": _version("nvidia.dali"),
         "timm": _version("timm"),
         "torchvision": _version("torchvision"),

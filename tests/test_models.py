@@ -10,6 +10,7 @@ from lafs_fast.config import load_config
 from lafs_fast.models import (
     ArcFace, CosFace, DINOHead, FViT, LandmarkCNN, attention, build_backbone, build_landmark_cnn, build_part_fvit,
 )
+from lafs_fast.models.attention import xformers_status
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -64,10 +65,41 @@ def test_attention_scale_is_honoured(gen):
     assert small_vit(attn_scale="head_dim").transformer.layers[0][0].fn.fn.scale == 16 ** -0.5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers attention needs CUDA")
+@pytest.mark.skipif(not xformers_status()[0], reason=f"xformers' own kernels do not run here: {xformers_status()[1]}")
 def test_xformers_matches_sdpa_on_cuda(gen):
     q, k, v = (torch.randn(2, 197, 4, 64, generator=gen).cuda() for _ in range(3))
     torch.testing.assert_close(attention(q, k, v, 0.036, "xformers"), attention(q, k, v, 0.036, "sdpa"), rtol=2e-3, atol=2e-3)
+
+
+def test_xformers_without_its_extension_is_not_reported_as_xformers(monkeypatch):
+    """xformers whose _C.so did not load (libcudart.so.12 missing on a CUDA 13 image) still imports
+    and still runs -- on torch's flash kernel: ``auto`` must pick SDPA and say why, not claim xformers."""
+    import importlib
+    import sys
+    import types
+
+    att = importlib.import_module("lafs_fast.models.attention")  # the module (the package exports the function)
+
+    fake = types.ModuleType("xformers")
+    fake._has_cpp_library = False
+    fake._cpp_lib = types.SimpleNamespace(_cpp_library_load_exception=OSError("libcudart.so.12: cannot open shared object file"))
+    ops = types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention = lambda q, k, v, **kw: q  # "works", as the fallback does
+    fake.ops = ops
+    monkeypatch.setitem(sys.modules, "xformers", fake)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    att.xformers_status.cache_clear()
+    try:
+        ok, why = att.xformers_extension()
+        assert not ok and "libcudart.so.12" in why
+        backend, why = att.resolve_attention("auto", torch.device("cuda"))
+        assert backend == "sdpa" and "libcudart.so.12" in why
+        fake._has_cpp_library = True
+        att.xformers_status.cache_clear()
+        assert att.xformers_extension()[0]
+    finally:
+        att.xformers_status.cache_clear()
 
 
 def test_position_slice_for_short_views(gen):

@@ -3,7 +3,7 @@
 - ``xformers``: ``xformers.ops.memory_efficient_attention`` (CUDA only), layout (B, N, H, D);
 - ``sdpa``: ``F.scaled_dot_product_attention`` (flash / efficient / math chosen by torch), (B, H, N, D);
 - ``math``: softmax(q k^T * scale) v, the reference's naive path;
-- ``auto``: xformers where it runs (CUDA + a working install), SDPA otherwise.
+- ``auto``: xformers where its own kernels run (CUDA + its compiled extension loaded), SDPA otherwise.
 
 Every backend honours an explicit ``scale`` (the reference uses dim**-0.5, not head_dim**-0.5).
 
@@ -23,22 +23,42 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ATTENTION_BACKENDS", "attention", "resolve_attention", "seqlen_runs", "xformers_status"]
+__all__ = ["ATTENTION_BACKENDS", "attention", "resolve_attention", "seqlen_runs", "xformers_extension", "xformers_status"]
 
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 
 
+def xformers_extension() -> tuple[bool, str]:
+    """Whether xformers' own compiled extension (``xformers/_C.so``: its cutlass / FA3 kernels)
+    loaded, and why not. Without it xformers still imports and ``memory_efficient_attention`` still
+    runs -- on torch's own flash kernel, the one SDPA calls -- so only this tells the two apart.
+    The PyPI wheel's ``_C.so`` is built for CUDA 12: on a CUDA 13 image it needs ``libcudart.so.12``
+    (the nvidia-cuda-runtime-cu12 wheel on ``LD_LIBRARY_PATH``)."""
+    try:
+        import xformers
+    except Exception as exc:  # not installed, or a broken build
+        return False, f"xformers not importable ({type(exc).__name__})"
+    if getattr(xformers, "_has_cpp_library", False):
+        return True, "xformers C++/CUDA extension loaded"
+    exc = getattr(getattr(xformers, "_cpp_lib", None), "_cpp_library_load_exception", None)
+    detail = str(exc).strip().splitlines()[0][:160] if exc is not None and str(exc).strip() else "unknown reason"
+    return False, (f"xformers' C++/CUDA extension did not load ({detail}); its attention would be torch's own "
+                   "flash kernel (for a CUDA 13 image: nvidia-cuda-runtime-cu12 on LD_LIBRARY_PATH, see docs/gpu.md)")
+
+
 @functools.lru_cache(maxsize=1)
 def xformers_status() -> tuple[bool, str]:
-    """Whether xformers' memory-efficient attention can run here (needs CUDA), and why not."""
+    """Whether xformers' OWN memory-efficient attention kernels run here (needs CUDA and its
+    compiled extension, :func:`xformers_extension`), and why not."""
     if not torch.cuda.is_available():
         # Do not even import it: on a CPU torch it logs a long warning about its CUDA build.
         return False, "xformers needs CUDA (memory_efficient_attention has no CPU kernel)"
+    ok, why = xformers_extension()
+    if not ok:
+        return False, why
     try:
         import xformers.ops as xops
-    except Exception as exc:  # not installed, or a broken build
-        return False, f"xformers not importable ({type(exc).__name__})"
-    try:
+
         q = torch.zeros(1, 4, 1, 64, device="cuda", dtype=torch.bfloat16)
         xops.memory_efficient_attention(q, q, q)
     except Exception as exc:
