@@ -1,14 +1,21 @@
-"""Test session setup. TRITON_INTERPRET must be set before any Triton kernel is defined."""
+"""Test session setup. TRITON_INTERPRET must be set before any Triton kernel is defined.
+
+An explicit ``TRITON_INTERPRET`` in the environment always wins (``benchmarks/gpu_run.sh`` sets 0 so
+the CUDA cases run the compiled kernels). Unset, it becomes 1 (the interpreter) on a machine without
+a GPU and 0 on one with a GPU; tests/devices.py skips each case that cannot run under the choice,
+naming why.
+"""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+import torch  # noqa: E402  (importing torch defines no Triton kernel)
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -22,6 +22,7 @@ TINY = [
     "optim.warmup_epochs=0", "optim.lr=0.1", "data.synthetic_identities=2", "data.synthetic_images_per_identity=2",
     "views.n_local=1", "train.log_every=1", "train.max_steps=2", "train.ckpt_every_steps=1",
     "model.dropout=0", "model.emb_dropout=0", "model.drop_path=0", "model.landmark_dropout=0",
+    "train.device=cpu",  # CPU semantics (fp32, bitwise) even where a GPU runs the suite
 ]
 ATOL = 1e-5  # measured: <= 1.2e-6 on any tensor; one Adam step moves weights by ~lr (7.8e-4 here)
 

@@ -247,7 +247,11 @@ def test_gpu_paths_match_pil(jpeg_rec: Path) -> None:
     for backend in ["nvjpeg"] + (["dali"] if HAS_DALI else []):
         b, lb = _epoch(make_loader(jpeg_rec, 8, shuffle=False, drop_last=False, backend=backend, device="cuda"))
         assert b.is_cuda and torch.equal(la, lb.cpu())
-        assert (a.int() - b.cpu().int()).abs().max() <= 8
+        # nvJPEG upsamples chroma differently from libjpeg: single pixels differ by 25-43 levels on
+        # an H200, so bound the mean difference (as torchvision's own decode_jpeg tests do), and the
+        # max only loosely (a wrong colour order or an off-by-one crop moves both by far more)
+        diff = (a.int() - b.cpu().int()).abs()
+        assert diff.float().mean() <= 1.0 and diff.max() <= 64, (diff.float().mean(), diff.max())
 
 
 @pytest.mark.parametrize("backend,workers", [("pil", 0), ("pil", 1), pytest.param("dali", 0, marks=needs_dali)])

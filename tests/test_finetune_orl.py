@@ -18,6 +18,7 @@ TINY = [
     "model.dim=64", "model.depth=2", "model.heads=2", "model.head_dim=32", "model.mlp_dim=128",
     "model.dropout=0", "model.emb_dropout=0", "model.drop_path=0", "model.landmark_dropout=0.1",
     "train.log_every=1", "data.workers=0", "data.loader=pil", "finetune.mixup_p=0",
+    "train.device=cpu",  # CPU semantics (fp32, bitwise) even where a GPU runs the suite
 ]
 
 
@@ -70,5 +71,5 @@ def test_subset_shots_fraction_seed_writes_and_trains_on_a_subset(orl_dir, tmp_p
     assert (Path(src) / "train.rec").read_bytes() == (Path(src2) / "train.rec").read_bytes()  # seeded
     res = supervised_run.train_worker(config_to_dict(cfg), 2, {"check": False, "progress": False, "data": src})
     assert res["steps"] == 1
-    syn = load_config("small", None, ["finetune.subset=shots=1,fraction=0.25,seed=0", f"train.out_dir={tmp_path}"])
+    syn = load_config("small", None, ["finetune.subset=shots=1,fraction=0.25,seed=0", "train.device=cpu", f"train.out_dir={tmp_path}"])
     assert supervised_run.prepare_data(syn, say=lambda *a: None).startswith("synthetic:16x1")

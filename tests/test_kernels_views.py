@@ -21,8 +21,9 @@ from lafs_fast.kernels.views import (
     resample_tables,
 )
 from lafs_fast.kernels.views_triton import apply_views_triton
+from tests.devices import needs_interpreter, triton_devices
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+DEVICES = triton_devices()
 THR = 128 / 255
 
 
@@ -82,6 +83,7 @@ def test_triton_bicubic_bf16_and_odd_sizes(device, gen):
     _assert_views_close(aug, ref_aug, params.solarize.reshape(b, v), 1e-2)
 
 
+@needs_interpreter
 def test_clean_view_has_no_colour_change_and_identity_crop_is_the_source(gen):
     b, side = 2, 32
     images = _images(b, side, gen, "cpu")
@@ -108,6 +110,7 @@ def test_clean_view_has_no_colour_change_and_identity_crop_is_the_source(gen):
     torch.testing.assert_close(a_off, c_off, atol=1e-6, rtol=0)  # nothing on: augmented == clean
 
 
+@needs_interpreter
 def test_seed_determinism_and_public_dispatch(gen):
     images = _images(2, 24, gen, "cpu")
     specs = lafs_view_specs(1)

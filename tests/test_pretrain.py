@@ -29,6 +29,7 @@ TINY = [
     "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=16", "optim.batch_size=2", "optim.epochs=2",
     "optim.warmup_epochs=1", "dino.teacher_temp_epochs=1", "data.synthetic_identities=3",
     "data.synthetic_images_per_identity=2", "train.log_every=1", "views.n_local=2",
+    "train.device=cpu",  # CPU semantics (fp32, bitwise) even where a GPU runs the suite
 ]
 
 

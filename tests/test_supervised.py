@@ -26,6 +26,7 @@ TINY = [
     "model.dim=32", "model.depth=2", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64",
     "optim.batch_size=4", "optim.epochs=2", "optim.warmup_epochs=0", "data.synthetic_identities=4",
     "data.synthetic_images_per_identity=2", "train.log_every=1",
+    "train.device=cpu",  # CPU semantics (fp32, bitwise) even where a GPU runs the suite
 ]
 # no dropout anywhere: forward passes become functions of the weights alone
 DETERMINISTIC = ["model.dropout=0", "model.emb_dropout=0", "model.drop_path=0", "model.landmark_dropout=0"]
@@ -270,7 +271,7 @@ def test_stage2_loads_a_stage1_checkpoint_from_the_pretrain_code(tmp_path):
         "model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64", "dino.out_dim=64",
         "dino.hidden_dim=64", "dino.bottleneck_dim=16", "optim.batch_size=2", "optim.epochs=1", "optim.warmup_epochs=0",
         "data.synthetic_identities=2", "data.synthetic_images_per_identity=1", "views.n_local=1", "train.max_steps=1",
-        f"train.out_dir={tmp_path / 'pre'}"])
+        "train.device=cpu", f"train.out_dir={tmp_path / 'pre'}"])
     pretrain.train_worker(config_to_dict(pre), {"knn": False, "progress": False})
     teacher = tmp_path / "pre" / "teacher.pt"
     ckpt = list_checkpoints(tmp_path / "pre")[-1]
