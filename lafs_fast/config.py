@@ -284,30 +284,85 @@ def _sections() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
 
 
+# Range rules, one line a key: (low, high, low_open, high_open); None = unbounded on that side.
+_POSITIVE = (0, None, True, False)
+_NON_NEGATIVE = (0, None, False, False)
+_UNIT = (0, 1, False, False)            # a probability or a momentum
+_UNIT_OPEN_LOW = (0, 1, True, False)    # a scale or a fraction that must not be 0
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    **dict.fromkeys(("model.image_size", "model.patch_size", "model.num_patches", "model.dim", "model.depth", "model.heads",
+                     "model.head_dim", "model.mlp_dim", "model.ln_eps"), _POSITIVE),
+    **dict.fromkeys(("model.dropout", "model.emb_dropout", "model.drop_path", "model.landmark_dropout"), _UNIT),
+    "model.token_init_std": _NON_NEGATIVE,
+    **dict.fromkeys(("dino.out_dim", "dino.hidden_dim", "dino.bottleneck_dim", "dino.student_temp", "dino.teacher_temp_start",
+                     "dino.teacher_temp_end"), _POSITIVE),
+    **dict.fromkeys(("dino.teacher_temp_epochs", "dino.freeze_last_layer_epochs"), _NON_NEGATIVE),
+    **dict.fromkeys(("dino.center_momentum", "dino.teacher_momentum"), _UNIT),
+    **dict.fromkeys(("views.n_global", "views.global_tokens", "views.local_tokens", "views.local_size"), _POSITIVE),
+    **dict.fromkeys(("views.n_local", "views.perturb_sigma", "views.detector_smoothing", "views.brightness", "views.contrast",
+                     "views.saturation", "views.blur_radius_min", "views.blur_radius_max"), _NON_NEGATIVE),
+    "views.hue": (0, 0.5, False, False),
+    "views.solarize_threshold": (0, 256, False, False),
+    **dict.fromkeys(("views.flip_p", "views.jitter_p", "views.grayscale_p", "views.blur_p_global1", "views.blur_p_global2",
+                     "views.blur_p_local", "views.solarize_p_global2"), _UNIT),
+    **dict.fromkeys(("views.crop_scale_min", "views.crop_scale_max", "views.local_scale_min", "views.local_scale_max"), _UNIT_OPEN_LOW),
+    **dict.fromkeys(("optim.epochs", "optim.batch_size", "optim.accumulation"), _POSITIVE),
+    **dict.fromkeys(("optim.lr", "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay", "optim.weight_decay_end",
+                     "optim.landmark_weight_decay", "optim.clip_grad"), _NON_NEGATIVE),
+    "optim.layer_decay": _UNIT_OPEN_LOW,
+    "optim.betas": (0, 1, False, True),
+    **dict.fromkeys(("finetune.scale",), _POSITIVE),
+    **dict.fromkeys(("finetune.margin", "finetune.mixup_alpha", "finetune.randaug_magnitude", "finetune.randaug_ops",
+                     "finetune.randaug_std", "finetune.val_every"), _NON_NEGATIVE),
+    **dict.fromkeys(("finetune.mixup_p", "finetune.randaug_p", "finetune.erase_p"), _UNIT),
+    **dict.fromkeys(("finetune.sample_rate", "finetune.crop_scale_min"), _UNIT_OPEN_LOW),
+    "finetune.jitter": (0, 0.5, False, False),  # also ColorJitter's hue, which torchvision bounds by 0.5
+    "data.synthetic_identities": _POSITIVE, "data.synthetic_images_per_identity": _POSITIVE,
+    "data.workers": _NON_NEGATIVE,
+    **dict.fromkeys(("train.seed", "train.log_every", "train.ckpt_every_epochs", "train.keep_every", "train.ckpt_every_steps",
+                     "train.max_steps"), _NON_NEGATIVE),
+    "train.gpus": _POSITIVE,
+    "train.keep_last": (1, None, False, False),
+}
+
+
+def _in_range(val: float, rule: tuple[float | None, float | None, bool, bool]) -> bool:
+    lo, hi, lo_open, hi_open = rule
+    if lo is not None and (val <= lo if lo_open else val < lo):
+        return False
+    return not (hi is not None and (val >= hi if hi_open else val > hi))
+
+
+def _range_text(rule: tuple[float | None, float | None, bool, bool]) -> str:
+    lo, hi, lo_open, hi_open = rule
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
 def _validate(cfg: Config) -> None:
-    """Cross-field and range checks, each naming the key."""
-    m = cfg.model
-    positive = {
-        "model.dim": m.dim, "model.depth": m.depth, "model.heads": m.heads, "model.head_dim": m.head_dim,
-        "model.mlp_dim": m.mlp_dim, "model.patch_size": m.patch_size, "model.num_patches": m.num_patches,
-        "optim.epochs": cfg.optim.epochs, "optim.batch_size": cfg.optim.batch_size,
-        "optim.accumulation": cfg.optim.accumulation, "dino.out_dim": cfg.dino.out_dim, "train.gpus": cfg.train.gpus,
-    }
-    for key, val in positive.items():
-        if val <= 0:
-            raise ValueError(f"config key {key!r} must be positive, got {val}")
-    for key in ("model.dropout", "model.emb_dropout", "model.drop_path", "model.landmark_dropout", "views.flip_p",
-                "views.jitter_p", "views.grayscale_p", "finetune.mixup_p"):
-        sec, k = key.split(".")
-        val = getattr(getattr(cfg, sec), k)
-        if not 0.0 <= val <= 1.0:
-            raise ValueError(f"config key {key!r} is a probability and must lie in [0, 1], got {val}")
+    """Range and cross-field checks, each naming the key, the value and what it may be."""
+    for key, rule in _RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        for v in (value if isinstance(value, (tuple, list)) else (value,)):
+            if not _in_range(v, rule):
+                raise ValueError(f"config key {key!r} must be {_range_text(rule)}, got {value!r}")
+    m, v = cfg.model, cfg.views
     if m.patch_size % 2:
         raise ValueError(f"config key 'model.patch_size' must be even, got {m.patch_size}")
-    if not 0 < cfg.views.crop_scale_min <= cfg.views.crop_scale_max <= 1:
-        raise ValueError("config keys 'views.crop_scale_min' <= 'views.crop_scale_max' must lie in (0, 1]")
-    if max(cfg.views.global_tokens, cfg.views.local_tokens) > m.num_patches:
+    if v.crop_scale_min > v.crop_scale_max:
+        raise ValueError(f"config keys 'views.crop_scale_min' ({v.crop_scale_min}) <= 'views.crop_scale_max' ({v.crop_scale_max})")
+    if v.local_scale_min > v.local_scale_max:
+        raise ValueError(f"config keys 'views.local_scale_min' ({v.local_scale_min}) <= 'views.local_scale_max' ({v.local_scale_max})")
+    if v.blur_radius_min > v.blur_radius_max:
+        raise ValueError(f"config keys 'views.blur_radius_min' ({v.blur_radius_min}) <= 'views.blur_radius_max' ({v.blur_radius_max})")
+    if v.n_global + v.n_local < 2:
+        raise ValueError(f"config keys 'views.n_global' + 'views.n_local' must give at least 2 views (DINO compares views), got {v.n_global} + {v.n_local}")
+    if max(v.global_tokens, v.local_tokens) > m.num_patches:
         raise ValueError("config keys 'views.global_tokens' / 'views.local_tokens' exceed 'model.num_patches'")
+    if v.local_size > m.image_size:
+        raise ValueError(f"config key 'views.local_size' ({v.local_size}) exceeds 'model.image_size' ({m.image_size})")
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Config:

@@ -43,10 +43,25 @@ def test_round_trip_dict():
         ("model.nope=1", "unknown config key 'model.nope'"),
         ("zzz.dim=1", "unknown config section 'zzz'"),
         ("model.dim=3.5", "'model.dim' expects an integer"),
-        ("model.dim=-4", "'model.dim' must be positive"),
+        ("model.dim=-4", r"'model.dim' must be > 0, got -4"),
         ("model.attention=fast", "'model.attention' must be one of"),
         ("train.compile=maybe", "'train.compile' expects true/false"),
-        ("model.dropout=1.5", "'model.dropout' is a probability"),
+        ("model.dropout=1.5", r"'model.dropout' must be in \[0, 1\], got 1.5"),
+        # values that make no sense (issue 16 item 7): each names its key and what it may be
+        ("optim.lr=-1", r"'optim.lr' must be >= 0"),
+        ("dino.teacher_momentum=2", r"'dino.teacher_momentum' must be in \[0, 1\]"),
+        ("dino.center_momentum=5", r"'dino.center_momentum' must be in \[0, 1\]"),
+        ("views.local_tokens=0", r"'views.local_tokens' must be > 0"),
+        ("views.local_size=0", r"'views.local_size' must be > 0"),
+        ("dino.teacher_temp_start=-0.07", r"'dino.teacher_temp_start' must be > 0"),
+        ("dino.student_temp=0", r"'dino.student_temp' must be > 0"),
+        ("train.keep_last=-1", r"'train.keep_last' must be >= 1"),
+        ("train.max_steps=-5", r"'train.max_steps' must be >= 0"),
+        ("train.seed=-1", r"'train.seed' must be >= 0"),
+        ("optim.betas=2,2", r"'optim.betas' must be in \[0, 1\)"),
+        ("views.n_global=0", r"'views.n_global' must be > 0"),
+        ("views.n_local=-1", r"'views.n_local' must be >= 0"),
+        ("views.hue=0.7", r"'views.hue' must be in \[0, 0.5\]"),
         ("dim=3", "must be 'section.key'"),
         ("model.dim", "must look like section.key=value"),
     ],
@@ -54,6 +69,14 @@ def test_round_trip_dict():
 def test_rejections_name_the_key(override, match):
     with pytest.raises(ValueError, match=match):
         load_config("small", overrides=[override])
+
+
+def test_cross_field_rejections():
+    with pytest.raises(ValueError, match="at least 2 views"):
+        load_config("small", overrides=["views.n_global=1", "views.n_local=0"])
+    with pytest.raises(ValueError, match="'views.blur_radius_min'"):
+        load_config("small", overrides=["views.blur_radius_min=3"])
+    load_config("small", overrides=["views.n_global=1", "views.n_local=1"])  # two views: fine
 
 
 def test_bad_yaml_and_preset(tmp_path):
