@@ -13,6 +13,8 @@ import importlib
 import os
 import sys
 
+from lafs_fast.errors import USER_ERRORS, run_command  # noqa: F401 - USER_ERRORS: kept importable from here
+
 # name -> (module, one-line help). Add a command by adding its line here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("lafs_fast.train.pretrain", "stage 1: LAFS self-supervised pre-training (DINO on landmark views), 1 to N GPUs"),
@@ -26,8 +28,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("lafs_fast.config", "print the resolved configuration of a preset with overrides"),
     "info": ("lafs_fast.info", "versions, devices, and the backend each fast module picks and why"),
 }
-
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
 
 
 def _top_help() -> str:
@@ -78,15 +78,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"lafs-fast: error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     parser, module = build_parser(name)
-    args = parser.parse_args(argv[1:])
-    try:
-        return int(module.run(args) or 0)
-    except USER_ERRORS as exc:
-        print(f"lafs-fast {name}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"lafs-fast {name}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(f"lafs-fast {name}", parser, module.run, argv[1:])
 
 
 if __name__ == "__main__":

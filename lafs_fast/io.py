@@ -1,59 +1,129 @@
-"""File helpers shared by every writer: atomic saves and safe loads."""
+"""File helpers shared by every writer: atomic saves and safe loads.
+
+Writes go to a short temporary name beside the target (``.lafs-XXXXXXXX.tmp``: a target name near the
+file system's 255-byte limit still gets one), are fsync'ed, given the mode a plain ``open`` would give
+(0666 less the umask, not mkstemp's 0600), then renamed over the target: a crash leaves the old file
+or the new one, never half of one. A killed write can leave its temporary file behind;
+:func:`remove_stale_temporaries` clears them (the engine does at the start of a run, under its lock).
+Failures become one sentence naming the target: a full disk, a name too long, a folder not writable.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_bytes", "safe_load", "check_writable_dir"]
+__all__ = ["atomic_save", "atomic_write_bytes", "safe_load", "check_writable_dir", "remove_stale_temporaries", "TEMP_PREFIX"]
+
+TEMP_PREFIX = ".lafs-"
+_TEMP_RE = re.compile(r"^\.lafs-[A-Za-z0-9_]{8}\.tmp$")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux), else the usual 022."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _write_failed(path: Path, exc: BaseException) -> Exception:
+    """One sentence for a failed write of ``path`` (never naming the temporary file)."""
+    no = getattr(exc, "errno", None)
+    text = str(exc)
+    if no == errno.ENAMETOOLONG:
+        return ValueError(f"cannot write {path}: the name is too long for the file system "
+                          f"({len(path.name.encode())} bytes; at most 255); choose a shorter name")
+    if no in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in text or "failed writing" in text:
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MB free"
+        except OSError:
+            free = "free space unknown"
+        return ValueError(f"cannot write {path}: the disk is full ({free} on {path.parent}); free space, then resume from the last checkpoint")
+    if no in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionError(f"cannot write {path}: {os.strerror(no).lower()}; choose another output folder")
+    if isinstance(exc, OSError) and exc.strerror:
+        return ValueError(f"cannot write {path}: {exc.strerror.lower()}")
+    return ValueError(f"cannot write {path}: {type(exc).__name__}: {text.splitlines()[0] if text else ''}")
+
+
+def _atomic(path: str | Path, write: Callable[[str], None]) -> None:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_failed(path, exc) from None
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            raise _write_failed(path, exc) from None
+        raise
 
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over it: a crash
-    leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Write ``data`` to ``path`` atomically (module docstring)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic(path, write)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` through a temporary name and a rename (see ``atomic_write_bytes``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` to ``path`` atomically (module docstring)."""
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that killed atomic writes left in ``folder``; returns them. Call it
+    only while no other process writes there (the engine holds its run lock)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if _TEMP_RE.match(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)|Unsupported global: ([\w.]+)|global ['\"]?([\w.]+)['\"]? (?:was|is) not an allowed")
 
 
 def safe_load(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` on the CPU, with one readable sentence on failure."""
+    """``torch.load(weights_only=True)`` on the CPU, with one readable sentence on failure; a file
+    that asks for a Python global a checkpoint never holds is refused naming that global."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path} is not a loadable PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        text = str(exc)
+        m = _GLOBAL_RE.search(text)
+        if m and ("weights_only" in text or "Unsupported global" in text or "allowed global" in text):
+            name = next(g for g in m.groups() if g)
+            raise ValueError(f"refusing to load {path}: it asks for the Python global {name}, which a checkpoint never holds "
+                             "(a tampered or foreign file); it was not loaded") from None
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        raise ValueError(f"{path} is not a loadable PyTorch checkpoint ({type(exc).__name__}: {first})") from None
 
 
 def check_writable_dir(path: str | Path) -> Path:
@@ -65,5 +135,5 @@ def check_writable_dir(path: str | Path) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise PermissionError(f"output folder {path} is not writable ({exc.strerror}); choose another with --out") from None
+        raise PermissionError(f"output folder {path} is not writable ({(exc.strerror or str(exc)).lower()}); choose another with --out") from None
     return path

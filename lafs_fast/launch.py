@@ -30,7 +30,47 @@ __all__ = ["DistInfo", "RankFailed", "launch", "init_distributed", "under_torchr
 
 
 class RankFailed(RuntimeError):
-    """One of the processes started by ``launch`` ended with an error (the others were stopped)."""
+    """One of the processes started by ``launch`` ended with an error (the others were stopped).
+
+    ``rank``: the first rank that failed; ``error_type``: its exception's class name (``""`` when it
+    died without one, e.g. killed); ``user_error``: whether that was a user's mistake (one sentence,
+    exit 2); ``detail``: the exception's one line."""
+
+    def __init__(self, text: str, rank: int = -1, error_type: str = "", user_error: bool = False, detail: str = "") -> None:
+        super().__init__(text)
+        self.rank, self.error_type, self.user_error, self.detail = rank, error_type, user_error, detail
+
+
+_ERROR_DIR_ENV = "LAFS_FAST_ERROR_DIR"
+
+
+def _worker_entry(fn: Callable[..., Any], *args: Any) -> Any:
+    """Runs ``fn`` in a worker of ``launch``. An exception is written (class name, one line) where the
+    launcher reads it, and the worker exits quietly with code 3: the launcher prints one sentence,
+    not 27-53 lines of elastic traceback."""
+    try:
+        return fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the process ends
+        folder = os.environ.get(_ERROR_DIR_ENV)
+        if folder:
+            import json
+            import sys
+            import traceback
+
+            from lafs_fast.errors import is_user_error, user_message
+
+            text = str(exc)
+            record = {"type": type(exc).__name__, "user_error": is_user_error(exc), "message": user_message(exc),
+                      # a collective that failed because another rank died first: a consequence, not the cause
+                      "peer_lost": any(k in text for k in ("Connection closed by peer", "remote worker", "Connection reset by peer",
+                                                            "NCCL communicator was aborted"))}
+            with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
+                json.dump(record, f)
+            if not record["user_error"] and type(exc).__name__ != "NonFiniteLoss":  # a bug: keep its traceback
+                traceback.print_exc(file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(3)
+        raise
 
 
 @dataclass(frozen=True)
@@ -126,16 +166,42 @@ def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1) -> dict[in
         max_restarts=0, monitor_interval=0.5, start_method="spawn",
     )
     # The workers must not think they are the launcher's parent: they read RANK etc. from the agent.
-    try:
-        return elastic_launch(config, fn)(*args)
-    except ChildFailedError as exc:
-        failures = exc.failures
-        first = min(failures)
-        f = failures[first]
-        why = f"exit code {f.exitcode}" if f.exitcode is not None else "an error"
-        msg = f.message if isinstance(f.message, str) else ""
-        if isinstance(f.message, dict):
-            msg = str(f.message.get("message", ""))
-        detail = msg.strip().splitlines()[-1] if msg.strip() else ""
-        raise RankFailed(f"rank {first} of {nprocs} failed with {why}" + (f": {detail}" if detail else "")
-                         + "; the other ranks were stopped") from None
+    import json
+    import logging
+    import tempfile
+
+    elastic_log = logging.getLogger("torch.distributed.elastic")
+    level = elastic_log.level
+    elastic_log.setLevel(logging.CRITICAL)  # its per-failure report repeats what RankFailed says in one line
+    with tempfile.TemporaryDirectory(prefix="lafs-fast-errors-") as errors:
+        os.environ[_ERROR_DIR_ENV] = errors  # the spawned workers inherit it
+        try:
+            return elastic_launch(config, _worker_entry)(fn, *args)
+        except ChildFailedError as exc:
+            failures = exc.failures
+            recorded = {}
+            for rank in failures:
+                path = os.path.join(errors, f"rank{rank}.json")
+                if os.path.isfile(path):
+                    with open(path) as f:
+                        recorded[rank] = json.load(f)
+            # the cause, not a rank that failed because of it: a user's mistake; else a rank that died
+            # without a word (killed: its peers then fail in a collective); else the first recorded
+            users = [r for r, rec in recorded.items() if rec["user_error"]]
+            causes = [r for r, rec in recorded.items() if not rec.get("peer_lost")]
+            silent = [r for r in range(nprocs) if r not in recorded]
+            if not users and not causes and silent:
+                raise RankFailed(f"rank {min(silent)} of {nprocs} failed: it ended without reporting an error (killed, or out of "
+                                 "memory?) and the other ranks lost their connection to it; the job was stopped", min(silent)) from None
+            first = min(users) if users else min(causes) if causes else min(recorded) if recorded else min(failures)
+            rec = recorded.get(first)
+            if rec is not None:
+                raise RankFailed(f"rank {first} of {nprocs}: {rec['message']}", first, rec["type"], rec["user_error"], rec["message"]) from None
+            f = failures[first]
+            why = f"exit code {f.exitcode}" if f.exitcode is not None else "an error"
+            if f.exitcode is not None and f.exitcode < 0:
+                why = f"signal {-f.exitcode}"
+            raise RankFailed(f"rank {first} of {nprocs} failed with {why}; the other ranks were stopped", first) from None
+        finally:
+            os.environ.pop(_ERROR_DIR_ENV, None)
+            elastic_log.setLevel(level)

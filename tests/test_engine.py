@@ -229,7 +229,78 @@ def test_nonfinite_parameters_are_never_saved(tmp_path):
     assert list_checkpoints(tmp_path) == []
 
 
-def test_resume_rejects_other_shapes(tmp_path):
+def test_resume_rejects_other_settings_naming_them(tmp_path):
     _engine(_cfg(tmp_path, "train.max_steps=2")).fit()
-    with pytest.raises(ValueError, match="same data, batch size"):
+    with pytest.raises(ValueError, match=r"other settings: optim.batch_size 4 -> 3"):
         _engine(_cfg(tmp_path, "optim.batch_size=3"), resume="auto")
+    with pytest.raises(ValueError, match=r"optim.epochs 3 -> 4; optim.lr 0.05 -> 0.01"):
+        _engine(_cfg(tmp_path, "optim.lr=0.01", "optim.epochs=4"), resume="auto")
+    _engine(_cfg(tmp_path, "train.max_steps=3", "train.log_every=2"), resume="auto").fit()  # run-only keys may change
+
+
+# ------------------------------------------------------------------------------------------ the run folder
+
+
+def test_a_new_run_into_an_old_runs_folder_is_refused_or_replaced(tmp_path):
+    """Reusing --out kept none of the new run's checkpoints (pruning keeps the highest steps, the old
+    run's) and a later --resume continued the OLD run: now refused, or replaced with --overwrite."""
+    _engine(_cfg(tmp_path, "train.max_steps=4")).fit()
+    with pytest.raises(FileExistsError, match=r"already holds a run \(ckpt-00000004.pt, metrics.jsonl, config.yaml\); continue it with --resume, replace it with --overwrite"):
+        _engine(_cfg(tmp_path, "train.max_steps=2"))
+    eng = Engine(_cfg(tmp_path, "train.max_steps=2"), Regression(), TensorLoader(24, 4), DistInfo(), tmp_path, progress=False, overwrite=True)
+    eng.fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002.pt"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # the new run's alone
+    assert load_config("small", tmp_path / "config.yaml").train.max_steps == 2  # the run's config, reloadable
+
+
+def test_two_runs_into_one_folder_at_once_are_refused(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from lafs_fast.train.run_folder import RunLock
+        lock = RunLock({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)""")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FileExistsError, match=rf"another lafs-fast run \(pid {holder.pid}, since .*\) is writing to"):
+            _engine(_cfg(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    _engine(_cfg(tmp_path, "train.max_steps=1")).fit()  # a dead holder leaves no stale lock (kill -9)
+
+
+def test_resume_auto_skips_a_truncated_latest_checkpoint(tmp_path, capsys):
+    _engine(_cfg(tmp_path, "train.max_steps=2", "train.ckpt_every_steps=1")).fit()
+    last = list_checkpoints(tmp_path)[-1]
+    last.write_bytes(last.read_bytes()[:1000])  # a disk that filled up mid-write on an old torch
+    with pytest.raises(ValueError, match=r"ckpt-00000002.pt is not a loadable.*previous checkpoint is .*ckpt-00000001.pt"):
+        _engine(_cfg(tmp_path, "train.max_steps=3", "train.ckpt_every_steps=1"), resume=last)
+    eng = _engine(_cfg(tmp_path, "train.max_steps=3", "train.ckpt_every_steps=1"), resume="auto")
+    assert eng.step == 1 and "ckpt-00000002.pt does not load" in capsys.readouterr().out
+
+
+def test_stale_temporaries_are_cleared_and_files_follow_the_umask(tmp_path):
+    import os
+
+    stale = tmp_path / ".lafs-abcd1234.tmp"
+    stale.write_bytes(b"half a checkpoint")  # what a kill -9 during a write leaves
+    _engine(_cfg(tmp_path, "train.max_steps=1")).fit()
+    assert not stale.exists()
+    old = os.umask(0o022)
+    try:
+        assert all(p.stat().st_mode & 0o777 == 0o644 for p in list_checkpoints(tmp_path))  # was 0600 (mkstemp's)
+    finally:
+        os.umask(old)
+
+
+def test_resume_with_another_architecture_is_one_sentence(tmp_path):
+    """Same config, another model (a library user's stage): not a traceback from load_state_dict."""
+    _engine(_cfg(tmp_path, "train.max_steps=1")).fit()
+    wider = Regression()
+    wider.model = nn.Sequential(nn.Linear(4, 32), nn.Dropout(0.3), nn.ReLU(), nn.Linear(32, 1))
+    with pytest.raises(ValueError, match=r"ckpt-00000001.pt does not fit this model \(.*size mismatch.*\); resume with the run's own settings"):
+        _engine(_cfg(tmp_path, "train.max_steps=2"), stage=wider, resume="auto")

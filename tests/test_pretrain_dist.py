@@ -132,3 +132,20 @@ def test_a_killed_rank_ends_the_job_nonzero(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr[-3000:]
     assert "FAILED" in r.stdout and "rank 1 of 2 failed" in r.stdout
     assert time.time() - t < 100
+
+
+@pytest.mark.timeout(300)
+def test_a_users_mistake_inside_a_worker_is_one_sentence(one_step, tmp_path):
+    """Found by the ranks themselves (resuming with other settings is seen only once a worker reads the
+    checkpoint): one line on stderr and exit 2, as in one process, not the elastic launcher's traceback."""
+    out = tmp_path / "run"
+    shutil.copytree(one_step[0], out)
+    r = subprocess.run(
+        [sys.executable, "-m", "lafs_fast.train.pretrain", "--device", "cpu", "--gpus", "2", "--no-knn", "--no-progress",
+         "--out", str(out), "--resume", "auto", *TINY, "optim.lr=0.01"],
+        capture_output=True, text=True, timeout=280, cwd=ROOT, env=_env(),
+    )
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    err = r.stderr.strip()
+    assert err.count("\n") == 0 and err.startswith("lafs-fast pretrain: error: ") and "other settings: optim.lr 0.032 -> 0.01" in err, err
+    assert "Traceback" not in r.stdout + r.stderr

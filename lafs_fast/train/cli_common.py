@@ -44,6 +44,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the fViT")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint (no value: the latest in --out)")
+    parser.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds an older one, deleting "
+                        "its checkpoints and logs (without it such an --out is refused)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -69,7 +71,7 @@ def data_source(cfg: Config) -> str:
 
 
 def launch_training(prog: str, worker: Callable[..., dict[str, Any]], worker_args: tuple, cfg: Config,
-                    digest_what: str = "parameters") -> int:
+                    digest_what: str = "parameters", *, resume: str | None = None, overwrite: bool = False) -> int:
     """Run ``worker(*worker_args)`` in ``train.gpus`` processes (one when under torchrun, which made
     them) and return the command's exit code: a non-finite loss or a failed rank is one line on stderr
     and 1; with several ranks, each rank's step count and parameter digest (``worker`` returns
@@ -78,7 +80,9 @@ def launch_training(prog: str, worker: Callable[..., dict[str, Any]], worker_arg
 
     from lafs_fast.launch import RankFailed, launch, under_torchrun
     from lafs_fast.train.engine import NonFiniteLoss
+    from lafs_fast.train.run_folder import check_run_folder
 
+    check_run_folder(cfg.train.out_dir, resume, overwrite)  # before any work (the engine checks again, under its lock)
     device = cfg.train.device
     if device == "auto" and not torch.cuda.is_available():
         device = "cpu"
@@ -90,7 +94,13 @@ def launch_training(prog: str, worker: Callable[..., dict[str, Any]], worker_arg
     except NonFiniteLoss as exc:
         print(f"lafs-fast {prog}: stopped: {exc}", file=sys.stderr)
         return 1
-    except RankFailed as exc:
+    except RankFailed as exc:  # a worker of --gpus N: its own one sentence, as in a single process
+        if exc.user_error:
+            print(f"lafs-fast {prog}: error: {exc.detail}", file=sys.stderr)
+            return 2
+        if exc.error_type == "NonFiniteLoss":
+            print(f"lafs-fast {prog}: stopped: {exc.detail}", file=sys.stderr)
+            return 1
         print(f"lafs-fast {prog}: error: {exc}", file=sys.stderr)
         return 1
     if len(results) > 1:

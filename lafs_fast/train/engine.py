@@ -35,6 +35,7 @@ import json
 import math
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +45,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import yaml
 from tqdm import tqdm
 
 from lafs_fast.config import Config, config_to_dict
-from lafs_fast.io import atomic_save, safe_load
+from lafs_fast.io import atomic_save, atomic_write_bytes, safe_load
 from lafs_fast.launch import DistInfo, resolve_precision
+from lafs_fast.train.run_folder import RunLock, check_run_folder
 
 __all__ = [
     "Stage", "StepContext", "Plan", "Engine", "FitResult", "NonFiniteLoss", "cosine_schedule",
@@ -57,6 +60,12 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "lafs-fast-train"
+# config keys a resumed run may change: where and how long it runs, how it logs, not what it trains
+RESUME_MAY_DIFFER = frozenset({
+    "train.out_dir", "train.max_steps", "train.log_every", "train.ckpt_every_epochs", "train.ckpt_every_steps",
+    "train.keep_last", "train.keep_every", "train.compile", "train.device", "data.workers", "data.loader",
+    "model.attention", "finetune.val_sets", "finetune.val_every",
+})
 _CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
@@ -257,15 +266,25 @@ class Engine:
         loader: a ``lafs_fast.data.Loader`` (len, set_epoch, state_dict / load_state_dict).
         dist: this process's place in the job.
         out_dir: checkpoints and ``metrics.jsonl`` (rank 0 writes).
-        resume: a checkpoint path, "auto" (latest in ``out_dir`` if any) or None.
+        resume: a checkpoint path, "auto" (latest loadable in ``out_dir`` if any) or None (a new run:
+            refused when ``out_dir`` holds another run, unless ``overwrite``, which deletes that run's files).
+            The checkpoint's config must equal this run's but for the keys in ``RESUME_MAY_DIFFER``.
         progress: show the tqdm bar (rank 0).
     """
 
     def __init__(self, cfg: Config, stage: Stage, loader: Any, dist: DistInfo, out_dir: str | Path,
-                 resume: str | Path | None = None, progress: bool = True) -> None:
+                 resume: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> None:
         self.cfg, self.stage, self.loader, self.dist = cfg, stage, loader, dist
         self.out_dir = Path(out_dir)
         self.device = dist.device
+        self._lock: RunLock | None = None
+        if dist.is_main:  # rank 0 writes: it holds the folder for the run's life (see train/run_folder.py)
+            self._lock = RunLock(self.out_dir)
+            if resume is None and overwrite:
+                old = self._lock.replace_old_run()
+                if old:
+                    self._log_line(f"--overwrite: deleted the older run in {self.out_dir} ({len(old)} files)")
+            check_run_folder(self.out_dir, None if resume is None else str(resume))
         o = cfg.optim
         steps_per_epoch = len(loader) // o.accumulation
         if steps_per_epoch < 1:
@@ -295,7 +314,9 @@ class Engine:
         self.model: nn.Module = stage.model
         if dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(stage.model, device_ids=ids, broadcast_buffers=False)
+            with warnings.catch_warnings():  # torch 2.13 deprecates broadcast_buffers; its successor still syncs at init
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                self.model = nn.parallel.DistributedDataParallel(stage.model, device_ids=ids, broadcast_buffers=False)
         groups = stage.param_groups(stage.model)
         self.params = [p for g in groups for p in g["params"]]
         fused = self.device.type == "cuda"
@@ -306,9 +327,12 @@ class Engine:
         self.history: list[dict[str, float]] = []
         self._tb = None
         if resume is not None:
-            path = latest_checkpoint(self.out_dir) if str(resume) == "auto" else Path(resume)
-            if path is not None:
-                self._load(path)
+            if str(resume) == "auto":
+                self._load_latest()
+            else:
+                self._load(Path(resume))
+        if dist.is_main:
+            atomic_write_bytes(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode(), self.out_dir / "config.yaml")
 
     # ---------------------------------------------------------------- state
 
@@ -331,17 +355,55 @@ class Engine:
             "model_file": self.stage.export(),
         }
 
-    def _load(self, path: Path) -> None:
-        ck = load_checkpoint(path)
+    def _load_latest(self) -> None:
+        """``--resume`` alone: the newest checkpoint of ``out_dir`` that loads (a truncated newest one,
+        e.g. from a full disk, is named and the previous one taken); nothing when there is none."""
+        ckpts = list_checkpoints(self.out_dir)
+        for i, path in enumerate(reversed(ckpts)):
+            try:
+                ck = load_checkpoint(path)
+            except ValueError as exc:
+                if i == len(ckpts) - 1:
+                    raise ValueError(f"no checkpoint in {self.out_dir} loads (the oldest: {exc})") from None
+                self._log_line(f"{path.name} does not load ({exc}); resuming from the one before it")
+                continue
+            self._load(path, ck)
+            return
+
+    def _check_resume_config(self, path: Path, saved: dict[str, Any]) -> None:
+        """The checkpoint's config must be this run's, but for the run-only keys (RESUME_MAY_DIFFER)."""
+        now = config_to_dict(self.cfg)
+        diffs = [f"{s}.{k} {saved[s][k]!r} -> {v!r}" for s, body in now.items() for k, v in body.items()
+                 if f"{s}.{k}" not in RESUME_MAY_DIFFER and s in saved and k in saved[s] and saved[s][k] != v]
+        if diffs:
+            more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+            raise ValueError(f"{path} was written by a run with other settings: {'; '.join(diffs[:3])}{more}; resume with that "
+                             f"run's settings (its config.yaml, or --config from `lafs-fast checkpoint show`), or start a new run in another --out")
+
+    def _load(self, path: Path, ck: dict[str, Any] | None = None) -> None:
+        if ck is None:
+            try:
+                ck = load_checkpoint(path)
+            except ValueError as exc:
+                older = [p for p in list_checkpoints(path.parent) if p != path]
+                hint = f"; the previous checkpoint is {older[-1]} (--resume {older[-1]})" if older else ""
+                raise ValueError(f"{exc}{hint}") from None
         if ck.get("stage") != self.stage.name:
             raise ValueError(f"{path} is a {ck.get('stage')!r} checkpoint, this is {self.stage.name!r}")
+        if isinstance(ck.get("config"), dict):
+            self._check_resume_config(path, ck["config"])
         plan = ck.get("plan", {})
         if plan.get("steps_per_epoch") not in (None, self.plan.steps_per_epoch) or plan.get("world_size") not in (None, self.plan.world_size):
             raise ValueError(f"{path} was written with {plan.get('steps_per_epoch')} steps per epoch on {plan.get('world_size')} process(es); "
                              f"this run has {self.plan.steps_per_epoch} on {self.plan.world_size}: resume with the same data, batch size and --gpus")
-        self.stage.model.load_state_dict(ck["model"])
-        self.stage.load_state_dict(ck["stage_state"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        try:
+            self.stage.model.load_state_dict(ck["model"])
+            self.stage.load_state_dict(ck["stage_state"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:  # shapes or names of another model
+            first = str(exc).strip().splitlines()
+            raise ValueError(f"{path} does not fit this model ({first[1].strip() if len(first) > 1 else first[0] if first else type(exc).__name__}); "
+                             "resume with the run's own settings") from None
         self.loader.load_state_dict(ck["loader"])
         ranks = ck.get("rng_ranks") or [ck["rng"]]
         if self.dist.rank < len(ranks):  # each rank continues its own dropout / drop-path stream

@@ -121,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
         if open_source(args.knn_data)[0] != "rec":
             raise ValueError(f"--knn-data {args.knn_data} is not a .rec; pack labelled faces with `lafs-fast data build`")
-    opts = {"resume": args.resume, "knn": knn, "knn_data": args.knn_data, "progress": not args.no_progress}
-    return launch_training("pretrain", train_worker, (config_to_dict(cfg), opts), cfg)
+    opts = {"resume": args.resume, "overwrite": args.overwrite, "knn": knn, "knn_data": args.knn_data, "progress": not args.no_progress}
+    return launch_training("pretrain", train_worker, (config_to_dict(cfg), opts), cfg, resume=args.resume, overwrite=args.overwrite)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,7 +172,8 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
             before = knn_check(stage.teacher.backbone, stage.views, info.device, faces)
             say(f"[pretrain] {faces.title} before: {format_check(before, faces)}")
         barrier(info)
-        engine = Engine(cfg, stage, loader, info, out, resume=opts.get("resume"), progress=opts.get("progress", True))
+        engine = Engine(cfg, stage, loader, info, out, resume=opts.get("resume"), progress=opts.get("progress", True),
+                        overwrite=opts.get("overwrite", False))
         say(f"[pretrain] {engine.plan.total_steps} steps ({engine.plan.epochs} epochs x {engine.plan.steps_per_epoch}), global batch "
             f"{engine.plan.global_batch}, peak lr {engine.schedules['lr'].max():.2e}, precision {engine.precision}, compile {cfg.train.compile}")
         result = engine.fit()
@@ -301,16 +302,11 @@ def format_check(r: dict[str, float], faces: KnnFaces | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m lafs_fast.train.pretrain ...`` (what ``torchrun`` runs): ``lafs-fast pretrain``."""
-    from lafs_fast.cli import USER_ERRORS
+    from lafs_fast.errors import run_command
 
     parser = argparse.ArgumentParser(prog="lafs-fast pretrain", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return int(run(args) or 0)
-    except USER_ERRORS as exc:
-        print(f"lafs-fast pretrain: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("lafs-fast pretrain", parser, run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -164,8 +164,9 @@ def run(args: argparse.Namespace, stage: int) -> int:
     preflight(cfg, stage, init, landmarks, args.resume)
     is_synthetic = not cfg.data.path or cfg.data.path.startswith("synthetic")
     check = args.check if args.check is not None else is_synthetic
-    opts = {"resume": args.resume, "check": check, "progress": not args.no_progress, "init": init, "landmarks": landmarks}
-    return launch_training(PROG[stage], train_worker, (config_to_dict(cfg), stage, opts), cfg, digest_what="shared parameters")
+    opts = {"resume": args.resume, "overwrite": args.overwrite, "check": check, "progress": not args.no_progress, "init": init, "landmarks": landmarks}
+    return launch_training(PROG[stage], train_worker, (config_to_dict(cfg), stage, opts), cfg, digest_what="shared parameters",
+                           resume=args.resume, overwrite=args.overwrite)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,7 +254,8 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
         if st.sharded and info.world_size > 1 and resume and (resume != "auto" or latest_checkpoint(out) is not None):
             raise ValueError("resuming a multi-process run with the sharded margin head is not supported yet "
                              "(checkpoints hold rank 0's slice of the class centres only)")
-        engine = Engine(cfg, st, loader, info, out, resume=opts.get("resume"), progress=opts.get("progress", True))
+        engine = Engine(cfg, st, loader, info, out, resume=opts.get("resume"), progress=opts.get("progress", True),
+                        overwrite=opts.get("overwrite", False))
         say(f"[{name}] {engine.plan.total_steps} steps ({engine.plan.epochs} epochs x {engine.plan.steps_per_epoch}), global batch "
             f"{engine.plan.global_batch}, peak lr {engine.schedules['lr'].max():.2e}, precision {engine.precision}, compile {cfg.train.compile}")
         result = engine.fit()
@@ -288,13 +290,8 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
 
 def main(argv: list[str] | None = None, stage: int = 2) -> int:
     """``python -m lafs_fast.train.finetune ...`` (what ``torchrun`` runs)."""
-    from lafs_fast.cli import USER_ERRORS
+    from lafs_fast.errors import run_command
 
     parser = argparse.ArgumentParser(prog=f"lafs-fast {PROG[stage]}", description=__doc__.splitlines()[0])
     add_arguments(parser, stage)
-    args = parser.parse_args(argv)
-    try:
-        return int(run(args, stage) or 0)
-    except USER_ERRORS as exc:
-        print(f"lafs-fast {PROG[stage]}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(f"lafs-fast {PROG[stage]}", parser, lambda args: run(args, stage), sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,59 @@
+"""What counts as a user's mistake, and how it is said: one sentence, exit code 2, no traceback.
+
+The base of the import graph (it imports nothing of lafs_fast): the CLI, the training commands and
+the process launcher all use it, so a mistake found inside a worker process of ``--gpus N`` reaches
+the user as the same one sentence as in a single process.
+"""
+
+from __future__ import annotations
+
+__all__ = ["USER_ERRORS", "is_user_error", "user_message"]
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError,
+)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    return isinstance(exc, USER_ERRORS)
+
+
+def user_message(exc: BaseException) -> str:
+    """One line for ``exc``: an OSError without lafs-fast's own wording says what failed on which path
+    (``regfile: file exists``, not ``[Errno 17] File exists: 'regfile'``)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None and str(exc).startswith("[Errno"):
+        target = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else str(exc.filename)
+        return f"{target}: {exc.strerror.lower()}"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def parse_command_line(parser, argv: list[str]):  # (argparse.ArgumentParser, list) -> argparse.Namespace
+    """``parse_intermixed_args`` where the parser allows it, so ``key=value`` overrides may stand on
+    both sides of a flag (``--out R a.b=1 --max-steps 2 c.d=2``); plain ``parse_args`` for parsers
+    with sub-commands, which argparse cannot intermix."""
+    if parser._subparsers is None:  # noqa: SLF001 - argparse has no public test for this
+        return parser.parse_intermixed_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]  # overrides after a flag of a sub-command (config show)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def run_command(prog: str, parser, run, argv: list[str]) -> int:
+    """Parse ``argv`` and call ``run(args)``: a user's mistake is one line on stderr and exit code 2,
+    Ctrl-C is one line and 130. The one place every entry point (``lafs-fast``, ``python -m ...``
+    under torchrun) handles errors."""
+    import sys
+
+    args = parse_command_line(parser, argv)
+    try:
+        return int(run(args) or 0)
+    except USER_ERRORS as exc:
+        print(f"{prog}: error: {user_message(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

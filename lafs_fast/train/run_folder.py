@@ -1,0 +1,106 @@
+"""The run folder (``--out``): one run at a time, and a new run never mixes with an older one.
+
+- :func:`check_run_folder` (before any work): a NEW run (no ``--resume``) into a folder that holds
+  another run's checkpoints, model files or metrics log is refused with one sentence, unless
+  ``--overwrite`` asks to replace it (its files are deleted when the run starts). Without this, a
+  fresh run into an old folder kept none of its own checkpoints (pruning keeps the highest step
+  numbers, the old run's) and a later ``--resume`` continued the OLD run.
+- :class:`RunLock` (rank 0, for the life of the run): an exclusive ``flock`` on ``.lafs-fast.lock``
+  in the folder. A second run into the same folder at the same time is refused naming the first's
+  pid; the kernel drops the lock when the holder dies (kill -9 included), so it is never stale.
+  Under the lock, temporary files of killed writes are cleared.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+from pathlib import Path
+
+from lafs_fast.io import remove_stale_temporaries
+
+__all__ = ["RUN_FILES", "RunLock", "check_run_folder", "run_files"]
+
+LOCK_NAME = ".lafs-fast.lock"
+# what a run writes (checkpoints by pattern); a folder holding any of these holds a run
+RUN_FILES = ("metrics.jsonl", "teacher.pt", "part_fvit.pt", "best.pt", "best.json", "summary.json", "config.yaml", "train.log")
+
+
+def run_files(out_dir: str | Path) -> list[Path]:
+    """The files (and the TensorBoard folder) of a run in ``out_dir``, checkpoints first."""
+    d = Path(out_dir)
+    if not d.is_dir():
+        return []
+    found = sorted(p for p in d.iterdir() if p.name.startswith("ckpt-") and p.suffix in (".pt", ".keep"))
+    found += [d / n for n in RUN_FILES if (d / n).exists()]
+    if (d / "tb").is_dir():
+        found.append(d / "tb")
+    return found
+
+
+def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool = False) -> None:
+    """Refuse a new run into a folder that holds another (see the module docstring)."""
+    if resume is not None or overwrite:
+        return
+    found = run_files(out_dir)
+    if found:
+        names = ", ".join(p.name for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise FileExistsError(f"{out_dir} already holds a run ({names}); continue it with --resume, replace it with --overwrite, "
+                              "or choose another --out")
+
+
+class RunLock:
+    """Exclusive lock of a run folder for this process's life (or until every holder :meth:`release`s).
+
+    Within one process the lock is shared: a later engine on the same folder (a library user running
+    two stages one after the other, a test) reuses it; ``flock`` would otherwise refuse the
+    process's own older descriptor."""
+
+    _held: dict[Path, list[int]] = {}  # folder -> [fd, holders] of this process
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.path = Path(out_dir).resolve() / LOCK_NAME
+        self._released = False
+        held = RunLock._held.get(self.path)
+        if held is not None:
+            held[1] += 1
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            self._released = True
+            raise FileExistsError(f"another lafs-fast run ({holder}) is writing to {self.path.parent}; wait for it to end "
+                                  "or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        RunLock._held[self.path] = [fd, 1]
+        remove_stale_temporaries(self.path.parent)
+
+    def replace_old_run(self) -> list[Path]:
+        """Delete the files of an older run in the folder (``--overwrite``); returns what was deleted."""
+        found = run_files(self.path.parent)
+        for p in found:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        return found
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        held = RunLock._held.get(self.path)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del RunLock._held[self.path]
+            fcntl.flock(held[0], fcntl.LOCK_UN)
+            os.close(held[0])
+
+    def __del__(self) -> None:
+        self.release()
