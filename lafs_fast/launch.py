@@ -66,7 +66,7 @@ def _worker_entry(fn: Callable[..., Any], *args: Any) -> Any:
                                                             "NCCL communicator was aborted"))}
             with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
                 json.dump(record, f)
-            if not record["user_error"] and type(exc).__name__ != "NonFiniteLoss":  # a bug: keep its traceback
+            if not record["user_error"] and type(exc).__name__ not in ("NonFiniteLoss", "Preempted"):  # a bug: keep its traceback
                 traceback.print_exc(file=sys.stderr)
             sys.stderr.flush()
             os._exit(3)

@@ -287,3 +287,31 @@ def test_default_run_config_and_reference_with_data(tmp_path):
     ref = pretrain.resolve_config(_args("--data", str(tmp_path), "--gpus", "2", "dino.teacher_temp_start=0.04"))
     assert (ref.model.dim, ref.dino.out_dim, ref.optim.batch_size, ref.model.token_init_std, ref.train.gpus) == (768, 100_000, 82, 1.0, 2)
     assert ref.dino.teacher_temp_start == 0.04  # key=value still wins
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_writes_a_final_checkpoint_and_resume_continues(tmp_path):
+    """What schedulers send before a kill: the step reached is saved, no temporary file is left,
+    exit 143 with one line, and --resume continues from there."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--no-knn", "--no-progress", *TINY, "optim.epochs=200", "data.synthetic_identities=2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "lafs_fast.train.pretrain", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=ROOT, env=env)
+    metrics = out / "metrics.jsonl"
+    t0 = time.time()
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() - t0 < 120 and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err[-2000:]
+    assert err.strip().count("\n") == 0 and "stopped by SIGTERM at step" in err and "--resume" in err, err
+    ckpts = list_checkpoints(out)
+    step = int(err.split("at step ")[1].split()[0])
+    assert ckpts and ckpts[-1].name == f"ckpt-{step:08d}.pt" and load_checkpoint(ckpts[-1])["step"] == step
+    assert not [f for f in out.iterdir() if f.name.endswith(".tmp")]
+    assert pretrain.main([*argv, "--resume", "--max-steps", str(step + 1)]) == 0
+    assert load_checkpoint(list_checkpoints(out)[-1])["step"] == step + 1

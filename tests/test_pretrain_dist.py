@@ -149,3 +149,44 @@ def test_a_users_mistake_inside_a_worker_is_one_sentence(one_step, tmp_path):
     err = r.stderr.strip()
     assert err.count("\n") == 0 and err.startswith("lafs-fast pretrain: error: ") and "other settings: optim.lr 0.032 -> 0.01" in err, err
     assert "Traceback" not in r.stdout + r.stderr
+
+
+_MEAN = """
+import sys
+import torch
+from lafs_fast.config import load_config
+from lafs_fast.launch import launch, init_distributed
+from lafs_fast.train.engine import Engine, Stage
+from tests.test_engine import TensorLoader
+
+
+class RankLoss(Stage):
+    name = "toy"
+
+    def __init__(self, rank):
+        self.model, self.rank = torch.nn.Linear(4, 1), rank
+
+    def forward_loss(self, model, batch, ctx):
+        return model(batch[0]).sum() * 0 + (self.rank + 1.0), {}  # rank 0: 1, rank 1: 2
+
+
+def worker(out):
+    info = init_distributed("cpu")
+    cfg = load_config("small", None, ["optim.epochs=1", "optim.batch_size=4", "train.log_every=1", "train.max_steps=2",
+                                      f"train.out_dir={out}"])
+    Engine(cfg, RankLoss(info.rank), TensorLoader(8, 4), info, out, progress=False).fit()
+    return info.rank
+
+if __name__ == "__main__":
+    launch(worker, (sys.argv[1],), 2)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_logged_loss_is_the_mean_over_ranks(tmp_path):
+    script = tmp_path / "mean.py"
+    script.write_text(_MEAN)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=110, cwd=ROOT, env=_env())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == [1.5, 1.5]  # rank 0's alone was 1.0

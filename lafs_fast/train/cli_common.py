@@ -79,7 +79,7 @@ def launch_training(prog: str, worker: Callable[..., dict[str, Any]], worker_arg
     import torch
 
     from lafs_fast.launch import RankFailed, launch, under_torchrun
-    from lafs_fast.train.engine import NonFiniteLoss
+    from lafs_fast.train.engine import NonFiniteLoss, Preempted
     from lafs_fast.train.run_folder import check_run_folder
 
     check_run_folder(cfg.train.out_dir, resume, overwrite)  # before any work (the engine checks again, under its lock)
@@ -94,6 +94,9 @@ def launch_training(prog: str, worker: Callable[..., dict[str, Any]], worker_arg
     except NonFiniteLoss as exc:
         print(f"lafs-fast {prog}: stopped: {exc}", file=sys.stderr)
         return 1
+    except Preempted as exc:
+        print(f"lafs-fast {prog}: {exc}", file=sys.stderr)
+        return 143  # 128 + SIGTERM: what a scheduler expects of a job it asked to stop
     except RankFailed as exc:  # a worker of --gpus N: its own one sentence, as in a single process
         if exc.user_error:
             print(f"lafs-fast {prog}: error: {exc.detail}", file=sys.stderr)
@@ -101,6 +104,9 @@ def launch_training(prog: str, worker: Callable[..., dict[str, Any]], worker_arg
         if exc.error_type == "NonFiniteLoss":
             print(f"lafs-fast {prog}: stopped: {exc.detail}", file=sys.stderr)
             return 1
+        if exc.error_type == "Preempted":
+            print(f"lafs-fast {prog}: {exc.detail}", file=sys.stderr)
+            return 143
         print(f"lafs-fast {prog}: error: {exc}", file=sys.stderr)
         return 1
     if len(results) > 1:

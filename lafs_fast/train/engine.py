@@ -34,9 +34,11 @@ import contextlib
 import json
 import math
 import re
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,7 @@ from lafs_fast.launch import DistInfo, resolve_precision
 from lafs_fast.train.run_folder import RunLock, check_run_folder
 
 __all__ = [
-    "Stage", "StepContext", "Plan", "Engine", "FitResult", "NonFiniteLoss", "cosine_schedule",
+    "Stage", "StepContext", "Plan", "Engine", "FitResult", "NonFiniteLoss", "Preempted", "cosine_schedule",
     "linear_then_constant", "param_groups", "clip_gradients", "list_checkpoints", "latest_checkpoint",
     "load_checkpoint", "CHECKPOINT_FORMAT",
 ]
@@ -71,6 +73,20 @@ _CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; the run stopped before using it."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM (what schedulers send before they kill a job): the run wrote a checkpoint of the step it
+    had reached and stopped; ``--resume`` continues it."""
+
+
+def _sigterm_handler(flag: list[bool]) -> Callable[[], None]:
+    """Until the returned function is called, SIGTERM sets ``flag[0]`` instead of killing the process
+    (main thread only: handlers can be installed nowhere else; a library caller's thread is left alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.__setitem__(0, True))
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -496,7 +512,8 @@ class Engine:
 
     def fit(self) -> FitResult:
         """Train to the end of the plan (or ``train.max_steps``); checkpoint at epoch ends (every
-        ``train.ckpt_every_epochs``), every ``train.ckpt_every_steps`` and at the end."""
+        ``train.ckpt_every_epochs``), every ``train.ckpt_every_steps`` and at the end. SIGTERM writes a
+        checkpoint of the step reached and raises :class:`Preempted`."""
         t_start = time.perf_counter()
         cfg, plan = self.cfg.train, self.plan
         stop = plan.total_steps if cfg.max_steps <= 0 else min(cfg.max_steps, plan.total_steps)
@@ -506,6 +523,8 @@ class Engine:
         saved_at = self.step
         unchecked: tuple[int, int, dict[str, Any]] | None = None  # (step, epoch, record) whose loss is still on the device
         last_loss = math.nan
+        term = [False]  # set by SIGTERM while training (see _sigterm_handler)
+        restore = _sigterm_handler(term)
         try:
             while self.step < stop:
                 epoch = self.step // plan.steps_per_epoch
@@ -534,13 +553,32 @@ class Engine:
                     if due:
                         self.save_checkpoint(epoch_end)
                         saved_at = self.step
+                    if self._stop_requested(term, log or due):
+                        if unchecked is not None:
+                            last_loss, unchecked = self._check_loss(*unchecked), None
+                        if saved_at != self.step:
+                            self.save_checkpoint(epoch_end)
+                        raise Preempted(f"stopped by SIGTERM at step {self.step} (epoch {epoch}); checkpoint "
+                                        f"{self.last_checkpoint or 'none'}; continue with --resume")
             if saved_at != self.step:
                 self.save_checkpoint(self.step % plan.steps_per_epoch == 0)
         finally:
+            restore()
             bar.close()
             if self._tb:
                 self._tb.close()
         return FitResult(self.step, self.step // plan.steps_per_epoch, self.last_checkpoint, self.history, time.perf_counter() - t_start)
+
+    def _stop_requested(self, term: list[bool], sync_point: bool) -> bool:
+        """SIGTERM seen by this process; with several ranks, by any of them (agreed at the steps where
+        every rank syncs anyway, the log and checkpoint steps, so all stop at the same step)."""
+        if not (self.dist.distributed and dist.is_initialized()):
+            return term[0]
+        if not sync_point:
+            return False
+        flag = torch.tensor([1.0 if term[0] else 0.0], device=self.device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
 
     def _check_loss(self, step: int, epoch: int, record: dict[str, Any]) -> float:
         """Bring ``record``'s device values to the host (the one sync of a step); NonFiniteLoss
@@ -582,6 +620,11 @@ class Engine:
         self.stage.before_optimizer_step(self.model, ctx)
         self.optimizer.step()
         self.stage.after_optimizer_step(self.model, ctx)
+        if self.dist.distributed and dist.is_initialized() and isinstance(total_loss, torch.Tensor):
+            # the logged loss is the mean over ranks (a non-finite rank stops every rank at the same step);
+            # an all-reduce queued on the device, read with the rest of the record one step late
+            dist.all_reduce(total_loss)
+            total_loss = total_loss / self.dist.world_size
         return {"loss": total_loss, **values, **metrics_sum, "_samples": samples}
 
 
