@@ -57,3 +57,25 @@ def run_command(prog: str, parser, run, argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def _number_type(kind: type, low: float, high: float | None = None, low_open: bool = False, what: str = ""):
+    """An argparse ``type=`` for ``kind`` values in [low, high] (or (low, high] with ``low_open``)."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if (value <= low if low_open else value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = what or kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number_type(int, 1, what=">= 1")
+non_negative_int = _number_type(int, 0, what=">= 0")
+probability = _number_type(float, 0, 1, low_open=True, what="in (0, 1]")

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_bytes", "safe_load", "check_writable_dir", "remove_stale_temporaries", "TEMP_PREFIX"]
+__all__ = ["atomic_save", "atomic_write_bytes", "safe_load", "check_writable_dir", "check_output_file", "remove_stale_temporaries",
+           "TEMP_PREFIX"]
 
 TEMP_PREFIX = ".lafs-"
 _TEMP_RE = re.compile(r"^\.lafs-[A-Za-z0-9_]{8}\.tmp$")
@@ -136,4 +137,16 @@ def check_writable_dir(path: str | Path) -> Path:
         probe.unlink()
     except OSError as exc:
         raise PermissionError(f"output folder {path} is not writable ({(exc.strerror or str(exc)).lower()}); choose another with --out") from None
+    return path
+
+
+def check_output_file(path: str | Path) -> Path:
+    """Before any work: ``path`` can be written as a file (not a folder; its folder exists or can be
+    made and is writable; its name fits the file system)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {path} is a folder; give a file name inside it")
+    if len(path.name.encode()) > 255:
+        raise ValueError(f"--out {path}: the name is too long for the file system ({len(path.name.encode())} bytes; at most 255)")
+    check_writable_dir(path.parent)
     return path

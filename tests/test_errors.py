@@ -61,3 +61,30 @@ def test_overrides_may_stand_on_both_sides_of_a_flag():
     config.add_arguments(top)
     args = parse_command_line(top, ["show", "model.dim=64", "--preset", "small", "optim.lr=0.1"])
     assert args.overrides == ["model.dim=64", "optim.lr=0.1"] and args.preset == "small"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["eval", "m.pt", "x.bin", "--far", "2"], "argument --far: must be in (0, 1], got 2"),
+    (["eval", "m.pt", "x.bin", "--nfolds", "0"], "argument --nfolds: must be >= 1, got 0"),
+    (["eval", "m.pt", "x.bin", "--nfolds", "1"], "argument --nfolds: must be >= 2"),
+    (["eval", "m.pt", "x.bin", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+])
+def test_eval_refuses_values_that_make_no_sense(argv, match, capsys):
+    from lafs_fast.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_embed_checks_its_output_before_any_work(tmp_path, capsys):
+    """embed learnt that it could not write --out only after embedding everything."""
+    from lafs_fast.cli import main
+
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "regfile").write_text("x")
+    assert main(["embed", str(tmp_path / "faces"), "--model", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "regfile" / "e.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "not writable" in err and "absent.pt" not in err  # refused before the model was even opened
+    assert main(["embed", str(tmp_path / "faces"), "--model", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "faces")]) == 2
+    assert "is a folder" in capsys.readouterr().err

@@ -315,3 +315,24 @@ def test_sigterm_writes_a_final_checkpoint_and_resume_continues(tmp_path):
     assert not [f for f in out.iterdir() if f.name.endswith(".tmp")]
     assert pretrain.main([*argv, "--resume", "--max-steps", str(step + 1)]) == 0
     assert load_checkpoint(list_checkpoints(out)[-1])["step"] == step + 1
+
+
+def test_knn_data_skips_and_names_a_corrupt_record(tmp_path):
+    """--knn-data holding a corrupt JPEG stopped the run with a traceback: now it is skipped and named."""
+    import io
+
+    from PIL import Image
+
+    from lafs_fast.data.recordio import write_identity_dataset
+
+    faces = SyntheticFaces(2, 2, seed=3).batch(range(4))[0].numpy()
+
+    def jpeg(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    write_identity_dataset(tmp_path, [[jpeg(faces[0]), b"\xff\xd8 not a jpeg"], [jpeg(faces[2]), jpeg(faces[3])]], height=112, width=112)
+    got = pretrain.knn_faces(str(tmp_path / "train.rec"), torch.device("cpu"))
+    assert got.images.shape[0] == 3 and got.labels.tolist() == [0, 1, 1]
+    assert "1 corrupt record(s) skipped (positions 1)" in got.what

@@ -17,21 +17,32 @@ import json
 import sys
 from pathlib import Path
 
+from lafs_fast.errors import non_negative_int, positive_int, probability
 from lafs_fast.eval.metrics import DEFAULT_FARS
 
 __all__ = ["add_arguments", "run", "resolve_sets", "add_model_arguments", "make_embedder"]
+
+
+def _folds(text: str) -> int:
+    """--nfolds: k-fold needs at least 2 folds (one to choose the threshold on, one to score)."""
+    import argparse
+
+    n = positive_int(text)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (the threshold is chosen on the other folds), got {text}")
+    return n
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Options every embedding command shares (eval, embed, viz landmarks)."""
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="backbone compute dtype (auto: bf16 on CUDA, fp32 on the CPU)")
-    p.add_argument("--batch-size", type=int, default=128, help="faces per forward pass (default 128)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="faces per forward pass (default 128)")
     p.add_argument("--input-norm", default="train", choices=("train", "reference"),
                    help="train: x/255*2-1, as in training (default); reference: x/255-0.5, as the reference's eval scripts")
     p.add_argument("--sampler", default="auto", choices=("auto", "torch", "triton"), help="patch sampler backend (default auto)")
-    p.add_argument("--workers", type=int, default=4, help="image decode threads (default 4)")
-    p.add_argument("--head-dim", type=int, default=64, help="attention head width of a REFERENCE checkpoint (default 64, the reference's)")
+    p.add_argument("--workers", type=non_negative_int, default=4, help="image decode threads (default 4)")
+    p.add_argument("--head-dim", type=positive_int, default=64, help="attention head width of a REFERENCE checkpoint (default 64, the reference's)")
 
 
 def make_embedder(args: argparse.Namespace, flip: bool = True):
@@ -56,11 +67,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model file (lafs-fast or reference checkpoint)")
     p.add_argument("sets", nargs="+", help=".bin files, folders of .bin files, or IJB-B/C roots (meta/ + loose_crop/)")
     p.add_argument("--out", default=None, help="folder for results.json, results.txt and <set>_scores.npz")
-    p.add_argument("--nfolds", type=int, default=10, help="folds of the .bin accuracy protocol (default 10)")
+    p.add_argument("--nfolds", type=_folds, default=10, help="folds of the .bin accuracy protocol (default 10)")
     p.add_argument("--threshold-step", type=float, default=0.01,
                    help="squared-distance threshold grid of the k-fold search (default 0.01, InsightFace's; finer for "
                         "models whose scores crowd together)")
-    p.add_argument("--far", type=float, nargs="+", default=list(DEFAULT_FARS), help="FARs for TAR (default 1e-6 .. 1e-1)")
+    p.add_argument("--far", type=probability, nargs="+", default=list(DEFAULT_FARS), help="FARs for TAR (default 1e-6 .. 1e-1)")
     p.add_argument("--far-rule", default="at_most", choices=("at_most", "nearest"),
                    help="at_most: best TAR with FPR <= FAR (default); nearest: InsightFace IJB script's nearest ROC point")
     p.add_argument("--no-flip", action="store_true", help="no flip-sum (the protocol uses it; for ablations only)")

@@ -27,10 +27,9 @@ import numpy as np
 from lafs_fast.eval.cli import add_model_arguments, make_embedder
 from lafs_fast.eval.embedder import Embedder, decode_face
 from lafs_fast.eval.metrics import l2_normalise
-from lafs_fast.io import atomic_write_bytes
+from lafs_fast.io import atomic_write_bytes, check_output_file
 
 __all__ = ["list_images", "embed_folder", "add_arguments", "run"]
-
 _IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pnm", ".tif", ".tiff", ".webp"}
 
 
@@ -93,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give a FOLDER to embed (with --out) or --export-onnx OUT.onnx")
     if args.folder is not None and args.out is None:
         raise ValueError("--out FILE.npz is required to embed a folder")
+    for out in (args.out, args.export_onnx):  # before any work: learning it after embedding everything wastes the run
+        if out is not None:
+            check_output_file(out)
     if args.export_onnx:
         from lafs_fast.eval.loading import load_eval_model
         from lafs_fast.eval.onnx_export import export_onnx

@@ -226,15 +226,25 @@ def knn_faces(data: str | None, device: torch.device, *, train_data: str | None 
     src = RecSource(data)
     picks = np.unique(np.linspace(0, len(src) - 1, min(max_images, len(src))).round().astype(np.int64))
     bgr = src.color_order() == "BGR"
-    ims, labels = [], []
-    for i in picks:  # a corrupt record here is the data's problem: `lafs-fast data verify` names it
-        data_bytes, label = src.item(int(i))
-        ims.append(decode_pil(data_bytes, 112, bgr))
+    ims, labels, kept, bad = [], [], [], []
+    for i in picks:  # a corrupt record is skipped and named (`lafs-fast data verify` lists them all)
+        try:
+            data_bytes, label = src.item(int(i))
+            ims.append(decode_pil(data_bytes, 112, bgr))
+        except Exception:  # noqa: BLE001 - any record that does not decode: RecordIOError, PIL's errors, ...
+            bad.append(int(i))
+            continue
         labels.append(label)
+        kept.append(int(i))
+    if not ims:
+        raise ValueError(f"--knn-data {src.path}: none of the {len(picks)} records read decodes; check it with `lafs-fast data verify {src.path}`")
+    picks = np.asarray(kept, dtype=np.int64)
     # the records' own landmarks only where the views' table is this rec's (detector mode trains on a rec)
     same = detector and train_data is not None and RecSource(train_data).path.resolve() == src.path.resolve()
     positions = torch.as_tensor(picks) if same else None
     what = f"{len(picks)} faces of {src.path.name}, {len(set(labels))} identities"
+    if bad:
+        what += f"; {len(bad)} corrupt record(s) skipped (positions {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})"
     if detector and not same:
         what += "; the mean face's landmarks (not the training rec)"
     return KnnFaces(torch.from_numpy(np.stack(ims)).to(device), torch.tensor(labels, dtype=torch.int64, device=device), positions, what)
