@@ -528,6 +528,14 @@ class SupervisedStage(Stage):
     def compile_targets(self) -> list[nn.Module]:
         return [self.model.backbone]
 
+    def sharded_parameters(self) -> dict[str, tuple[nn.Parameter, int, int]]:
+        """The sharded head's class centres: this rank's rows [start, end) (see Stage.sharded_parameters)."""
+        if not self.sharded:
+            return {}
+        head = self.model.head
+        name = next(n for n, p in self.model.named_parameters() if p is head.weight)
+        return {name: (head.weight, head.start, head.end)}
+
     def export(self) -> dict[str, Any]:
         """The Part fViT as a lafs-fast model file (landmark CNN + fViT (+ the replicated margin
         head)): the input of ``pretrain --landmarks``, ``finetune --landmarks`` / ``--init``, ``eval``."""

@@ -207,7 +207,7 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
     """One process: data, model (loaded per stage), the supervised stage, the engine; rank 0 writes.
     Returns a summary (steps, digest, loss first/last, checks, verification)."""
     from lafs_fast.data import make_loader
-    from lafs_fast.train.engine import Engine, barrier, latest_checkpoint
+    from lafs_fast.train.engine import Engine, barrier
     from lafs_fast.train.pretrain import format_check
     from lafs_fast.train.supervised import SupervisedStage, build_supervised_model
 
@@ -250,10 +250,6 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
         else:
             summary_before = None
         barrier(info)
-        resume = opts.get("resume")
-        if st.sharded and info.world_size > 1 and resume and (resume != "auto" or latest_checkpoint(out) is not None):
-            raise ValueError("resuming a multi-process run with the sharded margin head is not supported yet "
-                             "(checkpoints hold rank 0's slice of the class centres only)")
         engine = Engine(cfg, st, loader, info, out, resume=opts.get("resume"), progress=opts.get("progress", True),
                         overwrite=opts.get("overwrite", False))
         say(f"[{name}] {engine.plan.total_steps} steps ({engine.plan.epochs} epochs x {engine.plan.steps_per_epoch}), global batch "
