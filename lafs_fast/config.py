@@ -182,6 +182,7 @@ class TrainConfig:
     keep_every: int = doc(0, "also keep the checkpoint of every k-th epoch (0 = only the last keep_last)")
     ckpt_every_steps: int = doc(0, "also checkpoint every this many optimiser steps (0 = epoch ends only)")
     max_steps: int = doc(0, "stop after this many steps (0 = run all epochs)")
+    dist_timeout_s: int = doc(600, "several processes: a collective that waits longer than this ends the job (a hung or stopped rank)")
 
 
 @dataclass
@@ -321,7 +322,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "data.workers": _NON_NEGATIVE,
     **dict.fromkeys(("train.seed", "train.log_every", "train.ckpt_every_epochs", "train.keep_every", "train.ckpt_every_steps",
                      "train.max_steps"), _NON_NEGATIVE),
-    "train.gpus": _POSITIVE,
+    "train.gpus": _POSITIVE, "train.dist_timeout_s": _POSITIVE,
     "train.keep_last": (1, None, False, False),
 }
 

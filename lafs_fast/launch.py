@@ -116,10 +116,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     """Join (or create) the process group of this job; a no-op DistInfo in a single process.
 
-    NCCL on CUDA (device ``cuda:LOCAL_RANK``), gloo on the CPU.
+    NCCL on CUDA (device ``cuda:LOCAL_RANK``), gloo on the CPU. A collective waiting longer than
+    ``timeout_s`` raises (a hung or stopped rank then ends the job instead of holding it forever).
     """
     dev = resolve_device(device)
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
@@ -134,7 +135,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+        from datetime import timedelta
+
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://", timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 

@@ -190,3 +190,70 @@ def test_the_logged_loss_is_the_mean_over_ranks(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     losses = [json.loads(x)["loss"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert losses == [1.5, 1.5]  # rank 0's alone was 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_nodes_train_as_one_job(tmp_path):
+    """Two `torchrun` invocations (one process each) meeting through a c10d rendezvous on localhost,
+    gloo, as two machines would: one job of world size 2 (identical parameters on both, rank 0 writes)."""
+    port = _free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lafs-two-nodes"]
+    job = ["-m", "lafs_fast.train.pretrain", "--device", "cpu", "--no-knn", "--no-progress", "--out", str(tmp_path / "run"),
+           "--max-steps", "2", *TINY]
+    nodes = [subprocess.Popen([*torchrun, "--rdzv-conf", f"is_host={int(i == 0)}", *job], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env()) for i in range(2)]
+    outs = [n.communicate(timeout=280) for n in nodes]
+    for n, (out, err) in zip(nodes, outs):
+        assert n.returncode == 0, out[-2000:] + err[-3000:]
+    digests = {}
+    for out, _ in outs:
+        digests.update(re.findall(r"rank (\d): 2 steps, parameters sha256 ([0-9a-f]+)", out))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], outs
+    from lafs_fast.train.engine import load_checkpoint
+
+    ck = load_checkpoint(tmp_path / "run" / "ckpt-00000002.pt")
+    assert ck["plan"]["world_size"] == 2 and len(ck["rng_ranks"]) == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_STOP = """
+import os, signal, sys, time
+import torch.distributed as dist
+from lafs_fast.launch import launch, init_distributed, RankFailed
+
+def worker():
+    info = init_distributed("cpu", timeout_s=5)
+    if info.rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # a hung rank: alive, silent
+    dist.barrier()
+    return info.rank
+
+if __name__ == "__main__":
+    t = time.time()
+    try:
+        launch(worker, (), 2)
+    except RankFailed as exc:
+        print(f"FAILED after {time.time() - t:.1f}s: {exc}", flush=True)
+        sys.exit(1)
+    sys.exit(0)
+"""
+
+
+@pytest.mark.timeout(150)
+def test_a_hung_rank_ends_the_job_after_the_collective_timeout(tmp_path):
+    """A stopped rank (SIGSTOP) held the job past 73 s: the collective timeout (train.dist_timeout_s) ends it."""
+    script = tmp_path / "stop.py"
+    script.write_text(_STOP)
+    t = time.time()
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=140, cwd=ROOT, env=_env())
+    assert r.returncode == 1 and "FAILED" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert time.time() - t < 90, r.stdout

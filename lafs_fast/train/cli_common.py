@@ -4,6 +4,7 @@ train-landmarks, finetune): one place for what every stage has, so the three com
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -82,7 +83,8 @@ def launch_training(prog: str, worker: Callable[..., dict[str, Any]], worker_arg
     from lafs_fast.train.engine import NonFiniteLoss, Preempted
     from lafs_fast.train.run_folder import check_run_folder
 
-    check_run_folder(cfg.train.out_dir, resume, overwrite)  # before any work (the engine checks again, under its lock)
+    if not under_torchrun() or os.environ.get("RANK") == "0":  # rank 0 writes; another node's check would race its files
+        check_run_folder(cfg.train.out_dir, resume, overwrite)  # before any work (the engine checks again, under its lock)
     device = cfg.train.device
     if device == "auto" and not torch.cuda.is_available():
         device = "cpu"
@@ -109,7 +111,10 @@ def launch_training(prog: str, worker: Callable[..., dict[str, Any]], worker_arg
             return 143
         print(f"lafs-fast {prog}: error: {exc}", file=sys.stderr)
         return 1
-    if len(results) > 1:
+    if under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process says its own (several nodes: several logs)
+        for rank, r in results.items():
+            print(f"[{prog}] rank {rank}: {r['steps']} steps, {digest_what} sha256 {r['digest'][:16]}")
+    elif len(results) > 1:
         for rank in sorted(results):
             print(f"[{prog}] rank {rank}: {results[rank]['steps']} steps, {digest_what} sha256 {results[rank]['digest'][:16]}")
         if len({r["digest"] for r in results.values()}) != 1:

@@ -65,7 +65,7 @@ CHECKPOINT_FORMAT = "lafs-fast-train"
 # config keys a resumed run may change: where and how long it runs, how it logs, not what it trains
 RESUME_MAY_DIFFER = frozenset({
     "train.out_dir", "train.max_steps", "train.log_every", "train.ckpt_every_epochs", "train.ckpt_every_steps",
-    "train.keep_last", "train.keep_every", "train.compile", "train.device", "data.workers", "data.loader",
+    "train.keep_last", "train.keep_every", "train.compile", "train.device", "train.dist_timeout_s", "data.workers", "data.loader",
     "model.attention", "finetune.val_sets", "finetune.val_every",
 })
 _CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")

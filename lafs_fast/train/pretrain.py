@@ -145,7 +145,7 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
     from lafs_fast.train.engine import Engine, barrier
 
     cfg = config_from_dict(cfg_dict)
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     try:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         detector = detector_landmarks(cfg)

@@ -212,7 +212,7 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
     from lafs_fast.train.supervised import SupervisedStage, build_supervised_model
 
     cfg = config_from_dict(cfg_dict)
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     name = PROG[stage]
     say = print if info.is_main else (lambda *a, **k: None)
     try:
