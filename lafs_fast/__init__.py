@@ -6,17 +6,39 @@ Drop-in fast modules::
     from lafs_fast.compat import ViT_face_landmark_patch8, extract_patches_pytorch_gridsample
 """
 
+import importlib.abc as _abc
+import importlib.util as _util
 import os as _os
+import sys as _sys
 
-# Run from a source checkout without installing (e.g. PYTHONPATH=. on an offline GPU machine):
-# make the top-level kernels/ folder importable as lafs_fast.kernels, as pyproject maps it.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isfile(_os.path.join(_root, "kernels", "patch_sampling.py")):
-    __path__.append(_root)  # noqa: F821 - the package's own search path
 
-from lafs_fast._torchvision_fix import ensure_torchvision as _ensure_torchvision  # noqa: E402
+class _KernelsFromSourceTree(_abc.MetaPathFinder):
+    """``lafs_fast.kernels`` -> the top-level ``kernels/`` folder of a source checkout run without an
+    install (``PYTHONPATH=.``, as on the offline GPU machine); pyproject maps it the same way for an
+    install. Only that one name: no other top-level folder becomes part of the package."""
 
-_ensure_torchvision()  # before anything imports timm (no-op where torchvision works)
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def find_spec(self, name, path=None, target=None):  # noqa: D102 - importlib's protocol
+        if name != "lafs_fast.kernels":
+            return None
+        return _util.spec_from_file_location(name, _os.path.join(self.folder, "__init__.py"), submodule_search_locations=[self.folder])
+
+
+def _map_kernels() -> None:
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    folder = _os.path.join(root, "kernels")
+    installed = _os.path.isdir(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "kernels"))
+    if installed or not _os.path.isfile(_os.path.join(folder, "patch_sampling.py")):
+        return
+    if any(isinstance(f, _KernelsFromSourceTree) for f in _sys.meta_path):
+        return
+    if _util.find_spec("lafs_fast.kernels") is None:  # an editable install's finder already maps it
+        _sys.meta_path.append(_KernelsFromSourceTree(folder))
+
+
+_map_kernels()
 
 __version__ = "0.1.0"
 

@@ -17,6 +17,10 @@ import torch  # noqa: E402  (importing torch defines no Triton kernel)
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
+from lafs_fast._torchvision_fix import ensure_torchvision  # noqa: E402
+
+ensure_torchvision()  # tests import torchvision / timm themselves (CPU torch + PyPI's CUDA torchvision)
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
