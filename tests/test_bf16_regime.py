@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from lafs_fast.eval import knn
 from lafs_fast.config import config_to_dict, load_config
 from lafs_fast.data import SyntheticFaces
 from lafs_fast.launch import resolve_precision
@@ -86,11 +87,11 @@ def test_pretrain_bf16_end_to_end_with_the_knn_check(tmp_path):
         assert 0 <= summary[key]["knn_top1"] <= 100 and 0 <= summary[key]["verification"] <= 100
     # the k-NN embeddings are fp32 and equal (to bf16 rounding) an fp32 run of the same weights
     stage = DinoStage(cfg, torch.device("cpu"))
-    faces = pretrain.knn_faces(None, torch.device("cpu"), identities=4, per_identity=2)
-    emb = pretrain.embed(stage.teacher.backbone, stage.views, faces.images)
+    faces = knn.knn_faces(None, torch.device("cpu"), identities=4, per_identity=2)
+    emb = knn.embed(stage.teacher.backbone, stage.views, faces.images)
     assert emb.dtype == torch.float32
     fp32 = LafsViews(cfg.views, cfg.model, out_dtype=torch.float32)
-    ref = pretrain.embed(stage.teacher.backbone, fp32, faces.images, precision="fp32")
+    ref = knn.embed(stage.teacher.backbone, fp32, faces.images, precision="fp32")
     assert (emb - ref).abs().max() < 0.05
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from lafs_fast.eval import knn
 from lafs_fast.augment import augment_views
 from lafs_fast.config import load_config
 from lafs_fast.data import SyntheticFaces
@@ -229,12 +230,12 @@ def test_detector_densification_stays_fp32_under_bf16_autocast(tmp_path: Path) -
 
 def test_knn_faces_of_a_rec_carry_positions_only_for_its_own_table(tmp_path: Path) -> None:
     rec = _make_rec_with_sidecar(tmp_path / "rec")
-    faces = pretrain.knn_faces(str(rec), torch.device("cpu"), train_data=str(rec.parent), detector=True, max_images=5)
+    faces = knn.knn_faces(str(rec), torch.device("cpu"), train_data=str(rec.parent), detector=True, max_images=5)
     assert faces.positions.tolist() == [0, 3, 6, 8, 11] and faces.labels.tolist() == [0, 1, 2, 2, 3]
     assert faces.images.shape == (5, 112, 112, 3) and "5 faces of train.rec, 4 identities" in faces.what
     other = _make_rec_with_sidecar(tmp_path / "other")
-    assert pretrain.knn_faces(str(other), torch.device("cpu"), train_data=str(rec), detector=True).positions is None
-    assert pretrain.knn_faces(str(rec), torch.device("cpu"), train_data=str(rec), detector=False).positions is None
+    assert knn.knn_faces(str(other), torch.device("cpu"), train_data=str(rec), detector=True).positions is None
+    assert knn.knn_faces(str(rec), torch.device("cpu"), train_data=str(rec), detector=False).positions is None
 
 
 def pretrain_seed(seed: int) -> int:

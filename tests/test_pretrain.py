@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lafs_fast.eval import knn
 from lafs_fast.config import config_to_dict, load_config
 from lafs_fast.data import SyntheticFaces
 from lafs_fast.kernels.patch_sampling import sample_patches_torch
@@ -333,6 +334,6 @@ def test_knn_data_skips_and_names_a_corrupt_record(tmp_path):
         return buf.getvalue()
 
     write_identity_dataset(tmp_path, [[jpeg(faces[0]), b"\xff\xd8 not a jpeg"], [jpeg(faces[2]), jpeg(faces[3])]], height=112, width=112)
-    got = pretrain.knn_faces(str(tmp_path / "train.rec"), torch.device("cpu"))
+    got = knn.knn_faces(str(tmp_path / "train.rec"), torch.device("cpu"))
     assert got.images.shape[0] == 3 and got.labels.tolist() == [0, 1, 1]
     assert "1 corrupt record(s) skipped (positions 1)" in got.what

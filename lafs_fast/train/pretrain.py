@@ -18,27 +18,21 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lafs_fast.config import Config, config_from_dict, config_to_dict
 from lafs_fast.dense_landmarks import DetectorLandmarks
+from lafs_fast.eval.knn import KNN_MAX_IMAGES, format_check, knn_check, knn_faces
 from lafs_fast.io import atomic_save, check_writable_dir
-from lafs_fast.train.cli_common import add_run_arguments, add_source_arguments, data_source, launch_training, resolve_training_config
 from lafs_fast.launch import init_distributed, shutdown
+from lafs_fast.train.cli_common import add_run_arguments, add_source_arguments, data_source, launch_training, resolve_training_config
 
-__all__ = ["add_arguments", "run", "resolve_config", "stage_defaults", "train_worker", "knn_check", "knn_faces", "KnnFaces",
-           "embed", "param_digest", "detector_landmarks"]
+__all__ = ["add_arguments", "run", "resolve_config", "stage_defaults", "train_worker", "param_digest", "detector_landmarks"]
 
-EVAL_SEED = 7_000_001  # held-out synthetic identities: a different seed draws different faces
-KNN_MAX_IMAGES = 2000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,122 +186,6 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
         return summary
     finally:
         shutdown()
-
-
-# --------------------------------------------------------------------------------------------------
-# held-out check
-
-
-@dataclass
-class KnnFaces:
-    """Labelled faces for the check: images (N, H, W, 3) uint8 and labels (N,) int64 on the device;
-    positions (N,) int64 record positions when the views may look up the records' own landmarks
-    (``--landmarks detector`` on the training rec), else None; what they are, for the log."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    positions: torch.Tensor | None
-    what: str
-    title: str = "k-NN check"  # "held-out check" when no face was trained on
-
-
-def knn_faces(data: str | None, device: torch.device, *, train_data: str | None = None, detector: bool = False,
-              max_images: int = KNN_MAX_IMAGES, identities: int = 40, per_identity: int = 5) -> KnnFaces:
-    """The check's faces: ``data`` a .rec (up to ``max_images`` records, evenly spaced, decoded like
-    the loaders), or None: ``identities x per_identity`` synthetic faces never seen in training."""
-    if data is None:
-        from lafs_fast.data import SyntheticFaces
-
-        ds = SyntheticFaces(identities, per_identity, seed=EVAL_SEED)
-        images, labels = ds.batch(range(len(ds)), device)
-        return KnnFaces(images, labels, None, "held-out synthetic identities", "held-out check")
-    from lafs_fast.data.loaders import RecSource, decode_pil
-
-    src = RecSource(data)
-    picks = np.unique(np.linspace(0, len(src) - 1, min(max_images, len(src))).round().astype(np.int64))
-    bgr = src.color_order() == "BGR"
-    ims, labels, kept, bad = [], [], [], []
-    for i in picks:  # a corrupt record is skipped and named (`lafs-fast data verify` lists them all)
-        try:
-            data_bytes, label = src.item(int(i))
-            ims.append(decode_pil(data_bytes, 112, bgr))
-        except Exception:  # noqa: BLE001 - any record that does not decode: RecordIOError, PIL's errors, ...
-            bad.append(int(i))
-            continue
-        labels.append(label)
-        kept.append(int(i))
-    if not ims:
-        raise ValueError(f"--knn-data {src.path}: none of the {len(picks)} records read decodes; check it with `lafs-fast data verify {src.path}`")
-    picks = np.asarray(kept, dtype=np.int64)
-    # the records' own landmarks only where the views' table is this rec's (detector mode trains on a rec)
-    same = detector and train_data is not None and RecSource(train_data).path.resolve() == src.path.resolve()
-    positions = torch.as_tensor(picks) if same else None
-    what = f"{len(picks)} faces of {src.path.name}, {len(set(labels))} identities"
-    if bad:
-        what += f"; {len(bad)} corrupt record(s) skipped (positions {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})"
-    if detector and not same:
-        what += "; the mean face's landmarks (not the training rec)"
-    return KnnFaces(torch.from_numpy(np.stack(ims)).to(device), torch.tensor(labels, dtype=torch.int64, device=device), positions, what)
-
-
-@torch.no_grad()
-def embed(backbone: torch.nn.Module, views: Any, images: torch.Tensor, batch: int = 64,
-          positions: torch.Tensor | None = None, precision: str | None = None) -> torch.Tensor:
-    """L2-normalised embeddings (N, dim) fp32 of faces (N, H, W, 3) uint8 (+ their flips, summed);
-    ``positions`` (N,): record positions for ``views.eval_tokens`` (detector landmarks).
-
-    ``precision``: "bf16" runs the backbone under bf16 autocast, as in training (what the views'
-    bf16 tokens need: the backbone's weights stay fp32); "fp32" without; None: bf16 when the views
-    make bf16 tokens (``views.out_dtype``), else fp32. The embeddings are fp32 either way."""
-    if precision is None:
-        precision = "bf16" if getattr(views, "out_dtype", torch.float32) == torch.bfloat16 else "fp32"
-    was = backbone.training
-    backbone.eval()
-    out = []
-    try:
-        for i in range(0, images.shape[0], batch):
-            x = images[i:i + batch]
-            kw = {} if positions is None else {"positions": positions[i:i + batch]}
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                e = backbone(views.eval_tokens(x, **kw)).float() + backbone(views.eval_tokens(x, flip=True, **kw)).float()
-            out.append(F.normalize(e, dim=-1))
-    finally:
-        backbone.train(was)
-    return torch.cat(out)
-
-
-def knn_check(backbone: torch.nn.Module, views: Any, device: torch.device, faces: KnnFaces | None = None,
-              precision: str | None = None) -> dict[str, float]:
-    """Leave-one-out 1-NN identification accuracy (cosine) and verification accuracy on balanced pairs
-    (every genuine pair, as many impostor pairs drawn at random, best threshold), both in %, on
-    ``faces`` (default: held-out synthetic identities, :func:`knn_faces`); ``precision`` as in :func:`embed`."""
-    faces = faces or knn_faces(None, device)
-    labels = faces.labels
-    emb = embed(backbone, views, faces.images, positions=faces.positions, precision=precision)
-    n = len(labels)
-    sim = emb @ emb.T
-    sim.fill_diagonal_(-math.inf)
-    nn_idx = sim.argmax(dim=1)
-    top1 = (labels[nn_idx] == labels).float().mean().item() * 100
-    sim.fill_diagonal_(1.0)
-    same = labels[:, None] == labels[None, :]
-    iu = torch.triu_indices(n, n, offset=1, device=device)
-    s, y = sim[iu[0], iu[1]].cpu().numpy(), same[iu[0], iu[1]].cpu().numpy()
-    rng = np.random.default_rng(EVAL_SEED)
-    n_pos = int(y.sum())
-    neg = rng.choice(np.flatnonzero(~y), size=min(n_pos, int((~y).sum())), replace=False)
-    s, y = np.concatenate((s[y], s[neg])), np.concatenate((np.ones(n_pos, bool), np.zeros(len(neg), bool)))
-    order = np.argsort(-s)
-    # accuracy at every threshold between consecutive sorted scores: TP so far + TN remaining
-    tp = np.concatenate(([0], np.cumsum(y[order])))
-    fp = np.concatenate(([0], np.cumsum(~y[order])))
-    acc = (tp + (len(neg) - fp)) / len(y)
-    return {"knn_top1": round(top1, 2), "verification": round(float(acc.max()) * 100, 2)}
-
-
-def format_check(r: dict[str, float], faces: KnnFaces | None = None) -> str:
-    what = faces.what if faces is not None else "held-out synthetic identities"
-    return f"1-NN top-1 {r['knn_top1']:.1f}%, verification {r['verification']:.1f}% ({what})"
 
 
 def main(argv: list[str] | None = None) -> int:

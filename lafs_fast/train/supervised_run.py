@@ -173,22 +173,13 @@ def run(args: argparse.Namespace, stage: int) -> int:
 # the worker
 
 
-class _Normalise:
-    """The ``views`` argument of ``pretrain.knn_check`` for a Part fViT: uint8 faces -> [-1, 1] images."""
-
-    @staticmethod
-    def eval_tokens(x: torch.Tensor, flip: bool = False) -> torch.Tensor:
-        x = x.flip(2) if flip else x
-        return x.permute(0, 3, 1, 2).float() / 255.0 * 2 - 1
-
-
 def heldout_check(model, device: torch.device, precision: str = "fp32") -> dict[str, float]:
     """1-NN top-1 and verification accuracy (%) on held-out synthetic identities (never trained on),
     with flip-sum embeddings of the Part fViT (eval mode; its head is not used), the fViT under the
     run's ``precision`` (the landmark CNN stays fp32 in PartFViT)."""
-    from lafs_fast.train.pretrain import knn_check
+    from lafs_fast.eval.knn import ImageInputs, knn_check
 
-    return knn_check(model, _Normalise(), device, precision=precision)
+    return knn_check(model, ImageInputs(), device, precision=precision)
 
 
 def _shared_digest(model, sharded: bool) -> str:
@@ -208,7 +199,7 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
     Returns a summary (steps, digest, loss first/last, checks, verification)."""
     from lafs_fast.data import make_loader
     from lafs_fast.train.engine import Engine, barrier
-    from lafs_fast.train.pretrain import format_check
+    from lafs_fast.eval.knn import format_check
     from lafs_fast.train.supervised import SupervisedStage, build_supervised_model
 
     cfg = config_from_dict(cfg_dict)
