@@ -38,7 +38,8 @@ COMPILE_BACKEND = "eager" if DRY else "inductor"
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks, FLOP/s. NVIDIA's H100 and H200 datasheets list
 # "BF16 Tensor Core 1,979 teraFLOPS" for the SXM parts with sparsity; dense is half: 989.4.
 # (nvidia.com/en-us/data-center/h100/ and /h200/). Other devices: no datasheet MFU, only measured.
-_DATASHEET_BF16 = {"H100 80GB HBM3": 989.4e12, "H100 SXM": 989.4e12, "H200": 989.4e12}
+# Keyed by torch.cuda.get_device_name() of the SXM parts (PCIe / NVL parts run lower clocks: no entry).
+_DATASHEET_BF16 = {"NVIDIA H100 80GB HBM3": 989.4e12, "NVIDIA H200": 989.4e12}
 
 
 def size(full: int, toy: int) -> int:
@@ -64,9 +65,7 @@ def datasheet_bf16_flops() -> float | None:
     """The device's dense bf16 datasheet peak (FLOP/s), or None where not known (the CPU, other GPUs)."""
     if DEVICE.type != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    # 'NVIDIA H200', 'NVIDIA H100 80GB HBM3' (SXM); PCIe / NVL parts have lower clocks: no entry
-    return next((v for k, v in _DATASHEET_BF16.items() if name.replace("NVIDIA ", "").startswith(k)), None)
+    return _DATASHEET_BF16.get(torch.cuda.get_device_name())
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,7 +16,7 @@
 # Environment: OUT (default out), BUDGET_S (420), STAGES, PYTHON (python3), LAFS_GPU_DRY_RUN (0),
 # XF_STAGES (stages that see the carried xformers; default 'env parity attention').
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 export OUT="${OUT:-out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
@@ -36,7 +36,7 @@ trap 'rm -rf "$B"' EXIT
 export LAFS_GPU_DRY_RUN="$DRY" PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export LAFS_GPU_RUN_CMD="STAGES='$STAGES' BUDGET_S=$BUDGET_S LAFS_GPU_DRY_RUN=$DRY bash benchmarks/gpu_run.sh"
 # compiler caches outside the tree: a second call on the still-warm machine reuses them
-export TORCHINDUCTOR_CACHE_DIR=/tmp/lafs_inductor TRITON_CACHE_DIR=/tmp/lafs_triton
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/lafs_inductor}" TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/lafs_triton}"
 if [[ $DRY == 1 ]]; then
   export TRITON_INTERPRET=1 OMP_NUM_THREADS=1  # kernels interpreted; CI has 2 cores
   SMOKE_DEV=(--device cpu --data synthetic:8x4 --batch-size 4)
@@ -74,7 +74,7 @@ if rc == "124":
     line["status"] = "timed out"
 print(json.dumps(line))
 EOF
-  tail -n 1 "$RES"
+  tail -n 1 "$RES" | tee -a "$LOG"
 }
 
 run_stage() {  # run_stage NAME MAX_S MIN_S command...   (skipped when fewer than MIN_S seconds are left)
@@ -126,7 +126,7 @@ needs() {  # needs STAGE FILE: record a skip when an earlier smoke step left no 
   result "$1" "" 0 0 "no $2 (an earlier smoke step failed or did not run)" ""; return 1
 }
 
-S=/tmp/lafs_smoke
+S="$B/smoke"  # the smoke steps' checkpoints: one call's, gone with it
 export S PY
 L=("$PY" -m lafs_fast.cli)
 for s in $STAGES; do
@@ -134,6 +134,7 @@ for s in $STAGES; do
   for st in $s; do
     case $st in
       env)  # versions, device, driver, `lafs-fast info --json` (backends; whether xformers' kernels loaded)
+        # shellcheck disable=SC2016  # expanded by the inner bash
         run_stage env 90 20 bash -c '"$0" benchmarks/gpu_env.py "$OUT/env.json" || exit; [[ $1 == 1 ]] && exit
           nvidia-smi 2>&1 | head -20; XFORMERS_MORE_DETAILS=1 "$0" -m xformers.info 2>&1 |
           grep -E "memory_efficient_attention[.]|xFormers|Error|cannot open|built for" | head -30; exit 0' "$PY" "$DRY" ;;
@@ -156,7 +157,7 @@ for s in $STAGES; do
       data)  # loader throughput (nvJPEG, DALI, PIL workers); on request only
         bench data 120 40 benchmarks/test_bench_data.py -k "gpu" ;;
       smoke_pretrain)  # the README's first command on the device: bf16 views, k-NN check, checkpoints
-        rm -rf "$S"; mkdir -p "$S"
+        mkdir -p "$S"
         run_stage smoke_pretrain 120 30 "${L[@]}" pretrain "${SMOKE_DEV[@]}" --max-steps "${STEPS[0]}" --no-progress \
           --out "$S/s1" "${SMOKE_MODEL[@]}" dino.out_dim=64 dino.hidden_dim=32 dino.bottleneck_dim=16 ;;
       smoke_resume)
@@ -171,6 +172,7 @@ for s in $STAGES; do
           run_stage smoke_finetune 90 20 "${L[@]}" finetune "${SMOKE_DEV[@]}" --max-steps "${STEPS[3]}" --no-progress \
           --no-check --init "$S/s1/teacher.pt" --landmarks "$S/s0/part_fvit.pt" --out "$S/s2" ;;
       smoke_eval)
+        # shellcheck disable=SC2016  # expanded by the inner bash
         needs smoke_eval "$S/s2/part_fvit.pt" && run_stage smoke_eval 60 20 bash -c 'smoke_eval "$0"' "${SMOKE_DEV[1]}" ;;
       *)
         echo "unknown stage $st" | tee -a "$LOG"; result "$st" 2 0 0 "" "unknown stage (known: $ALL data)" ;;
