@@ -40,11 +40,14 @@ export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/lafs_inductor}" 
 if [[ $DRY == 1 ]]; then
   export TRITON_INTERPRET=1 OMP_NUM_THREADS=1  # kernels interpreted; CI has 2 cores
   SMOKE_DEV=(--device cpu --data synthetic:8x4 --batch-size 4)
-  SMOKE_MODEL=(model.depth=1 model.dim=32 model.heads=2 model.head_dim=16 model.mlp_dim=64)
+  # bf16 as on the GPU (where precision auto = bf16): a dtype mismatch that would crash there fails here
+  SMOKE_PREC=(train.precision=bf16) EVAL_DTYPE=bf16
+  SMOKE_MODEL=(model.depth=1 model.dim=32 model.heads=2 model.head_dim=16 model.mlp_dim=64 "${SMOKE_PREC[@]}")
   STEPS=(2 3 2 2)  # pretrain, resume to, train-landmarks, finetune
 else
   export TRITON_INTERPRET=0 OMP_NUM_THREADS=8  # tests/conftest.py respects an explicit 0: compiled kernels
   SMOKE_DEV=(--device cuda)
+  SMOKE_PREC=() EVAL_DTYPE=auto
   SMOKE_MODEL=()
   STEPS=(30 40 20 20)
 fi
@@ -104,19 +107,21 @@ bench() {  # bench NAME MAX_S MIN_S FILE -k EXPR  : one pytest-benchmark session
     --benchmark-json="$B/$name.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name "$file" "$@"
 }
 
-smoke_eval() {  # smoke_eval DEVICE: held-out synthetic identities -> face folder -> .bin -> eval of the stage-2 model
-  "$PY" - "$S/faces" <<'EOF' && "$PY" -m lafs_fast.cli data make-bin "$S/faces" "$S/val.bin" --num-pairs 40 \
-    && "$PY" -m lafs_fast.cli eval "$S/s2/part_fvit.pt" "$S/val.bin" --no-progress --json --device "$1"
+smoke_eval() {  # smoke_eval DEVICE DTYPE: held-out synthetic identities -> face folder -> .bin -> eval of the stage-2 model
+  "$PY" - "$S" <<'EOF' && "$PY" -m lafs_fast.cli eval "$S/s2/part_fvit.pt" "$S/val.bin" --no-progress --json --device "$1" --dtype "$2"
 import sys
 from pathlib import Path
 from PIL import Image
 from lafs_fast.data import SyntheticFaces
+from lafs_fast.eval.make_bin import make_bin  # what `lafs-fast data make-bin` runs (one process less)
+root = Path(sys.argv[1])
 ds = SyntheticFaces(8, 4, seed=123)
 for i in range(8):
     images, _ = ds.batch(range(i * 4, i * 4 + 4))
-    (Path(sys.argv[1]) / f"id{i}").mkdir(parents=True, exist_ok=True)
+    (root / "faces" / f"id{i}").mkdir(parents=True, exist_ok=True)
     for j, im in enumerate(images):
-        Image.fromarray(im.numpy()).save(Path(sys.argv[1]) / f"id{i}" / f"{j}.png")
+        Image.fromarray(im.numpy()).save(root / "faces" / f"id{i}" / f"{j}.png")
+make_bin(root / "faces", root / "val.bin", num_pairs=40, seed=0)
 EOF
 }
 export -f smoke_eval
@@ -170,10 +175,10 @@ for s in $STAGES; do
       smoke_finetune)
         needs smoke_finetune "$S/s1/teacher.pt" && needs smoke_finetune "$S/s0/part_fvit.pt" && \
           run_stage smoke_finetune 90 20 "${L[@]}" finetune "${SMOKE_DEV[@]}" --max-steps "${STEPS[3]}" --no-progress \
-          --no-check --init "$S/s1/teacher.pt" --landmarks "$S/s0/part_fvit.pt" --out "$S/s2" ;;
+          --no-check --init "$S/s1/teacher.pt" --landmarks "$S/s0/part_fvit.pt" --out "$S/s2" "${SMOKE_PREC[@]}" ;;
       smoke_eval)
         # shellcheck disable=SC2016  # expanded by the inner bash
-        needs smoke_eval "$S/s2/part_fvit.pt" && run_stage smoke_eval 60 20 bash -c 'smoke_eval "$0"' "${SMOKE_DEV[1]}" ;;
+        needs smoke_eval "$S/s2/part_fvit.pt" && run_stage smoke_eval 60 20 bash -c 'smoke_eval "$0" "$1"' "${SMOKE_DEV[1]}" "$EVAL_DTYPE" ;;
       *)
         echo "unknown stage $st" | tee -a "$LOG"; result "$st" 2 0 0 "" "unknown stage (known: $ALL data)" ;;
     esac
