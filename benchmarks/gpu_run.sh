@@ -29,7 +29,7 @@ STAGES="${STAGES:-$ALL}"
 XF_STAGES="${XF_STAGES:-env parity attention}"
 LOG="$OUT/run.log"
 RES="$OUT/results.jsonl"
-: >"$RES"
+: >"$RES"; : >"$LOG"  # one call per $OUT (the device tool empties it before each call)
 B=$(mktemp -d /tmp/lafs_gpu_run.XXXXXX)  # per-stage benchmark JSONs and logs, merged into $OUT
 trap 'rm -rf "$B"' EXIT
 
