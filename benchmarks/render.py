@@ -1,84 +1,243 @@
-"""Render pytest-benchmark JSON as the README's side-by-side table, and save results with their record.
+"""Render benchmark results as the README's side-by-side tables, merge a staged run, save a run.
 
-    python benchmarks/render.py RESULT.json                 # markdown table on stdout
-    python benchmarks/render.py --save OUT_DIR benchmarks/results/
-        # copies OUT_DIR/{bench.json, info.json, command.txt} to benchmarks/results/<date>-<device>.json
-        # (one file: the benchmarks, the versions and devices, the exact command)
+    python benchmarks/render.py RESULT               # markdown on stdout; RESULT = a pytest-benchmark
+                                                     # JSON, a saved run, or a gpu_run.sh $OUT folder
+    python benchmarks/render.py --save OUT_DIR [OUT_DIR ...] benchmarks/results/
+        # one file benchmarks/results/<date>-<device>.json from one or more gpu_run.sh / cpu_run.sh
+        # output folders (a first and a second call): the benchmarks, every stage's line of
+        # results.jsonl, and the record (device, driver, torch, triton, xformers, date, command)
+    python benchmarks/render.py --merge STAGE_DIR OUT/bench.json
+        # every pytest-benchmark JSON of STAGE_DIR into one (gpu_run.sh, after each stage), each
+        # benchmark tagged with its stage (the file's stem); written atomically
 
 Per group, the reference-style case (``extra_info["role"] == "reference"``, or a name containing
-"reference") is the 1.0x baseline; throughput is ``extra_info["items"]`` / mean time (items = the
-samples, images or tokens one call processes; 1 when absent).
+"reference") is the 1.0x baseline; throughput is ``extra_info["items"]`` / median time (items = the
+samples, images, tokens or bytes one call processes; 1 when absent), and the speed-up is the ratio
+of throughputs (cases of one group may process different batch sizes). Medians, not means: a
+warm-up outlier or a stray recompile moves a mean, not a median. Stages that failed, timed out or
+were skipped are listed as such, so a missing table is never silent.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
 import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 
-def _rows(data: dict) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for b in data.get("benchmarks", []):
-        groups[b.get("group") or "ungrouped"].append(b)
-    return groups
+# ------------------------------------------------------------------------------------------ loading
+
+
+def merge(stage_dir: Path, out: Path) -> int:
+    """Every ``*.json`` of ``stage_dir`` (one pytest-benchmark session each) -> ``out``. Returns the count."""
+    merged: dict | None = None
+    for f in sorted(glob.glob(str(stage_dir / "*.json"))):
+        try:
+            d = json.loads(Path(f).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # a session killed while writing: its figures are lost, the others stay
+        if merged is None:
+            merged = dict(d, benchmarks=[])
+        for b in d.get("benchmarks", []):
+            b.setdefault("extra_info", {})["stage"] = Path(f).stem
+            merged["benchmarks"].append(b)
+    if merged is None:
+        return 0
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    os.replace(tmp, out)
+    return len(merged["benchmarks"])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _record(env: dict, info: dict, command: str, date: str) -> dict:
+    """What a stored run says about where and how it ran."""
+    versions = env.get("versions", {})
+    return {
+        "device": env.get("device") or (info.get("devices") or ["?"])[0],
+        "driver": env.get("driver"),
+        "torch": versions.get("torch") or info.get("torch"),
+        "torch_cuda": env.get("torch_cuda"),
+        "triton": versions.get("triton") or info.get("triton"),
+        "xformers": versions.get("xformers") or info.get("xformers"),
+        "xformers_kernels": env.get("xformers_kernels"),
+        "numpy": versions.get("numpy"),
+        "python": env.get("python") or info.get("python"),
+        "date": env.get("date") or date,
+        "command": env.get("command") or command,
+        "dry_run": env.get("dry_run", False),
+    }
+
+
+def load_out(dirs: list[Path]) -> dict:
+    """One or more output folders (gpu_run.sh: bench.json, results.jsonl, env.json; cpu_run.sh:
+    bench.json, info.json, command.txt) -> one run: benchmarks, stages, record."""
+    data: dict = {"benchmarks": [], "stages": [], "calls": []}
+    for i, d in enumerate(dirs):
+        bench = _read_json(d / "bench.json")
+        env = _read_json(d / "env.json")
+        info = env.get("lafs_fast_info") or _read_json(d / "info.json")
+        cmd = (d / "command.txt").read_text().strip() if (d / "command.txt").is_file() else ""
+        for k in ("machine_info", "commit_info", "datetime", "version"):
+            if k in bench and k not in data:
+                data[k] = bench[k]
+        data["benchmarks"] += bench.get("benchmarks", [])
+        res = d / "results.jsonl"
+        if res.is_file():
+            for line in res.read_text().splitlines():
+                if line.strip():
+                    data["stages"].append(dict(json.loads(line), call=i + 1))
+        record = _record(env, info, cmd, bench.get("datetime", ""))
+        data["calls"].append(record)
+        if i == 0:
+            data["record"] = record
+            data["lafs_fast_info"] = info
+            data["lafs_fast_env"] = env
+            data["lafs_fast_command"] = record["command"]
+    return data
+
+
+def load(path: Path) -> dict:
+    if path.is_dir():
+        return load_out([path])
+    data = json.loads(path.read_text())
+    if "record" not in data:  # a plain pytest-benchmark JSON, or a run saved before records existed
+        data["record"] = _record({}, data.get("lafs_fast_info", {}), data.get("lafs_fast_command", ""), data.get("datetime", ""))
+    return data
+
+
+def save(out_dirs: list[Path], results_dir: Path) -> Path:
+    data = load_out(out_dirs)
+    rec = data["record"]
+    device = re.sub(r"[^A-Za-z0-9]+", "-", str(rec["device"] or "cpu")).strip("-").lower()
+    stamp = (rec["date"] or "undated")[:10]
+    results_dir.mkdir(parents=True, exist_ok=True)
+    dest = results_dir / f"{stamp}-{device}.json"
+    n = 2
+    while dest.exists():  # never overwrite an earlier run of the same day
+        dest = results_dir / f"{stamp}-{device}-{n}.json"
+        n += 1
+    dest.write_text(json.dumps(data, indent=1))
+    return dest
+
+
+# ---------------------------------------------------------------------------------------- rendering
 
 
 def _is_reference(b: dict) -> bool:
     return b.get("extra_info", {}).get("role") == "reference" or "reference" in b["name"]
 
 
-def render(data: dict) -> str:
-    """Markdown: one table per group with mean time, throughput and speed-up over the reference."""
+def _median(b: dict) -> float:
+    s = b["stats"]
+    return s.get("median", s["mean"])
+
+
+def _throughput(b: dict) -> float:
+    return b.get("extra_info", {}).get("items", 1) / _median(b)
+
+
+def _figures(e: dict) -> str:
+    """The headline figures a case recorded: GB/s (% of copy), samples/s, MFU, compile time."""
     out = []
+    if "GBps" in e:
+        pct = f" ({e['pct_copy_bw']:.0f}% of copy)" if "pct_copy_bw" in e else ""
+        out.append(f"{e['GBps']:,.0f} GB/s{pct}")
+    if "TFLOPs" in e:
+        out.append(f"{e['TFLOPs']:,.0f} TFLOP/s")
+    for key, unit in (("samples_per_s", "samples/s"), ("images_per_s", "images/s")):
+        if key in e:
+            out.append(f"{e[key]:,.0f} {unit}")
+    mfu = [f"{e[k] * 100:.1f}% {label}" for k, label in (("mfu_datasheet", "datasheet"), ("mfu_measured", "measured")) if k in e]
+    if mfu:
+        out.append("MFU " + " / ".join(mfu))
+    if e.get("compile_s", 0) >= 0.5:
+        out.append(f"first step {e['first_step_s']:.1f} s (compile ~{e['compile_s']:.1f} s)")
+    return "; ".join(out)
+
+
+def _stage_status(s: dict) -> str:
+    if s.get("skipped"):
+        return f"skipped: {s['skipped']}"
+    if s.get("rc") == 124:
+        return f"timed out after {s.get('seconds', '?')} s"
+    if s.get("rc") == 0:
+        return "ok"
+    return f"failed (rc {s.get('rc')})"
+
+
+def render(data: dict) -> str:
+    """Markdown: the run's record, its stages, then one table per group (median time, throughput,
+    speed-up over the reference case, the case's headline figures)."""
+    rec = data.get("record", {})
     machine = data.get("machine_info", {})
-    info = data.get("lafs_fast_info", {})
-    devices = ", ".join(info.get("devices", [])) or machine.get("cpu", {}).get("brand_raw", "?")
-    out.append(f"Device: {devices}; torch {info.get('torch', '?')}, triton {info.get('triton', '?')}; {data.get('datetime', '')}")
-    for group, items in sorted(_rows(data).items()):
+    device = rec.get("device") or machine.get("cpu", {}).get("brand_raw", "?")
+    head = f"Device: {device}"
+    if rec.get("driver"):
+        head += f" (driver {rec['driver']})"
+    head += f"; torch {rec.get('torch', '?')}, triton {rec.get('triton', '?')}, xformers {rec.get('xformers') or '-'}"
+    head += f"; {rec.get('date') or data.get('datetime', '')}"
+    out = [head]
+    if rec.get("command"):
+        out.append(f"Command: `{rec['command']}`")
+    if rec.get("dry_run"):
+        out.append("**Dry run on the CPU at toy sizes: the figures check the plumbing, they are not speeds.**")
+    groups: dict[str, list[dict]] = defaultdict(list)
+    per_stage: dict[str, int] = defaultdict(int)
+    for b in data.get("benchmarks", []):
+        groups[b.get("group") or "ungrouped"].append(b)
+        per_stage[b.get("extra_info", {}).get("stage", "")] += 1
+    stages = data.get("stages", [])
+    if stages:
+        out += ["", "| stage | status | seconds | benchmarks | pytest |", "| --- | --- | ---: | ---: | --- |"]
+        for s in stages:
+            n = per_stage.get(s["stage"], 0)
+            out.append(f"| {s['stage']} | {_stage_status(s)} | {s.get('seconds', 0)} | {n or '-'} | {s.get('summary', '')} |")
+    for group, items in sorted(groups.items()):
         ref = next((b for b in items if _is_reference(b)), None)
-        out += ["", f"**{group}**", "", "| case | mean (ms) | throughput (/s) | vs reference |", "| --- | ---: | ---: | ---: |"]
-        for b in sorted(items, key=lambda b: -b["stats"]["mean"]):
-            mean = b["stats"]["mean"]
-            n = b.get("extra_info", {}).get("items", 1)
-            speed = f"{ref['stats']['mean'] / mean:.1f}x" if ref is not None else "-"
+        stage = {b.get("extra_info", {}).get("stage") for b in items} - {None}
+        label = f" (stage {', '.join(sorted(stage))})" if stage else ""
+        out += ["", f"**{group}**{label}", "", "| case | median (ms) | throughput (/s) | vs reference | figures |",
+                "| --- | ---: | ---: | ---: | --- |"]
+        for b in sorted(items, key=lambda b: _throughput(b)):
+            speed = f"{_throughput(b) / _throughput(ref):.1f}x" if ref is not None else "-"
             name = re.sub(r"^test_", "", b["name"])
-            out.append(f"| {name} | {mean * 1e3:.2f} | {n / mean:,.0f} | {speed} |")
+            out.append(f"| {name} | {_median(b) * 1e3:.2f} | {_throughput(b):,.0f} | {speed} | {_figures(b.get('extra_info', {}))} |")
     return "\n".join(out) + "\n"
-
-
-def save(out_dir: Path, results_dir: Path) -> Path:
-    data = json.loads((out_dir / "bench.json").read_text())
-    info_path = out_dir / "info.json"
-    data["lafs_fast_info"] = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    cmd = out_dir / "command.txt"
-    data["lafs_fast_command"] = cmd.read_text().strip() if cmd.is_file() else ""
-    device = (data["lafs_fast_info"].get("devices") or ["cpu"])[0]
-    stamp = (data.get("datetime") or "undated")[:10]
-    dest = results_dir / f"{stamp}-{re.sub(r'[^A-Za-z0-9]+', '-', device).strip('-').lower()}.json"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(data, indent=1))
-    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", nargs="?", help="a pytest-benchmark JSON file")
-    p.add_argument("--save", nargs=2, metavar=("OUT_DIR", "RESULTS_DIR"), help="store a gpu_run.sh output folder")
+    p.add_argument("path", nargs="?", help="a pytest-benchmark JSON, a saved run, or a gpu_run.sh output folder")
+    p.add_argument("--save", nargs="+", metavar="DIR", help="OUT_DIR [OUT_DIR ...] RESULTS_DIR: store a run")
+    p.add_argument("--merge", nargs=2, metavar=("STAGE_DIR", "OUT_JSON"), help="merge a staged run's benchmark JSONs")
     a = p.parse_args(argv)
-    if a.save:
-        print(save(Path(a.save[0]), Path(a.save[1])))
+    if a.merge:
+        print(f"render: merged {merge(Path(a.merge[0]), Path(a.merge[1]))} benchmarks into {a.merge[1]}")
         return 0
-    if not a.json:
-        p.error("give a JSON file or --save")
-    path = Path(a.json)
-    if not path.is_file():
+    if a.save:
+        if len(a.save) < 2:
+            p.error("--save needs OUT_DIR [OUT_DIR ...] RESULTS_DIR")
+        print(save([Path(d) for d in a.save[:-1]], Path(a.save[-1])))
+        return 0
+    if not a.path:
+        p.error("give a JSON file, an output folder, --save or --merge")
+    path = Path(a.path)
+    if not path.exists():
         print(f"render: {path} does not exist", file=sys.stderr)
         return 2
-    print(render(json.loads(path.read_text())), end="")
+    print(render(load(path)), end="")
     return 0
 
 

@@ -3,7 +3,9 @@
 Shapes of the fViT at the reference size: head dim 64, 11 heads; 197 tokens (a dense view + CLS)
 and 37 tokens (a sparse view + CLS). The reference's dim**-0.5 scale is passed to every backend.
 CPU cases run a small batch; GPU cases (bf16, batch 256) skip without CUDA, and the xformers case
-also without a working xformers.
+also without a working xformers (its CUDA kernels loaded, not the fallback). ``LAFS_GPU_DRY_RUN=1``:
+the GPU cases on the CPU at batch 2 (plumbing only). Each case is called before timing (kernel
+loads, cuBLAS / flash handles outside the timed rounds).
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+try:
+    from benchmarks.bench_device import DEVICE, bench, gpu, size
+except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
+    from bench_device import DEVICE, bench, gpu, size
 from lafs_fast.models.attention import attention, xformers_status
 
 HEADS, HEAD_DIM, SCALE = 11, 64, 768 ** -0.5
-CUDA = torch.cuda.is_available()
 
 
 def _qkv(batch: int, tokens: int, device: str, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -31,6 +36,7 @@ def _fwd_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str):
             t.grad = None
         if q.is_cuda:
             torch.cuda.synchronize()
+    step()  # warm: kernel load / handle creation stay out of the timed rounds
     return step
 
 
@@ -44,19 +50,19 @@ def test_attention_cpu(benchmark, backend, tokens):
     benchmark(_fwd_bwd(q, k, v, backend))
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@gpu
 @pytest.mark.parametrize("tokens", [197, 37])
 @pytest.mark.parametrize("backend", ["math", "sdpa", "xformers"])
 def test_attention_gpu(benchmark, backend, tokens):
     if backend == "xformers" and not xformers_status()[0]:
         pytest.skip(xformers_status()[1])
-    batch = 256
-    q, k, v = _qkv(batch, tokens, "cuda", torch.bfloat16)
+    batch = size(256, 2)
+    q, k, v = _qkv(batch, tokens, DEVICE.type, torch.bfloat16)
     ref = attention(q.float(), k.float(), v.float(), SCALE, "math")
     torch.testing.assert_close(attention(q, k, v, SCALE, backend).float(), ref, rtol=3e-2, atol=3e-2)
-    benchmark.group = f"attention fwd+bwd, GPU bf16, {batch} x {tokens} tokens"
+    benchmark.group = f"attention fwd+bwd, {DEVICE.type.upper()} bf16, {batch} x {tokens} tokens"
     benchmark.extra_info.update(items=batch, role="reference" if backend == "math" else "")
-    benchmark(_fwd_bwd(q, k, v, backend))
+    bench(benchmark, _fwd_bwd(q, k, v, backend), rounds=20)
 
 
 # -- multi-crop: one student step's attention over 2 dense + 8 sparse views per image, either one
@@ -80,6 +86,7 @@ def _multicrop_step(images: int, device: str, dtype: torch.dtype, backend: str, 
                 t.grad = None
         if device == "cuda":
             torch.cuda.synchronize()
+    step()  # warm: kernel load / handle creation stay out of the timed rounds
     return step
 
 
@@ -91,14 +98,14 @@ def test_multicrop_attention_cpu(benchmark, packed):
     benchmark(_multicrop_step(images, "cpu", torch.float32, "sdpa", packed))
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@gpu
 @pytest.mark.parametrize("backend,packed", [("sdpa", False), ("xformers", False), ("xformers", True)],
                          ids=["sdpa-per-length", "xformers-per-length", "xformers-packed"])
 def test_multicrop_attention_gpu(benchmark, backend, packed):
     if backend == "xformers" and not xformers_status()[0]:
         pytest.skip(xformers_status()[1])
-    images = 64
-    benchmark.group = f"multi-crop attention fwd+bwd, GPU bf16, {images} images x (2 x 197 + 8 x 37)"
+    images = size(64, 1)
+    benchmark.group = f"multi-crop attention fwd+bwd, {DEVICE.type.upper()} bf16, {images} images x (2 x 197 + 8 x 37)"
     # one reference per group: SDPA per length (what runs where xformers cannot)
     benchmark.extra_info.update(items=images, role="reference" if (backend, packed) == ("sdpa", False) else "")
-    benchmark(_multicrop_step(images, "cuda", torch.bfloat16, backend, packed))
+    bench(benchmark, _multicrop_step(images, DEVICE.type, torch.bfloat16, backend, packed), rounds=20)

@@ -7,35 +7,31 @@ landmarks, 8 sparse views of 36 drawn landmarks), and record GB/s on the bytes t
 to the measured device-to-device copy bandwidth (``extra_info``). No number here is asserted: the
 results are recorded with their command, device and versions (benchmarks/gpu_run.sh, render.py).
 
-``LAFS_BENCH_DRY_RUN=1`` runs the GPU cases' code on the CPU at toy scale (B = 1, Triton under the
-interpreter, no torch.compile case): it checks the benchmark code itself, not speed.
+``LAFS_GPU_DRY_RUN=1`` runs the GPU cases' code on the CPU at toy scale (B = 1, Triton under the
+interpreter, torch.compile with the eager backend; ``benchmarks/bench_device.py``): it checks the
+benchmark code itself, not speed. Timed rounds never include a compilation: every case calls its
+step before timing (the compiled twin twice), and the compile / first-call time is recorded apart
+(``extra_info["first_call_s"]``).
 """
 
 from __future__ import annotations
 
-import functools
-import os
-
-DRY = os.environ.get("LAFS_BENCH_DRY_RUN", "0") == "1"
-if DRY:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 try:
     from benchmarks.baselines import reference_patch_loop, synced, torchvision_views_per_sample
+    from benchmarks.bench_device import COMPILE_BACKEND, DEVICE, bench, gpu, record_ceilings, size, timed_call
 except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
     from baselines import reference_patch_loop, synced, torchvision_views_per_sample
+    from bench_device import COMPILE_BACKEND, DEVICE, bench, gpu, record_ceilings, size, timed_call
 from lafs_fast.augment import augment_views
 from lafs_fast.kernels.patch_sampling import sample_patches_torch
 from lafs_fast.kernels.views import lafs_view_specs
 
-CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
-gpu = pytest.mark.skipif(not (CUDA or DRY), reason="needs CUDA (and TRITON_INTERPRET unset)")
-DEVICE = "cpu" if DRY else "cuda"
-
-B_GPU, V_DENSE, V_SPARSE, K, L_SPARSE, S = (1 if DRY else 256), 2, 8, 196, 36, 112
+B_GPU, V_DENSE, V_SPARSE, K, L_SPARSE, S = size(256, 1), 2, 8, 196, 36, 112
+B_TV = size(32, 1)
+S_VIEW, N_LOCAL = size(112, 24), size(8, 1)  # views: side and local views (toy in the dry run: interpreted Triton)  # torchvision per (image, view) is Python-bound: a smaller batch, compared per image
 
 
 # --------------------------------------------------------------------------------------------- CPU
@@ -108,24 +104,6 @@ def test_views_twin_cpu(benchmark, cpu_view_images):
 # --------------------------------------------------------------------------------------------- GPU
 
 
-@functools.lru_cache(maxsize=1)
-def copy_bandwidth_gbs() -> float:
-    """Measured device-to-device copy bandwidth (read + write bytes / s), 1 GiB buffers."""
-    if DEVICE != "cuda":
-        return 0.0
-    src = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * 10 * src.numel() / (start.elapsed_time(end) / 1e3) / 1e9
-
-
 @pytest.fixture(scope="module")
 def gpu_patch_inputs():
     """Pre-training scale: dense views (512 images x 196) and sparse views (2048 images x 196 coords)."""
@@ -150,11 +128,13 @@ def _patch_bytes(img_elem_bytes: int, out_elem_bytes: int) -> int:
 
 
 def _record_bw(benchmark, nbytes: int) -> None:
+    """GB/s on the bytes that must move (median time) beside the measured copy bandwidth."""
     benchmark.extra_info["bytes"] = nbytes
-    benchmark.extra_info["copy_GBps"] = round(copy_bandwidth_gbs(), 1)
+    c = record_ceilings(benchmark)
     if benchmark.stats is not None:
-        mean = benchmark.stats.stats.mean
-        benchmark.extra_info["GBps"] = round(nbytes / mean / 1e9, 1)
+        gbps = nbytes / benchmark.stats.stats.median / 1e9
+        benchmark.extra_info["GBps"] = round(gbps, 1)
+        benchmark.extra_info["pct_copy_bw"] = round(100 * gbps / c["copy_GBps"], 1)
 
 
 def _step_twin(inp, out_dtype, fn=sample_patches_torch):
@@ -167,37 +147,35 @@ def _step_twin(inp, out_dtype, fn=sample_patches_torch):
 @gpu
 def test_patch_fwd_reference_loop_gpu(benchmark, gpu_patch_inputs):
     dense_img, sparse_img, dense_xy, sparse_xy, idx, noise_d, noise_s = gpu_patch_inputs
-    benchmark.group = "patch sampling forward, H100 scale (256 x 10 views)"
+    benchmark.group = f"patch sampling forward, {B_GPU} images x 10 views (pre-training scale: 256)"
     benchmark.extra_info.update(role="reference", items=TOKENS)
     sparse_pts = torch.gather(sparse_xy, 1, idx[..., None].expand(-1, -1, 2)) + noise_s
 
     def step():
         return reference_patch_loop(dense_img, dense_xy + noise_d), reference_patch_loop(sparse_img, sparse_pts)
 
-    benchmark.pedantic(synced(step), rounds=3, iterations=1, warmup_rounds=1)
+    bench(benchmark, synced(step), rounds=3)
 
 
 @gpu
 def test_patch_fwd_twin_gpu(benchmark, gpu_patch_inputs):
-    benchmark.group = "patch sampling forward, H100 scale (256 x 10 views)"
+    benchmark.group = f"patch sampling forward, {B_GPU} images x 10 views (pre-training scale: 256)"
     benchmark.extra_info.update(items=TOKENS)
     run = synced(lambda: _step_twin(gpu_patch_inputs, torch.bfloat16))
-    run()
-    benchmark(run)
+    benchmark.extra_info["first_call_s"] = timed_call(run)
+    bench(benchmark, run, rounds=30)
     _record_bw(benchmark, _patch_bytes(4, 2))
 
 
 @gpu
 def test_patch_fwd_twin_compiled_gpu(benchmark, gpu_patch_inputs):
-    benchmark.group = "patch sampling forward, H100 scale (256 x 10 views)"
+    benchmark.group = f"patch sampling forward, {B_GPU} images x 10 views (pre-training scale: 256)"
     benchmark.extra_info.update(items=TOKENS)
-    if DRY:
-        pytest.skip("torch.compile case skipped in the dry run (30-40 s of CPU compile)")
-    compiled = torch.compile(sample_patches_torch, dynamic=False)
+    compiled = torch.compile(sample_patches_torch, dynamic=False, backend=COMPILE_BACKEND)
     run = synced(lambda: _step_twin(gpu_patch_inputs, torch.bfloat16, compiled))
+    benchmark.extra_info["first_call_s"] = timed_call(run)  # the compile (two graphs: dense, sparse)
     run()
-    run()
-    benchmark(run)
+    bench(benchmark, run, rounds=30)
     _record_bw(benchmark, _patch_bytes(4, 2))
 
 
@@ -207,7 +185,7 @@ def test_patch_fwd_triton_gpu(benchmark, gpu_patch_inputs, draw):
     from lafs_fast.kernels.patch_sampling_triton import sample_patches_triton
 
     dense_img, sparse_img, dense_xy, sparse_xy, idx, noise_d, noise_s = gpu_patch_inputs
-    benchmark.group = "patch sampling forward, H100 scale (256 x 10 views)"
+    benchmark.group = f"patch sampling forward, {B_GPU} images x 10 views (pre-training scale: 256)"
     benchmark.extra_info.update(items=TOKENS)
     if draw:
         def step():
@@ -218,12 +196,13 @@ def test_patch_fwd_triton_gpu(benchmark, gpu_patch_inputs, draw):
         def step():
             return _step_twin(gpu_patch_inputs, torch.bfloat16, sample_patches_triton)
     run = synced(step)
+    benchmark.extra_info["first_call_s"] = timed_call(run)  # Triton's compile of this variant
     got = run()
     if not draw:  # parity at scale before timing
         ref = _step_twin(gpu_patch_inputs, torch.float32)
         for g_, r_ in zip(got, ref):
             torch.testing.assert_close(g_.float(), r_, rtol=1e-2, atol=1e-2)
-    benchmark(run)
+    bench(benchmark, run, rounds=30)
     _record_bw(benchmark, _patch_bytes(4, 2))
 
 
@@ -234,7 +213,7 @@ def test_patch_fwd_bwd_gpu(benchmark, gpu_patch_inputs, impl):
     from lafs_fast.kernels.patch_sampling_triton import sample_patches_triton
 
     dense_img, _, dense_xy, _, _, noise_d, _ = gpu_patch_inputs
-    benchmark.group = "patch sampling forward+backward (coords), 512 x 196 tokens"
+    benchmark.group = f"patch sampling forward+backward (coords), {B_GPU * V_DENSE} x 196 tokens"
     benchmark.extra_info.update(items=B_GPU * V_DENSE * K)
     if impl.startswith("reference"):
         benchmark.extra_info["role"] = "reference"
@@ -248,37 +227,40 @@ def test_patch_fwd_bwd_gpu(benchmark, gpu_patch_inputs, impl):
         return coords.grad
 
     run = synced(step)
-    run()
-    benchmark(run)
+    benchmark.extra_info["first_call_s"] = timed_call(run)
+    bench(benchmark, run, rounds=30)
 
 
 @pytest.fixture(scope="module")
 def gpu_view_images():
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    return torch.randint(0, 256, (B_GPU, S, S, 3), dtype=torch.uint8, device=DEVICE, generator=g)
+    return torch.randint(0, 256, (B_GPU, S_VIEW, S_VIEW, 3), dtype=torch.uint8, device=DEVICE, generator=g)
 
 
 @gpu
 def test_views_torchvision_per_sample_gpu(benchmark, gpu_view_images):
-    benchmark.group = "views, H100 scale (256 images x 10 views, clean + augmented)"
-    benchmark.extra_info.update(role="reference", items=B_GPU * 10)
-    benchmark.pedantic(synced(torchvision_views_per_sample), args=(gpu_view_images, lafs_view_specs()),
-                       rounds=2, iterations=1, warmup_rounds=1)
+    benchmark.group = f"views, {B_GPU} images x {2 + N_LOCAL} views of {S_VIEW} px, clean + augmented"
+    # items = views made per call: the throughput compares with the 256-image cases
+    benchmark.extra_info.update(role="reference", items=B_TV * (2 + N_LOCAL), batch=B_TV)
+    specs = lafs_view_specs(N_LOCAL)
+    bench(benchmark, synced(lambda: torchvision_views_per_sample(gpu_view_images[:B_TV], specs, S_VIEW)), rounds=2)
 
 
 @gpu
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_views_gpu(benchmark, gpu_view_images, backend):
-    benchmark.group = "views, H100 scale (256 images x 10 views, clean + augmented)"
-    benchmark.extra_info.update(items=B_GPU * 10)
-    run = synced(lambda: augment_views(gpu_view_images, seed=0, backend=backend, out_dtype=torch.bfloat16))
+    benchmark.group = f"views, {B_GPU} images x {2 + N_LOCAL} views of {S_VIEW} px, clean + augmented"
+    benchmark.extra_info.update(items=B_GPU * (2 + N_LOCAL))
+    specs = lafs_view_specs(N_LOCAL)
+    run = synced(lambda: augment_views(gpu_view_images, specs, seed=0, out_size=S_VIEW, backend=backend, out_dtype=torch.bfloat16))
     out = run()
     assert out.backend == backend
-    benchmark(run)
-    n = B_GPU * 10
+    benchmark.extra_info["first_call_s"] = timed_call(run)
+    bench(benchmark, run, rounds=30)
+    n = B_GPU * len(specs)
     n_blur = int((out.params.blur_sigma > 0).sum())
     # bytes: sources read once per view, clean + augmented written in bf16, plus the fp32 scratch
     # of the blurred views (written by the view kernel, read + written by the horizontal pass, read
     # by the vertical one)
-    nbytes = n * S * S * 3 * (1 + 2 + 2) + n_blur * S * S * 3 * 4 * 4
+    nbytes = n * S_VIEW**2 * 3 * (1 + 2 + 2) + n_blur * S_VIEW**2 * 3 * 4 * 4
     _record_bw(benchmark, nbytes)
