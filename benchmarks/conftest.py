@@ -7,6 +7,10 @@ try:
 except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
     import bench_device  # noqa: F401
 
+from lafs_fast._torchvision_fix import ensure_torchvision  # noqa: E402
+
+ensure_torchvision()  # the reference-style baselines import torchvision (CPU torch + PyPI's CUDA torchvision)
+
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):

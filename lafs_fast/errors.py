@@ -79,3 +79,16 @@ def _number_type(kind: type, low: float, high: float | None = None, low_open: bo
 positive_int = _number_type(int, 1, what=">= 1")
 non_negative_int = _number_type(int, 0, what=">= 0")
 probability = _number_type(float, 0, 1, low_open=True, what="in (0, 1]")
+
+
+def require_extra(feature: str, extra: str, *modules: str) -> None:
+    """Import ``modules`` or refuse ``feature`` in one sentence naming the extra that installs them
+    (``pip install 'lafs-fast[viz]'``): the core install leaves them out (pyproject.toml)."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ValueError(f"{feature} needs {name.split('.')[0]}, which is not installed ({type(exc).__name__}); "
+                             f"pip install 'lafs-fast[{extra}]'") from None

@@ -45,12 +45,9 @@ class ExportWrapper(nn.Module):
 
 
 def _require_onnx() -> None:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-        raise ValueError(f"ONNX export needs onnx, onnxruntime and onnxscript ({exc}); pip install -c constraints.txt onnx onnxruntime onnxscript") from None
+    from lafs_fast.errors import require_extra
+
+    require_extra("ONNX export", "onnx", "onnx", "onnxruntime", "onnxscript")
 
 
 def onnx_parity(model: PartFViT | FViT, onnx_path: str | Path, batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0) -> float:

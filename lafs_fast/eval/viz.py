@@ -26,6 +26,9 @@ __all__ = ["draw_landmarks", "plot_roc", "plot_curves", "read_metrics", "add_arg
 
 
 def _plt():
+    from lafs_fast.errors import require_extra
+
+    require_extra("lafs-fast viz", "viz", "matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
