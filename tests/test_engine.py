@@ -304,3 +304,29 @@ def test_resume_with_another_architecture_is_one_sentence(tmp_path):
     wider.model = nn.Sequential(nn.Linear(4, 32), nn.Dropout(0.3), nn.ReLU(), nn.Linear(32, 1))
     with pytest.raises(ValueError, match=r"ckpt-00000001.pt does not fit this model \(.*size mismatch.*\); resume with the run's own settings"):
         _engine(_cfg(tmp_path, "train.max_steps=2"), stage=wider, resume="auto")
+
+
+def test_the_run_folder_holds_its_log_and_only_rank_0_speaks(tmp_path, capsys):
+    """Run records: config.yaml, train.log (what was printed, lines said before the folder was
+    claimed included) and metrics.jsonl; INFO from rank 0 only, warnings from every rank."""
+    from lafs_fast.logs import start_run_logging, stop_run_logging
+
+    say = start_run_logging(0).info
+    try:
+        say("[toy] said before the engine")
+        _engine(_cfg(tmp_path, "train.max_steps=2", "train.ckpt_every_steps=1")).fit()
+        say("[toy] said after the run")
+    finally:
+        stop_run_logging()
+    log = (tmp_path / "train.log").read_text()
+    assert "said before the engine" in log and "said after the run" in log
+    assert {"config.yaml", "train.log", "metrics.jsonl"} <= {p.name for p in tmp_path.iterdir()}
+    assert "said before the engine" in capsys.readouterr().out
+    other = start_run_logging(1)
+    try:
+        other.info("a rank-1 line")
+        other.warning("a rank-1 warning")
+    finally:
+        stop_run_logging()
+    out = capsys.readouterr()
+    assert "a rank-1 line" not in out.out + out.err and "rank 1: a rank-1 warning" in out.err

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import re
 import signal
@@ -53,6 +54,7 @@ from tqdm import tqdm
 from lafs_fast.config import Config, config_to_dict
 from lafs_fast.io import atomic_save, atomic_write_bytes, safe_load
 from lafs_fast.launch import DistInfo, resolve_precision
+from lafs_fast.logs import RUN_LOGGER, log_to_file
 from lafs_fast.train.run_folder import RunLock, check_run_folder
 
 __all__ = [
@@ -303,11 +305,11 @@ class Engine:
         self._lock: RunLock | None = None
         if dist.is_main:  # rank 0 writes: it holds the folder for the run's life (see train/run_folder.py)
             self._lock = RunLock(self.out_dir)
-            if resume is None and overwrite:
-                old = self._lock.replace_old_run()
-                if old:
-                    self._log_line(f"--overwrite: deleted the older run in {self.out_dir} ({len(old)} files)")
+            old = self._lock.replace_old_run() if resume is None and overwrite else []
             check_run_folder(self.out_dir, None if resume is None else str(resume))
+            log_to_file(self.out_dir / "train.log")  # what the run says, also in the folder (logs.py)
+            if old:
+                self._log_line(f"--overwrite: deleted the older run in {self.out_dir} ({len(old)} files)")
         o = cfg.optim
         steps_per_epoch = len(loader) // o.accumulation
         if steps_per_epoch < 1:
@@ -536,7 +538,12 @@ class Engine:
     # ---------------------------------------------------------------- logging
 
     def _log_line(self, text: str) -> None:
-        if self.dist.is_main:
+        if not self.dist.is_main:
+            return
+        log = logging.getLogger(RUN_LOGGER)
+        if log.handlers:  # a command's run logging (console + train.log)
+            log.info(f"[{self.stage.name}] {text}")
+        else:  # a library caller's engine: plain lines, as before
             tqdm.write(f"[{self.stage.name}] {text}")
 
     def _log_metrics(self, record: dict[str, float]) -> None:

@@ -29,6 +29,7 @@ from lafs_fast.dense_landmarks import DetectorLandmarks
 from lafs_fast.eval.knn import KNN_MAX_IMAGES, format_check, knn_check, knn_faces
 from lafs_fast.io import atomic_save, check_writable_dir
 from lafs_fast.launch import init_distributed, shutdown
+from lafs_fast.logs import start_run_logging, stop_run_logging
 from lafs_fast.train.cli_common import add_run_arguments, add_source_arguments, data_source, launch_training, resolve_training_config
 
 __all__ = ["add_arguments", "run", "resolve_config", "stage_defaults", "train_worker", "param_digest", "detector_landmarks"]
@@ -140,6 +141,7 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
 
     cfg = config_from_dict(cfg_dict)
     info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    say = start_run_logging(info.rank).info  # rank 0 speaks; train.log in the run folder (logs.py)
     try:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         detector = detector_landmarks(cfg)
@@ -150,7 +152,6 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
         stage = DinoStage(cfg, info.device, detector=detector)
         torch.manual_seed(cfg.train.seed + 1_000 * info.rank)  # dropout / drop-path streams differ per rank
         out = Path(cfg.train.out_dir)
-        say = print if info.is_main else (lambda *a, **k: None)
         say(f"[pretrain] {info.world_size} process(es) on {info.device.type}; data: {loader.backend}")
         say(f"[pretrain] views: {cfg.views.mode}, landmarks: {cfg.views.landmarks if cfg.views.mode == 'lafs' else 'none (image grid)'}; "
             f"model dim {cfg.model.dim} depth {cfg.model.depth}, {sum(p.numel() for p in stage.model.backbone.parameters()) / 1e6:.2f} M backbone params")
@@ -185,6 +186,7 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
         barrier(info)
         return summary
     finally:
+        stop_run_logging()
         shutdown()
 
 

@@ -34,6 +34,7 @@ import torch
 from lafs_fast.config import Config, config_from_dict, config_to_dict
 from lafs_fast.io import atomic_save, check_writable_dir
 from lafs_fast.launch import init_distributed, resolve_precision, shutdown
+from lafs_fast.logs import start_run_logging, stop_run_logging
 from lafs_fast.train.cli_common import add_run_arguments, add_source_arguments, data_source, launch_training, resolve_training_config
 
 __all__ = ["add_arguments", "resolve_config", "run", "train_worker", "stage_defaults", "parse_subset", "prepare_data", "heldout_check"]
@@ -198,14 +199,14 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
     """One process: data, model (loaded per stage), the supervised stage, the engine; rank 0 writes.
     Returns a summary (steps, digest, loss first/last, checks, verification)."""
     from lafs_fast.data import make_loader
-    from lafs_fast.train.engine import Engine, barrier
     from lafs_fast.eval.knn import format_check
+    from lafs_fast.train.engine import Engine, barrier
     from lafs_fast.train.supervised import SupervisedStage, build_supervised_model
 
     cfg = config_from_dict(cfg_dict)
     info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     name = PROG[stage]
-    say = print if info.is_main else (lambda *a, **k: None)
+    say = start_run_logging(info.rank).info  # rank 0 speaks; train.log in the run folder (logs.py)
     try:
         # the few-shot subset (if any): rank 0 writes it, the others then find and reuse it
         data = opts.get("data") or (prepare_data(cfg, say) if info.is_main else None)
@@ -272,6 +273,7 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
         barrier(info)
         return summary
     finally:
+        stop_run_logging()
         shutdown()
 
 
