@@ -34,7 +34,7 @@ from lafs_fast.models.landmark_cnn import LandmarkCNN
 from lafs_fast.models.part_fvit import PartFViT, build_backbone, build_landmark_cnn, build_margin_head
 
 __all__ = [
-    "FORMAT", "detect_format", "split_reference", "infer_model_config", "load_into", "import_checkpoint",
+    "TRAIN_FORMAT", "model_from_object", "load_model_and_kind", "FORMAT", "detect_format", "split_reference", "infer_model_config", "load_into", "import_checkpoint",
     "export_reference", "load_model", "model_file", "read_model_file",
 ]
 
@@ -215,27 +215,55 @@ def export_reference(src: str | Path, dst: str | Path, fmt: str = "part_fvit") -
     atomic_save(out, dst)
 
 
-def load_model(path: str | Path, num_classes_head: bool = True) -> PartFViT | FViT:
-    """A ready model from a lafs-fast model file (or a reference checkpoint, converted in memory):
-    PartFViT when the file holds a landmark CNN, else the bare FViT. Eval mode, CPU."""
-    obj = safe_load(path)
-    if detect_format(obj) != "lafs-fast":
+TRAIN_FORMAT = "lafs-fast-train"  # lafs_fast.train.engine.CHECKPOINT_FORMAT (the engine is a higher layer)
+
+
+def model_from_object(obj: Any, what: str, head_dim: int = 64, margin_head: bool = True) -> tuple[PartFViT | FViT, str]:
+    """(eval-mode CPU model, kind) from any loaded checkpoint object: a lafs-fast model file, a lafs-fast
+    TRAINING checkpoint (its ``model_file``), a reference Part fViT state dict or LAFS SSL checkpoint
+    (its teacher, converted in memory). PartFViT when it holds a landmark CNN (with its margin head
+    when ``margin_head`` and the file has one), else the bare FViT. ``what`` names it in errors;
+    ``head_dim``: attention head width of a reference checkpoint (its tensors do not record it).
+    kind: 'lafs-fast', 'training checkpoint', 'reference-part-fvit' or 'reference-ssl'."""
+    kind = "training checkpoint" if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT else None
+    if kind:
+        if not isinstance(obj.get("model_file"), dict):
+            raise ValueError(f"{what} is a training checkpoint without a model file; use the run's exported model instead")
+        obj = obj["model_file"]
+    fmt = detect_format(obj)
+    kind = kind or fmt
+    if fmt != "lafs-fast":
         parts = split_reference(obj)
-        mcfg = infer_model_config(parts["backbone"])
-        obj = {"model": dataclasses.asdict(mcfg), **parts}
+        obj = {"model": dataclasses.asdict(infer_model_config(parts["backbone"], head_dim)), **parts}
     mcfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in obj["model"].items()})
     backbone = build_backbone(mcfg)
-    load_into(backbone, obj["backbone"], f"{path}: backbone")
+    load_into(backbone, obj["backbone"], f"{what}: backbone")
     if obj.get("landmark_cnn") is None:
-        return backbone.eval()
+        return backbone.eval(), kind
     landmark = build_landmark_cnn(mcfg)
-    load_into(landmark, obj["landmark_cnn"], f"{path}: landmark CNN")
+    load_into(landmark, obj["landmark_cnn"], f"{what}: landmark CNN")
     head = None
-    if num_classes_head and obj.get("margin_head") is not None:
+    if margin_head and obj.get("margin_head") is not None:
         w = obj["margin_head"]["weight"]
         head = build_margin_head("cosface", w.shape[1], w.shape[0])
-        load_into(head, obj["margin_head"], f"{path}: margin head")
-    return PartFViT(landmark, backbone, head).eval()
+        load_into(head, obj["margin_head"], f"{what}: margin head")
+    return PartFViT(landmark, backbone, head).eval(), kind
+
+
+def load_model_and_kind(path: str | Path, head_dim: int = 64, margin_head: bool = True) -> tuple[PartFViT | FViT, str]:
+    """:func:`model_from_object` of the file ``path``; errors name the file and the fix."""
+    try:
+        return model_from_object(safe_load(path), str(path), head_dim, margin_head)
+    except ValueError as exc:
+        msg = str(exc)
+        if msg.startswith("not a recognised checkpoint"):
+            raise ValueError(f"{path} is {msg}") from None
+        raise
+
+
+def load_model(path: str | Path, num_classes_head: bool = True) -> PartFViT | FViT:
+    """A ready model (eval mode, CPU) from any checkpoint lafs-fast reads (:func:`model_from_object`)."""
+    return load_model_and_kind(path, margin_head=num_classes_head)[0]
 
 
 # ---------------------------------------------------------------- CLI: lafs-fast checkpoint
