@@ -63,7 +63,7 @@ def _worker_entry(fn: Callable[..., Any], *args: Any) -> Any:
             record = {"type": type(exc).__name__, "user_error": is_user_error(exc), "message": user_message(exc),
                       # a collective that failed because another rank died first: a consequence, not the cause
                       "peer_lost": any(k in text for k in ("Connection closed by peer", "remote worker", "Connection reset by peer",
-                                                            "NCCL communicator was aborted"))}
+                                                            "NCCL communicator was aborted", "Timed out", "timed out", "Watchdog"))}
             with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
                 json.dump(record, f)
             if not record["user_error"] and type(exc).__name__ not in ("NonFiniteLoss", "Preempted"):  # a bug: keep its traceback
@@ -194,8 +194,8 @@ def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1) -> dict[in
             causes = [r for r, rec in recorded.items() if not rec.get("peer_lost")]
             silent = [r for r in range(nprocs) if r not in recorded]
             if not users and not causes and silent:
-                raise RankFailed(f"rank {min(silent)} of {nprocs} failed: it ended without reporting an error (killed, or out of "
-                                 "memory?) and the other ranks lost their connection to it; the job was stopped", min(silent)) from None
+                raise RankFailed(f"rank {min(silent)} of {nprocs} failed: it stopped answering without reporting an error (killed, hung "
+                                 "or out of memory?) and the other ranks lost it or timed out waiting; the job was stopped", min(silent)) from None
             first = min(users) if users else min(causes) if causes else min(recorded) if recorded else min(failures)
             rec = recorded.get(first)
             if rec is not None:

@@ -29,8 +29,9 @@ class ImageInputs:
 
     @staticmethod
     def eval_tokens(x: torch.Tensor, flip: bool = False) -> torch.Tensor:
-        x = x.flip(2) if flip else x
-        return x.permute(0, 3, 1, 2).float() / 255.0 * 2 - 1
+        from lafs_fast.kernels.patch_sampling import normalise_images
+
+        return normalise_images(x.flip(2) if flip else x)
 
 
 

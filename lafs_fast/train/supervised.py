@@ -58,6 +58,7 @@ from lafs_fast.config import Config, ModelConfig
 from lafs_fast.io import atomic_save, safe_load
 from lafs_fast.models import LandmarkCNN, PartFViT, build_backbone, build_landmark_cnn, build_margin_head
 from lafs_fast.models.checkpoints import detect_format, infer_model_config, load_into, model_file, split_reference
+from lafs_fast.kernels.patch_sampling import normalise_images
 from lafs_fast.models.sharded_head import ShardedMarginHead
 from lafs_fast.train.engine import CHECKPOINT_FORMAT, Plan, Stage, StepContext
 
@@ -161,7 +162,7 @@ class FaceAugment:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
             raise ValueError(f"faces must be uint8 (B, H, W, 3), got {tuple(images.shape)} {images.dtype}")
         if self.mode == "none":
-            x = images.permute(0, 3, 1, 2).float() / 255.0 * 2 - 1
+            x = normalise_images(images)
             if x.shape[-1] != self.size:
                 x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
             return x.contiguous()
