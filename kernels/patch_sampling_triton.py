@@ -452,11 +452,13 @@ def sample_patches_triton(
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
     if images.dtype != torch.uint8 and images.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"images dtype {images.dtype} is not supported by the Triton sampler (uint8, fp32, fp16, bf16)")
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    seed = int(seed) % (2**63)
     if not 0 <= int(offset) < 2**62:
         raise ValueError(f"offset must lie in [0, 2**62), got {offset}")
+    if num_tokens is None and sigma == 0:
+        seed, offset = 0, 0  # nothing drawn: constants (no seed drawn on the host)
+    elif seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    seed = int(seed) % (2**63)
     if images.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(
             "the Triton sampler runs on CPU tensors only under TRITON_INTERPRET=1 (set before import); "
