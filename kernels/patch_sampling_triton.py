@@ -117,8 +117,8 @@ def _corners(
     o = (a - P // 2).to(tl.float32)
     q = (bb - P // 2).to(tl.float32)
     half_h = H * 0.5
-    u = (cx[:, None] + o[None, :]) / half_h - 1.0
-    v = (cy[:, None] + q[None, :]) / half_h - 1.0
+    u = tl.div_rn(cx[:, None] + o[None, :], half_h) - 1.0
+    v = tl.div_rn(cy[:, None] + q[None, :], half_h) - 1.0
     # grid_sample (CPU) unnormalises as fma(u + 1, W/2, -0.5): one rounding. (u + 1) * (W/2) is
     # exact in fp64 (24 + 7 bits), so fp64 then one cast reproduces the fma on every backend (the
     # interpreter's fma rounds twice).
@@ -153,10 +153,10 @@ def _corners(
     p11 = tl.load(base + y1c * s_iy + x1c * s_ix, mask=m11, other=0).to(tl.float32)
     if IS_U8:
         # Normalise as the twin does (x / 255 * 2 - 1); padding stays 0 in the normalised range.
-        p00 = tl.where(m00, p00 / 255.0 * 2.0 - 1.0, 0.0)
-        p01 = tl.where(m01, p01 / 255.0 * 2.0 - 1.0, 0.0)
-        p10 = tl.where(m10, p10 / 255.0 * 2.0 - 1.0, 0.0)
-        p11 = tl.where(m11, p11 / 255.0 * 2.0 - 1.0, 0.0)
+        p00 = tl.where(m00, tl.div_rn(p00, 255.0) * 2.0 - 1.0, 0.0)
+        p01 = tl.where(m01, tl.div_rn(p01, 255.0) * 2.0 - 1.0, 0.0)
+        p10 = tl.where(m10, tl.div_rn(p10, 255.0) * 2.0 - 1.0, 0.0)
+        p11 = tl.where(m11, tl.div_rn(p11, 255.0) * 2.0 - 1.0, 0.0)
     return p00, p01, p10, p11, w, n
 
 
@@ -225,7 +225,7 @@ def _patch_bwd_kernel(
     # grid_sample's bilinear derivative (d/d ix, d/d iy); d ix / d x = (W/2) / (H/2) = 1 here.
     dix = (p01 - p00) * sn + (p11 - p10) * n
     diy = (p10 - p00) * ew + (p11 - p01) * w
-    gx = tl.sum(tl.where(m, dix * g, 0.0), axis=1) * ((W * 0.5) / (H * 0.5))
+    gx = tl.sum(tl.where(m, dix * g, 0.0), axis=1) * tl.div_rn(W * 0.5, H * 0.5)
     gy = tl.sum(tl.where(m, diy * g, 0.0), axis=1)
     tl.store(gpts_ptr + tok * 2, gx, mask=tmask)
     tl.store(gpts_ptr + tok * 2 + 1, gy, mask=tmask)
