@@ -160,13 +160,16 @@ def _corners(
     return p00, p01, p10, p11, w, n
 
 
-@triton.jit
+# The Philox key and counter words change every step: specialised by value (== 1, divisible by 16,
+# i32 vs i64) they would compile new variants inside a timed run. Not specialised, and the key
+# typed i64 whatever its value: one variant for every (seed, offset).
+@triton.jit(do_not_specialize=["seed", "off_lo", "off_hi"])
 def _patch_fwd_kernel(
     img_ptr, coords_ptr, idx_ptr, noise_ptr, out_ptr, idx_out_ptr, noise_out_ptr,
     n_tokens, L, K, H, W,
     s_ib, s_iy, s_ix, s_ic,
     s_cb, s_ck, s_cd, s_xb, s_xl, s_nb, s_nl, s_nd,
-    seed, off_lo, off_hi, sigma,
+    seed: tl.int64, off_lo, off_hi, sigma,
     P: tl.constexpr, IS_U8: tl.constexpr, IDX_MODE: tl.constexpr, NOISE_MODE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
