@@ -9,7 +9,8 @@ through the small :class:`Stage` interface; the engine owns everything else:
 - gradient accumulation (``optim.accumulation`` batches per optimiser step, DDP ``no_sync`` on all
   but the last), per-parameter gradient-norm clipping (``optim.clip_grad``, DINO's rule);
 - bf16 autocast on CUDA (no loss scaler), fp32 on the CPU (``train.precision``); optional
-  ``torch.compile`` of the stage's modules (``train.compile``);
+  ``torch.compile`` of the stage's modules (``train.compile``; regional for the fViT: each block
+  compiled, one graph shared by all blocks per shape);
 - DDP when the process group has several ranks; rank 0 alone logs and writes;
 - a tqdm progress bar (samples/s, ETA), a JSONL metrics log (and TensorBoard when installed);
 - checkpoints written atomically (keep the last ``train.keep_last`` and every ``train.keep_every``-th
@@ -287,13 +288,19 @@ class Engine:
                 raise ValueError(f"stage schedule {k!r} has {len(v)} steps, the run has {self.plan.total_steps}")
             self.schedules[k] = v
 
-        # compile before DDP wraps (DDP over compiled submodules), after the attention backend is fixed
+        # compile before DDP wraps (DDP over compiled submodules), after the attention backend is fixed;
+        # a module with ``compile_blocks`` (the fViT) compiles its repeated blocks (regional compilation:
+        # one block's graph per shape instead of the whole depth), anything else compiles whole
         if cfg.train.compile:
             for m in stage.compile_targets():
                 for sub in m.modules():
                     if hasattr(sub, "attention_for"):
                         sub.attention_for(self.device)
-                m.compile(dynamic=False)
+                regional = getattr(m, "compile_blocks", None)
+                if regional is not None:
+                    regional(dynamic=False)
+                else:
+                    m.compile(dynamic=False)
         self.model: nn.Module = stage.model
         if dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
