@@ -3,13 +3,16 @@ GPU runs step s, and reads the loss one step late).
 
 A ``TorchDispatchMode`` records every operator that, on a GPU, makes the host wait for the device
 or for a blocking copy: ``aten._local_scalar_dense`` (every ``.item()`` / ``float()`` / ``int()`` /
-``bool()`` of a tensor), data-dependent shapes (``nonzero``, indexing with a boolean mask (nonzero inside),
-``masked_select``, ``unique``), tensors made from Python data (``torch.tensor`` /
+``bool()`` of a tensor), data-dependent shapes (``nonzero``, indexing with a boolean mask (nonzero
+inside), ``masked_select``, ``unique``), tensors made from Python data (``torch.tensor`` /
 ``torch.as_tensor`` of a list or number: on a GPU a blocking copy from pageable memory) and copies
-from the CPU to another device. (``x[i] = 1.0`` is fine: a CUDA tensor takes the scalar by value.) It wraps the forward and backward of one DINO step (views -> teacher / student ->
-loss) and of one supervised (fine-tuning) step, with the kernels a GPU runs: the Triton views and
-sampler (under the interpreter here) and the device augmentation. CPU-only by construction: on the
-CPU these operators cost nothing, so the test names the ones that would stall a GPU.
+from the CPU to another device. (``x[i] = 1.0`` is fine: a CUDA tensor takes the scalar by value.)
+
+It wraps one DINO step (views -> teacher / student -> loss -> backward, then gradient clipping and
+the EMA teacher; the optimiser is fused on CUDA) and one supervised (fine-tuning) step's forward
+and backward, with the code a GPU runs: the Triton views and sampler (the interpreter here) and the
+device augmentation. On the CPU these operators cost nothing; the test names the ones that would
+stall a GPU.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from lafs_fast.data import SyntheticFaces
 from lafs_fast.launch import DistInfo
 from lafs_fast.train import supervised_run
 from lafs_fast.train.dino import DinoStage
-from lafs_fast.train.engine import StepContext
+from lafs_fast.train.engine import StepContext, clip_gradients
 from lafs_fast.train.supervised import SupervisedStage, build_supervised_model
 from lafs_fast.views import LafsViews
 
@@ -114,10 +117,14 @@ def test_a_dino_step_has_no_host_sync(pack, gpu_dispatch):
     cfg = load_config("small", None, [*DINO, f"views.pack={str(pack).lower()}"])
     stage = DinoStage(cfg, torch.device("cpu"))
     images = SyntheticFaces(2, 1, seed=3).batch(range(2))[0]
+    params = [p for p in stage.model.parameters() if p.requires_grad]
     for _ in range(2):  # the second step runs with every per-device constant already built
         with HostSyncs() as mode:
             loss, _ = stage.forward_loss(stage.model, (images, torch.zeros(2)), _ctx({"teacher_temp": 0.04}))
             loss.backward()
+            # the engine's per-step work around the optimiser (which is fused on CUDA): clipping, EMA
+            clip_gradients(params, 3.0)
+            stage.after_optimizer_step(stage.model, _ctx({"teacher_momentum": 0.996}))
     assert stage.views.landmarks is not None and torch.isfinite(loss)
     assert mode.found == [], "host syncs in a DINO step:\n" + "\n".join(f"{op} at {where}" for op, where in mode.found)
 
