@@ -3,7 +3,10 @@
 The interpreter (TRITON_INTERPRET=1) checks the maths but not code generation: type mismatches
 between the branches of a runtime ``if``, unsupported ops, register spills. Triton can lower a
 kernel to a cubin for a given ``GPUTarget`` with its bundled LLVM and ptxas and no driver, so this
-module compiles every launched variant for sm_90 (H100/H200) and reports registers and stack.
+module compiles every launched variant for sm_90 (H100/H200) and reports registers and stack, and
+fails a variant whose PTX holds an approximate fp32 division (``div.full.f32`` / ``div.approx.f32``:
+what a plain fp32 ``/`` lowers to; 2 ulp, not the torch twin's correctly rounded quotient; the
+kernels divide with ``tl.div_rn``).
 
     env -u TRITON_INTERPRET python -m lafs_fast.kernels.aot_check [all|patch|views|quick]
 
@@ -11,7 +14,7 @@ module compiles every launched variant for sm_90 (H100/H200) and reports registe
 forward with in-kernel draws from uint8, with given draws from float, the backward, the bilinear
 view kernel and the vertical blur.
 
-Exit status 0 when every variant compiles. Must run with TRITON_INTERPRET unset (the kernels
+Exit status 0 when every variant compiles with no approximate division. Must run with TRITON_INTERPRET unset (the kernels
 must be real JITFunctions).
 """
 
@@ -29,7 +32,8 @@ __all__ = ["compile_variant", "variants", "main"]
 def compile_variant(fn, types: dict[str, str], constexprs: dict, *, arch: int = 90, num_warps: int = 8) -> dict:
     """Compile ``fn`` for sm_``arch``; args not in ``types``/``constexprs`` are i32 scalars.
 
-    Returns {"regs": int | None, "stack": int | None} read from the cubin (cuobjdump).
+    Returns {"regs": int | None, "stack": int | None} read from the cubin (cuobjdump) and
+    "approx_div": the number of approximate fp32 divisions in the PTX.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -38,6 +42,7 @@ def compile_variant(fn, types: dict[str, str], constexprs: dict, *, arch: int = 
     sig = {name: ("constexpr" if name in constexprs else types.get(name, "i32")) for name in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps})
+    approx_div = len(_APPROX_DIV.findall(kernel.asm["ptx"]))
     regs = stack = None
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if os.path.exists(tool):
@@ -50,7 +55,10 @@ def compile_variant(fn, types: dict[str, str], constexprs: dict, *, arch: int = 
         m = re.search(r"REG:(\d+) STACK:(\d+)", out)
         if m:
             regs, stack = int(m.group(1)), int(m.group(2))
-    return {"regs": regs, "stack": stack}
+    return {"regs": regs, "stack": stack, "approx_div": approx_div}
+
+
+_APPROX_DIV = re.compile(r"\bdiv\.(?:full|approx)(?:\.ftz)?\.f32\b")
 
 
 _QUICK = {"patch fwd u8=True mode=2", "patch fwd u8=False mode=1", "patch bwd", "view bicubic=False", "blur v"}
@@ -108,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     for label, fn, types, ce, warps in variants(which):
         try:
             res = compile_variant(fn, types, ce, num_warps=warps)
-            print(f"ok   {label}: regs={res['regs']} stack={res['stack']}")
+            line = f"{label}: regs={res['regs']} stack={res['stack']} approx_div={res['approx_div']}"
+            if res["approx_div"]:
+                failed += 1
+                print(f"FAIL {line} (approximate fp32 division: use tl.div_rn)")
+            else:
+                print(f"ok   {line}")
         except Exception as exc:  # report every failing variant, not just the first
             failed += 1
             print(f"FAIL {label}: {type(exc).__name__}: {exc}")

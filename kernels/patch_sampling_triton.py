@@ -117,8 +117,8 @@ def _corners(
     o = (a - P // 2).to(tl.float32)
     q = (bb - P // 2).to(tl.float32)
     half_h = H * 0.5
-    u = (cx[:, None] + o[None, :]) / half_h - 1.0
-    v = (cy[:, None] + q[None, :]) / half_h - 1.0
+    u = tl.div_rn(cx[:, None] + o[None, :], half_h) - 1.0
+    v = tl.div_rn(cy[:, None] + q[None, :], half_h) - 1.0
     # grid_sample (CPU) unnormalises as fma(u + 1, W/2, -0.5): one rounding. (u + 1) * (W/2) is
     # exact in fp64 (24 + 7 bits), so fp64 then one cast reproduces the fma on every backend (the
     # interpreter's fma rounds twice).
@@ -153,20 +153,23 @@ def _corners(
     p11 = tl.load(base + y1c * s_iy + x1c * s_ix, mask=m11, other=0).to(tl.float32)
     if IS_U8:
         # Normalise as the twin does (x / 255 * 2 - 1); padding stays 0 in the normalised range.
-        p00 = tl.where(m00, p00 / 255.0 * 2.0 - 1.0, 0.0)
-        p01 = tl.where(m01, p01 / 255.0 * 2.0 - 1.0, 0.0)
-        p10 = tl.where(m10, p10 / 255.0 * 2.0 - 1.0, 0.0)
-        p11 = tl.where(m11, p11 / 255.0 * 2.0 - 1.0, 0.0)
+        p00 = tl.where(m00, tl.div_rn(p00, 255.0) * 2.0 - 1.0, 0.0)
+        p01 = tl.where(m01, tl.div_rn(p01, 255.0) * 2.0 - 1.0, 0.0)
+        p10 = tl.where(m10, tl.div_rn(p10, 255.0) * 2.0 - 1.0, 0.0)
+        p11 = tl.where(m11, tl.div_rn(p11, 255.0) * 2.0 - 1.0, 0.0)
     return p00, p01, p10, p11, w, n
 
 
-@triton.jit
+# The Philox key and counter words change every step: specialised by value (== 1, divisible by 16,
+# i32 vs i64) they would compile new variants inside a timed run. Not specialised, and the key
+# typed i64 whatever its value: one variant for every (seed, offset).
+@triton.jit(do_not_specialize=["seed", "off_lo", "off_hi"])
 def _patch_fwd_kernel(
     img_ptr, coords_ptr, idx_ptr, noise_ptr, out_ptr, idx_out_ptr, noise_out_ptr,
     n_tokens, L, K, H, W,
     s_ib, s_iy, s_ix, s_ic,
     s_cb, s_ck, s_cd, s_xb, s_xl, s_nb, s_nl, s_nd,
-    seed, off_lo, off_hi, sigma,
+    seed: tl.int64, off_lo, off_hi, sigma,
     P: tl.constexpr, IS_U8: tl.constexpr, IDX_MODE: tl.constexpr, NOISE_MODE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -225,7 +228,7 @@ def _patch_bwd_kernel(
     # grid_sample's bilinear derivative (d/d ix, d/d iy); d ix / d x = (W/2) / (H/2) = 1 here.
     dix = (p01 - p00) * sn + (p11 - p10) * n
     diy = (p10 - p00) * ew + (p11 - p01) * w
-    gx = tl.sum(tl.where(m, dix * g, 0.0), axis=1) * ((W * 0.5) / (H * 0.5))
+    gx = tl.sum(tl.where(m, dix * g, 0.0), axis=1) * tl.div_rn(W * 0.5, H * 0.5)
     gy = tl.sum(tl.where(m, diy * g, 0.0), axis=1)
     tl.store(gpts_ptr + tok * 2, gx, mask=tmask)
     tl.store(gpts_ptr + tok * 2 + 1, gy, mask=tmask)
@@ -452,11 +455,13 @@ def sample_patches_triton(
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
     if images.dtype != torch.uint8 and images.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"images dtype {images.dtype} is not supported by the Triton sampler (uint8, fp32, fp16, bf16)")
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    seed = int(seed) % (2**63)
     if not 0 <= int(offset) < 2**62:
         raise ValueError(f"offset must lie in [0, 2**62), got {offset}")
+    if num_tokens is None and sigma == 0:
+        seed, offset = 0, 0  # nothing drawn: constants (no seed drawn on the host)
+    elif seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    seed = int(seed) % (2**63)
     if images.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(
             "the Triton sampler runs on CPU tensors only under TRITON_INTERPRET=1 (set before import); "

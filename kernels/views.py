@@ -28,6 +28,7 @@ Layouts: views are (B, V, 3, S, S) in ``out_dtype``; flat view index n = b * V +
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields, replace
 
@@ -151,10 +152,26 @@ def map_to_views(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bvij,bkj->bvki", lin, points.to(affine.dtype)) + affine[:, :, None, :, 2]
 
 
-def _per_view(specs: list[ViewSpec], name: str, batch: int, device: torch.device, idx: int | None = None) -> torch.Tensor:
+# Rows of the per-view spec table: a field, or (field, element) of a tuple field.
+_SPEC_ROWS: tuple[tuple[str, int | None], ...] = (
+    ("scale", 0), ("scale", 1), ("ratio", 0), ("ratio", 1), ("flip_p", None), ("jitter_p", None),
+    ("brightness", None), ("contrast", None), ("saturation", None), ("hue", None), ("gray_p", None),
+    ("blur_p", None), ("blur_radius", 0), ("blur_radius", 1), ("solarize_p", None), ("solarize_threshold", None),
+)
+_ROW = {key: i for i, key in enumerate(_SPEC_ROWS)}
+
+
+@functools.lru_cache(maxsize=64)
+def _spec_table(specs: tuple[ViewSpec, ...], device: torch.device) -> torch.Tensor:
+    """(len(_SPEC_ROWS), V) float64 on ``device``: every per-view spec value, built once per spec
+    list and device (one host-to-device copy, then cached: no copy from Python data per step)."""
+    rows = [[getattr(s, name) if idx is None else getattr(s, name)[idx] for s in specs] for name, idx in _SPEC_ROWS]
+    return torch.tensor(rows, dtype=torch.float64).to(device)
+
+
+def _per_view(table: torch.Tensor, name: str, batch: int, idx: int | None = None) -> torch.Tensor:
     """(B * V,) float64 spec value ``name`` (element ``idx`` of a tuple), view-major inside each b."""
-    vals = [getattr(s, name) if idx is None else getattr(s, name)[idx] for s in specs]
-    return torch.tensor(vals, dtype=torch.float64, device=device).repeat(batch)
+    return table[_ROW[(name, idx)]].repeat(batch)
 
 
 def draw_view_params(
@@ -183,16 +200,17 @@ def draw_view_params(
     n = batch * len(specs)
     h_src, w_src = src_hw
     f64 = torch.float64
+    table = _spec_table(tuple(specs), torch.device(device))
 
     def u(*shape: int) -> torch.Tensor:
         return torch.rand(shape, generator=generator, device=device, dtype=f64)
 
     # RandomResizedCrop, torchvision get_params, all attempts drawn at once.
     area = float(h_src * w_src)
-    s_lo = _per_view(specs, "scale", batch, device, 0)[:, None]
-    s_hi = _per_view(specs, "scale", batch, device, 1)[:, None]
-    r_lo = _per_view(specs, "ratio", batch, device, 0)[:, None]
-    r_hi = _per_view(specs, "ratio", batch, device, 1)[:, None]
+    s_lo = _per_view(table, "scale", batch, 0)[:, None]
+    s_hi = _per_view(table, "scale", batch, 1)[:, None]
+    r_lo = _per_view(table, "ratio", batch, 0)[:, None]
+    r_hi = _per_view(table, "ratio", batch, 1)[:, None]
     target = area * (s_lo + (s_hi - s_lo) * u(n, attempts))
     log_r = torch.log(r_lo) + (torch.log(r_hi) - torch.log(r_lo)) * u(n, attempts)
     aspect = torch.exp(log_r)
@@ -226,15 +244,15 @@ def draw_view_params(
         dim=1,
     ).to(torch.int64)
 
-    flip = u(n) < _per_view(specs, "flip_p", batch, device)
-    jitter = u(n) < _per_view(specs, "jitter_p", batch, device)
+    flip = u(n) < _per_view(table, "flip_p", batch)
+    jitter = u(n) < _per_view(table, "jitter_p", batch)
     # ColorJitter.get_params: a random order, then the four factors.
     order = torch.argsort(u(n, 4), dim=1)
     fac = u(n, 4)
-    bri = _per_view(specs, "brightness", batch, device)
-    con = _per_view(specs, "contrast", batch, device)
-    sat = _per_view(specs, "saturation", batch, device)
-    hue = _per_view(specs, "hue", batch, device)
+    bri = _per_view(table, "brightness", batch)
+    con = _per_view(table, "contrast", batch)
+    sat = _per_view(table, "saturation", batch)
+    hue = _per_view(table, "hue", batch)
 
     def span(strength: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         lo_ = torch.clamp(1 - strength, min=0.0)
@@ -243,13 +261,13 @@ def draw_view_params(
     factors = torch.stack(
         [span(bri, fac[:, 0]), span(con, fac[:, 1]), span(sat, fac[:, 2]), -hue + 2 * hue * fac[:, 3]], dim=1
     ).to(torch.float32)
-    gray = u(n) < _per_view(specs, "gray_p", batch, device)
-    blur_on = u(n) < _per_view(specs, "blur_p", batch, device)
-    rad_lo = _per_view(specs, "blur_radius", batch, device, 0)
-    rad_hi = _per_view(specs, "blur_radius", batch, device, 1)
+    gray = u(n) < _per_view(table, "gray_p", batch)
+    blur_on = u(n) < _per_view(table, "blur_p", batch)
+    rad_lo = _per_view(table, "blur_radius", batch, 0)
+    rad_hi = _per_view(table, "blur_radius", batch, 1)
     sigma = torch.where(blur_on, rad_lo + (rad_hi - rad_lo) * u(n), torch.zeros((), dtype=f64, device=device))
-    solarize = u(n) < _per_view(specs, "solarize_p", batch, device)
-    thr = (_per_view(specs, "solarize_threshold", batch, device) / 255.0).to(torch.float32)
+    solarize = u(n) < _per_view(table, "solarize_p", batch)
+    thr = (_per_view(table, "solarize_threshold", batch) / 255.0).to(torch.float32)
     halfwidth = max(1, math.ceil(3 * max(s.blur_radius[1] for s in specs)))
     return ViewParams(
         crop=crop,

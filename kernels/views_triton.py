@@ -122,16 +122,16 @@ def _hue(r, g, b, shift):
     minc = tl.minimum(tl.minimum(r, g), b)
     eqc = maxc == minc
     cr = maxc - minc
-    s = cr / tl.where(eqc, 1.0, maxc)
+    s = tl.div_rn(cr, tl.where(eqc, 1.0, maxc))
     crd = tl.where(eqc, 1.0, cr)
-    rc = (maxc - r) / crd
-    gc = (maxc - g) / crd
-    bc = (maxc - b) / crd
+    rc = tl.div_rn(maxc - r, crd)
+    gc = tl.div_rn(maxc - g, crd)
+    bc = tl.div_rn(maxc - b, crd)
     hr = tl.where(maxc == r, bc - gc, 0.0)
     hg = tl.where((maxc == g) & (maxc != r), 2.0 + rc - bc, 0.0)
     hb = tl.where((maxc != g) & (maxc != r), 4.0 + gc - rc, 0.0)
     h = hr + hg + hb
-    h = h / 6.0 + 1.0
+    h = tl.div_rn(h, 6.0) + 1.0
     h = h - tl.floor(h)
     h = h + shift
     h = tl.where(h >= 1.0, h - 1.0, h)
@@ -208,8 +208,8 @@ def _view_kernel(
     blur = tl.load(sigma_ptr + n) > 0
     sol = tl.load(sol_ptr + n)
     thr = tl.load(thr_ptr + n)
-    scale_y = ch.to(tl.float32) / S
-    scale_x = cw.to(tl.float32) / S
+    scale_y = tl.div_rn(ch.to(tl.float32), S.to(tl.float32))
+    scale_x = tl.div_rn(cw.to(tl.float32), S.to(tl.float32))
     npix = S * S
     plane = n.to(tl.int64) * 3 * npix
     lanes = tl.arange(0, BLOCK)
@@ -227,16 +227,16 @@ def _view_kernel(
             m = p < npix
             r, g, bl = _resample(img_ptr, b, p, m, S, top, left, ch, cw, flip, scale_y, scale_x,
                                  s_ib, s_iy, s_ix, s_ic, BICUBIC)
-            r = r / 255.0
-            g = g / 255.0
-            bl = bl / 255.0
+            r = tl.div_rn(r, 255.0)
+            g = tl.div_rn(g, 255.0)
+            bl = tl.div_rn(bl, 255.0)
             for step in tl.static_range(3):
                 if step < cpos:
                     op = tl.load(order_ptr + n * 4 + step)
                     f = tl.load(fac_ptr + n * 4 + op)
                     r, g, bl = _jitter(r, g, bl, op, f, 0.0)
             acc += tl.where(m, _gray(r, g, bl), 0.0)
-        mean = tl.sum(acc, axis=0) / npix
+        mean = tl.div_rn(tl.sum(acc, axis=0), npix.to(tl.float32))
 
     for t0 in range(0, npix, BLOCK):
         p = t0 + lanes
@@ -245,12 +245,12 @@ def _view_kernel(
                              s_ib, s_iy, s_ix, s_ic, BICUBIC)
         cptr = clean_ptr + plane + p
         ety = clean_ptr.dtype.element_ty
-        tl.store(cptr, (r / 255.0 * 2.0 - 1.0).to(ety), mask=m)
-        tl.store(cptr + npix, (g / 255.0 * 2.0 - 1.0).to(ety), mask=m)
-        tl.store(cptr + 2 * npix, (bl / 255.0 * 2.0 - 1.0).to(ety), mask=m)
-        r = r / 255.0
-        g = g / 255.0
-        bl = bl / 255.0
+        tl.store(cptr, (tl.div_rn(r, 255.0) * 2.0 - 1.0).to(ety), mask=m)
+        tl.store(cptr + npix, (tl.div_rn(g, 255.0) * 2.0 - 1.0).to(ety), mask=m)
+        tl.store(cptr + 2 * npix, (tl.div_rn(bl, 255.0) * 2.0 - 1.0).to(ety), mask=m)
+        r = tl.div_rn(r, 255.0)
+        g = tl.div_rn(g, 255.0)
+        bl = tl.div_rn(bl, 255.0)
         if jit != 0:
             for step in tl.static_range(4):
                 op = tl.load(order_ptr + n * 4 + step)

@@ -362,7 +362,7 @@ def _validate(cfg: Config) -> None:
         raise ValueError(f"config keys 'views.n_global' + 'views.n_local' must give at least 2 views (DINO compares views), got {v.n_global} + {v.n_local}")
     if max(v.global_tokens, v.local_tokens) > m.num_patches:
         raise ValueError("config keys 'views.global_tokens' / 'views.local_tokens' exceed 'model.num_patches'")
-    if v.local_size > m.image_size:
+    if v.mode == "dino" and v.local_size > m.image_size:  # the baseline's local crops (lafs locals are image-size)
         raise ValueError(f"config key 'views.local_size' ({v.local_size}) exceeds 'model.image_size' ({m.image_size})")
 
 

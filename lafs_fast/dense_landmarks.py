@@ -219,5 +219,11 @@ class DetectorLandmarks:
         return torch.matmul(w, points.float()) - _SAMPLER_TO_CONTINUOUS
 
     def __call__(self, positions: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-        rows = self.points.index_select(0, positions.cpu().long())
+        """positions: (B,) int64 on the CPU (as the loader yields them: no device read)."""
+        device = torch.device(device)
+        idx = positions.cpu().long()
+        # gathered straight into pinned memory on CUDA, so the copy is truly asynchronous (a copy
+        # from pageable memory is staged by the host)
+        rows = torch.empty((idx.numel(), *self.points.shape[1:]), dtype=self.points.dtype, pin_memory=device.type == "cuda")
+        torch.index_select(self.points, 0, idx, out=rows)
         return self.densify(rows.to(device, non_blocking=True))

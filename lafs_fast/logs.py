@@ -15,9 +15,10 @@ import logging
 import sys
 from pathlib import Path
 
-__all__ = ["RUN_LOGGER", "start_run_logging", "log_to_file", "stop_run_logging"]
+__all__ = ["RUN_LOGGER", "start_run_logging", "log_to_file", "stop_run_logging", "run_logging_active"]
 
 RUN_LOGGER = "lafs_fast.run"
+_active = False  # between start_run_logging and stop_run_logging (its handlers alone do not say: tools add their own)
 
 
 class _Console(logging.Handler):
@@ -59,7 +60,9 @@ class _Early(logging.Handler):
 
 def start_run_logging(rank: int = 0) -> logging.Logger:
     """The run's logger, set up for this process's ``rank`` (replacing any earlier run's set-up)."""
+    global _active
     stop_run_logging()
+    _active = True
     log = logging.getLogger(RUN_LOGGER)
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -87,9 +90,16 @@ def log_to_file(path: str | Path) -> None:
     log.addHandler(handler)
 
 
+def run_logging_active() -> bool:
+    """Whether a command set up the run's logging (else a library caller's engine prints plainly)."""
+    return _active
+
+
 def stop_run_logging() -> None:
+    global _active
+    _active = False
     log = logging.getLogger(RUN_LOGGER)
-    for h in list(log.handlers):
+    for h in [h for h in log.handlers if isinstance(h, (_Console, _Early, logging.FileHandler))]:
         log.removeHandler(h)
         h.close()
     for f in list(log.filters):

@@ -69,8 +69,10 @@ def validate_inputs(
         raise ValueError(f"coords batch {coords.shape[0]} does not match images batch {b}")
     if not coords.is_floating_point():
         raise ValueError(f"coords must be floating point pixels, got {coords.dtype}")
-    if check_finite and not bool(torch.isfinite(coords).all()):
-        raise ValueError("coords contain NaN or inf: check the landmark network's output")
+    if check_finite:
+        # A device-side assertion, not a host read: no sync on a GPU (the error surfaces at the next
+        # sync, e.g. the engine's loss read); on the CPU it raises here (RuntimeError).
+        torch._assert_async(torch.isfinite(coords).all(), "coords contain NaN or inf: check the landmark network's output")
     if indices is not None:
         if indices.dim() != 2 or indices.shape[0] != b or indices.dtype.is_floating_point:
             raise ValueError(f"indices must be (B, L) integers with B = {b}, got {tuple(indices.shape)} {indices.dtype}")
@@ -138,8 +140,9 @@ def sample_patches(
         noise: optional (B, L, 2) px added to the selected coordinates (the LAFS perturbation).
         out_dtype: output dtype (bf16 / fp16 / fp32); default the image float dtype.
         backend: "auto", "torch" or "triton".
-        check_finite: reject NaN/inf coords (a host sync; hot loops that already guard the loss
-            may pass False).
+        check_finite: reject NaN/inf coords with a device-side assertion (no host sync; on a GPU
+            a failure poisons the CUDA context and surfaces at the next sync; RuntimeError on the
+            CPU). Hot loops that already guard the loss may pass False.
         num_tokens: draw L = num_tokens landmark indices per sample, uniformly with replacement
             (the LAFS shuffle of local views); exclusive with ``indices``.
         sigma: draw N(0, sigma^2) px perturbation per token and axis (LAFS: 5); exclusive with

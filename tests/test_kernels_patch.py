@@ -270,7 +270,8 @@ def _has_nvidia_backend() -> bool:
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter checks the maths, not code generation: lower one variant of every code path
     (patch forward with in-kernel / given draws, backward, view kernel, blur) to an sm_90 cubin
-    (bundled LLVM + ptxas, no driver) and require no register spills beyond Philox's small frame.
+    (bundled LLVM + ptxas, no driver) and require no register spills beyond Philox's small frame
+    and no approximate fp32 division in the PTX (``div.full.f32``, what a plain ``/`` lowers to).
     The full variant list: ``env -u TRITON_INTERPRET python -m lafs_fast.kernels.aot_check all``."""
     import os
     import subprocess
@@ -283,8 +284,49 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("ok")]
     assert len(lines) == 5, res.stdout
     for ln in lines:
-        stack = 0 if "stack=None" in ln else int(ln.rsplit("stack=", 1)[1])
+        stack = 0 if "stack=None" in ln else int(ln.split("stack=", 1)[1].split()[0])
         assert stack <= 64, ln
+        assert "approx_div=0" in ln, ln
+
+
+def _specialization_key(kernel, args: tuple, kwargs: dict) -> list:
+    """The key Triton's launcher compiles (and caches) a variant under for these launch arguments:
+    its binder (``create_function_from_signature``) for the kernel's own ``do_not_specialize``. The
+    interpreter keeps no compile cache, so the key is computed, not observed."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    dns = getattr(kernel, "do_not_specialize", None) or getattr(kernel, "kwargs", {}).get("do_not_specialize")
+    jit = JITFunction(kernel.fn, do_not_specialize=dns)
+    return create_function_from_signature(jit.signature, jit.params, BaseBackend)(*args, **kwargs)[1]
+
+
+def test_one_compiled_variant_for_every_seed_and_offset(monkeypatch):
+    """Triton specialises integer arguments by value (== 1, divisible by 16, i32 / i64): a Philox
+    seed or offset passed plainly would compile new variants mid-run (the views draw a new seed every
+    step). The forward's launch key must not depend on them, drawn or not."""
+    import lafs_fast.kernels.patch_sampling_triton as P
+
+    launches: list[tuple[tuple, dict]] = []
+    kernel = P._patch_fwd_kernel
+
+    class Record:
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append((a, k))
+
+    monkeypatch.setattr(P, "_patch_fwd_kernel", Record())
+    images = torch.zeros(2, H, H, 3, dtype=torch.uint8)
+    coords = torch.zeros(2, K, 2)
+    keys = {}
+    for draw in (True, False):
+        for seed, offset in [(1, 0), (16, 1), (17, 16), (2**31 + 5, 2**31), (2**40, 3 * 2**40 + 1), (2**62 + 7, 2**61)]:
+            launches.clear()
+            patch_sample_forward(images, coords, 8, None, None, torch.bfloat16, 36 if draw else None, 5.0 if draw else 0.0,
+                                 seed, offset=offset)
+            (args, kwargs), = launches
+            kwargs = {k: v for k, v in kwargs.items() if k != "num_warps"}
+            keys.setdefault(draw, set()).add(repr(_specialization_key(kernel, args, kwargs)))
+    assert len(keys[True]) == 1 and len(keys[False]) == 1, keys
 
 
 def test_an_explicit_triton_interpret_0_is_respected_and_skips_name_why(tmp_path):

@@ -122,8 +122,6 @@ def test_compat_mosaic_matches_reference(gen):
         (torch.zeros(3, 112, 112), torch.zeros(2, 3, 2), {}, "4-D"),
         (torch.zeros(2, 3, 112, 112), torch.zeros(2, 3, 3), {}, r"\(B, K, 2\)"),
         (torch.zeros(2, 3, 112, 112), torch.zeros(3, 3, 2), {}, "batch"),
-        (torch.zeros(2, 3, 112, 112), torch.full((2, 3, 2), float("nan")), {}, "NaN"),
-        (torch.zeros(2, 3, 112, 112), torch.full((2, 3, 2), float("inf")), {}, "NaN or inf"),
         (torch.zeros(2, 3, 112, 112), torch.zeros(2, 3, 2), {"backend": "cuda-magic"}, "unknown sampler backend"),
         (torch.zeros(2, 3, 112, 112), torch.zeros(2, 3, 2), {"indices": torch.full((2, 4), 3)}, r"\[0, 3\)"),
         (torch.zeros(2, 112, 112, 3, dtype=torch.int32), torch.zeros(2, 3, 2), {}, "dtype"),
@@ -132,3 +130,13 @@ def test_compat_mosaic_matches_reference(gen):
 def test_bad_input_names_the_problem(images, coords, kw, match):
     with pytest.raises(ValueError, match=match):
         sample_patches(images, coords, **kw)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_coords_fail_a_device_assertion(bad):
+    # a device-side assertion (no host sync on a GPU); on the CPU it raises at once
+    coords = torch.zeros(2, 3, 2)
+    coords[1, 2, 0] = bad
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        sample_patches(torch.zeros(2, 3, 112, 112), coords)
+    sample_patches(torch.zeros(2, 3, 112, 112), coords, check_finite=False)  # opted out: samples (zeros there)

@@ -26,7 +26,7 @@ from timm.layers import DropPath
 from lafs_fast.models.attention import attention, resolve_attention, seqlen_runs
 from lafs_fast.sampling import sample_patches
 
-__all__ = ["FViT", "Attention", "FeedForward", "image_grid_tokens", "segment_drop_path"]
+__all__ = ["FViT", "Block", "Attention", "FeedForward", "image_grid_tokens", "segment_drop_path"]
 
 
 class Attention(nn.Module):
@@ -103,12 +103,22 @@ def segment_drop_path(y: torch.Tensor, seqlens: tuple[int, ...], p: float) -> to
     return y * torch.cat(parts).view(1, -1, 1)
 
 
+class Block(nn.ModuleList):
+    """One transformer layer: [attention residual, feed-forward residual]. A ModuleList (the
+    reference's ``layers.N.0`` / ``layers.N.1`` names) with a forward, so that it is the unit of
+    regional compilation (:meth:`FViT.compile_blocks`)."""
+
+    def forward(self, x: torch.Tensor, backend: str, seqlens: tuple[int, ...] | None = None) -> torch.Tensor:
+        attn, ff = self
+        return ff(attn(x, backend, seqlens), backend, seqlens)
+
+
 class Transformer(nn.Module):
     def __init__(self, dim: int, depth: int, heads: int, head_dim: int, mlp_dim: int, dropout: float,
                  drop_path: float, scale: float, eps: float) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.ModuleList([
+            Block([
                 Residual(PreNorm(dim, Attention(dim, heads, head_dim, dropout, scale), eps), drop_path),
                 Residual(PreNorm(dim, FeedForward(dim, mlp_dim, dropout), eps), drop_path),
             ])
@@ -117,8 +127,8 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: str, seqlens: tuple[int, ...] | None = None) -> torch.Tensor:
         """x: (B, N, dim) -> (B, N, dim); with ``seqlens``, x is a packed row (1, sum(seqlens), dim)."""
-        for attn, ff in self.layers:
-            x = ff(attn(x, backend, seqlens), backend, seqlens)
+        for block in self.layers:
+            x = block(x, backend, seqlens)
         return x
 
 
@@ -191,6 +201,16 @@ class FViT(nn.Module):
         if key not in self._resolved:
             self._resolved[key] = resolve_attention(self.attention_backend, device)[0]
         return self._resolved[key]
+
+    def compile_blocks(self, **kwargs) -> None:
+        """Regional compilation (``train.compile``): each transformer block is compiled in place
+        (``nn.Module.compile(**kwargs)``) and the blocks share one compiled graph per input shape,
+        grad mode and train / eval mode (Dynamo lifts a block's parameters to graph inputs), so a
+        cold compile costs one block per token length, not the whole depth. Embedding, CLS readout
+        and final norm stay eager (a few small ops). Resolve the attention backend first
+        (:meth:`attention_for`)."""
+        for block in self.transformer.layers:
+            block.compile(**kwargs)
 
     def set_attention(self, backend: str) -> None:
         resolve_attention(backend, torch.device("cpu"))

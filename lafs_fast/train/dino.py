@@ -91,21 +91,23 @@ class DINOLoss(nn.Module):
         b = q.shape[1]
         # cross[i, j] = mean_b sum_k -q_i log p_j: every (teacher view, student view) pair at once
         cross = -torch.einsum("gbk,vbk->gv", q, logp) / b
-        mask = torch.ones(g, v, dtype=torch.bool, device=cross.device)
-        mask[torch.arange(g), torch.arange(g)] = False  # v != q: a view never predicts itself
-        loss = cross[mask].sum() / mask.sum()
+        # v != q: a view never predicts itself (a select, not a boolean index: no host sync)
+        off_diagonal = ~torch.eye(g, v, dtype=torch.bool, device=cross.device)
+        loss = torch.where(off_diagonal, cross, 0.0).sum() / (g * v - g)
         self.update_center(teacher_out)
         return loss
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
-        """c <- m c + (1 - m) * mean of the teacher outputs over every rank's batch."""
-        batch_center = teacher_out.float().sum(dim=0, keepdim=True)
-        n = torch.tensor(float(teacher_out.shape[0]), device=teacher_out.device)
+        """c <- m c + (1 - m) * mean of the teacher outputs over every rank's batch.
+
+        The row count rides in the same all-reduce as the sums, made on the device (a fill, not a
+        copy from host data): no host sync, one collective."""
+        out = teacher_out.float()
+        stats = torch.cat((out.sum(dim=0), out.new_full((1,), float(out.shape[0]))))[None]  # (1, K + 1)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(batch_center)
-            dist.all_reduce(n)
-        batch_center = batch_center / n
+            dist.all_reduce(stats)
+        batch_center = stats[:, :-1] / stats[:, -1:]
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
 
 

@@ -10,7 +10,8 @@ through the small :class:`Stage` interface; the engine owns everything else:
   but the last), per-parameter gradient-norm clipping (``optim.clip_grad``, DINO's rule);
 - bf16 autocast (no loss scaler) on CUDA, fp32 on the CPU (``train.precision`` auto; an explicit
   ``bf16`` runs the same regime on the CPU, :func:`lafs_fast.launch.resolve_precision`); optional
-  ``torch.compile`` of the stage's modules (``train.compile``);
+  ``torch.compile`` of the stage's modules (``train.compile``; regional for the fViT: each block
+  compiled, one graph shared by all blocks per shape);
 - DDP when the process group has several ranks; rank 0 alone logs and writes;
 - a tqdm progress bar (samples/s, ETA), a JSONL metrics log (and TensorBoard when installed);
 - checkpoints written atomically (keep the last ``train.keep_last`` and every ``train.keep_every``-th
@@ -54,7 +55,7 @@ from tqdm import tqdm
 from lafs_fast.config import Config, config_to_dict
 from lafs_fast.io import atomic_save, atomic_write_bytes, safe_load
 from lafs_fast.launch import DistInfo, resolve_precision
-from lafs_fast.logs import RUN_LOGGER, log_to_file
+from lafs_fast.logs import RUN_LOGGER, log_to_file, run_logging_active
 from lafs_fast.train.run_folder import RunLock, check_run_folder
 
 __all__ = [
@@ -329,13 +330,19 @@ class Engine:
                 raise ValueError(f"stage schedule {k!r} has {len(v)} steps, the run has {self.plan.total_steps}")
             self.schedules[k] = v
 
-        # compile before DDP wraps (DDP over compiled submodules), after the attention backend is fixed
+        # compile before DDP wraps (DDP over compiled submodules), after the attention backend is fixed;
+        # a module with ``compile_blocks`` (the fViT) compiles its repeated blocks (regional compilation:
+        # one block's graph per shape instead of the whole depth), anything else compiles whole
         if cfg.train.compile:
             for m in stage.compile_targets():
                 for sub in m.modules():
                     if hasattr(sub, "attention_for"):
                         sub.attention_for(self.device)
-                m.compile(dynamic=False)
+                regional = getattr(m, "compile_blocks", None)
+                if regional is not None:
+                    regional(dynamic=False)
+                else:
+                    m.compile(dynamic=False)
         self.model: nn.Module = stage.model
         if dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -540,9 +547,8 @@ class Engine:
     def _log_line(self, text: str) -> None:
         if not self.dist.is_main:
             return
-        log = logging.getLogger(RUN_LOGGER)
-        if log.handlers:  # a command's run logging (console + train.log)
-            log.info(f"[{self.stage.name}] {text}")
+        if run_logging_active():  # a command's run logging (console + train.log)
+            logging.getLogger(RUN_LOGGER).info(f"[{self.stage.name}] {text}")
         else:  # a library caller's engine: plain lines, as before
             tqdm.write(f"[{self.stage.name}] {text}")
 

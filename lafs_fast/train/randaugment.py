@@ -145,17 +145,15 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, sign: torch.Te
         "BrightnessIncreasing": lambda: _blend(torch.zeros_like(x), x, factor),
         "SharpnessIncreasing": lambda: _blend(_smooth(x), x, factor),
     }
+    # Every op runs on the whole batch and a select keeps the drawn one: asking the device which
+    # ops were drawn would be a host sync per op and layer, inside the training step.
     out = x
     for n, fn in cand.items():
-        sel = op == name[n]
-        if bool(sel.any()):  # one host sync per op and layer; skips ops nobody drew
-            out = torch.where(sel.view(-1, 1, 1, 1), fn(), out)
+        out = torch.where((op == name[n]).view(-1, 1, 1, 1), fn(), out)
     geo = torch.zeros_like(op, dtype=torch.bool)
     for n in _GEOMETRIC:
         geo |= op == name[n]
-    if bool(geo.any()):
-        out = torch.where(geo.view(-1, 1, 1, 1), _affine(x, op, level), out)
-    return out
+    return torch.where(geo.view(-1, 1, 1, 1), _affine(x, op, level), out)
 
 
 def rand_augment(x: torch.Tensor, generator: torch.Generator, magnitude: float = 1.0, std: float = 0.5,
