@@ -10,6 +10,7 @@ import pytest
 
 from lafs_fast.data.recordio import (
     IRHeader,
+    CorruptRecordError,
     RecordIOError,
     RecordIOReader,
     RecordIOWriter,
@@ -128,7 +129,7 @@ def test_pack_unpack_multilabel() -> None:
 def test_truncated_rec_names_file_and_offset(tmp_path: Path, spec_rec: Path) -> None:
     blob = spec_rec.read_bytes()
     spec_rec.write_bytes(blob[:-6])  # cut into record 0, the last one in the file
-    with pytest.raises(RecordIOError, match=r"train\.rec is truncated: the record at offset \d+ needs bytes up to \d+"):
+    with pytest.raises(RecordIOError, match=r"train\.rec is truncated or damaged at its end \(its last record, key 0: the record at offset \d+ declares bytes up to \d+ .*copy the file again"):
         RecordIOReader(spec_rec)
 
 
@@ -139,7 +140,7 @@ def test_idx_mismatch_names_file_and_offset(spec_rec: Path) -> None:
     lines[1] = f"{k}\t{int(off) + 4}"  # key 2 now points into the middle of a record
     idx.write_text("\n".join(lines) + "\n")
     r = RecordIOReader(spec_rec)
-    with pytest.raises(RecordIOError, match=rf"no record at offset {int(off) + 4} .*does not match"):
+    with pytest.raises(CorruptRecordError, match=rf"train\.rec key 2 \(offset {int(off) + 4}\) is corrupt: no record starts at offset {int(off) + 4} \(magic"):
         r.record(2)
 
 

@@ -44,6 +44,11 @@ class RecordIOError(ValueError):
     """A broken or mismatched rec/idx/property; the message names the file, the offset and the fix."""
 
 
+class CorruptRecordError(RecordIOError):
+    """ONE record cannot be read (bad magic, length, continuation flag or IRHeader): the loaders
+    skip, count and name it; the rest of the file is fine."""
+
+
 class IRHeader(NamedTuple):
     """mxnet.recordio.IRHeader. ``label`` is a float when ``flag == 0``, else a (flag,) float32 array."""
 
@@ -73,15 +78,15 @@ def pack(header: IRHeader, data: bytes = b"") -> bytes:
 
 
 def unpack(payload: bytes | memoryview) -> tuple[IRHeader, bytes]:
-    """Inverse of :func:`pack`: ``(IRHeader, data bytes)``. Raises RecordIOError when too short."""
+    """Inverse of :func:`pack`: ``(IRHeader, data bytes)``. Raises CorruptRecordError when too short."""
     if len(payload) < IR_SIZE:
-        raise RecordIOError(f"a record payload of {len(payload)} bytes is shorter than its 24-byte IRHeader")
+        raise CorruptRecordError(f"a record payload of {len(payload)} bytes is shorter than its 24-byte IRHeader")
     flag, label, id_, id2 = struct.unpack_from(IR_FORMAT, payload, 0)
     start = IR_SIZE
     if flag > 0:
         end = start + 4 * flag
         if end > len(payload):
-            raise RecordIOError(f"a record payload declares {flag} labels but holds only {len(payload) - IR_SIZE} bytes after its header")
+            raise CorruptRecordError(f"a record payload declares {flag} labels but holds only {len(payload) - IR_SIZE} bytes after its header")
         label = np.frombuffer(bytes(payload[start:end]), dtype="<f4").astype(np.float32)
         start = end
     return IRHeader(int(flag), label, int(id_), int(id2)), bytes(payload[start:])
@@ -118,37 +123,31 @@ def encode_record(payload: bytes) -> bytes:
 def decode_record(buf: bytes | memoryview | mmap.mmap, offset: int, *, path: str = "<buffer>") -> tuple[bytes, int]:
     """``(payload, offset of the next record)`` of the record starting at ``offset`` in ``buf``.
 
-    Raises RecordIOError naming ``path`` and the offset when the magic word is missing (the .idx
-    does not match the .rec) or the record runs past the end (a truncated file).
+    Raises :class:`CorruptRecordError` naming ``path`` and the offset when the bytes there are not
+    a record: no magic word (the .idx points inside a record, or the bytes are damaged), a length
+    past the end of the file, or a continuation flag out of sequence (first part 0 or 1, later
+    parts 2 or 3).
     """
     size = len(buf)
     parts: list[bytes] = []
     pos = offset
     while True:
         if pos + 8 > size:
-            raise RecordIOError(
-                f"{path} is truncated: the record at offset {offset} needs bytes up to {pos + 8} but the file "
-                f"ends at {size}; copy the file again or rebuild it"
-            )
+            raise CorruptRecordError(f"{path}: the record at offset {offset} needs bytes up to {pos + 8} but the file ends at {size}")
         magic, lrec = struct.unpack_from("<II", buf, pos)
         if magic != MAGIC:
-            raise RecordIOError(
-                f"{path} has no record at offset {pos} (magic 0x{magic:08x}, expected 0xced7230a): its .idx "
-                f"does not match it; use the .idx written with this .rec or rebuild both"
-            )
+            raise CorruptRecordError(f"{path}: no record starts at offset {pos} (magic 0x{magic:08x}, expected 0xced7230a)")
         cflag, length = lrec >> 29, lrec & _LEN_MASK
+        if cflag not in ((0, 1) if not parts else (2, 3)):
+            raise CorruptRecordError(f"{path}: the record at offset {pos} has continuation flag {cflag} "
+                                     f"({'a first part must have 0 or 1' if not parts else 'a later part must have 2 or 3'})")
         end = pos + 8 + length
         if end > size:
-            raise RecordIOError(
-                f"{path} is truncated: the record at offset {offset} needs bytes up to {end} but the file ends "
-                f"at {size}; copy the file again or rebuild it"
-            )
+            raise CorruptRecordError(f"{path}: the record at offset {offset} declares bytes up to {end} but the file ends at {size}")
         parts.append(bytes(buf[pos + 8 : end]))
         pos = end + (-length % 4)
         if cflag in (0, 3):
             break
-        if cflag not in (1, 2):
-            raise RecordIOError(f"{path}: the record at offset {pos} has an invalid continuation flag {cflag}; the file is corrupt")
     return MAGIC_BYTES.join(parts), pos
 
 
@@ -266,7 +265,12 @@ class RecordIOReader:
                 f"{self.rec_path} is truncated or does not match {self.idx_path.name}: key {self.keys[i]} is at "
                 f"offset {self.offsets[i]} but the file ends at {self.size}; copy the file again or rebuild it"
             )
-        self.read_payload_at(int(self.offsets.max()))
+        last = int(np.argmax(self.offsets))
+        try:
+            self.read_payload_at(int(self.offsets[last]))
+        except CorruptRecordError as e:  # the end of the file: a copy cut short, not one bad record
+            raise RecordIOError(f"{self.rec_path} is truncated or damaged at its end (its last record, key {self.keys[last]}: "
+                                f"{str(e).split(': ', 1)[-1]}); copy the file again or rebuild it") from None
 
     def _read_property(self) -> Property:
         if self.prop_path.is_file():
@@ -280,7 +284,8 @@ class RecordIOReader:
         if self.header0 is not None:
             c = self.header0[1] - self.header0[0]
         else:
-            c = int(self.labels.max()) + 1 if len(self.image_keys) else 0
+            labels = self.scan_labels()[0]  # damaged records (NaN) are the loaders' business, not the count's
+            c = int(np.nanmax(labels)) + 1 if np.isfinite(labels).any() else 0
         h = w = 112
         if len(self.image_keys):
             from PIL import Image
@@ -334,13 +339,13 @@ class RecordIOReader:
         return self.read_payload_at(self.offset(key))
 
     def record(self, key: int) -> tuple[IRHeader, bytes]:
-        """``(IRHeader, image bytes)`` of record ``key``."""
+        """``(IRHeader, image bytes)`` of record ``key``; :class:`CorruptRecordError` naming the key
+        and offset when that record cannot be read."""
         try:
             return unpack(self.read_idx(key))
-        except RecordIOError as e:
-            if str(e).startswith(str(self.rec_path)):
-                raise
-            raise RecordIOError(f"{self.rec_path}: record {key} at offset {self.offset(key)} is corrupt: {e}") from None
+        except CorruptRecordError as e:
+            why = str(e).split(": ", 1)[-1] if str(e).startswith(str(self.rec_path)) else str(e)
+            raise CorruptRecordError(f"{self.rec_path} key {key} (offset {self.offset(key)}) is corrupt: {why}") from None
 
     __getitem__ = record
 
@@ -364,19 +369,64 @@ class RecordIOReader:
 
     @property
     def labels(self) -> np.ndarray:
-        """(N,) int64 label of each image record in ``image_keys`` order (reads the headers once)."""
+        """(N,) int64 label of each image record in ``image_keys`` order (reads the headers once);
+        :class:`CorruptRecordError` naming the first record whose header cannot be read."""
         if self._labels is None:
-            out = np.empty(len(self.image_keys), dtype=np.int64)
-            for i, k in enumerate(self.image_keys):
-                payload = self.read_payload_at(self.offset(int(k)))
-                if len(payload) < IR_SIZE:
-                    raise RecordIOError(f"{self.rec_path}: record {k} at offset {self.offset(int(k))} is shorter than its IRHeader; the file is corrupt")
-                flag, label = struct.unpack_from("<If", payload, 0)
-                if flag > 0:
-                    label = struct.unpack_from("<f", payload, IR_SIZE)[0]
-                out[i] = int(label)
-            self._labels = out
+            labels, bad = self.scan_labels()
+            if bad:
+                key, why = next(iter(bad.items()))
+                raise CorruptRecordError(f"{self.rec_path} key {key} (offset {self.offset(key)}) is corrupt: {why}")
+            self._labels = labels.astype(np.int64)
         return self._labels
+
+    def scan_labels(self, keys: np.ndarray | None = None) -> tuple[np.ndarray, dict[int, str]]:
+        """``(labels (N,) float64, {key: reason})`` of records ``keys`` (default ``image_keys``), read
+        from the headers in a few vectorised gathers over the mmap (millions of records in seconds);
+        a record whose framing is unusual (split in its first 28 bytes, or damaged) is read on its
+        own, and a damaged one gets label NaN and its reason."""
+        keys = self.image_keys if keys is None else np.asarray(keys, dtype=np.int64)
+        offs = self._sorted_offsets[np.searchsorted(self._sorted_keys, keys)] if len(keys) else np.empty(0, np.int64)
+        labels = np.full(len(keys), np.nan)
+        buf = np.frombuffer(self._mm, dtype=np.uint8) if self.size else np.empty(0, np.uint8)
+
+        def u32(at: np.ndarray) -> np.ndarray:
+            return buf[at[:, None] + np.arange(4)].copy().view("<u4")[:, 0]
+
+        fast = offs + 8 + IR_SIZE + 4 <= self.size  # magic, lrec, IRHeader and one extra label in range
+        i = np.flatnonzero(fast)
+        if i.size:
+            o = offs[i]
+            magic, lrec, flag = u32(o), u32(o + 4), u32(o + 8)
+            length = lrec & _LEN_MASK
+            ok = (magic == MAGIC) & ((lrec >> 29) == 0) & (length >= IR_SIZE + 4 * flag) & (o + 8 + length <= self.size)
+            label_at = np.where(flag > 0, o + 8 + IR_SIZE, o + 12)
+            labels[i[ok]] = u32(label_at[ok]).view("<f4")
+            fast[i[~ok]] = False
+        bad: dict[int, str] = {}
+        for j in np.flatnonzero(~fast):  # the exact (slow) reader names what is wrong
+            try:
+                labels[j] = first_label(self.record(int(keys[j]))[0])
+            except CorruptRecordError as e:
+                bad[int(keys[j])] = str(e).split(" is corrupt: ", 1)[-1]
+        return labels, bad
+
+    def check_labels(self, num_classes: int | None = None) -> None:
+        """ValueError (one sentence naming keys, labels and the range) when an image record's label
+        is outside ``[0, num_classes)`` (default: the property file's count). Unreadable records and
+        non-finite labels are left to the loaders, which skip them as corrupt."""
+        c = self.num_classes if num_classes is None else int(num_classes)
+        labels, bad = self.scan_labels()
+        if bad and len(bad) == len(labels):
+            raise RecordIOError(f"no image record of {self.rec_path} can be read; run `lafs-fast data verify {self.rec_path}`")
+        # non-finite: a damaged header (NaN for unreadable records), skipped by the loaders like any corrupt record
+        out = np.flatnonzero(np.isfinite(labels) & ~((labels >= 0) & (labels < c)))
+        if out.size:
+            shown = ", ".join(f"key {int(self.image_keys[j])} (label {labels[j]:g})" for j in out[:5])
+            raise RecordIOError(
+                f"{self.rec_path}: {out.size} image record(s) have labels outside [0, {c}) of its "
+                f"{'property file' if not self.property.inferred else 'inferred class count'} ({shown}{', ...' if out.size > 5 else ''}); "
+                f"fix num_classes in {self.prop_path} or rebuild the rec"
+            )
 
     def identity_ranges(self) -> list[tuple[int, int]]:
         """``[start, end)`` image-key range of each identity record, in label order (InsightFace layout).
