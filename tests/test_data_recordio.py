@@ -176,3 +176,36 @@ def test_bad_idx_line_is_named(spec_rec: Path) -> None:
     idx.write_text(idx.read_text() + "9\tnot-a-number\n")
     with pytest.raises(RecordIOError, match=r"train\.idx line 9 is not `key<TAB>offset`"):
         RecordIOReader(spec_rec)
+
+
+OLD = [[b"old-a1", b"old-a2"], [b"old-b1"]]
+NEW = [[b"new-x1"], [b"new-y1", b"new-y2", b"new-y3"], [b"new-z1" * 3]]
+
+
+@pytest.mark.parametrize("renames_before_kill", [0, 1, 2, 3, 4])
+def test_overwrite_killed_between_renames_never_pairs_new_rec_with_old_idx(tmp_path: Path, monkeypatch, renames_before_kill: int) -> None:
+    """`data build --overwrite` killed after N renames (os.replace raising on call N+1): the next
+    reader sees the old dataset or the new one whole (rec, idx, property), never a mix."""
+    import os
+
+    from lafs_fast.data import recordio
+
+    write_identity_dataset(tmp_path / "ds", OLD, height=112, width=112)
+    real, calls = os.replace, []
+
+    def killed(src, dst):
+        if len(calls) == renames_before_kill:
+            raise KeyboardInterrupt("killed between renames")
+        calls.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(recordio.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_identity_dataset(tmp_path / "ds", NEW, height=112, width=112, overwrite=True)
+    monkeypatch.setattr(recordio.os, "replace", real)
+    r = RecordIOReader(tmp_path / "ds")
+    got = [[r.image(int(k)) for k in keys] for _, keys in r.identities()]
+    assert got in (OLD, NEW) and r.num_classes == len(got)
+    if renames_before_kill >= 1:  # the swap was committed (its marker written): the new dataset, whole
+        assert got == NEW
+    assert not list((tmp_path / "ds").glob("*.swap")) and not list((tmp_path / "ds").glob("*.tmp*"))

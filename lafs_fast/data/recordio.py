@@ -194,6 +194,7 @@ class RecordIOReader:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.rec_path, self.idx_path, self.prop_path = rec_paths(path)
+        finish_swap(self.rec_path)  # a killed `data build --overwrite`: its new files, never half of them
         if not self.rec_path.is_file():
             raise FileNotFoundError(f"{self.rec_path} does not exist; build one with `lafs-fast data build FOLDER OUT`")
         if not self.idx_path.is_file():
@@ -476,17 +477,48 @@ class RecordIOReader:
         return {int(x.split()[0]) for x in p.read_text().splitlines() if x.strip() and not x.startswith("#")}
 
 
+def swap_marker(rec: Path) -> Path:
+    """``<rec>.swap``: the renames of a replacement in progress, one ``temporary<TAB>final`` per line."""
+    return rec.with_name(rec.name + ".swap")
+
+
+def finish_swap(rec: str | os.PathLike) -> bool:
+    """Complete the replacement of ``rec`` (and its .idx, property, lafs_fast.json) that a build was
+    killed in the middle of: every file listed in the marker is complete, so the renames left are
+    done now (idempotent, safe against a concurrent finisher). Returns whether a marker was found."""
+    rec = Path(rec)
+    marker = swap_marker(rec)
+    try:
+        lines = marker.read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    try:
+        for line in lines:
+            tmp, final = line.split("\t")
+            try:
+                os.replace(rec.parent / tmp, rec.parent / final)
+            except FileNotFoundError:  # renamed already (by us before a kill, or by a concurrent reader)
+                pass
+        marker.unlink(missing_ok=True)
+    except OSError as e:
+        raise RecordIOError(f"{rec} was being replaced by `lafs-fast data build --overwrite` when that stopped, and the "
+                            f"renames left ({marker}) cannot be done here ({e.strerror}); open it once where the folder is writable") from None
+    return True
+
+
 class RecordIOWriter:
     """Writes ``.rec`` + ``.idx`` (+ ``property`` and our ``lafs_fast.json``) atomically.
 
-    Everything goes to temporary names in the output folder; :meth:`close` renames them into place,
-    so an interrupted build leaves no half-written dataset. Use as a context manager: an exception
+    Everything goes to temporary names in the output folder; :meth:`close` renames them into place
+    through a marker file, so an interrupted build leaves no half-written dataset and a kill between
+    two renames (``--overwrite``) leaves no new .rec beside an old .idx. Use as a context manager: an exception
     inside the ``with`` deletes the temporaries instead.
     """
 
     def __init__(self, out: str | os.PathLike, *, overwrite: bool = False) -> None:
         self.rec_path, self.idx_path, self.prop_path = rec_paths(out if str(out).endswith(".rec") else Path(out) / "train.rec")
         self.rec_path.parent.mkdir(parents=True, exist_ok=True)
+        finish_swap(self.rec_path)
         if self.rec_path.exists() and not overwrite:
             raise FileExistsError(f"{self.rec_path} already exists; choose another output or pass --overwrite")
         suffix = f".tmp{os.getpid()}"
@@ -517,20 +549,39 @@ class RecordIOWriter:
         self._extra[self.rec_path.parent / META_NAME] = json.dumps(meta, indent=1) + "\n"
 
     def close(self) -> None:
-        """Flush and rename every output into place (the .rec last but one, the .idx last)."""
+        """Flush every output under its temporary name, then swap them all into place through a
+        marker (:func:`finish_swap`): a kill between two renames never pairs a new .rec with an old
+        .idx, because the next reader (or build) completes the swap first."""
+        self._rec.flush()
+        os.fsync(self._rec.fileno())
         self._rec.close()
-        with open(self._tmp_idx, "w") as f:
-            f.writelines(f"{k}\t{o}\n" for k, o in sorted(self._index))
+        pending = {self._tmp_idx: "".join(f"{k}\t{o}\n" for k, o in sorted(self._index))}
+        swaps = [(self._tmp_rec, self.rec_path), (self._tmp_idx, self.idx_path)]
         for path, text in self._extra.items():
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        os.replace(self._tmp_rec, self.rec_path)
-        os.replace(self._tmp_idx, self.idx_path)
+            pending[tmp] = text
+            swaps.append((tmp, path))
+        marker = swap_marker(self.rec_path)
+        tmp_marker = marker.with_name(marker.name + f".tmp{os.getpid()}")
+        try:
+            for tmp, text in pending.items():
+                with open(tmp, "w") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+            tmp_marker.write_text("".join(f"{a.name}\t{b.name}\n" for a, b in swaps))
+            os.replace(tmp_marker, marker)  # from here on the new dataset is committed
+        except BaseException:  # not committed: the old dataset stays, the temporaries go
+            for p in (*(a for a, _ in swaps), tmp_marker):
+                p.unlink(missing_ok=True)
+            raise
+        finish_swap(self.rec_path)
 
     def abort(self) -> None:
-        """Delete the temporaries; nothing is left behind."""
+        """Delete the temporaries (before the swap began); nothing is left behind."""
         self._rec.close()
+        if swap_marker(self.rec_path).is_file():
+            return  # the new dataset is committed: finish_swap completes it
         for p in (self._tmp_rec, self._tmp_idx):
             p.unlink(missing_ok=True)
 
