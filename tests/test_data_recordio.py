@@ -209,3 +209,12 @@ def test_overwrite_killed_between_renames_never_pairs_new_rec_with_old_idx(tmp_p
     if renames_before_kill >= 1:  # the swap was committed (its marker written): the new dataset, whole
         assert got == NEW
     assert not list((tmp_path / "ds").glob("*.swap")) and not list((tmp_path / "ds").glob("*.tmp*"))
+
+
+def test_writer_refuses_a_key_written_twice_and_leaves_nothing(tmp_path: Path) -> None:
+    w = RecordIOWriter(tmp_path / "dup")
+    w.write(1, IRHeader(0, 0.0, 1, 0), b"a")
+    w.write(1, IRHeader(0, 0.0, 1, 0), b"b")
+    with pytest.raises(ValueError, match="key 1 written twice"):
+        w.close()
+    assert not list((tmp_path / "dup").iterdir())

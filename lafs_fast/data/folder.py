@@ -13,7 +13,9 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
+from typing import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
@@ -37,7 +39,11 @@ class FolderListing:
 
     def items(self) -> list[tuple[Path, int]]:
         """Every ``(path, label)`` in label order."""
-        return [(p, label) for label, fs in enumerate(self.files) for p in fs]
+        return list(self.iter_items())
+
+    def iter_items(self) -> Iterator[tuple[Path, int]]:
+        """``(path, label)`` in label order, one at a time."""
+        return ((p, label) for label, fs in enumerate(self.files) for p in fs)
 
 
 def list_folder(root: str | os.PathLike) -> FolderListing:
@@ -102,7 +108,7 @@ def build_rec(
     from tqdm import tqdm
 
     listing = list_folder(src)
-    items = listing.items()
+    items = listing.iter_items()  # streamed: no list of (path, label) for millions of images
     workers = workers or min(16, os.cpu_count() or 1)
     skipped: list[tuple[str, str]] = []
     shapes: set[tuple[int, int]] = set()
@@ -110,9 +116,8 @@ def build_rec(
     window = 64 * workers  # bounded look-ahead: encoded images stream to disk, memory stays flat
     iw = IdentityRecWriter(out, overwrite=overwrite)
     try:
-        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(items), desc=f"encode {listing.root.name}", unit="img", disable=not progress, file=sys.stderr) as bar:
-            for start in range(0, len(items), window):
-                chunk = items[start : start + window]
+        with ThreadPoolExecutor(workers) as pool, tqdm(total=listing.num_images, desc=f"encode {listing.root.name}", unit="img", disable=not progress, file=sys.stderr) as bar:
+            while chunk := list(islice(items, window)):
                 for (path, ident), (data, shape, err) in zip(chunk, pool.map(lambda it: _encode(it[0], size, quality), chunk)):
                     if data is None:
                         skipped.append((str(path), err))

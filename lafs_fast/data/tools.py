@@ -85,16 +85,15 @@ def verify_rec(rec: str | os.PathLike, *, workers: int | None = None, write_bad:
     from tqdm import tqdm
 
     r = RecordIOReader(rec)
-    keys = [int(k) for k in r.image_keys]
+    keys = r.image_keys
     workers = workers or min(16, os.cpu_count() or 1)
-    reasons: list[str | None] = []
-    window = 256 * workers  # bounded: millions of records never become millions of pending futures
+    corrupt: list[tuple[int, int, str]] = []
+    window = 256 * workers  # bounded: millions of records never become millions of pending futures (or reasons)
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(keys), desc=f"verify {r.rec_path.name}", unit="img", disable=not progress, file=sys.stderr) as bar:
         for start in range(0, len(keys), window):
-            chunk = keys[start : start + window]
-            reasons += pool.map(lambda k: _check(r, k), chunk)
+            chunk = keys[start : start + window].tolist()
+            corrupt += [(k, r.offset(k), why) for k, why in zip(chunk, pool.map(lambda k: _check(r, k), chunk)) if why is not None]
             bar.update(len(chunk))
-    corrupt = [(k, r.offset(k), why) for k, why in zip(keys, reasons) if why is not None]
     problems = []
     try:
         r.check_labels()
