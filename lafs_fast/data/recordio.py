@@ -569,7 +569,7 @@ class RecordIOWriter:
         if len(keys) > 1 and (np.diff(keys) == 0).any():
             self.abort()
             raise ValueError(f"key {int(keys[np.flatnonzero(np.diff(keys) == 0)[0]])} written twice to {self.rec_path}")
-        pending = {self._tmp_idx: "".join(f"{k}\t{o}\n" for k, o in zip(keys.tolist(), offsets.tolist()))}
+        pending: dict[Path, str] = {}
         swaps = [(self._tmp_rec, self.rec_path), (self._tmp_idx, self.idx_path)]
         for path, text in self._extra.items():
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -578,6 +578,11 @@ class RecordIOWriter:
         marker = swap_marker(self.rec_path)
         tmp_marker = marker.with_name(marker.name + f".tmp{os.getpid()}")
         try:
+            with open(self._tmp_idx, "w") as f:
+                for a in range(0, len(keys), 1 << 16):  # in slices: no string per record held for millions of records
+                    f.write("".join(f"{k}\t{o}\n" for k, o in zip(keys[a : a + (1 << 16)].tolist(), offsets[a : a + (1 << 16)].tolist())))
+                f.flush()
+                os.fsync(f.fileno())
             for tmp, text in pending.items():
                 with open(tmp, "w") as f:
                     f.write(text)
