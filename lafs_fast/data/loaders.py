@@ -197,6 +197,8 @@ def read_items(source, positions: Sequence[int], stream: Iterator[int], check=No
             except RecordIOError:
                 raise
             except check_errors as e:  # a file that cannot be read, an image that cannot be decoded
+                if isinstance(e, torch.cuda.OutOfMemoryError):  # the device, not the record
+                    raise
                 bad.append((p, source.name(p), f"{type(e).__name__}: {e}"))
             p = next(stream)
         else:
@@ -447,6 +449,8 @@ class NvjpegLoader(Loader):
                 try:
                     imgs.append(self._decode_one(d))
                 except (RuntimeError, OSError, ValueError) as e:
+                    if isinstance(e, torch.cuda.OutOfMemoryError):  # the device, not the record
+                        raise
                     bad.append((items[j][0], self.source.name(items[j][0]), f"{type(e).__name__}: {e}"))
                     (item,), more = read_items(self.source, [next(stream)], stream, check_errors=(RuntimeError, OSError, ValueError),
                                                check=lambda b: self._decode_one(torch.frombuffer(bytearray(b), dtype=torch.uint8)))
