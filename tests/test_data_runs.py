@@ -51,6 +51,11 @@ def test_batch_size_one_with_a_corrupt_record_trains_on(tmp_path: Path, capsys) 
     rc = supervised_run.main(["--out", str(tmp_path / "s0"), "--no-progress", "--no-check", *args], stage=0)
     assert rc == 0 and (tmp_path / "s0" / "part_fvit.pt").is_file()
     assert "[train-landmarks] 4 steps in" in capsys.readouterr().out
+    # past data.max_bad_fraction (1 of 4 > 0.1): exit 2, one sentence naming the fix
+    rc = supervised_run.main(["--out", str(tmp_path / "s0b"), "--no-progress", "--no-check", *args, "data.max_bad_fraction=0.1"], stage=0)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0, err
+    assert "1 of the 4 records" in err and f"run `lafs-fast data verify {rec} --write-bad`" in err
     cfg = load_config("small", None, [*args, "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=16", "views.n_local=2",
                                       f"train.out_dir={tmp_path / 'p'}"])
     summary = pretrain.train_worker(config_to_dict(cfg), {"knn": False, "progress": False})
