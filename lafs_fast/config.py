@@ -166,6 +166,8 @@ class DataConfig:
     synthetic_images_per_identity: int = 8
     loader: str = choice("auto", "auto", "dali", "nvjpeg", "pil", "synthetic")
     workers: int = 4
+    max_bad_fraction: float = doc(0.01, "corrupt records are skipped and named; stop once more than this fraction of a rank's "
+                                        "records are corrupt (the fix: `lafs-fast data verify REC --write-bad`)")
 
 
 @dataclass

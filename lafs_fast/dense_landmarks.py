@@ -37,13 +37,14 @@ the crop; a point the crop leaves out reads zeros, like any out-of-image landmar
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lafs_fast.data.align import sidecar_path
+from lafs_fast.data.align import load_sidecar_arrays, sidecar_path
 from lafs_fast.kernels.views import map_to_views
 
 __all__ = ["LandmarkSidecar", "DetectorLandmarks", "sidecar_path", "thin_plate_weights", "views_from_source"]
@@ -70,11 +71,11 @@ class LandmarkSidecar:
         if not path.is_file():
             raise FileNotFoundError(f"landmark sidecar {path} does not exist; make it with `lafs-fast data landmarks REC` "
                                     f"(or name another with views.detector_file=PATH)")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                keys, points = np.asarray(z["keys"], dtype=np.int64), np.asarray(z["points"], dtype=np.float32)
-                detector = str(z["detector"]) if "detector" in z.files else "unknown"
-        except (OSError, ValueError, KeyError) as exc:
+        try:  # memory-mapped: 4.2 M faces are not read (nor copied) until their rows are used
+            z = load_sidecar_arrays(path)
+            keys, points = np.asarray(z["keys"], dtype=np.int64), np.asarray(z["points"], dtype=np.float32)
+            detector = str(z["detector"]) if "detector" in z else "unknown"
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{path} is not a landmark sidecar ({type(exc).__name__}: {exc}); remake it with `lafs-fast data landmarks REC`") from None
         if points.ndim != 3 or points.shape[2] != 2 or points.shape[0] != keys.shape[0]:
             raise ValueError(f"{path}: points must be (N, P, 2) with N = {keys.shape[0]} keys, got {points.shape}")
@@ -89,10 +90,15 @@ class LandmarkSidecar:
 
     def template(self) -> np.ndarray:
         """(P, 2) float64: the mean face over the images with a face."""
-        found = self.found
-        if not found.any():
+        total, count = np.zeros(self.points.shape[1:], np.float64), 0
+        for a in range(0, len(self.points), 1 << 18):  # in slices: no (N, P, 2) float64 copy of millions of faces
+            pts = np.asarray(self.points[a : a + (1 << 18)])
+            found = np.isfinite(pts).all(axis=(1, 2))
+            total += pts[found].sum(axis=0, dtype=np.float64)
+            count += int(found.sum())
+        if not count:
             raise ValueError(f"{self.path}: the detector found no face in any image; nothing to densify")
-        return self.points[found].astype(np.float64).mean(axis=0)
+        return total / count
 
     def for_keys(self, keys: np.ndarray) -> np.ndarray:
         """(M, P, 2) fp32: the points of records ``keys`` (M,), in that order."""

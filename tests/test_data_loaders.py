@@ -151,13 +151,14 @@ def test_dali_cpu_matches_pil_pixels(jpeg_rec: Path, png_rec: Path) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_positions_name_each_image_past_a_corrupt_record(tmp_path: Path, backend: str) -> None:
     """with_positions=True: the third element is each yielded image's record position (what indexes
-    the landmark sidecar), also after a corrupt record drops out of its batch."""
+    the landmark sidecar), also for the replacement of a corrupt record."""
     rec = _make_rec(tmp_path / "bad", "PNG", corrupt={7})
-    ld = make_loader(rec, 6, shuffle=True, seed=4, drop_last=False, backend=backend, num_workers=0, with_positions=True)
+    ld = make_loader(rec, 6, shuffle=True, seed=4, drop_last=False, backend=backend, num_workers=0, with_positions=True, max_bad_fraction=0.5)
     ref, _ = SyntheticFaces(IDS, PER, seed=5).batch(range(IDS * PER))
     for (images, labels, pos), want in zip(ld, ld.batch_positions(0)):
-        assert pos.dtype == torch.int64 and pos.device.type == "cpu"
-        assert pos.tolist() == [int(p) for p in want if p != 7]
+        assert pos.dtype == torch.int64 and pos.device.type == "cpu" and len(pos) == len(want)
+        assert [p for p, w in zip(pos.tolist(), want) if p != w] == ([] if 7 not in want else [pos.tolist()[list(want).index(7)]])
+        assert 7 not in pos.tolist()
         assert labels.tolist() == [p // PER for p in pos.tolist()]
         assert torch.equal(images.cpu(), ref[pos])  # PNG: lossless, so the very image of that record
     syn = make_loader("synthetic:3x2", 4, shuffle=True, seed=1, with_positions=True)
@@ -175,11 +176,129 @@ def test_dali_mxnet_cannot_give_positions(jpeg_rec: Path) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_corrupt_record_skipped_counted_named(tmp_path: Path, backend: str) -> None:
     rec = _make_rec(tmp_path / "bad", "JPEG", corrupt={7})
-    ld = make_loader(rec, 6, shuffle=False, drop_last=False, backend=backend, num_workers=0)
-    ims, labs = _epoch(ld)
-    assert len(ims) == IDS * PER - 1 and len(labs) == len(ims)
+    ld = make_loader(rec, 6, shuffle=False, drop_last=False, backend=backend, num_workers=0, max_bad_fraction=0.5, with_positions=True)
+    ims, labs, pos = (torch.cat(t) for t in zip(*list(ld)))
+    assert len(ims) == IDS * PER and len(labs) == len(ims)  # the slot is refilled: batches stay full
     assert len(ld.corrupt) == 1 and "key 8 (offset" in ld.corrupt[0][0]  # flat 7 -> key 8
-    assert labs.tolist() == [i // PER for i in range(IDS * PER) if i != 7]
+    assert 7 not in pos.tolist() and labs.tolist() == [p // PER for p in pos.tolist()]
+    assert [p for p, want in zip(pos.tolist(), range(IDS * PER)) if p != want] == [pos.tolist()[7]]
+
+
+# every way one record can be damaged: (how, key): framing, IRHeader, label, and the .idx
+DAMAGE = [("magic", 3), ("length", 8), ("continuation-flag", 14), ("irheader-flag", 20), ("idx-offset", 25), ("nan-label", 28)]
+
+
+def _damage(rec: Path) -> dict[int, str]:
+    """Damage one record per kind of DAMAGE in place; returns key -> kind."""
+    import struct
+
+    idx = rec.with_suffix(".idx")
+    lines = idx.read_text().splitlines()
+    offsets = {int(k): int(o) for k, o in (ln.split("\t") for ln in lines)}
+    blob = bytearray(rec.read_bytes())
+    for how, key in DAMAGE:
+        o = offsets[key]
+        if how == "magic":
+            blob[o : o + 4] = b"\0\0\0\0"
+        elif how == "length":
+            blob[o + 4 : o + 8] = struct.pack("<I", (1 << 29) - 1)  # runs past the end of the file
+        elif how == "continuation-flag":  # "first part of a split record", but the next record is whole
+            length = struct.unpack_from("<I", blob, o + 4)[0]
+            blob[o + 4 : o + 8] = struct.pack("<I", (1 << 29) | length)
+        elif how == "irheader-flag":
+            blob[o + 8 : o + 12] = struct.pack("<I", 10**6)  # a million labels in a few kB
+        elif how == "nan-label":
+            blob[o + 12 : o + 16] = struct.pack("<f", float("nan"))
+        elif how == "idx-offset":
+            offsets[key] = o + 8  # points inside its record
+    rec.write_bytes(bytes(blob))
+    idx.write_text("".join(f"{k}\t{o}\n" for k, o in offsets.items()))
+    return {key: how for how, key in DAMAGE}
+
+
+def _nvjpeg_stand_in(monkeypatch) -> None:
+    """torchvision.io.decode_jpeg replaced by PIL (same signature and errors): the nvJPEG path's
+    host side on the CPU (torchvision's image ops do not load on this CPU torch)."""
+    import torchvision.io
+
+    def stand_in(data, mode=None, device="cpu"):
+        def one(t: torch.Tensor) -> torch.Tensor:
+            try:
+                im = Image.open(io.BytesIO(t.numpy().tobytes()))
+                im.load()
+            except (OSError, SyntaxError) as e:
+                raise RuntimeError(f"decode failed: {e}") from None
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).to(device)
+
+        return [one(t) for t in data] if isinstance(data, list) else one(data)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", stand_in)
+
+
+def _loader(rec: Path, backend: str, workers: int, batch_size: int, **kw):
+    if backend == "nvjpeg":
+        from lafs_fast.data.loaders import NvjpegLoader, RecSource
+
+        return NvjpegLoader(RecSource(rec), batch_size, allow_cpu=True, rank=0, world_size=1, seed=kw.pop("seed", 0), device="cpu",
+                            shuffle=kw.pop("shuffle", True), drop_last=kw.pop("drop_last", True), **kw)
+    return make_loader(rec, batch_size, backend=backend, num_workers=workers, **kw)
+
+
+LOADER_PATHS = [("pil", 0), ("pil", 1), pytest.param("dali", 0, marks=needs_dali), ("nvjpeg", 0)]
+
+
+@pytest.mark.parametrize("backend,workers", LOADER_PATHS)
+def test_every_kind_of_corrupt_record_is_skipped_counted_named(tmp_path: Path, backend: str, workers: int, monkeypatch) -> None:
+    """A bad magic, length, continuation flag, IRHeader flag, NaN label and an .idx offset inside a
+    record: each skipped and named by key and offset, training data goes on (full batches)."""
+    _nvjpeg_stand_in(monkeypatch)
+    rec = _make_rec(tmp_path / "mm", "JPEG")
+    damaged = _damage(rec)
+    ld = _loader(rec, backend, workers, 6, shuffle=False, drop_last=False, max_bad_fraction=0.5, with_positions=True)
+    ims, labs, pos = (torch.cat(t) for t in zip(*list(ld)))
+    assert len(ims) == IDS * PER and labs.tolist() == [p // PER for p in pos.tolist()]
+    assert not set(pos.tolist()) & {k - 1 for k in damaged}
+    named = sorted(int(what.split(" key ")[1].split()[0]) for what, _ in ld.corrupt)
+    assert named == sorted(damaged), ld.corrupt
+    assert all("(offset " in what for what, _ in ld.corrupt)
+
+
+@pytest.mark.parametrize("backend,workers", LOADER_PATHS)
+def test_too_many_corrupt_records_stop_with_one_sentence_naming_verify(tmp_path: Path, backend: str, workers: int, monkeypatch) -> None:
+    """Past max_bad_fraction the run stops with one sentence naming `data verify --write-bad`; after
+    that command the loaders skip the listed keys up front and count nothing."""
+    from lafs_fast.data.tools import verify_rec
+
+    _nvjpeg_stand_in(monkeypatch)
+    rec = _make_rec(tmp_path / "mm", "JPEG")
+    damaged = _damage(rec)
+    ld = _loader(rec, backend, workers, 6, shuffle=False, drop_last=False, max_bad_fraction=0.1)
+    with pytest.raises(ValueError, match=rf"of the 30 records this process reads from .*train\.rec are corrupt .*more than data\.max_bad_fraction=0\.1\); "
+                                         rf"run `lafs-fast data verify .*train\.rec --write-bad`") as e:
+        list(ld)
+    assert "\n" not in str(e.value)
+    rep = verify_rec(rec, write_bad=True, progress=False)
+    assert sorted(k for k, _, _ in rep["corrupt"]) == sorted(damaged)
+    ld = _loader(rec, backend, workers, 6, shuffle=False, drop_last=False, max_bad_fraction=0.0)
+    assert sum(len(im) for im, _ in ld) == IDS * PER - len(damaged) and ld.corrupt == []
+
+
+@pytest.mark.parametrize("backend,workers", LOADER_PATHS)
+def test_batch_size_one_never_yields_an_empty_batch(tmp_path: Path, backend: str, workers: int, monkeypatch) -> None:
+    """Batch size 1 with corrupt records: every batch holds one image (the record is replaced), so
+    no stage ever sees an empty batch (which trained to "loss is nan"); the refill is the same on a
+    resumed loader."""
+    _nvjpeg_stand_in(monkeypatch)
+    rec = _make_rec(tmp_path / "b1", "JPEG", corrupt={0, 13})
+    ld = _loader(rec, backend, workers, 1, seed=3, max_bad_fraction=0.5, with_positions=True)
+    got = list(ld)
+    assert len(got) == IDS * PER and all(len(im) == 1 and len(lab) == 1 for im, lab, _ in got)
+    assert len(ld.corrupt) == 2
+    again = _loader(rec, backend, workers, 1, seed=3, max_bad_fraction=0.5, with_positions=True)
+    again.load_state_dict({**ld.state_dict(), "epoch": 0, "batch": 10})
+    rest = list(again)
+    assert [p.tolist() for _, _, p in rest] == [p.tolist() for _, _, p in got[10:]]
+    assert len(again.corrupt) == 2  # the count survives the resume
 
 
 def test_bad_list_from_verify_is_skipped(tmp_path: Path) -> None:
@@ -255,20 +374,20 @@ def test_gpu_paths_match_pil(jpeg_rec: Path) -> None:
 
 
 @pytest.mark.parametrize("backend,workers", [("pil", 0), ("pil", 1), pytest.param("dali", 0, marks=needs_dali)])
-def test_idx_mismatch_stops_with_one_sentence(tmp_path: Path, backend: str, workers: int) -> None:
-    """A record the .idx points into the middle of stops the run (not skipped) with file and offset."""
-    from lafs_fast.data.recordio import RecordIOError
-
+def test_idx_offset_inside_a_record_is_skipped_and_named(tmp_path: Path, backend: str, workers: int) -> None:
+    """A record the .idx points into the middle of is one corrupt record (skipped, counted, named
+    with its key and offset), not the end of the run (issue 16 item 3 reversed the old stop)."""
     rec = _make_rec(tmp_path / "mm", "JPEG")
     idx = rec.with_suffix(".idx")
     lines = idx.read_text().splitlines()
     k, off = lines[5].split("\t")  # key 5
     lines[5] = f"{k}\t{int(off) + 8}"
     idx.write_text("\n".join(lines) + "\n")
-    ld = make_loader(rec, 30, shuffle=False, drop_last=False, backend=backend, num_workers=workers)
-    with pytest.raises(RecordIOError, match=rf"train\.rec has no record at offset {int(off) + 8} .*does not match") as e:
-        list(ld)
-    assert "\n" not in str(e.value)
+    ld = make_loader(rec, 30, shuffle=False, drop_last=False, backend=backend, num_workers=workers, max_bad_fraction=0.05)
+    (ims, _), = list(ld)
+    assert len(ims) == IDS * PER
+    (what, why), = ld.corrupt
+    assert what.endswith(f"train.rec key {k} (offset {int(off) + 8})") and f"no record starts at offset {int(off) + 8}" in why
 
 
 @pytest.mark.parametrize("backend,workers", [("pil", 2), pytest.param("dali", 0, marks=needs_dali), pytest.param("dali-mxnet", 0, marks=needs_dali)])
@@ -317,25 +436,13 @@ def test_nvjpeg_loader_logic_with_stand_in_decoder(tmp_path: Path, jpeg_rec: Pat
     """The nvJPEG path's batching, per-image fallback (PNG, corrupt), resize and labels, with a PIL
     stand-in for ``torchvision.io.decode_jpeg`` (same signature and errors; torchvision's image ops
     do not load on this CPU torch). The real nvJPEG run is test_gpu_paths_match_pil."""
-    import torchvision.io
-
     from lafs_fast.data.loaders import NvjpegLoader, RecSource
 
-    def stand_in(data, mode=None, device="cpu"):
-        def one(t: torch.Tensor) -> torch.Tensor:
-            try:
-                im = Image.open(io.BytesIO(t.numpy().tobytes()))
-                im.load()
-            except (OSError, SyntaxError) as e:
-                raise RuntimeError(f"decode failed: {e}") from None
-            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).to(device)
-
-        return [one(t) for t in data] if isinstance(data, list) else one(data)
-
-    monkeypatch.setattr(torchvision.io, "decode_jpeg", stand_in)
+    _nvjpeg_stand_in(monkeypatch)
 
     def run(rec: Path) -> tuple[torch.Tensor, torch.Tensor, list]:
-        ld = NvjpegLoader(RecSource(rec), 8, allow_cpu=True, rank=0, world_size=1, shuffle=False, seed=0, device="cpu", drop_last=False)
+        ld = NvjpegLoader(RecSource(rec), 8, allow_cpu=True, rank=0, world_size=1, shuffle=False, seed=0, device="cpu", drop_last=False,
+                          max_bad_fraction=0.5)
         ims, labs = _epoch(ld)
         return ims, labs, ld.corrupt
 
@@ -343,10 +450,11 @@ def test_nvjpeg_loader_logic_with_stand_in_decoder(tmp_path: Path, jpeg_rec: Pat
     b, lb, bad = run(jpeg_rec)
     assert torch.equal(la, lb) and bad == [] and (a.int() - b.int()).abs().max() <= 6
     c, lc, bad = run(_make_rec(tmp_path / "mixed", "JPEG", corrupt={3}))
-    assert len(c) == IDS * PER - 1 and len(bad) == 1 and "key 4 " in bad[0][0]
+    assert len(c) == IDS * PER and len(bad) == 1 and "key 4 " in bad[0][0]  # replaced: the batch stays full
     ld = NvjpegLoader(RecSource(tmp_path / "mixed" / "train.rec"), 8, allow_cpu=True, rank=0, world_size=1, shuffle=False, seed=0,
-                      device="cpu", drop_last=False, with_positions=True)
-    assert torch.cat([pos for _, _, pos in ld]).tolist() == [p for p in range(IDS * PER) if p != 3]
+                      device="cpu", drop_last=False, with_positions=True, max_bad_fraction=0.5)
+    pos = torch.cat([pos for _, _, pos in ld]).tolist()
+    assert [p for i, p in enumerate(pos) if i != 3] == [p for p in range(IDS * PER) if p != 3] and pos[3] != 3
     small, _, _ = run(_make_rec(tmp_path / "small", "PNG", size=64))  # not JPEG: PIL fallback + resize
     assert small.shape == (IDS * PER, 112, 112, 3)
     with pytest.raises(ValueError, match="needs a CUDA device"):

@@ -10,6 +10,7 @@ import pytest
 
 from lafs_fast.data.recordio import (
     IRHeader,
+    CorruptRecordError,
     RecordIOError,
     RecordIOReader,
     RecordIOWriter,
@@ -128,7 +129,7 @@ def test_pack_unpack_multilabel() -> None:
 def test_truncated_rec_names_file_and_offset(tmp_path: Path, spec_rec: Path) -> None:
     blob = spec_rec.read_bytes()
     spec_rec.write_bytes(blob[:-6])  # cut into record 0, the last one in the file
-    with pytest.raises(RecordIOError, match=r"train\.rec is truncated: the record at offset \d+ needs bytes up to \d+"):
+    with pytest.raises(RecordIOError, match=r"train\.rec is truncated or damaged at its end \(its last record, key 0: the record at offset \d+ declares bytes up to \d+ .*copy the file again"):
         RecordIOReader(spec_rec)
 
 
@@ -139,7 +140,7 @@ def test_idx_mismatch_names_file_and_offset(spec_rec: Path) -> None:
     lines[1] = f"{k}\t{int(off) + 4}"  # key 2 now points into the middle of a record
     idx.write_text("\n".join(lines) + "\n")
     r = RecordIOReader(spec_rec)
-    with pytest.raises(RecordIOError, match=rf"no record at offset {int(off) + 4} .*does not match"):
+    with pytest.raises(CorruptRecordError, match=rf"train\.rec key 2 \(offset {int(off) + 4}\) is corrupt: no record starts at offset {int(off) + 4} \(magic"):
         r.record(2)
 
 
@@ -175,3 +176,45 @@ def test_bad_idx_line_is_named(spec_rec: Path) -> None:
     idx.write_text(idx.read_text() + "9\tnot-a-number\n")
     with pytest.raises(RecordIOError, match=r"train\.idx line 9 is not `key<TAB>offset`"):
         RecordIOReader(spec_rec)
+
+
+OLD = [[b"old-a1", b"old-a2"], [b"old-b1"]]
+NEW = [[b"new-x1"], [b"new-y1", b"new-y2", b"new-y3"], [b"new-z1" * 3]]
+
+
+@pytest.mark.parametrize("renames_before_kill", [0, 1, 2, 3, 4])
+def test_overwrite_killed_between_renames_never_pairs_new_rec_with_old_idx(tmp_path: Path, monkeypatch, renames_before_kill: int) -> None:
+    """`data build --overwrite` killed after N renames (os.replace raising on call N+1): the next
+    reader sees the old dataset or the new one whole (rec, idx, property), never a mix."""
+    import os
+
+    from lafs_fast.data import recordio
+
+    write_identity_dataset(tmp_path / "ds", OLD, height=112, width=112)
+    real, calls = os.replace, []
+
+    def killed(src, dst):
+        if len(calls) == renames_before_kill:
+            raise KeyboardInterrupt("killed between renames")
+        calls.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(recordio.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_identity_dataset(tmp_path / "ds", NEW, height=112, width=112, overwrite=True)
+    monkeypatch.setattr(recordio.os, "replace", real)
+    r = RecordIOReader(tmp_path / "ds")
+    got = [[r.image(int(k)) for k in keys] for _, keys in r.identities()]
+    assert got in (OLD, NEW) and r.num_classes == len(got)
+    if renames_before_kill >= 1:  # the swap was committed (its marker written): the new dataset, whole
+        assert got == NEW
+    assert not list((tmp_path / "ds").glob("*.swap")) and not list((tmp_path / "ds").glob("*.tmp*"))
+
+
+def test_writer_refuses_a_key_written_twice_and_leaves_nothing(tmp_path: Path) -> None:
+    w = RecordIOWriter(tmp_path / "dup")
+    w.write(1, IRHeader(0, 0.0, 1, 0), b"a")
+    w.write(1, IRHeader(0, 0.0, 1, 0), b"b")
+    with pytest.raises(ValueError, match="key 1 written twice"):
+        w.close()
+    assert not list((tmp_path / "dup").iterdir())

@@ -81,3 +81,39 @@ def test_damaged_files_give_one_sentence(tmp_path):
         load_bin(tmp_path / "dict.bin")
     with pytest.raises(ValueError, match="2 images per pair"):
         write_bin(tmp_path / "w.bin", [b"a"], [True])
+
+
+def _crafted(calls: bytes) -> bytes:
+    """A protocol-2 pickle of ``([<calls>, b"x"], [True])``: ``calls`` builds the first image."""
+    return b"\x80\x02](" + calls + b"C\x01xe]\x88a\x86."
+
+
+@pytest.mark.parametrize("name,calls", [
+    ("bytes", b"cbuiltins\nbytes\nJ\x00\xca\x9a;\x85R"),  # bytes(1_000_000_000)
+    ("bytearray", b"c__builtin__\nbytearray\nJ\x00\xca\x9a;\x85R"),
+    ("array", b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\xca\x9a;\x85C\x01b\x87R"),  # _reconstruct(ndarray, (1e9,), 'b')
+])
+def test_small_bin_cannot_make_eval_allocate_a_gigabyte(tmp_path, name, calls):
+    """A 48-byte .bin asking an allow-listed constructor for 1 GB: refused in one sentence before the
+    allocation (it allocated 1 GB, then failed on the type), the peak stays small."""
+    import tracemalloc
+
+    raw = _crafted(calls)
+    assert len(raw) < 100
+    (tmp_path / "big.bin").write_bytes(raw)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UnsafePickleError, match=r"big\.bin: refusing to build .* of 1000000000 bytes: the pickle would allocate more than the \d+ bytes its own size allows") as e:
+            load_bin(tmp_path / "big.bin")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000_000 and "\n" not in str(e.value)
+
+
+def test_object_arrays_are_refused(tmp_path):
+    """numpy's object-array unpickling can crash the process on a crafted state: refused outright."""
+    obj = ([np.array([b"ab", b"cd"], dtype=object), b"x"], [True])
+    (tmp_path / "obj.bin").write_bytes(pickle.dumps(obj, protocol=2))
+    with pytest.raises(UnsafePickleError, match="array of Python objects"):
+        load_bin(tmp_path / "obj.bin")

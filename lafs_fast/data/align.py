@@ -17,7 +17,8 @@ Landmark sidecar (``lafs-fast data landmarks``), ``<rec>.landmarks.npz``:
 ``keys`` (N,) int64 image keys; ``points`` (N, P, 2) float32, x = column and y = row in the
 112x112 image the loaders yield, continuous coordinates (pixel i covers [i, i + 1)), NaN when no
 face was found; ``scores`` (N,) float32 (0 when none);
-``detector`` str; ``names`` (P,) str point names (P = 6 for BlazeFace, 68 for FAN).
+``detector`` str; ``names`` (P,) str point names (P = 6 for BlazeFace, 68 for FAN). Written
+uncompressed (:func:`write_sidecar`) and memory-mapped when read (:func:`load_sidecar_arrays`).
 """
 
 from __future__ import annotations
@@ -241,7 +242,6 @@ def rec_landmarks(rec, out=None, *, detector: str = "blazeface", weights=None, b
     from tqdm import tqdm
 
     from lafs_fast.data.loaders import RecSource, decode_pil
-    from lafs_fast.data.tools import atomic_write_bytes
 
     src = RecSource(rec)
     bgr = src.color_order() == "BGR"
@@ -268,8 +268,53 @@ def rec_landmarks(rec, out=None, *, detector: str = "blazeface", weights=None, b
             for j, (_, p, s) in found:
                 points[idx[j]], scores[idx[j]] = p, s
     path = Path(out) if out else sidecar_path(src.path)
-    buf = io.BytesIO()
-    names = np.array([f"ibug68_{i}" for i in range(68)] if fan is not None else BLAZE_NAMES)
-    np.savez(buf, keys=src.keys.astype(np.int64), points=points, scores=scores, detector=np.array(detector), names=names)
-    atomic_write_bytes(path, buf.getvalue())
+    names = [f"ibug68_{i}" for i in range(68)] if fan is not None else list(BLAZE_NAMES)
+    write_sidecar(path, src.keys, points, scores, detector=detector, names=names)
     return {"path": str(path), "images": len(src), "found": int((scores > 0).sum()), "points": n_pts, "detector": detector}
+
+
+def write_sidecar(path: str | os.PathLike, keys: np.ndarray, points: np.ndarray, scores: np.ndarray, *, detector: str, names: list[str]) -> Path:
+    """Write a landmark sidecar (module docstring) atomically, streamed to a temporary file (no
+    in-memory copy of the points: 2.3 GB for 4.2 M faces with FAN), members uncompressed so that
+    :func:`load_sidecar_arrays` can memory-map them. keys (N,) int64; points (N, P, 2) fp32; scores (N,) fp32."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, keys=np.asarray(keys, dtype=np.int64), points=np.asarray(points, dtype=np.float32),
+                     scores=np.asarray(scores, dtype=np.float32), detector=np.array(detector), names=np.array(names))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_sidecar_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` (a landmark sidecar), each uncompressed member memory-mapped
+    read-only instead of read (``np.load``'s ``mmap_mode`` does not apply to .npz): loading 4.2 M
+    faces holds no copy; pages are read as rows are used. Compressed members and object arrays
+    are read as ``np.load`` does (``allow_pickle=False``)."""
+    import zipfile
+
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for info in zf.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if info.compress_type == zipfile.ZIP_STORED:
+                f.seek(info.header_offset)
+                local = f.read(30)  # the local file header: its name and extra field lengths at 26..30
+                name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+                f.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                shape, fortran, dtype = read_header(f) if read_header else ((), False, np.dtype(object))
+                if not dtype.hasobject and int(np.prod(shape)) > 0:
+                    out[name] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order="F" if fortran else "C")
+                    continue
+            with zf.open(info) as member:
+                out[name] = np.lib.format.read_array(member, allow_pickle=False)
+    return out

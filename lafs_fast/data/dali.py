@@ -10,8 +10,8 @@ Readers:
 - ``external`` (the default, :class:`DaliLoader`): our sampler (``loaders.shard_indices``) picks
   the records, the bytes are sliced from the mmap'ed rec (or read from the image folder) and fed
   with ``feed_input``. Epochs are exact whole-file permutations, sharding is identical to the other
-  paths, resume is ``(epoch, batch)``, and a corrupt image is found, named and skipped (the batch is
-  re-run without it) instead of killing the run.
+  paths, resume is ``(epoch, batch)``, and a corrupt record is found, named and replaced (the
+  batch is re-run with a replacement record) instead of killing the run.
 - ``mxnet`` (:class:`DaliMxnetLoader`): DALI's own ``fn.readers.mxnet``, sharded by rank
   (``shard_id``/``num_shards``, shards rotate every epoch) and shuffled with ``random_shuffle``.
   DALI's RecordIO reader shuffles through a buffer of ``initial_fill`` records only
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from lafs_fast.data.loaders import Loader, decode_pil
+from lafs_fast.data.loaders import Loader, decode_pil, read_items
 
 log = logging.getLogger("lafs_fast.data")
 
@@ -132,10 +132,14 @@ class DaliLoader(Loader):
             return self._build()
         return pipe
 
-    def _feed(self, positions: np.ndarray) -> None:
-        items = [self.source.item(int(i)) for i in positions]
-        self.pipe.feed_input("jpegs", [np.frombuffer(d, dtype=np.uint8) for d, _ in items])
-        self.pipe.feed_input("labels", np.array([label for _, label in items], dtype=np.int64))
+    def _feed(self, positions: np.ndarray, check=None) -> np.ndarray:
+        """Read the records of batch ``self._at`` (corrupt ones replaced, see ``loaders.read_items``;
+        ``check`` also decodes each with PIL) and feed them; returns the positions actually fed."""
+        items, bad = read_items(self.source, positions, self._stream(), check=check)
+        self._note_corrupt(bad)
+        self.pipe.feed_input("jpegs", [np.frombuffer(d, dtype=np.uint8) for _, d, _, _ in items])
+        self.pipe.feed_input("labels", np.array([label for _, _, label, _ in items], dtype=np.int64))
+        return np.asarray([p for p, *_ in items], dtype=np.int64)
 
     def _convert(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = outputs
@@ -144,64 +148,53 @@ class DaliLoader(Loader):
             images = images.flip(-1)
         return images, _to_torch(labels, self.device).view(-1)
 
-    def _run(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """One batch, synchronously."""
-        self._feed(positions)
-        self.pipe.schedule_run()
-        return (*self._convert(self.pipe.outputs()), positions)
-
-    def _fetch_all(self, batches):
+    def _fetch_all(self, batches, first):
         """Up to ``depth`` batches in flight (feed + schedule_run ahead, outputs in order). After a
         DALI error the pipeline is rebuilt and the batches in flight go through :meth:`_fetch`,
-        which names and drops the corrupt images."""
+        which finds the records DALI cannot decode with PIL and replaces them."""
         while self._pending:  # runs left in flight by an abandoned pass: drain, never hand out
             self._pending -= 1
             self.pipe.outputs()
-        todo = deque(np.asarray(b) for b in batches)
+        todo = deque(enumerate((np.asarray(b) for b in batches), first))
         inflight: deque = deque()
         while todo or inflight:
             while todo and len(inflight) < self.depth:
-                b = todo.popleft()
-                self._feed(b)
+                self._at, b = todo.popleft()
+                fed = self._feed(b)
                 self.pipe.schedule_run()
                 self._pending += 1
-                inflight.append(b)
-            b = inflight.popleft()
+                inflight.append((self._at, b, fed))
+            i, b, fed = inflight.popleft()
             try:
                 self._pending -= 1
-                out = (*self._convert(self.pipe.outputs()), b)
+                out = (*self._convert(self.pipe.outputs()), fed)
             except RuntimeError:
                 self.pipe, self._pending = self._build(), 0
-                redo = [b, *inflight]
+                redo = [(i, b), *((j, c) for j, c, _ in inflight)]
                 inflight.clear()
-                for r in redo:
-                    yield self._fetch(r)
+                for self._at, c in redo:
+                    yield self._fetch(c)
                 continue
             yield out
 
     def _fetch(self, positions):
+        """Batch ``self._at``, synchronously; on a DALI error the records are decoded with PIL first, the
+        ones that fail are replaced, and the batch runs again."""
         positions = np.asarray(positions)
         try:
-            return self._run(positions)
+            fed = self._feed(positions)
+            self.pipe.schedule_run()
+            return (*self._convert(self.pipe.outputs()), fed)
         except RuntimeError as e:
-            # DALI invalidates the pipeline on a decode error: find the culprits with PIL, name them,
-            # rebuild, and run the batch again without them
-            bad, keep = [], []
-            for i in positions:
-                data = self.source.get(int(i))  # a RecordIOError (broken file) propagates: fatal
-                try:
-                    decode_pil(data, self.image_size, False)
-                    keep.append(int(i))
-                except (OSError, ValueError, SyntaxError) as pe:
-                    bad.append((self.source.name(int(i)), f"{type(pe).__name__}: {pe}"))
-            if not bad:
-                raise RuntimeError(f"DALI failed on a batch in which PIL decodes every image: {str(e).splitlines()[-1] if str(e) else e}") from e
-            self._note_corrupt(bad)
+            # DALI invalidates the pipeline on a decode error: rebuild, and feed only records PIL decodes
             self.pipe = self._build()
-            if not keep:
-                return (torch.empty(0, self.image_size, self.image_size, 3, dtype=torch.uint8, device=self.device),
-                        torch.empty(0, dtype=torch.int64, device=self.device), np.empty(0, dtype=np.int64))
-            return self._run(np.asarray(keep))
+            fed = self._feed(positions, check=lambda d: decode_pil(d, self.image_size, False))
+            try:
+                self.pipe.schedule_run()
+                return (*self._convert(self.pipe.outputs()), fed)
+            except RuntimeError:
+                self.pipe = self._build()
+                raise RuntimeError(f"DALI failed on a batch in which PIL decodes every image: {str(e).splitlines()[-1] if str(e) else e}") from e
 
 
 class DaliMxnetLoader(Loader):

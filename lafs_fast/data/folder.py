@@ -13,7 +13,9 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
+from typing import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
@@ -24,43 +26,63 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pnm", ".tif", "
 
 @dataclass
 class FolderListing:
-    """``identities``: sorted sub-folder names (label = position); ``files[label]``: its image paths."""
+    """``identities``: sorted sub-folder names (label = position); ``counts[label]``: its images;
+    ``files(label)``: its image paths (kept from the listing, or listed again when ``keep=False``)."""
 
     root: Path
     identities: list[str]
-    files: list[list[Path]]
+    counts: list[int]
     empty: list[str] = field(default_factory=list)  # sub-folders without images (left out)
+    names: list[list[str]] | None = None  # file names per identity; None: not kept (millions of images)
 
     @property
     def num_images(self) -> int:
-        return sum(len(f) for f in self.files)
+        return sum(self.counts)
+
+    def files(self, label: int) -> list[Path]:
+        sub = self.root / self.identities[label]
+        names = self.names[label] if self.names is not None else _image_names(sub)
+        return [sub / n for n in names]
 
     def items(self) -> list[tuple[Path, int]]:
         """Every ``(path, label)`` in label order."""
-        return [(p, label) for label, fs in enumerate(self.files) for p in fs]
+        return list(self.iter_items())
+
+    def iter_items(self) -> Iterator[tuple[Path, int]]:
+        """``(path, label)`` in label order, one identity's files at a time."""
+        return ((p, label) for label in range(len(self.identities)) for p in self.files(label))
 
 
-def list_folder(root: str | os.PathLike) -> FolderListing:
+def _image_names(sub: Path) -> list[str]:
+    """Sorted names of the image files in ``sub``."""
+    return sorted(e.name for e in os.scandir(sub) if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS)
+
+
+def list_folder(root: str | os.PathLike, *, keep: bool = True) -> FolderListing:
     """List ``root/<identity>/<image>``; identities without images are left out and listed in ``empty``.
+    ``keep=False``: count the files but keep no name (``files(label)`` lists that folder again),
+    so listing millions of images holds only the identities.
 
     Raises ValueError with the fix when the folder holds no identity with an image.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; pass a folder with one sub-folder of images per identity")
-    names, files, empty = [], [], []
+    idents, counts, names, empty = [], [], [], []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        imgs = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        imgs = _image_names(sub)
         if imgs:
-            names.append(sub.name)
-            files.append(imgs)
+            idents.append(sub.name)
+            counts.append(len(imgs))
+            if keep:
+                names.append(imgs)
         else:
             empty.append(sub.name)
-    if not names:
+    if not idents:
         loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
         hint = " (it holds images directly: put each identity's images in its own sub-folder)" if loose else ""
         raise ValueError(f"{root} holds no identity sub-folder with images{hint}; expected {root}/<identity>/<image>.jpg")
-    return FolderListing(root, names, files, empty)
+    return FolderListing(root, idents, counts, empty, names if keep else None)
 
 
 def load_rgb(data: bytes | Path, size: int | None = None) -> Image.Image:
@@ -101,8 +123,8 @@ def build_rec(
     """
     from tqdm import tqdm
 
-    listing = list_folder(src)
-    items = listing.items()
+    listing = list_folder(src, keep=False)
+    items = listing.iter_items()  # streamed, one identity folder at a time: no path per image held
     workers = workers or min(16, os.cpu_count() or 1)
     skipped: list[tuple[str, str]] = []
     shapes: set[tuple[int, int]] = set()
@@ -110,9 +132,8 @@ def build_rec(
     window = 64 * workers  # bounded look-ahead: encoded images stream to disk, memory stays flat
     iw = IdentityRecWriter(out, overwrite=overwrite)
     try:
-        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(items), desc=f"encode {listing.root.name}", unit="img", disable=not progress, file=sys.stderr) as bar:
-            for start in range(0, len(items), window):
-                chunk = items[start : start + window]
+        with ThreadPoolExecutor(workers) as pool, tqdm(total=listing.num_images, desc=f"encode {listing.root.name}", unit="img", disable=not progress, file=sys.stderr) as bar:
+            while chunk := list(islice(items, window)):
                 for (path, ident), (data, shape, err) in zip(chunk, pool.map(lambda it: _encode(it[0], size, quality), chunk)):
                     if data is None:
                         skipped.append((str(path), err))

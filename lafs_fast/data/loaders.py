@@ -25,8 +25,15 @@ handed out this epoch; ``load_state_dict`` continues at the next one, bit for bi
 with a new ``e`` restarts at batch 0; with the current epoch it keeps the position (so the usual
 ``load_state_dict`` then ``set_epoch`` works); iterating an exhausted epoch moves to the next.
 
-Corrupt images (``rec``, folder): skipped, counted and named (``loader.corrupt``: list of
-``(what, reason)``, one warning each), and the batch is one image shorter; training goes on.
+Corrupt records (``rec``, folder; every path but ``dali-mxnet``): a record that cannot be read
+(bad magic, length, continuation flag or IRHeader, an ``.idx`` offset inside a record) or decoded is
+skipped, counted and named by key and offset (``loader.corrupt``: list of ``(what, reason)`` of the
+distinct records, one warning each), and its slot in the batch is refilled with a replacement
+record drawn from ``default_rng([seed, epoch, batch, rank])`` (deterministic, so resume stays exact):
+every batch stays full, so a batch size of 1 never yields an empty batch. Training goes on until
+more than ``max_bad_fraction`` of this rank's share of the records have been found corrupt; then
+one sentence names ``lafs-fast data verify REC --write-bad``, whose ``<rec>.bad`` list every loader
+skips up front without counting.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from lafs_fast.data.recordio import RecordIOError, RecordIOReader, first_label, read_meta
+from lafs_fast.data.recordio import CorruptRecordError, RecordIOError, RecordIOReader, first_label, read_meta
 from lafs_fast.data.synthetic import SyntheticFaces, parse_spec
 
 log = logging.getLogger("lafs_fast.data")
@@ -77,8 +84,16 @@ class RecSource:
     def item(self, i: int) -> tuple[bytes, int]:
         """(encoded image, label) of image record ``i``: the label is read with the image, so no
         pass over millions of headers happens at start-up."""
-        header, data = self.reader.record(int(self.keys[i]))
-        return data, int(first_label(header))
+        k = int(self.keys[i])
+        header, data = self.reader.record(k)
+        label = first_label(header)
+        if not np.isfinite(label):
+            raise CorruptRecordError(f"{self.path} key {k} (offset {self.reader.offset(k)}) is corrupt: its label is {label}")
+        return data, int(label)
+
+    def check_labels(self, num_classes: int) -> None:
+        """One sentence naming the keys whose label is outside ``[0, num_classes)`` (see RecordIOReader)."""
+        self.reader.check_labels(num_classes)
 
     def get(self, i: int) -> bytes:
         return self.item(i)[0]
@@ -125,6 +140,9 @@ class FolderSource:
     def name(self, i: int) -> str:
         return str(self.paths[i])
 
+    def check_labels(self, num_classes: int) -> None:
+        """Folder labels are the sub-folder positions: always inside ``[0, num_classes)``."""
+
     def color_order(self) -> str:
         return "RGB"
 
@@ -146,19 +164,65 @@ def num_batches(n: int, batch_size: int, *, rank: int, world_size: int, drop_las
     return math.ceil(len(range(rank, n, world_size)) / batch_size)
 
 
+def replacement_stream(seed: int, epoch: int, batch: int, rank: int, n: int) -> Iterator[int]:
+    """Record positions that stand in for the corrupt records of batch ``batch`` of ``epoch`` on
+    ``rank``: deterministic in those (and not in what was seen before), so a resumed run refills
+    the same way as an uninterrupted one."""
+    rng = np.random.default_rng([seed, epoch, batch, rank, 0x0BAD])
+    while True:
+        yield from (int(p) for p in rng.integers(n, size=16))
+
+
+MAX_REFILL_TRIES = 64  # replacement draws per slot before the source is declared unreadable
+
+
+def read_items(source, positions: Sequence[int], stream: Iterator[int], check=None, check_errors: tuple = (OSError, ValueError, SyntaxError)) -> tuple[list[tuple], list[tuple[int, str, str]]]:
+    """Read (and with ``check``, decode) each record at ``positions``; a corrupt one is replaced by
+    the next position of ``stream`` until a good one comes.
+
+    Returns ``(items, bad)``: ``items`` one ``(position, bytes, label, check(bytes) or None)`` per
+    input position, in order; ``bad``: ``(position, name, reason)`` of each corrupt record met.
+    A file-level RecordIOError (not one record) propagates.
+    """
+    items, bad = [], []
+    for p in positions:
+        p = int(p)
+        for _ in range(MAX_REFILL_TRIES):
+            try:
+                data, label = source.item(p)
+                items.append((p, data, label, check(data) if check is not None else None))
+                break
+            except CorruptRecordError as e:
+                bad.append((p, source.name(p), str(e).split(" is corrupt: ", 1)[-1]))
+            except RecordIOError:
+                raise
+            except check_errors as e:  # a file that cannot be read, an image that cannot be decoded
+                if isinstance(e, torch.cuda.OutOfMemoryError):  # the device, not the record
+                    raise
+                bad.append((p, source.name(p), f"{type(e).__name__}: {e}"))
+            p = next(stream)
+        else:
+            raise RecordIOError(f"{MAX_REFILL_TRIES} records of {source.path} in a row could not be read; "
+                                f"run `lafs-fast data verify {source.path}` to see what is wrong with it")
+    return items, bad
+
+
 class Loader:
-    """Base: epochs, sharding, position; subclasses implement ``_fetch(positions) -> (images, labels,
-    kept)``, ``kept`` the positions of the images actually returned (corrupt ones are dropped)."""
+    """Base: epochs, sharding, position, the corrupt-record count; subclasses implement
+    ``_fetch(positions) -> (images, labels, kept)`` (or ``_fetch_all``), ``kept`` the
+    positions of the images actually returned (corrupt ones replaced, see the module docstring)."""
 
     backend: str = ""
 
-    def __init__(self, n: int, batch_size: int, *, rank: int, world_size: int, shuffle: bool, seed: int, device: str | torch.device, drop_last: bool, num_classes: int, with_positions: bool = False) -> None:
+    def __init__(self, n: int, batch_size: int, *, rank: int, world_size: int, shuffle: bool, seed: int, device: str | torch.device, drop_last: bool, num_classes: int, with_positions: bool = False, max_bad_fraction: float = 0.01) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, not {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         if n == 0:
             raise ValueError("the data source holds no image")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], not {max_bad_fraction}")
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.with_positions = with_positions
@@ -166,13 +230,32 @@ class Loader:
         self.num_classes = num_classes
         self.epoch = 0
         self.batch = 0
-        self.corrupt: list[tuple[str, str]] = []
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.bad: dict[int, tuple[str, str]] = {}  # position -> (name, reason) of each corrupt record met
+        self._at = 0  # index in its epoch of the batch being fetched (seeds the replacements)
         if len(self) == 0:
             raise ValueError(f"{n} images over {world_size} rank(s) make no full batch of {batch_size}; lower the batch size or pass drop_last=False")
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
         return num_batches(self.n, self.batch_size, rank=self.rank, world_size=self.world_size, drop_last=self.drop_last)
+
+    @property
+    def corrupt(self) -> list[tuple[str, str]]:
+        """``(name, reason)`` of each distinct corrupt record met so far."""
+        return list(self.bad.values())
+
+    @property
+    def share(self) -> int:
+        """Records this rank reads per epoch (the denominator of ``max_bad_fraction``)."""
+        return len(range(self.rank, self.n, self.world_size))
+
+    def check_labels(self) -> None:
+        """One sentence (ValueError) when a record's label is outside ``[0, num_classes)``; call before
+        training a classifier (a label past the head fails deep inside mixup / the margin loss)."""
+        check = getattr(getattr(self, "source", None), "check_labels", None)
+        if check is not None:
+            check(self.num_classes)
 
     def set_epoch(self, epoch: int) -> None:
         """Go to ``epoch`` at batch 0; the current epoch keeps its position (resume)."""
@@ -186,7 +269,8 @@ class Loader:
 
     def state_dict(self) -> dict:
         """The exact position: ``epoch``, ``batch`` (handed out so far this epoch) and what must match."""
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "n": self.n, "batch_size": self.batch_size, "world_size": self.world_size, "backend": self.backend.split(":")[0]}
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "n": self.n, "batch_size": self.batch_size, "world_size": self.world_size, "backend": self.backend.split(":")[0],
+                "bad": [[p, name, why] for p, (name, why) in sorted(self.bad.items())]}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at a saved position; ValueError when data size, seed, batch or world size differ."""
@@ -194,24 +278,41 @@ class Loader:
             if k in state and state[k] != getattr(self, k):
                 raise ValueError(f"the saved loader position is for {k}={state[k]} but this loader has {k}={getattr(self, k)}; resume with the same data, batch size and world size")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.bad = {int(p): (name, why) for p, name, why in state.get("bad", [])}  # the count goes on across a resume
 
-    def _note_corrupt(self, bad: Sequence[tuple[str, str]]) -> None:
-        for what, why in bad:
-            self.corrupt.append((what, why))
-            log.warning("skipped a corrupt image: %s (%s); %d so far", what, why, len(self.corrupt))
+    def _stream(self) -> Iterator[int]:
+        """Replacements for the corrupt records of the batch being fetched (``self._at``)."""
+        return replacement_stream(self.seed, self.epoch, self._at, self.rank, self.n)
 
-    def _fetch_all(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
-        for b in batches:
-            yield self._fetch(b)
+    def _note_corrupt(self, bad: Sequence[tuple[int, str, str]]) -> None:
+        """Count and name each new corrupt record; ValueError (one sentence) past ``max_bad_fraction``."""
+        for pos, what, why in bad:
+            if int(pos) in self.bad:
+                continue
+            self.bad[int(pos)] = (what, why)
+            log.warning("skipped a corrupt record: %s (%s); %d so far", what, why, len(self.bad))
+        if len(self.bad) > self.max_bad_fraction * self.share:
+            path = getattr(getattr(self, "source", None), "path", "the data")
+            fix = (f"run `lafs-fast data verify {path} --write-bad` to list them in {path}.bad (every loader then skips the listed keys "
+                   f"without counting them) or raise data.max_bad_fraction"
+                   if getattr(self.source, "kind", "") == "rec" else "delete or replace the files named in the warnings, or raise data.max_bad_fraction")
+            raise ValueError(f"{len(self.bad)} of the {self.share} records this process reads from {path} are corrupt "
+                             f"({len(self.bad) / self.share:.1%}, more than data.max_bad_fraction={self.max_bad_fraction:g}); {fix}")
+
+    def _fetch_all(self, batches: list[np.ndarray], first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+        """Batches ``first, first + 1, ...`` of this epoch (``batches``: their positions)."""
+        for self._at, positions in enumerate(batches, first):
+            yield self._fetch(positions)
 
     def _fetch(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Batch ``self._at`` of this epoch, at record ``positions``."""
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if self.batch >= len(self):
             self.epoch, self.batch = self.epoch + 1, 0
         batches = self.batch_positions(self.epoch)[self.batch :]
-        for images, labels, kept in self._fetch_all(batches):
+        for images, labels, kept in self._fetch_all(batches, self.batch):
             self.batch += 1  # counted before the hand-over: a checkpoint taken now resumes after it
             if self.with_positions:
                 yield images, labels, torch.as_tensor(np.asarray(kept, dtype=np.int64))
@@ -232,8 +333,8 @@ def decode_pil(data: bytes, size: int, bgr: bool) -> np.ndarray:
 
 
 class _BatchDecode(torch.utils.data.Dataset):
-    """Item = one whole batch of positions, decoded in one worker: (images, labels, corrupt list,
-    positions of the decoded images)."""
+    """Item = one whole batch, ``(positions, replacement stream seed)``, read and decoded in one
+    worker (corrupt records replaced): (images, labels, corrupt list, positions of the images)."""
 
     def __init__(self, source, size: int, bgr: bool) -> None:
         self.source, self.size, self.bgr = source, size, bgr
@@ -241,21 +342,15 @@ class _BatchDecode(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, positions: np.ndarray):
-        imgs, labels, bad, kept = [], [], [], []
+    def __getitem__(self, task: tuple[np.ndarray, tuple[int, ...]]):
+        positions, stream_seed = task
         try:
-            for i in positions:
-                data, label = self.source.item(int(i))  # a RecordIOError here is fatal (see below)
-                try:
-                    imgs.append(decode_pil(data, self.size, self.bgr))
-                    labels.append(label)
-                    kept.append(int(i))
-                except (OSError, ValueError, SyntaxError) as e:
-                    bad.append((self.source.name(int(i)), f"{type(e).__name__}: {e}"))
+            items, bad = read_items(self.source, positions, replacement_stream(*stream_seed), check=lambda d: decode_pil(d, self.size, self.bgr))
         except RecordIOError as e:
             return None, None, str(e), None  # raised in the main process as one sentence, not a worker traceback
-        images = torch.from_numpy(np.stack(imgs)) if imgs else torch.empty(0, self.size, self.size, 3, dtype=torch.uint8)
-        return images, torch.tensor(labels, dtype=torch.int64), bad, np.asarray(kept, dtype=np.int64)
+        images = torch.from_numpy(np.stack([im for *_, im in items]))
+        labels = torch.tensor([label for _, _, label, _ in items], dtype=torch.int64)
+        return images, labels, bad, np.asarray([p for p, *_ in items], dtype=np.int64)
 
 
 class _Batches(torch.utils.data.Sampler):
@@ -301,8 +396,8 @@ class PilLoader(Loader):
         )
         self.backend = f"pil: PIL decode in a torch DataLoader, {self.num_workers} workers ({reason})"
 
-    def _fetch_all(self, batches):
-        self._sampler.batches = batches
+    def _fetch_all(self, batches, first):
+        self._sampler.batches = [(b, (self.seed, self.epoch, i, self.rank, self.n)) for i, b in enumerate(batches, first)]
         for images, labels, bad, kept in self._dl:
             if images is None:
                 raise RecordIOError(bad)
@@ -341,33 +436,38 @@ class NvjpegLoader(Loader):
     def _fetch(self, positions):
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        items = [self.source.item(int(i)) for i in positions]
-        datas = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d, _ in items]
-        all_labels = np.array([label for _, label in items], dtype=np.int64)
-        keep = list(range(len(positions)))
+        stream = self._stream()
+        items, bad = read_items(self.source, positions, stream)  # host side: unreadable records replaced
+        datas = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for _, d, _, _ in items]
         try:
             if not all(d[:2].tolist() == [0xFF, 0xD8] for d in datas):
                 raise RuntimeError("not all JPEG")
             imgs = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:
-            imgs, keep, bad = [], [], []
+        except RuntimeError:  # image by image: a record that does not decode is replaced
+            imgs = []
             for j, d in enumerate(datas):
                 try:
                     imgs.append(self._decode_one(d))
-                    keep.append(j)
                 except (RuntimeError, OSError, ValueError) as e:
-                    bad.append((self.source.name(int(positions[j])), f"{type(e).__name__}: {e}"))
-            self._note_corrupt(bad)
+                    if isinstance(e, torch.cuda.OutOfMemoryError):  # the device, not the record
+                        raise
+                    bad.append((items[j][0], self.source.name(items[j][0]), f"{type(e).__name__}: {e}"))
+                    (item,), more = read_items(self.source, [next(stream)], stream, check_errors=(RuntimeError, OSError, ValueError),
+                                               check=lambda b: self._decode_one(torch.frombuffer(bytearray(b), dtype=torch.uint8)))
+                    bad += more
+                    items[j] = item
+                    imgs.append(item[3])
+        self._note_corrupt(bad)
         out = []
         for img in imgs:  # (3, H, W) uint8 on the device
             if img.shape[1:] != (self.image_size, self.image_size):
                 img = torch.nn.functional.interpolate(img[None].float(), size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
             out.append(img)
-        images = torch.stack(out).permute(0, 2, 3, 1).contiguous() if out else torch.empty(0, self.image_size, self.image_size, 3, dtype=torch.uint8, device=self.device)
+        images = torch.stack(out).permute(0, 2, 3, 1).contiguous()
         if self.bgr:
             images = images.flip(-1)
-        labels = torch.as_tensor(all_labels[keep], dtype=torch.int64).to(self.device)
-        return images, labels, np.asarray(positions)[keep]
+        labels = torch.tensor([label for _, _, label, _ in items], dtype=torch.int64).to(self.device)
+        return images, labels, np.asarray([p for p, *_ in items], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,6 +549,7 @@ def make_loader(
     color_order: str = "auto",
     image_size: int = 112,
     with_positions: bool = False,
+    max_bad_fraction: float = 0.01,
 ) -> Loader:
     """A :class:`Loader` over ``source`` (a ``.rec`` path, a folder holding ``train.rec``, an image
     folder, ``"synthetic[:IDSxIMGS[:seed=S]]"``, a :class:`SyntheticFaces`, or None = synthetic).
@@ -458,14 +559,16 @@ def make_loader(
     channels, ``RGB`` / ``BGR`` / ``auto`` (our ``lafs_fast.json``, else :data:`DATASET_COLOR_ORDER` by
     the path: MS1M BGR, WebFace RGB; else RGB); the output is always RGB. The choice and the reason are
     in ``loader.backend`` and logged. ``with_positions``: yield each image's record position too
-    (not with ``dali-mxnet``, whose reader picks the records itself).
+    (not with ``dali-mxnet``, whose reader picks the records itself). ``max_bad_fraction``
+    (``data.max_bad_fraction``): corrupt records are replaced and training goes on until more than
+    this fraction of a rank's records turned out corrupt; then one sentence names the fix.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown data backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     kind, src = open_source(source)
     device = torch.device(device)
     common = dict(rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, device=device, drop_last=drop_last,
-                  with_positions=with_positions)
+                  with_positions=with_positions, max_bad_fraction=max_bad_fraction)
     if kind == "synthetic":
         if backend not in ("auto", "synthetic"):
             raise ValueError(f"backend {backend!r} decodes files; the synthetic source is rendered (use backend='auto')")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lafs_fast.data.recordio import BAD_SUFFIX, RecordIOError, RecordIOReader, read_meta, unpack
+from lafs_fast.data.recordio import BAD_SUFFIX, CorruptRecordError, RecordIOError, RecordIOReader, first_label, read_meta
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -63,34 +63,42 @@ def inspect_rec(rec: str | os.PathLike, *, montage: str | os.PathLike | None = N
 
 
 def _check(r: RecordIOReader, key: int) -> str | None:
-    """None when record ``key`` decodes, else the reason."""
+    """None when record ``key`` reads (framing, IRHeader, a finite label) and decodes, else the reason."""
     try:
-        _, data = unpack(r.read_idx(key))
+        header, data = r.record(key)
+        if not np.isfinite(first_label(header)):
+            return f"its label is {first_label(header)}"
         with Image.open(io.BytesIO(data)) as im:
             im.load()
         return None
-    except (RecordIOError, OSError, ValueError, SyntaxError) as e:
+    except CorruptRecordError as e:
+        return str(e).split(" is corrupt: ", 1)[-1]
+    except (OSError, ValueError, SyntaxError) as e:
         return f"{type(e).__name__}: {e}"
 
 
 def verify_rec(rec: str | os.PathLike, *, workers: int | None = None, write_bad: bool = False, progress: bool = True) -> dict:
-    """Decode every image record; ``corrupt``: list of ``(key, offset, reason)``. Also checks that the
-    identity records cover the image keys. ``write_bad``: list the corrupt keys in ``<rec>.bad``
+    """Decode every image record; ``corrupt``: list of ``(key, offset, reason)``. Also checks that
+    every label is inside ``[0, num_classes)`` of the property file and that the identity records
+    cover the image keys (``problems``). ``write_bad``: list the corrupt keys in ``<rec>.bad``
     (atomically), which every loader then skips."""
     from tqdm import tqdm
 
     r = RecordIOReader(rec)
-    keys = [int(k) for k in r.image_keys]
+    keys = r.image_keys
     workers = workers or min(16, os.cpu_count() or 1)
-    reasons: list[str | None] = []
-    window = 256 * workers  # bounded: millions of records never become millions of pending futures
+    corrupt: list[tuple[int, int, str]] = []
+    window = 256 * workers  # bounded: millions of records never become millions of pending futures (or reasons)
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(keys), desc=f"verify {r.rec_path.name}", unit="img", disable=not progress, file=sys.stderr) as bar:
         for start in range(0, len(keys), window):
-            chunk = keys[start : start + window]
-            reasons += pool.map(lambda k: _check(r, k), chunk)
+            chunk = keys[start : start + window].tolist()
+            corrupt += [(k, r.offset(k), why) for k, why in zip(chunk, pool.map(lambda k: _check(r, k), chunk)) if why is not None]
             bar.update(len(chunk))
-    corrupt = [(k, r.offset(k), why) for k, why in zip(keys, reasons) if why is not None]
     problems = []
+    try:
+        r.check_labels()
+    except RecordIOError as e:  # labels past the class count: the property file or the rec is wrong, not one record
+        problems.append(str(e))
     if r.header0 is not None:
         covered = sum(b - a for a, b in r.identity_ranges())
         if covered != r.num_images:

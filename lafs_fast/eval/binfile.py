@@ -44,29 +44,107 @@ class UnsafePickleError(ValueError):
     """A pickle referenced a global outside the allow-list (it could run code); nothing was run."""
 
 
+class _CheckedArray(np.ndarray):
+    """What the allow-listed ``_reconstruct`` builds: its ``__setstate__`` (the pickle's BUILD)
+    refuses object dtypes (numpy's object-array unpickling can crash on a crafted state) and
+    charges the array's bytes to the unpickler's budget before numpy allocates them."""
+
+    _unpickler: "RestrictedUnpickler"
+
+    def __setstate__(self, state: tuple) -> None:
+        shape, dtype = (state[1], state[2]) if len(state) == 5 else (state[0], state[1])
+        dtype = np.dtype(dtype)
+        if dtype.hasobject:
+            raise UnsafePickleError("refusing an array of Python objects: a verification .bin holds only image bytes and booleans")
+        self._unpickler.charge(int(np.prod(shape, dtype=np.float64)) * dtype.itemsize, "an array")
+        super().__setstate__(state)
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` whose ``find_class`` only returns the globals of ``_ALLOWED_GLOBALS``.
 
     Every opcode that calls something (REDUCE, NEWOBJ, INST, OBJ, BUILD with ``__setstate__``)
     needs the callable first, and the callable can only come from ``find_class`` (or be an object
     built from allowed globals), so refusing there stops any payload before it runs.
+
+    The allowed constructors that allocate by an argument (``bytes(N)``, ``bytearray(N)``, numpy's
+    ``_reconstruct(ndarray, shape, dtype)`` / ``__setstate__`` / ``scalar``, ``_codecs.encode``)
+    are wrapped: together they may build at most ``budget`` bytes (a file's own size: everything
+    a real .bin holds is spelled out in it), checked BEFORE the allocation.
     """
 
+    def __init__(self, file: io.BufferedIOBase, *, budget: int, **kw: Any) -> None:
+        super().__init__(file, **kw)
+        self.budget, self.spent = int(budget), 0
+
+    def charge(self, nbytes: int, what: str) -> None:
+        """Count ``nbytes`` about to be allocated; UnsafePickleError when past the budget."""
+        self.spent += max(0, nbytes)
+        if self.spent > self.budget:
+            raise UnsafePickleError(
+                f"refusing to build {what} of {nbytes} bytes: the pickle would allocate more than the {self.budget} bytes "
+                "its own size allows, so it is corrupt or crafted; get the set from a trusted source"
+            )
+
+    def _sized(self, x: Any) -> int:
+        return int(x) if isinstance(x, int) else len(x) if hasattr(x, "__len__") else 0
+
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise UnsafePickleError(
-            f"refusing to load {module}.{name}: a verification .bin holds only image bytes and booleans, "
-            "so this file is corrupt or crafted to run code; get the set from a trusted source"
-        )
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise UnsafePickleError(
+                f"refusing to load {module}.{name}: a verification .bin holds only image bytes and booleans, "
+                "so this file is corrupt or crafted to run code; get the set from a trusted source"
+            )
+        real = super().find_class(module, name)
+        if name in ("bytes", "bytearray"):
+            def build(*args: Any) -> Any:
+                self.charge(self._sized(args[0]) if args else 0, f"{name}()")
+                return real(*args)
+            return build
+        if name == "_reconstruct":
+            def reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+                if subtype is not np.ndarray:
+                    raise UnsafePickleError(f"refusing to reconstruct a {getattr(subtype, '__name__', subtype)}: only plain numpy arrays")
+                self.charge(int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize, "an array")
+                arr = real(_CheckedArray, shape, dtype)
+                arr._unpickler = self
+                return arr
+            return reconstruct
+        if name == "scalar":
+            def scalar(dtype: Any, *args: Any) -> Any:
+                if np.dtype(dtype).hasobject:
+                    raise UnsafePickleError("refusing a numpy object scalar: a verification .bin holds only image bytes and booleans")
+                self.charge(np.dtype(dtype).itemsize, "a numpy scalar")
+                return real(dtype, *args)
+            return scalar
+        if name == "encode":
+            def encode(obj: Any, *args: Any) -> Any:
+                out = real(obj, *args)  # at most a few bytes per character of a string the file spelled out
+                self.charge(self._sized(out), "encoded bytes")
+                return out
+            return encode
+        return real
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafePickleError("refusing a pickle with persistent ids: not a verification .bin")
 
 
 def restricted_loads(data: bytes) -> Any:
-    """Unpickle ``data`` with :class:`RestrictedUnpickler` (Python 2 strings come back as bytes)."""
-    return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    """Unpickle ``data`` with :class:`RestrictedUnpickler` (Python 2 strings come back as bytes);
+    the constructors may allocate at most about the size of ``data`` itself."""
+    obj = RestrictedUnpickler(io.BytesIO(data), encoding="bytes", budget=2 * len(data) + 4096).load()
+    return _plain(obj)
+
+
+def _plain(obj: Any) -> Any:
+    """The loaded objects with every checked array turned back into a plain ndarray."""
+    if isinstance(obj, _CheckedArray):
+        return obj.view(np.ndarray)
+    if isinstance(obj, list):
+        return [_plain(x) for x in obj]
+    if isinstance(obj, tuple):
+        return tuple(_plain(x) for x in obj)
+    return obj
 
 
 @dataclass

@@ -148,7 +148,7 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
         loader = make_loader(data_source(cfg), cfg.optim.batch_size, rank=info.rank, world_size=info.world_size, shuffle=True,
                              seed=cfg.train.seed, device=info.device, drop_last=True, backend=cfg.data.loader,
                              num_workers=cfg.data.workers, color_order=cfg.data.color_order.upper(),
-                             with_positions=detector is not None)
+                             with_positions=detector is not None, max_bad_fraction=cfg.data.max_bad_fraction)
         stage = DinoStage(cfg, info.device, detector=detector)
         torch.manual_seed(cfg.train.seed + 1_000 * info.rank)  # dropout / drop-path streams differ per rank
         out = Path(cfg.train.out_dir)

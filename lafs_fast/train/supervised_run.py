@@ -215,7 +215,9 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
             data = prepare_data(cfg, say=lambda *a, **k: None)
         loader = make_loader(data, cfg.optim.batch_size, rank=info.rank, world_size=info.world_size,
                              shuffle=True, seed=cfg.train.seed, device=info.device, drop_last=True, backend=cfg.data.loader,
-                             num_workers=cfg.data.workers, color_order=cfg.data.color_order.upper())
+                             num_workers=cfg.data.workers, color_order=cfg.data.color_order.upper(),
+                             max_bad_fraction=cfg.data.max_bad_fraction)
+        loader.check_labels()  # a label past the head: one sentence now, not a traceback in mixup later
         num_classes = int(loader.num_classes)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         cfg, model, ref = build_supervised_model(cfg, num_classes, stage, opts.get("init"), opts.get("landmarks"), say=say)
