@@ -113,7 +113,7 @@ import sys
 from pathlib import Path
 from PIL import Image
 from lafs_fast.data import SyntheticFaces
-from lafs_fast.eval.make_bin import make_bin  # what `lafs-fast data make-bin` runs (one process less)
+from lafs_fast.data.make_bin import make_bin  # what `lafs-fast data make-bin` runs (one process less)
 root = Path(sys.argv[1])
 ds = SyntheticFaces(8, 4, seed=123)
 for i in range(8):

@@ -162,7 +162,7 @@ class DetectorLandmarks:
 
     def __init__(self, sidecar: LandmarkSidecar, record_keys: np.ndarray, image_size: int = 112, patch_size: int = 8,
                  smoothing: float = 0.3) -> None:
-        from lafs_fast.views import grid_landmarks
+        from lafs_fast.sampling import grid_landmarks
 
         if smoothing < 0:
             raise ValueError(f"views.detector_smoothing must be >= 0, not {smoothing}")

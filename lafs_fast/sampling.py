@@ -15,7 +15,7 @@ import torch
 from lafs_fast.dispatch import TRITON_BACKENDS, resolve_triton_backend, triton_entry
 from lafs_fast.kernels.patch_sampling import sample_patches_torch
 
-__all__ = [
+__all__ = ["grid_landmarks", 
     "sample_patches",
     "BACKENDS",
     "resolve_backend",
@@ -191,3 +191,17 @@ def sample_patches(
         noise = drawn_noise if drawn_noise is not None else noise
     tokens = sample_patches_torch(images, coords, patch_size, indices=indices, noise=noise, out_dtype=out_dtype)
     return (tokens, indices, noise) if return_draws else tokens
+
+
+def grid_landmarks(image_size: int = 112, patch_size: int = 8, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(G*G, 2) fp32 px: the regular grid of patch centres, row-major (landmark i = row i // G,
+    column i % G), G = image_size // patch_size.
+
+    A landmark at ``P*c + P/2 + 0.5`` makes the sampler (which reads pixel-centre coordinate
+    ``x + o - 0.5`` for offsets o in -P/2..P/2-1) read exactly pixels ``P*c .. P*c + P - 1``: no
+    interpolation, the image's own P x P blocks.
+    """
+    g = image_size // patch_size
+    centres = torch.arange(g, dtype=torch.float32, device=device) * patch_size + patch_size / 2 + 0.5
+    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack((xx.flatten(), yy.flatten()), dim=1)

@@ -33,23 +33,9 @@ from lafs_fast.config import ModelConfig, ViewsConfig
 from lafs_fast.dense_landmarks import DetectorLandmarks, views_from_source
 from lafs_fast.kernels.views import ViewSpec
 from lafs_fast.models import LandmarkCNN, image_grid_tokens
-from lafs_fast.sampling import sample_patches
+from lafs_fast.sampling import grid_landmarks, sample_patches
 
 __all__ = ["ViewBatch", "Landmarks", "LafsViews", "grid_landmarks", "view_specs", "load_landmark_cnn"]
-
-
-def grid_landmarks(image_size: int = 112, patch_size: int = 8, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(G*G, 2) fp32 px: the regular grid of patch centres, row-major (landmark i = row i // G,
-    column i % G), G = image_size // patch_size.
-
-    A landmark at ``P*c + P/2 + 0.5`` makes the sampler (which reads pixel-centre coordinate
-    ``x + o - 0.5`` for offsets o in -P/2..P/2-1) read exactly pixels ``P*c .. P*c + P - 1``: no
-    interpolation, the image's own P x P blocks.
-    """
-    g = image_size // patch_size
-    centres = torch.arange(g, dtype=torch.float32, device=device) * patch_size + patch_size / 2 + 0.5
-    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
-    return torch.stack((xx.flatten(), yy.flatten()), dim=1)
 
 
 def load_landmark_cnn(path: str) -> LandmarkCNN:

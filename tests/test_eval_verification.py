@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from lafs_fast.eval import cli as eval_cli
-from lafs_fast.eval import make_bin
-from lafs_fast.eval.binfile import load_bin, write_bin
+from lafs_fast.data import make_bin
+from lafs_fast.data.binfile import load_bin, write_bin
 from lafs_fast.eval.embedder import Embedder
-from lafs_fast.eval.make_bin import random_pairs, read_pairs_txt
+from lafs_fast.data.make_bin import random_pairs, read_pairs_txt
 from lafs_fast.eval.verification import evaluate_bin, format_table, load_scores
 from lafs_fast.models.checkpoints import load_model
 from tests.test_eval_util import faces, jpeg, run_command, tiny_model_file

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from lafs_fast.eval import viz
-from lafs_fast.eval.binfile import write_bin
+from lafs_fast.data.binfile import write_bin
 from lafs_fast.eval.verification import evaluate_scores, save_scores
 from tests.test_eval_util import faces, jpeg, run_command, tiny_model_file
 

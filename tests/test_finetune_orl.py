@@ -11,7 +11,7 @@ import pytest
 
 from lafs_fast.config import config_to_dict, load_config
 from lafs_fast.data import make_loader
-from lafs_fast.eval.make_bin import make_bin
+from lafs_fast.data.make_bin import make_bin
 from lafs_fast.train import supervised_run
 
 TINY = [

@@ -144,15 +144,15 @@ def _run_align(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- make-bin (implemented in lafs_fast.eval.make_bin) --------------------------------------------
+# -- make-bin (implemented in lafs_fast.data.make_bin) --------------------------------------------
 def _add_make_bin(p: argparse.ArgumentParser) -> None:
-    from lafs_fast.eval.make_bin import add_arguments
+    from lafs_fast.data.make_bin import add_arguments
 
     add_arguments(p)
 
 
 def _run_make_bin(args: argparse.Namespace) -> int:
-    from lafs_fast.eval.make_bin import run
+    from lafs_fast.data.make_bin import run
 
     return run(args)
 

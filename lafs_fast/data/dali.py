@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from lafs_fast.data.loaders import Loader, decode_pil, read_items
+from lafs_fast.data.base import Loader, read_items
+from lafs_fast.data.sources import decode_pil
 
 log = logging.getLogger("lafs_fast.data")
 

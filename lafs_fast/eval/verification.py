@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lafs_fast.eval.binfile import load_bin
+from lafs_fast.data.binfile import load_bin
 from lafs_fast.eval.embedder import Embedder, decode_face
 from lafs_fast.eval.metrics import DEFAULT_FARS, kfold_accuracy, l2_normalise, tar_at_far
 from lafs_fast.io import atomic_write_bytes

@@ -151,7 +151,7 @@ def plot_curves(logs: Sequence[tuple[str, list[dict]]], out: str | Path, keys: S
 
 
 def _faces_from(sources: Sequence[str], size: int, limit: int) -> tuple[np.ndarray, list[str]]:
-    from lafs_fast.eval.binfile import load_bin
+    from lafs_fast.data.binfile import load_bin
     from lafs_fast.eval.embed import list_images
     from lafs_fast.eval.embedder import decode_face
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from lafs_fast.eval.binfile import UnsafePickleError, load_bin, write_bin
+from lafs_fast.data.binfile import UnsafePickleError, load_bin, write_bin
 
 
 class _RunsCommand:

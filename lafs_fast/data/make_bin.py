@@ -24,7 +24,7 @@ import random
 import re
 from pathlib import Path
 
-from lafs_fast.eval.binfile import write_bin
+from lafs_fast.data.binfile import write_bin
 
 __all__ = ["read_pairs_txt", "random_pairs", "encode_face", "make_bin", "add_arguments", "run"]
 
