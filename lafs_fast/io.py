@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_bytes", "safe_load", "check_writable_dir", "check_output_file", "remove_stale_temporaries",
+__all__ = ["atomic_write", "atomic_save", "atomic_write_bytes", "safe_load", "check_writable_dir", "check_output_file", "remove_stale_temporaries",
            "TEMP_PREFIX"]
 
 TEMP_PREFIX = ".lafs-"
@@ -59,7 +59,10 @@ def _write_failed(path: Path, exc: BaseException) -> Exception:
     return ValueError(f"cannot write {path}: {type(exc).__name__}: {text.splitlines()[0] if text else ''}")
 
 
-def _atomic(path: str | Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path`` (by name: a library that opens the file
+    itself can write it), which then replaces ``path`` atomically (module docstring). Anything
+    ``write`` raises leaves ``path`` as it was and no temporary behind."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,12 +88,12 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` atomically (module docstring)."""
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

@@ -6,21 +6,12 @@ import io
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from lafs_fast.io import atomic_write_bytes
 from lafs_fast.data.recordio import BAD_SUFFIX, CorruptRecordError, RecordIOError, RecordIOReader, first_label, read_meta
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary name in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def inspect_rec(rec: str | os.PathLike, *, montage: str | os.PathLike | None = None, rows: int = 8, cols: int = 8) -> dict:
@@ -57,7 +48,7 @@ def inspect_rec(rec: str | os.PathLike, *, montage: str | os.PathLike | None = N
                 sheet.paste(im, (col * 112, row * 112))
         buf = io.BytesIO()
         sheet.save(buf, format="PNG")
-        atomic_write_bytes(montage, buf.getvalue())
+        atomic_write_bytes(buf.getvalue(), montage)
         report["montage"] = str(montage)
     return report
 
@@ -107,6 +98,6 @@ def verify_rec(rec: str | os.PathLike, *, workers: int | None = None, write_bad:
     if write_bad:
         path = r.rec_path.with_suffix(r.rec_path.suffix + BAD_SUFFIX)
         text = "# keys of corrupt images found by `lafs-fast data verify`; the loaders skip them\n" + "".join(f"{k}\t{o}\t{why}\n" for k, o, why in corrupt)
-        atomic_write_bytes(path, text.encode())
+        atomic_write_bytes(text.encode(), path)
         report["bad_file"] = str(path)
     return report

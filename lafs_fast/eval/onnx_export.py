@@ -14,14 +14,13 @@ is checked with onnxruntime on random faces before the file is kept.
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from lafs_fast.io import atomic_write
 from lafs_fast.models.fvit import FViT
 from lafs_fast.models.part_fvit import PartFViT
 
@@ -81,12 +80,12 @@ def export_onnx(model: PartFViT | FViT, out: str | Path, opset: int = 18, check:
     import warnings
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ExportWrapper(model)
     x = torch.rand(2, 3, 112, 112) * 2 - 1
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".onnx", dir=out.parent)
-    os.close(fd)
-    try:
+    diff = float("nan")
+
+    def write(tmp: str) -> None:  # export, then check the file before it replaces ``out``
+        nonlocal diff
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
@@ -99,10 +98,10 @@ def export_onnx(model: PartFViT | FViT, out: str | Path, opset: int = 18, check:
                     wrapper, (x,), tmp, input_names=["images"], output_names=["embedding"], opset_version=opset,
                     dynamo=False, dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
                 )
-        diff = onnx_parity(model, tmp) if check else float("nan")
-        if check and not diff <= atol:
-            raise ValueError(f"the exported graph differs from PyTorch by {diff:.3g} (> {atol}); not writing {out}")
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        if check:
+            diff = onnx_parity(model, tmp)
+            if not diff <= atol:
+                raise ValueError(f"the exported graph differs from PyTorch by {diff:.3g} (> {atol}); not writing {out}")
+
+    atomic_write(out, write)
     return {"path": str(out), "max_abs_diff": diff, "opset": opset, "exporter": exporter}
