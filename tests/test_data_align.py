@@ -37,7 +37,7 @@ def test_similarity_and_warp_put_points_on_template() -> None:
     img = np.zeros((300, 300, 3), np.uint8)
     x, y = np.round(pts[2]).astype(int)  # nose tip
     img[y - 2 : y + 3, x - 2 : x + 3] = 255
-    out = align.warp_112(img, m)
+    out = align.warp_affine(img, m)
     assert out.shape == (112, 112, 3)
     yy, xx = np.nonzero(out[..., 0] > 128)
     assert abs(xx.mean() - align.ARCFACE_112[2, 0]) < 1.0 and abs(yy.mean() - align.ARCFACE_112[2, 1]) < 1.0
@@ -132,3 +132,23 @@ def test_sidecar_is_memory_mapped_not_read(tmp_path) -> None:
     np.testing.assert_allclose(side.template(), np.nanmean(points.astype(np.float64), axis=0), rtol=1e-12)
     np.savez_compressed(tmp_path / "c.npz", keys=keys, points=points, detector=np.array("fan"))
     assert np.array_equal(load_sidecar_arrays(tmp_path / "c.npz")["points"], points, equal_nan=True)
+
+
+def test_alignment_is_opencvs_warp_affine_and_the_ijb_protocol_uses_it() -> None:
+    """The InsightFace convention is OpenCV's warpAffine (pixel centres at integer coordinates):
+    ``data align`` reproduces it on a real face within one grey level (it was half a pixel off, PIL's
+    convention), and the IJB protocol aligns with the very same function."""
+    cv2 = pytest.importorskip("cv2")
+    skdata = pytest.importorskip("skimage.data")
+    from lafs_fast.eval import ijb
+
+    face = skdata.astronaut()  # a real face, shipped with scikit-image (no download)
+    pts = np.array([[185.0, 110.0], [240.0, 108.0], [215.0, 140.0], [192.0, 172.0], [236.0, 170.0]])  # eyes, nose, mouth
+    ours = align.align_face(face, pts)
+    m = align.similarity_transform(pts, align.ARCFACE_112)
+    ref = cv2.warpAffine(face, m, (112, 112), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    diff = np.abs(ours.astype(int) - ref.astype(int))
+    assert diff.max() <= 1, diff.max()
+    half_pixel_off = cv2.warpAffine(face, m + np.array([[0, 0, 0.5], [0, 0, 0.5]]), (112, 112), flags=cv2.INTER_LINEAR)
+    assert np.abs(ours.astype(int) - half_pixel_off.astype(int)).max() > 10  # the test tells the conventions apart
+    assert ijb.align_face is align.align_face and ijb.similarity_transform is align.similarity_transform

@@ -8,10 +8,11 @@ that folder, and ``../shared/data/blazeface`` beside the repository. Files:
   ``anchors.npy`` (github.com/hollance/BlazeFace-PyTorch, what face-alignment downloads);
 - FAN 68 points: ``2DFAN4-11f355bf06.pth.tar`` (face-alignment's 2DFAN-4).
 
-Alignment: a similarity transform (scikit-image, least squares) from the detected points to the
-InsightFace 112x112 template (:data:`ARCFACE_112`): 5 points from FAN (eye centres, nose tip,
-mouth corners), 4 from BlazeFace (eyes, nose tip, mouth centre = the mean of the template's mouth
-corners).
+Alignment (:func:`align_face`, also the IJB protocol's): a least-squares similarity transform
+(Umeyama) from the detected points to the InsightFace 112x112 template (:data:`ARCFACE_112`): 5 points
+from FAN (eye centres, nose tip, mouth corners), 4 from BlazeFace (eyes, nose tip, mouth centre =
+the mean of the template's mouth corners); warped as OpenCV's ``warpAffine`` does (the InsightFace
+convention: pixel centres at integer coordinates).
 
 Landmark sidecar (``lafs-fast data landmarks``), ``<rec>.landmarks.npz``:
 ``keys`` (N,) int64 image keys; ``points`` (N, P, 2) float32, x = column and y = row in the
@@ -32,7 +33,7 @@ import torch
 from PIL import Image
 
 ARCFACE_112 = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64
 )  # left eye, right eye (image left/right), nose tip, left / right mouth corner
 BLAZE_NAMES = ("eye_image_left", "eye_image_right", "nose_tip", "mouth_centre", "ear_image_left", "ear_image_right")
 FAN_FILE = "2DFAN4-11f355bf06.pth.tar"
@@ -171,27 +172,62 @@ def five_points_from_68(p: np.ndarray) -> np.ndarray:
     return np.stack([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]]).astype(np.float32)
 
 
-def similarity_to_template(points: np.ndarray) -> np.ndarray:
-    """(5, 2) or BlazeFace (6, 2) points -> (3, 3) similarity matrix mapping them onto ARCFACE_112."""
-    from skimage.transform import SimilarityTransform
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation) taking ``src`` to ``dst``
+    (Umeyama 1991, what skimage's ``SimilarityTransform`` and InsightFace's alignment estimate).
+    src, dst: (K, 2) -> (2, 3) float64 matrix."""
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s0, d0 = src - mu_s, dst - mu_d
+    cov = d0.T @ s0 / src.shape[0]
+    u, sig, vt = np.linalg.svd(cov)
+    d = np.ones(2)
+    if np.linalg.det(cov) < 0:
+        d[-1] = -1
+    r = u @ np.diag(d) @ vt
+    var_s = (s0 ** 2).sum() / src.shape[0]
+    scale = (sig * d).sum() / var_s if var_s > 0 else 1.0
+    m = np.zeros((2, 3))
+    m[:, :2] = scale * r
+    m[:, 2] = mu_d - scale * r @ mu_s
+    return m
 
-    if len(points) == 5:
-        src, dst = points, ARCFACE_112
-    else:  # BlazeFace: eyes, nose, mouth centre
-        src = points[:4]
-        dst = np.vstack([ARCFACE_112[:3], ARCFACE_112[3:].mean(0)])
-    t = SimilarityTransform.from_estimate(src, dst) if hasattr(SimilarityTransform, "from_estimate") else None
-    if t is None:
-        t = SimilarityTransform()
-        t.estimate(src, dst)
-    return np.asarray(t.params, dtype=np.float64)
+
+def template_points(n: int, size: int = 112) -> np.ndarray:
+    """The template points ``n`` detected points map to: the 5 of :data:`ARCFACE_112`, or for
+    BlazeFace's 4 used points (eyes, nose tip, mouth centre) the mouth corners' mean; scaled to ``size``."""
+    t = ARCFACE_112.astype(np.float64) * (size / 112.0)
+    return t if n == 5 else np.vstack([t[:3], t[3:].mean(0)])
 
 
-def warp_112(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Warp (H, W, 3) uint8 with the forward similarity ``matrix`` -> (112, 112, 3) uint8 (bilinear)."""
-    inv = np.linalg.inv(matrix)  # PIL maps output pixels back to input pixels
-    coeffs = tuple(inv[0, :3]) + tuple(inv[1, :3])
-    return np.asarray(Image.fromarray(image).transform((112, 112), Image.AFFINE, coeffs, resample=Image.BILINEAR))
+def similarity_to_template(points: np.ndarray, size: int = 112) -> np.ndarray:
+    """(5, 2) or BlazeFace (6, 2) points -> (3, 3) similarity matrix mapping them onto the template."""
+    src = np.asarray(points, dtype=np.float64)
+    src = src if len(src) == 5 else src[:4]  # BlazeFace: eyes, nose tip, mouth centre (not the ears)
+    return np.vstack([similarity_transform(src, template_points(len(src), size)), [0.0, 0.0, 1.0]])
+
+
+def warp_affine(image, matrix: np.ndarray, size: int = 112) -> np.ndarray:
+    """OpenCV's ``warpAffine(image, matrix[:2], (size, size))`` (InsightFace's alignment convention,
+    bilinear, zeros outside) through PIL: output pixel index p reads the input at index
+    ``matrix^-1 p``. image: PIL image or uint8 (H, W, 3); matrix (2, 3) or (3, 3). -> uint8 (size, size, 3)."""
+    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    m = np.asarray(matrix, dtype=np.float64)
+    inv = np.linalg.inv(np.vstack([m[:2], [0.0, 0.0, 1.0]]))[:2]
+    a, b, c = inv[0]
+    d, e, f = inv[1]
+    # PIL samples input index a(x+.5)+b(y+.5)+c-.5 for output index x: shift c, f to OpenCV's a x + b y + c
+    coeffs = (a, b, c + 0.5 - 0.5 * (a + b), d, e, f + 0.5 - 0.5 * (d + e))
+    out = im.convert("RGB").transform((size, size), Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=(0, 0, 0))
+    return np.asarray(out, dtype=np.uint8)
+
+
+def align_face(image, points: np.ndarray, size: int = 112) -> np.ndarray:
+    """``image`` warped so its 5 (or BlazeFace's 6) points land on the InsightFace template: the one
+    alignment of ``data align`` and the IJB protocol. -> uint8 (size, size, 3) RGB."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return warp_affine(image, similarity_to_template(pts, size), size)
 
 
 def _detector(kind: str, device: str, weights, fan_random: bool = False):
@@ -224,11 +260,10 @@ def align_folder(raw: str | os.PathLike, out: str | os.PathLike, *, detector: st
         if fan is not None:
             pts = five_points_from_68(fan([im], [box])[0][0])
         m = similarity_to_template(pts)
-        mapped = (m[:2, :2] @ pts[: len(pts) if len(pts) == 5 else 4].T).T + m[:2, 2]
-        target = ARCFACE_112 if len(pts) == 5 else np.vstack([ARCFACE_112[:3], ARCFACE_112[3:].mean(0)])
-        residuals.append(float(np.abs(mapped - target).max()))
+        used = pts[: len(pts) if len(pts) == 5 else 4]
+        residuals.append(float(np.abs((m[:2, :2] @ used.T).T + m[:2, 2] - template_points(len(used))).max()))
         buf = io.BytesIO()
-        Image.fromarray(warp_112(im, m)).save(buf, format="PNG")
+        Image.fromarray(warp_affine(im, m)).save(buf, format="PNG")
         atomic_write_bytes(buf.getvalue(), out / path.relative_to(raw).with_suffix(".png"))
         aligned += 1
     return {"images": len(files), "aligned": aligned, "no_face": no_face, "max_residual_px": residuals}

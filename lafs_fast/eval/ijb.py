@@ -24,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from lafs_fast.data.align import ARCFACE_112 as ARCFACE_TEMPLATE  # the one template and alignment
+from lafs_fast.data.align import align_face, similarity_transform
 from lafs_fast.eval.embedder import Embedder
 from lafs_fast.eval.metrics import DEFAULT_FARS, l2_normalise
 from lafs_fast.eval.verification import SetResult, evaluate_scores
@@ -32,13 +34,6 @@ __all__ = [
     "ARCFACE_TEMPLATE", "IJBMeta", "find_target", "read_ijb", "similarity_transform", "align_face",
     "template_features", "template_pair_scores", "evaluate_ijb", "is_ijb_root",
 ]
-
-# InsightFace's 5-point destination for 112x112 faces: eyes, nose tip, mouth corners (x, y) px.
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float64,
-)
-
 
 @dataclass
 class IJBMeta:
@@ -115,49 +110,6 @@ def read_ijb(root: str | Path, target: str | None = None) -> IJBMeta:
         tm = tm[[where[n] for n in names]]
     return IJBMeta(root, t, names, lm[:, :10].reshape(-1, 5, 2), lm[:, 10], tm[:, 0].astype(np.int64),
                    tm[:, 1].astype(np.int64), pairs[:, :2].astype(np.int64), pairs[:, 2] > 0.5)
-
-
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, translation) taking src to dst (Umeyama 1991,
-    as skimage's ``SimilarityTransform.estimate``). src, dst: (K, 2) -> (2, 3) float64 matrix."""
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    s0, d0 = src - mu_s, dst - mu_d
-    cov = d0.T @ s0 / src.shape[0]
-    u, sig, vt = np.linalg.svd(cov)
-    d = np.ones(2)
-    if np.linalg.det(cov) < 0:
-        d[-1] = -1
-    r = u @ np.diag(d) @ vt
-    var_s = (s0 ** 2).sum() / src.shape[0]
-    scale = (sig * d).sum() / var_s if var_s > 0 else 1.0
-    m = np.zeros((2, 3))
-    m[:, :2] = scale * r
-    m[:, 2] = mu_d - scale * r @ mu_s
-    return m
-
-
-def align_face(image, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
-    """Warp ``image`` (PIL image or uint8 (H, W, 3)) so its 5 points land on ``ARCFACE_TEMPLATE``.
-
-    Same sampling as OpenCV's ``warpAffine(img, M, (112, 112))``: output pixel index p reads the
-    input at index ``M^-1 p`` (bilinear, zeros outside). Returns uint8 (size, size, 3) RGB.
-    """
-    from PIL import Image
-
-    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-    im = im.convert("RGB")
-    dst = ARCFACE_TEMPLATE * (size / 112.0)
-    m = similarity_transform(np.asarray(landmarks, dtype=np.float64).reshape(5, 2), dst)
-    inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))[:2]
-    a, b, c = inv[0]
-    d, e, f = inv[1]
-    # PIL samples input index a(x+.5)+b(y+.5)+c-.5 for output index x: shift c, f to OpenCV's a x + b y + c.
-    c_pil = c + 0.5 - 0.5 * (a + b)
-    f_pil = f + 0.5 - 0.5 * (d + e)
-    out = im.transform((size, size), Image.AFFINE, (a, b, c_pil, d, e, f_pil), resample=Image.BILINEAR, fillcolor=(0, 0, 0))
-    return np.asarray(out, dtype=np.uint8)
 
 
 def template_features(feats: np.ndarray, templates: np.ndarray, medias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
