@@ -34,6 +34,10 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from lafs_fast.config import ViewsConfig
+
+_V = ViewsConfig()  # the spec's view values (docs/method.md section 3)
+
 __all__ = [
     "ViewSpec",
     "ViewParams",
@@ -54,34 +58,45 @@ _BICUBIC_A = -0.75  # PyTorch / torchvision tensor bicubic
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """One view's recipe; defaults are spec section 3's shared values (no blur, no solarize).
+    """One view's recipe; defaults are the shared values of ``ViewsConfig`` (docs/method.md section 3:
+    no blur, no solarize), read from the config so that the numbers live in one place.
 
     Probabilities in [0, 1]; jitter strengths in torchvision's ColorJitter sense (brightness 0.4
     -> factor uniform in [0.6, 1.4], hue 0.1 -> shift uniform in [-0.1, 0.1]); blur radius = the
     Gaussian sigma in px; solarize threshold in uint8 units (pixels >= 128/255 are inverted).
     """
 
-    scale: tuple[float, float] = (0.4, 1.0)
+    scale: tuple[float, float] = (_V.crop_scale_min, _V.crop_scale_max)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    gray_p: float = 0.2
+    flip_p: float = _V.flip_p
+    jitter_p: float = _V.jitter_p
+    brightness: float = _V.brightness
+    contrast: float = _V.contrast
+    saturation: float = _V.saturation
+    hue: float = _V.hue
+    gray_p: float = _V.grayscale_p
     blur_p: float = 0.0
-    blur_radius: tuple[float, float] = (0.1, 2.0)
+    blur_radius: tuple[float, float] = (_V.blur_radius_min, _V.blur_radius_max)
     solarize_p: float = 0.0
-    solarize_threshold: float = 128.0
+    solarize_threshold: float = float(_V.solarize_threshold)
 
 
-def lafs_view_specs(num_local: int = 8) -> list[ViewSpec]:
-    """The LAFS pre-training views: global 1 (blur p 1.0), global 2 (blur p 0.1, solarize p 0.2),
-    then ``num_local`` locals (blur p 0.5). All share RandomResizedCrop(scale 0.4-1), flip 0.5,
-    jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2 (the reference's local views use the same
-    scale range as the global ones)."""
-    return [ViewSpec(blur_p=1.0), ViewSpec(blur_p=0.1, solarize_p=0.2)] + [ViewSpec(blur_p=0.5)] * num_local
+def lafs_view_specs(num_local: int | None = None, views: ViewsConfig | None = None) -> list[ViewSpec]:
+    """The pre-training views of ``views`` (default: the spec's): ``n_global`` globals alternating
+    global 1 (blur p ``blur_p_global1``) and global 2 (blur p ``blur_p_global2``, solarize p
+    ``solarize_p_global2``), then ``num_local`` (default ``n_local``) locals (blur p ``blur_p_local``).
+    All share the crop, flip, jitter and grayscale values; LAFS locals use the global crop scale (the
+    reference's), the DINO baseline's locals ``local_scale_*``."""
+    v = views or _V
+    base = dict(flip_p=v.flip_p, jitter_p=v.jitter_p, brightness=v.brightness, contrast=v.contrast,
+                saturation=v.saturation, hue=v.hue, gray_p=v.grayscale_p,
+                blur_radius=(v.blur_radius_min, v.blur_radius_max), solarize_threshold=float(v.solarize_threshold))
+    scale = (v.crop_scale_min, v.crop_scale_max)
+    glob = [ViewSpec(scale=scale, blur_p=v.blur_p_global1, **base),
+            ViewSpec(scale=scale, blur_p=v.blur_p_global2, solarize_p=v.solarize_p_global2, **base)]
+    local_scale = scale if v.mode == "lafs" else (v.local_scale_min, v.local_scale_max)
+    n_local = v.n_local if num_local is None else num_local
+    return [glob[i % 2] for i in range(v.n_global)] + [ViewSpec(scale=local_scale, blur_p=v.blur_p_local, **base)] * n_local
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch.nn as nn
 from lafs_fast.augment import augment_views
 from lafs_fast.config import ModelConfig, ViewsConfig
 from lafs_fast.dense_landmarks import DetectorLandmarks, views_from_source
-from lafs_fast.kernels.views import ViewSpec
+from lafs_fast.kernels.views import ViewSpec, lafs_view_specs
 from lafs_fast.models import LandmarkCNN, image_grid_tokens
 from lafs_fast.sampling import grid_landmarks, sample_patches
 
@@ -123,17 +123,9 @@ class ViewBatch:
 
 
 def view_specs(v: ViewsConfig) -> tuple[list[ViewSpec], list[ViewSpec]]:
-    """The global and local ViewSpecs of a ViewsConfig (blur / solarize per view as in the spec)."""
-    base = dict(flip_p=v.flip_p, jitter_p=v.jitter_p, brightness=v.brightness, contrast=v.contrast,
-                saturation=v.saturation, hue=v.hue, gray_p=v.grayscale_p,
-                blur_radius=(v.blur_radius_min, v.blur_radius_max), solarize_threshold=float(v.solarize_threshold))
-    scale = (v.crop_scale_min, v.crop_scale_max)
-    glob = [ViewSpec(scale=scale, blur_p=v.blur_p_global1, **base),
-            ViewSpec(scale=scale, blur_p=v.blur_p_global2, solarize_p=v.solarize_p_global2, **base)]
-    glob = [glob[i % 2] for i in range(v.n_global)]
-    local_scale = scale if v.mode == "lafs" else (v.local_scale_min, v.local_scale_max)
-    local = [ViewSpec(scale=local_scale, blur_p=v.blur_p_local, **base)] * v.n_local
-    return glob, local
+    """The global and local ViewSpecs of a ViewsConfig (``kernels.views.lafs_view_specs``, split)."""
+    specs = lafs_view_specs(views=v)
+    return specs[: v.n_global], specs[v.n_global:]
 
 
 def _seed(seed: int, k: int) -> int:
