@@ -1,4 +1,8 @@
-"""Stages 0 and 2 (LAFS_SPEC.md sections 2 and 4): supervised Part fViT training with a margin head.
+"""Stages 0 and 2 (docs/method.md sections 2 and 4): supervised Part fViT training with a margin head.
+
+Three files: this one (the stage and the landmark regulariser's schedule), ``supervised_augment.py``
+(FaceAugment, erasing, Mixup), ``supervised_model.py`` (building the model and its weights, the
+optimiser groups).
 
 One stage serves both; they differ only in what is loaded and what is regularised:
 
@@ -40,11 +44,7 @@ sampling; integer labels only, so Mixup is switched off with it, said in the log
 
 from __future__ import annotations
 
-import copy
 import json
-import math
-import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,25 +54,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lafs_fast.config import Config, ModelConfig
-from lafs_fast.io import atomic_save, safe_load
-from lafs_fast.models import LandmarkCNN, PartFViT, build_backbone, build_landmark_cnn, build_margin_head
-from lafs_fast.models.checkpoints import detect_format, infer_model_config, load_into, model_file, split_reference
-from lafs_fast.kernels.patch_sampling import normalise_images
+from lafs_fast.config import Config
+from lafs_fast.io import atomic_save
+from lafs_fast.models import LandmarkCNN, PartFViT
+from lafs_fast.models.checkpoints import model_file
 from lafs_fast.models.sharded_head import ShardedMarginHead
-from lafs_fast.train.engine import CHECKPOINT_FORMAT, Plan, Stage, StepContext
+from lafs_fast.train.engine import Plan, Stage, StepContext
+
+# the stage's parts, re-exported: augmentation (supervised_augment.py) and model building (supervised_model.py)
+from lafs_fast.train.supervised_augment import FaceAugment, apply_mixup, build_mixup, random_erase  # noqa: E402,F401
+from lafs_fast.train.supervised_model import (  # noqa: E402,F401
+    ARCH_FIELDS, build_supervised_model, layer_id, read_weights, supervised_param_groups,
+)
 
 __all__ = [
     "LANDMARK_LAMBDA", "landmark_lambda", "landmark_lambda_schedule", "SupervisedStage", "FaceAugment",
-    "build_mixup", "layer_id", "supervised_param_groups", "read_weights", "build_supervised_model",
-    "ARCH_FIELDS",
+    "build_mixup", "apply_mixup", "random_erase", "layer_id", "supervised_param_groups", "read_weights",
+    "build_supervised_model", "ARCH_FIELDS",
 ]
 
 # (first epoch, lambda): the regulariser's weight from that epoch on (spec section 4)
 LANDMARK_LAMBDA: tuple[tuple[int, float], ...] = ((0, 1000.0), (8, 100.0), (14, 1.0), (21, 0.11), (28, 0.0))
 
-# ModelConfig fields that fix the architecture (taken from a loaded backbone, not from the preset)
-ARCH_FIELDS = ("dim", "depth", "heads", "head_dim", "mlp_dim", "num_patches", "patch_size", "attn_scale", "image_size")
 
 
 def landmark_lambda(epoch: int) -> float:
@@ -88,295 +91,6 @@ def landmark_lambda_schedule(plan: Plan, enabled: bool = True) -> np.ndarray:
     """Per-step lambda (total_steps,) float64, constant within an epoch (zeros when disabled)."""
     per_epoch = np.array([landmark_lambda(e) if enabled else 0.0 for e in range(plan.epochs)], dtype=np.float64)
     return np.repeat(per_epoch, plan.steps_per_epoch)
-
-
-# --------------------------------------------------------------------------------------------------
-# augmentation
-
-
-def _randaug_ops(cfg: Config) -> list:
-    """timm's RandAugment ops without the Solarize ops (the face recipe): the increasing-severity
-    variants (timm's ``inc1``), so that the small face magnitudes (m = 1 or 2) are mild changes
-    (the original Posterize / Color / Contrast / Brightness / Sharpness are strongest at m = 0)."""
-    from lafs_fast import _torchvision_fix  # noqa: F401 - timm imports torchvision
-    from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, rand_augment_ops
-
-    f = cfg.finetune
-    names = [n for n in _RAND_INCREASING_TRANSFORMS if "Solarize" not in n]
-    hparams = {"magnitude_std": f.randaug_std, "img_mean": (128, 128, 128)}
-    return rand_augment_ops(magnitude=f.randaug_magnitude, prob=f.randaug_p, hparams=hparams, transforms=names)
-
-
-class FaceAugment:
-    """The stage-2 augmentation of a batch of source faces.
-
-    ``__call__(images (B, H, W, 3) uint8, seed) -> (B, 3, S, S) float32 in [-1, 1]`` on the images'
-    device. ``mode``: "cpu" (PIL / timm per sample, the full recipe), "gpu" (view kernel + device
-    erasing, no RandAugment), "none" (resize-free normalisation only). Reproducible from ``seed``
-    without touching the global RNG streams.
-    """
-
-    def __init__(self, cfg: Config, mode: str = "cpu") -> None:
-        if mode not in ("cpu", "gpu", "none"):
-            raise ValueError(f"unknown augmentation mode {mode!r}; choose cpu, gpu or none")
-        f = cfg.finetune
-        for key in ("randaug_p", "erase_p", "crop_scale_min"):
-            if not 0.0 <= getattr(f, key) <= 1.0:
-                raise ValueError(f"config key 'finetune.{key}' must lie in [0, 1], got {getattr(f, key)}")
-        self.cfg, self.mode, self.size = cfg, mode, cfg.model.image_size
-        self._cpu = None
-        if mode == "cpu":
-            self._cpu = self._build_cpu()
-
-    def describe(self) -> str:
-        f = self.cfg.finetune
-        if self.mode == "none":
-            return "augmentation: none (normalise only)"
-        common = f"RandomResizedCrop({self.size}, scale ({f.crop_scale_min}, 1)), flip, ColorJitter {f.jitter}"
-        erase = f"RandomErasing p {f.erase_p}"
-        ra = f"RandAugment {f.randaug_ops} ops p {f.randaug_p} m ~ N({f.randaug_magnitude}, {f.randaug_std}) without Solarize"
-        if self.mode == "gpu":
-            return f"augmentation (on the device: view kernel + vectorised RandAugment): {common}, {ra}, {erase}"
-        return f"augmentation (cpu, PIL/timm per sample): {common}, {ra}, {erase}"
-
-    def _build_cpu(self):
-        from lafs_fast import _torchvision_fix  # noqa: F401
-        from timm.data.auto_augment import RandAugment
-        from timm.data.random_erasing import RandomErasing
-        from torchvision import transforms as T
-
-        f = self.cfg.finetune
-        j = f.jitter
-        pil = T.Compose([
-            T.RandomResizedCrop(self.size, scale=(f.crop_scale_min, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.ColorJitter(j, j, j, j),
-            RandAugment(_randaug_ops(self.cfg), num_layers=f.randaug_ops),
-            T.ToTensor(),
-            T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # x/255*2-1
-        ])
-        erase = RandomErasing(f.erase_p, min_area=0.02, max_area=0.1, mode="const", device="cpu")
-        return pil, erase
-
-    def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
-            raise ValueError(f"faces must be uint8 (B, H, W, 3), got {tuple(images.shape)} {images.dtype}")
-        if self.mode == "none":
-            x = normalise_images(images)
-            if x.shape[-1] != self.size:
-                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-            return x.contiguous()
-        if self.mode == "gpu":
-            return self._gpu(images, seed)
-        return self._cpu_batch(images, seed)
-
-    def _cpu_batch(self, images: torch.Tensor, seed: int) -> torch.Tensor:
-        from PIL import Image
-
-        pil, erase = self._cpu
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            # torchvision draws from torch's global RNG, timm from `random` (ops, magnitudes, erasing)
-            # and numpy (RandAugment's op choice): all keyed by the step seed, then restored
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed % 2**32)
-                arr = images.cpu().numpy()
-                out = torch.stack([erase(pil(Image.fromarray(a))) for a in arr])
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-        return out.to(images.device, non_blocking=True)
-
-    def _gpu(self, images: torch.Tensor, seed: int) -> torch.Tensor:
-        from lafs_fast.augment import augment_views
-        from lafs_fast.kernels.views import ViewSpec
-
-        f = self.cfg.finetune
-        spec = ViewSpec(scale=(f.crop_scale_min, 1.0), flip_p=0.5, jitter_p=1.0, brightness=f.jitter, contrast=f.jitter,
-                        saturation=f.jitter, hue=f.jitter, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
-        from lafs_fast.train.randaugment import rand_augment
-
-        gen = torch.Generator(device=images.device).manual_seed(int(seed))
-        x = augment_views(images, [spec], generator=gen, out_size=self.size, interpolation="bilinear").augmented[:, 0]
-        if f.randaug_ops > 0 and f.randaug_p > 0:
-            x255 = rand_augment((x.float() + 1) * 127.5, gen, f.randaug_magnitude, f.randaug_std, f.randaug_ops, f.randaug_p)
-            x = x255 / 127.5 - 1
-        return random_erase(x, f.erase_p, gen)
-
-
-def random_erase(x: torch.Tensor, p: float, gen: torch.Generator, area: tuple[float, float] = (0.02, 0.1),
-                 log_ratio: tuple[float, float] = (math.log(0.3), math.log(1 / 0.3))) -> torch.Tensor:
-    """Vectorised RandomErasing (timm's ``const`` mode: the box is set to 0) on (B, C, H, W): with
-    probability ``p`` per image one box of area fraction U(area) and log-aspect U(log_ratio); a
-    box that does not fit is dropped (timm retries 10 times; one try here)."""
-    b, _, h, w = x.shape
-    dev = x.device
-    u = torch.rand((b, 5), generator=gen, device=dev)
-    target = (area[0] + (area[1] - area[0]) * u[:, 0]) * h * w
-    ratio = torch.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[:, 1])
-    eh = torch.sqrt(target * ratio).round()
-    ew = torch.sqrt(target / ratio).round()
-    ok = (u[:, 2] < p) & (eh < h) & (ew < w) & (eh > 0) & (ew > 0)
-    top = ((h - eh + 1) * u[:, 3]).floor()
-    left = ((w - ew + 1) * u[:, 4]).floor()
-    ys = torch.arange(h, device=dev)[None, :, None]
-    xs = torch.arange(w, device=dev)[None, None, :]
-    box = (ys >= top[:, None, None]) & (ys < (top + eh)[:, None, None]) & (xs >= left[:, None, None]) & (xs < (left + ew)[:, None, None])
-    return x.masked_fill((box & ok[:, None, None])[:, None], 0.0)
-
-
-def build_mixup(cfg: Config, num_classes: int):
-    """timm's Mixup (alpha ``finetune.mixup_alpha``, per-batch probability ``finetune.mixup_p``, no
-    cutmix, no label smoothing) or None when off."""
-    f = cfg.finetune
-    if f.mixup_alpha <= 0 or f.mixup_p <= 0:
-        return None
-    from lafs_fast import _torchvision_fix  # noqa: F401
-    from timm.data import Mixup
-
-    return Mixup(mixup_alpha=f.mixup_alpha, cutmix_alpha=0.0, prob=f.mixup_p, mode="batch", label_smoothing=0.0,
-                 num_classes=num_classes)
-
-
-def apply_mixup(mixup, x: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mixed images, soft targets (B, C) fp32 summing to one); timm draws from numpy's global RNG,
-    keyed here by ``seed`` and restored afterwards. timm pairs the batch with its reverse and needs
-    an even batch: an odd one (e.g. a corrupt image skipped by the loader) passes unmixed."""
-    if x.shape[0] % 2:
-        return x, F.one_hot(labels.long(), mixup.num_classes).float()
-    state = np.random.get_state()
-    try:
-        np.random.seed(seed % 2**32)
-        x, targets = mixup(x.clone(), labels)  # timm mixes in place
-    finally:
-        np.random.set_state(state)
-    return x, targets.float()
-
-
-# --------------------------------------------------------------------------------------------------
-# optimiser groups
-
-
-def layer_id(name: str, depth: int) -> int:
-    """fViT parameter name (PartFViT naming) -> layer: embeddings 0, block i -> i + 1, the rest depth + 1."""
-    if name.startswith("backbone."):
-        rest = name[len("backbone."):]
-        if rest.startswith(("cls_token", "pos_embedding", "patch_to_embedding")):
-            return 0
-        m = re.match(r"transformer\.layers\.(\d+)\.", rest)
-        if m:
-            return int(m.group(1)) + 1
-    return depth + 1
-
-
-def supervised_param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
-    """AdamW groups: (landmark CNN | rest) x (decay | no decay) x layer; ``wd_mult`` is relative to
-    ``optim.weight_decay`` (the engine's schedule), ``lr_mult`` the layer decay factor."""
-    o = cfg.optim
-    depth = cfg.model.depth
-    base_wd = o.weight_decay
-    lm_mult = (o.landmark_weight_decay / base_wd) if base_wd > 0 else 0.0
-    groups: dict[tuple[bool, bool, int], dict[str, Any]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        landmark = name.startswith("landmark_cnn.")
-        plain = p.ndim <= 1 or name.endswith(".bias")
-        lid = layer_id(name, depth)
-        key = (landmark, plain, lid)
-        if key not in groups:
-            wd_mult = 0.0 if plain else (lm_mult if landmark else 1.0)
-            lr_mult = o.layer_decay ** (depth + 1 - lid) if o.layer_decay != 1.0 else 1.0
-            groups[key] = {"params": [], "lr_mult": lr_mult, "wd_mult": wd_mult, "name": f"{'landmark' if landmark else 'vit'}{'-nodecay' if plain else ''}-l{lid}"}
-        groups[key]["params"].append(p)
-    return list(groups.values())
-
-
-# --------------------------------------------------------------------------------------------------
-# loading weights
-
-
-def read_weights(path: str | Path) -> dict[str, Any]:
-    """Any checkpoint the supervised stages read -> {"model": ModelConfig, "backbone": sd | None,
-    "landmark_cnn": sd | None, "source": str}.
-
-    Accepts a lafs-fast model file (``teacher.pt``, ``part_fvit.pt``, ``checkpoint import``), a
-    lafs-fast training checkpoint (``ckpt-*.pt`` of any stage: its model file), the reference's
-    LAFS SSL checkpoint (teacher weights) or Part fViT state dict.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    obj = safe_load(path)
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        if not obj.get("model_file"):
-            raise ValueError(f"{path} is a training checkpoint without a model file")
-        obj = obj["model_file"]
-    kind = detect_format(obj)
-    if kind == "lafs-fast":
-        mcfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in obj["model"].items()})
-        return {"model": mcfg, "backbone": obj.get("backbone"), "landmark_cnn": obj.get("landmark_cnn"), "source": f"{path} (lafs-fast: {obj.get('source', '?')})"}
-    parts = split_reference(obj, "teacher")
-    mcfg = infer_model_config(parts["backbone"]) if parts["backbone"] else ModelConfig()
-    return {"model": mcfg, "backbone": parts["backbone"] or None, "landmark_cnn": parts["landmark_cnn"], "source": f"{path} ({kind})"}
-
-
-def build_supervised_model(cfg: Config, num_classes: int, stage: int, init: str | None = None,
-                           landmarks: str | None = None, say=print) -> tuple[Config, PartFViT, LandmarkCNN | None]:
-    """(cfg with the loaded architecture, PartFViT with its margin head, reference landmark CNN or None).
-
-    Stage 0: everything from scratch (``init`` may still give starting weights). Stage 2: the fViT
-    from ``init``, the landmark CNN from ``landmarks`` (default: ``init``'s own when it has one;
-    "scratch" = a fresh one). The reference landmark CNN (a frozen copy, eval mode) exists only in
-    stage 2 with a loaded landmark CNN: without one the regulariser has nothing to hold it to.
-    Missing pieces in stage 2 are allowed (random weights) and said through ``say``.
-    """
-    cfg = copy.deepcopy(cfg)
-    backbone_sd = landmark_sd = None
-    if init:
-        w = read_weights(init)
-        if w["backbone"] is None:
-            raise ValueError(f"{init} holds no fViT backbone")
-        changed = [f"{k} {getattr(cfg.model, k)} -> {getattr(w['model'], k)}" for k in ARCH_FIELDS if getattr(cfg.model, k) != getattr(w["model"], k)]
-        for k in ARCH_FIELDS:
-            setattr(cfg.model, k, getattr(w["model"], k))
-        if changed:
-            say(f"[supervised] architecture from {w['source']}: {', '.join(changed)}")
-        say(f"[supervised] fViT from {w['source']}")
-        backbone_sd = w["backbone"]
-        if w["landmark_cnn"] is not None and landmarks is None:
-            landmark_sd = w["landmark_cnn"]
-            say(f"[supervised] landmark CNN from {init}")
-    elif stage == 2:
-        say("[supervised] note: no --init: the fViT starts from random weights (pass teacher.pt from lafs-fast pretrain "
-            "or the reference's SSL checkpoint)")
-    if landmarks and landmarks != "scratch":
-        lw = read_weights(landmarks)
-        if lw["landmark_cnn"] is None:
-            raise ValueError(f"{landmarks} holds no landmark CNN; pass a stage-0 (train-landmarks) or Part fViT checkpoint")
-        landmark_sd = lw["landmark_cnn"]
-        say(f"[supervised] landmark CNN from {lw['source']}")
-    if stage == 2 and landmark_sd is None:
-        say("[supervised] note: landmark CNN from scratch (no --landmarks): the landmark regulariser is off")
-    f = cfg.finetune
-    head = None
-    if f.shard_classes:
-        head = ShardedMarginHead(cfg.model.dim, num_classes, f.head, f.scale, f.margin, f.sample_rate)
-    else:
-        head = build_margin_head(f.head, cfg.model.dim, num_classes, f.scale, f.margin)
-    landmark_cnn = build_landmark_cnn(cfg.model)
-    backbone = build_backbone(cfg.model)
-    if backbone_sd is not None:
-        load_into(backbone, backbone_sd, f"{init}: backbone")
-    if landmark_sd is not None:
-        load_into(landmark_cnn, landmark_sd, f"{landmarks or init}: landmark CNN")
-    model = PartFViT(landmark_cnn, backbone, head)
-    ref = None
-    if stage == 2 and landmark_sd is not None:
-        ref = copy.deepcopy(landmark_cnn).eval().requires_grad_(False)
-    return cfg, model, ref
 
 
 # --------------------------------------------------------------------------------------------------

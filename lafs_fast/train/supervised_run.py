@@ -239,13 +239,13 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
         if opts.get("check") and info.is_main and not opts.get("resume"):
             before = heldout_check(model, info.device, resolve_precision(cfg.train.precision, info.device))
             say(f"[{name}] held-out check before: {format_check(before)}")
+        barrier(info)
+        engine = Engine(cfg, st, loader, info, out, resume=opts.get("resume"), progress=opts.get("progress", True),
+                        overwrite=opts.get("overwrite", False))  # claims the run folder before anything is written there
         if val_sets and info.is_main and not opts.get("resume"):
             summary_before = st.validate(0)  # the starting point (and best.pt until training beats it)
         else:
             summary_before = None
-        barrier(info)
-        engine = Engine(cfg, st, loader, info, out, resume=opts.get("resume"), progress=opts.get("progress", True),
-                        overwrite=opts.get("overwrite", False))
         say(f"[{name}] {engine.plan.total_steps} steps ({engine.plan.epochs} epochs x {engine.plan.steps_per_epoch}), global batch "
             f"{engine.plan.global_batch}, peak lr {engine.schedules['lr'].max():.2e}, precision {engine.precision}, compile {cfg.train.compile}")
         result = engine.fit()
