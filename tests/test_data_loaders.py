@@ -12,7 +12,7 @@ from PIL import Image
 
 from lafs_fast.data import make_loader
 from lafs_fast.data.loaders import num_batches, shard_indices
-from lafs_fast.data.recordio import write_identity_dataset
+from lafs_fast.data.recordio_writer import write_identity_dataset
 from lafs_fast.data.synthetic import SyntheticFaces
 
 try:

@@ -13,13 +13,12 @@ from lafs_fast.data.recordio import (
     CorruptRecordError,
     RecordIOError,
     RecordIOReader,
-    RecordIOWriter,
     decode_record,
     encode_record,
     pack,
     unpack,
-    write_identity_dataset,
 )
+from lafs_fast.data.recordio_writer import RecordIOWriter, write_identity_dataset
 
 MAGIC = b"\x0a\x23\xd7\xce"  # 0xced7230a little-endian
 

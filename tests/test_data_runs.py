@@ -12,7 +12,7 @@ from PIL import Image
 
 from lafs_fast.cli import main
 from lafs_fast.config import config_to_dict, load_config
-from lafs_fast.data.recordio import write_identity_dataset
+from lafs_fast.data.recordio_writer import write_identity_dataset
 from lafs_fast.data.synthetic import SyntheticFaces
 from lafs_fast.train import pretrain, supervised_run
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from lafs_fast.cli import main
 from lafs_fast.data import RecordIOReader, SyntheticFaces, make_loader
-from lafs_fast.data.recordio import write_identity_dataset
+from lafs_fast.data.recordio_writer import write_identity_dataset
 from lafs_fast.data.subsets import make_subset
 
 

@@ -17,7 +17,7 @@ from lafs_fast.augment import augment_views
 from lafs_fast.config import load_config
 from lafs_fast.data import SyntheticFaces
 from lafs_fast.data.align import SHARED_BLAZEFACE, sidecar_path
-from lafs_fast.data.recordio import write_identity_dataset
+from lafs_fast.data.recordio_writer import write_identity_dataset
 from lafs_fast.dense_landmarks import DetectorLandmarks, LandmarkSidecar, thin_plate_weights, views_from_source
 from lafs_fast.kernels.views import ViewSpec
 from lafs_fast.sampling import sample_patches

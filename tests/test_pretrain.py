@@ -324,7 +324,7 @@ def test_knn_data_skips_and_names_a_corrupt_record(tmp_path):
 
     from PIL import Image
 
-    from lafs_fast.data.recordio import write_identity_dataset
+    from lafs_fast.data.recordio_writer import write_identity_dataset
 
     faces = SyntheticFaces(2, 2, seed=3).batch(range(4))[0].numpy()
 

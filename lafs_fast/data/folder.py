@@ -19,7 +19,7 @@ from typing import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from lafs_fast.data.recordio import IdentityRecWriter
+from lafs_fast.data.recordio_writer import IdentityRecWriter
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pnm", ".tif", ".tiff", ".webp", ".gif"}
 

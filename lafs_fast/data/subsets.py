@@ -13,7 +13,8 @@ import os
 
 import numpy as np
 
-from lafs_fast.data.recordio import IdentityRecWriter, RecordIOReader, read_meta
+from lafs_fast.data.recordio import RecordIOReader, read_meta
+from lafs_fast.data.recordio_writer import IdentityRecWriter
 
 
 def choose_subset(identities: list[tuple[int, np.ndarray]], *, shots: int | None, fraction: float, seed: int) -> list[tuple[int, np.ndarray]]:
