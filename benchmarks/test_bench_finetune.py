@@ -40,7 +40,7 @@ from lafs_fast.data import SyntheticFaces
 from lafs_fast.launch import DistInfo
 from lafs_fast.models import build_backbone, build_landmark_cnn
 from lafs_fast.models.checkpoints import model_file
-from lafs_fast.train.engine import StepContext
+from lafs_fast.train.engine import compile_stage, StepContext
 from lafs_fast.train.supervised import FaceAugment, SupervisedStage, apply_mixup, build_supervised_model, supervised_param_groups
 from lafs_fast.train.supervised_run import stage_defaults
 
@@ -85,9 +85,8 @@ def step_flops(stage: SupervisedStage) -> float:
 def _fast_step(stage: SupervisedStage, device: torch.device, images: torch.Tensor, labels: torch.Tensor, compile_: bool,
                bf16: bool | None = None):
     """bf16: autocast (default: on CUDA only; the GPU cases' dry run turns it on on the CPU)."""
-    if compile_:
-        stage.model.backbone.attention_for(device)
-        stage.model.backbone.compile(dynamic=False, backend=COMPILE_BACKEND)
+    if compile_:  # exactly what the engine does (train.compile: regional, per fViT block)
+        compile_stage(stage, device, backend=COMPILE_BACKEND)
     opt = torch.optim.AdamW(supervised_param_groups(stage.model, stage.cfg), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
     bf16 = device.type == "cuda" if bf16 is None else bf16
     count = [0]

@@ -37,7 +37,7 @@ from lafs_fast.data import SyntheticFaces
 from lafs_fast.launch import DistInfo
 from lafs_fast.train.dino import DinoStage
 from lafs_fast.train.dino import ema_update
-from lafs_fast.train.engine import StepContext, clip_gradients, param_groups
+from lafs_fast.train.engine import compile_stage, StepContext, clip_gradients, param_groups
 from lafs_fast.views import grid_landmarks
 
 # the dry run's toy model: one narrow block, a small DINO head (the views keep their real shapes)
@@ -66,12 +66,8 @@ def _fast_step(cfg: Config, device: torch.device, images: torch.Tensor, compile_
     """bf16: autocast (default: on CUDA only; the GPU cases' dry run turns it on on the CPU)."""
     torch.manual_seed(0)
     stage = DinoStage(cfg, device)
-    if compile_:  # as the engine does (train.compile): attention backend fixed first, then compile
-        for mod in stage.compile_targets():
-            for sub in mod.modules():
-                if hasattr(sub, "attention_for"):
-                    sub.attention_for(device)
-            mod.compile(dynamic=False, backend=COMPILE_BACKEND)
+    if compile_:  # exactly what the engine does (train.compile: regional, per fViT block)
+        compile_stage(stage, device, backend=COMPILE_BACKEND)
     params = [p for g in param_groups(stage.model) for p in g["params"]]
     opt = torch.optim.AdamW(param_groups(stage.model), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
     bf16 = device.type == "cuda" if bf16 is None else bf16

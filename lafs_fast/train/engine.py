@@ -59,7 +59,7 @@ from lafs_fast.logs import RUN_LOGGER, log_to_file, run_logging_active
 from lafs_fast.train.run_folder import RunLock, check_run_folder
 
 __all__ = [
-    "Stage", "StepContext", "Plan", "Engine", "FitResult", "NonFiniteLoss", "Preempted", "cosine_schedule",
+    "Stage", "StepContext", "Plan", "Engine", "FitResult", "NonFiniteLoss", "Preempted", "compile_stage", "cosine_schedule",
     "linear_then_constant", "param_groups", "clip_gradients", "list_checkpoints", "latest_checkpoint",
     "load_checkpoint", "CHECKPOINT_FORMAT",
 ]
@@ -279,6 +279,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+def compile_stage(stage: Stage, device: torch.device, backend: str = "inductor") -> None:
+    """``train.compile``: each of the stage's compile targets, after its attention backend is fixed for
+    ``device``; a module with ``compile_blocks`` (the fViT) compiles its repeated blocks (regional
+    compilation: one block's graph per shape instead of the whole depth), anything else compiles
+    whole. What the engine does, and what the benchmarks time."""
+    for m in stage.compile_targets():
+        for sub in m.modules():
+            if hasattr(sub, "attention_for"):
+                sub.attention_for(device)
+        regional = getattr(m, "compile_blocks", None)
+        if regional is not None:
+            regional(dynamic=False, backend=backend)
+        else:
+            m.compile(dynamic=False, backend=backend)
+
+
 # --------------------------------------------------------------------------------------------------
 # the engine
 
@@ -330,19 +346,8 @@ class Engine:
                 raise ValueError(f"stage schedule {k!r} has {len(v)} steps, the run has {self.plan.total_steps}")
             self.schedules[k] = v
 
-        # compile before DDP wraps (DDP over compiled submodules), after the attention backend is fixed;
-        # a module with ``compile_blocks`` (the fViT) compiles its repeated blocks (regional compilation:
-        # one block's graph per shape instead of the whole depth), anything else compiles whole
-        if cfg.train.compile:
-            for m in stage.compile_targets():
-                for sub in m.modules():
-                    if hasattr(sub, "attention_for"):
-                        sub.attention_for(self.device)
-                regional = getattr(m, "compile_blocks", None)
-                if regional is not None:
-                    regional(dynamic=False)
-                else:
-                    m.compile(dynamic=False)
+        if cfg.train.compile:  # before DDP wraps (DDP over compiled submodules)
+            compile_stage(stage, self.device)
         self.model: nn.Module = stage.model
         if dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
