@@ -1,4 +1,4 @@
-"""Reference-style baselines the fast paths are measured against, written from LAFS_SPEC.md.
+"""Reference-style baselines the fast paths are measured against, written from docs/method.md.
 
 Each function is self-contained (others may add baselines to this file):
 

@@ -2,7 +2,7 @@
 
 The reference (Part fViT / LAFS) samples one 8x8 patch per landmark with a Python loop of
 ``F.grid_sample`` calls. This twin computes the same numbers with ONE grid_sample call over a
-(B, L, P*P) grid. Conventions (LAFS_SPEC.md section 2):
+(B, L, P*P) grid. Conventions (docs/method.md section 2):
 
 - patch element (a, b), a, b in 0..P-1, has offsets o = a - P/2, q = b - P/2 (-4..3 for P = 8);
 - normalised grid point ``u = (x + o) / (H / 2) - 1``, ``v = (y + q) / (H / 2) - 1`` (the reference

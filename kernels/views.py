@@ -1,7 +1,7 @@
 """LAFS multi-view augmentation: per-view random parameters and the torch twin (CPU path, oracle).
 
 A batch of source faces (B, H, W, 3) uint8 -> V views per image, each written twice with the same
-geometry (LAFS_SPEC.md section 3):
+geometry (docs/method.md section 3):
 
 - clean view: RandomResizedCrop + horizontal flip, normalised ``x / 255 * 2 - 1`` (what the frozen
   landmark CNN sees);

@@ -4,7 +4,7 @@ One config tree serves every stage::
 
     cfg = load_config(preset="small", yaml_path=None, overrides=["model.dim=256", "optim.epochs=3"])
 
-Presets: ``reference`` (every value of LAFS_SPEC.md; the dataclass defaults) and ``small`` (fast on
+Presets: ``reference`` (every value of docs/method.md; the dataclass defaults) and ``small`` (fast on
 a CPU). Unknown keys and values of the wrong type or outside a field's choices are rejected with the
 key's name (ValueError). ``lafs-fast config show --preset P k=v ...`` prints the resolved tree.
 """
@@ -38,7 +38,7 @@ def doc(default: Any, help: str) -> Any:  # noqa: A002
 
 @dataclass
 class ModelConfig:
-    """The fViT backbone and the landmark CNN (LAFS_SPEC.md section 2)."""
+    """The fViT backbone and the landmark CNN (docs/method.md section 2)."""
 
     image_size: int = doc(112, "input face size (aligned, square)")
     patch_size: int = doc(8, "patch side P; a token has 3*P*P values")
@@ -61,7 +61,7 @@ class ModelConfig:
 
 @dataclass
 class DinoConfig:
-    """Stage 1 (LAFS_SPEC.md section 3): DINO head, temperatures, EMA, centering."""
+    """Stage 1 (docs/method.md section 3): DINO head, temperatures, EMA, centering."""
 
     out_dim: int = doc(100_000, "prototypes of the weight-normed last layer")
     hidden_dim: int = 2048
@@ -79,7 +79,7 @@ class DinoConfig:
 
 @dataclass
 class ViewsConfig:
-    """LAFS landmark multi-crop (LAFS_SPEC.md section 3)."""
+    """LAFS landmark multi-crop (docs/method.md section 3)."""
 
     mode: str = choice("lafs", "lafs", "dino", help="landmark views, or the DINO-face baseline (image grids)")
     landmarks: str = doc("grid", "'grid', 'detector', or a stage-0 / reference checkpoint path")
@@ -133,7 +133,7 @@ class OptimConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Stages 0 and 2 (LAFS_SPEC.md section 4)."""
+    """Stages 0 and 2 (docs/method.md section 4)."""
 
     head: str = choice("cosface", "cosface", "arcface")
     scale: float = 64.0

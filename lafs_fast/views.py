@@ -1,4 +1,4 @@
-"""LAFS landmark multi-crop views (LAFS_SPEC.md section 3), and the DINO-face image-grid baseline.
+"""LAFS landmark multi-crop views (docs/method.md section 3), and the DINO-face image-grid baseline.
 
 Per source face, ``n_global`` dense + ``n_local`` sparse views, all made on the batch's device:
 

@@ -1,6 +1,6 @@
 """InsightFace / MXNet RecordIO (``.rec`` + ``.idx`` + ``property``), read and written without MXNet.
 
-Format (dmlc-core recordio + mxnet.recordio, LAFS_SPEC section 6):
+Format (dmlc-core recordio + mxnet.recordio, docs/method.md section 6):
 
 - a record on disk: ``uint32 magic = 0xced7230a``, ``uint32 lrec`` (upper 3 bits: continuation flag
   ``cflag``, lower 29 bits: length), ``length`` payload bytes, zero padding to a multiple of 4 bytes.

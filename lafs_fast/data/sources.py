@@ -16,7 +16,7 @@ from lafs_fast.data.synthetic import SyntheticFaces, parse_spec
 log = logging.getLogger("lafs_fast.data")
 
 
-# How the public InsightFace releases store channels (LAFS_SPEC section 6), matched against the rec's
+# How the public InsightFace releases store channels (docs/method.md section 6), matched against the rec's
 # path when the rec has no lafs_fast.json; pass color_order= to make_loader to override.
 DATASET_COLOR_ORDER = {
     "ms1mv3": "BGR", "ms1m": "BGR", "faces_emore": "BGR",  # packed from cv2 arrays: BGR in the JPEGs

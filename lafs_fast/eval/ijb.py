@@ -7,7 +7,7 @@ Layout (InsightFace's ``IJB_release/IJBC``; IJB-B the same with ``ijbb``)::
     ROOT/meta/ijbc_face_tid_mid.txt                  "<name> <template id> <media id>"
     ROOT/meta/ijbc_template_pair_label.txt           "<template 1> <template 2> <0|1>"
 
-Protocol (LAFS_SPEC.md section 5, as InsightFace's ``ijb_11.py`` with its defaults):
+Protocol (docs/method.md section 5, as InsightFace's ``ijb_11.py`` with its defaults):
 1. 5-point similarity alignment (Umeyama) onto the ArcFace 112x112 template, bilinear, zero border;
 2. flip test: raw embedding of the face plus that of its mirror, NOT normalised;
 3. times the detector score; averaged per media within a template, the media means summed per

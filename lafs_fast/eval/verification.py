@@ -1,6 +1,6 @@
 """1:1 verification on InsightFace ``.bin`` sets (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW).
 
-Protocol (LAFS_SPEC.md section 5), explicit so that numbers can be reproduced:
+Protocol (docs/method.md section 5), explicit so that numbers can be reproduced:
 1. decode each image to 112x112 RGB (resized if stored at another size);
 2. embed it and its horizontal flip, sum the two raw embeddings, L2-normalise;
 3. score each pair by cosine similarity;

@@ -1,6 +1,6 @@
 """Reference checkpoints in and out, and lafs-fast's own model file.
 
-Reference formats (LAFS_SPEC.md section 7):
+Reference formats (docs/method.md section 8):
 - Part fViT: one flat state dict (``cls_token``, ``transformer.layers.N...``, ``stn.features...``,
   ``output_layer.1...``, ``loss.weight``), possibly under ``module.`` (DataParallel);
 - LAFS SSL: ``{"student": sd, "teacher": sd, ...}`` whose keys carry ``module.`` and/or

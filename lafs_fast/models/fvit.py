@@ -1,7 +1,7 @@
 """fViT: the Part fViT / LAFS backbone, with the reference's semantics and state-dict names.
 
 Module names follow the reference (``transformer.layers.N.0.fn.fn.to_qkv`` ...) so a reference
-state dict loads with no key mapping (LAFS_SPEC.md section 7). Semantics (section 2):
+state dict loads with no key mapping (docs/method.md section 8). Semantics (section 2):
 
 - tokens (B, N, 192) -> ``patch_to_embedding`` -> prepend CLS -> add ``pos_embedding[:, :N+1]``
   (a 36-token view uses positions 0..36) -> embedding dropout;

@@ -1,7 +1,7 @@
 """The landmark CNN of Part fViT: a MobileNetV3-Large trunk that regresses 196 (x, y) points.
 
-The trunk reproduces the reference's own MobileNetV3 variant layer for layer (LAFS_SPEC.md
-section 7; NOT timm's or torchvision's layout) so reference weights load unchanged:
+The trunk reproduces the reference's own MobileNetV3 variant layer for layer (docs/method.md
+section 8; NOT timm's or torchvision's layout) so reference weights load unchanged:
 ``features.0`` = conv 3->16 s2 + BN + hard-swish; ``features.1..15`` = bottlenecks whose ``conv`` is
 [1x1 expand, BN, act, kxk depthwise, BN, SE-or-identity, act, 1x1 project, BN]. 2,809,816 params.
 Head: mean over H, W -> Dropout(0.5) -> Linear(160, 392) -> per-sample min-max over all 392

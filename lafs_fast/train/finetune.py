@@ -1,4 +1,4 @@
-"""`lafs-fast finetune`: stage 2, LAFS fine-tuning of a Part fViT (LAFS_SPEC.md section 4).
+"""`lafs-fast finetune`: stage 2, LAFS fine-tuning of a Part fViT (docs/method.md section 4).
 
 The fViT from a stage-1 teacher, the landmark CNN from stage 0, both trainable; CosFace / ArcFace,
 the lambda-scheduled landmark regulariser, Mixup, face RandAugment, few-shot subsets, verification

@@ -1,4 +1,4 @@
-"""`lafs-fast train-landmarks`: stage 0, Part fViT trained end to end from scratch (LAFS_SPEC.md
+"""`lafs-fast train-landmarks`: stage 0, Part fViT trained end to end from scratch (docs/method.md
 section 2): landmark CNN -> patch sampler (coordinate gradient) -> fViT -> margin head.
 
 Its ``part_fvit.pt`` feeds ``lafs-fast pretrain --landmarks`` and ``lafs-fast finetune --landmarks``.
