@@ -176,6 +176,11 @@ def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1) -> dict[in
     elastic_log = logging.getLogger("torch.distributed.elastic")
     level = elastic_log.level
     elastic_log.setLevel(logging.CRITICAL)  # its per-failure report repeats what RankFailed says in one line
+    # a worker that ends with os._exit (its error already written) leaves a semaphore that
+    # multiprocessing's resource tracker would report at exit: not news (the tracker inherits this)
+    quiet = "ignore:resource_tracker:UserWarning"
+    if quiet not in os.environ.get("PYTHONWARNINGS", ""):
+        os.environ["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w)
     with tempfile.TemporaryDirectory(prefix="lafs-fast-errors-") as errors:
         os.environ[_ERROR_DIR_ENV] = errors  # the spawned workers inherit it
         try:
