@@ -27,6 +27,11 @@ through the small :class:`Stage` interface; the engine owns everything else:
 
 Randomness of the data path is keyed by ``StepContext.seed`` (a function of run seed, rank, step
 and micro-batch), so it needs no saved state to resume.
+
+Why this file is long (~700 lines): the loop, its state and its checkpoints are one object on
+purpose: what a checkpoint holds (model, optimiser, schedules' step, stage state, every rank's RNG,
+the loader's position, the sharded parameters) is exactly what the loop reads, and resume is tested
+bit for bit against it. The run folder's rules live in ``run_folder.py``, messages in ``logs.py``.
 """
 
 from __future__ import annotations
