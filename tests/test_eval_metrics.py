@@ -5,14 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from lafs_fast.eval.metrics import kfold_accuracy, pair_scores, roc_curve, tar_at_far
+from lafs_fast.eval.metrics import exact_thresholds, insightface_thresholds, kfold_accuracy, pair_scores, roc_curve, tar_at_far
 
 
 def test_kfold_threshold_comes_from_the_other_folds():
     # Distances d = 2 - 2 cos are exact binary fractions: 0.25, 1.75 | 0.75, 1.25.
     scores = np.array([0.875, 0.125, 0.625, 0.375])
     same = np.array([True, False, True, False])
-    r = kfold_accuracy(scores, same, nfolds=2)
+    r = kfold_accuracy(scores, same, nfolds=2, thresholds=insightface_thresholds())
     # fold 1 is tested with the threshold learnt on fold 2 (first t > 0.75: t = 0.76) -> both right;
     # fold 2 with the threshold of fold 1 (first t > 0.25: t = 0.26) -> its genuine pair (d 0.75) fails.
     assert r.fold_accuracy == [1.0, 0.5]
@@ -26,7 +26,7 @@ def test_kfold_fold_sizes_follow_sklearn_kfold():
     same[32] = True
     scores = np.where(same, 0.75, rng.uniform(-0.5, 0.0, 103))  # genuine d = 0.5: t = 0.51 everywhere
     scores[32] = -0.9  # one hopeless genuine pair, the last of fold 3 (folds of 11, 11, 11, 10, ...)
-    r = kfold_accuracy(scores, same, 10)
+    r = kfold_accuracy(scores, same, 10, insightface_thresholds())
     expect = [1.0] * 10
     expect[2] = 10 / 11
     assert r.fold_accuracy == pytest.approx(expect)
@@ -90,7 +90,34 @@ def test_threshold_step_resolves_crowded_scores():
 
     same = np.tile([True, False], 50)
     scores = np.where(same, 0.9999, 0.9990)  # d = 2e-4 vs 2e-3: both below InsightFace's first step
-    assert evaluate_scores("x", scores, same).accuracy == 0.5
+    assert evaluate_scores("x", scores, same, threshold_step=0.01).accuracy == 0.5
     assert evaluate_scores("x", scores, same, threshold_step=1e-4).accuracy == 1.0
+    assert evaluate_scores("x", scores, same).accuracy == 1.0  # default: exact thresholds
     with pytest.raises(ValueError, match="threshold step"):
         evaluate_scores("x", scores, same, threshold_step=0)
+
+
+def test_exact_thresholds_find_what_the_grid_misses(gen):
+    # a collapsed model: every cosine within 0.9993 +- 2e-4 (squared distances within 0.0014 +- 4e-4),
+    # genuine pairs slightly closer; InsightFace's grid has one threshold (0.01) above all of them
+    rng = np.random.default_rng(gen.initial_seed())
+    same = np.tile([True, False], 300)
+    scores = 0.9993 + np.where(same, 1e-4, -1e-4) + rng.normal(0, 1e-4, 600)
+    grid = kfold_accuracy(scores, same, 10, insightface_thresholds())
+    exact = kfold_accuracy(scores, same, 10)
+    assert grid.accuracy == pytest.approx(0.5)
+    assert exact.accuracy > 0.75
+    # each fold's exact threshold is the best possible on the other folds: brute force over every cut
+    d = 2 - 2 * scores
+    folds = np.array_split(np.arange(600), 10)
+    for k, test in enumerate(folds):
+        train = np.setdiff1d(np.arange(600), test)
+        cuts = np.r_[-np.inf, np.sort(d[train]) + 1e-15]
+        best = max(((d[train] < c) == same[train]).mean() for c in cuts)
+        t = 2 - 2 * exact.fold_threshold[k]
+        assert ((d[train] < t) == same[train]).mean() == pytest.approx(best)
+
+
+def test_exact_thresholds_lie_between_the_scores():
+    t = exact_thresholds(np.array([0.5, 0.1, 0.5, 0.3]))
+    np.testing.assert_allclose(t, [-0.9, 0.2, 0.4, 1.5])

@@ -68,9 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sets", nargs="+", help=".bin files, folders of .bin files, or IJB-B/C roots (meta/ + loose_crop/)")
     p.add_argument("--out", default=None, help="folder for results.json, results.txt and <set>_scores.npz")
     p.add_argument("--nfolds", type=_folds, default=10, help="folds of the .bin accuracy protocol (default 10)")
-    p.add_argument("--threshold-step", type=float, default=0.01,
-                   help="squared-distance threshold grid of the k-fold search (default 0.01, InsightFace's; finer for "
-                        "models whose scores crowd together)")
+    p.add_argument("--threshold-step", type=float, default=None,
+                   help="search the k-fold threshold on a squared-distance grid of this step (InsightFace's: 0.01, for "
+                        "comparison with published tables); default: exact, every midpoint between sorted scores")
     p.add_argument("--far", type=probability, nargs="+", default=list(DEFAULT_FARS), help="FARs for TAR (default 1e-6 .. 1e-1)")
     p.add_argument("--far-rule", default="at_most", choices=("at_most", "nearest"),
                    help="at_most: best TAR with FPR <= FAR (default); nearest: InsightFace IJB script's nearest ROC point")
@@ -109,10 +109,13 @@ def resolve_sets(paths: list[str]) -> list[tuple[str, Path]]:
 
 def run(args: argparse.Namespace) -> int:
     from lafs_fast.eval.ijb import evaluate_ijb
+    from lafs_fast.eval.metrics import insightface_thresholds
     from lafs_fast.eval.verification import evaluate_bin, format_table, pct, save_results
     from lafs_fast.io import check_writable_dir
 
     sets = resolve_sets(args.sets)  # fail on a bad path before loading the model
+    if args.threshold_step is not None:
+        insightface_thresholds(args.threshold_step)  # a bad step fails here, not after embedding
     if args.out:
         check_writable_dir(args.out)
     emb = make_embedder(args, flip=not args.no_flip)
@@ -141,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         for r in results:
             for note in r.notes:
                 print(f"note ({r.name}): {note}")
-        print(f"protocol: {protocol}; .bin accuracy over {args.nfolds} folds, each fold's threshold chosen on the others; "
+        search = "exact thresholds" if args.threshold_step is None else f"threshold grid step {args.threshold_step:g} (squared distance)"
+        print(f"protocol: {protocol}; .bin accuracy over {args.nfolds} folds, each fold's threshold chosen on the others ({search}); "
               f"TAR@FAR rule {args.far_rule}")
     if args.out:
         path = save_results(args.out, results, meta)

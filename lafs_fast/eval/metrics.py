@@ -1,10 +1,14 @@
 """Verification metrics: k-fold accuracy (InsightFace protocol), ROC, TAR at FAR.
 
 Scores are cosine similarities of L2-normalised embeddings (higher = more alike). The k-fold
-accuracy follows InsightFace's ``calculate_roc`` exactly: squared Euclidean distance
-``d = 2 - 2 cos`` against thresholds ``0, 0.01, ..., 3.99``, a pair is "same" when ``d < t``; the
-pairs are cut into k contiguous folds (sklearn ``KFold(shuffle=False)`` sizes); for each fold the
-threshold with the best accuracy on the OTHER k-1 folds (first one on ties) is applied to it.
+accuracy follows InsightFace's ``calculate_roc``: squared Euclidean distance ``d = 2 - 2 cos``, a
+pair is "same" when ``d < t``; the pairs are cut into k contiguous folds (sklearn
+``KFold(shuffle=False)`` sizes); for each fold the threshold with the best accuracy on the OTHER k-1
+folds (first one on ties) is applied to it. The candidate thresholds are by default EXACT, as an ROC
+takes them: every midpoint between consecutive distinct distances of the other folds (and one below
+and one above all of them), so no accuracy reachable on those folds is missed. InsightFace's grid
+``0, 0.01, ..., 3.99`` (:func:`insightface_thresholds`) is kept for comparison with published tables;
+it misses the best threshold when the scores crowd closer than its step (a weak or collapsed model).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
-    "DEFAULT_FARS", "KFoldResult", "kfold_accuracy", "roc_curve", "tar_at_far", "l2_normalise", "pair_scores",
+    "DEFAULT_FARS", "KFoldResult", "kfold_accuracy", "exact_thresholds", "insightface_thresholds", "roc_curve", "tar_at_far", "l2_normalise", "pair_scores",
 ]
 
 DEFAULT_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -54,6 +58,21 @@ def _accuracy(dist2: np.ndarray, same: np.ndarray, thresholds: np.ndarray) -> np
     return (true_accepts + true_rejects) / dist2.shape[0]
 
 
+def insightface_thresholds(step: float = 0.01) -> np.ndarray:
+    """InsightFace's squared-distance grid ``arange(0, 4, step)`` (its step: 0.01). (T,) float64."""
+    if not 0 < step <= 0.5:
+        raise ValueError(f"threshold step must lie in (0, 0.5], got {step}")
+    return np.arange(0, 4, step)
+
+
+def exact_thresholds(dist2: np.ndarray) -> np.ndarray:
+    """Every distinct accuracy of "same when d < t" over distances dist2 (n,): one threshold below all
+    of them, the midpoint of each pair of consecutive distinct sorted distances, one above all.
+    (U + 1,) float64 ascending, U = distinct distances."""
+    u = np.unique(np.asarray(dist2, dtype=np.float64))
+    return np.r_[u[0] - 1.0, (u[:-1] + u[1:]) / 2, u[-1] + 1.0]
+
+
 def kfold_accuracy(scores: np.ndarray, issame: np.ndarray, nfolds: int = 10,
                    thresholds: np.ndarray | None = None) -> KFoldResult:
     """k-fold verification accuracy, threshold chosen on the other folds (module doc).
@@ -62,7 +81,8 @@ def kfold_accuracy(scores: np.ndarray, issame: np.ndarray, nfolds: int = 10,
         scores: (P,) cosine similarities of L2-normalised embeddings.
         issame: (P,) bool.
         nfolds: k (10 for every standard set); needs at least k pairs.
-        thresholds: squared-distance thresholds; default InsightFace's ``arange(0, 4, 0.01)``.
+        thresholds: squared-distance thresholds, e.g. :func:`insightface_thresholds`; None (default):
+            exact, :func:`exact_thresholds` of each fold's training pairs.
     Returns: :class:`KFoldResult`; thresholds reported as cosine ``1 - t / 2``.
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -71,12 +91,13 @@ def kfold_accuracy(scores: np.ndarray, issame: np.ndarray, nfolds: int = 10,
         raise ValueError(f"scores {scores.shape} and issame {same.shape} must have the same length")
     if nfolds < 2 or scores.shape[0] < nfolds:
         raise ValueError(f"k-fold accuracy needs nfolds >= 2 and at least nfolds pairs; got {nfolds} folds, {scores.shape[0]} pairs")
-    thr = np.arange(0, 4, 0.01) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    grid = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
     dist2 = 2.0 - 2.0 * scores
     folds = np.array_split(np.arange(scores.shape[0]), nfolds)  # == sklearn KFold(n_splits, shuffle=False)
     accs, chosen = [], []
     for k, test in enumerate(folds):
         train = np.concatenate([f for j, f in enumerate(folds) if j != k])
+        thr = exact_thresholds(dist2[train]) if grid is None else grid
         best = int(np.argmax(_accuracy(dist2[train], same[train], thr)))  # first maximum, as InsightFace
         accs.append(float(_accuracy(dist2[test], same[test], thr[best:best + 1])[0]))
         chosen.append(float(1.0 - thr[best] / 2.0))

@@ -4,8 +4,8 @@ Protocol (docs/method.md section 5), explicit so that numbers can be reproduced:
 1. decode each image to 112x112 RGB (resized if stored at another size);
 2. embed it and its horizontal flip, sum the two raw embeddings, L2-normalise;
 3. score each pair by cosine similarity;
-4. 10-fold accuracy, the threshold of each fold chosen on the other nine (InsightFace's grid of
-   squared-distance thresholds), reported as mean +- std over folds; plus TAR at FAR over the whole
+4. 10-fold accuracy, the threshold of each fold chosen on the other nine (exact: every midpoint of
+   the sorted scores; or InsightFace's grid of squared-distance thresholds), reported as mean +- std over folds; plus TAR at FAR over the whole
    set (``metrics.tar_at_far``), NaN where the set has too few impostor pairs for that FAR.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from lafs_fast.data.binfile import load_bin
 from lafs_fast.eval.embedder import Embedder, decode_face
-from lafs_fast.eval.metrics import DEFAULT_FARS, kfold_accuracy, l2_normalise, tar_at_far
+from lafs_fast.eval.metrics import DEFAULT_FARS, insightface_thresholds, kfold_accuracy, l2_normalise, tar_at_far
 from lafs_fast.io import atomic_write_bytes
 
 __all__ = ["SetResult", "pct", "evaluate_scores", "evaluate_bin", "format_table", "save_results", "save_scores", "load_scores"]
@@ -56,16 +56,16 @@ class SetResult:
 
 def evaluate_scores(name: str, scores: np.ndarray, issame: np.ndarray, nfolds: int = 10,
                     fars: Sequence[float] = DEFAULT_FARS, kind: str = "bin", far_rule: str = "at_most",
-                    threshold_step: float = 0.01) -> SetResult:
+                    threshold_step: float | None = None) -> SetResult:
     """Metrics of pair scores (P,) float against issame (P,) bool; k-fold accuracy when ``nfolds``,
-    over squared-distance thresholds ``arange(0, 4, threshold_step)`` (InsightFace: 0.01)."""
+    over exact thresholds (``threshold_step`` None) or the squared-distance grid
+    ``arange(0, 4, threshold_step)`` (InsightFace: 0.01)."""
     scores = np.asarray(scores, dtype=np.float64)
     issame = np.asarray(issame, dtype=bool)
     res = SetResult(name, kind, int(scores.shape[0]), int(issame.sum()), scores=scores, labels=issame)
     if nfolds:
-        if not 0 < threshold_step <= 0.5:
-            raise ValueError(f"threshold step must lie in (0, 0.5], got {threshold_step}")
-        k = kfold_accuracy(scores, issame, nfolds, np.arange(0, 4, threshold_step))
+        grid = None if threshold_step is None else insightface_thresholds(threshold_step)
+        k = kfold_accuracy(scores, issame, nfolds, grid)
         res.accuracy, res.std, res.threshold, res.fold_accuracy = k.accuracy, k.std, k.threshold, k.fold_accuracy
     res.tar = tar_at_far(scores, issame, tuple(fars), rule=far_rule)
     n_neg = res.pairs - res.genuine
@@ -75,7 +75,7 @@ def evaluate_scores(name: str, scores: np.ndarray, issame: np.ndarray, nfolds: i
 
 
 def evaluate_bin(embedder: Embedder, path: str | Path, nfolds: int = 10, fars: Sequence[float] = DEFAULT_FARS,
-                 progress: bool = True, workers: int = 4, threshold_step: float = 0.01) -> SetResult:
+                 progress: bool = True, workers: int = 4, threshold_step: float | None = None) -> SetResult:
     """Read a ``.bin`` safely, embed with flip-sum (the embedder's setting), score, measure."""
     bs = load_bin(path)
 

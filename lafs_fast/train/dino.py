@@ -1,4 +1,4 @@
-"""DINO for LAFS (LAFS_SPEC.md section 3): student / teacher fViT + DINO head, EMA teacher,
+"""DINO for LAFS (docs/method.md section 3): student / teacher fViT + DINO head, EMA teacher,
 centering, the multi-view cross-entropy, and the stage that plugs them into the engine.
 
 - :class:`MultiCrop`: backbone + head over a list of token tensors of different lengths (views of
@@ -32,6 +32,7 @@ from lafs_fast.launch import resolve_precision
 from lafs_fast.models import DINOHead, FViT, build_backbone
 from lafs_fast.models.checkpoints import model_file
 from lafs_fast.train.engine import Plan, Stage, StepContext, cosine_schedule, linear_then_constant, param_groups
+from lafs_fast.train.health import CollapseWatch, dino_health
 from lafs_fast.views import LafsViews
 
 __all__ = ["MultiCrop", "DINOLoss", "ema_update", "DinoStage", "build_dino_models"]
@@ -160,6 +161,7 @@ class DinoStage(Stage):
         self.views = (views or LafsViews(cfg.views, cfg.model, out_dtype=tok_dtype, detector=detector)).to(device)
         n_views = cfg.views.n_global + cfg.views.n_local
         self.loss_fn = DINOLoss(cfg.dino.out_dim, n_views, cfg.views.n_global, cfg.dino.student_temp, cfg.dino.center_momentum).to(device)
+        self.watch = CollapseWatch(cfg.dino.out_dim)
 
     # -- schedules and optimiser
 
@@ -175,14 +177,23 @@ class DinoStage(Stage):
 
     # -- one micro-batch
 
-    def forward_loss(self, model: nn.Module, batch: Any, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward_loss(self, model: nn.Module, batch: Any, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """-> (loss (), health metrics: () fp32 device tensors, :func:`lafs_fast.train.health.dino_health`)."""
         images = batch[0]
         vb = self.views(images, ctx.seed, positions=batch[2] if len(batch) > 2 else None)
-        with torch.no_grad():
-            teacher_out = self.teacher([vb.global_tokens])
+        with torch.no_grad():  # backbone then head: what MultiCrop does for one crop tensor, keeping the CLS for the health log
+            teacher_emb = self.teacher.backbone(vb.global_tokens)
+            teacher_out = self.teacher.head(teacher_emb)
         student_out = model(vb.crops())
-        loss = self.loss_fn(student_out, teacher_out, ctx.values["teacher_temp"])
-        return loss, {}
+        center = self.loss_fn.center.clone()  # the loss updates it in place after use
+        teacher_temp = ctx.values["teacher_temp"]
+        loss = self.loss_fn(student_out, teacher_out, teacher_temp)
+        return loss, dino_health(teacher_out, center, teacher_temp, loss, teacher_emb)
+
+    progress_keys = ("teacher_entropy", "teacher_batch_entropy")
+
+    def check_health(self, step: int, record: dict[str, float]) -> str | None:
+        return self.watch.update(step, record)
 
     def before_optimizer_step(self, model: nn.Module, ctx: StepContext) -> None:
         if ctx.epoch < self.cfg.dino.freeze_last_layer_epochs:

@@ -250,6 +250,14 @@ class Stage:
         its rows back on resume. Default: none."""
         return {}
 
+    # metrics of a step shown beside the loss on the progress bar
+    progress_keys: tuple[str, ...] = ()
+
+    def check_health(self, step: int, record: dict[str, float]) -> str | None:
+        """Every step's record on the host (``step`` counted as metrics.jsonl counts it, from 1):
+        a one-line warning to log (e.g. a collapse), or None."""
+        return None
+
 
 @dataclass
 class FitResult:
@@ -367,6 +375,7 @@ class Engine:
         self.step = 0
         self.last_checkpoint: Path | None = None
         self.history: list[dict[str, float]] = []
+        self._checked: dict[str, Any] = {}  # the latest step record on the host
         self._tb = None
         if resume is not None:
             if str(resume) == "auto":
@@ -637,7 +646,8 @@ class Engine:
                         or (cfg.ckpt_every_steps > 0 and self.step % cfg.ckpt_every_steps == 0)
                     if log or due:  # this step's loss is needed (or must be vetted) now
                         last_loss, unchecked = self._check_loss(*unchecked), None
-                    bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=f"{rate:.1f}")
+                    shown = {k: f"{self._checked[k]:.3g}" for k in self.stage.progress_keys if k in self._checked}
+                    bar.set_postfix(loss=f"{last_loss:.4f}", **shown, samples_s=f"{rate:.1f}")
                     if log:
                         record.update(step=self.step, epoch=epoch, samples_per_s=rate)
                         self._log_metrics(record)
@@ -682,6 +692,10 @@ class Engine:
         if not math.isfinite(value):
             raise NonFiniteLoss(f"loss is {value} at step {step} (epoch {epoch}); stopped, nothing saved after it; "
                                 f"last good checkpoint: {self.last_checkpoint or 'none'}")
+        self._checked = record
+        warning = self.stage.check_health(step + 1, record)
+        if warning:
+            self._log_line(warning)
         return value
 
     def _train_step(self, batches: Iterator[Any], epoch: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`lafs-fast pretrain`: stage 1, LAFS self-supervised pre-training (LAFS_SPEC.md section 3).
+"""`lafs-fast pretrain`: stage 1, LAFS self-supervised pre-training (docs/method.md section 3).
 
 With no arguments: the built-in synthetic faces and the ``small`` preset, a few minutes on two CPU
 cores, then a k-NN / verification check on held-out synthetic identities, printed before and after
