@@ -14,7 +14,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["reference_patch_loop", "torchvision_views_per_sample", "reference_lafs_tokens", "reference_part_fvit_forward", "synced"]
+__all__ = [
+    "reference_patch_loop",
+    "torchvision_views_per_sample",
+    "reference_lafs_tokens",
+    "reference_part_fvit_forward",
+    "synced",
+]
 
 
 def reference_patch_loop(images: torch.Tensor, coords: torch.Tensor, patch_size: int = 8) -> torch.Tensor:
@@ -56,9 +62,10 @@ def torchvision_views_per_sample(
     Returns:
         clean, augmented: (B, V, 3, S, S) float32 in [-1, 1].
     """
-    import lafs_fast  # noqa: F401  (makes torchvision importable on a CPU-only torch)
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import v2 as T
+
+    import lafs_fast  # noqa: F401  (makes torchvision importable on a CPU-only torch)
 
     interp = InterpolationMode.BICUBIC if bicubic else InterpolationMode.BILINEAR
     geo, photo = [], []
@@ -154,6 +161,7 @@ def reference_part_fvit_forward(landmark_cnn, backbone, head, images: torch.Tens
 def synced(fn):
     """``fn`` followed by a wait for the GPU (when CUDA is in use), so a benchmark times the work and
     not just its launch. Arguments pass through."""
+
     def run(*args, **kwargs):
         out = fn(*args, **kwargs)
         if torch.cuda.is_available() and torch.cuda.is_initialized():

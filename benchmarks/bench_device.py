@@ -27,12 +27,26 @@ if DRY:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["DRY", "CUDA", "DEVICE", "gpu", "size", "bench", "COMPILE_BACKEND", "sync", "timed_call", "ceilings",
-           "datasheet_bf16_flops", "record_ceilings"]
+__all__ = [
+    "DRY",
+    "CUDA",
+    "DEVICE",
+    "gpu",
+    "size",
+    "bench",
+    "COMPILE_BACKEND",
+    "sync",
+    "timed_call",
+    "ceilings",
+    "datasheet_bf16_flops",
+    "record_ceilings",
+]
 
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 DEVICE = torch.device("cpu" if DRY else "cuda")
-gpu = pytest.mark.skipif(not (CUDA or DRY), reason="needs CUDA with TRITON_INTERPRET unset or 0 (or LAFS_GPU_DRY_RUN=1)")
+gpu = pytest.mark.skipif(
+    not (CUDA or DRY), reason="needs CUDA with TRITON_INTERPRET unset or 0 (or LAFS_GPU_DRY_RUN=1)"
+)
 COMPILE_BACKEND = "eager" if DRY else "inductor"
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks, FLOP/s. NVIDIA's H100 and H200 datasheets list
@@ -88,9 +102,9 @@ def ceilings() -> dict[str, float]:
         times = sorted(timed_call(lambda: [fn() for _ in range(inner)]) / inner for _ in range(reps))
         return times[len(times) // 2]
 
-    copy_s = median_s(lambda: dst.copy_(src), 10)
-    mm_s = median_s(lambda: a @ b, 10)
-    del src, dst, a, b
+    copy_s = median_s(lambda: dst.copy_(src), 10)  # noqa: F821 - called before the del below
+    mm_s = median_s(lambda: a @ b, 10)  # noqa: F821
+    del src, dst, a, b  # free the device memory before the benchmarks proper
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
     return {"copy_GBps": round(2 * nbytes / copy_s / 1e9, 1), "matmul_TFLOPs": round(2 * n**3 / mm_s / 1e12, 1)}

@@ -49,8 +49,17 @@ def _engine(overrides: list[str], compile_: bool, steps: int):
     from lafs_fast.train.dino import DinoStage
     from lafs_fast.train.engine import Engine
 
-    cfg = load_config("small", None, [*overrides, f"train.compile={str(compile_).lower()}", "train.device=cpu",
-                                      f"optim.epochs=1", "optim.warmup_epochs=0"])
+    cfg = load_config(
+        "small",
+        None,
+        [
+            *overrides,
+            f"train.compile={str(compile_).lower()}",
+            "train.device=cpu",
+            "optim.epochs=1",
+            "optim.warmup_epochs=0",
+        ],
+    )
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     b, s = cfg.optim.batch_size, cfg.model.image_size
@@ -85,13 +94,25 @@ def main(argv: list[str]) -> int:
     _, comp, setup = _engine(overrides, True, 2)
     first, second = _step_times(comp, 2)
     m = cfg.model
-    print(json.dumps({
-        "overrides": overrides, "depth": m.depth, "dim": m.dim, "batch": cfg.optim.batch_size,
-        "tokens": [cfg.views.global_tokens, cfg.views.local_tokens], "pack": cfg.views.pack,
-        "compile_s": round(first - eager_t + setup, 2), "first_step_s": round(first, 2), "second_step_s": round(second, 3),
-        "eager_step_s": round(eager_t, 3), "unique_graphs": counters["stats"]["unique_graphs"],
-        "torch": torch.__version__, "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
-    }))
+    print(
+        json.dumps(
+            {
+                "overrides": overrides,
+                "depth": m.depth,
+                "dim": m.dim,
+                "batch": cfg.optim.batch_size,
+                "tokens": [cfg.views.global_tokens, cfg.views.local_tokens],
+                "pack": cfg.views.pack,
+                "compile_s": round(first - eager_t + setup, 2),
+                "first_step_s": round(first, 2),
+                "second_step_s": round(second, 3),
+                "eager_step_s": round(eager_t, 3),
+                "unique_graphs": counters["stats"]["unique_graphs"],
+                "torch": torch.__version__,
+                "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+            }
+        )
+    )
     return 0
 
 

@@ -65,7 +65,7 @@ class PeakAnon:
             self.peak = max(self.peak, _status("RssAnon"))
             self._stop.wait(self.every)
 
-    def __enter__(self) -> "PeakAnon":
+    def __enter__(self) -> PeakAnon:
         self._thread.start()
         return self
 
@@ -157,16 +157,25 @@ def run_tool(tool: str, work: Path, n: int) -> dict:
             assert table.points.shape == (n, 6, 2)
         else:
             raise ValueError(f"unknown tool {tool!r}; one of {', '.join(TOOLS)}, sidecar-write, sidecar-load")
-    return {"tool": tool, "n": n, "seconds": time.perf_counter() - t0, "heap_mb": (peak.peak - anon0) / 2**20,
-            "rss_mb": _status("VmHWM") / 2**20}
+    return {
+        "tool": tool,
+        "n": n,
+        "seconds": time.perf_counter() - t0,
+        "heap_mb": (peak.peak - anon0) / 2**20,
+        "rss_mb": _status("VmHWM") / 2**20,
+    }
 
 
 def measure(tool: str, work: Path, n: int, code: Path = ROOT) -> dict:
     """``run_tool`` in a fresh interpreter (so each peak is that tool's alone), importing lafs_fast
     from ``code`` (another checkout: a before/after comparison)."""
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    r = subprocess.run([sys.executable, __file__, "--child", tool, "--n", str(n), "--work", str(work)],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, __file__, "--child", tool, "--n", str(n), "--work", str(work)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"{tool} at {n} records failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -179,7 +188,11 @@ def table(rows: list[dict], sizes: list[int]) -> str:
     """Markdown: one row per tool, per size ``seconds / heap MB / rss MB``, then the growth
     from the smallest to the largest size (time ratio vs record ratio; heap growth per record)."""
     by = {(r["tool"], r["n"]): r for r in rows}
-    head = "| tool | " + " | ".join(f"{n:,} records: s / heap MB / rss MB" for n in sizes) + " | time growth | heap bytes per extra record |"
+    head = (
+        "| tool | "
+        + " | ".join(f"{n:,} records: s / heap MB / rss MB" for n in sizes)
+        + " | time growth | heap bytes per extra record |"
+    )
     lines = [head, "|" + "---|" * (len(sizes) + 3)]
     for tool in dict.fromkeys(r["tool"] for r in rows if r["tool"] in TOOLS):
         cells, have = [], [n for n in sizes if (tool, n) in by]
@@ -193,9 +206,16 @@ def table(rows: list[dict], sizes: list[int]) -> str:
         lines.append(f"| {tool} | " + " | ".join(cells) + f" | {growth} | {per} |")
     side = [r for r in rows if r["tool"].startswith("sidecar")]
     if side:
-        lines += ["", "| sidecar (6 points per face) | faces | s | heap MB | rss MB | points array MB |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| sidecar (6 points per face) | faces | s | heap MB | rss MB | points array MB |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in side:
-            lines.append(f"| {r['tool']} | {r['n']:,} | {r['seconds']:.2f} | {r['heap_mb']:.0f} | {r['rss_mb']:.0f} | {r['n'] * 48 / 2**20:.0f} |")
+            lines.append(
+                f"| {r['tool']} | {r['n']:,} | {r['seconds']:.2f} | {r['heap_mb']:.0f} | {r['rss_mb']:.0f} | "
+                f"{r['n'] * 48 / 2**20:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -223,13 +243,21 @@ def main(argv: list[str] | None = None) -> int:
         for tool in tools:
             rows.append(measure(tool, work, n, Path(args.code)))
             r = rows[-1]
-            print(f"{tool:>8} {n:>9,}: {r['seconds']:8.2f} s  heap {r['heap_mb']:7.1f} MB  rss {r['rss_mb']:7.1f} MB", file=sys.stderr, flush=True)
+            print(
+                f"{tool:>8} {n:>9,}: {r['seconds']:8.2f} s  heap {r['heap_mb']:7.1f} MB  rss {r['rss_mb']:7.1f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
     if args.sidecar:
         for tool in ("sidecar-write", "sidecar-load"):
             # the file is always written by this checkout's writer; --code changes who loads it
             rows.append(measure(tool, work, args.sidecar, ROOT if tool == "sidecar-write" else Path(args.code)))
             r = rows[-1]
-            print(f"{tool} {args.sidecar:,}: {r['seconds']:.2f} s  heap {r['heap_mb']:.1f} MB  rss {r['rss_mb']:.1f} MB", file=sys.stderr, flush=True)
+            print(
+                f"{tool} {args.sidecar:,}: {r['seconds']:.2f} s  heap {r['heap_mb']:.1f} MB  rss {r['rss_mb']:.1f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
     text = table(rows, sizes)
     print(text)
     if args.out:

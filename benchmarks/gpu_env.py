@@ -15,8 +15,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGES = ("torch", "triton", "numpy", "torchvision", "timm", "xformers", "pytest",
-            "pytest-benchmark", "nvidia-cuda-runtime-cu12")
+PACKAGES = (
+    "torch",
+    "triton",
+    "numpy",
+    "torchvision",
+    "timm",
+    "xformers",
+    "pytest",
+    "pytest-benchmark",
+    "nvidia-cuda-runtime-cu12",
+)
 
 
 def _run(cmd: list[str], timeout: float = 60) -> tuple[int, str]:
@@ -33,8 +42,16 @@ def collect() -> dict[str, object]:
         "command": os.environ.get("LAFS_GPU_RUN_CMD", " ".join(sys.argv)),
         "dry_run": os.environ.get("LAFS_GPU_DRY_RUN", "0") == "1",
         "python": platform.python_version(),
-        "env": {k: os.environ.get(k, "") for k in ("TRITON_INTERPRET", "OMP_NUM_THREADS", "LD_LIBRARY_PATH",
-                                                   "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")},
+        "env": {
+            k: os.environ.get(k, "")
+            for k in (
+                "TRITON_INTERPRET",
+                "OMP_NUM_THREADS",
+                "LD_LIBRARY_PATH",
+                "TORCHINDUCTOR_CACHE_DIR",
+                "TRITON_CACHE_DIR",
+            )
+        },
         "git_commit": _run(["git", "rev-parse", "HEAD"])[1] if Path(".git").exists() else "",
     }
     versions = {}
@@ -55,7 +72,9 @@ def collect() -> dict[str, object]:
         env["multiprocessors"] = props.multi_processor_count
     else:
         env["device"] = "cpu"
-    rc, out = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"])
+    rc, out = _run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"]
+    )
     env["nvidia_smi"] = out if rc == 0 else None
     env["driver"] = out.split(", ")[1] if rc == 0 and out.count(", ") >= 1 else None
     try:  # what `lafs-fast info --json` prints (in this process: one torch import less)

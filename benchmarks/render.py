@@ -29,7 +29,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-
 # ------------------------------------------------------------------------------------------ loading
 
 
@@ -113,7 +112,9 @@ def load(path: Path) -> dict:
         return load_out([path])
     data = json.loads(path.read_text())
     if "record" not in data:  # a plain pytest-benchmark JSON, or a run saved before records existed
-        data["record"] = _record({}, data.get("lafs_fast_info", {}), data.get("lafs_fast_command", ""), data.get("datetime", ""))
+        data["record"] = _record(
+            {}, data.get("lafs_fast_info", {}), data.get("lafs_fast_command", ""), data.get("datetime", "")
+        )
     return data
 
 
@@ -159,7 +160,11 @@ def _figures(e: dict) -> str:
     for key, unit in (("samples_per_s", "samples/s"), ("images_per_s", "images/s")):
         if key in e:
             out.append(f"{e[key]:,.0f} {unit}")
-    mfu = [f"{e[k] * 100:.1f}% {label}" for k, label in (("mfu_datasheet", "datasheet"), ("mfu_measured", "measured")) if k in e]
+    mfu = [
+        f"{e[k] * 100:.1f}% {label}"
+        for k, label in (("mfu_datasheet", "datasheet"), ("mfu_measured", "measured"))
+        if k in e
+    ]
     if mfu:
         out.append("MFU " + " / ".join(mfu))
     if e.get("compile_s", 0) >= 0.5:
@@ -203,17 +208,27 @@ def render(data: dict) -> str:
         out += ["", "| stage | status | seconds | benchmarks | pytest |", "| --- | --- | ---: | ---: | --- |"]
         for s in stages:
             n = per_stage.get(s["stage"], 0)
-            out.append(f"| {s['stage']} | {_stage_status(s)} | {s.get('seconds', 0)} | {n or '-'} | {s.get('summary', '')} |")
+            out.append(
+                f"| {s['stage']} | {_stage_status(s)} | {s.get('seconds', 0)} | {n or '-'} | {s.get('summary', '')} |"
+            )
     for group, items in sorted(groups.items()):
         ref = next((b for b in items if _is_reference(b)), None)
         stage = {b.get("extra_info", {}).get("stage") for b in items} - {None}
         label = f" (stage {', '.join(sorted(stage))})" if stage else ""
-        out += ["", f"**{group}**{label}", "", "| case | median (ms) | throughput (/s) | vs reference | figures |",
-                "| --- | ---: | ---: | ---: | --- |"]
+        out += [
+            "",
+            f"**{group}**{label}",
+            "",
+            "| case | median (ms) | throughput (/s) | vs reference | figures |",
+            "| --- | ---: | ---: | ---: | --- |",
+        ]
         for b in sorted(items, key=lambda b: _throughput(b)):
             speed = f"{_throughput(b) / _throughput(ref):.1f}x" if ref is not None else "-"
             name = re.sub(r"^test_", "", b["name"])
-            out.append(f"| {name} | {_median(b) * 1e3:.2f} | {_throughput(b):,.0f} | {speed} | {_figures(b.get('extra_info', {}))} |")
+            out.append(
+                f"| {name} | {_median(b) * 1e3:.2f} | {_throughput(b):,.0f} | {speed} | "
+                f"{_figures(b.get('extra_info', {}))} |"
+            )
     return "\n".join(out) + "\n"
 
 

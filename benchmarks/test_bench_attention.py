@@ -19,13 +19,15 @@ except ImportError:  # run as `pytest benchmarks/...` without the repo root on s
     from bench_device import DEVICE, bench, gpu, size
 from lafs_fast.models.attention import attention, xformers_status
 
-HEADS, HEAD_DIM, SCALE = 11, 64, 768 ** -0.5
+HEADS, HEAD_DIM, SCALE = 11, 64, 768**-0.5
 
 
 def _qkv(batch: int, tokens: int, device: str, dtype: torch.dtype) -> list[torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(0)
-    return [torch.randn(batch, tokens, HEADS, HEAD_DIM, generator=g, device=device, dtype=dtype).requires_grad_(True)
-            for _ in range(3)]
+    return [
+        torch.randn(batch, tokens, HEADS, HEAD_DIM, generator=g, device=device, dtype=dtype).requires_grad_(True)
+        for _ in range(3)
+    ]
 
 
 def _fwd_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str):
@@ -36,6 +38,7 @@ def _fwd_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str):
             t.grad = None
         if q.is_cuda:
             torch.cuda.synchronize()
+
     step()  # warm: kernel load / handle creation stay out of the timed rounds
     return step
 
@@ -69,6 +72,7 @@ def test_attention_gpu(benchmark, backend, tokens):
 #    call per token length (views of equal length batched) or every view packed in one row
 #    (block-diagonal: xformers' BlockDiagonalMask on CUDA, the per-run torch twin elsewhere)
 
+
 def _multicrop_step(images: int, device: str, dtype: torch.dtype, backend: str, packed: bool):
     lengths = [(2 * images, 197), (8 * images, 37)]
     if packed:
@@ -86,6 +90,7 @@ def _multicrop_step(images: int, device: str, dtype: torch.dtype, backend: str, 
                 t.grad = None
         if device == "cuda":
             torch.cuda.synchronize()
+
     step()  # warm: kernel load / handle creation stay out of the timed rounds
     return step
 
@@ -99,8 +104,11 @@ def test_multicrop_attention_cpu(benchmark, packed):
 
 
 @gpu
-@pytest.mark.parametrize("backend,packed", [("sdpa", False), ("xformers", False), ("xformers", True)],
-                         ids=["sdpa-per-length", "xformers-per-length", "xformers-packed"])
+@pytest.mark.parametrize(
+    "backend,packed",
+    [("sdpa", False), ("xformers", False), ("xformers", True)],
+    ids=["sdpa-per-length", "xformers-per-length", "xformers-packed"],
+)
 def test_multicrop_attention_gpu(benchmark, backend, packed):
     if backend == "xformers" and not xformers_status()[0]:
         pytest.skip(xformers_status()[1])

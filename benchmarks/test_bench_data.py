@@ -58,7 +58,7 @@ def large_rec(tmp_path_factory) -> Path:
 def _epoch_fn(loader):
     def run() -> int:
         n = 0
-        for images, labels in loader:
+        for images, _labels in loader:
             n += len(images)
         if images.is_cuda:
             torch.cuda.synchronize()

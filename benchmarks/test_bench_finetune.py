@@ -40,8 +40,14 @@ from lafs_fast.data import SyntheticFaces
 from lafs_fast.launch import DistInfo
 from lafs_fast.models import build_backbone, build_landmark_cnn
 from lafs_fast.models.checkpoints import model_file
-from lafs_fast.train.engine import compile_stage, StepContext
-from lafs_fast.train.supervised import FaceAugment, SupervisedStage, apply_mixup, build_supervised_model, supervised_param_groups
+from lafs_fast.train.engine import StepContext, compile_stage
+from lafs_fast.train.supervised import (
+    FaceAugment,
+    SupervisedStage,
+    apply_mixup,
+    build_supervised_model,
+    supervised_param_groups,
+)
 from lafs_fast.train.supervised_run import stage_defaults
 
 TOY_MODEL = ["model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64"]  # dry run
@@ -82,18 +88,33 @@ def step_flops(stage: SupervisedStage) -> float:
     return 3.0 * train + cnn
 
 
-def _fast_step(stage: SupervisedStage, device: torch.device, images: torch.Tensor, labels: torch.Tensor, compile_: bool,
-               bf16: bool | None = None):
+def _fast_step(
+    stage: SupervisedStage,
+    device: torch.device,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    compile_: bool,
+    bf16: bool | None = None,
+):
     """bf16: autocast (default: on CUDA only; the GPU cases' dry run turns it on on the CPU)."""
     if compile_:  # exactly what the engine does (train.compile: regional, per fViT block)
         compile_stage(stage, device, backend=COMPILE_BACKEND)
-    opt = torch.optim.AdamW(supervised_param_groups(stage.model, stage.cfg), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+    opt = torch.optim.AdamW(
+        supervised_param_groups(stage.model, stage.cfg), lr=1e-4, **({"fused": True} if device.type == "cuda" else {})
+    )
     bf16 = device.type == "cuda" if bf16 is None else bf16
     count = [0]
 
     def step():
         count[0] += 1
-        ctx = StepContext(step=count[0], epoch=0, micro=0, seed=count[0], values={"landmark_lambda": 1000.0}, dist=DistInfo(device=device))
+        ctx = StepContext(
+            step=count[0],
+            epoch=0,
+            micro=0,
+            seed=count[0],
+            values={"landmark_lambda": 1000.0},
+            dist=DistInfo(device=device),
+        )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, _ = stage.forward_loss(stage.model, (images, labels), ctx)
         loss.backward()
@@ -132,12 +153,20 @@ def _reference_step(stage: SupervisedStage, device: torch.device, images_cpu: to
     return step
 
 
-def _record(benchmark, stage: SupervisedStage, batch: int, device: torch.device, role: str = "", flops: float | None = None,
-            first_step_s: float | None = None) -> None:
+def _record(
+    benchmark,
+    stage: SupervisedStage,
+    batch: int,
+    device: torch.device,
+    role: str = "",
+    flops: float | None = None,
+    first_step_s: float | None = None,
+) -> None:
     """images/s on the median step; with ``flops`` also MFU against the measured bf16 matmul peak
     and the datasheet's, and the first step's time (compile included) apart."""
-    benchmark.extra_info.update(items=batch, unit="images", preset_dim=stage.cfg.model.dim, batch=batch,
-                                augment=stage.augment.mode)
+    benchmark.extra_info.update(
+        items=batch, unit="images", preset_dim=stage.cfg.model.dim, batch=batch, augment=stage.augment.mode
+    )
     if role:
         benchmark.extra_info["role"] = role
     median = benchmark.stats.stats.median if benchmark.stats else None

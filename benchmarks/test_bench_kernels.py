@@ -31,7 +31,9 @@ from lafs_fast.kernels.views import lafs_view_specs
 
 B_GPU, V_DENSE, V_SPARSE, K, L_SPARSE, S = size(256, 1), 2, 8, 196, 36, 112
 B_TV = size(32, 1)
-S_VIEW, N_LOCAL = size(112, 24), size(8, 1)  # views: side and local views (toy in the dry run: interpreted Triton)  # torchvision per (image, view) is Python-bound: a smaller batch, compared per image
+# torchvision per (image, view) is Python-bound: a smaller batch, compared per image (B_TV above);
+# views: side and local views (toy in the dry run: interpreted Triton)
+S_VIEW, N_LOCAL = size(112, 24), size(8, 1)
 
 
 # --------------------------------------------------------------------------------------------- CPU
@@ -188,13 +190,18 @@ def test_patch_fwd_triton_gpu(benchmark, gpu_patch_inputs, draw):
     benchmark.group = f"patch sampling forward, {B_GPU} images x 10 views (pre-training scale: 256)"
     benchmark.extra_info.update(items=TOKENS)
     if draw:
+
         def step():
             a = sample_patches_triton(dense_img, dense_xy, sigma=5.0, seed=1, out_dtype=torch.bfloat16)
-            b = sample_patches_triton(sparse_img, sparse_xy, num_tokens=L_SPARSE, sigma=5.0, seed=2, out_dtype=torch.bfloat16)
+            b = sample_patches_triton(
+                sparse_img, sparse_xy, num_tokens=L_SPARSE, sigma=5.0, seed=2, out_dtype=torch.bfloat16
+            )
             return a, b
     else:
+
         def step():
             return _step_twin(gpu_patch_inputs, torch.bfloat16, sample_patches_triton)
+
     run = synced(step)
     benchmark.extra_info["first_call_s"] = timed_call(run)  # Triton's compile of this variant
     got = run()
@@ -252,7 +259,11 @@ def test_views_gpu(benchmark, gpu_view_images, backend):
     benchmark.group = f"views, {B_GPU} images x {2 + N_LOCAL} views of {S_VIEW} px, clean + augmented"
     benchmark.extra_info.update(items=B_GPU * (2 + N_LOCAL))
     specs = lafs_view_specs(N_LOCAL)
-    run = synced(lambda: augment_views(gpu_view_images, specs, seed=0, out_size=S_VIEW, backend=backend, out_dtype=torch.bfloat16))
+    run = synced(
+        lambda: augment_views(
+            gpu_view_images, specs, seed=0, out_size=S_VIEW, backend=backend, out_dtype=torch.bfloat16
+        )
+    )
     out = run()
     assert out.backend == backend
     benchmark.extra_info["first_call_s"] = timed_call(run)

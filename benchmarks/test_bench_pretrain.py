@@ -35,14 +35,21 @@ except ImportError:  # run as `pytest benchmarks/...` without the repo root on s
 from lafs_fast.config import Config, load_config
 from lafs_fast.data import SyntheticFaces
 from lafs_fast.launch import DistInfo
-from lafs_fast.train.dino import DinoStage
-from lafs_fast.train.dino import ema_update
-from lafs_fast.train.engine import compile_stage, StepContext, clip_gradients, param_groups
+from lafs_fast.train.dino import DinoStage, ema_update
+from lafs_fast.train.engine import StepContext, clip_gradients, compile_stage, param_groups
 from lafs_fast.views import grid_landmarks
 
 # the dry run's toy model: one narrow block, a small DINO head (the views keep their real shapes)
-TOY_MODEL = ["model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64",
-             "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16"]
+TOY_MODEL = [
+    "model.dim=32",
+    "model.depth=1",
+    "model.heads=2",
+    "model.head_dim=16",
+    "model.mlp_dim=64",
+    "dino.out_dim=64",
+    "dino.hidden_dim=32",
+    "dino.bottleneck_dim=16",
+]
 
 
 def step_flops(cfg: Config) -> float:
@@ -56,7 +63,9 @@ def step_flops(cfg: Config) -> float:
         per_layer = n * (m.dim * 3 * inner + inner * m.dim + 2 * m.dim * m.mlp_dim) + 2 * n * n * inner
         return 2.0 * (n_tokens * 3 * m.patch_size**2 * m.dim + m.depth * per_layer)
 
-    head = 2.0 * (m.dim * d.hidden_dim + d.hidden_dim**2 + d.hidden_dim * d.bottleneck_dim + d.bottleneck_dim * d.out_dim)
+    head = 2.0 * (
+        m.dim * d.hidden_dim + d.hidden_dim**2 + d.hidden_dim * d.bottleneck_dim + d.bottleneck_dim * d.out_dim
+    )
     student = v.n_global * (backbone(v.global_tokens) + head) + v.n_local * (backbone(v.local_tokens) + head)
     teacher = v.n_global * (backbone(v.global_tokens) + head)
     return 3.0 * student + teacher
@@ -128,7 +137,9 @@ def _reference_step(cfg: Config, device: torch.device, images_cpu: torch.Tensor)
     return step
 
 
-def _record(benchmark, cfg: Config, batch: int, device: torch.device, role: str = "", first_step_s: float | None = None) -> None:
+def _record(
+    benchmark, cfg: Config, batch: int, device: torch.device, role: str = "", first_step_s: float | None = None
+) -> None:
     """samples/s on the median step; on the GPU cases also MFU against the datasheet and the
     measured bf16 matmul peak, and the first step's time (compile included) apart."""
     benchmark.extra_info.update(items=batch, unit="samples", preset_dim=cfg.model.dim, batch=batch)

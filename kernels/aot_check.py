@@ -14,8 +14,8 @@ kernels divide with ``tl.div_rn``).
 forward with in-kernel draws from uint8, with given draws from float, the backward, the bilinear
 view kernel and the vertical blur.
 
-Exit status 0 when every variant compiles with no approximate division. Must run with TRITON_INTERPRET unset (the kernels
-must be real JITFunctions).
+Exit status 0 when every variant compiles with no approximate division. Must run with TRITON_INTERPRET
+unset (the kernels must be real JITFunctions).
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ def compile_variant(fn, types: dict[str, str], constexprs: dict, *, arch: int = 
     from triton.compiler import ASTSource
 
     sig = {name: ("constexpr" if name in constexprs else types.get(name, "i32")) for name in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": num_warps})
+    kernel = triton.compile(
+        ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
+    )
     approx_div = len(_APPROX_DIV.findall(kernel.asm["ptx"]))
     regs = stack = None
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -77,32 +78,79 @@ def variants(which: str = "all") -> list[tuple[str, object, dict, dict, int]]:
         for u8 in (True, False):
             for mode in (0, 1, 2):
                 types = {
-                    "img_ptr": "*u8" if u8 else "*fp32", "coords_ptr": "*fp32", "idx_ptr": "*i64",
-                    "noise_ptr": "*fp32", "out_ptr": "*bf16", "idx_out_ptr": "*i32", "noise_out_ptr": "*fp32",
-                    "seed": "i64", "sigma": "fp32",
+                    "img_ptr": "*u8" if u8 else "*fp32",
+                    "coords_ptr": "*fp32",
+                    "idx_ptr": "*i64",
+                    "noise_ptr": "*fp32",
+                    "out_ptr": "*bf16",
+                    "idx_out_ptr": "*i32",
+                    "noise_out_ptr": "*fp32",
+                    "seed": "i64",
+                    "sigma": "fp32",
                 }
                 ce = dict(P=8, IS_U8=u8, IDX_MODE=mode, NOISE_MODE=mode, BLOCK_T=P._BLOCK_T, BLOCK_E=256)
                 out.append((f"patch fwd u8={u8} mode={mode}", P._patch_fwd_kernel, types, ce, P._NUM_WARPS))
-        types = {"img_ptr": "*u8", "coords_ptr": "*fp32", "idx_ptr": "*i64", "noise_ptr": "*fp32",
-                 "gout_ptr": "*bf16", "gpts_ptr": "*fp32"}
+        types = {
+            "img_ptr": "*u8",
+            "coords_ptr": "*fp32",
+            "idx_ptr": "*i64",
+            "noise_ptr": "*fp32",
+            "gout_ptr": "*bf16",
+            "gpts_ptr": "*fp32",
+        }
         ce = dict(P=8, IS_U8=True, IDX_MODE=1, NOISE_MODE=1, BLOCK_T=P._BLOCK_T, BLOCK_E=256)
         out.append(("patch bwd", P._patch_bwd_kernel, types, ce, P._NUM_WARPS))
     if which in ("views", "all"):
         from lafs_fast.kernels import views_triton as VT
 
         for bicubic in (False, True):
-            types = {"img_ptr": "*u8", "crop_ptr": "*i32", "flags_ptr": "*i32", "fac_ptr": "*fp32",
-                     "order_ptr": "*i32", "sigma_ptr": "*fp32", "sol_ptr": "*i32", "thr_ptr": "*fp32",
-                     "clean_ptr": "*bf16", "pre_ptr": "*fp32", "aug_ptr": "*bf16"}
-            out.append((f"view bicubic={bicubic}", VT._view_kernel, types, dict(BICUBIC=bicubic, BLOCK=VT._BLOCK),
-                        VT._NUM_WARPS))
-        out.append(("blur h", VT._blur_h_kernel,
-                    {"src_ptr": "*fp32", "dst_ptr": "*fp32", "w_ptr": "*fp32", "sigma_ptr": "*fp32"},
-                    dict(R=6, BLOCK=VT._BLOCK), VT._NUM_WARPS))
-        out.append(("blur v", VT._blur_v_kernel,
-                    {"src_ptr": "*fp32", "out_ptr": "*bf16", "w_ptr": "*fp32", "sigma_ptr": "*fp32",
-                     "sol_ptr": "*i32", "thr_ptr": "*fp32"},
-                    dict(R=6, BLOCK=VT._BLOCK), VT._NUM_WARPS))
+            types = {
+                "img_ptr": "*u8",
+                "crop_ptr": "*i32",
+                "flags_ptr": "*i32",
+                "fac_ptr": "*fp32",
+                "order_ptr": "*i32",
+                "sigma_ptr": "*fp32",
+                "sol_ptr": "*i32",
+                "thr_ptr": "*fp32",
+                "clean_ptr": "*bf16",
+                "pre_ptr": "*fp32",
+                "aug_ptr": "*bf16",
+            }
+            out.append(
+                (
+                    f"view bicubic={bicubic}",
+                    VT._view_kernel,
+                    types,
+                    dict(BICUBIC=bicubic, BLOCK=VT._BLOCK),
+                    VT._NUM_WARPS,
+                )
+            )
+        out.append(
+            (
+                "blur h",
+                VT._blur_h_kernel,
+                {"src_ptr": "*fp32", "dst_ptr": "*fp32", "w_ptr": "*fp32", "sigma_ptr": "*fp32"},
+                dict(R=6, BLOCK=VT._BLOCK),
+                VT._NUM_WARPS,
+            )
+        )
+        out.append(
+            (
+                "blur v",
+                VT._blur_v_kernel,
+                {
+                    "src_ptr": "*fp32",
+                    "out_ptr": "*bf16",
+                    "w_ptr": "*fp32",
+                    "sigma_ptr": "*fp32",
+                    "sol_ptr": "*i32",
+                    "thr_ptr": "*fp32",
+                },
+                dict(R=6, BLOCK=VT._BLOCK),
+                VT._NUM_WARPS,
+            )
+        )
     return out
 
 

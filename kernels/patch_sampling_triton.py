@@ -15,7 +15,8 @@ Randomness: Philox (``tl.philox``), counter-based, keyed by ``seed``; the counte
 (its flat index ``b * L + l``, ``offset`` as two 31-bit words, 0), so one seed gives independent
 streams per ``offset`` (e.g. a step * views + view index). One 4x32-bit draw per token gives the
 landmark index (word 0, modulo K) and the two noise values (words 1-2 through Box-Muller), so
-(seed, offset) reproduces both, independently of the block size and of the device. The draws are returned so that the twin can replay them.
+(seed, offset) reproduces both, independently of the block size and of the device. The draws are
+returned so that the twin can replay them.
 
 Why per-element gathers rather than the 9x9-window trick: the window trick (one set of bilinear
 weights per patch) is exact in real arithmetic, but the reference evaluates
@@ -54,11 +55,30 @@ _BLOCK_T_INTERPRETER = 32
 
 @triton.jit
 def _token_points(
-    coords_ptr, idx_ptr, noise_ptr, idx_out_ptr, noise_out_ptr,
-    tok, tmask, L, K,
-    s_cb, s_ck, s_cd, s_xb, s_xl, s_nb, s_nl, s_nd,
-    seed, off_lo, off_hi, sigma,
-    IDX_MODE: tl.constexpr, NOISE_MODE: tl.constexpr, WRITE_DRAWS: tl.constexpr,
+    coords_ptr,
+    idx_ptr,
+    noise_ptr,
+    idx_out_ptr,
+    noise_out_ptr,
+    tok,
+    tmask,
+    L,
+    K,
+    s_cb,
+    s_ck,
+    s_cd,
+    s_xb,
+    s_xl,
+    s_nb,
+    s_nl,
+    s_nd,
+    seed,
+    off_lo,
+    off_hi,
+    sigma,
+    IDX_MODE: tl.constexpr,
+    NOISE_MODE: tl.constexpr,
+    WRITE_DRAWS: tl.constexpr,
 ):
     """Per-token sample centre (px, py) fp32 and batch index, for a (BLOCK_T,) vector of tokens.
 
@@ -100,9 +120,21 @@ def _token_points(
 
 @triton.jit
 def _corners(
-    img_ptr, b, cx, cy, e, emask, tmask,
-    H, W, s_ib, s_iy, s_ix, s_ic,
-    P: tl.constexpr, IS_U8: tl.constexpr,
+    img_ptr,
+    b,
+    cx,
+    cy,
+    e,
+    emask,
+    tmask,
+    H,
+    W,
+    s_ib,
+    s_iy,
+    s_ix,
+    s_ic,
+    P: tl.constexpr,
+    IS_U8: tl.constexpr,
 ):
     """The four bilinear corner values and fractional weights of every (token, element) pair.
 
@@ -165,22 +197,70 @@ def _corners(
 # typed i64 whatever its value: one variant for every (seed, offset).
 @triton.jit(do_not_specialize=["seed", "off_lo", "off_hi"])
 def _patch_fwd_kernel(
-    img_ptr, coords_ptr, idx_ptr, noise_ptr, out_ptr, idx_out_ptr, noise_out_ptr,
-    n_tokens, L, K, H, W,
-    s_ib, s_iy, s_ix, s_ic,
-    s_cb, s_ck, s_cd, s_xb, s_xl, s_nb, s_nl, s_nd,
-    seed: tl.int64, off_lo, off_hi, sigma,
-    P: tl.constexpr, IS_U8: tl.constexpr, IDX_MODE: tl.constexpr, NOISE_MODE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    img_ptr,
+    coords_ptr,
+    idx_ptr,
+    noise_ptr,
+    out_ptr,
+    idx_out_ptr,
+    noise_out_ptr,
+    n_tokens,
+    L,
+    K,
+    H,
+    W,
+    s_ib,
+    s_iy,
+    s_ix,
+    s_ic,
+    s_cb,
+    s_ck,
+    s_cd,
+    s_xb,
+    s_xl,
+    s_nb,
+    s_nl,
+    s_nd,
+    seed: tl.int64,
+    off_lo,
+    off_hi,
+    sigma,
+    P: tl.constexpr,
+    IS_U8: tl.constexpr,
+    IDX_MODE: tl.constexpr,
+    NOISE_MODE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     """tokens[t, e] for BLOCK_T tokens t (flat b * L + l) and all E = 3 * P * P elements e."""
     pid = tl.program_id(0)
     tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = tok < n_tokens
     b, cx, cy = _token_points(
-        coords_ptr, idx_ptr, noise_ptr, idx_out_ptr, noise_out_ptr, tok, tmask, L, K,
-        s_cb, s_ck, s_cd, s_xb, s_xl, s_nb, s_nl, s_nd, seed, off_lo, off_hi, sigma,
-        IDX_MODE, NOISE_MODE, True,
+        coords_ptr,
+        idx_ptr,
+        noise_ptr,
+        idx_out_ptr,
+        noise_out_ptr,
+        tok,
+        tmask,
+        L,
+        K,
+        s_cb,
+        s_ck,
+        s_cd,
+        s_xb,
+        s_xl,
+        s_nb,
+        s_nl,
+        s_nd,
+        seed,
+        off_lo,
+        off_hi,
+        sigma,
+        IDX_MODE,
+        NOISE_MODE,
+        True,
     )
     E: tl.constexpr = 3 * P * P
     e = tl.arange(0, BLOCK_E)
@@ -197,13 +277,37 @@ def _patch_fwd_kernel(
 
 @triton.jit
 def _patch_bwd_kernel(
-    img_ptr, coords_ptr, idx_ptr, noise_ptr, gout_ptr, gpts_ptr,
-    n_tokens, L, K, H, W,
-    s_ib, s_iy, s_ix, s_ic,
-    s_cb, s_ck, s_cd, s_xb, s_xl, s_nb, s_nl, s_nd,
-    s_gt, s_ge,
-    P: tl.constexpr, IS_U8: tl.constexpr, IDX_MODE: tl.constexpr, NOISE_MODE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    img_ptr,
+    coords_ptr,
+    idx_ptr,
+    noise_ptr,
+    gout_ptr,
+    gpts_ptr,
+    n_tokens,
+    L,
+    K,
+    H,
+    W,
+    s_ib,
+    s_iy,
+    s_ix,
+    s_ic,
+    s_cb,
+    s_ck,
+    s_cd,
+    s_xb,
+    s_xl,
+    s_nb,
+    s_nl,
+    s_nd,
+    s_gt,
+    s_ge,
+    P: tl.constexpr,
+    IS_U8: tl.constexpr,
+    IDX_MODE: tl.constexpr,
+    NOISE_MODE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     """d loss / d (sample centre) per token: gpts[t, :] = sum_e gout[t, e] * d tokens[t, e] / d (x, y).
 
@@ -213,9 +317,30 @@ def _patch_bwd_kernel(
     tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = tok < n_tokens
     b, cx, cy = _token_points(
-        coords_ptr, idx_ptr, noise_ptr, idx_ptr, noise_ptr, tok, tmask, L, K,
-        s_cb, s_ck, s_cd, s_xb, s_xl, s_nb, s_nl, s_nd, 0, 0, 0, 0.0,
-        IDX_MODE, NOISE_MODE, False,
+        coords_ptr,
+        idx_ptr,
+        noise_ptr,
+        idx_ptr,
+        noise_ptr,
+        tok,
+        tmask,
+        L,
+        K,
+        s_cb,
+        s_ck,
+        s_cd,
+        s_xb,
+        s_xl,
+        s_nb,
+        s_nl,
+        s_nd,
+        0,
+        0,
+        0,
+        0.0,
+        IDX_MODE,
+        NOISE_MODE,
+        False,
     )
     E: tl.constexpr = 3 * P * P
     e = tl.arange(0, BLOCK_E)
@@ -313,14 +438,41 @@ def patch_sample_forward(
     block_t, block_e = _launch_meta(patch_size, images.device)
     grid = (triton.cdiv(n_tokens, block_t),)
     _patch_fwd_kernel[grid](
-        images, coords, idx_t, noise_t, out,
-        idx_out if idx_out is not None else dummy, noise_out if noise_out is not None else dummy,
-        n_tokens, n_l, k, h, w,
-        s_ib, s_iy, s_ix, s_ic,
-        coords.stride(0), coords.stride(1), coords.stride(2), s_xb, s_xl, s_nb, s_nl, s_nd,
-        int(seed), int(offset) & 0x7FFFFFFF, (int(offset) >> 31) & 0x7FFFFFFF, float(sigma),
-        P=patch_size, IS_U8=is_u8, IDX_MODE=idx_mode, NOISE_MODE=noise_mode,
-        BLOCK_T=block_t, BLOCK_E=block_e, num_warps=_NUM_WARPS,
+        images,
+        coords,
+        idx_t,
+        noise_t,
+        out,
+        idx_out if idx_out is not None else dummy,
+        noise_out if noise_out is not None else dummy,
+        n_tokens,
+        n_l,
+        k,
+        h,
+        w,
+        s_ib,
+        s_iy,
+        s_ix,
+        s_ic,
+        coords.stride(0),
+        coords.stride(1),
+        coords.stride(2),
+        s_xb,
+        s_xl,
+        s_nb,
+        s_nl,
+        s_nd,
+        int(seed),
+        int(offset) & 0x7FFFFFFF,
+        (int(offset) >> 31) & 0x7FFFFFFF,
+        float(sigma),
+        P=patch_size,
+        IS_U8=is_u8,
+        IDX_MODE=idx_mode,
+        NOISE_MODE=noise_mode,
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        num_warps=_NUM_WARPS,
     )
     return out, (idx_out.long() if idx_out is not None else None), noise_out
 
@@ -348,14 +500,38 @@ def _patch_sample_backward(
     block_t, block_e = _launch_meta(patch_size, images.device)
     grid = (triton.cdiv(n_tokens, block_t),)
     _patch_bwd_kernel[grid](
-        images, coords, indices if indices is not None else dummy, noise if noise is not None else dummy,
-        grad_tokens, gpts,
-        n_tokens, n_l, coords.shape[1], h, w,
-        s_ib, s_iy, s_ix, s_ic,
-        coords.stride(0), coords.stride(1), coords.stride(2), s_xb, s_xl, s_nb, s_nl, s_nd,
-        grad_tokens.stride(1), grad_tokens.stride(2),
-        P=patch_size, IS_U8=is_u8, IDX_MODE=int(indices is not None), NOISE_MODE=int(noise is not None),
-        BLOCK_T=block_t, BLOCK_E=block_e, num_warps=_NUM_WARPS,
+        images,
+        coords,
+        indices if indices is not None else dummy,
+        noise if noise is not None else dummy,
+        grad_tokens,
+        gpts,
+        n_tokens,
+        n_l,
+        coords.shape[1],
+        h,
+        w,
+        s_ib,
+        s_iy,
+        s_ix,
+        s_ic,
+        coords.stride(0),
+        coords.stride(1),
+        coords.stride(2),
+        s_xb,
+        s_xl,
+        s_nb,
+        s_nl,
+        s_nd,
+        grad_tokens.stride(1),
+        grad_tokens.stride(2),
+        P=patch_size,
+        IS_U8=is_u8,
+        IDX_MODE=int(indices is not None),
+        NOISE_MODE=int(noise is not None),
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        num_warps=_NUM_WARPS,
     )
     return gpts
 
@@ -454,7 +630,9 @@ def sample_patches_triton(
     if num_tokens is not None and num_tokens < 0:
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
     if images.dtype != torch.uint8 and images.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"images dtype {images.dtype} is not supported by the Triton sampler (uint8, fp32, fp16, bf16)")
+        raise ValueError(
+            f"images dtype {images.dtype} is not supported by the Triton sampler (uint8, fp32, fp16, bf16)"
+        )
     if not 0 <= int(offset) < 2**62:
         raise ValueError(f"offset must lie in [0, 2**62), got {offset}")
     if num_tokens is None and sigma == 0:

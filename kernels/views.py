@@ -88,15 +88,27 @@ def lafs_view_specs(num_local: int | None = None, views: ViewsConfig | None = No
     All share the crop, flip, jitter and grayscale values; LAFS locals use the global crop scale (the
     reference's), the DINO baseline's locals ``local_scale_*``."""
     v = views or _V
-    base = dict(flip_p=v.flip_p, jitter_p=v.jitter_p, brightness=v.brightness, contrast=v.contrast,
-                saturation=v.saturation, hue=v.hue, gray_p=v.grayscale_p,
-                blur_radius=(v.blur_radius_min, v.blur_radius_max), solarize_threshold=float(v.solarize_threshold))
+    base = dict(
+        flip_p=v.flip_p,
+        jitter_p=v.jitter_p,
+        brightness=v.brightness,
+        contrast=v.contrast,
+        saturation=v.saturation,
+        hue=v.hue,
+        gray_p=v.grayscale_p,
+        blur_radius=(v.blur_radius_min, v.blur_radius_max),
+        solarize_threshold=float(v.solarize_threshold),
+    )
     scale = (v.crop_scale_min, v.crop_scale_max)
-    glob = [ViewSpec(scale=scale, blur_p=v.blur_p_global1, **base),
-            ViewSpec(scale=scale, blur_p=v.blur_p_global2, solarize_p=v.solarize_p_global2, **base)]
+    glob = [
+        ViewSpec(scale=scale, blur_p=v.blur_p_global1, **base),
+        ViewSpec(scale=scale, blur_p=v.blur_p_global2, solarize_p=v.solarize_p_global2, **base),
+    ]
     local_scale = scale if v.mode == "lafs" else (v.local_scale_min, v.local_scale_max)
     n_local = v.n_local if num_local is None else num_local
-    return [glob[i % 2] for i in range(v.n_global)] + [ViewSpec(scale=local_scale, blur_p=v.blur_p_local, **base)] * n_local
+    return [glob[i % 2] for i in range(v.n_global)] + [
+        ViewSpec(scale=local_scale, blur_p=v.blur_p_local, **base)
+    ] * n_local
 
 
 @dataclass
@@ -169,9 +181,22 @@ def map_to_views(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
 
 # Rows of the per-view spec table: a field, or (field, element) of a tuple field.
 _SPEC_ROWS: tuple[tuple[str, int | None], ...] = (
-    ("scale", 0), ("scale", 1), ("ratio", 0), ("ratio", 1), ("flip_p", None), ("jitter_p", None),
-    ("brightness", None), ("contrast", None), ("saturation", None), ("hue", None), ("gray_p", None),
-    ("blur_p", None), ("blur_radius", 0), ("blur_radius", 1), ("solarize_p", None), ("solarize_threshold", None),
+    ("scale", 0),
+    ("scale", 1),
+    ("ratio", 0),
+    ("ratio", 1),
+    ("flip_p", None),
+    ("jitter_p", None),
+    ("brightness", None),
+    ("contrast", None),
+    ("saturation", None),
+    ("hue", None),
+    ("gray_p", None),
+    ("blur_p", None),
+    ("blur_radius", 0),
+    ("blur_radius", 1),
+    ("solarize_p", None),
+    ("solarize_threshold", None),
 )
 _ROW = {key: i for i, key in enumerate(_SPEC_ROWS)}
 

@@ -69,8 +69,22 @@ def _tap(src, k: tl.constexpr, length, start, BICUBIC: tl.constexpr):
 
 @triton.jit
 def _resample(
-    img_ptr, b, p, m, S, top, left, ch, cw, flip, scale_y, scale_x,
-    s_ib, s_iy, s_ix, s_ic,
+    img_ptr,
+    b,
+    p,
+    m,
+    S,
+    top,
+    left,
+    ch,
+    cw,
+    flip,
+    scale_y,
+    scale_x,
+    s_ib,
+    s_iy,
+    s_ix,
+    s_ic,
     BICUBIC: tl.constexpr,
 ):
     """Resampled (r, g, b) in [0, 255] fp32 for the flat output pixels ``p`` of one view."""
@@ -188,10 +202,25 @@ def _finish(out_ptr, off, npix, m, r, g, b, sol, thr):
 
 @triton.jit
 def _view_kernel(
-    img_ptr, crop_ptr, flags_ptr, fac_ptr, order_ptr, sigma_ptr, sol_ptr, thr_ptr, clean_ptr, pre_ptr, aug_ptr,
-    V, S,
-    s_ib, s_iy, s_ix, s_ic,
-    BICUBIC: tl.constexpr, BLOCK: tl.constexpr,
+    img_ptr,
+    crop_ptr,
+    flags_ptr,
+    fac_ptr,
+    order_ptr,
+    sigma_ptr,
+    sol_ptr,
+    thr_ptr,
+    clean_ptr,
+    pre_ptr,
+    aug_ptr,
+    V,
+    S,
+    s_ib,
+    s_iy,
+    s_ix,
+    s_ic,
+    BICUBIC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One view n: clean (3, S, S) normalised into clean_ptr; then jitter / grey, and either
     solarize + normalise straight into aug_ptr (no blur: the common case finishes in this one pass)
@@ -225,8 +254,9 @@ def _view_kernel(
         for t0 in range(0, npix, BLOCK):
             p = t0 + lanes
             m = p < npix
-            r, g, bl = _resample(img_ptr, b, p, m, S, top, left, ch, cw, flip, scale_y, scale_x,
-                                 s_ib, s_iy, s_ix, s_ic, BICUBIC)
+            r, g, bl = _resample(
+                img_ptr, b, p, m, S, top, left, ch, cw, flip, scale_y, scale_x, s_ib, s_iy, s_ix, s_ic, BICUBIC
+            )
             r = tl.div_rn(r, 255.0)
             g = tl.div_rn(g, 255.0)
             bl = tl.div_rn(bl, 255.0)
@@ -241,8 +271,9 @@ def _view_kernel(
     for t0 in range(0, npix, BLOCK):
         p = t0 + lanes
         m = p < npix
-        r, g, bl = _resample(img_ptr, b, p, m, S, top, left, ch, cw, flip, scale_y, scale_x,
-                             s_ib, s_iy, s_ix, s_ic, BICUBIC)
+        r, g, bl = _resample(
+            img_ptr, b, p, m, S, top, left, ch, cw, flip, scale_y, scale_x, s_ib, s_iy, s_ix, s_ic, BICUBIC
+        )
         cptr = clean_ptr + plane + p
         ety = clean_ptr.dtype.element_ty
         tl.store(cptr, (tl.div_rn(r, 255.0) * 2.0 - 1.0).to(ety), mask=m)
@@ -317,9 +348,7 @@ def _blur_h_kernel(src_ptr, dst_ptr, w_ptr, sigma_ptr, S, R: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _blur_v_kernel(
-    src_ptr, out_ptr, w_ptr, sigma_ptr, sol_ptr, thr_ptr, S, R: tl.constexpr, BLOCK: tl.constexpr
-):
+def _blur_v_kernel(src_ptr, out_ptr, w_ptr, sigma_ptr, sol_ptr, thr_ptr, S, R: tl.constexpr, BLOCK: tl.constexpr):
     """Vertical taps, then solarize and x * 2 - 1 into out's dtype (blurred views only)."""
     n = tl.program_id(0)
     sig = tl.load(sigma_ptr + n)
@@ -384,7 +413,9 @@ def apply_views_triton(
         return clean, aug
     crop = params.crop.to(device=dev, dtype=torch.int32).contiguous()
     zeros = torch.zeros(n, dtype=torch.int32, device=dev)
-    flags = torch.stack([params.flip.to(torch.int32), params.jitter.to(torch.int32), params.gray.to(torch.int32), zeros], 1)
+    flags = torch.stack(
+        [params.flip.to(torch.int32), params.jitter.to(torch.int32), params.gray.to(torch.int32), zeros], 1
+    )
     factors = params.factors.to(device=dev, dtype=torch.float32).contiguous()
     order = params.order.to(device=dev, dtype=torch.int32).contiguous()
     r = params.blur_halfwidth
@@ -397,9 +428,26 @@ def apply_views_triton(
     block = _BLOCK if dev.type == "cuda" else _BLOCK_INTERPRETER
     sb, sy, sx, sc = images.stride()
     _view_kernel[(n,)](
-        images, crop, flags.contiguous(), factors, order, sigma, sol, thr, clean, pre, aug,
-        v, s, sb, sy, sx, sc,
-        BICUBIC=interpolation == "bicubic", BLOCK=block, num_warps=_NUM_WARPS,
+        images,
+        crop,
+        flags.contiguous(),
+        factors,
+        order,
+        sigma,
+        sol,
+        thr,
+        clean,
+        pre,
+        aug,
+        v,
+        s,
+        sb,
+        sy,
+        sx,
+        sc,
+        BICUBIC=interpolation == "bicubic",
+        BLOCK=block,
+        num_warps=_NUM_WARPS,
     )
     tmp = torch.empty_like(pre)
     grid = (n, triton.cdiv(s * s, block))

@@ -23,7 +23,9 @@ class _KernelsFromSourceTree(_abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):  # noqa: D102 - importlib's protocol
         if name != "lafs_fast.kernels":
             return None
-        return _util.spec_from_file_location(name, _os.path.join(self.folder, "__init__.py"), submodule_search_locations=[self.folder])
+        return _util.spec_from_file_location(
+            name, _os.path.join(self.folder, "__init__.py"), submodule_search_locations=[self.folder]
+        )
 
 
 def _map_kernels() -> None:

@@ -47,6 +47,7 @@ def ensure_torchvision() -> None:
         return
     try:
         import torchvision  # noqa: F401
+
         return
     except ModuleNotFoundError:
         return  # not installed: nothing to fix, callers that need it will say so
@@ -56,7 +57,7 @@ def ensure_torchvision() -> None:
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]
     _LIB = torch.library.Library("torchvision", "FRAGMENT")
-    for name, schema in _SCHEMAS.items():
+    for schema in _SCHEMAS.values():
         _LIB.define(schema)
     _LIB.impl("nms", _nms_cpu, "CPU")
     applied = True

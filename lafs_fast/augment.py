@@ -95,7 +95,12 @@ def augment_views(
     Returns:
         AugmentedViews with (B, V, 3, S, S) clean and augmented views and (B, V, 2, 3) affines.
     """
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+    if (
+        not isinstance(images, torch.Tensor)
+        or images.dtype != torch.uint8
+        or images.dim() != 4
+        or images.shape[-1] != 3
+    ):
         got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be (B, H, W, 3) uint8 source faces, got {got}")
     if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):

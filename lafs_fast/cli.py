@@ -17,12 +17,27 @@ from lafs_fast.errors import USER_ERRORS, run_command  # noqa: F401 - USER_ERROR
 
 # name -> (module, one-line help). Add a command by adding its line here.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pretrain": ("lafs_fast.train.pretrain", "stage 1: LAFS self-supervised pre-training (DINO on landmark views), 1 to N GPUs"),
-    "train-landmarks": ("lafs_fast.train.train_landmarks", "stage 0: Part fViT from scratch (landmark CNN + fViT + margin head), 1 to N GPUs"),
-    "finetune": ("lafs_fast.train.finetune", "stage 2: LAFS fine-tuning (teacher fViT + stage-0 landmarks, CosFace/ArcFace, few-shot), 1 to N GPUs"),
-    "eval": ("lafs_fast.eval.cli", "verification accuracy (.bin: LFW, CFP-FP, AgeDB...) and IJB-B/C TAR@FAR of a checkpoint"),
+    "pretrain": (
+        "lafs_fast.train.pretrain",
+        "stage 1: LAFS self-supervised pre-training (DINO on landmark views), 1 to N GPUs",
+    ),
+    "train-landmarks": (
+        "lafs_fast.train.train_landmarks",
+        "stage 0: Part fViT from scratch (landmark CNN + fViT + margin head), 1 to N GPUs",
+    ),
+    "finetune": (
+        "lafs_fast.train.finetune",
+        "stage 2: LAFS fine-tuning (teacher fViT + stage-0 landmarks, CosFace/ArcFace, few-shot), 1 to N GPUs",
+    ),
+    "eval": (
+        "lafs_fast.eval.cli",
+        "verification accuracy (.bin: LFW, CFP-FP, AgeDB...) and IJB-B/C TAR@FAR of a checkpoint",
+    ),
     "embed": ("lafs_fast.eval.embed", "embeddings of a folder of faces (.npz); ONNX export with a parity check"),
-    "data": ("lafs_fast.data.cli", "datasets: build / inspect / subset / verify InsightFace recs, landmarks, face alignment"),
+    "data": (
+        "lafs_fast.data.cli",
+        "datasets: build / inspect / subset / verify InsightFace recs, landmarks, face alignment",
+    ),
     "checkpoint": ("lafs_fast.models.checkpoints", "import / export reference (Part fViT, LAFS SSL) checkpoints"),
     "viz": ("lafs_fast.eval.viz", "PNGs: learned landmarks on faces, ROC curves, training curves from a metrics log"),
     "config": ("lafs_fast.config", "print the resolved configuration of a preset with overrides"),

@@ -34,7 +34,9 @@ def tokens_to_mosaic(tokens: torch.Tensor, patch_size: int, channels: int = 3) -
     return x.reshape(b, channels, row * p, row * p)
 
 
-def extract_patches_pytorch_gridsample(imgs: torch.Tensor, landmarks: torch.Tensor, patch_shape, num_landm: int = 49) -> torch.Tensor:
+def extract_patches_pytorch_gridsample(
+    imgs: torch.Tensor, landmarks: torch.Tensor, patch_shape, num_landm: int = 49
+) -> torch.Tensor:
     """The reference function's contract: imgs (B, C, H, W), landmarks (B, >= num_landm, 2) px,
     patch_shape (P, P) -> mosaic (B, C, P*row, P*row) with row = sqrt(num_landm)."""
     p = int(torch.as_tensor(patch_shape).flatten()[0])
@@ -53,10 +55,27 @@ class ViT_face_landmark_patch8(FViT):  # noqa: N801 - the reference's class name
     for large class counts, lafs-fast's sharded head.
     """
 
-    def __init__(self, *, loss_type: str, GPU_ID=None, num_class: int, image_size: int, patch_size: int,  # noqa: N803
-                 dim: int, depth: int, heads: int, mlp_dim: int, pool: str = "cls", num_patches: int | None = None,
-                 channels: int = 3, dim_head: int = 64, dropout: float = 0.0, emb_dropout: float = 0.0,
-                 fp16: bool = True, with_land: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        loss_type: str,
+        GPU_ID=None,
+        num_class: int,
+        image_size: int,
+        patch_size: int,  # noqa: N803
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_dim: int,
+        pool: str = "cls",
+        num_patches: int | None = None,
+        channels: int = 3,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        emb_dropout: float = 0.0,
+        fp16: bool = True,
+        with_land: bool = False,
+    ) -> None:
         if num_patches is None:
             num_patches = (image_size // patch_size) ** 2
         if channels != 3:
@@ -64,8 +83,19 @@ class ViT_face_landmark_patch8(FViT):  # noqa: N801 - the reference's class name
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         # The reference hard-codes drop-path 0.1 in every block and the dim**-0.5 attention scale.
-        super().__init__(dim, depth, heads, dim_head, mlp_dim, num_patches, patch_size, dropout, emb_dropout,
-                         drop_path=0.1, attn_scale="dim")
+        super().__init__(
+            dim,
+            depth,
+            heads,
+            dim_head,
+            mlp_dim,
+            num_patches,
+            patch_size,
+            dropout,
+            emb_dropout,
+            drop_path=0.1,
+            attn_scale="dim",
+        )
         self.pool, self.with_land, self.fp16, self.GPU_ID = pool, with_land, fp16, GPU_ID
         self.row_num = int(math.sqrt(num_patches))
         self.image_size = image_size
@@ -80,10 +110,19 @@ class ViT_face_landmark_patch8(FViT):  # noqa: N801 - the reference's class name
         elif loss_type == "ArcFace":
             self.loss = ArcFace(dim, num_class, 64.0, 0.5)
         elif loss_type != "None":
-            raise ValueError(f"loss_type {loss_type!r} is not supported by lafs-fast; use 'CosFace', 'ArcFace' or 'None'")
+            raise ValueError(
+                f"loss_type {loss_type!r} is not supported by lafs-fast; use 'CosFace', 'ArcFace' or 'None'"
+            )
 
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None, mask=None, visualize: bool = False,
-                save_token: bool = False, opt=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        label: torch.Tensor | None = None,
+        mask=None,
+        visualize: bool = False,
+        save_token: bool = False,
+        opt=None,
+    ):
         if mask is not None:
             raise ValueError("attention masks are not supported by lafs-fast's ViT_face_landmark_patch8")
         if opt is not None:

@@ -22,8 +22,19 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "Config", "ModelConfig", "DinoConfig", "ViewsConfig", "OptimConfig", "FinetuneConfig", "DataConfig",
-    "TrainConfig", "PRESETS", "load_config", "apply_overrides", "config_to_dict", "config_from_dict",
+    "Config",
+    "ModelConfig",
+    "DinoConfig",
+    "ViewsConfig",
+    "OptimConfig",
+    "FinetuneConfig",
+    "DataConfig",
+    "TrainConfig",
+    "PRESETS",
+    "load_config",
+    "apply_overrides",
+    "config_to_dict",
+    "config_from_dict",
 ]
 
 
@@ -52,7 +63,9 @@ class ModelConfig:
     emb_dropout: float = doc(0.1, "dropout after adding the position embedding")
     drop_path: float = doc(0.1, "stochastic depth, the SAME rate in every block (reference), not a ramp")
     ln_eps: float = 1e-5
-    attn_scale: str = choice("dim", "dim", "head_dim", help="softmax scale dim**-0.5 (reference quirk) or head_dim**-0.5")
+    attn_scale: str = choice(
+        "dim", "dim", "head_dim", help="softmax scale dim**-0.5 (reference quirk) or head_dim**-0.5"
+    )
     attention: str = choice("auto", "auto", "xformers", "sdpa", "math", help="attention backend")
     token_init_std: float = doc(1.0, "std of the CLS / position embedding init (reference N(0, 1))")
     landmark_cnn: str = doc("mobilenetv3", "'mobilenetv3' (reference layout, weight-compatible) or 'timm:<name>'")
@@ -83,15 +96,27 @@ class ViewsConfig:
 
     mode: str = choice("lafs", "lafs", "dino", help="landmark views, or the DINO-face baseline (image grids)")
     landmarks: str = doc("grid", "'grid', 'detector', or a stage-0 / reference checkpoint path")
-    detector_file: str = doc("", "landmark sidecar of --landmarks detector (default: <rec>.landmarks.npz beside the rec)")
-    detector_smoothing: float = doc(0.3, "thin-plate smoothing of the detector landmarks' densification (0: interpolate, large: affine; below ~0.1 BlazeFace points fold the grid)")
+    detector_file: str = doc(
+        "", "landmark sidecar of --landmarks detector (default: <rec>.landmarks.npz beside the rec)"
+    )
+    detector_smoothing: float = doc(
+        0.3,
+        "thin-plate smoothing of the detector landmarks' densification (0: interpolate, large: affine; below ~0.1 "
+        "BlazeFace points fold the grid)",
+    )
     n_global: int = 2
     n_local: int = 8
     global_tokens: int = 196
     local_tokens: int = 36
-    pack: bool = doc(False, "student: all views in ONE sequence with block-diagonal attention (xformers on CUDA, exact torch twin elsewhere) instead of one batch per token length")
+    pack: bool = doc(
+        False,
+        "student: all views in ONE sequence with block-diagonal attention (xformers on CUDA, exact torch twin "
+        "elsewhere) instead of one batch per token length",
+    )
     local_size: int = doc(48, "local crop size of the dino baseline (6x6 patches of 8)")
-    local_scale_min: float = doc(0.05, "local crop scale of the dino baseline (DINO's 0.05-0.4; lafs locals use crop_scale_*)")
+    local_scale_min: float = doc(
+        0.05, "local crop scale of the dino baseline (DINO's 0.05-0.4; lafs locals use crop_scale_*)"
+    )
     local_scale_max: float = 0.4
     crop_scale_min: float = 0.4
     crop_scale_max: float = 1.0
@@ -144,9 +169,15 @@ class FinetuneConfig:
     randaug_magnitude: float = 1.0
     shard_classes: bool = doc(False, "Partial-FC-style class centres split across ranks")
     sample_rate: float = doc(1.0, "fraction of negative classes sampled by the sharded head")
-    augment: str = choice("auto", "auto", "cpu", "gpu", "none",
-                          help="cpu: timm/PIL per sample; gpu: view kernel + vectorised RandAugment + erasing on the "
-                               "device; auto: gpu on CUDA, else cpu")
+    augment: str = choice(
+        "auto",
+        "auto",
+        "cpu",
+        "gpu",
+        "none",
+        help="cpu: timm/PIL per sample; gpu: view kernel + vectorised RandAugment + erasing on the "
+        "device; auto: gpu on CUDA, else cpu",
+    )
     randaug_ops: int = doc(2, "RandAugment ops per image (each applied with probability randaug_p)")
     randaug_p: float = 0.5
     randaug_std: float = doc(0.5, "std of the per-op RandAugment magnitude, N(randaug_magnitude, std)")
@@ -166,8 +197,11 @@ class DataConfig:
     synthetic_images_per_identity: int = 8
     loader: str = choice("auto", "auto", "dali", "nvjpeg", "pil", "synthetic")
     workers: int = 4
-    max_bad_fraction: float = doc(0.01, "corrupt records are skipped and named; stop once more than this fraction of a rank's "
-                                        "records are corrupt (the fix: `lafs-fast data verify REC --write-bad`)")
+    max_bad_fraction: float = doc(
+        0.01,
+        "corrupt records are skipped and named; stop once more than this fraction of a rank's "
+        "records are corrupt (the fix: `lafs-fast data verify REC --write-bad`)",
+    )
 
 
 @dataclass
@@ -184,7 +218,9 @@ class TrainConfig:
     keep_every: int = doc(0, "also keep the checkpoint of every k-th epoch (0 = only the last keep_last)")
     ckpt_every_steps: int = doc(0, "also checkpoint every this many optimiser steps (0 = epoch ends only)")
     max_steps: int = doc(0, "stop after this many steps (0 = run all epochs)")
-    dist_timeout_s: int = doc(600, "several processes: a collective that waits longer than this ends the job (a hung or stopped rank)")
+    dist_timeout_s: int = doc(
+        600, "several processes: a collective that waits longer than this ends the job (a hung or stopped rank)"
+    )
 
 
 @dataclass
@@ -202,13 +238,24 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": {},
     "small": {
-        "model.dim": 192, "model.depth": 4, "model.heads": 3, "model.head_dim": 64, "model.mlp_dim": 384,
+        "model.dim": 192,
+        "model.depth": 4,
+        "model.heads": 3,
+        "model.head_dim": 64,
+        "model.mlp_dim": 384,
         "model.attn_scale": "head_dim",
-        "dino.out_dim": 1024, "dino.hidden_dim": 384, "dino.bottleneck_dim": 96,
+        "dino.out_dim": 1024,
+        "dino.hidden_dim": 384,
+        "dino.bottleneck_dim": 96,
         "dino.teacher_temp_epochs": 2,
-        "optim.epochs": 4, "optim.batch_size": 32, "optim.warmup_epochs": 1, "optim.lr": 1e-3,
-        "data.synthetic_identities": 64, "data.synthetic_images_per_identity": 4,
-        "train.compile": False, "train.out_dir": "runs/small",
+        "optim.epochs": 4,
+        "optim.batch_size": 32,
+        "optim.warmup_epochs": 1,
+        "optim.lr": 1e-3,
+        "data.synthetic_identities": 64,
+        "data.synthetic_images_per_identity": 4,
+        "train.compile": False,
+        "train.out_dir": "runs/small",
     },
 }
 
@@ -290,41 +337,116 @@ def _sections() -> list[str]:
 # Range rules, one line a key: (low, high, low_open, high_open); None = unbounded on that side.
 _POSITIVE = (0, None, True, False)
 _NON_NEGATIVE = (0, None, False, False)
-_UNIT = (0, 1, False, False)            # a probability or a momentum
-_UNIT_OPEN_LOW = (0, 1, True, False)    # a scale or a fraction that must not be 0
+_UNIT = (0, 1, False, False)  # a probability or a momentum
+_UNIT_OPEN_LOW = (0, 1, True, False)  # a scale or a fraction that must not be 0
 _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
-    **dict.fromkeys(("model.image_size", "model.patch_size", "model.num_patches", "model.dim", "model.depth", "model.heads",
-                     "model.head_dim", "model.mlp_dim", "model.ln_eps"), _POSITIVE),
+    **dict.fromkeys(
+        (
+            "model.image_size",
+            "model.patch_size",
+            "model.num_patches",
+            "model.dim",
+            "model.depth",
+            "model.heads",
+            "model.head_dim",
+            "model.mlp_dim",
+            "model.ln_eps",
+        ),
+        _POSITIVE,
+    ),
     **dict.fromkeys(("model.dropout", "model.emb_dropout", "model.drop_path", "model.landmark_dropout"), _UNIT),
     "model.token_init_std": _NON_NEGATIVE,
-    **dict.fromkeys(("dino.out_dim", "dino.hidden_dim", "dino.bottleneck_dim", "dino.student_temp", "dino.teacher_temp_start",
-                     "dino.teacher_temp_end"), _POSITIVE),
+    **dict.fromkeys(
+        (
+            "dino.out_dim",
+            "dino.hidden_dim",
+            "dino.bottleneck_dim",
+            "dino.student_temp",
+            "dino.teacher_temp_start",
+            "dino.teacher_temp_end",
+        ),
+        _POSITIVE,
+    ),
     **dict.fromkeys(("dino.teacher_temp_epochs", "dino.freeze_last_layer_epochs"), _NON_NEGATIVE),
     **dict.fromkeys(("dino.center_momentum", "dino.teacher_momentum"), _UNIT),
     **dict.fromkeys(("views.n_global", "views.global_tokens", "views.local_tokens", "views.local_size"), _POSITIVE),
-    **dict.fromkeys(("views.n_local", "views.perturb_sigma", "views.detector_smoothing", "views.brightness", "views.contrast",
-                     "views.saturation", "views.blur_radius_min", "views.blur_radius_max"), _NON_NEGATIVE),
+    **dict.fromkeys(
+        (
+            "views.n_local",
+            "views.perturb_sigma",
+            "views.detector_smoothing",
+            "views.brightness",
+            "views.contrast",
+            "views.saturation",
+            "views.blur_radius_min",
+            "views.blur_radius_max",
+        ),
+        _NON_NEGATIVE,
+    ),
     "views.hue": (0, 0.5, False, False),
     "views.solarize_threshold": (0, 256, False, False),
-    **dict.fromkeys(("views.flip_p", "views.jitter_p", "views.grayscale_p", "views.blur_p_global1", "views.blur_p_global2",
-                     "views.blur_p_local", "views.solarize_p_global2"), _UNIT),
-    **dict.fromkeys(("views.crop_scale_min", "views.crop_scale_max", "views.local_scale_min", "views.local_scale_max"), _UNIT_OPEN_LOW),
+    **dict.fromkeys(
+        (
+            "views.flip_p",
+            "views.jitter_p",
+            "views.grayscale_p",
+            "views.blur_p_global1",
+            "views.blur_p_global2",
+            "views.blur_p_local",
+            "views.solarize_p_global2",
+        ),
+        _UNIT,
+    ),
+    **dict.fromkeys(
+        ("views.crop_scale_min", "views.crop_scale_max", "views.local_scale_min", "views.local_scale_max"),
+        _UNIT_OPEN_LOW,
+    ),
     **dict.fromkeys(("optim.epochs", "optim.batch_size", "optim.accumulation"), _POSITIVE),
-    **dict.fromkeys(("optim.lr", "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay", "optim.weight_decay_end",
-                     "optim.landmark_weight_decay", "optim.clip_grad"), _NON_NEGATIVE),
+    **dict.fromkeys(
+        (
+            "optim.lr",
+            "optim.min_lr",
+            "optim.warmup_epochs",
+            "optim.weight_decay",
+            "optim.weight_decay_end",
+            "optim.landmark_weight_decay",
+            "optim.clip_grad",
+        ),
+        _NON_NEGATIVE,
+    ),
     "optim.layer_decay": _UNIT_OPEN_LOW,
     "optim.betas": (0, 1, False, True),
     **dict.fromkeys(("finetune.scale",), _POSITIVE),
-    **dict.fromkeys(("finetune.margin", "finetune.mixup_alpha", "finetune.randaug_magnitude", "finetune.randaug_ops",
-                     "finetune.randaug_std", "finetune.val_every"), _NON_NEGATIVE),
+    **dict.fromkeys(
+        (
+            "finetune.margin",
+            "finetune.mixup_alpha",
+            "finetune.randaug_magnitude",
+            "finetune.randaug_ops",
+            "finetune.randaug_std",
+            "finetune.val_every",
+        ),
+        _NON_NEGATIVE,
+    ),
     **dict.fromkeys(("finetune.mixup_p", "finetune.randaug_p", "finetune.erase_p"), _UNIT),
     **dict.fromkeys(("finetune.sample_rate", "finetune.crop_scale_min"), _UNIT_OPEN_LOW),
     "finetune.jitter": (0, 0.5, False, False),  # also ColorJitter's hue, which torchvision bounds by 0.5
-    "data.synthetic_identities": _POSITIVE, "data.synthetic_images_per_identity": _POSITIVE,
+    "data.synthetic_identities": _POSITIVE,
+    "data.synthetic_images_per_identity": _POSITIVE,
     "data.workers": _NON_NEGATIVE,
-    **dict.fromkeys(("train.seed", "train.log_every", "train.ckpt_every_epochs", "train.keep_every", "train.ckpt_every_steps",
-                     "train.max_steps"), _NON_NEGATIVE),
-    "train.gpus": _POSITIVE, "train.dist_timeout_s": _POSITIVE,
+    **dict.fromkeys(
+        (
+            "train.seed",
+            "train.log_every",
+            "train.ckpt_every_epochs",
+            "train.keep_every",
+            "train.ckpt_every_steps",
+            "train.max_steps",
+        ),
+        _NON_NEGATIVE,
+    ),
+    "train.gpus": _POSITIVE,
+    "train.dist_timeout_s": _POSITIVE,
     "train.keep_last": (1, None, False, False),
 }
 
@@ -348,20 +470,31 @@ def _validate(cfg: Config) -> None:
     for key, rule in _RANGES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        for v in (value if isinstance(value, (tuple, list)) else (value,)):
+        for v in value if isinstance(value, (tuple, list)) else (value,):
             if not _in_range(v, rule):
                 raise ValueError(f"config key {key!r} must be {_range_text(rule)}, got {value!r}")
     m, v = cfg.model, cfg.views
     if m.patch_size % 2:
         raise ValueError(f"config key 'model.patch_size' must be even, got {m.patch_size}")
     if v.crop_scale_min > v.crop_scale_max:
-        raise ValueError(f"config keys 'views.crop_scale_min' ({v.crop_scale_min}) <= 'views.crop_scale_max' ({v.crop_scale_max})")
+        raise ValueError(
+            f"config keys 'views.crop_scale_min' ({v.crop_scale_min}) <= 'views.crop_scale_max' ({v.crop_scale_max})"
+        )
     if v.local_scale_min > v.local_scale_max:
-        raise ValueError(f"config keys 'views.local_scale_min' ({v.local_scale_min}) <= 'views.local_scale_max' ({v.local_scale_max})")
+        raise ValueError(
+            f"config keys 'views.local_scale_min' ({v.local_scale_min}) <= 'views.local_scale_max' "
+            f"({v.local_scale_max})"
+        )
     if v.blur_radius_min > v.blur_radius_max:
-        raise ValueError(f"config keys 'views.blur_radius_min' ({v.blur_radius_min}) <= 'views.blur_radius_max' ({v.blur_radius_max})")
+        raise ValueError(
+            f"config keys 'views.blur_radius_min' ({v.blur_radius_min}) <= 'views.blur_radius_max' "
+            f"({v.blur_radius_max})"
+        )
     if v.n_global + v.n_local < 2:
-        raise ValueError(f"config keys 'views.n_global' + 'views.n_local' must give at least 2 views (DINO compares views), got {v.n_global} + {v.n_local}")
+        raise ValueError(
+            "config keys 'views.n_global' + 'views.n_local' must give at least 2 views (DINO compares views), got "
+            f"{v.n_global} + {v.n_local}"
+        )
     if max(v.global_tokens, v.local_tokens) > m.num_patches:
         raise ValueError("config keys 'views.global_tokens' / 'views.local_tokens' exceed 'model.num_patches'")
     if v.mode == "dino" and v.local_size > m.image_size:  # the baseline's local crops (lafs locals are image-size)
@@ -443,8 +576,12 @@ def config_from_dict(d: dict[str, Any]) -> Config:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--preset / --config / trailing key=value overrides: shared by every training command."""
-    parser.add_argument("--preset", default="reference", choices=list(PRESETS), help="starting values (default: reference)")
-    parser.add_argument("--config", metavar="YAML", help="a YAML file of sections (model:, optim:, ...) applied on the preset")
+    parser.add_argument(
+        "--preset", default="reference", choices=list(PRESETS), help="starting values (default: reference)"
+    )
+    parser.add_argument(
+        "--config", metavar="YAML", help="a YAML file of sections (model:, optim:, ...) applied on the preset"
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides applied last")
 
 

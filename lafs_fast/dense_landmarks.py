@@ -25,9 +25,9 @@ interpolates (``f(T_i) = D_i``). Default ``lambda = 0.3`` (``views.detector_smoo
 BlazeFace sidecar of ORL (6 points, ears included) ``lambda <= 0.01`` folds the grid on some faces
 (neighbouring landmarks swap), 0.3 keeps every grid step positive while fitting the detected points
 much closer than the affine fit (``DetectorLandmarks.quality`` measures both; ``lafs-fast pretrain``
-prints them, ``tests/test_detector_landmarks.py`` checks them on ORL). Token k is grid cell k of the mean face, carried along with the
-face; sparse views draw among the K like with any landmark source. Images with no face use the
-template (so their tokens are the plain grid), and the count is reported.
+prints them, ``tests/test_detector_landmarks.py`` checks them on ORL). Token k is grid cell k of the
+mean face, carried along with the face; sparse views draw among the K like with any landmark source.
+Images with no face use the template (so their tokens are the plain grid), and the count is reported.
 
 In the views (``lafs_fast.views``) the K source-image points are mapped into every view through the
 view's crop / flip affine (``kernels.views.map_to_views``), so landmarks follow the face through
@@ -66,17 +66,22 @@ class LandmarkSidecar:
     detector: str
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LandmarkSidecar":
+    def load(cls, path: str | os.PathLike) -> LandmarkSidecar:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"landmark sidecar {path} does not exist; make it with `lafs-fast data landmarks REC` "
-                                    f"(or name another with views.detector_file=PATH)")
+            raise FileNotFoundError(
+                f"landmark sidecar {path} does not exist; make it with `lafs-fast data landmarks REC` "
+                f"(or name another with views.detector_file=PATH)"
+            )
         try:  # memory-mapped: 4.2 M faces are not read (nor copied) until their rows are used
             z = load_sidecar_arrays(path)
             keys, points = np.asarray(z["keys"], dtype=np.int64), np.asarray(z["points"], dtype=np.float32)
             detector = str(z["detector"]) if "detector" in z else "unknown"
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"{path} is not a landmark sidecar ({type(exc).__name__}: {exc}); remake it with `lafs-fast data landmarks REC`") from None
+            raise ValueError(
+                f"{path} is not a landmark sidecar ({type(exc).__name__}: {exc}); remake it with `lafs-fast data "
+                "landmarks REC`"
+            ) from None
         if points.ndim != 3 or points.shape[2] != 2 or points.shape[0] != keys.shape[0]:
             raise ValueError(f"{path}: points must be (N, P, 2) with N = {keys.shape[0]} keys, got {points.shape}")
         if points.shape[1] < 3:
@@ -107,8 +112,11 @@ class LandmarkSidecar:
         at = np.clip(np.searchsorted(sorted_keys, keys), 0, len(sorted_keys) - 1)
         missing = sorted_keys[at] != keys
         if missing.any():
-            raise ValueError(f"{self.path} has no landmarks for {int(missing.sum())} of the {len(keys)} records (first: key "
-                             f"{int(keys[missing][0])}); it belongs to another rec or is out of date: rerun `lafs-fast data landmarks REC`")
+            raise ValueError(
+                f"{self.path} has no landmarks for {int(missing.sum())} of the {len(keys)} records (first: key "
+                f"{int(keys[missing][0])}); it belongs to another rec or is out of date: rerun `lafs-fast data "
+                "landmarks REC`"
+            )
         return self.points[order[at]]
 
 
@@ -160,8 +168,14 @@ class DetectorLandmarks:
     for 5 M faces with FAN); a batch's rows are gathered there and densified on ``device``.
     """
 
-    def __init__(self, sidecar: LandmarkSidecar, record_keys: np.ndarray, image_size: int = 112, patch_size: int = 8,
-                 smoothing: float = 0.3) -> None:
+    def __init__(
+        self,
+        sidecar: LandmarkSidecar,
+        record_keys: np.ndarray,
+        image_size: int = 112,
+        patch_size: int = 8,
+        smoothing: float = 0.3,
+    ) -> None:
         from lafs_fast.sampling import grid_landmarks
 
         if smoothing < 0:
@@ -181,7 +195,7 @@ class DetectorLandmarks:
         self._on: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
-    def for_source(cls, data: str | os.PathLike, file: str | os.PathLike | None = None, **kw) -> "DetectorLandmarks":
+    def for_source(cls, data: str | os.PathLike, file: str | os.PathLike | None = None, **kw) -> DetectorLandmarks:
         """The table of the rec ``data`` (a .rec or a folder holding train.rec), from ``file`` or the
         sidecar beside the rec."""
         from lafs_fast.data.loaders import RecSource, open_source
@@ -189,8 +203,10 @@ class DetectorLandmarks:
         kind, src = open_source(str(data))
         if kind != "rec" or not isinstance(src, RecSource):
             what = "the built-in synthetic data" if kind == "synthetic" else f"{data} (a {kind})"
-            raise ValueError(f"--landmarks detector reads the landmark sidecar of a .rec, and {what} has none; pack the images "
-                             f"with `lafs-fast data build`, run `lafs-fast data landmarks REC`, or use --landmarks grid")
+            raise ValueError(
+                f"--landmarks detector reads the landmark sidecar of a .rec, and {what} has none; pack the images "
+                f"with `lafs-fast data build`, run `lafs-fast data landmarks REC`, or use --landmarks grid"
+            )
         return cls(LandmarkSidecar.load(file or sidecar_path(src.path)), src.keys, **kw)
 
     @property
@@ -199,8 +215,10 @@ class DetectorLandmarks:
         return self.weights.shape[0]
 
     def describe(self) -> str:
-        return (f"{self.source_desc} densified to {self.num_points}; "
-                f"{self.no_face} of {len(self.points)} images without a face use the mean face)")
+        return (
+            f"{self.source_desc} densified to {self.num_points}; "
+            f"{self.no_face} of {len(self.points)} images without a face use the mean face)"
+        )
 
     def quality(self, max_faces: int = 10_000) -> dict[str, float]:
         """How the densification treats (up to ``max_faces``) detected faces: ``fit_px`` mean distance
@@ -214,8 +232,12 @@ class DetectorLandmarks:
         affine = thin_plate_weights(t, t, 1e12, self.image_size) @ pts
         g = (self.weights.double() @ pts).reshape(len(found), self.grid_side, self.grid_side, 2)
         steps = torch.cat(((g[:, :, 1:, 0] - g[:, :, :-1, 0]).flatten(), (g[:, 1:, :, 1] - g[:, :-1, :, 1]).flatten()))
-        return {"faces": len(found), "fit_px": float((fit - pts).norm(dim=-1).mean()),
-                "affine_fit_px": float((affine - pts).norm(dim=-1).mean()), "min_step_px": float(steps.min())}
+        return {
+            "faces": len(found),
+            "fit_px": float((fit - pts).norm(dim=-1).mean()),
+            "affine_fit_px": float((affine - pts).norm(dim=-1).mean()),
+            "min_step_px": float(steps.min()),
+        }
 
     def densify(self, points: torch.Tensor) -> torch.Tensor:
         """(B, P, 2) continuous px -> (B, K, 2) fp32 sampler px, on the points' device."""
@@ -230,6 +252,8 @@ class DetectorLandmarks:
         idx = positions.cpu().long()
         # gathered straight into pinned memory on CUDA, so the copy is truly asynchronous (a copy
         # from pageable memory is staged by the host)
-        rows = torch.empty((idx.numel(), *self.points.shape[1:]), dtype=self.points.dtype, pin_memory=device.type == "cuda")
+        rows = torch.empty(
+            (idx.numel(), *self.points.shape[1:]), dtype=self.points.dtype, pin_memory=device.type == "cuda"
+        )
         torch.index_select(self.points, 0, idx, out=rows)
         return self.densify(rows.to(device, non_blocking=True))

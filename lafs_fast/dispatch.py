@@ -14,7 +14,7 @@ __all__ = ["TRITON_BACKENDS", "triton_entry", "resolve_triton_backend"]
 TRITON_BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_entry(module: str, name: str, what: str) -> tuple[Callable | None, str]:
     """``module.name`` if the kernel module imports here, else (None, why). Cached: a broken
     install is probed once, not on every call."""
@@ -25,8 +25,9 @@ def triton_entry(module: str, name: str, what: str) -> tuple[Callable | None, st
     return getattr(mod, name), what
 
 
-def resolve_triton_backend(backend: str, device: torch.device, entry: Callable[[], tuple[Callable | None, str]],
-                           kind: str, twin: str) -> tuple[str, str]:
+def resolve_triton_backend(
+    backend: str, device: torch.device, entry: Callable[[], tuple[Callable | None, str]], kind: str, twin: str
+) -> tuple[str, str]:
     """Which backend runs for ``backend`` on ``device``, and why (for logs and `lafs-fast info`).
 
     ``entry`` returns the kernel or (None, why); ``kind`` names the module in errors ("sampler");

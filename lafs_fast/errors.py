@@ -10,7 +10,12 @@ from __future__ import annotations
 __all__ = ["USER_ERRORS", "is_user_error", "user_message"]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
 )
 
 
@@ -35,7 +40,11 @@ def parse_command_line(parser, argv: list[str]):  # (argparse.ArgumentParser, li
     if parser._subparsers is None:  # noqa: SLF001 - argparse has no public test for this
         return parser.parse_intermixed_args(argv)
     args, extra = parser.parse_known_args(argv)
-    if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+    if (
+        extra
+        and isinstance(getattr(args, "overrides", None), list)
+        and all("=" in e and not e.startswith("-") for e in extra)
+    ):
         args.overrides = [*args.overrides, *extra]  # overrides after a flag of a sub-command (config show)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -67,7 +76,9 @@ def _number_type(kind: type, low: float, high: float | None = None, low_open: bo
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expects {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expects {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
         if (value <= low if low_open else value < low) or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
@@ -90,5 +101,7 @@ def require_extra(feature: str, extra: str, *modules: str) -> None:
         try:
             importlib.import_module(name)
         except ImportError as exc:
-            raise ValueError(f"{feature} needs {name.split('.')[0]}, which is not installed ({type(exc).__name__}); "
-                             f"pip install 'lafs-fast[{extra}]'") from None
+            raise ValueError(
+                f"{feature} needs {name.split('.')[0]}, which is not installed ({type(exc).__name__}); "
+                f"pip install 'lafs-fast[{extra}]'"
+            ) from None

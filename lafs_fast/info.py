@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import platform
 
@@ -41,7 +42,9 @@ def collect_info() -> dict[str, object]:
         "timm": _version("timm"),
         "torchvision": _version("torchvision"),
         "face_alignment": _version("face_alignment"),
-        "torchvision_cpu_fix": "applied (CPU torch with a CUDA torchvision wheel)" if _torchvision_fix.applied else "not needed",
+        "torchvision_cpu_fix": "applied (CPU torch with a CUDA torchvision wheel)"
+        if _torchvision_fix.applied
+        else "not needed",
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else ["cpu"],
         "cpu_threads": torch.get_num_threads(),
     }
@@ -49,12 +52,12 @@ def collect_info() -> dict[str, object]:
         "patch sampler": resolve_backend("auto", device),
         "attention": resolve_attention("auto", device),
     }
-    for name, module, fn in (("view augmentation", "lafs_fast.augment", "resolve_view_backend"),
-                             ("data loader", "lafs_fast.data", "resolve_loader_backend")):
-        try:
+    for name, module, fn in (
+        ("view augmentation", "lafs_fast.augment", "resolve_view_backend"),
+        ("data loader", "lafs_fast.data", "resolve_loader_backend"),
+    ):
+        with contextlib.suppress(ImportError, AttributeError):  # module not built in this version
             backends[name] = getattr(importlib.import_module(module), fn)("auto", device)
-        except (ImportError, AttributeError):
-            pass  # module not built in this version
     info["backends"] = {k: f"{v[0]} ({v[1]})" for k, v in backends.items()}
     return info
 

@@ -21,8 +21,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write", "atomic_save", "atomic_write_bytes", "safe_load", "check_writable_dir", "check_output_file", "remove_stale_temporaries",
-           "TEMP_PREFIX"]
+__all__ = [
+    "atomic_write",
+    "atomic_save",
+    "atomic_write_bytes",
+    "safe_load",
+    "check_writable_dir",
+    "check_output_file",
+    "remove_stale_temporaries",
+    "TEMP_PREFIX",
+]
 
 TEMP_PREFIX = ".lafs-"
 _TEMP_RE = re.compile(r"^\.lafs-[A-Za-z0-9_]{8}\.tmp$")
@@ -44,14 +52,19 @@ def _write_failed(path: Path, exc: BaseException) -> Exception:
     no = getattr(exc, "errno", None)
     text = str(exc)
     if no == errno.ENAMETOOLONG:
-        return ValueError(f"cannot write {path}: the name is too long for the file system "
-                          f"({len(path.name.encode())} bytes; at most 255); choose a shorter name")
+        return ValueError(
+            f"cannot write {path}: the name is too long for the file system "
+            f"({len(path.name.encode())} bytes; at most 255); choose a shorter name"
+        )
     if no in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in text or "failed writing" in text:
         try:
             free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MB free"
         except OSError:
             free = "free space unknown"
-        return ValueError(f"cannot write {path}: the disk is full ({free} on {path.parent}); free space, then resume from the last checkpoint")
+        return ValueError(
+            f"cannot write {path}: the disk is full ({free} on {path.parent}); free space, then resume from the last "
+            "checkpoint"
+        )
     if no in (errno.EACCES, errno.EPERM, errno.EROFS):
         return PermissionError(f"cannot write {path}: {os.strerror(no).lower()}; choose another output folder")
     if isinstance(exc, OSError) and exc.strerror:
@@ -85,9 +98,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     """Write ``data`` to ``path`` atomically (module docstring)."""
+
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
+
     atomic_write(path, write)
 
 
@@ -108,7 +123,9 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return stale
 
 
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)|Unsupported global: ([\w.]+)|global ['\"]?([\w.]+)['\"]? (?:was|is) not an allowed")
+_GLOBAL_RE = re.compile(
+    r"GLOBAL ([\w.]+)|Unsupported global: ([\w.]+)|global ['\"]?([\w.]+)['\"]? (?:was|is) not an allowed"
+)
 
 
 def safe_load(path: str | Path) -> Any:
@@ -124,8 +141,10 @@ def safe_load(path: str | Path) -> Any:
         m = _GLOBAL_RE.search(text)
         if m and ("weights_only" in text or "Unsupported global" in text or "allowed global" in text):
             name = next(g for g in m.groups() if g)
-            raise ValueError(f"refusing to load {path}: it asks for the Python global {name}, which a checkpoint never holds "
-                             "(a tampered or foreign file); it was not loaded") from None
+            raise ValueError(
+                f"refusing to load {path}: it asks for the Python global {name}, which a checkpoint never holds "
+                "(a tampered or foreign file); it was not loaded"
+            ) from None
         first = text.strip().splitlines()[0] if text.strip() else ""
         raise ValueError(f"{path} is not a loadable PyTorch checkpoint ({type(exc).__name__}: {first})") from None
 
@@ -139,7 +158,9 @@ def check_writable_dir(path: str | Path) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise PermissionError(f"output folder {path} is not writable ({(exc.strerror or str(exc)).lower()}); choose another with --out") from None
+        raise PermissionError(
+            f"output folder {path} is not writable ({(exc.strerror or str(exc)).lower()}); choose another with --out"
+        ) from None
     return path
 
 
@@ -150,6 +171,8 @@ def check_output_file(path: str | Path) -> Path:
     if path.is_dir():
         raise IsADirectoryError(f"--out {path} is a folder; give a file name inside it")
     if len(path.name.encode()) > 255:
-        raise ValueError(f"--out {path}: the name is too long for the file system ({len(path.name.encode())} bytes; at most 255)")
+        raise ValueError(
+            f"--out {path}: the name is too long for the file system ({len(path.name.encode())} bytes; at most 255)"
+        )
     check_writable_dir(path.parent)
     return path

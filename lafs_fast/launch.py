@@ -26,7 +26,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "RankFailed", "launch", "init_distributed", "under_torchrun", "resolve_device", "resolve_precision", "shutdown"]
+__all__ = [
+    "DistInfo",
+    "RankFailed",
+    "launch",
+    "init_distributed",
+    "under_torchrun",
+    "resolve_device",
+    "resolve_precision",
+    "shutdown",
+]
 
 
 class RankFailed(RuntimeError):
@@ -36,7 +45,9 @@ class RankFailed(RuntimeError):
     died without one, e.g. killed); ``user_error``: whether that was a user's mistake (one sentence,
     exit 2); ``detail``: the exception's one line."""
 
-    def __init__(self, text: str, rank: int = -1, error_type: str = "", user_error: bool = False, detail: str = "") -> None:
+    def __init__(
+        self, text: str, rank: int = -1, error_type: str = "", user_error: bool = False, detail: str = ""
+    ) -> None:
         super().__init__(text)
         self.rank, self.error_type, self.user_error, self.detail = rank, error_type, user_error, detail
 
@@ -60,13 +71,30 @@ def _worker_entry(fn: Callable[..., Any], *args: Any) -> Any:
             from lafs_fast.errors import is_user_error, user_message
 
             text = str(exc)
-            record = {"type": type(exc).__name__, "user_error": is_user_error(exc), "message": user_message(exc),
-                      # a collective that failed because another rank died first: a consequence, not the cause
-                      "peer_lost": any(k in text for k in ("Connection closed by peer", "remote worker", "Connection reset by peer",
-                                                            "NCCL communicator was aborted", "Timed out", "timed out", "Watchdog"))}
+            record = {
+                "type": type(exc).__name__,
+                "user_error": is_user_error(exc),
+                "message": user_message(exc),
+                # a collective that failed because another rank died first: a consequence, not the cause
+                "peer_lost": any(
+                    k in text
+                    for k in (
+                        "Connection closed by peer",
+                        "remote worker",
+                        "Connection reset by peer",
+                        "NCCL communicator was aborted",
+                        "Timed out",
+                        "timed out",
+                        "Watchdog",
+                    )
+                ),
+            }
             with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
                 json.dump(record, f)
-            if not record["user_error"] and type(exc).__name__ not in ("NonFiniteLoss", "Preempted"):  # a bug: keep its traceback
+            if not record["user_error"] and type(exc).__name__ not in (
+                "NonFiniteLoss",
+                "Preempted",
+            ):  # a bug: keep its traceback
                 traceback.print_exc(file=sys.stderr)
             sys.stderr.flush()
             os._exit(3)
@@ -131,13 +159,17 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if dev.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible; lower --gpus")
+            raise ValueError(
+                f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible; lower --gpus"
+            )
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     if not dist.is_initialized():
         from datetime import timedelta
 
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://", timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            "nccl" if dev.type == "cuda" else "gloo", init_method="env://", timeout=timedelta(seconds=timeout_s)
+        )
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
@@ -164,9 +196,16 @@ def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1) -> dict[in
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f"lafs-fast-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_configs={"timeout": 120},
-        max_restarts=0, monitor_interval=0.5, start_method="spawn",
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nprocs,
+        run_id=f"lafs-fast-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        rdzv_configs={"timeout": 120},
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
     )
     # The workers must not think they are the launcher's parent: they read RANK etc. from the agent.
     import json
@@ -199,17 +238,25 @@ def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1) -> dict[in
             causes = [r for r, rec in recorded.items() if not rec.get("peer_lost")]
             silent = [r for r in range(nprocs) if r not in recorded]
             if not users and not causes and silent:
-                raise RankFailed(f"rank {min(silent)} of {nprocs} failed: it stopped answering without reporting an error (killed, hung "
-                                 "or out of memory?) and the other ranks lost it or timed out waiting; the job was stopped", min(silent)) from None
+                raise RankFailed(
+                    f"rank {min(silent)} of {nprocs} failed: it stopped answering without reporting an error (killed, "
+                    "hung "
+                    "or out of memory?) and the other ranks lost it or timed out waiting; the job was stopped",
+                    min(silent),
+                ) from None
             first = min(users) if users else min(causes) if causes else min(recorded) if recorded else min(failures)
             rec = recorded.get(first)
             if rec is not None:
-                raise RankFailed(f"rank {first} of {nprocs}: {rec['message']}", first, rec["type"], rec["user_error"], rec["message"]) from None
+                raise RankFailed(
+                    f"rank {first} of {nprocs}: {rec['message']}", first, rec["type"], rec["user_error"], rec["message"]
+                ) from None
             f = failures[first]
             why = f"exit code {f.exitcode}" if f.exitcode is not None else "an error"
             if f.exitcode is not None and f.exitcode < 0:
                 why = f"signal {-f.exitcode}"
-            raise RankFailed(f"rank {first} of {nprocs} failed with {why}; the other ranks were stopped", first) from None
+            raise RankFailed(
+                f"rank {first} of {nprocs} failed with {why}; the other ranks were stopped", first
+            ) from None
         finally:
             os.environ.pop(_ERROR_DIR_ENV, None)
             elastic_log.setLevel(level)

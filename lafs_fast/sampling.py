@@ -15,7 +15,8 @@ import torch
 from lafs_fast.dispatch import TRITON_BACKENDS, resolve_triton_backend, triton_entry
 from lafs_fast.kernels.patch_sampling import sample_patches_torch
 
-__all__ = ["grid_landmarks", 
+__all__ = [
+    "grid_landmarks",
     "sample_patches",
     "BACKENDS",
     "resolve_backend",
@@ -72,10 +73,14 @@ def validate_inputs(
     if check_finite:
         # A device-side assertion, not a host read: no sync on a GPU (the error surfaces at the next
         # sync, e.g. the engine's loss read); on the CPU it raises here (RuntimeError).
-        torch._assert_async(torch.isfinite(coords).all(), "coords contain NaN or inf: check the landmark network's output")
+        torch._assert_async(
+            torch.isfinite(coords).all(), "coords contain NaN or inf: check the landmark network's output"
+        )
     if indices is not None:
         if indices.dim() != 2 or indices.shape[0] != b or indices.dtype.is_floating_point:
-            raise ValueError(f"indices must be (B, L) integers with B = {b}, got {tuple(indices.shape)} {indices.dtype}")
+            raise ValueError(
+                f"indices must be (B, L) integers with B = {b}, got {tuple(indices.shape)} {indices.dtype}"
+            )
         k = coords.shape[1]
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
             raise ValueError(f"indices must lie in [0, {k}) (the number of landmarks)")
@@ -179,13 +184,28 @@ def sample_patches(
         if fn is None:
             raise ValueError(f"backend='triton' requested but {why}")
         return fn(
-            images, coords, patch_size, indices=indices, noise=noise, out_dtype=out_dtype,
-            num_tokens=num_tokens, sigma=sigma, seed=seed, offset=offset, return_draws=return_draws,
+            images,
+            coords,
+            patch_size,
+            indices=indices,
+            noise=noise,
+            out_dtype=out_dtype,
+            num_tokens=num_tokens,
+            sigma=sigma,
+            seed=seed,
+            offset=offset,
+            return_draws=return_draws,
         )
     if num_tokens is not None or sigma > 0:
         drawn_idx, drawn_noise = draw_landmark_randomness(
-            coords.shape[0], coords.shape[1], num_tokens, sigma, seed, images.device,
-            length=indices.shape[1] if indices is not None else None, offset=offset,
+            coords.shape[0],
+            coords.shape[1],
+            num_tokens,
+            sigma,
+            seed,
+            images.device,
+            length=indices.shape[1] if indices is not None else None,
+            offset=offset,
         )
         indices = drawn_idx if drawn_idx is not None else indices
         noise = drawn_noise if drawn_noise is not None else noise

@@ -31,6 +31,7 @@ import torch.nn as nn
 from lafs_fast.augment import augment_views
 from lafs_fast.config import ModelConfig, ViewsConfig
 from lafs_fast.dense_landmarks import DetectorLandmarks, views_from_source
+from lafs_fast.kernels.patch_sampling import normalise_images
 from lafs_fast.kernels.views import ViewSpec, lafs_view_specs
 from lafs_fast.models import LandmarkCNN, image_grid_tokens
 from lafs_fast.sampling import grid_landmarks, sample_patches
@@ -46,7 +47,9 @@ def load_landmark_cnn(path: str) -> LandmarkCNN:
     model = load_model(path)
     cnn = getattr(model, "landmark_cnn", None)
     if cnn is None:
-        raise ValueError(f"{path} holds no landmark CNN (a bare backbone); pass a stage-0 / Part fViT checkpoint or --landmarks grid")
+        raise ValueError(
+            f"{path} holds no landmark CNN (a bare backbone); pass a stage-0 / Part fViT checkpoint or --landmarks grid"
+        )
     cnn.eval()
     for p in cnn.parameters():
         p.requires_grad_(False)
@@ -72,18 +75,25 @@ class Landmarks(nn.Module):
         if source in ("grid", "detector"):
             g = model.image_size // model.patch_size
             if g * g != model.num_patches:
-                raise ValueError(f"--landmarks {source} gives {g * g} tokens but model.num_patches is {model.num_patches}")
+                raise ValueError(
+                    f"--landmarks {source} gives {g * g} tokens but model.num_patches is {model.num_patches}"
+                )
             if source == "detector":
                 if detector is None:
-                    raise ValueError("--landmarks detector needs the landmark table of the training data (DetectorLandmarks.for_source)")
+                    raise ValueError(
+                        "--landmarks detector needs the landmark table of the training data "
+                        "(DetectorLandmarks.for_source)"
+                    )
                 self.detector = detector
         else:
             self.cnn = load_landmark_cnn(source)
             if self.cnn.num_points != model.num_patches:
-                raise ValueError(f"{source} predicts {self.cnn.num_points} landmarks but model.num_patches is {model.num_patches}")
+                raise ValueError(
+                    f"{source} predicts {self.cnn.num_points} landmarks but model.num_patches is {model.num_patches}"
+                )
         self.register_buffer("grid", grid_landmarks(model.image_size, model.patch_size), persistent=False)
 
-    def train(self, mode: bool = True) -> "Landmarks":
+    def train(self, mode: bool = True) -> Landmarks:
         super().train(mode)
         if self.cnn is not None:
             self.cnn.eval()  # frozen in eval mode whatever the caller does (spec: stage 1)
@@ -125,7 +135,7 @@ class ViewBatch:
 def view_specs(v: ViewsConfig) -> tuple[list[ViewSpec], list[ViewSpec]]:
     """The global and local ViewSpecs of a ViewsConfig (``kernels.views.lafs_view_specs``, split)."""
     specs = lafs_view_specs(views=v)
-    return specs[: v.n_global], specs[v.n_global:]
+    return specs[: v.n_global], specs[v.n_global :]
 
 
 def _seed(seed: int, k: int) -> int:
@@ -143,8 +153,15 @@ class LafsViews(nn.Module):
         detector: the per-record landmark table, for ``views.landmarks == "detector"``.
     """
 
-    def __init__(self, views: ViewsConfig, model: ModelConfig, out_dtype: torch.dtype = torch.float32,
-                 sampler_backend: str = "auto", view_backend: str = "auto", detector: DetectorLandmarks | None = None) -> None:
+    def __init__(
+        self,
+        views: ViewsConfig,
+        model: ModelConfig,
+        out_dtype: torch.dtype = torch.float32,
+        sampler_backend: str = "auto",
+        view_backend: str = "auto",
+        detector: DetectorLandmarks | None = None,
+    ) -> None:
         super().__init__()
         self.cfg, self.mcfg = views, model
         self.out_dtype = out_dtype
@@ -152,10 +169,16 @@ class LafsViews(nn.Module):
         self.global_specs, self.local_specs = view_specs(views)
         self.landmarks = Landmarks(views.landmarks, model, detector) if views.mode == "lafs" else None
         if views.mode == "lafs" and views.global_tokens != model.num_patches:
-            raise ValueError(f"views.global_tokens={views.global_tokens}: dense views take all {model.num_patches} landmarks in order")
+            raise ValueError(
+                f"views.global_tokens={views.global_tokens}: dense views take all {model.num_patches} landmarks in "
+                "order"
+            )
         if views.mode == "dino":
             if model.image_size % model.patch_size or views.local_size % model.patch_size:
-                raise ValueError(f"--views dino needs crop sizes ({model.image_size}, {views.local_size}) that are multiples of the patch size {model.patch_size}")
+                raise ValueError(
+                    f"--views dino needs crop sizes ({model.image_size}, {views.local_size}) that are multiples of the "
+                    f"patch size {model.patch_size}"
+                )
             if (views.local_size // model.patch_size) ** 2 > model.num_patches:
                 raise ValueError(f"views.local_size {views.local_size} gives more tokens than model.num_patches")
 
@@ -167,53 +190,96 @@ class LafsViews(nn.Module):
         v = self.cfg
         b, s = images.shape[0], self.mcfg.image_size
         specs = self.global_specs + self.local_specs
-        av = augment_views(images, specs, seed=_seed(seed, 0), out_size=s, interpolation=v.interpolation,
-                           out_dtype=torch.float32, backend=self.view_backend)
+        av = augment_views(
+            images,
+            specs,
+            seed=_seed(seed, 0),
+            out_size=s,
+            interpolation=v.interpolation,
+            out_dtype=torch.float32,
+            backend=self.view_backend,
+        )
         # view-major: (V, B, 3, S, S) -> (V*B, 3, S, S); chunk(V) then splits views
         aug = av.augmented.transpose(0, 1).reshape(-1, 3, s, s)
         det = self.landmarks.detector
         if det is not None:
             if positions is None:
-                raise ValueError("--landmarks detector needs each image's record position (make_loader(..., with_positions=True))")
+                raise ValueError(
+                    "--landmarks detector needs each image's record position (make_loader(..., with_positions=True))"
+                )
             with torch.autocast(images.device.type, enabled=False):  # the densification matmul in fp32
                 coords = views_from_source(det(positions, images.device), av.affine)  # (V*B, K, 2)
         else:
             coords = self.landmarks(av.clean)
         g = v.n_global * b
         p = self.mcfg.patch_size
-        gt, _, g_noise = sample_patches(aug[:g], coords[:g], p, out_dtype=self.out_dtype, backend=self.sampler_backend,
-                                        sigma=v.perturb_sigma, seed=_seed(seed, 1), return_draws=True, check_finite=False)
+        gt, _, g_noise = sample_patches(
+            aug[:g],
+            coords[:g],
+            p,
+            out_dtype=self.out_dtype,
+            backend=self.sampler_backend,
+            sigma=v.perturb_sigma,
+            seed=_seed(seed, 1),
+            return_draws=True,
+            check_finite=False,
+        )
         g_coords = coords[:g] + (g_noise if g_noise is not None else 0)
         lt = l_coords = l_idx = None
         if v.n_local > 0:
-            lt, l_idx, l_noise = sample_patches(aug[g:], coords[g:], p, out_dtype=self.out_dtype, backend=self.sampler_backend,
-                                                num_tokens=v.local_tokens, sigma=v.perturb_sigma, seed=_seed(seed, 2),
-                                                return_draws=True, check_finite=False)
-            l_coords = torch.gather(coords[g:], 1, l_idx[..., None].expand(-1, -1, 2)) + (l_noise if l_noise is not None else 0)
+            lt, l_idx, l_noise = sample_patches(
+                aug[g:],
+                coords[g:],
+                p,
+                out_dtype=self.out_dtype,
+                backend=self.sampler_backend,
+                num_tokens=v.local_tokens,
+                sigma=v.perturb_sigma,
+                seed=_seed(seed, 2),
+                return_draws=True,
+                check_finite=False,
+            )
+            l_coords = torch.gather(coords[g:], 1, l_idx[..., None].expand(-1, -1, 2)) + (
+                l_noise if l_noise is not None else 0
+            )
         return ViewBatch(gt, lt, v.n_global, v.n_local, b, g_coords, l_coords, l_idx)
 
     def _dino(self, images: torch.Tensor, seed: int) -> ViewBatch:
         v, p, s = self.cfg, self.mcfg.patch_size, self.mcfg.image_size
         b = images.shape[0]
-        glob = augment_views(images, self.global_specs, seed=_seed(seed, 0), out_size=s, interpolation=v.interpolation,
-                             backend=self.view_backend).augmented
+        glob = augment_views(
+            images,
+            self.global_specs,
+            seed=_seed(seed, 0),
+            out_size=s,
+            interpolation=v.interpolation,
+            backend=self.view_backend,
+        ).augmented
         gt = image_grid_tokens(glob.transpose(0, 1).reshape(-1, 3, s, s), p).to(self.out_dtype)
         lt = None
         if v.n_local > 0:
             ls = v.local_size
-            loc = augment_views(images, self.local_specs, seed=_seed(seed, 3), out_size=ls, interpolation=v.interpolation,
-                                backend=self.view_backend).augmented
+            loc = augment_views(
+                images,
+                self.local_specs,
+                seed=_seed(seed, 3),
+                out_size=ls,
+                interpolation=v.interpolation,
+                backend=self.view_backend,
+            ).augmented
             lt = image_grid_tokens(loc.transpose(0, 1).reshape(-1, 3, ls, ls), p).to(self.out_dtype)
         return ViewBatch(gt, lt, v.n_global, v.n_local, b)
 
     @torch.no_grad()
-    def eval_tokens(self, images: torch.Tensor, positions: torch.Tensor | None = None, flip: bool = False) -> torch.Tensor:
+    def eval_tokens(
+        self, images: torch.Tensor, positions: torch.Tensor | None = None, flip: bool = False
+    ) -> torch.Tensor:
         """Tokens of whole, un-augmented faces (B, H, W, 3) uint8 for embedding at test time:
         all landmarks in order, no perturbation (lafs), or the regular grid (dino). ``detector``:
         the images' own landmarks when their record ``positions`` (B,) are given, else the mean
         face's. ``flip``: of the mirrored faces (detector landmarks mirrored with them, each token
         on the same point of the face, as in the training views)."""
-        x = images.permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0
+        x = normalise_images(images)
         if flip:
             x = x.flip(3)
         if self.cfg.mode == "dino":
@@ -226,4 +292,6 @@ class LafsViews(nn.Module):
                 coords = torch.stack((x.shape[3] + 1.0 - coords[..., 0], coords[..., 1]), dim=-1)
         else:
             coords = self.landmarks(x[:, None])  # one view per face
-        return sample_patches(x, coords, self.mcfg.patch_size, out_dtype=self.out_dtype, backend=self.sampler_backend, check_finite=False)
+        return sample_patches(
+            x, coords, self.mcfg.patch_size, out_dtype=self.out_dtype, backend=self.sampler_backend, check_finite=False
+        )

@@ -21,7 +21,10 @@ from lafs_fast._torchvision_fix import ensure_torchvision  # noqa: E402
 
 ensure_torchvision()  # tests import torchvision / timm themselves (CPU torch + PyPI's CUDA torchvision)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from tests import BLAZEFACE_DIR, SHARED  # noqa: E402
+
+# the BlazeFace weights of ../shared (where they exist) are found like a user's --weights folder
+os.environ.setdefault("LAFS_FAST_WEIGHTS", str(BLAZEFACE_DIR))
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from lafs_fast.eval import knn
 from lafs_fast.config import config_to_dict, load_config
 from lafs_fast.data import SyntheticFaces
+from lafs_fast.eval import knn
 from lafs_fast.launch import resolve_precision
 from lafs_fast.models.checkpoints import load_model
 from lafs_fast.train import pretrain, supervised_run
@@ -21,11 +21,25 @@ from lafs_fast.views import LafsViews
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 TINY = [
-    "model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64",
-    "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=16", "optim.batch_size=2", "optim.epochs=1",
-    "optim.warmup_epochs=0", "dino.teacher_temp_epochs=1", "data.synthetic_identities=2",
-    "data.synthetic_images_per_identity=2", "train.log_every=1", "views.n_local=2", "train.device=cpu",
-    "train.precision=bf16", "train.compile=false",
+    "model.dim=32",
+    "model.depth=1",
+    "model.heads=2",
+    "model.head_dim=16",
+    "model.mlp_dim=64",
+    "dino.out_dim=64",
+    "dino.hidden_dim=64",
+    "dino.bottleneck_dim=16",
+    "optim.batch_size=2",
+    "optim.epochs=1",
+    "optim.warmup_epochs=0",
+    "dino.teacher_temp_epochs=1",
+    "data.synthetic_identities=2",
+    "data.synthetic_images_per_identity=2",
+    "train.log_every=1",
+    "views.n_local=2",
+    "train.device=cpu",
+    "train.precision=bf16",
+    "train.compile=false",
 ]
 SUP_TINY = [a for a in TINY if not a.startswith("dino.")] + ["optim.batch_size=4", "data.synthetic_identities=4"]
 
@@ -61,9 +75,9 @@ def test_dino_loss_is_fp32_under_bf16_autocast(gen):
 
 def test_frozen_landmark_cnn_runs_fp32_under_bf16_autocast(tmp_path):
     """The frozen CNN's min-max coordinates in bf16 move in 0.5 px steps: the views keep them fp32."""
+    from lafs_fast.io import atomic_save
     from lafs_fast.models.checkpoints import model_file
     from lafs_fast.models.part_fvit import build_backbone, build_landmark_cnn
-    from lafs_fast.io import atomic_save
 
     cfg = load_config("small", None, [*TINY, f"train.out_dir={tmp_path}", "model.landmark_dropout=0"])
     torch.manual_seed(0)
@@ -102,8 +116,21 @@ def test_supervised_commands_and_eval_in_bf16(tmp_path, capsys):
     pretrain.train_worker(config_to_dict(cfg), {"knn": False, "progress": False})
     common = ["--max-steps", "1", "--no-progress", *SUP_TINY]
     assert supervised_run.main(["--out", str(tmp_path / "s0"), *common], stage=0) == 0  # with the held-out check
-    assert supervised_run.main(["--out", str(tmp_path / "s2"), "--init", str(s1 / "teacher.pt"),
-                                "--landmarks", str(tmp_path / "s0" / "part_fvit.pt"), *common], stage=2) == 0
+    assert (
+        supervised_run.main(
+            [
+                "--out",
+                str(tmp_path / "s2"),
+                "--init",
+                str(s1 / "teacher.pt"),
+                "--landmarks",
+                str(tmp_path / "s0" / "part_fvit.pt"),
+                *common,
+            ],
+            stage=2,
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "precision bf16" in out and "held-out check after" in out
     from lafs_fast.eval.embedder import Embedder

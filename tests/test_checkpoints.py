@@ -11,8 +11,21 @@ from lafs_fast.compat import ViT_face_landmark_patch8
 from lafs_fast.models.checkpoints import export_reference, import_checkpoint, load_model, read_model_file
 from tests.test_sampler import mosaic_to_tokens, reference_loop_mosaic
 
-SMALL = dict(loss_type="CosFace", GPU_ID=None, num_class=7, image_size=112, patch_size=8, dim=48, depth=2, heads=3,
-             mlp_dim=64, dim_head=16, dropout=0.1, emb_dropout=0.1, with_land=True)
+SMALL = dict(
+    loss_type="CosFace",
+    GPU_ID=None,
+    num_class=7,
+    image_size=112,
+    patch_size=8,
+    dim=48,
+    depth=2,
+    heads=3,
+    mlp_dim=64,
+    dim_head=16,
+    dropout=0.1,
+    emb_dropout=0.1,
+    with_land=True,
+)
 
 
 def reference_forward(sd: dict, x: torch.Tensor, heads: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,12 +49,15 @@ def reference_forward(sd: dict, x: torch.Tensor, heads: int, dim: int) -> tuple[
         y = F.layer_norm(h, (dim,), sd[p + "0.fn.norm.weight"], sd[p + "0.fn.norm.bias"])
         q, k, v = F.linear(y, sd[p + "0.fn.fn.to_qkv.weight"]).chunk(3, dim=-1)
         q, k, v = (z.reshape(z.shape[0], z.shape[1], heads, -1).transpose(1, 2) for z in (q, k, v))
-        attn = (torch.einsum("bhid,bhjd->bhij", q, k) * dim ** -0.5).softmax(-1)
+        attn = (torch.einsum("bhid,bhjd->bhij", q, k) * dim**-0.5).softmax(-1)
         o = torch.einsum("bhij,bhjd->bhid", attn, v).transpose(1, 2).reshape(h.shape[0], h.shape[1], -1)
         h = h + F.linear(o, sd[p + "0.fn.fn.to_out.0.weight"], sd[p + "0.fn.fn.to_out.0.bias"])
         y = F.layer_norm(h, (dim,), sd[p + "1.fn.norm.weight"], sd[p + "1.fn.norm.bias"])
-        y = F.linear(F.gelu(F.linear(y, sd[p + "1.fn.fn.net.0.weight"], sd[p + "1.fn.fn.net.0.bias"])),
-                     sd[p + "1.fn.fn.net.3.weight"], sd[p + "1.fn.fn.net.3.bias"])
+        y = F.linear(
+            F.gelu(F.linear(y, sd[p + "1.fn.fn.net.0.weight"], sd[p + "1.fn.fn.net.0.bias"])),
+            sd[p + "1.fn.fn.net.3.weight"],
+            sd[p + "1.fn.fn.net.3.bias"],
+        )
         h = h + y
     emb = F.layer_norm(h[:, 0], (dim,), sd["mlp_head.0.weight"], sd["mlp_head.0.bias"])
     return emb, theta
@@ -57,15 +73,25 @@ def randomise_bn(model: torch.nn.Module) -> None:
 
 
 def test_reference_state_dict_keys():
-    m = ViT_face_landmark_patch8(**{**SMALL, "dim": 768, "depth": 12, "heads": 11, "mlp_dim": 2048, "dim_head": 64, "num_class": 100})
+    m = ViT_face_landmark_patch8(
+        **{**SMALL, "dim": 768, "depth": 12, "heads": 11, "mlp_dim": 2048, "dim_head": 64, "num_class": 100}
+    )
     sd = m.state_dict()
     expect = {
-        "cls_token": (1, 1, 768), "pos_embedding": (1, 197, 768), "patch_to_embedding.weight": (768, 192),
-        "transformer.layers.11.0.fn.norm.weight": (768,), "transformer.layers.0.0.fn.fn.to_qkv.weight": (2112, 768),
-        "transformer.layers.0.0.fn.fn.to_out.0.weight": (768, 704), "transformer.layers.3.1.fn.fn.net.0.weight": (2048, 768),
-        "transformer.layers.3.1.fn.fn.net.3.weight": (768, 2048), "mlp_head.0.weight": (768,), "loss.weight": (100, 768),
-        "output_layer.1.weight": (392, 160), "stn.features.0.0.weight": (16, 3, 3, 3),
-        "stn.features.4.conv.5.fc.0.weight": (18, 72), "stn.features.15.conv.8.running_var": (160,),
+        "cls_token": (1, 1, 768),
+        "pos_embedding": (1, 197, 768),
+        "patch_to_embedding.weight": (768, 192),
+        "transformer.layers.11.0.fn.norm.weight": (768,),
+        "transformer.layers.0.0.fn.fn.to_qkv.weight": (2112, 768),
+        "transformer.layers.0.0.fn.fn.to_out.0.weight": (768, 704),
+        "transformer.layers.3.1.fn.fn.net.0.weight": (2048, 768),
+        "transformer.layers.3.1.fn.fn.net.3.weight": (768, 2048),
+        "mlp_head.0.weight": (768,),
+        "loss.weight": (100, 768),
+        "output_layer.1.weight": (392, 160),
+        "stn.features.0.0.weight": (16, 3, 3, 3),
+        "stn.features.4.conv.5.fc.0.weight": (18, 72),
+        "stn.features.15.conv.8.running_var": (160,),
     }
     for k, shape in expect.items():
         assert tuple(sd[k].shape) == shape, k
@@ -131,7 +157,7 @@ def test_import_ssl_teacher_with_prefixes(tmp_path):
     assert isinstance(loaded, FViT)
     export_reference(tmp_path / "t.pt", tmp_path / "ssl2.pth", "ssl")
     out = torch.load(tmp_path / "ssl2.pth", weights_only=True)
-    assert set(out["teacher"]) == {k[len("module."):] for k in teacher if "mask_token" not in k}
+    assert set(out["teacher"]) == {k[len("module.") :] for k in teacher if "mask_token" not in k}
 
 
 def test_other_architecture_is_refused_readably(tmp_path):
@@ -145,7 +171,9 @@ def test_other_architecture_is_refused_readably(tmp_path):
     ref.pop("transformer.layers.1.1.fn.fn.net.3.bias")
     ref["extra.weight"] = torch.zeros(2)
     torch.save(ref, tmp_path / "broken.pth")
-    with pytest.raises(ValueError, match=r"missing 1: transformer.layers.1.1.fn.fn.net.3.bias; unexpected 1: extra.weight"):
+    with pytest.raises(
+        ValueError, match=r"missing 1: transformer.layers.1.1.fn.fn.net.3.bias; unexpected 1: extra.weight"
+    ):
         import_checkpoint(tmp_path / "broken.pth", tmp_path / "y.pt", head_dim=16)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a loadable PyTorch checkpoint"):
@@ -156,8 +184,14 @@ def test_checkpoint_cli(tmp_path):
     ref = ViT_face_landmark_patch8(**SMALL)
     torch.save(ref.state_dict(), tmp_path / "ref.pth")
     cmd = [sys.executable, "-m", "lafs_fast.cli", "checkpoint"]
-    r = subprocess.run(cmd + ["import", str(tmp_path / "ref.pth"), str(tmp_path / "o.pt"), "--head-dim", "16"], capture_output=True, text=True)
+    r = subprocess.run(
+        cmd + ["import", str(tmp_path / "ref.pth"), str(tmp_path / "o.pt"), "--head-dim", "16"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "reference-part-fvit" in r.stdout and (tmp_path / "o.pt").is_file()
-    r = subprocess.run(cmd + ["import", str(tmp_path / "missing.pth"), str(tmp_path / "o2.pt")], capture_output=True, text=True)
+    r = subprocess.run(
+        cmd + ["import", str(tmp_path / "missing.pth"), str(tmp_path / "o2.pt")], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr

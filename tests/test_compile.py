@@ -17,11 +17,28 @@ from lafs_fast.train.engine import load_checkpoint
 # stream), so with dropout on the two runs differ by design. No warm-up, so the first step already
 # moves the weights (DINO's schedule starts the lr at 0) and both steps test the compiled backward.
 TINY = [
-    "model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64",
-    "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=16", "optim.batch_size=2", "optim.epochs=2",
-    "optim.warmup_epochs=0", "optim.lr=0.1", "data.synthetic_identities=2", "data.synthetic_images_per_identity=2",
-    "views.n_local=1", "train.log_every=1", "train.max_steps=2", "train.ckpt_every_steps=1",
-    "model.dropout=0", "model.emb_dropout=0", "model.drop_path=0", "model.landmark_dropout=0",
+    "model.dim=32",
+    "model.depth=1",
+    "model.heads=2",
+    "model.head_dim=16",
+    "model.mlp_dim=64",
+    "dino.out_dim=64",
+    "dino.hidden_dim=64",
+    "dino.bottleneck_dim=16",
+    "optim.batch_size=2",
+    "optim.epochs=2",
+    "optim.warmup_epochs=0",
+    "optim.lr=0.1",
+    "data.synthetic_identities=2",
+    "data.synthetic_images_per_identity=2",
+    "views.n_local=1",
+    "train.log_every=1",
+    "train.max_steps=2",
+    "train.ckpt_every_steps=1",
+    "model.dropout=0",
+    "model.emb_dropout=0",
+    "model.drop_path=0",
+    "model.landmark_dropout=0",
     "train.device=cpu",  # CPU semantics (fp32, bitwise) even where a GPU runs the suite
 ]
 ATOL = 1e-5  # measured: <= 1.2e-6 on any tensor; one Adam step moves weights by ~lr (7.8e-4 here)
@@ -36,8 +53,11 @@ def _run(out, compile_: bool) -> tuple[list[float], list[dict]]:
 
 
 def _tensors(ck: dict) -> dict[str, torch.Tensor]:
-    return {**{f"student.{k}": v for k, v in ck["model"].items()},
-            **{f"teacher.{k}": v for k, v in ck["stage_state"]["teacher"].items()}, "center": ck["stage_state"]["center"]}
+    return {
+        **{f"student.{k}": v for k, v in ck["model"].items()},
+        **{f"teacher.{k}": v for k, v in ck["stage_state"]["teacher"].items()},
+        "center": ck["stage_state"]["center"],
+    }
 
 
 @pytest.mark.slow
@@ -58,7 +78,11 @@ def test_compiled_pretrain_follows_the_eager_trajectory(tmp_path):
     for step, (e, c) in enumerate(zip(eager_ck, comp_ck), 1):
         e, c = _tensors(e), _tensors(c)
         for k in e:
-            torch.testing.assert_close(c[k], e[k], rtol=1e-5, atol=ATOL, msg=lambda m, k=k, s=step: f"{k} after step {s}: {m}")
+            torch.testing.assert_close(
+                c[k], e[k], rtol=1e-5, atol=ATOL, msg=lambda m, k=k, s=step: f"{k} after step {s}: {m}"
+            )
     # the tolerance is meaningful: the second step moved the student by far more than ATOL
-    moved = max((_tensors(eager_ck[1])[k] - _tensors(eager_ck[0])[k]).abs().max().item() for k in e if k.startswith("student."))
+    moved = max(
+        (_tensors(eager_ck[1])[k] - _tensors(eager_ck[0])[k]).abs().max().item() for k in e if k.startswith("student.")
+    )
     assert moved > 20 * ATOL, moved

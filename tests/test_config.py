@@ -13,7 +13,12 @@ def test_reference_preset_has_spec_values():
     c = load_config("reference")
     assert (c.model.dim, c.model.depth, c.model.heads, c.model.head_dim, c.model.mlp_dim) == (768, 12, 11, 64, 2048)
     assert c.model.attn_scale == "dim" and c.model.drop_path == 0.1 and c.model.token_init_std == 1.0
-    assert (c.dino.out_dim, c.dino.teacher_temp_start, c.dino.teacher_temp_end, c.dino.teacher_temp_epochs) == (100_000, 0.07, 0.04, 30)
+    assert (c.dino.out_dim, c.dino.teacher_temp_start, c.dino.teacher_temp_end, c.dino.teacher_temp_epochs) == (
+        100_000,
+        0.07,
+        0.04,
+        30,
+    )
     assert (c.optim.epochs, c.optim.batch_size, c.optim.lr, c.optim.clip_grad) == (41, 82, 5e-4, 3.0)
     assert (c.views.n_global, c.views.n_local, c.views.local_tokens, c.views.perturb_sigma) == (2, 8, 36, 5.0)
 
@@ -91,9 +96,14 @@ def test_bad_yaml_and_preset(tmp_path):
 
 
 def test_config_show_cli():
-    r = subprocess.run([sys.executable, "-m", "lafs_fast.cli", "config", "show", "--preset", "small", "model.dim=200"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "lafs_fast.cli", "config", "show", "--preset", "small", "model.dim=200"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert yaml.safe_load(r.stdout)["model"]["dim"] == 200
-    r = subprocess.run([sys.executable, "-m", "lafs_fast.cli", "config", "show", "model.dimm=2"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "lafs_fast.cli", "config", "show", "model.dimm=2"], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "unknown config key 'model.dimm'" in r.stderr and "Traceback" not in r.stderr

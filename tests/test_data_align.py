@@ -10,9 +10,12 @@ from PIL import Image
 
 from lafs_fast.cli import main
 from lafs_fast.data import align
+from tests import BLAZEFACE_DIR
 
 pytest.importorskip("face_alignment")
-needs_blazeface = pytest.mark.skipif(not (align.SHARED_BLAZEFACE / "blazeface.pth").is_file(), reason="BlazeFace weights not in ../shared/data/blazeface")
+needs_blazeface = pytest.mark.skipif(
+    not (BLAZEFACE_DIR / "blazeface.pth").is_file(), reason="BlazeFace weights not in ../shared/data/blazeface"
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def test_five_points_from_68() -> None:
 
 
 def test_missing_weights_say_where(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(align, "SHARED_BLAZEFACE", tmp_path / "nowhere")
+    monkeypatch.setenv("LAFS_FAST_WEIGHTS", str(tmp_path / "nowhere"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     with pytest.raises(FileNotFoundError, match=r"no BlazeFace weights found .*blazeface\.pth.*--weights DIR"):
         align.BlazeFaceKeypoints("cpu")
@@ -79,10 +82,15 @@ def test_fan_path_random_weights(photo_dir: Path, tmp_path: Path) -> None:
     fan = align.FanLandmarks("cpu", random_init=True)
     im = np.asarray(Image.open(photo_dir / "eileen" / "a.png").convert("RGB"))
     box = np.array([150.0, 60.0, 260.0, 190.0])
-    (pts, score), = fan([im], [box])
+    ((pts, score),) = fan([im], [box])
     assert pts.shape == (68, 2) and np.isfinite(pts).all()
     w = box[2] - box[0]
-    assert (pts[:, 0] > box[0] - w).all() and (pts[:, 0] < box[2] + w).all() and (pts[:, 1] > box[1] - w).all() and (pts[:, 1] < box[3] + w).all()
+    assert (
+        (pts[:, 0] > box[0] - w).all()
+        and (pts[:, 0] < box[2] + w).all()
+        and (pts[:, 1] > box[1] - w).all()
+        and (pts[:, 1] < box[3] + w).all()
+    )
 
 
 def test_heatmap_points_match_face_alignment_convention() -> None:
@@ -105,12 +113,16 @@ def test_landmarks_sidecar_on_orl(orl_dir: Path, tmp_path: Path) -> None:
     make_subset(tmp_path / "orl", tmp_path / "few", shots=1, fraction=0.2, seed=0)
     assert main(["data", "landmarks", str(tmp_path / "few"), "--batch-size", "4"]) == 0
     d = np.load(tmp_path / "few" / "train.rec.landmarks.npz")
-    assert d["keys"].tolist() == list(range(1, 9)) and d["points"].shape == (8, 6, 2) and str(d["detector"]) == "blazeface"
+    assert (
+        d["keys"].tolist() == list(range(1, 9)) and d["points"].shape == (8, 6, 2) and str(d["detector"]) == "blazeface"
+    )
     found = d["scores"] > 0
     assert found.sum() >= 6  # ORL faces are frontal: BlazeFace finds nearly all
     p = d["points"][found]
     # in the 112x112 loader image: eyes above the nose above the mouth, left eye left of right eye
-    assert (p[:, 0, 0] < p[:, 1, 0]).all() and (p[:, :2, 1].max(1) < p[:, 2, 1]).all() and (p[:, 2, 1] < p[:, 3, 1]).all()
+    assert (
+        (p[:, 0, 0] < p[:, 1, 0]).all() and (p[:, :2, 1].max(1) < p[:, 2, 1]).all() and (p[:, 2, 1] < p[:, 3, 1]).all()
+    )
     assert ((p >= 0) & (p < 112)).all()
 
 
@@ -121,12 +133,22 @@ def test_sidecar_is_memory_mapped_not_read(tmp_path) -> None:
     from lafs_fast.dense_landmarks import LandmarkSidecar
 
     rng = np.random.default_rng(0)
-    keys, points, scores = np.arange(1, 41), rng.random((40, 6, 2), dtype=np.float32) * 112, rng.random(40, dtype=np.float32)
+    keys, points, scores = (
+        np.arange(1, 41),
+        rng.random((40, 6, 2), dtype=np.float32) * 112,
+        rng.random(40, dtype=np.float32),
+    )
     points[3] = np.nan
-    path = write_sidecar(tmp_path / "s.npz", keys, points, scores, detector="blazeface", names=["a", "b", "c", "d", "e", "f"])
+    path = write_sidecar(
+        tmp_path / "s.npz", keys, points, scores, detector="blazeface", names=["a", "b", "c", "d", "e", "f"]
+    )
     z = load_sidecar_arrays(path)
     assert isinstance(z["points"], np.memmap) and not z["points"].flags.writeable
-    assert np.array_equal(z["points"], points, equal_nan=True) and np.array_equal(z["keys"], keys) and str(z["detector"]) == "blazeface"
+    assert (
+        np.array_equal(z["points"], points, equal_nan=True)
+        and np.array_equal(z["keys"], keys)
+        and str(z["detector"]) == "blazeface"
+    )
     side = LandmarkSidecar.load(path)
     assert isinstance(side.points.base, np.memmap) or isinstance(side.points, np.memmap)
     np.testing.assert_allclose(side.template(), np.nanmean(points.astype(np.float64), axis=0), rtol=1e-12)
@@ -143,7 +165,9 @@ def test_alignment_is_opencvs_warp_affine_and_the_ijb_protocol_uses_it() -> None
     from lafs_fast.eval import ijb
 
     face = skdata.astronaut()  # a real face, shipped with scikit-image (no download)
-    pts = np.array([[185.0, 110.0], [240.0, 108.0], [215.0, 140.0], [192.0, 172.0], [236.0, 170.0]])  # eyes, nose, mouth
+    pts = np.array(
+        [[185.0, 110.0], [240.0, 108.0], [215.0, 140.0], [192.0, 172.0], [236.0, 170.0]]
+    )  # eyes, nose, mouth
     ours = align.align_face(face, pts)
     m = align.similarity_transform(pts, align.ARCFACE_112)
     ref = cv2.warpAffine(face, m, (112, 112), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)

@@ -88,11 +88,17 @@ def _crafted(calls: bytes) -> bytes:
     return b"\x80\x02](" + calls + b"C\x01xe]\x88a\x86."
 
 
-@pytest.mark.parametrize("name,calls", [
-    ("bytes", b"cbuiltins\nbytes\nJ\x00\xca\x9a;\x85R"),  # bytes(1_000_000_000)
-    ("bytearray", b"c__builtin__\nbytearray\nJ\x00\xca\x9a;\x85R"),
-    ("array", b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\xca\x9a;\x85C\x01b\x87R"),  # _reconstruct(ndarray, (1e9,), 'b')
-])
+@pytest.mark.parametrize(
+    "name,calls",
+    [
+        ("bytes", b"cbuiltins\nbytes\nJ\x00\xca\x9a;\x85R"),  # bytes(1_000_000_000)
+        ("bytearray", b"c__builtin__\nbytearray\nJ\x00\xca\x9a;\x85R"),
+        (
+            "array",
+            b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\xca\x9a;\x85C\x01b\x87R",
+        ),  # _reconstruct(ndarray, (1e9,), 'b')
+    ],
+)
 def test_small_bin_cannot_make_eval_allocate_a_gigabyte(tmp_path, name, calls):
     """A 48-byte .bin asking an allow-listed constructor for 1 GB: refused in one sentence before the
     allocation (it allocated 1 GB, then failed on the type), the peak stays small."""
@@ -103,7 +109,11 @@ def test_small_bin_cannot_make_eval_allocate_a_gigabyte(tmp_path, name, calls):
     (tmp_path / "big.bin").write_bytes(raw)
     tracemalloc.start()
     try:
-        with pytest.raises(UnsafePickleError, match=r"big\.bin: refusing to build .* of 1000000000 bytes: the pickle would allocate more than the \d+ bytes its own size allows") as e:
+        with pytest.raises(
+            UnsafePickleError,
+            match=r"big\.bin: refusing to build .* of 1000000000 bytes: "
+            r"the pickle would allocate more than the \d+ bytes its own size allows",
+        ) as e:
             load_bin(tmp_path / "big.bin")
         peak = tracemalloc.get_traced_memory()[1]
     finally:

@@ -32,7 +32,9 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _make_rec(folder: Path, fmt: str, size: int = 112, corrupt: set[int] = frozenset(), meta: dict | None = None) -> Path:
+def _make_rec(
+    folder: Path, fmt: str, size: int = 112, corrupt: set[int] = frozenset(), meta: dict | None = None
+) -> Path:
     ds = SyntheticFaces(IDS, PER, seed=5, image_size=size)
     images, _ = ds.batch(range(len(ds)))
     ids = [[_encode(images[i * PER + j].numpy(), fmt) for j in range(PER)] for i in range(IDS)]
@@ -85,7 +87,9 @@ def test_loader_sharding_end_to_end(jpeg_rec: Path, backend: str) -> None:
     ref = make_loader(jpeg_rec, 30, shuffle=False, drop_last=False, backend="pil", num_workers=0)
     ref_imgs, ref_labels = _epoch(ref)
     for rank in range(world):
-        ld = make_loader(jpeg_rec, 4, rank=rank, world_size=world, seed=1, drop_last=False, backend=backend, num_workers=0)
+        ld = make_loader(
+            jpeg_rec, 4, rank=rank, world_size=world, seed=1, drop_last=False, backend=backend, num_workers=0
+        )
         ims, labs = _epoch(ld)
         assert ims.shape[1:] == (112, 112, 3) and ims.dtype == torch.uint8 and labs.dtype == torch.int64
         for match, lab in zip(_match(ims, ref_imgs, 8), labs):
@@ -153,16 +157,28 @@ def test_positions_name_each_image_past_a_corrupt_record(tmp_path: Path, backend
     """with_positions=True: the third element is each yielded image's record position (what indexes
     the landmark sidecar), also for the replacement of a corrupt record."""
     rec = _make_rec(tmp_path / "bad", "PNG", corrupt={7})
-    ld = make_loader(rec, 6, shuffle=True, seed=4, drop_last=False, backend=backend, num_workers=0, with_positions=True, max_bad_fraction=0.5)
+    ld = make_loader(
+        rec,
+        6,
+        shuffle=True,
+        seed=4,
+        drop_last=False,
+        backend=backend,
+        num_workers=0,
+        with_positions=True,
+        max_bad_fraction=0.5,
+    )
     ref, _ = SyntheticFaces(IDS, PER, seed=5).batch(range(IDS * PER))
     for (images, labels, pos), want in zip(ld, ld.batch_positions(0)):
         assert pos.dtype == torch.int64 and pos.device.type == "cpu" and len(pos) == len(want)
-        assert [p for p, w in zip(pos.tolist(), want) if p != w] == ([] if 7 not in want else [pos.tolist()[list(want).index(7)]])
+        assert [p for p, w in zip(pos.tolist(), want) if p != w] == (
+            [] if 7 not in want else [pos.tolist()[list(want).index(7)]]
+        )
         assert 7 not in pos.tolist()
         assert labels.tolist() == [p // PER for p in pos.tolist()]
         assert torch.equal(images.cpu(), ref[pos])  # PNG: lossless, so the very image of that record
     syn = make_loader("synthetic:3x2", 4, shuffle=True, seed=1, with_positions=True)
-    (images, labels, pos), = list(syn)
+    ((images, labels, pos),) = list(syn)
     assert pos.tolist() == syn.batch_positions(0)[0].tolist()
     assert len(next(iter(make_loader("synthetic:3x2", 4)))) == 2  # off by default: (images, labels)
 
@@ -176,7 +192,16 @@ def test_dali_mxnet_cannot_give_positions(jpeg_rec: Path) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_corrupt_record_skipped_counted_named(tmp_path: Path, backend: str) -> None:
     rec = _make_rec(tmp_path / "bad", "JPEG", corrupt={7})
-    ld = make_loader(rec, 6, shuffle=False, drop_last=False, backend=backend, num_workers=0, max_bad_fraction=0.5, with_positions=True)
+    ld = make_loader(
+        rec,
+        6,
+        shuffle=False,
+        drop_last=False,
+        backend=backend,
+        num_workers=0,
+        max_bad_fraction=0.5,
+        with_positions=True,
+    )
     ims, labs, pos = (torch.cat(t) for t in zip(*list(ld)))
     assert len(ims) == IDS * PER and len(labs) == len(ims)  # the slot is refilled: batches stay full
     assert len(ld.corrupt) == 1 and "key 8 (offset" in ld.corrupt[0][0]  # flat 7 -> key 8
@@ -185,7 +210,14 @@ def test_corrupt_record_skipped_counted_named(tmp_path: Path, backend: str) -> N
 
 
 # every way one record can be damaged: (how, key): framing, IRHeader, label, and the .idx
-DAMAGE = [("magic", 3), ("length", 8), ("continuation-flag", 14), ("irheader-flag", 20), ("idx-offset", 25), ("nan-label", 28)]
+DAMAGE = [
+    ("magic", 3),
+    ("length", 8),
+    ("continuation-flag", 14),
+    ("irheader-flag", 20),
+    ("idx-offset", 25),
+    ("nan-label", 28),
+]
 
 
 def _damage(rec: Path) -> dict[int, str]:
@@ -239,8 +271,18 @@ def _loader(rec: Path, backend: str, workers: int, batch_size: int, **kw):
     if backend == "nvjpeg":
         from lafs_fast.data.loaders import NvjpegLoader, RecSource
 
-        return NvjpegLoader(RecSource(rec), batch_size, allow_cpu=True, rank=0, world_size=1, seed=kw.pop("seed", 0), device="cpu",
-                            shuffle=kw.pop("shuffle", True), drop_last=kw.pop("drop_last", True), **kw)
+        return NvjpegLoader(
+            RecSource(rec),
+            batch_size,
+            allow_cpu=True,
+            rank=0,
+            world_size=1,
+            seed=kw.pop("seed", 0),
+            device="cpu",
+            shuffle=kw.pop("shuffle", True),
+            drop_last=kw.pop("drop_last", True),
+            **kw,
+        )
     return make_loader(rec, batch_size, backend=backend, num_workers=workers, **kw)
 
 
@@ -248,7 +290,9 @@ LOADER_PATHS = [("pil", 0), ("pil", 1), pytest.param("dali", 0, marks=needs_dali
 
 
 @pytest.mark.parametrize("backend,workers", LOADER_PATHS)
-def test_every_kind_of_corrupt_record_is_skipped_counted_named(tmp_path: Path, backend: str, workers: int, monkeypatch) -> None:
+def test_every_kind_of_corrupt_record_is_skipped_counted_named(
+    tmp_path: Path, backend: str, workers: int, monkeypatch
+) -> None:
     """A bad magic, length, continuation flag, IRHeader flag, NaN label and an .idx offset inside a
     record: each skipped and named by key and offset, training data goes on (full batches)."""
     _nvjpeg_stand_in(monkeypatch)
@@ -264,7 +308,9 @@ def test_every_kind_of_corrupt_record_is_skipped_counted_named(tmp_path: Path, b
 
 
 @pytest.mark.parametrize("backend,workers", LOADER_PATHS)
-def test_too_many_corrupt_records_stop_with_one_sentence_naming_verify(tmp_path: Path, backend: str, workers: int, monkeypatch) -> None:
+def test_too_many_corrupt_records_stop_with_one_sentence_naming_verify(
+    tmp_path: Path, backend: str, workers: int, monkeypatch
+) -> None:
     """Past max_bad_fraction the run stops with one sentence naming `data verify --write-bad`; after
     that command the loaders skip the listed keys up front and count nothing."""
     from lafs_fast.data.tools import verify_rec
@@ -273,8 +319,12 @@ def test_too_many_corrupt_records_stop_with_one_sentence_naming_verify(tmp_path:
     rec = _make_rec(tmp_path / "mm", "JPEG")
     damaged = _damage(rec)
     ld = _loader(rec, backend, workers, 6, shuffle=False, drop_last=False, max_bad_fraction=0.1)
-    with pytest.raises(ValueError, match=rf"of the 30 records this process reads from .*train\.rec are corrupt .*more than data\.max_bad_fraction=0\.1\); "
-                                         rf"run `lafs-fast data verify .*train\.rec --write-bad`") as e:
+    with pytest.raises(
+        ValueError,
+        match=r"of the 30 records this process reads from .*train\.rec are corrupt "
+        r".*more than data\.max_bad_fraction=0\.1\); "
+        r"run `lafs-fast data verify .*train\.rec --write-bad`",
+    ) as e:
         list(ld)
     assert "\n" not in str(e.value)
     rep = verify_rec(rec, write_bad=True, progress=False)
@@ -383,14 +433,22 @@ def test_idx_offset_inside_a_record_is_skipped_and_named(tmp_path: Path, backend
     k, off = lines[5].split("\t")  # key 5
     lines[5] = f"{k}\t{int(off) + 8}"
     idx.write_text("\n".join(lines) + "\n")
-    ld = make_loader(rec, 30, shuffle=False, drop_last=False, backend=backend, num_workers=workers, max_bad_fraction=0.05)
-    (ims, _), = list(ld)
+    ld = make_loader(
+        rec, 30, shuffle=False, drop_last=False, backend=backend, num_workers=workers, max_bad_fraction=0.05
+    )
+    ((ims, _),) = list(ld)
     assert len(ims) == IDS * PER
-    (what, why), = ld.corrupt
-    assert what.endswith(f"train.rec key {k} (offset {int(off) + 8})") and f"no record starts at offset {int(off) + 8}" in why
+    ((what, why),) = ld.corrupt
+    assert (
+        what.endswith(f"train.rec key {k} (offset {int(off) + 8})")
+        and f"no record starts at offset {int(off) + 8}" in why
+    )
 
 
-@pytest.mark.parametrize("backend,workers", [("pil", 2), pytest.param("dali", 0, marks=needs_dali), pytest.param("dali-mxnet", 0, marks=needs_dali)])
+@pytest.mark.parametrize(
+    "backend,workers",
+    [("pil", 2), pytest.param("dali", 0, marks=needs_dali), pytest.param("dali-mxnet", 0, marks=needs_dali)],
+)
 def test_abandoned_epoch_then_next_epoch(jpeg_rec: Path, backend: str, workers: int) -> None:
     """An epoch abandoned after 2 batches (the iterator kept alive), then epoch 1: the same batches
     as a fresh loader's epoch 1 (no stale prefetched / in-flight batch leaks in). PIL: two
@@ -441,8 +499,18 @@ def test_nvjpeg_loader_logic_with_stand_in_decoder(tmp_path: Path, jpeg_rec: Pat
     _nvjpeg_stand_in(monkeypatch)
 
     def run(rec: Path) -> tuple[torch.Tensor, torch.Tensor, list]:
-        ld = NvjpegLoader(RecSource(rec), 8, allow_cpu=True, rank=0, world_size=1, shuffle=False, seed=0, device="cpu", drop_last=False,
-                          max_bad_fraction=0.5)
+        ld = NvjpegLoader(
+            RecSource(rec),
+            8,
+            allow_cpu=True,
+            rank=0,
+            world_size=1,
+            shuffle=False,
+            seed=0,
+            device="cpu",
+            drop_last=False,
+            max_bad_fraction=0.5,
+        )
         ims, labs = _epoch(ld)
         return ims, labs, ld.corrupt
 
@@ -451,8 +519,19 @@ def test_nvjpeg_loader_logic_with_stand_in_decoder(tmp_path: Path, jpeg_rec: Pat
     assert torch.equal(la, lb) and bad == [] and (a.int() - b.int()).abs().max() <= 6
     c, lc, bad = run(_make_rec(tmp_path / "mixed", "JPEG", corrupt={3}))
     assert len(c) == IDS * PER and len(bad) == 1 and "key 4 " in bad[0][0]  # replaced: the batch stays full
-    ld = NvjpegLoader(RecSource(tmp_path / "mixed" / "train.rec"), 8, allow_cpu=True, rank=0, world_size=1, shuffle=False, seed=0,
-                      device="cpu", drop_last=False, with_positions=True, max_bad_fraction=0.5)
+    ld = NvjpegLoader(
+        RecSource(tmp_path / "mixed" / "train.rec"),
+        8,
+        allow_cpu=True,
+        rank=0,
+        world_size=1,
+        shuffle=False,
+        seed=0,
+        device="cpu",
+        drop_last=False,
+        with_positions=True,
+        max_bad_fraction=0.5,
+    )
     pos = torch.cat([pos for _, _, pos in ld]).tolist()
     assert [p for i, p in enumerate(pos) if i != 3] == [p for p in range(IDS * PER) if p != 3] and pos[3] != 3
     small, _, _ = run(_make_rec(tmp_path / "small", "PNG", size=64))  # not JPEG: PIL fallback + resize

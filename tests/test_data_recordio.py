@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from lafs_fast.data.recordio import (
-    IRHeader,
     CorruptRecordError,
+    IRHeader,
     RecordIOError,
     RecordIOReader,
     decode_record,
@@ -80,7 +80,13 @@ def test_reader_reads_hand_made_rec(spec_rec: Path) -> None:
 def test_writer_bytes_equal_hand_made(tmp_path: Path, spec_rec: Path) -> None:
     """The writer's output is byte-identical to the hand-made file for the same records."""
     with RecordIOWriter(tmp_path / "w") as w:
-        for k, flag_labels, data in [(1, 0.0, b"img-one"), (2, 0.0, b"image-two!"), (3, 0.0, b"i3"), (4, [1.0, 0.5, -2.0], b"multi-label"), (5, 1.0, b"five5")]:
+        for k, flag_labels, data in [
+            (1, 0.0, b"img-one"),
+            (2, 0.0, b"image-two!"),
+            (3, 0.0, b"i3"),
+            (4, [1.0, 0.5, -2.0], b"multi-label"),
+            (5, 1.0, b"five5"),
+        ]:
             w.write(k, IRHeader(0, flag_labels, k, 0), data)
         w.write(6, IRHeader(2, [1.0, 4.0], 0, 0))
         w.write(7, IRHeader(2, [4.0, 6.0], 0, 0))
@@ -108,7 +114,15 @@ def test_continuation_split_matches_spec() -> None:
     dropped; an unaligned occurrence does not split. Checked against bytes laid out by hand."""
     payload = b"ABCD" + MAGIC + b"EFGHIJ"
     enc = encode_record(payload)
-    by_hand = MAGIC + struct.pack("<I", (1 << 29) | 4) + b"ABCD" + MAGIC + struct.pack("<I", (3 << 29) | 6) + b"EFGHIJ" + b"\0\0"
+    by_hand = (
+        MAGIC
+        + struct.pack("<I", (1 << 29) | 4)
+        + b"ABCD"
+        + MAGIC
+        + struct.pack("<I", (3 << 29) | 6)
+        + b"EFGHIJ"
+        + b"\0\0"
+    )
     assert enc == by_hand
     assert decode_record(by_hand, 0) == (payload, len(by_hand))
     unaligned = b"AB" + MAGIC + b"C"
@@ -128,7 +142,11 @@ def test_pack_unpack_multilabel() -> None:
 def test_truncated_rec_names_file_and_offset(tmp_path: Path, spec_rec: Path) -> None:
     blob = spec_rec.read_bytes()
     spec_rec.write_bytes(blob[:-6])  # cut into record 0, the last one in the file
-    with pytest.raises(RecordIOError, match=r"train\.rec is truncated or damaged at its end \(its last record, key 0: the record at offset \d+ declares bytes up to \d+ .*copy the file again"):
+    with pytest.raises(
+        RecordIOError,
+        match=r"train\.rec is truncated or damaged at its end \(its last record, key 0: "
+        r"the record at offset \d+ declares bytes up to \d+ .*copy the file again",
+    ):
         RecordIOReader(spec_rec)
 
 
@@ -139,7 +157,11 @@ def test_idx_mismatch_names_file_and_offset(spec_rec: Path) -> None:
     lines[1] = f"{k}\t{int(off) + 4}"  # key 2 now points into the middle of a record
     idx.write_text("\n".join(lines) + "\n")
     r = RecordIOReader(spec_rec)
-    with pytest.raises(CorruptRecordError, match=rf"train\.rec key 2 \(offset {int(off) + 4}\) is corrupt: no record starts at offset {int(off) + 4} \(magic"):
+    with pytest.raises(
+        CorruptRecordError,
+        match=rf"train\.rec key 2 \(offset {int(off) + 4}\) is corrupt: "
+        rf"no record starts at offset {int(off) + 4} \(magic",
+    ):
         r.record(2)
 
 
@@ -163,10 +185,9 @@ def test_writer_refuses_overwrite_and_aborts_cleanly(tmp_path: Path) -> None:
     write_identity_dataset(tmp_path / "ds", [[b"a"]], height=112, width=112)
     with pytest.raises(FileExistsError, match="--overwrite"):
         RecordIOWriter(tmp_path / "ds")
-    with pytest.raises(RuntimeError):
-        with RecordIOWriter(tmp_path / "new") as w:
-            w.write(1, IRHeader(0, 0.0, 1, 0), b"x")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), RecordIOWriter(tmp_path / "new") as w:
+        w.write(1, IRHeader(0, 0.0, 1, 0), b"x")
+        raise RuntimeError("interrupted")
     assert not (tmp_path / "new" / "train.rec").exists() and not list((tmp_path / "new").iterdir())
 
 
@@ -182,7 +203,9 @@ NEW = [[b"new-x1"], [b"new-y1", b"new-y2", b"new-y3"], [b"new-z1" * 3]]
 
 
 @pytest.mark.parametrize("renames_before_kill", [0, 1, 2, 3, 4])
-def test_overwrite_killed_between_renames_never_pairs_new_rec_with_old_idx(tmp_path: Path, monkeypatch, renames_before_kill: int) -> None:
+def test_overwrite_killed_between_renames_never_pairs_new_rec_with_old_idx(
+    tmp_path: Path, monkeypatch, renames_before_kill: int
+) -> None:
     """`data build --overwrite` killed after N renames (os.replace raising on call N+1): the next
     reader sees the old dataset or the new one whole (rec, idx, property), never a mix."""
     import os

@@ -19,9 +19,17 @@ from lafs_fast.train import pretrain, supervised_run
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 TINY = [
-    "model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64",
-    "optim.epochs=1", "optim.warmup_epochs=0", "train.log_every=1", "train.device=cpu",
-    "data.loader=pil", "data.workers=0",
+    "model.dim=32",
+    "model.depth=1",
+    "model.heads=2",
+    "model.head_dim=16",
+    "model.mlp_dim=64",
+    "optim.epochs=1",
+    "optim.warmup_epochs=0",
+    "train.log_every=1",
+    "train.device=cpu",
+    "data.loader=pil",
+    "data.workers=0",
 ]
 
 
@@ -52,12 +60,24 @@ def test_batch_size_one_with_a_corrupt_record_trains_on(tmp_path: Path, capsys) 
     assert rc == 0 and (tmp_path / "s0" / "part_fvit.pt").is_file()
     assert "[train-landmarks] 4 steps in" in capsys.readouterr().out
     # past data.max_bad_fraction (1 of 4 > 0.1): exit 2, one sentence naming the fix
-    rc = supervised_run.main(["--out", str(tmp_path / "s0b"), "--no-progress", "--no-check", *args, "data.max_bad_fraction=0.1"], stage=0)
+    rc = supervised_run.main(
+        ["--out", str(tmp_path / "s0b"), "--no-progress", "--no-check", *args, "data.max_bad_fraction=0.1"], stage=0
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0, err
     assert "1 of the 4 records" in err and f"run `lafs-fast data verify {rec} --write-bad`" in err
-    cfg = load_config("small", None, [*args, "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=16", "views.n_local=2",
-                                      f"train.out_dir={tmp_path / 'p'}"])
+    cfg = load_config(
+        "small",
+        None,
+        [
+            *args,
+            "dino.out_dim=64",
+            "dino.hidden_dim=64",
+            "dino.bottleneck_dim=16",
+            "views.n_local=2",
+            f"train.out_dir={tmp_path / 'p'}",
+        ],
+    )
     summary = pretrain.train_worker(config_to_dict(cfg), {"knn": False, "progress": False})
     assert summary["steps"] == 4
 
@@ -69,11 +89,24 @@ def test_labels_outside_the_class_range_fail_verify_and_are_refused_before_train
     assert "2 image record(s) have labels outside [0, 2) of its property file (key 5 (label 2), key 6 (label 2))" in out
     for stage in (0, 2):
         init = [] if stage == 0 else ["--init", str(tmp_path / "none.pt")]
-        rc = supervised_run.main(["--out", str(tmp_path / f"s{stage}"), "--no-progress", "--no-check", *init,
-                                  *TINY, f"data.path={rec}", "optim.batch_size=2"], stage=stage)
+        rc = supervised_run.main(
+            [
+                "--out",
+                str(tmp_path / f"s{stage}"),
+                "--no-progress",
+                "--no-check",
+                *init,
+                *TINY,
+                f"data.path={rec}",
+                "optim.batch_size=2",
+            ],
+            stage=stage,
+        )
         err = capsys.readouterr().err
         if stage == 0:  # stage 2 refuses the missing --init first; the label check is the same call
-            assert rc == 2 and err.strip().count("\n") == 0 and "labels outside [0, 2)" in err and "key 5 (label 2)" in err, err
+            assert (
+                rc == 2 and err.strip().count("\n") == 0 and "labels outside [0, 2)" in err and "key 5 (label 2)" in err
+            ), err
             assert not (tmp_path / "s0" / "part_fvit.pt").exists()
     (tmp_path / "lab" / "property").write_text("3,112,112\n")
     assert main(["data", "verify", str(rec)]) == 0

@@ -36,7 +36,9 @@ def test_synthetic_is_deterministic_and_identity_structured() -> None:
 
 def test_subset_is_deterministic(tmp_path: Path) -> None:
     ids = [[f"{i}-{j}".encode() for j in range(3 + i % 4)] for i in range(10)]
-    write_identity_dataset(tmp_path / "full", ids, height=112, width=112, meta={"identities": [f"id{i}" for i in range(10)]})
+    write_identity_dataset(
+        tmp_path / "full", ids, height=112, width=112, meta={"identities": [f"id{i}" for i in range(10)]}
+    )
     outs = []
     for name, seed in (("a", 4), ("b", 4), ("c", 5)):
         rep = make_subset(tmp_path / "full", tmp_path / name, shots=2, fraction=0.5, seed=seed)
@@ -102,7 +104,10 @@ def test_orl_end_to_end(orl_dir: Path, tmp_path: Path, capsys) -> None:
     assert "images: 400" in text and "identities: 40" in text and "property: 40,112,92" in text
     assert Image.open(montage).size == (8 * 112, 8 * 112)
     assert main(["data", "verify", str(out)]) == 0
-    assert main(["data", "subset", str(out), str(tmp_path / "sub"), "--shots", "2", "--fraction", "0.25", "--seed", "1"]) == 0
+    assert (
+        main(["data", "subset", str(out), str(tmp_path / "sub"), "--shots", "2", "--fraction", "0.25", "--seed", "1"])
+        == 0
+    )
     assert RecordIOReader(tmp_path / "sub").num_images == 20
     backends = ["pil"]
     try:

@@ -12,17 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from lafs_fast.eval import knn
 from lafs_fast.augment import augment_views
 from lafs_fast.config import load_config
 from lafs_fast.data import SyntheticFaces
-from lafs_fast.data.align import SHARED_BLAZEFACE, sidecar_path
+from lafs_fast.data.align import sidecar_path
 from lafs_fast.data.recordio_writer import write_identity_dataset
 from lafs_fast.dense_landmarks import DetectorLandmarks, LandmarkSidecar, thin_plate_weights, views_from_source
+from lafs_fast.eval import knn
 from lafs_fast.kernels.views import ViewSpec
 from lafs_fast.sampling import sample_patches
 from lafs_fast.train import pretrain
 from lafs_fast.views import LafsViews, grid_landmarks
+from tests import BLAZEFACE_DIR
 from tests.devices import cuda_compiled
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,14 +56,23 @@ def _make_rec_with_sidecar(folder: Path, points: np.ndarray | None = None) -> Pa
         Image.fromarray(a).save(buf, format="PNG")
         return buf.getvalue()
 
-    write_identity_dataset(folder, [[png(images[i * PER + j].numpy()) for j in range(PER)] for i in range(IDS)], height=112, width=112)
+    write_identity_dataset(
+        folder, [[png(images[i * PER + j].numpy()) for j in range(PER)] for i in range(IDS)], height=112, width=112
+    )
     n = IDS * PER
     if points is None:
         rng = np.random.default_rng(0)
-        points = np.stack([FACE6 @ (np.eye(2) + rng.normal(0, 0.05, (2, 2))).T + rng.normal(0, 3, 2) for _ in range(n)]).astype(np.float32)
+        points = np.stack(
+            [FACE6 @ (np.eye(2) + rng.normal(0, 0.05, (2, 2))).T + rng.normal(0, 3, 2) for _ in range(n)]
+        ).astype(np.float32)
         points[2] = np.nan
-    np.savez(sidecar_path(folder / "train.rec"), keys=np.arange(1, n + 1), points=points, scores=np.isfinite(points[:, 0, 0]).astype(np.float32),
-             detector=np.array("test"))
+    np.savez(
+        sidecar_path(folder / "train.rec"),
+        keys=np.arange(1, n + 1),
+        points=points,
+        scores=np.isfinite(points[:, 0, 0]).astype(np.float32),
+        detector=np.array("test"),
+    )
     return folder / "train.rec"
 
 
@@ -74,9 +84,13 @@ def _face68() -> np.ndarray:
     a = np.linspace(0.1, np.pi - 0.1, 17)
     jaw = np.stack([56 - 38 * np.cos(a), 55 + 45 * np.sin(a)], 1)
     brows = np.stack([np.r_[np.linspace(28, 48, 5), np.linspace(64, 84, 5)], np.full(10, 42.0)], 1)
-    nose = np.r_[np.stack([np.full(4, 56.0), np.linspace(50, 68, 4)], 1), np.stack([np.linspace(48, 64, 5), np.full(5, 72.0)], 1)]
+    nose = np.r_[
+        np.stack([np.full(4, 56.0), np.linspace(50, 68, 4)], 1), np.stack([np.linspace(48, 64, 5), np.full(5, 72.0)], 1)
+    ]
     e = np.linspace(0, 2 * np.pi, 7)[:6]
-    eyes = np.r_[np.stack([38 + 7 * np.cos(e), 52 + 3 * np.sin(e)], 1), np.stack([74 + 7 * np.cos(e), 52 + 3 * np.sin(e)], 1)]
+    eyes = np.r_[
+        np.stack([38 + 7 * np.cos(e), 52 + 3 * np.sin(e)], 1), np.stack([74 + 7 * np.cos(e), 52 + 3 * np.sin(e)], 1)
+    ]
     m = np.linspace(0, 2 * np.pi, 21)[:20]
     mouth = np.stack([56 + 14 * np.cos(m), 90 + 5 * np.sin(m)], 1)
     pts = np.concatenate([jaw, brows, nose, eyes, mouth]).astype(np.float32)
@@ -94,12 +108,16 @@ def test_spline_reproduces_affine_maps_and_the_grid(smoothing: float, points: st
     torch.testing.assert_close(w.sum(1), torch.ones(196, dtype=torch.float64))
     torch.testing.assert_close(w @ t, g, atol=1e-9, rtol=0)  # the mean face gets exactly the grid
     a, shift = 1.1 * _rotation(12.0), torch.tensor([4.0, -3.0], dtype=torch.float64)
-    torch.testing.assert_close(w @ (t @ a.T + shift), g @ a.T + shift, atol=1e-8, rtol=0)  # a moved face: the grid moved alike
+    torch.testing.assert_close(
+        w @ (t @ a.T + shift), g @ a.T + shift, atol=1e-8, rtol=0
+    )  # a moved face: the grid moved alike
 
 
 def test_spline_interpolates_without_smoothing_and_is_affine_with_much() -> None:
     t = torch.from_numpy(FACE6).double()
-    d = t + torch.tensor([[3.0, -2.0], [0.0, 1.0], [-2.0, 0.0], [1.0, 3.0], [0.0, 0.0], [2.0, -1.0]], dtype=torch.float64)
+    d = t + torch.tensor(
+        [[3.0, -2.0], [0.0, 1.0], [-2.0, 0.0], [1.0, 3.0], [0.0, 0.0], [2.0, -1.0]], dtype=torch.float64
+    )
     torch.testing.assert_close(thin_plate_weights(t, t, 0.0, 112.0) @ d, d, atol=1e-8, rtol=0)
     # huge smoothing: the least-squares affine map of the template onto d
     g = _grid_continuous()
@@ -192,17 +210,26 @@ def test_lafs_views_in_detector_mode(tmp_path: Path, device: str) -> None:
     pos = torch.tensor([0, 4, 7])  # record positions stay on the CPU, like the loaders yield them
     vb = views(images, seed=5, positions=pos)
     assert vb.global_tokens.shape == (2 * 3, 196, 192) and vb.local_tokens.shape == (2 * 3, 36, 192)
-    av = augment_views(images, views.global_specs + views.local_specs, seed=pretrain_seed(5), interpolation=cfg.views.interpolation,
-                       backend=backend)
+    av = augment_views(
+        images,
+        views.global_specs + views.local_specs,
+        seed=pretrain_seed(5),
+        interpolation=cfg.views.interpolation,
+        backend=backend,
+    )
     mapped = views_from_source(det(pos, device), av.affine)
     torch.testing.assert_close(vb.global_coords, mapped[:6])  # sigma 0: the mapped landmarks themselves
-    torch.testing.assert_close(vb.local_coords, torch.gather(mapped[6:], 1, vb.local_indices[..., None].expand(-1, -1, 2)))
+    torch.testing.assert_close(
+        vb.local_coords, torch.gather(mapped[6:], 1, vb.local_indices[..., None].expand(-1, -1, 2))
+    )
     with pytest.raises(ValueError, match="record position"):
         views(images, seed=5)
     eval_tokens = views.eval_tokens(images, pos)
     # the CUDA kernel rounds unlike CUDA's grid_sample: up to 1.7e-5 measured against the twin there
     atol = 1e-5 if device == "cpu" else 5e-5
-    torch.testing.assert_close(eval_tokens, sample_patches(images, det(pos, device), 8, backend="torch"), atol=atol, rtol=0)
+    torch.testing.assert_close(
+        eval_tokens, sample_patches(images, det(pos, device), 8, backend="torch"), atol=atol, rtol=0
+    )
     # test-time flip: each token stays on its point of the face, its patch mirrored (the x offset axis)
     flipped = views.eval_tokens(images, pos, flip=True).reshape(3, 196, 8, 8, 3)
     torch.testing.assert_close(flipped, eval_tokens.reshape(3, 196, 8, 8, 3).flip(2), atol=1e-4, rtol=0)
@@ -215,7 +242,9 @@ def test_detector_densification_stays_fp32_under_bf16_autocast(tmp_path: Path) -
     (bf16 coordinates near x = 100 px step by 0.5 px)."""
     rec = _make_rec_with_sidecar(tmp_path / "rec")
     cfg = load_config("small", None, ["views.landmarks=detector", "views.n_local=2", "views.perturb_sigma=0"])
-    views = LafsViews(cfg.views, cfg.model, detector=DetectorLandmarks.for_source(rec), sampler_backend="torch", view_backend="torch")
+    views = LafsViews(
+        cfg.views, cfg.model, detector=DetectorLandmarks.for_source(rec), sampler_backend="torch", view_backend="torch"
+    )
     images = SyntheticFaces(3, 1, seed=1).batch(range(3))[0]
     pos = torch.tensor([0, 4, 7])
     ref = views(images, seed=5, positions=pos)
@@ -247,26 +276,70 @@ def pretrain_seed(seed: int) -> int:
 # ------------------------------------------------------------------------------------------ the command
 
 TINY = [
-    "model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64",
-    "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=16", "optim.batch_size=4", "optim.epochs=1",
-    "views.n_local=2", "train.log_every=1",
+    "model.dim=32",
+    "model.depth=1",
+    "model.heads=2",
+    "model.head_dim=16",
+    "model.mlp_dim=64",
+    "dino.out_dim=64",
+    "dino.hidden_dim=64",
+    "dino.bottleneck_dim=16",
+    "optim.batch_size=4",
+    "optim.epochs=1",
+    "views.n_local=2",
+    "train.log_every=1",
 ]
 
 
 @pytest.mark.timeout(300)
 def test_pretrain_with_detector_landmarks_runs_and_refuses_what_it_cannot_use(tmp_path: Path) -> None:
     rec = _make_rec_with_sidecar(tmp_path / "rec")
-    r = subprocess.run([sys.executable, "-m", "lafs_fast.train.pretrain", "--data", str(rec), "--landmarks", "detector", "--preset", "small",
-                        "--device", "cpu", "--max-steps", "2", "--no-progress", "--out", str(tmp_path / "run"), "--knn-data", str(rec), "data.loader=pil",
-                        "data.workers=0", *TINY], capture_output=True, text=True, timeout=280, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lafs_fast.train.pretrain",
+            "--data",
+            str(rec),
+            "--landmarks",
+            "detector",
+            "--preset",
+            "small",
+            "--device",
+            "cpu",
+            "--max-steps",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "run"),
+            "--knn-data",
+            str(rec),
+            "data.loader=pil",
+            "data.workers=0",
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "test landmarks from" in r.stdout and "6 points densified to 196" in r.stdout and "smallest grid step" in r.stdout
+    assert (
+        "test landmarks from" in r.stdout
+        and "6 points densified to 196" in r.stdout
+        and "smallest grid step" in r.stdout
+    )
     assert "2 steps in" in r.stdout and (tmp_path / "run" / "teacher.pt").is_file()
     assert "k-NN check after:  1-NN top-1" in r.stdout and "(12 faces of train.rec, 4 identities)" in r.stdout
 
     def refusal(*args: str) -> str:
         with pytest.raises((ValueError, FileNotFoundError)) as exc:
-            pretrain.preflight(load_config("small", None, [*TINY, f"train.out_dir={tmp_path / 'x'}", "views.landmarks=detector", *args]), None)
+            pretrain.preflight(
+                load_config(
+                    "small", None, [*TINY, f"train.out_dir={tmp_path / 'x'}", "views.landmarks=detector", *args]
+                ),
+                None,
+            )
         return str(exc.value)
 
     assert "synthetic data has none" in refusal()
@@ -276,7 +349,9 @@ def test_pretrain_with_detector_landmarks_runs_and_refuses_what_it_cannot_use(tm
     assert "lafs-fast data landmarks" in refusal(f"data.path={rec}")
 
 
-@pytest.mark.skipif(not (SHARED_BLAZEFACE / "blazeface.pth").is_file(), reason="BlazeFace weights not in ../shared/data/blazeface")
+@pytest.mark.skipif(
+    not (BLAZEFACE_DIR / "blazeface.pth").is_file(), reason="BlazeFace weights not in ../shared/data/blazeface"
+)
 @pytest.mark.timeout(300)
 def test_default_smoothing_keeps_real_blazeface_grids_unfolded(orl_dir: Path, tmp_path: Path) -> None:
     """ORL through `data build` + `data landmarks` (BlazeFace, 6 points): at the default smoothing no
@@ -292,4 +367,6 @@ def test_default_smoothing_keeps_real_blazeface_grids_unfolded(orl_dir: Path, tm
     default = load_config("small", None, []).views.detector_smoothing
     q = DetectorLandmarks.for_source(tmp_path / "few", smoothing=default).quality()
     assert q["faces"] >= 150 and q["min_step_px"] > 1.0 and q["fit_px"] < 0.8 * q["affine_fit_px"]
-    assert DetectorLandmarks.for_source(tmp_path / "few", smoothing=0.01).quality()["min_step_px"] < q["min_step_px"] / 2
+    assert (
+        DetectorLandmarks.for_source(tmp_path / "few", smoothing=0.01).quality()["min_step_px"] < q["min_step_px"] / 2
+    )

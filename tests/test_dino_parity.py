@@ -28,8 +28,9 @@ from lafs_fast.train.engine import Plan, StepContext, cosine_schedule, linear_th
 # --------------------------------------------------------------------------------------- re-statement
 
 
-def paper_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
-               tau_s: float, tau_t: float) -> torch.Tensor:
+def paper_loss(
+    student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor, tau_s: float, tau_t: float
+) -> torch.Tensor:
     """H(P_t(x), P_s(x')) = -sum_k P_t log P_s with P_t = softmax((g_t - C) / tau_t), P_s =
     softmax(g_s / tau_s), averaged over the batch, then over every (global view x, any view x' != x)
     pair. student: V tensors (B, K), the first G the global views the teacher also sees."""
@@ -75,7 +76,7 @@ def test_loss_and_centre_match_the_paper_over_steps(gen, v, g):
     b, k = 5, 48
     loss_fn = DINOLoss(k, v, g, student_temp=0.1, center_momentum=0.9)
     center = torch.zeros(1, k)
-    for step, tau_t in enumerate((0.07, 0.055, 0.04)):  # the centre carries over: three steps in a row
+    for tau_t in (0.07, 0.055, 0.04):  # the centre carries over: three steps in a row
         s = torch.randn(v * b, k, generator=gen) * 3
         t = torch.randn(g * b, k, generator=gen) * 3 + 1.0  # an offset for the centre to remove
         got = loss_fn(s, t, tau_t)
@@ -85,8 +86,10 @@ def test_loss_and_centre_match_the_paper_over_steps(gen, v, g):
         torch.testing.assert_close(loss_fn.center, center, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("start,end,ramp,epochs", [(0.07, 0.04, 30, 41), (0.04, 0.07, 30, 41), (0.07, 0.04, 2, 6),
-                                                   (0.04, 0.04, 0, 5), (0.04, 0.07, 1, 3)])
+@pytest.mark.parametrize(
+    "start,end,ramp,epochs",
+    [(0.07, 0.04, 30, 41), (0.04, 0.07, 30, 41), (0.07, 0.04, 2, 6), (0.04, 0.04, 0, 5), (0.04, 0.07, 1, 3)],
+)
 def test_teacher_temperature_schedule(start, end, ramp, epochs):
     got = linear_then_constant(start, end, ramp, epochs, steps_per_epoch=3)
     want = np.repeat(paper_teacher_temp(start, end, ramp, epochs), 3)
@@ -95,10 +98,25 @@ def test_teacher_temperature_schedule(start, end, ramp, epochs):
 
 def test_teacher_momentum_schedule_and_stage_wiring(tmp_path):
     np.testing.assert_allclose(cosine_schedule(0.996, 1.0, 41, 7), paper_cosine(0.996, 1.0, 41 * 7), rtol=0, atol=1e-15)
-    cfg = load_config("small", None, ["model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16",
-                                      "model.mlp_dim=64", "dino.out_dim=32", "dino.hidden_dim=32", "dino.bottleneck_dim=8",
-                                      "dino.teacher_temp_epochs=3", f"train.out_dir={tmp_path}"])
-    sch = DinoStage(cfg, torch.device("cpu")).schedules(Plan(epochs=4, steps_per_epoch=5, accumulation=1, batch_size=2, world_size=1))
+    cfg = load_config(
+        "small",
+        None,
+        [
+            "model.dim=32",
+            "model.depth=1",
+            "model.heads=2",
+            "model.head_dim=16",
+            "model.mlp_dim=64",
+            "dino.out_dim=32",
+            "dino.hidden_dim=32",
+            "dino.bottleneck_dim=8",
+            "dino.teacher_temp_epochs=3",
+            f"train.out_dir={tmp_path}",
+        ],
+    )
+    sch = DinoStage(cfg, torch.device("cpu")).schedules(
+        Plan(epochs=4, steps_per_epoch=5, accumulation=1, batch_size=2, world_size=1)
+    )
     np.testing.assert_allclose(sch["teacher_momentum"], paper_cosine(cfg.dino.teacher_momentum, 1.0, 20), atol=1e-15)
     want_t = np.repeat(paper_teacher_temp(cfg.dino.teacher_temp_start, cfg.dino.teacher_temp_end, 3, 4), 5)
     np.testing.assert_allclose(sch["teacher_temp"], want_t, atol=1e-15)
@@ -122,9 +140,22 @@ def test_ema_over_every_parameter_including_the_fixed_norm(gen):
 
 
 def test_last_layer_gradients_cancelled_in_the_frozen_epochs(tmp_path):
-    cfg = load_config("small", None, ["model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16",
-                                      "model.mlp_dim=64", "dino.out_dim=32", "dino.hidden_dim=32", "dino.bottleneck_dim=8",
-                                      "dino.freeze_last_layer_epochs=2", f"train.out_dir={tmp_path}"])
+    cfg = load_config(
+        "small",
+        None,
+        [
+            "model.dim=32",
+            "model.depth=1",
+            "model.heads=2",
+            "model.head_dim=16",
+            "model.mlp_dim=64",
+            "dino.out_dim=32",
+            "dino.hidden_dim=32",
+            "dino.bottleneck_dim=8",
+            "dino.freeze_last_layer_epochs=2",
+            f"train.out_dir={tmp_path}",
+        ],
+    )
     stage = DinoStage(cfg, torch.device("cpu"))
     for epoch, frozen in ((0, True), (1, True), (2, False)):
         for p in stage.model.parameters():
@@ -171,11 +202,14 @@ def test_local_draw_and_perturbation_follow_the_spec(gen):
     cfg = load_config("reference", None, [])
     assert (cfg.views.local_tokens, cfg.views.global_tokens, cfg.views.perturb_sigma) == (36, 196, 5.0)
     n = 256
-    grid = torch.stack(torch.meshgrid(torch.arange(14.0), torch.arange(14.0), indexing="xy"), -1).reshape(196, 2) * 8 + 4
+    grid = (
+        torch.stack(torch.meshgrid(torch.arange(14.0), torch.arange(14.0), indexing="xy"), -1).reshape(196, 2) * 8 + 4
+    )
     coords = grid.expand(n, -1, -1).contiguous()
     images = torch.zeros(n, 3, 112, 112)
-    _, idx, noise = sample_patches(images, coords, 8, num_tokens=36, sigma=5.0, seed=int(gen.initial_seed()),
-                                   return_draws=True, backend="torch")
+    _, idx, noise = sample_patches(
+        images, coords, 8, num_tokens=36, sigma=5.0, seed=int(gen.initial_seed()), return_draws=True, backend="torch"
+    )
     assert idx.shape == (n, 36) and noise.shape == (n, 36, 2)
     counts = torch.bincount(idx.reshape(-1), minlength=196).double()
     expect = n * 36 / 196

@@ -13,8 +13,15 @@ from lafs_fast.config import load_config
 from lafs_fast.data.loaders import Loader
 from lafs_fast.launch import DistInfo
 from lafs_fast.train.engine import (
-    Engine, NonFiniteLoss, Stage, clip_gradients, cosine_schedule, linear_then_constant, list_checkpoints,
-    load_checkpoint, param_groups,
+    Engine,
+    NonFiniteLoss,
+    Stage,
+    clip_gradients,
+    cosine_schedule,
+    linear_then_constant,
+    list_checkpoints,
+    load_checkpoint,
+    param_groups,
 )
 
 
@@ -24,14 +31,20 @@ class TensorLoader(Loader):
     backend = "tensors"
 
     def __init__(self, n: int, batch_size: int) -> None:
-        super().__init__(n, batch_size, rank=0, world_size=1, shuffle=True, seed=3, device="cpu", drop_last=True, num_classes=1)
+        super().__init__(
+            n, batch_size, rank=0, world_size=1, shuffle=True, seed=3, device="cpu", drop_last=True, num_classes=1
+        )
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(n, 4, generator=g)
         self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(n, generator=g)
 
     def _fetch(self, positions):
         idx = torch.as_tensor(np.asarray(positions))
-        return self.x[idx], self.y[idx], np.asarray(positions)  # (images, labels, kept positions): Loader's _fetch contract
+        return (
+            self.x[idx],
+            self.y[idx],
+            np.asarray(positions),
+        )  # (images, labels, kept positions): Loader's _fetch contract
 
 
 class Regression(Stage):
@@ -68,14 +81,32 @@ class Regression(Stage):
 
 
 def _cfg(tmp_path, *extra):
-    return load_config("small", None, [
-        "optim.epochs=3", "optim.batch_size=4", "optim.warmup_epochs=1", "optim.lr=0.05", "train.log_every=1",
-        f"train.out_dir={tmp_path}", "optim.clip_grad=1.0", *extra,
-    ])
+    return load_config(
+        "small",
+        None,
+        [
+            "optim.epochs=3",
+            "optim.batch_size=4",
+            "optim.warmup_epochs=1",
+            "optim.lr=0.05",
+            "train.log_every=1",
+            f"train.out_dir={tmp_path}",
+            "optim.clip_grad=1.0",
+            *extra,
+        ],
+    )
 
 
 def _engine(cfg, stage=None, resume=None):
-    return Engine(cfg, stage or Regression(), TensorLoader(24, cfg.optim.batch_size), DistInfo(), cfg.train.out_dir, resume=resume, progress=False)
+    return Engine(
+        cfg,
+        stage or Regression(),
+        TensorLoader(24, cfg.optim.batch_size),
+        DistInfo(),
+        cfg.train.out_dir,
+        resume=resume,
+        progress=False,
+    )
 
 
 def test_cosine_schedule_matches_dino_formula():
@@ -100,7 +131,9 @@ def test_param_groups_no_decay_on_bias_and_1d():
     groups = param_groups(m)
     decay = {id(p) for p in groups[0]["params"]}
     assert decay == {id(m[0].weight)} and groups[0]["wd_mult"] == 1.0
-    assert {id(p) for p in groups[1]["params"]} == {id(m[0].bias), id(m[1].weight), id(m[1].bias)} and groups[1]["wd_mult"] == 0.0
+    assert {id(p) for p in groups[1]["params"]} == {id(m[0].bias), id(m[1].weight), id(m[1].bias)} and groups[1][
+        "wd_mult"
+    ] == 0.0
 
 
 def test_per_parameter_clipping(gen):
@@ -132,6 +165,7 @@ def test_schedules_reach_the_optimizer(tmp_path):
 
 def test_accumulation_equals_big_batch(tmp_path):
     """Two micro-batches of 4 give the same update as one batch of 8 (dropout off, same data)."""
+
     def run(bs, acc, out):
         cfg = _cfg(out, f"optim.batch_size={bs}", f"optim.accumulation={acc}", "train.max_steps=1", "optim.clip_grad=0")
         stage = Regression()
@@ -142,6 +176,7 @@ def test_accumulation_equals_big_batch(tmp_path):
         eng._seed = lambda step, micro: 0  # same noise in both
         eng.fit()
         return stage.model[0].weight.detach()
+
     w1 = run(8, 1, tmp_path / "a")
     w2 = run(4, 2, tmp_path / "b")
     torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-6)
@@ -245,9 +280,21 @@ def test_a_new_run_into_an_old_runs_folder_is_refused_or_replaced(tmp_path):
     """Reusing --out kept none of the new run's checkpoints (pruning keeps the highest steps, the old
     run's) and a later --resume continued the OLD run: now refused, or replaced with --overwrite."""
     _engine(_cfg(tmp_path, "train.max_steps=4")).fit()
-    with pytest.raises(FileExistsError, match=r"already holds a run \(ckpt-00000004.pt, metrics.jsonl, config.yaml\); continue it with --resume, replace it with --overwrite"):
+    with pytest.raises(
+        FileExistsError,
+        match=r"already holds a run \(ckpt-00000004.pt, metrics.jsonl, config.yaml\); "
+        r"continue it with --resume, replace it with --overwrite",
+    ):
         _engine(_cfg(tmp_path, "train.max_steps=2"))
-    eng = Engine(_cfg(tmp_path, "train.max_steps=2"), Regression(), TensorLoader(24, 4), DistInfo(), tmp_path, progress=False, overwrite=True)
+    eng = Engine(
+        _cfg(tmp_path, "train.max_steps=2"),
+        Regression(),
+        TensorLoader(24, 4),
+        DistInfo(),
+        tmp_path,
+        progress=False,
+        overwrite=True,
+    )
     eng.fit()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002.pt"]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # the new run's alone
@@ -259,13 +306,23 @@ def test_two_runs_into_one_folder_at_once_are_refused(tmp_path):
     import sys
     import textwrap
 
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         from lafs_fast.train.run_folder import RunLock
-        lock = RunLock({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)""")], stdout=subprocess.PIPE, text=True)
+        lock = RunLock({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)"""),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(FileExistsError, match=rf"another lafs-fast run \(pid {holder.pid}, since .*\) is writing to"):
+        with pytest.raises(
+            FileExistsError, match=rf"another lafs-fast run \(pid {holder.pid}, since .*\) is writing to"
+        ):
             _engine(_cfg(tmp_path))
     finally:
         holder.kill()
@@ -277,7 +334,9 @@ def test_resume_auto_skips_a_truncated_latest_checkpoint(tmp_path, capsys):
     _engine(_cfg(tmp_path, "train.max_steps=2", "train.ckpt_every_steps=1")).fit()
     last = list_checkpoints(tmp_path)[-1]
     last.write_bytes(last.read_bytes()[:1000])  # a disk that filled up mid-write on an old torch
-    with pytest.raises(ValueError, match=r"ckpt-00000002.pt is not a loadable.*previous checkpoint is .*ckpt-00000001.pt"):
+    with pytest.raises(
+        ValueError, match=r"ckpt-00000002.pt is not a loadable.*previous checkpoint is .*ckpt-00000001.pt"
+    ):
         _engine(_cfg(tmp_path, "train.max_steps=3", "train.ckpt_every_steps=1"), resume=last)
     eng = _engine(_cfg(tmp_path, "train.max_steps=3", "train.ckpt_every_steps=1"), resume="auto")
     assert eng.step == 1 and "ckpt-00000002.pt does not load" in capsys.readouterr().out
@@ -302,7 +361,10 @@ def test_resume_with_another_architecture_is_one_sentence(tmp_path):
     _engine(_cfg(tmp_path, "train.max_steps=1")).fit()
     wider = Regression()
     wider.model = nn.Sequential(nn.Linear(4, 32), nn.Dropout(0.3), nn.ReLU(), nn.Linear(32, 1))
-    with pytest.raises(ValueError, match=r"ckpt-00000001.pt does not fit this model \(.*size mismatch.*\); resume with the run's own settings"):
+    with pytest.raises(
+        ValueError,
+        match=r"ckpt-00000001.pt does not fit this model \(.*size mismatch.*\); resume with the run's own settings",
+    ):
         _engine(_cfg(tmp_path, "train.max_steps=2"), stage=wider, resume="auto")
 
 

@@ -32,7 +32,9 @@ def test_a_full_disk_is_one_sentence_naming_the_target_and_leaves_no_temporary(t
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4416 vs 4308")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(ValueError, match=r"cannot write .*ckpt-00000001.pt: the disk is full \(\d+ MB free on .*\); free space"):
+    with pytest.raises(
+        ValueError, match=r"cannot write .*ckpt-00000001.pt: the disk is full \(\d+ MB free on .*\); free space"
+    ):
         atomic_save({"a": 1}, tmp_path / "ckpt-00000001.pt")
     assert list(tmp_path.iterdir()) == []
 
@@ -63,12 +65,15 @@ def test_overrides_may_stand_on_both_sides_of_a_flag():
     assert args.overrides == ["model.dim=64", "optim.lr=0.1"] and args.preset == "small"
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["eval", "m.pt", "x.bin", "--far", "2"], "argument --far: must be in (0, 1], got 2"),
-    (["eval", "m.pt", "x.bin", "--nfolds", "0"], "argument --nfolds: must be >= 1, got 0"),
-    (["eval", "m.pt", "x.bin", "--nfolds", "1"], "argument --nfolds: must be >= 2"),
-    (["eval", "m.pt", "x.bin", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["eval", "m.pt", "x.bin", "--far", "2"], "argument --far: must be in (0, 1], got 2"),
+        (["eval", "m.pt", "x.bin", "--nfolds", "0"], "argument --nfolds: must be >= 1, got 0"),
+        (["eval", "m.pt", "x.bin", "--nfolds", "1"], "argument --nfolds: must be >= 2"),
+        (["eval", "m.pt", "x.bin", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    ],
+)
 def test_eval_refuses_values_that_make_no_sense(argv, match, capsys):
     from lafs_fast.cli import main
 
@@ -83,8 +88,25 @@ def test_embed_checks_its_output_before_any_work(tmp_path, capsys):
 
     (tmp_path / "faces").mkdir()
     (tmp_path / "regfile").write_text("x")
-    assert main(["embed", str(tmp_path / "faces"), "--model", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "regfile" / "e.npz")]) == 2
+    assert (
+        main(
+            [
+                "embed",
+                str(tmp_path / "faces"),
+                "--model",
+                str(tmp_path / "absent.pt"),
+                "--out",
+                str(tmp_path / "regfile" / "e.npz"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "not writable" in err and "absent.pt" not in err  # refused before the model was even opened
-    assert main(["embed", str(tmp_path / "faces"), "--model", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "faces")]) == 2
+    assert (
+        main(
+            ["embed", str(tmp_path / "faces"), "--model", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "faces")]
+        )
+        == 2
+    )
     assert "is a folder" in capsys.readouterr().err

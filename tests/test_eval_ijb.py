@@ -5,11 +5,15 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from lafs_fast.eval import cli as eval_cli
 from lafs_fast.eval.ijb import (
-    ARCFACE_TEMPLATE, align_face, read_ijb, similarity_transform, template_features, template_pair_scores,
+    ARCFACE_TEMPLATE,
+    align_face,
+    read_ijb,
+    similarity_transform,
+    template_features,
+    template_pair_scores,
 )
 from tests.test_eval_util import faces, jpeg, run_command, tiny_model_file
 
@@ -38,8 +42,10 @@ def test_template_pooling_by_hand():
     tids, tf = template_features(feats, templates, medias)
     # template 1: mean of media 10 = (2, 0), plus media 11 = (0, 2) -> (2, 2) -> normalised
     assert tids.tolist() == [1, 2]
-    np.testing.assert_allclose(tf, [[2 ** -0.5, 2 ** -0.5], [0.0, -1.0]])
-    np.testing.assert_allclose(template_pair_scores(tids, tf, np.array([[1, 2], [2, 1], [1, 1]])), [-(2 ** -0.5)] * 2 + [1.0])
+    np.testing.assert_allclose(tf, [[2**-0.5, 2**-0.5], [0.0, -1.0]])
+    np.testing.assert_allclose(
+        template_pair_scores(tids, tf, np.array([[1, 2], [2, 1], [1, 1]])), [-(2**-0.5)] * 2 + [1.0]
+    )
     with pytest.raises(ValueError, match="template 7"):
         template_pair_scores(tids, tf, np.array([[1, 7]]))
 
@@ -62,8 +68,10 @@ def make_ijb(root, target="ijbc", shuffle_tid=False):
                     n += 1
                     ox, oy = rng.integers(5, 40, 2)
                     canvas = np.zeros((170, 160, 3), np.uint8)
-                    noisy = np.clip(base[ident].astype(int) + rng.integers(-8, 9, base[ident].shape), 0, 255).astype(np.uint8)
-                    canvas[oy:oy + 112, ox:ox + 112] = noisy
+                    noisy = np.clip(base[ident].astype(int) + rng.integers(-8, 9, base[ident].shape), 0, 255).astype(
+                        np.uint8
+                    )
+                    canvas[oy : oy + 112, ox : ox + 112] = noisy
                     (crops / f"{n}.jpg").write_bytes(jpeg(canvas))
                     lm = (ARCFACE_TEMPLATE + [ox, oy]).reshape(-1)
                     lines5.append(f"{n}.jpg " + " ".join(f"{v:.3f}" for v in lm) + f" {rng.uniform(0.6, 1.0):.4f}")
@@ -93,8 +101,10 @@ def test_ijb_protocol_end_to_end(tmp_path, capsys):
     root = make_ijb(tmp_path / "IJBC")
     model = tiny_model_file(tmp_path / "tiny.pt")
     out = tmp_path / "out"
-    rc = run_command(eval_cli, [str(model), str(root), "--out", str(out), "--device", "cpu", "--no-progress",
-                                "--far", "0.1", "0.5", "--json"])
+    rc = run_command(
+        eval_cli,
+        [str(model), str(root), "--out", str(out), "--device", "cpu", "--no-progress", "--far", "0.1", "0.5", "--json"],
+    )
     assert rc == 0
     res = json.loads(capsys.readouterr().out)["results"][0]
     assert res["kind"] == "ijb" and res["name"] == "IJBC" and res["pairs"] == 15 and res["genuine"] == 3

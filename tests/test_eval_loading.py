@@ -21,7 +21,10 @@ def test_every_checkpoint_kind_gives_the_same_embeddings(tmp_path):
     want = Embedder(model).embed_batch(x)
 
     export_reference(src, tmp_path / "ref.pt", "part_fvit")
-    atomic_save({"format": "lafs-fast-train", "version": 1, "model_file": safe_load(src), "optimizer": {}}, tmp_path / "train.pt")
+    atomic_save(
+        {"format": "lafs-fast-train", "version": 1, "model_file": safe_load(src), "optimizer": {}},
+        tmp_path / "train.pt",
+    )
     for path, expect in ((tmp_path / "ref.pt", "reference-part-fvit"), (tmp_path / "train.pt", "training checkpoint")):
         m, k = load_eval_model(path, head_dim=16)  # reference files do not record the head width
         assert k == expect and isinstance(m, PartFViT)

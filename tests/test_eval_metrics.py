@@ -5,7 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from lafs_fast.eval.metrics import exact_thresholds, insightface_thresholds, kfold_accuracy, pair_scores, roc_curve, tar_at_far
+from lafs_fast.eval.metrics import (
+    exact_thresholds,
+    insightface_thresholds,
+    kfold_accuracy,
+    pair_scores,
+    roc_curve,
+    tar_at_far,
+)
 
 
 def test_kfold_threshold_comes_from_the_other_folds():

@@ -18,8 +18,22 @@ def test_embed_folder_npz(tmp_path, capsys):
         (d / f"{i}.jpg").write_bytes(jpeg(im))
     (tmp_path / "faces" / "notes.txt").write_text("not an image")
     out = tmp_path / "emb.npz"
-    rc = run_command(embed_cmd, [str(tmp_path / "faces"), "--model", str(model), "--out", str(out), "--landmarks",
-                                 "--device", "cpu", "--no-progress", "--batch-size", "2"])
+    rc = run_command(
+        embed_cmd,
+        [
+            str(tmp_path / "faces"),
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--landmarks",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--batch-size",
+            "2",
+        ],
+    )
     assert rc == 0 and "5 embeddings of dim 32" in capsys.readouterr().out
     with np.load(out, allow_pickle=False) as z:
         assert z["embeddings"].shape == (5, 32) and z["embeddings"].dtype == np.float32

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lafs_fast.eval import cli as eval_cli
 from lafs_fast.data import make_bin
 from lafs_fast.data.binfile import load_bin, write_bin
-from lafs_fast.eval.embedder import Embedder
 from lafs_fast.data.make_bin import random_pairs, read_pairs_txt
+from lafs_fast.eval import cli as eval_cli
+from lafs_fast.eval.embedder import Embedder
 from lafs_fast.eval.verification import evaluate_bin, format_table, load_scores
 from lafs_fast.models.checkpoints import load_model
 from tests.test_eval_util import faces, jpeg, run_command, tiny_model_file
@@ -79,8 +79,10 @@ def test_eval_command_several_sets_writes_results(model_path, tmp_path, capsys):
     a = _synthetic_bin(tmp_path / "sets" / "a.bin", 20, seed=1)
     _synthetic_bin(tmp_path / "sets" / "b.bin", 20, seed=2)
     out = tmp_path / "out"
-    rc = run_command(eval_cli, [str(model_path), str(a.parent), "--out", str(out), "--device", "cpu", "--no-progress",
-                                "--batch-size", "16"])
+    rc = run_command(
+        eval_cli,
+        [str(model_path), str(a.parent), "--out", str(out), "--device", "cpu", "--no-progress", "--batch-size", "16"],
+    )
     assert rc == 0
     printed = capsys.readouterr()
     assert "a " in printed.out and "b " in printed.out and "x/255*2-1" in printed.out
@@ -122,7 +124,9 @@ def test_make_bin_from_pairs_txt_keeps_order_and_bytes(tmp_path):
     (tmp_path / "pairs.txt").write_text("1\t2\nPerson_0\t1\t3\nPerson_1\t2\tPerson_3\t1\n")
     pairs = read_pairs_txt(tmp_path / "pairs.txt", root)
     assert [(a.name, b.name, s) for a, b, s in pairs] == [
-        ("Person_0_0001.jpg", "Person_0_0003.jpg", True), ("Person_1_0002.jpg", "Person_3_0001.jpg", False)]
+        ("Person_0_0001.jpg", "Person_0_0003.jpg", True),
+        ("Person_1_0002.jpg", "Person_3_0001.jpg", False),
+    ]
     rc = run_command(make_bin, [str(root), str(tmp_path / "o.bin"), "--pairs", str(tmp_path / "pairs.txt")])
     assert rc == 0
     bs = load_bin(tmp_path / "o.bin")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lafs_fast.eval import viz
 from lafs_fast.data.binfile import write_bin
+from lafs_fast.eval import viz
 from lafs_fast.eval.verification import evaluate_scores, save_scores
 from tests.test_eval_util import faces, jpeg, run_command, tiny_model_file
 
@@ -25,13 +25,29 @@ def test_viz_landmarks_from_bin_and_folder(tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.png").write_bytes(jpeg(f[0]))
     out = tmp_path / "lm.png"
-    rc = run_command(viz, ["landmarks", str(tmp_path / "s.bin"), str(tmp_path / "imgs"), "--model", str(model),
-                           "--out", str(out), "--max", "3", "--device", "cpu"])
+    rc = run_command(
+        viz,
+        [
+            "landmarks",
+            str(tmp_path / "s.bin"),
+            str(tmp_path / "imgs"),
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--max",
+            "3",
+            "--device",
+            "cpu",
+        ],
+    )
     assert rc == 0 and "196 landmarks on 3 faces" in capsys.readouterr().out
     _png(out)
     bare = tiny_model_file(tmp_path / "bare.pt", landmarks=False)
     with pytest.raises(ValueError, match="no landmark CNN"):
-        run_command(viz, ["landmarks", str(tmp_path / "s.bin"), "--model", str(bare), "--out", str(out), "--device", "cpu"])
+        run_command(
+            viz, ["landmarks", str(tmp_path / "s.bin"), "--model", str(bare), "--out", str(out), "--device", "cpu"]
+        )
 
 
 def test_viz_roc_from_eval_scores(tmp_path):
@@ -51,7 +67,10 @@ def test_viz_roc_from_eval_scores(tmp_path):
 def test_viz_curves_from_jsonl(tmp_path, capsys):
     log = tmp_path / "run1" / "metrics.jsonl"
     log.parent.mkdir()
-    lines = [json.dumps({"step": i, "loss": 5.0 / (i + 1), "lr": 1e-3 * min(1, i / 10), "epoch": i // 20, "note": "x"}) for i in range(50)]
+    lines = [
+        json.dumps({"step": i, "loss": 5.0 / (i + 1), "lr": 1e-3 * min(1, i / 10), "epoch": i // 20, "note": "x"})
+        for i in range(50)
+    ]
     log.write_text("\n".join(lines[:25]) + "\n\n" + "\n".join(lines[25:]) + "\n")
     out = tmp_path / "curves.png"
     assert run_command(viz, ["curves", str(log), "--out", str(out)]) == 0
@@ -60,7 +79,7 @@ def test_viz_curves_from_jsonl(tmp_path, capsys):
     assert run_command(viz, ["curves", str(log), "--keys", "loss", "--out", str(out)]) == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"loss": 1}\n')
-    with pytest.raises(ValueError, match="line 1 has no numeric \"step\""):
+    with pytest.raises(ValueError, match='line 1 has no numeric "step"'):
         viz.read_metrics(bad)
     bad.write_text("{not json\n")
     with pytest.raises(ValueError, match="line 1 is not JSON"):

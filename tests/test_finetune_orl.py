@@ -15,9 +15,19 @@ from lafs_fast.data.make_bin import make_bin
 from lafs_fast.train import supervised_run
 
 TINY = [
-    "model.dim=64", "model.depth=2", "model.heads=2", "model.head_dim=32", "model.mlp_dim=128",
-    "model.dropout=0", "model.emb_dropout=0", "model.drop_path=0", "model.landmark_dropout=0.1",
-    "train.log_every=1", "data.workers=0", "data.loader=pil", "finetune.mixup_p=0",
+    "model.dim=64",
+    "model.depth=2",
+    "model.heads=2",
+    "model.head_dim=32",
+    "model.mlp_dim=128",
+    "model.dropout=0",
+    "model.emb_dropout=0",
+    "model.drop_path=0",
+    "model.landmark_dropout=0.1",
+    "train.log_every=1",
+    "data.workers=0",
+    "data.loader=pil",
+    "finetune.mixup_p=0",
     "train.device=cpu",  # CPU semantics (fp32, bitwise) even where a GPU runs the suite
 ]
 
@@ -39,9 +49,22 @@ def test_orl_loss_falls_and_held_out_verification_rises(orl_dir, tmp_path):
     bin_path = tmp_path / "orl_held.bin"
     make_bin(held, bin_path, num_pairs=100, seed=0)
     out = tmp_path / "run"
-    cfg = load_config("small", None, [*TINY, f"data.path={train}", f"train.out_dir={out}", "optim.batch_size=10",
-                                      "optim.epochs=3", "optim.warmup_epochs=0", "optim.lr=0.15", "finetune.val_every=15",
-                                      f"finetune.val_sets={bin_path}"], defaults=supervised_run.stage_defaults("small"))
+    cfg = load_config(
+        "small",
+        None,
+        [
+            *TINY,
+            f"data.path={train}",
+            f"train.out_dir={out}",
+            "optim.batch_size=10",
+            "optim.epochs=3",
+            "optim.warmup_epochs=0",
+            "optim.lr=0.15",
+            "finetune.val_every=15",
+            f"finetune.val_sets={bin_path}",
+        ],
+        defaults=supervised_run.stage_defaults("small"),
+    )
     res = supervised_run.train_worker(config_to_dict(cfg), 0, {"check": False, "progress": False})
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first = sum(r["ce"] for r in rows[:5]) / 5
@@ -58,18 +81,38 @@ def test_orl_loss_falls_and_held_out_verification_rises(orl_dir, tmp_path):
 def test_subset_shots_fraction_seed_writes_and_trains_on_a_subset(orl_dir, tmp_path):
     train, _ = _split(orl_dir, tmp_path, range(1, 11), range(0))
     out = tmp_path / "few"
-    cfg = load_config("small", None, [*TINY, f"data.path={train}", f"train.out_dir={out}", "optim.batch_size=4",
-                                      "finetune.subset=shots=2,fraction=0.5,seed=3", "train.max_steps=1"],
-                      defaults=supervised_run.stage_defaults("small"))
+    cfg = load_config(
+        "small",
+        None,
+        [
+            *TINY,
+            f"data.path={train}",
+            f"train.out_dir={out}",
+            "optim.batch_size=4",
+            "finetune.subset=shots=2,fraction=0.5,seed=3",
+            "train.max_steps=1",
+        ],
+        defaults=supervised_run.stage_defaults("small"),
+    )
     src = supervised_run.prepare_data(cfg, say=lambda *a: None)
     loader = make_loader(src, 2, backend="pil", num_workers=0)
     assert loader.num_classes == 5 and loader.n == 10  # half the identities, two images each
     assert supervised_run.prepare_data(cfg, say=lambda *a: None) == src  # reused, not rebuilt
-    again = load_config("small", None, [*TINY, f"data.path={train}", f"train.out_dir={tmp_path / 'few2'}",
-                                        "finetune.subset=shots=2,fraction=0.5,seed=3"])
+    again = load_config(
+        "small",
+        None,
+        [
+            *TINY,
+            f"data.path={train}",
+            f"train.out_dir={tmp_path / 'few2'}",
+            "finetune.subset=shots=2,fraction=0.5,seed=3",
+        ],
+    )
     src2 = supervised_run.prepare_data(again, say=lambda *a: None)
     assert (Path(src) / "train.rec").read_bytes() == (Path(src2) / "train.rec").read_bytes()  # seeded
     res = supervised_run.train_worker(config_to_dict(cfg), 2, {"check": False, "progress": False, "data": src})
     assert res["steps"] == 1
-    syn = load_config("small", None, ["finetune.subset=shots=1,fraction=0.25,seed=0", "train.device=cpu", f"train.out_dir={tmp_path}"])
+    syn = load_config(
+        "small", None, ["finetune.subset=shots=1,fraction=0.25,seed=0", "train.device=cpu", f"train.out_dir={tmp_path}"]
+    )
     assert supervised_run.prepare_data(syn, say=lambda *a: None).startswith("synthetic:16x1")

@@ -15,8 +15,21 @@ import pytest
 from benchmarks import render
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["env", "parity", "kernels", "pre_ref", "pre_eager", "pre_compiled", "attention", "finetune",
-          "smoke_pretrain", "smoke_resume", "smoke_landmarks", "smoke_finetune", "smoke_eval"]
+STAGES = [
+    "env",
+    "parity",
+    "kernels",
+    "pre_ref",
+    "pre_eager",
+    "pre_compiled",
+    "attention",
+    "finetune",
+    "smoke_pretrain",
+    "smoke_resume",
+    "smoke_landmarks",
+    "smoke_finetune",
+    "smoke_eval",
+]
 BENCH_STAGES = ["kernels", "pre_ref", "pre_eager", "pre_compiled", "attention", "finetune"]
 
 
@@ -30,10 +43,12 @@ def _bench(name: str, group: str, median: float, mean: float, items: int = 1, ro
 def test_render_uses_medians_and_compares_throughput():
     """Medians, not means (a compile inside one round moves the mean); the speed-up is a ratio of
     throughputs, so a reference timed on a smaller batch compares per item."""
-    data = {"benchmarks": [
-        _bench("test_ref", "g", median=0.100, mean=0.900, items=32, role="reference"),
-        _bench("test_fast", "g", median=0.010, mean=0.011, items=256),
-    ]}
+    data = {
+        "benchmarks": [
+            _bench("test_ref", "g", median=0.100, mean=0.900, items=32, role="reference"),
+            _bench("test_fast", "g", median=0.010, mean=0.011, items=256),
+        ]
+    }
     table = render.render(data)
     assert "| ref | 100.00 | 320 | 1.0x |" in table
     assert "| fast | 10.00 | 25,600 | 80.0x |" in table
@@ -49,12 +64,16 @@ def _out_dir(path: Path, stages: list[dict], benchmarks: list[dict], env: dict |
 
 
 def test_render_names_failed_timed_out_and_skipped_stages(tmp_path):
-    out = _out_dir(tmp_path / "out", [
-        {"stage": "env", "rc": 0, "seconds": 9},
-        {"stage": "kernels", "rc": 124, "seconds": 150, "status": "timed out"},
-        {"stage": "pre_ref", "rc": 1, "seconds": 20},
-        {"stage": "finetune", "rc": None, "seconds": 0, "skipped": "40s left of BUDGET_S=420, stage needs 90s"},
-    ], [dict(_bench("test_copy", "device ceilings", 0.001, 0.001), extra_info={"stage": "kernels", "GBps": 4300.0})])
+    out = _out_dir(
+        tmp_path / "out",
+        [
+            {"stage": "env", "rc": 0, "seconds": 9},
+            {"stage": "kernels", "rc": 124, "seconds": 150, "status": "timed out"},
+            {"stage": "pre_ref", "rc": 1, "seconds": 20},
+            {"stage": "finetune", "rc": None, "seconds": 0, "skipped": "40s left of BUDGET_S=420, stage needs 90s"},
+        ],
+        [dict(_bench("test_copy", "device ceilings", 0.001, 0.001), extra_info={"stage": "kernels", "GBps": 4300.0})],
+    )
     table = render.render(render.load(out))
     assert "| kernels | timed out after 150 s | 150 | 1 |" in table
     assert "| pre_ref | failed (rc 1) |" in table
@@ -63,9 +82,14 @@ def test_render_names_failed_timed_out_and_skipped_stages(tmp_path):
 
 
 def test_save_records_device_versions_and_command_and_never_overwrites(tmp_path):
-    env = {"date": "2026-11-30T12:00:00+00:00", "command": "BUDGET_S=420 bash benchmarks/gpu_run.sh", "device": "NVIDIA H200",
-           "driver": "580.159.03", "versions": {"torch": "2.11.0+cu130", "triton": "3.6.0", "xformers": "0.0.35"},
-           "lafs_fast_info": {"devices": ["NVIDIA H200"]}}
+    env = {
+        "date": "2026-11-30T12:00:00+00:00",
+        "command": "BUDGET_S=420 bash benchmarks/gpu_run.sh",
+        "device": "NVIDIA H200",
+        "driver": "580.159.03",
+        "versions": {"torch": "2.11.0+cu130", "triton": "3.6.0", "xformers": "0.0.35"},
+        "lafs_fast_info": {"devices": ["NVIDIA H200"]},
+    }
     first = _out_dir(tmp_path / "a", [{"stage": "env", "rc": 0}], [_bench("test_a", "g", 1.0, 1.0)], env)
     second = _out_dir(tmp_path / "b", [{"stage": "finetune", "rc": 0}], [_bench("test_b", "g", 1.0, 1.0)], env)
     dest = render.save([first, second], tmp_path / "results")
@@ -73,9 +97,17 @@ def test_save_records_device_versions_and_command_and_never_overwrites(tmp_path)
     saved = json.loads(dest.read_text())
     rec = saved["record"]
     assert (rec["device"], rec["driver"], rec["torch"], rec["triton"], rec["xformers"]) == (
-        "NVIDIA H200", "580.159.03", "2.11.0+cu130", "3.6.0", "0.0.35")
+        "NVIDIA H200",
+        "580.159.03",
+        "2.11.0+cu130",
+        "3.6.0",
+        "0.0.35",
+    )
     assert rec["command"] == env["command"] and rec["date"].startswith("2026-11-30")
-    assert [s["stage"] for s in saved["stages"]] == ["env", "finetune"] and [s["call"] for s in saved["stages"]] == [1, 2]
+    assert [s["stage"] for s in saved["stages"]] == ["env", "finetune"] and [s["call"] for s in saved["stages"]] == [
+        1,
+        2,
+    ]
     assert [b["name"] for b in saved["benchmarks"]] == ["test_a", "test_b"]
     assert render.save([first], tmp_path / "results").name == "2026-11-30-nvidia-h200-2.json"
 
@@ -116,8 +148,14 @@ def test_gpu_run_dry_run(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("STAGES", "BUDGET_S", "XF_STAGES")}
     env.update(OUT=str(out), LAFS_GPU_DRY_RUN="1", PYTHON=sys.executable, BUDGET_S="1200")
-    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh")], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=1300)
+    p = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1300,
+    )
     log = (out / "run.log").read_text() if (out / "run.log").is_file() else p.stdout + p.stderr
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [x["stage"] for x in lines] == STAGES, log[-3000:]

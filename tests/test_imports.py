@@ -13,15 +13,25 @@ ROOT = Path(__file__).resolve().parents[1]
 # layer of each module, by longest matching prefix (the package __init__ files re-export their
 # children and sit in their children's layer)
 LAYERS: dict[str, int] = {
-    "lafs_fast._torchvision_fix": 0, "lafs_fast.errors": 0, "lafs_fast.io": 0, "lafs_fast.config": 0, "lafs_fast.logs": 0,
-    "lafs_fast.launch": 0, "lafs_fast.kernels": 0,
-    "lafs_fast.dispatch": 1, "lafs_fast.sampling": 1, "lafs_fast.augment": 1,
+    "lafs_fast._torchvision_fix": 0,
+    "lafs_fast.errors": 0,
+    "lafs_fast.io": 0,
+    "lafs_fast.config": 0,
+    "lafs_fast.logs": 0,
+    "lafs_fast.launch": 0,
+    "lafs_fast.kernels": 0,
+    "lafs_fast.dispatch": 1,
+    "lafs_fast.sampling": 1,
+    "lafs_fast.augment": 1,
     "lafs_fast.models": 2,
     "lafs_fast.data": 3,
-    "lafs_fast.dense_landmarks": 4, "lafs_fast.views": 4, "lafs_fast.compat": 4,
+    "lafs_fast.dense_landmarks": 4,
+    "lafs_fast.views": 4,
+    "lafs_fast.compat": 4,
     "lafs_fast.eval": 5,
     "lafs_fast.train": 6,
-    "lafs_fast.cli": 7, "lafs_fast.info": 7,
+    "lafs_fast.cli": 7,
+    "lafs_fast.info": 7,
 }
 NAMES = ["base/kernels", "ops", "models", "data", "views", "eval", "train", "cli"]
 
@@ -78,8 +88,13 @@ def test_every_module_has_a_layer():
 
 def test_no_import_from_a_higher_layer():
     graph = _graph()
-    wrong = sorted(f"{m} ({NAMES[_layer(m)]}) imports {d} ({NAMES[_layer(d)]})" for m, deps in graph.items() if m != "lafs_fast"
-                   for d in deps if d != "lafs_fast" and _layer(d) > _layer(m))
+    wrong = sorted(
+        f"{m} ({NAMES[_layer(m)]}) imports {d} ({NAMES[_layer(d)]})"
+        for m, deps in graph.items()
+        if m != "lafs_fast"
+        for d in deps
+        if d != "lafs_fast" and _layer(d) > _layer(m)
+    )
     assert wrong == []
 
 

@@ -174,7 +174,9 @@ def test_draw_distributions():
     images = torch.zeros(1, 3, 16, 16).expand(b, 3, 16, 16)
     coords = torch.zeros(b, k, 2)
     _, idx, nz = sample_patches_triton(images, coords, 2, num_tokens=n_l, sigma=5.0, seed=1234, return_draws=True)
-    _, idx8, nz8 = sample_patches_triton(images[:2], coords[:2], 8, num_tokens=n_l, sigma=5.0, seed=1234, return_draws=True)
+    _, idx8, nz8 = sample_patches_triton(
+        images[:2], coords[:2], 8, num_tokens=n_l, sigma=5.0, seed=1234, return_draws=True
+    )
     assert torch.equal(idx8, idx[:2]) and torch.equal(nz8, nz[:2])  # same counters, same draws
     counts = torch.bincount(idx.flatten(), minlength=k).float()
     expected = idx.numel() / k
@@ -192,8 +194,9 @@ def test_offset_selects_independent_streams():
     coords = torch.zeros(4, 196, 2)
 
     def draw(seed: int, offset: int, backend: str):
-        _, i, n = sample_patches(images, coords, 2, num_tokens=8, sigma=1.0, seed=seed, offset=offset,
-                                 backend=backend, return_draws=True)
+        _, i, n = sample_patches(
+            images, coords, 2, num_tokens=8, sigma=1.0, seed=seed, offset=offset, backend=backend, return_draws=True
+        )
         return i, n
 
     for backend in ("triton", "torch"):
@@ -224,8 +227,12 @@ def test_public_dispatch_triton_on_cpu_and_torch_draws(gen):
     torch.testing.assert_close(a.float(), t.float(), rtol=1e-2, atol=1e-2)
     # in-sampler draws: each backend reproduces its own draws from a seed and returns them
     for backend in ("triton", "torch"):
-        t1, i1, n1 = sample_patches(images, coords, num_tokens=36, sigma=5.0, seed=7, backend=backend, return_draws=True)
-        t2, i2, n2 = sample_patches(images, coords, num_tokens=36, sigma=5.0, seed=7, backend=backend, return_draws=True)
+        t1, i1, n1 = sample_patches(
+            images, coords, num_tokens=36, sigma=5.0, seed=7, backend=backend, return_draws=True
+        )
+        t2, i2, n2 = sample_patches(
+            images, coords, num_tokens=36, sigma=5.0, seed=7, backend=backend, return_draws=True
+        )
         assert torch.equal(i1, i2) and torch.equal(n1, n2) and torch.equal(t1, t2)
         replay = sample_patches(images, coords, indices=i1, noise=n1, backend="torch")
         torch.testing.assert_close(t1, replay, atol=1e-5, rtol=1e-5)
@@ -278,8 +285,13 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "lafs_fast.kernels.aot_check", "quick"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "lafs_fast.kernels.aot_check", "quick"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("ok")]
     assert len(lines) == 5, res.stdout
@@ -321,9 +333,19 @@ def test_one_compiled_variant_for_every_seed_and_offset(monkeypatch):
     for draw in (True, False):
         for seed, offset in [(1, 0), (16, 1), (17, 16), (2**31 + 5, 2**31), (2**40, 3 * 2**40 + 1), (2**62 + 7, 2**61)]:
             launches.clear()
-            patch_sample_forward(images, coords, 8, None, None, torch.bfloat16, 36 if draw else None, 5.0 if draw else 0.0,
-                                 seed, offset=offset)
-            (args, kwargs), = launches
+            patch_sample_forward(
+                images,
+                coords,
+                8,
+                None,
+                None,
+                torch.bfloat16,
+                36 if draw else None,
+                5.0 if draw else 0.0,
+                seed,
+                offset=offset,
+            )
+            ((args, kwargs),) = launches
             kwargs = {k: v for k, v in kwargs.items() if k != "num_warps"}
             keys.setdefault(draw, set()).add(repr(_specialization_key(kernel, args, kwargs)))
     assert len(keys[True]) == 1 and len(keys[False]) == 1, keys
@@ -339,9 +361,27 @@ def test_an_explicit_triton_interpret_0_is_respected_and_skips_name_why(tmp_path
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:randomly",
-                        f"{root}/tests/test_kernels_patch.py", "-k", "draw_distributions or forward_matches_twin_fp32"],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            f"{root}/tests/test_kernels_patch.py",
+            "-k",
+            "draw_distributions or forward_matches_twin_fp32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-2000:]
     assert "needs TRITON_INTERPRET=1" in out and "only under TRITON_INTERPRET=1" in out, out[-1500:]

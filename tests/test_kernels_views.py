@@ -161,11 +161,15 @@ def test_crop_boxes_respect_bounds_and_match_torchvision_distribution():
     ratio_lo = (w - 0.5) / (h + 0.5)
     assert (ratio_hi >= spec.ratio[0]).all() and (ratio_lo <= spec.ratio[1]).all()
     # torchvision's own sampler gives the same distribution of boxes
-    import lafs_fast  # noqa: F401  (makes torchvision importable on a CPU torch)
     from torchvision.transforms import RandomResizedCrop
 
+    import lafs_fast  # noqa: F401  (makes torchvision importable on a CPU torch)
+
     ref = torch.tensor(
-        [RandomResizedCrop.get_params(torch.empty(1, side, side), list(spec.scale), list(spec.ratio)) for _ in range(n)],
+        [
+            RandomResizedCrop.get_params(torch.empty(1, side, side), list(spec.scale), list(spec.ratio))
+            for _ in range(n)
+        ],
         dtype=torch.float64,
     )
     ours = p.crop.to(torch.float64)
@@ -257,7 +261,9 @@ def test_resample_tables_match_torch_interpolate():
     img = torch.rand(1, 1, 30, 30, generator=gen) * 255
     top, left, h, w, s = 4, 7, 17, 21, 26
     for mode in ("bilinear", "bicubic"):
-        ref = F.interpolate(img[:, :, top : top + h, left : left + w], size=(s, s), mode=mode, align_corners=False)[0, 0]
+        ref = F.interpolate(img[:, :, top : top + h, left : left + w], size=(s, s), mode=mode, align_corners=False)[
+            0, 0
+        ]
         iy, wy = resample_tables(torch.tensor([top]), torch.tensor([h]), s, mode)
         ix, wx = resample_tables(torch.tensor([left]), torch.tensor([w]), s, mode)
         x = img[0, 0]
@@ -266,9 +272,9 @@ def test_resample_tables_match_torch_interpolate():
 
 
 def test_photometric_ops_match_torchvision_functional(gen):
-    import lafs_fast  # noqa: F401
     import torchvision.transforms.functional as TF
 
+    import lafs_fast  # noqa: F401
     from lafs_fast.kernels import views as V
 
     x = torch.rand(3, 3, 16, 16, generator=gen)
@@ -277,15 +283,27 @@ def test_photometric_ops_match_torchvision_functional(gen):
     for i in range(3):
         fi = float(f[i])
         xi = x[i : i + 1]
-        torch.testing.assert_close(V._jitter_op(0, xi, f[i : i + 1])[0], TF.adjust_brightness(x[i], fi), atol=1e-6, rtol=0)
-        torch.testing.assert_close(V._jitter_op(1, xi, f[i : i + 1])[0], TF.adjust_contrast(x[i], fi), atol=1e-6, rtol=0)
-        torch.testing.assert_close(V._jitter_op(2, xi, f[i : i + 1])[0], TF.adjust_saturation(x[i], fi), atol=1e-6, rtol=0)
-        torch.testing.assert_close(V._jitter_op(3, xi, h[i : i + 1])[0], TF.adjust_hue(x[i], float(h[i])), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            V._jitter_op(0, xi, f[i : i + 1])[0], TF.adjust_brightness(x[i], fi), atol=1e-6, rtol=0
+        )
+        torch.testing.assert_close(
+            V._jitter_op(1, xi, f[i : i + 1])[0], TF.adjust_contrast(x[i], fi), atol=1e-6, rtol=0
+        )
+        torch.testing.assert_close(
+            V._jitter_op(2, xi, f[i : i + 1])[0], TF.adjust_saturation(x[i], fi), atol=1e-6, rtol=0
+        )
+        torch.testing.assert_close(
+            V._jitter_op(3, xi, h[i : i + 1])[0], TF.adjust_hue(x[i], float(h[i])), atol=1e-5, rtol=0
+        )
         torch.testing.assert_close(V.rgb_to_gray(xi)[0], TF.rgb_to_grayscale(x[i]), atol=1e-6, rtol=0)
     # blur: our separable taps equal torchvision's gaussian_blur with the same kernel size
     sigma = 1.3
-    p = V.draw_view_params(1, [ViewSpec(jitter_p=0.0, gray_p=0.0, blur_p=1.0, blur_radius=(sigma, sigma))], (16, 16),
-                           torch.Generator().manual_seed(0))
+    p = V.draw_view_params(
+        1,
+        [ViewSpec(jitter_p=0.0, gray_p=0.0, blur_p=1.0, blur_radius=(sigma, sigma))],
+        (16, 16),
+        torch.Generator().manual_seed(0),
+    )
     p.crop[:] = torch.tensor([0, 0, 16, 16])
     p.flip[:] = False
     img8 = (x[0] * 255).round().to(torch.uint8).permute(1, 2, 0)[None].contiguous()
@@ -293,4 +311,3 @@ def test_photometric_ops_match_torchvision_functional(gen):
     k = 2 * p.blur_halfwidth + 1
     ref = TF.gaussian_blur(img8[0].permute(2, 0, 1).float() / 255, [k, k], [sigma, sigma])
     torch.testing.assert_close((aug[0, 0] + 1) / 2, ref, atol=1e-5, rtol=0)
-

@@ -8,7 +8,15 @@ import torch.nn.functional as F
 
 from lafs_fast.config import load_config
 from lafs_fast.models import (
-    ArcFace, CosFace, DINOHead, FViT, LandmarkCNN, attention, build_backbone, build_landmark_cnn, build_part_fvit,
+    ArcFace,
+    CosFace,
+    DINOHead,
+    FViT,
+    LandmarkCNN,
+    attention,
+    build_backbone,
+    build_landmark_cnn,
+    build_part_fvit,
 )
 from lafs_fast.models.attention import xformers_status
 
@@ -57,18 +65,22 @@ def test_attention_backends_agree(scale, gen):
 
 def test_attention_scale_is_honoured(gen):
     q, k, v = (torch.randn(2, 5, 3, 16, generator=gen) for _ in range(3))
-    for scale in (48 ** -0.5, 16 ** -0.5):
-        expect = torch.einsum("bhij,bhjd->bhid", (torch.einsum("bihd,bjhd->bhij", q, k) * scale).softmax(-1), v.transpose(1, 2))
+    for scale in (48**-0.5, 16**-0.5):
+        expect = torch.einsum(
+            "bhij,bhjd->bhid", (torch.einsum("bihd,bjhd->bhij", q, k) * scale).softmax(-1), v.transpose(1, 2)
+        )
         for backend in ("math", "sdpa"):
             torch.testing.assert_close(attention(q, k, v, scale, backend), expect.transpose(1, 2), rtol=1e-5, atol=1e-6)
-    assert small_vit(attn_scale="dim").transformer.layers[0][0].fn.fn.scale == 48 ** -0.5
-    assert small_vit(attn_scale="head_dim").transformer.layers[0][0].fn.fn.scale == 16 ** -0.5
+    assert small_vit(attn_scale="dim").transformer.layers[0][0].fn.fn.scale == 48**-0.5
+    assert small_vit(attn_scale="head_dim").transformer.layers[0][0].fn.fn.scale == 16**-0.5
 
 
 @pytest.mark.skipif(not xformers_status()[0], reason=f"xformers' own kernels do not run here: {xformers_status()[1]}")
 def test_xformers_matches_sdpa_on_cuda(gen):
     q, k, v = (torch.randn(2, 197, 4, 64, generator=gen).cuda() for _ in range(3))
-    torch.testing.assert_close(attention(q, k, v, 0.036, "xformers"), attention(q, k, v, 0.036, "sdpa"), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(
+        attention(q, k, v, 0.036, "xformers"), attention(q, k, v, 0.036, "sdpa"), rtol=2e-3, atol=2e-3
+    )
 
 
 def test_xformers_without_its_extension_is_not_reported_as_xformers(monkeypatch):
@@ -82,7 +94,9 @@ def test_xformers_without_its_extension_is_not_reported_as_xformers(monkeypatch)
 
     fake = types.ModuleType("xformers")
     fake._has_cpp_library = False
-    fake._cpp_lib = types.SimpleNamespace(_cpp_library_load_exception=OSError("libcudart.so.12: cannot open shared object file"))
+    fake._cpp_lib = types.SimpleNamespace(
+        _cpp_library_load_exception=OSError("libcudart.so.12: cannot open shared object file")
+    )
     ops = types.ModuleType("xformers.ops")
     ops.memory_efficient_attention = lambda q, k, v, **kw: q  # "works", as the fallback does
     fake.ops = ops
@@ -134,6 +148,7 @@ def test_vit_takes_images_and_landmarks(gen):
     imgs = torch.rand(2, 3, 112, 112, generator=gen) * 2 - 1
     coords = torch.rand(2, 196, 2, generator=gen) * 111
     from lafs_fast import sample_patches
+
     torch.testing.assert_close(vit(imgs, coords), vit(sample_patches(imgs, coords)))
     assert vit(imgs).shape == (2, 48)  # regular 14x14 grid
 

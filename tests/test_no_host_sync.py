@@ -31,13 +31,20 @@ from lafs_fast.train import supervised_run
 from lafs_fast.train.dino import DinoStage
 from lafs_fast.train.engine import StepContext, clip_gradients
 from lafs_fast.train.supervised import SupervisedStage, build_supervised_model
-from lafs_fast.views import LafsViews
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 aten = torch.ops.aten
-_SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.nonzero_static, aten.masked_select, aten.unique_dim,
-             aten._unique2, aten.unique_consecutive, aten.item}
+_SYNC_OPS = {
+    aten._local_scalar_dense,
+    aten.nonzero,
+    aten.nonzero_static,
+    aten.masked_select,
+    aten.unique_dim,
+    aten._unique2,
+    aten.unique_consecutive,
+    aten.item,
+}
 _COPIES = {aten._to_copy, aten.copy_}
 _INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}  # a boolean index runs nonzero inside
 
@@ -72,6 +79,7 @@ class HostSyncs(TorchDispatchMode):
             if not isinstance(data, torch.Tensor):
                 self.found.append((f"torch.{name}(python data)", _where()))
             return fn(data, *args, **kwargs)
+
         return wrapped
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -79,7 +87,9 @@ class HostSyncs(TorchDispatchMode):
         packet = func.overloadpacket
         if packet in _SYNC_OPS:
             self.found.append((str(func), _where()))
-        elif packet in _INDEXING and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
+        elif packet in _INDEXING and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]
+        ):
             self.found.append((f"{func} with a boolean mask", _where()))
         elif packet in _COPIES:
             src = args[1] if packet is aten.copy_ else args[0]
@@ -107,9 +117,22 @@ def _ctx(values: dict[str, float]) -> StepContext:
 
 # Small views (32 px, 4 x 4 landmarks) keep the interpreted kernels quick; the code path is the
 # reference one (landmarks, perturbation, the shuffle of the local views).
-DINO = ["model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64",
-        "model.image_size=32", "model.num_patches=16", "views.global_tokens=16", "views.local_tokens=4",
-        "views.n_local=2", "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=16", "optim.batch_size=2"]
+DINO = [
+    "model.dim=32",
+    "model.depth=1",
+    "model.heads=2",
+    "model.head_dim=16",
+    "model.mlp_dim=64",
+    "model.image_size=32",
+    "model.num_patches=16",
+    "views.global_tokens=16",
+    "views.local_tokens=4",
+    "views.n_local=2",
+    "dino.out_dim=64",
+    "dino.hidden_dim=64",
+    "dino.bottleneck_dim=16",
+    "optim.batch_size=2",
+]
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -130,17 +153,32 @@ def test_a_dino_step_has_no_host_sync(pack, gpu_dispatch):
 
 
 def test_a_supervised_step_has_no_host_sync(tmp_path, gpu_dispatch):
-    cfg = load_config("small", None, ["model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16",
-                                      "model.mlp_dim=64", "optim.batch_size=2", f"train.out_dir={tmp_path}",
-                                      "finetune.randaug_p=1.0", "finetune.erase_p=1.0"],
-                      defaults=supervised_run.stage_defaults("small"))
+    cfg = load_config(
+        "small",
+        None,
+        [
+            "model.dim=32",
+            "model.depth=1",
+            "model.heads=2",
+            "model.head_dim=16",
+            "model.mlp_dim=64",
+            "optim.batch_size=2",
+            f"train.out_dir={tmp_path}",
+            "finetune.randaug_p=1.0",
+            "finetune.erase_p=1.0",
+        ],
+        defaults=supervised_run.stage_defaults("small"),
+    )
     _, model, _ = build_supervised_model(cfg, 4, 2, say=lambda *a: None)
-    stage = SupervisedStage(cfg, model, 4, 2, torch.device("cpu"), ref_landmarks=model.landmark_cnn, augment="gpu",
-                            say=lambda *a: None)
+    stage = SupervisedStage(
+        cfg, model, 4, 2, torch.device("cpu"), ref_landmarks=model.landmark_cnn, augment="gpu", say=lambda *a: None
+    )
     images, labels = SyntheticFaces(2, 1, seed=3).batch(range(2))
     for _ in range(2):
         with HostSyncs() as mode:
             loss, _ = stage.forward_loss(stage.model, (images, labels), _ctx({"landmark_lambda": 1.0}))
             loss.backward()
     assert torch.isfinite(loss)
-    assert mode.found == [], "host syncs in a supervised step:\n" + "\n".join(f"{op} at {where}" for op, where in mode.found)
+    assert mode.found == [], "host syncs in a supervised step:\n" + "\n".join(
+        f"{op} at {where}" for op, where in mode.found
+    )

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lafs_fast.eval import knn
 from lafs_fast.config import config_to_dict, load_config
 from lafs_fast.data import SyntheticFaces
+from lafs_fast.eval import knn
 from lafs_fast.kernels.patch_sampling import sample_patches_torch
 from lafs_fast.models.checkpoints import load_model, model_file
 from lafs_fast.models.part_fvit import build_backbone, build_landmark_cnn
@@ -26,10 +26,22 @@ from lafs_fast.views import LafsViews, grid_landmarks
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
-    "model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64",
-    "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=16", "optim.batch_size=2", "optim.epochs=2",
-    "optim.warmup_epochs=1", "dino.teacher_temp_epochs=1", "data.synthetic_identities=3",
-    "data.synthetic_images_per_identity=2", "train.log_every=1", "views.n_local=2",
+    "model.dim=32",
+    "model.depth=1",
+    "model.heads=2",
+    "model.head_dim=16",
+    "model.mlp_dim=64",
+    "dino.out_dim=64",
+    "dino.hidden_dim=64",
+    "dino.bottleneck_dim=16",
+    "optim.batch_size=2",
+    "optim.epochs=2",
+    "optim.warmup_epochs=1",
+    "dino.teacher_temp_epochs=1",
+    "data.synthetic_identities=3",
+    "data.synthetic_images_per_identity=2",
+    "train.log_every=1",
+    "views.n_local=2",
     "train.device=cpu",  # CPU semantics (fp32, bitwise) even where a GPU runs the suite
 ]
 
@@ -55,7 +67,12 @@ def test_loss_is_the_mean_over_18_pairs(gen):
     got = loss_fn(s, t, teacher_temp=0.05)
     # the reference's loop, pair by pair
     sc, tc = (s / 0.1).chunk(v), F.softmax((t - center) / 0.05, dim=-1).chunk(g)
-    terms = [torch.sum(-q * F.log_softmax(sc[j], dim=-1), dim=-1).mean() for i, q in enumerate(tc) for j in range(v) if j != i]
+    terms = [
+        torch.sum(-q * F.log_softmax(sc[j], dim=-1), dim=-1).mean()
+        for i, q in enumerate(tc)
+        for j in range(v)
+        if j != i
+    ]
     assert len(terms) == 18
     torch.testing.assert_close(got, sum(terms) / 18)
     # centre: EMA 0.9 of the teacher batch mean, after the loss
@@ -93,7 +110,7 @@ def test_grid_landmarks_read_the_image_blocks():
     assert coords.shape == (1, 196, 2)
     tok = sample_patches_torch(img, coords, 8)
     r, c = 3, 11  # landmark r * 14 + c = the block at rows 8r.., columns 8c..; token layout (x, y, channel)
-    block = img[0, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8].permute(2, 1, 0).reshape(-1)
+    block = img[0, :, 8 * r : 8 * r + 8, 8 * c : 8 * c + 8].permute(2, 1, 0).reshape(-1)
     torch.testing.assert_close(tok[0, r * 14 + c], block)
 
 
@@ -121,7 +138,9 @@ def test_lafs_views_counts_positions_and_perturbation(tmp_path):
     from lafs_fast.augment import augment_views
     from lafs_fast.views import _seed
 
-    av = augment_views(imgs, views.global_specs + views.local_specs, seed=_seed(11, 0), interpolation=cfg.views.interpolation)
+    av = augment_views(
+        imgs, views.global_specs + views.local_specs, seed=_seed(11, 0), interpolation=cfg.views.interpolation
+    )
     aug = av.augmented.transpose(0, 1).reshape(-1, 3, 112, 112)
     torch.testing.assert_close(sample_patches_torch(aug[:4], vb.global_coords, 8), vb.global_tokens)
     torch.testing.assert_close(sample_patches_torch(aug[4:], vb.local_coords, 8), vb.local_tokens)
@@ -151,7 +170,9 @@ def test_landmarks_from_a_stage0_checkpoint(tmp_path):
     from lafs_fast.augment import augment_views
     from lafs_fast.views import _seed
 
-    av = augment_views(imgs, views.global_specs + views.local_specs, seed=_seed(3, 0), interpolation=cfg.views.interpolation)
+    av = augment_views(
+        imgs, views.global_specs + views.local_specs, seed=_seed(3, 0), interpolation=cfg.views.interpolation
+    )
     with torch.no_grad():
         expect = cnn(av.clean.transpose(0, 1).reshape(-1, 3, 112, 112)[:4])
     assert (vb.global_coords - expect).std().item() == pytest.approx(5.0, abs=1.0)
@@ -248,7 +269,14 @@ def test_injected_nan_stops_the_run_and_the_checkpoint_loads(tmp_path, monkeypat
 
 def _cli(*argv: str, timeout: int = 60) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "lafs_fast.train.pretrain", *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "lafs_fast.train.pretrain", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 @pytest.mark.timeout(120)
@@ -286,7 +314,13 @@ def test_default_run_config_and_reference_with_data(tmp_path):
     cfg = pretrain.resolve_config(_args())
     assert (cfg.model.dim, cfg.data.path, cfg.optim.batch_size, cfg.dino.teacher_momentum) == (192, "", 16, 0.9)
     ref = pretrain.resolve_config(_args("--data", str(tmp_path), "--gpus", "2", "dino.teacher_temp_start=0.04"))
-    assert (ref.model.dim, ref.dino.out_dim, ref.optim.batch_size, ref.model.token_init_std, ref.train.gpus) == (768, 100_000, 82, 1.0, 2)
+    assert (ref.model.dim, ref.dino.out_dim, ref.optim.batch_size, ref.model.token_init_std, ref.train.gpus) == (
+        768,
+        100_000,
+        82,
+        1.0,
+        2,
+    )
     assert ref.dino.teacher_temp_start == 0.04  # key=value still wins
 
 
@@ -300,11 +334,21 @@ def test_sigterm_writes_a_final_checkpoint_and_resume_continues(tmp_path):
     out = tmp_path / "run"
     argv = ["--out", str(out), "--no-knn", "--no-progress", *TINY, "optim.epochs=200", "data.synthetic_identities=2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "lafs_fast.train.pretrain", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=ROOT, env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "lafs_fast.train.pretrain", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     metrics = out / "metrics.jsonl"
     t0 = time.time()
-    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() - t0 < 120 and p.poll() is None:
+    while (
+        (not metrics.exists() or len(metrics.read_text().splitlines()) < 3)
+        and time.time() - t0 < 120
+        and p.poll() is None
+    ):
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
@@ -333,7 +377,9 @@ def test_knn_data_skips_and_names_a_corrupt_record(tmp_path):
         Image.fromarray(a).save(buf, format="JPEG")
         return buf.getvalue()
 
-    write_identity_dataset(tmp_path, [[jpeg(faces[0]), b"\xff\xd8 not a jpeg"], [jpeg(faces[2]), jpeg(faces[3])]], height=112, width=112)
+    write_identity_dataset(
+        tmp_path, [[jpeg(faces[0]), b"\xff\xd8 not a jpeg"], [jpeg(faces[2]), jpeg(faces[3])]], height=112, width=112
+    )
     got = knn.knn_faces(str(tmp_path / "train.rec"), torch.device("cpu"))
     assert got.images.shape[0] == 3 and got.labels.tolist() == [0, 1, 1]
     assert "1 corrupt record(s) skipped (positions 1)" in got.what

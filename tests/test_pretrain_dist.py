@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,9 +19,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 # 4 x 2 = 8 faces over 2 ranks at batch 2: 2 steps per epoch, so stopping after step 1 resumes mid-epoch
 TINY = [
-    "model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64",
-    "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=16", "optim.batch_size=2", "optim.epochs=1",
-    "data.synthetic_identities=4", "data.synthetic_images_per_identity=2", "views.n_local=1", "train.log_every=1",
+    "model.dim=32",
+    "model.depth=1",
+    "model.heads=2",
+    "model.head_dim=16",
+    "model.mlp_dim=64",
+    "dino.out_dim=64",
+    "dino.hidden_dim=64",
+    "dino.bottleneck_dim=16",
+    "optim.batch_size=2",
+    "optim.epochs=1",
+    "data.synthetic_identities=4",
+    "data.synthetic_images_per_identity=2",
+    "views.n_local=1",
+    "train.log_every=1",
 ]
 
 
@@ -30,9 +42,26 @@ def _env() -> dict[str, str]:
 
 def _pretrain_2ranks(out: Path, *argv: str) -> subprocess.CompletedProcess:
     r = subprocess.run(
-        [sys.executable, "-m", "lafs_fast.train.pretrain", "--device", "cpu", "--gpus", "2", "--no-knn", "--no-progress",
-         "--out", str(out), *argv, *TINY],
-        capture_output=True, text=True, timeout=280, cwd=ROOT, env=_env(),
+        [
+            sys.executable,
+            "-m",
+            "lafs_fast.train.pretrain",
+            "--device",
+            "cpu",
+            "--gpus",
+            "2",
+            "--no-knn",
+            "--no-progress",
+            "--out",
+            str(out),
+            *argv,
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+        env=_env(),
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
@@ -95,7 +124,10 @@ def test_two_cpu_processes_resume_bitwise(one_step, tmp_path):
     assert len(a["rng_ranks"]) == 2 and not torch.equal(a["rng_ranks"][0]["torch"], a["rng_ranks"][1]["torch"])
     assert a["loader"]["epoch"] == 0 and a["loader"]["batch"] == 2
     _assert_same(a, b)  # model, stage_state (teacher, centre), optimizer, loader, rng, rng_ranks, model_file, ...
-    losses = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "full", part)]
+    losses = [
+        [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (tmp_path / "full", part)
+    ]
     assert len(losses[0]) == 2 and losses[0] == losses[1]
 
 
@@ -146,13 +178,36 @@ def test_a_users_mistake_inside_a_worker_is_one_sentence(one_step, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(one_step[0], out)
     r = subprocess.run(
-        [sys.executable, "-m", "lafs_fast.train.pretrain", "--device", "cpu", "--gpus", "2", "--no-knn", "--no-progress",
-         "--out", str(out), "--resume", "auto", *TINY, "optim.lr=0.01"],
-        capture_output=True, text=True, timeout=280, cwd=ROOT, env=_env(),
+        [
+            sys.executable,
+            "-m",
+            "lafs_fast.train.pretrain",
+            "--device",
+            "cpu",
+            "--gpus",
+            "2",
+            "--no-knn",
+            "--no-progress",
+            "--out",
+            str(out),
+            "--resume",
+            "auto",
+            *TINY,
+            "optim.lr=0.01",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+        env=_env(),
     )
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
     err = r.stderr.strip()
-    assert err.count("\n") == 0 and err.startswith("lafs-fast pretrain: error: ") and "other settings: optim.lr 0.032 -> 0.01" in err, err
+    assert (
+        err.count("\n") == 0
+        and err.startswith("lafs-fast pretrain: error: ")
+        and "other settings: optim.lr 0.032 -> 0.01" in err
+    ), err
     assert "Traceback" not in r.stdout + r.stderr
 
 
@@ -191,25 +246,79 @@ if __name__ == "__main__":
 def test_the_logged_loss_is_the_mean_over_ranks(tmp_path):
     script = tmp_path / "mean.py"
     script.write_text(_MEAN)
-    r = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=110, cwd=ROOT, env=_env())
+    r = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=ROOT,
+        env=_env(),
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     losses = [json.loads(x)["loss"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert losses == [1.5, 1.5]  # rank 0's alone was 1.0
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_two_nodes_train_as_one_job(tmp_path):
     """Two `torchrun` invocations (one process each) meeting through a c10d rendezvous on localhost,
     gloo, as two machines would: one job of world size 2 (identical parameters on both, rank 0 writes)."""
     port = _free_port()
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lafs-two-nodes"]
-    job = ["-m", "lafs_fast.train.pretrain", "--device", "cpu", "--no-knn", "--no-progress", "--out", str(tmp_path / "run"),
-           "--max-steps", "2", *TINY]
-    nodes = [subprocess.Popen([*torchrun, "--rdzv-conf", f"is_host={int(i == 0)}", *job], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env()) for i in range(2)]
-    outs = [n.communicate(timeout=280) for n in nodes]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "lafs-two-nodes",
+    ]
+    job = [
+        "-m",
+        "lafs_fast.train.pretrain",
+        "--device",
+        "cpu",
+        "--no-knn",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        *TINY,
+    ]
+
+    def node(is_host: int) -> subprocess.Popen:
+        conf = f"is_host={is_host},read_timeout=240,join_timeout=240"
+        return subprocess.Popen(
+            [*torchrun, "--rdzv-conf", conf, *job],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=_env(),
+        )
+
+    nodes = [node(1)]
+    try:  # the second "machine" joins once the first hosts the rendezvous store (a loaded CI box is slow to start)
+        deadline = time.time() + 150
+        while time.time() < deadline and nodes[0].poll() is None:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        nodes.append(node(0))
+        outs = [n.communicate(timeout=280) for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                n.kill()
     for n, (out, err) in zip(nodes, outs):
         assert n.returncode == 0, out[-2000:] + err[-3000:]
     digests = {}

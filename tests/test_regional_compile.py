@@ -15,8 +15,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _tiny(depth: int) -> FViT:
     torch.manual_seed(0)
-    return FViT(dim=16, depth=depth, heads=2, head_dim=8, mlp_dim=32, num_patches=16, dropout=0.0, emb_dropout=0.0,
-                drop_path=0.0, attention="math")
+    return FViT(
+        dim=16,
+        depth=depth,
+        heads=2,
+        head_dim=8,
+        mlp_dim=32,
+        num_patches=16,
+        dropout=0.0,
+        emb_dropout=0.0,
+        drop_path=0.0,
+        attention="math",
+    )
 
 
 def test_blocks_share_one_graph_per_shape_and_match_eager():

@@ -65,12 +65,22 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     emb_all = torch.randn(world * B, D, generator=g)
     labels_all = torch.randint(0, C, (world * B,), generator=g)
     head = ShardedMarginHead(D, C, "cosface")
-    head.weight.data.copy_(weight[head.start:head.end])
-    emb = emb_all[rank * B:(rank + 1) * B].clone().requires_grad_(True)
-    loss = head(emb, labels_all[rank * B:(rank + 1) * B])
+    head.weight.data.copy_(weight[head.start : head.end])
+    emb = emb_all[rank * B : (rank + 1) * B].clone().requires_grad_(True)
+    loss = head(emb, labels_all[rank * B : (rank + 1) * B])
     loss.backward()
-    torch.save({"loss": loss.detach(), "demb": emb.grad, "dw": head.weight.grad, "range": (head.start, head.end),
-                "weight": weight, "emb_all": emb_all, "labels_all": labels_all}, f"{out}/rank{rank}.pt")
+    torch.save(
+        {
+            "loss": loss.detach(),
+            "demb": emb.grad,
+            "dw": head.weight.grad,
+            "range": (head.start, head.end),
+            "weight": weight,
+            "emb_all": emb_all,
+            "labels_all": labels_all,
+        },
+        f"{out}/rank{rank}.pt",
+    )
     dist.destroy_process_group()
 
 
@@ -87,4 +97,4 @@ def test_two_ranks_equal_replicated_under_ddp(tmp_path):
         a, b = r[i]["range"]
         torch.testing.assert_close(r[i]["dw"], ref_dw[a:b], rtol=1e-4, atol=1e-6)
         # Replicated under DDP, rank i's loss is the mean over ITS batch: d/d emb = world * global-mean grad.
-        torch.testing.assert_close(r[i]["demb"], 2 * ref_demb[i * B:(i + 1) * B], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(r[i]["demb"], 2 * ref_demb[i * B : (i + 1) * B], rtol=1e-4, atol=1e-6)

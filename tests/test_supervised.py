@@ -18,14 +18,31 @@ from lafs_fast.models.part_fvit import build_backbone, build_landmark_cnn
 from lafs_fast.train import supervised_run
 from lafs_fast.train.engine import Plan, StepContext, list_checkpoints
 from lafs_fast.train.supervised import (
-    FaceAugment, SupervisedStage, apply_mixup, build_mixup, build_supervised_model, landmark_lambda,
-    landmark_lambda_schedule, layer_id, random_erase, read_weights, supervised_param_groups,
+    FaceAugment,
+    SupervisedStage,
+    apply_mixup,
+    build_mixup,
+    build_supervised_model,
+    landmark_lambda,
+    landmark_lambda_schedule,
+    layer_id,
+    random_erase,
+    read_weights,
+    supervised_param_groups,
 )
 
 TINY = [
-    "model.dim=32", "model.depth=2", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64",
-    "optim.batch_size=4", "optim.epochs=2", "optim.warmup_epochs=0", "data.synthetic_identities=4",
-    "data.synthetic_images_per_identity=2", "train.log_every=1",
+    "model.dim=32",
+    "model.depth=2",
+    "model.heads=2",
+    "model.head_dim=16",
+    "model.mlp_dim=64",
+    "optim.batch_size=4",
+    "optim.epochs=2",
+    "optim.warmup_epochs=0",
+    "data.synthetic_identities=4",
+    "data.synthetic_images_per_identity=2",
+    "train.log_every=1",
     "train.device=cpu",  # CPU semantics (fp32, bitwise) even where a GPU runs the suite
 ]
 # no dropout anywhere: forward passes become functions of the weights alone
@@ -36,7 +53,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thr
 
 
 def tiny(tmp_path, *extra: str):
-    return load_config("small", None, [*TINY, f"train.out_dir={tmp_path}", *extra], defaults=supervised_run.stage_defaults("small"))
+    return load_config(
+        "small", None, [*TINY, f"train.out_dir={tmp_path}", *extra], defaults=supervised_run.stage_defaults("small")
+    )
 
 
 def _batch(n: int = 4, seed: int = 5):
@@ -75,7 +94,9 @@ def test_stage_schedule_is_off_in_stage0_and_switchable(tmp_path):
     s2 = SupervisedStage(cfg, m2, 4, 2, torch.device("cpu"), ref_landmarks=ref2, augment="none", say=lambda *a: None)
     assert s2.schedules(plan)["landmark_lambda"][0] == 1000 and s2.reg_on
     off = tiny(tmp_path, "finetune.landmark_reg=false")
-    s2off = SupervisedStage(off, copy.deepcopy(m2), 4, 2, torch.device("cpu"), ref_landmarks=ref2, augment="none", say=lambda *a: None)
+    s2off = SupervisedStage(
+        off, copy.deepcopy(m2), 4, 2, torch.device("cpu"), ref_landmarks=ref2, augment="none", say=lambda *a: None
+    )
     assert not s2off.reg_on and not s2off.schedules(plan)["landmark_lambda"].any()
 
 
@@ -104,7 +125,9 @@ def test_regulariser_adds_lambda_times_mse_to_a_frozen_copy(tmp_path):
     src = tmp_path / "s0.pt"
     torch.save(model_file(cfg.model, build_backbone(cfg.model), landmark_cnn=build_landmark_cnn(cfg.model)), src)
     _, model, ref = build_supervised_model(cfg, 4, 2, init=str(src), say=lambda *a: None)
-    stage = SupervisedStage(cfg, model, 4, 2, torch.device("cpu"), ref_landmarks=ref, augment="none", say=lambda *a: None)
+    stage = SupervisedStage(
+        cfg, model, 4, 2, torch.device("cpu"), ref_landmarks=ref, augment="none", say=lambda *a: None
+    )
     images, labels = _batch()
     # identical CNNs, both in eval mode (the copy always is: BatchNorm on running statistics): 0
     model.eval()
@@ -242,7 +265,9 @@ def test_stage2_loads_reference_format_checkpoints(tmp_path):
     torch.save(model_file(cfg.model, bb), only_backbone)
     export_reference(only_backbone, tmp_path / "ssl_bb.pth", "ssl")
     for init, lm in ((ssl, None), (tmp_path / "ssl_bb.pth", part)):
-        cfg2, model, ref = build_supervised_model(cfg, 4, 2, init=str(init), landmarks=None if lm is None else str(lm), say=lambda *a: None)
+        cfg2, model, ref = build_supervised_model(
+            cfg, 4, 2, init=str(init), landmarks=None if lm is None else str(lm), say=lambda *a: None
+        )
         for k, v in bb.state_dict().items():
             assert torch.equal(model.backbone.state_dict()[k], v), k
         for k, v in cnn.state_dict().items():
@@ -257,9 +282,31 @@ def test_stage2_loads_reference_format_checkpoints(tmp_path):
 
 
 def _args(**kw) -> argparse.Namespace:
-    base = dict(preset=None, config=None, overrides=[], data=None, out=None, gpus=None, device=None, init=None, landmarks=None,
-                landmark_reg=None, head=None, subset=None, val=None, val_every=None, augment=None, epochs=None, batch_size=None,
-                max_steps=None, seed=None, compile=None, resume=None, check=False, no_progress=True)
+    base = dict(
+        preset=None,
+        config=None,
+        overrides=[],
+        data=None,
+        out=None,
+        gpus=None,
+        device=None,
+        init=None,
+        landmarks=None,
+        landmark_reg=None,
+        head=None,
+        subset=None,
+        val=None,
+        val_every=None,
+        augment=None,
+        epochs=None,
+        batch_size=None,
+        max_steps=None,
+        seed=None,
+        compile=None,
+        resume=None,
+        check=False,
+        no_progress=True,
+    )
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -267,11 +314,29 @@ def _args(**kw) -> argparse.Namespace:
 def test_stage2_loads_a_stage1_checkpoint_from_the_pretrain_code(tmp_path):
     from lafs_fast.train import pretrain
 
-    pre = load_config("small", None, [
-        "model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64", "dino.out_dim=64",
-        "dino.hidden_dim=64", "dino.bottleneck_dim=16", "optim.batch_size=2", "optim.epochs=1", "optim.warmup_epochs=0",
-        "data.synthetic_identities=2", "data.synthetic_images_per_identity=1", "views.n_local=1", "train.max_steps=1",
-        "train.device=cpu", f"train.out_dir={tmp_path / 'pre'}"])
+    pre = load_config(
+        "small",
+        None,
+        [
+            "model.dim=32",
+            "model.depth=1",
+            "model.heads=2",
+            "model.head_dim=16",
+            "model.mlp_dim=64",
+            "dino.out_dim=64",
+            "dino.hidden_dim=64",
+            "dino.bottleneck_dim=16",
+            "optim.batch_size=2",
+            "optim.epochs=1",
+            "optim.warmup_epochs=0",
+            "data.synthetic_identities=2",
+            "data.synthetic_images_per_identity=1",
+            "views.n_local=1",
+            "train.max_steps=1",
+            "train.device=cpu",
+            f"train.out_dir={tmp_path / 'pre'}",
+        ],
+    )
     pretrain.train_worker(config_to_dict(pre), {"knn": False, "progress": False})
     teacher = tmp_path / "pre" / "teacher.pt"
     ckpt = list_checkpoints(tmp_path / "pre")[-1]
@@ -280,7 +345,9 @@ def test_stage2_loads_a_stage1_checkpoint_from_the_pretrain_code(tmp_path):
     torch.save(model_file(cfg.model, build_backbone(cfg.model), landmark_cnn=build_landmark_cnn(cfg.model)), s0)
     want = torch.load(teacher, weights_only=True)["backbone"]
     for init in (teacher, ckpt):
-        cfg2, model, ref = build_supervised_model(tiny(tmp_path, "model.depth=3"), 4, 2, init=str(init), landmarks=str(s0), say=lambda *a: None)
+        cfg2, model, ref = build_supervised_model(
+            tiny(tmp_path, "model.depth=3"), 4, 2, init=str(init), landmarks=str(s0), say=lambda *a: None
+        )
         assert cfg2.model.depth == 1  # the architecture comes from the checkpoint
         for k, v in want.items():
             assert torch.equal(model.backbone.state_dict()[k], v), k
@@ -312,8 +379,21 @@ def test_the_supervised_stage_memorises_a_tiny_set(tmp_path):
     mismatch anywhere in the data path would keep the cross-entropy at ln 4)."""
     import json
 
-    _run(tiny(tmp_path, *DETERMINISTIC, "finetune.augment=none", "finetune.mixup_p=0", "finetune.margin=0", "finetune.scale=16",
-              "optim.lr=0.5", "optim.epochs=25", "optim.warmup_epochs=1", "train.log_every=10"), 0)
+    _run(
+        tiny(
+            tmp_path,
+            *DETERMINISTIC,
+            "finetune.augment=none",
+            "finetune.mixup_p=0",
+            "finetune.margin=0",
+            "finetune.scale=16",
+            "optim.lr=0.5",
+            "optim.epochs=25",
+            "optim.warmup_epochs=1",
+            "train.log_every=10",
+        ),
+        0,
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 50 and rows[-1]["train_acc"] == 1.0 and rows[-1]["ce"] < 0.3 < 1.0 < rows[0]["ce"]
 
@@ -353,7 +433,11 @@ def test_bad_inputs_fail_with_one_sentence(tmp_path):
     mix = build_mixup(tiny(tmp_path, "finetune.mixup_p=1.0"), 10)
     x = torch.randn(3, 3, 8, 8)
     xm, t = apply_mixup(mix, x, torch.tensor([1, 2, 3]), seed=0)
-    assert torch.equal(xm, x) and torch.equal(t.argmax(1), torch.tensor([1, 2, 3])) and torch.equal(t.sum(1), torch.ones(3))
+    assert (
+        torch.equal(xm, x)
+        and torch.equal(t.argmax(1), torch.tensor([1, 2, 3]))
+        and torch.equal(t.sum(1), torch.ones(3))
+    )
 
 
 def test_landmarks_and_head_stay_fp32_under_bf16_autocast(tmp_path):
@@ -368,7 +452,9 @@ def test_landmarks_and_head_stay_fp32_under_bf16_autocast(tmp_path):
 
 def test_command_line_end_to_end_and_flags(tmp_path, capsys):
     tiny_args = [a for a in TINY if not a.startswith("optim.epochs")]
-    rc = supervised_run.main(["--out", str(tmp_path / "s0"), "--max-steps", "1", "--no-progress", "--no-check", *tiny_args], stage=0)
+    rc = supervised_run.main(
+        ["--out", str(tmp_path / "s0"), "--max-steps", "1", "--no-progress", "--no-check", *tiny_args], stage=0
+    )
     assert rc == 0 and (tmp_path / "s0" / "part_fvit.pt").is_file()
     out = capsys.readouterr().out
     assert "[train-landmarks] 1 steps in" in out and "margin cross-entropy" in out
@@ -376,10 +462,29 @@ def test_command_line_end_to_end_and_flags(tmp_path, capsys):
     supervised_run.add_arguments(ns, 2)
     args = ns.parse_args(["--head", "arcface", "--no-landmark-reg", "--subset", "shots=1", "optim.layer_decay=0.58"])
     cfg = supervised_run.resolve_config(args)
-    assert (cfg.finetune.head, cfg.finetune.margin, cfg.finetune.landmark_reg, cfg.finetune.subset) == ("arcface", 0.5, False, "shots=1")
+    assert (cfg.finetune.head, cfg.finetune.margin, cfg.finetune.landmark_reg, cfg.finetune.subset) == (
+        "arcface",
+        0.5,
+        False,
+        "shots=1",
+    )
     assert cfg.optim.layer_decay == 0.58 and cfg.model.dim == 192  # small preset without --data
-    rc = supervised_run.main(["--out", str(tmp_path / "s2"), "--init", str(tmp_path / "s0" / "part_fvit.pt"), "--max-steps", "1",
-                              "--no-progress", "--no-check", "--head", "arcface", *tiny_args], stage=2)
+    rc = supervised_run.main(
+        [
+            "--out",
+            str(tmp_path / "s2"),
+            "--init",
+            str(tmp_path / "s0" / "part_fvit.pt"),
+            "--max-steps",
+            "1",
+            "--no-progress",
+            "--no-check",
+            "--head",
+            "arcface",
+            *tiny_args,
+        ],
+        stage=2,
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "head arcface (s 64.0, m 0.5)" in out and "landmark regulariser on" in out

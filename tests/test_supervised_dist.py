@@ -13,8 +13,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64", "optim.batch_size=2",
-    "optim.epochs=1", "data.synthetic_identities=5", "data.synthetic_images_per_identity=2", "train.log_every=1",
+    "model.dim=32",
+    "model.depth=1",
+    "model.heads=2",
+    "model.head_dim=16",
+    "model.mlp_dim=64",
+    "optim.batch_size=2",
+    "optim.epochs=1",
+    "data.synthetic_identities=5",
+    "data.synthetic_images_per_identity=2",
+    "train.log_every=1",
 ]
 
 
@@ -22,9 +30,28 @@ TINY = [
 def test_two_cpu_processes_sharded_head_stay_identical(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "lafs_fast.train.train_landmarks", "--device", "cpu", "--gpus", "2", "--max-steps", "2",
-         "--no-check", "--no-progress", "--out", str(tmp_path), *TINY, "finetune.shard_classes=true"],
-        capture_output=True, text=True, timeout=290, cwd=ROOT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "lafs_fast.train.train_landmarks",
+            "--device",
+            "cpu",
+            "--gpus",
+            "2",
+            "--max-steps",
+            "2",
+            "--no-check",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+            *TINY,
+            "finetune.shard_classes=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=290,
+        cwd=ROOT,
+        env=env,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     digests = dict(re.findall(r"rank (\d): 2 steps, shared parameters sha256 ([0-9a-f]+)", r.stdout))
@@ -47,9 +74,29 @@ def test_sharded_head_resumes_bitwise_on_two_ranks(tmp_path):
 
     def run(out, *argv):
         r = subprocess.run(
-            [sys.executable, "-m", "lafs_fast.train.train_landmarks", "--device", "cpu", "--gpus", "2", "--no-check", "--no-progress",
-             "--out", str(out), *argv, *TINY, "optim.epochs=2", "finetune.shard_classes=true", "train.ckpt_every_steps=1"],
-            capture_output=True, text=True, timeout=290, cwd=ROOT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "lafs_fast.train.train_landmarks",
+                "--device",
+                "cpu",
+                "--gpus",
+                "2",
+                "--no-check",
+                "--no-progress",
+                "--out",
+                str(out),
+                *argv,
+                *TINY,
+                "optim.epochs=2",
+                "finetune.shard_classes=true",
+                "train.ckpt_every_steps=1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=290,
+            cwd=ROOT,
+            env=env,
         )
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         return r
@@ -60,10 +107,14 @@ def test_sharded_head_resumes_bitwise_on_two_ranks(tmp_path):
     assert "resumed from" in resumed.stdout
     a, b = (load_checkpoint(tmp_path / d / "ckpt-00000003.pt") for d in ("full", "part"))
     whole = a["sharded"]["head.margin.weight"]
-    assert whole["param"].shape[0] == 5 and {"param", "optim.exp_avg", "optim.exp_avg_sq"} <= whole.keys()  # 5 classes, both ranks' rows
+    assert (
+        whole["param"].shape[0] == 5 and {"param", "optim.exp_avg", "optim.exp_avg_sq"} <= whole.keys()
+    )  # 5 classes, both ranks' rows
     for k in whole:
         assert torch.equal(whole[k], b["sharded"]["head.margin.weight"][k]), k
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    digests = [dict(re.findall(r"rank (\d): 3 steps, shared parameters sha256 ([0-9a-f]+)", r)) for r in (resumed.stdout,)]
+    digests = [
+        dict(re.findall(r"rank (\d): 3 steps, shared parameters sha256 ([0-9a-f]+)", r)) for r in (resumed.stdout,)
+    ]
     assert len(set(digests[0].values())) == 1

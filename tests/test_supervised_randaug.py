@@ -10,14 +10,14 @@ from PIL import Image
 from lafs_fast.data import SyntheticFaces
 from lafs_fast.train.randaugment import OPS, apply_ops, rand_augment
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def _timm_op(name: str, img: Image.Image, m: float, sign: float) -> Image.Image:
     """timm's op at magnitude m with the given sign (its level functions written out)."""
-    import lafs_fast._torchvision_fix  # noqa: F401
     import timm.data.auto_augment as aa
+
+    import lafs_fast._torchvision_fix  # noqa: F401
 
     lvl = m / 10.0 * sign
     kw = {"fillcolor": (128, 128, 128), "resample": Image.BILINEAR}
@@ -49,7 +49,12 @@ def test_each_op_matches_timm_pil(name):
         got = apply_ops(x, torch.tensor([OPS.index(name)]), torch.tensor([m]), torch.tensor([sign]))[0]
         diff = (got - want).abs()
         # float between ops vs PIL's uint8 rounding; bilinear edge pixels of the geometric ops
-        assert diff.mean() < 1.5 and (diff > 8).float().mean() < 0.02, (name, m, float(diff.mean()), float((diff > 8).float().mean()))
+        assert diff.mean() < 1.5 and (diff > 8).float().mean() < 0.02, (
+            name,
+            m,
+            float(diff.mean()),
+            float((diff > 8).float().mean()),
+        )
 
 
 def test_skipped_images_are_untouched_and_draws_are_seeded():

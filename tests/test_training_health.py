@@ -89,11 +89,26 @@ def test_watch_says_once_after_patience():
 
 
 def test_a_run_logs_health_and_warns_once(tmp_path, capsys, monkeypatch):
-    tiny = ["model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64",
-            "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=16", "optim.batch_size=2", "optim.epochs=2",
-            "optim.warmup_epochs=1", "dino.teacher_temp_epochs=1", "data.synthetic_identities=3",
-            "data.synthetic_images_per_identity=2", "train.log_every=1", "views.n_local=2", "train.max_steps=4",
-            f"train.out_dir={tmp_path}"]
+    tiny = [
+        "model.dim=32",
+        "model.depth=1",
+        "model.heads=2",
+        "model.head_dim=16",
+        "model.mlp_dim=64",
+        "dino.out_dim=64",
+        "dino.hidden_dim=64",
+        "dino.bottleneck_dim=16",
+        "optim.batch_size=2",
+        "optim.epochs=2",
+        "optim.warmup_epochs=1",
+        "dino.teacher_temp_epochs=1",
+        "data.synthetic_identities=3",
+        "data.synthetic_images_per_identity=2",
+        "train.log_every=1",
+        "views.n_local=2",
+        "train.max_steps=4",
+        f"train.out_dir={tmp_path}",
+    ]
     cfg = load_config("small", None, tiny)
     # every step "collapsed" (uniform_frac 0): the run must say so exactly once
     monkeypatch.setattr(dino, "CollapseWatch", functools.partial(CollapseWatch, info_frac=10.0, patience=1, grace=0))

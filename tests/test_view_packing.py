@@ -52,13 +52,15 @@ def test_packed_forward_and_gradients_equal_unpacked(backend, gen):
     ref_in = [c.clone().requires_grad_(True) for c in cs]
     pk_in = [c.clone().requires_grad_(True) for c in cs]
     ref = unpacked(vit, ref_in)
-    ref_grads = torch.autograd.grad((ref * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum(),
-                                    [*ref_in, *vit.parameters()])
+    ref_grads = torch.autograd.grad(
+        (ref * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum(), [*ref_in, *vit.parameters()]
+    )
     out = vit.forward_packed(pk_in)
     assert out.shape == (sum(c.shape[0] for c in cs), 32) and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # same rows, same (view-major) order
-    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
-                                [*pk_in, *vit.parameters()])
+    grads = torch.autograd.grad(
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), [*pk_in, *vit.parameters()]
+    )
     for name, g, r in zip(["tokens_g", "tokens_l"] + [n for n, _ in vit.named_parameters()], grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     torch.testing.assert_close(vit(pk_in), out)  # a list through forward() is the packed path
@@ -88,7 +90,9 @@ def test_drop_path_is_per_view_in_a_packed_row(gen):
     segs = torch.split(per_tok, list(seqlens))
     assert all(bool((s == s[0]).all()) for s in segs)  # one draw per view, shared by its tokens
     kept = torch.stack([s[0] for s in segs])
-    assert torch.isclose(kept, torch.tensor(0.0)).logical_or(torch.isclose(kept, torch.tensor(1 / 0.7))).all()  # timm's scale_by_keep
+    assert (
+        torch.isclose(kept, torch.tensor(0.0)).logical_or(torch.isclose(kept, torch.tensor(1 / 0.7))).all()
+    )  # timm's scale_by_keep
     assert 0.2 < (kept == 0).float().mean().item() < 0.4  # ~30 % of views dropped, not all-or-none
     # in training the packed row still trains with drop path (finite, and it differs from eval)
     vit = tiny_vit(attention="sdpa", dropout=0.0, emb_dropout=0.0, drop_path=0.5).train()
@@ -98,8 +102,17 @@ def test_drop_path_is_per_view_in_a_packed_row(gen):
 
 
 def test_config_key_wires_through_build_dino_models(gen, monkeypatch):
-    base = ["model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=48",
-            "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=16", "model.attention=sdpa"]
+    base = [
+        "model.dim=32",
+        "model.depth=1",
+        "model.heads=2",
+        "model.head_dim=16",
+        "model.mlp_dim=48",
+        "dino.out_dim=64",
+        "dino.hidden_dim=64",
+        "dino.bottleneck_dim=16",
+        "model.attention=sdpa",
+    ]
     assert load_config("small", None, base).views.pack is False  # off by default
     student, teacher = build_dino_models(load_config("small", None, [*base, "views.pack=true"]))
     assert student.pack and teacher.pack

@@ -3,8 +3,8 @@
 ``make_loader(source, batch_size, ...)`` is the one entry for training (see ``loaders.py``);
 ``SyntheticFaces`` the built-in dataset; ``RecordIOReader`` / ``RecordIOWriter`` the file format;
 ``binfile`` / ``make_bin`` the verification ``.bin`` format (a safe reader) and its builder.
-Layout: ``recordio`` (format, reader), ``recordio_writer`` -> ``sources`` (rec / folder items) -> ``base`` (the Loader contract)
--> ``loaders`` (PIL, nvJPEG, synthetic, the factory) and ``dali``. Heavy modules (DALI,
+Layout: ``recordio`` (format, reader), ``recordio_writer`` -> ``sources`` (rec / folder items) ->
+``base`` (the Loader contract) -> ``loaders`` (PIL, nvJPEG, synthetic, the factory) and ``dali``. Heavy modules (DALI,
 face-alignment) load only when used.
 """
 

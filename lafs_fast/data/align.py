@@ -2,7 +2,7 @@
 
 Weights (never downloaded here): face-alignment looks in ``$TORCH_HOME/hub/checkpoints``
 (default ``~/.cache/torch/hub/checkpoints``); lafs-fast searches, in order, ``--weights DIR``,
-that folder, and ``../shared/data/blazeface`` beside the repository. Files:
+that folder, and the folders in ``$LAFS_FAST_WEIGHTS`` (``os.pathsep``-separated). Files:
 
 - BlazeFace (detector + 6 keypoints: eyes, nose tip, mouth centre, ears): ``blazeface.pth`` and
   ``anchors.npy`` (github.com/hollance/BlazeFace-PyTorch, what face-alignment downloads);
@@ -33,11 +33,12 @@ import torch
 from PIL import Image
 
 ARCFACE_112 = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float64,
 )  # left eye, right eye (image left/right), nose tip, left / right mouth corner
 BLAZE_NAMES = ("eye_image_left", "eye_image_right", "nose_tip", "mouth_centre", "ear_image_left", "ear_image_right")
 FAN_FILE = "2DFAN4-11f355bf06.pth.tar"
-SHARED_BLAZEFACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "blazeface"
+WEIGHTS_ENV = "LAFS_FAST_WEIGHTS"  # more folders to search for weights (os.pathsep-separated)
 
 
 def sidecar_path(rec: str | os.PathLike) -> Path:
@@ -52,7 +53,7 @@ def weight_dirs(weights: str | os.PathLike | None = None) -> list[Path]:
     """Folders searched for weights, in order."""
     dirs = [Path(weights)] if weights else []
     dirs.append(Path(torch.hub.get_dir()) / "checkpoints")
-    dirs.append(SHARED_BLAZEFACE)
+    dirs.extend(Path(d) for d in os.environ.get(WEIGHTS_ENV, "").split(os.pathsep) if d)
     return dirs
 
 
@@ -115,7 +116,9 @@ class FanLandmarks:
     """face-alignment's FAN (2DFAN-4, 68 points) on a face box. ``random_init=True`` builds the real
     architecture with random weights (tests, where the 95 MB weights cannot be had)."""
 
-    def __init__(self, device: str = "cpu", weights: str | os.PathLike | None = None, random_init: bool = False) -> None:
+    def __init__(
+        self, device: str = "cpu", weights: str | os.PathLike | None = None, random_init: bool = False
+    ) -> None:
         from face_alignment.models import FAN
 
         self.net = FAN(4)
@@ -186,7 +189,7 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     if np.linalg.det(cov) < 0:
         d[-1] = -1
     r = u @ np.diag(d) @ vt
-    var_s = (s0 ** 2).sum() / src.shape[0]
+    var_s = (s0**2).sum() / src.shape[0]
     scale = (sig * d).sum() / var_s if var_s > 0 else 1.0
     m = np.zeros((2, 3))
     m[:, :2] = scale * r
@@ -236,7 +239,15 @@ def _detector(kind: str, device: str, weights, fan_random: bool = False):
     return blaze, fan
 
 
-def align_folder(raw: str | os.PathLike, out: str | os.PathLike, *, detector: str = "blazeface", weights=None, device: str = "cpu", fan_random: bool = False) -> dict:
+def align_folder(
+    raw: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    detector: str = "blazeface",
+    weights=None,
+    device: str = "cpu",
+    fan_random: bool = False,
+) -> dict:
     """Align every photo under ``raw`` (sub-folders kept) to ``out`` as 112x112 PNG; report counts
     and the photos without a face. Each file is written under a temporary name, then renamed."""
     from lafs_fast.data.folder import IMAGE_EXTS
@@ -269,7 +280,17 @@ def align_folder(raw: str | os.PathLike, out: str | os.PathLike, *, detector: st
     return {"images": len(files), "aligned": aligned, "no_face": no_face, "max_residual_px": residuals}
 
 
-def rec_landmarks(rec, out=None, *, detector: str = "blazeface", weights=None, batch_size: int = 64, device: str = "cpu", fan_random: bool = False, progress: bool = True) -> dict:
+def rec_landmarks(
+    rec,
+    out=None,
+    *,
+    detector: str = "blazeface",
+    weights=None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    fan_random: bool = False,
+    progress: bool = True,
+) -> dict:
     """Landmarks of every image record of ``rec`` (decoded and resized to 112 like the loaders),
     batched, into the sidecar described in the module docstring; returns counts and the path."""
     import sys
@@ -284,7 +305,9 @@ def rec_landmarks(rec, out=None, *, detector: str = "blazeface", weights=None, b
     n_pts = 68 if fan is not None else 6
     points = np.full((len(src), n_pts, 2), np.nan, dtype=np.float32)
     scores = np.zeros(len(src), dtype=np.float32)
-    for start in tqdm(range(0, len(src), batch_size), desc="landmarks", unit="batch", disable=not progress, file=sys.stderr):
+    for start in tqdm(
+        range(0, len(src), batch_size), desc="landmarks", unit="batch", disable=not progress, file=sys.stderr
+    ):
         idx = list(range(start, min(start + batch_size, len(src))))
         ims = []
         for i in idx:
@@ -305,10 +328,24 @@ def rec_landmarks(rec, out=None, *, detector: str = "blazeface", weights=None, b
     path = Path(out) if out else sidecar_path(src.path)
     names = [f"ibug68_{i}" for i in range(68)] if fan is not None else list(BLAZE_NAMES)
     write_sidecar(path, src.keys, points, scores, detector=detector, names=names)
-    return {"path": str(path), "images": len(src), "found": int((scores > 0).sum()), "points": n_pts, "detector": detector}
+    return {
+        "path": str(path),
+        "images": len(src),
+        "found": int((scores > 0).sum()),
+        "points": n_pts,
+        "detector": detector,
+    }
 
 
-def write_sidecar(path: str | os.PathLike, keys: np.ndarray, points: np.ndarray, scores: np.ndarray, *, detector: str, names: list[str]) -> Path:
+def write_sidecar(
+    path: str | os.PathLike,
+    keys: np.ndarray,
+    points: np.ndarray,
+    scores: np.ndarray,
+    *,
+    detector: str,
+    names: list[str],
+) -> Path:
     """Write a landmark sidecar (module docstring) atomically, streamed to a temporary file (no
     in-memory copy of the points: 2.3 GB for 4.2 M faces with FAN), members uncompressed so that
     :func:`load_sidecar_arrays` can memory-map them. keys (N,) int64; points (N, P, 2) fp32; scores (N,) fp32."""
@@ -318,8 +355,14 @@ def write_sidecar(path: str | os.PathLike, keys: np.ndarray, points: np.ndarray,
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, keys=np.asarray(keys, dtype=np.int64), points=np.asarray(points, dtype=np.float32),
-                     scores=np.asarray(scores, dtype=np.float32), detector=np.array(detector), names=np.array(names))
+            np.savez(
+                f,
+                keys=np.asarray(keys, dtype=np.int64),
+                points=np.asarray(points, dtype=np.float32),
+                scores=np.asarray(scores, dtype=np.float32),
+                detector=np.array(detector),
+                names=np.array(names),
+            )
 
     atomic_write(path, write)
     return path
@@ -342,10 +385,15 @@ def load_sidecar_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
                 f.seek(info.header_offset + 30 + name_len + extra_len)
                 version = np.lib.format.read_magic(f)
-                read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                read_header = {
+                    (1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0,
+                }.get(version)
                 shape, fortran, dtype = read_header(f) if read_header else ((), False, np.dtype(object))
                 if not dtype.hasobject and int(np.prod(shape)) > 0:
-                    out[name] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order="F" if fortran else "C")
+                    out[name] = np.memmap(
+                        path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order="F" if fortran else "C"
+                    )
                     continue
             with zf.open(info) as member:
                 out[name] = np.lib.format.read_array(member, allow_pickle=False)

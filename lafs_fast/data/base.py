@@ -45,7 +45,13 @@ def replacement_stream(seed: int, epoch: int, batch: int, rank: int, n: int) -> 
 MAX_REFILL_TRIES = 64  # replacement draws per slot before the source is declared unreadable
 
 
-def read_items(source, positions: Sequence[int], stream: Iterator[int], check=None, check_errors: tuple = (OSError, ValueError, SyntaxError)) -> tuple[list[tuple], list[tuple[int, str, str]]]:
+def read_items(
+    source,
+    positions: Sequence[int],
+    stream: Iterator[int],
+    check=None,
+    check_errors: tuple = (OSError, ValueError, SyntaxError),
+) -> tuple[list[tuple], list[tuple[int, str, str]]]:
     """Read (and with ``check``, decode) each record at ``positions``; a corrupt one is replaced by
     the next position of ``stream`` until a good one comes.
 
@@ -71,8 +77,10 @@ def read_items(source, positions: Sequence[int], stream: Iterator[int], check=No
                 bad.append((p, source.name(p), f"{type(e).__name__}: {e}"))
             p = next(stream)
         else:
-            raise RecordIOError(f"{MAX_REFILL_TRIES} records of {source.path} in a row could not be read; "
-                                f"run `lafs-fast data verify {source.path}` to see what is wrong with it")
+            raise RecordIOError(
+                f"{MAX_REFILL_TRIES} records of {source.path} in a row could not be read; "
+                f"run `lafs-fast data verify {source.path}` to see what is wrong with it"
+            )
     return items, bad
 
 
@@ -83,7 +91,21 @@ class Loader:
 
     backend: str = ""
 
-    def __init__(self, n: int, batch_size: int, *, rank: int, world_size: int, shuffle: bool, seed: int, device: str | torch.device, drop_last: bool, num_classes: int, with_positions: bool = False, max_bad_fraction: float = 0.01) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        rank: int,
+        world_size: int,
+        shuffle: bool,
+        seed: int,
+        device: str | torch.device,
+        drop_last: bool,
+        num_classes: int,
+        with_positions: bool = False,
+        max_bad_fraction: float = 0.01,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, not {batch_size}")
         if not 0 <= rank < world_size:
@@ -103,11 +125,16 @@ class Loader:
         self.bad: dict[int, tuple[str, str]] = {}  # position -> (name, reason) of each corrupt record met
         self._at = 0  # index in its epoch of the batch being fetched (seeds the replacements)
         if len(self) == 0:
-            raise ValueError(f"{n} images over {world_size} rank(s) make no full batch of {batch_size}; lower the batch size or pass drop_last=False")
+            raise ValueError(
+                f"{n} images over {world_size} rank(s) make no full batch of {batch_size}; lower the batch size or "
+                "pass drop_last=False"
+            )
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
-        return num_batches(self.n, self.batch_size, rank=self.rank, world_size=self.world_size, drop_last=self.drop_last)
+        return num_batches(
+            self.n, self.batch_size, rank=self.rank, world_size=self.world_size, drop_last=self.drop_last
+        )
 
     @property
     def corrupt(self) -> list[tuple[str, str]]:
@@ -133,19 +160,32 @@ class Loader:
 
     def batch_positions(self, epoch: int) -> list[np.ndarray]:
         """This rank's batches of epoch ``epoch``: a list of (B,) int64 record positions."""
-        idx = shard_indices(self.n, epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank, world_size=self.world_size)
+        idx = shard_indices(
+            self.n, epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank, world_size=self.world_size
+        )
         return [idx[b * self.batch_size : (b + 1) * self.batch_size] for b in range(len(self))]
 
     def state_dict(self) -> dict:
         """The exact position: ``epoch``, ``batch`` (handed out so far this epoch) and what must match."""
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "n": self.n, "batch_size": self.batch_size, "world_size": self.world_size, "backend": self.backend.split(":")[0],
-                "bad": [[p, name, why] for p, (name, why) in sorted(self.bad.items())]}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": self.seed,
+            "n": self.n,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "backend": self.backend.split(":")[0],
+            "bad": [[p, name, why] for p, (name, why) in sorted(self.bad.items())],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at a saved position; ValueError when data size, seed, batch or world size differ."""
         for k in ("seed", "n", "batch_size", "world_size"):
             if k in state and state[k] != getattr(self, k):
-                raise ValueError(f"the saved loader position is for {k}={state[k]} but this loader has {k}={getattr(self, k)}; resume with the same data, batch size and world size")
+                raise ValueError(
+                    f"the saved loader position is for {k}={state[k]} but this loader has {k}={getattr(self, k)}; "
+                    "resume with the same data, batch size and world size"
+                )
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         self.bad = {int(p): (name, why) for p, name, why in state.get("bad", [])}  # the count goes on across a resume
 
@@ -162,13 +202,21 @@ class Loader:
             log.warning("skipped a corrupt record: %s (%s); %d so far", what, why, len(self.bad))
         if len(self.bad) > self.max_bad_fraction * self.share:
             path = getattr(getattr(self, "source", None), "path", "the data")
-            fix = (f"run `lafs-fast data verify {path} --write-bad` to list them in {path}.bad (every loader then skips the listed keys "
-                   f"without counting them) or raise data.max_bad_fraction"
-                   if getattr(self.source, "kind", "") == "rec" else "delete or replace the files named in the warnings, or raise data.max_bad_fraction")
-            raise ValueError(f"{len(self.bad)} of the {self.share} records this process reads from {path} are corrupt "
-                             f"({len(self.bad) / self.share:.1%}, more than data.max_bad_fraction={self.max_bad_fraction:g}); {fix}")
+            fix = (
+                f"run `lafs-fast data verify {path} --write-bad` to list them in {path}.bad (every loader then skips "
+                "the listed keys "
+                f"without counting them) or raise data.max_bad_fraction"
+                if getattr(self.source, "kind", "") == "rec"
+                else "delete or replace the files named in the warnings, or raise data.max_bad_fraction"
+            )
+            raise ValueError(
+                f"{len(self.bad)} of the {self.share} records this process reads from {path} are corrupt "
+                f"({len(self.bad) / self.share:.1%}, more than data.max_bad_fraction={self.max_bad_fraction:g}); {fix}"
+            )
 
-    def _fetch_all(self, batches: list[np.ndarray], first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+    def _fetch_all(
+        self, batches: list[np.ndarray], first: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
         """Batches ``first, first + 1, ...`` of this epoch (``batches``: their positions)."""
         for self._at, positions in enumerate(batches, first):
             yield self._fetch(positions)

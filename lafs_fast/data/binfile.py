@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,18 +27,20 @@ __all__ = ["UnsafePickleError", "RestrictedUnpickler", "restricted_loads", "BinS
 
 # (module, name) pairs a verification .bin may reference. Each builds plain data and nothing else:
 # the class argument of numpy's _reconstruct goes through find_class too, so only ndarray passes.
-_ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
-    ("builtins", "bytes"),
-    ("builtins", "bytearray"),
-    ("__builtin__", "bytearray"),  # Python 2 name
-})
+_ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+        ("builtins", "bytes"),
+        ("builtins", "bytearray"),
+        ("__builtin__", "bytearray"),  # Python 2 name
+    }
+)
 
 
 class UnsafePickleError(ValueError):
@@ -49,13 +52,15 @@ class _CheckedArray(np.ndarray):
     refuses object dtypes (numpy's object-array unpickling can crash on a crafted state) and
     charges the array's bytes to the unpickler's budget before numpy allocates them."""
 
-    _unpickler: "RestrictedUnpickler"
+    _unpickler: RestrictedUnpickler
 
     def __setstate__(self, state: tuple) -> None:
         shape, dtype = (state[1], state[2]) if len(state) == 5 else (state[0], state[1])
         dtype = np.dtype(dtype)
         if dtype.hasobject:
-            raise UnsafePickleError("refusing an array of Python objects: a verification .bin holds only image bytes and booleans")
+            raise UnsafePickleError(
+                "refusing an array of Python objects: a verification .bin holds only image bytes and booleans"
+            )
         self._unpickler.charge(int(np.prod(shape, dtype=np.float64)) * dtype.itemsize, "an array")
         super().__setstate__(state)
 
@@ -82,7 +87,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.spent += max(0, nbytes)
         if self.spent > self.budget:
             raise UnsafePickleError(
-                f"refusing to build {what} of {nbytes} bytes: the pickle would allocate more than the {self.budget} bytes "
+                f"refusing to build {what} of {nbytes} bytes: the pickle would allocate more than the {self.budget} "
+                "bytes "
                 "its own size allows, so it is corrupt or crafted; get the set from a trusted source"
             )
 
@@ -97,31 +103,43 @@ class RestrictedUnpickler(pickle.Unpickler):
             )
         real = super().find_class(module, name)
         if name in ("bytes", "bytearray"):
+
             def build(*args: Any) -> Any:
                 self.charge(self._sized(args[0]) if args else 0, f"{name}()")
                 return real(*args)
+
             return build
         if name == "_reconstruct":
+
             def reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
                 if subtype is not np.ndarray:
-                    raise UnsafePickleError(f"refusing to reconstruct a {getattr(subtype, '__name__', subtype)}: only plain numpy arrays")
+                    raise UnsafePickleError(
+                        f"refusing to reconstruct a {getattr(subtype, '__name__', subtype)}: only plain numpy arrays"
+                    )
                 self.charge(int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize, "an array")
                 arr = real(_CheckedArray, shape, dtype)
                 arr._unpickler = self
                 return arr
+
             return reconstruct
         if name == "scalar":
+
             def scalar(dtype: Any, *args: Any) -> Any:
                 if np.dtype(dtype).hasobject:
-                    raise UnsafePickleError("refusing a numpy object scalar: a verification .bin holds only image bytes and booleans")
+                    raise UnsafePickleError(
+                        "refusing a numpy object scalar: a verification .bin holds only image bytes and booleans"
+                    )
                 self.charge(np.dtype(dtype).itemsize, "a numpy scalar")
                 return real(dtype, *args)
+
             return scalar
         if name == "encode":
+
             def encode(obj: Any, *args: Any) -> Any:
                 out = real(obj, *args)  # at most a few bytes per character of a string the file spelled out
                 self.charge(self._sized(out), "encoded bytes")
                 return out
+
             return encode
         return real
 
@@ -195,7 +213,9 @@ def load_bin(path: str | Path) -> BinSet:
     except (TypeError, ValueError):
         raise ValueError(f"{path}: the is-same list is not booleans; not a verification .bin") from None
     if len(images) != 2 * same.shape[0]:
-        raise ValueError(f"{path}: {len(images)} images for {same.shape[0]} pairs (need exactly 2 per pair); the file is damaged")
+        raise ValueError(
+            f"{path}: {len(images)} images for {same.shape[0]} pairs (need exactly 2 per pair); the file is damaged"
+        )
     if same.shape[0] == 0:
         raise ValueError(f"{path} holds no pairs")
     return BinSet(path.stem, images, same)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Callable
+from collections.abc import Callable
 
 
 def _print(report: dict, as_json: bool) -> None:
@@ -27,7 +27,12 @@ def _print(report: dict, as_json: bool) -> None:
 def _add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="image folder: one sub-folder of images per identity")
     p.add_argument("out", help="output folder (gets train.rec, train.idx, property, lafs_fast.json)")
-    p.add_argument("--size", type=int, default=None, help="resize every image to SIZE x SIZE (default: keep; the loaders resize to 112)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="resize every image to SIZE x SIZE (default: keep; the loaders resize to 112)",
+    )
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     p.add_argument("--workers", type=int, default=None, help="encode threads (default: cores, at most 16)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing train.rec in OUT")
@@ -36,8 +41,13 @@ def _add_build(p: argparse.ArgumentParser) -> None:
 def _run_build(args: argparse.Namespace) -> int:
     from lafs_fast.data.folder import build_rec
 
-    rep = build_rec(args.src, args.out, size=args.size, quality=args.quality, workers=args.workers, overwrite=args.overwrite)
-    print(f"wrote {args.out}/train.rec: {rep['identities']} identities, {rep['images']} images, {rep['height']}x{rep['width']}")
+    rep = build_rec(
+        args.src, args.out, size=args.size, quality=args.quality, workers=args.workers, overwrite=args.overwrite
+    )
+    print(
+        f"wrote {args.out}/train.rec: {rep['identities']} identities, {rep['images']} images, "
+        f"{rep['height']}x{rep['width']}"
+    )
     for path, why in rep["skipped"]:
         print(f"skipped unreadable image {path}: {why}")
     for name in rep["empty_identities"]:
@@ -52,7 +62,11 @@ def _run_build(args: argparse.Namespace) -> int:
 # -- inspect --------------------------------------------------------------------------------------
 def _add_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("rec", help="a .rec file or a folder holding train.rec")
-    p.add_argument("--montage", default=None, help="montage PNG path (default: <rec name>_montage.png in the current folder; 'none' to skip)")
+    p.add_argument(
+        "--montage",
+        default=None,
+        help="montage PNG path (default: <rec name>_montage.png in the current folder; 'none' to skip)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -82,7 +96,9 @@ def _add_subset(p: argparse.ArgumentParser) -> None:
 def _run_subset(args: argparse.Namespace) -> int:
     from lafs_fast.data.subsets import make_subset
 
-    rep = make_subset(args.rec, args.out, shots=args.shots, fraction=args.fraction, seed=args.seed, overwrite=args.overwrite)
+    rep = make_subset(
+        args.rec, args.out, shots=args.shots, fraction=args.fraction, seed=args.seed, overwrite=args.overwrite
+    )
     print(f"wrote {args.out}/train.rec: {rep['identities']} identities, {rep['images']} images")
     if rep["identities_with_fewer_shots"]:
         print(f"{rep['identities_with_fewer_shots']} identities have fewer than {args.shots} images and keep them all")
@@ -104,7 +120,10 @@ def _run_verify(args: argparse.Namespace) -> int:
         print(f"corrupt: key {key} at offset {offset}: {why}")
     for msg in rep["problems"]:
         print(f"problem: {msg}")
-    print(f"{rep['images']} images decoded, {len(rep['corrupt'])} corrupt" + (f"; listed in {rep['bad_file']}" if "bad_file" in rep else ""))
+    print(
+        f"{rep['images']} images decoded, {len(rep['corrupt'])} corrupt"
+        + (f"; listed in {rep['bad_file']}" if "bad_file" in rep else "")
+    )
     return 1 if rep["corrupt"] or rep["problems"] else 0
 
 
@@ -112,8 +131,17 @@ def _run_verify(args: argparse.Namespace) -> int:
 def _add_landmarks(p: argparse.ArgumentParser) -> None:
     p.add_argument("rec", help="a .rec file or a folder holding train.rec")
     p.add_argument("out", nargs="?", default=None, help="sidecar .npz (default: <rec>.landmarks.npz beside it)")
-    p.add_argument("--detector", choices=("blazeface", "fan"), default="blazeface", help="blazeface: 6 keypoints (weights local); fan: 68 points (needs FAN weights)")
-    p.add_argument("--weights", default=None, help="folder holding the weights (default: $TORCH_HOME/hub/checkpoints, then ../shared/data/blazeface)")
+    p.add_argument(
+        "--detector",
+        choices=("blazeface", "fan"),
+        default="blazeface",
+        help="blazeface: 6 keypoints (weights local); fan: 68 points (needs FAN weights)",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="folder holding the weights (default: $TORCH_HOME/hub/checkpoints, then $LAFS_FAST_WEIGHTS)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
 
@@ -121,8 +149,13 @@ def _add_landmarks(p: argparse.ArgumentParser) -> None:
 def _run_landmarks(args: argparse.Namespace) -> int:
     from lafs_fast.data.align import rec_landmarks
 
-    rep = rec_landmarks(args.rec, args.out, detector=args.detector, weights=args.weights, batch_size=args.batch_size, device=args.device)
-    print(f"wrote {rep['path']}: {rep['images']} images, {rep['found']} with a face, {rep['points']} points each ({rep['detector']})")
+    rep = rec_landmarks(
+        args.rec, args.out, detector=args.detector, weights=args.weights, batch_size=args.batch_size, device=args.device
+    )
+    print(
+        f"wrote {rep['path']}: {rep['images']} images, {rep['found']} with a face, {rep['points']} points each "
+        f"({rep['detector']})"
+    )
     return 0
 
 
@@ -130,7 +163,11 @@ def _add_align(p: argparse.ArgumentParser) -> None:
     p.add_argument("raw", help="folder of photos (sub-folders per identity are kept)")
     p.add_argument("out", help="output folder of aligned 112x112 faces (same sub-folders)")
     p.add_argument("--detector", choices=("blazeface", "fan"), default="blazeface")
-    p.add_argument("--weights", default=None, help="folder holding the weights (default: $TORCH_HOME/hub/checkpoints, then ../shared/data/blazeface)")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="folder holding the weights (default: $TORCH_HOME/hub/checkpoints, then $LAFS_FAST_WEIGHTS)",
+    )
     p.add_argument("--device", default="cpu")
 
 
@@ -159,13 +196,21 @@ def _run_make_bin(args: argparse.Namespace) -> int:
 
 # name -> (add_arguments, run, help). Add a sub-command with one line here.
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
-    "build": (_add_build, _run_build, "image folder (one sub-folder per identity) -> rec/idx/property, one label per identity"),
+    "build": (
+        _add_build,
+        _run_build,
+        "image folder (one sub-folder per identity) -> rec/idx/property, one label per identity",
+    ),
     "inspect": (_add_inspect, _run_inspect, "counts, identities, images per identity, a montage PNG"),
     "subset": (_add_subset, _run_subset, "few-shot subset: K images per identity of a fraction of identities, by seed"),
     "verify": (_add_verify, _run_verify, "decode every record; name the corrupt ones by key and offset"),
     "landmarks": (_add_landmarks, _run_landmarks, "face-alignment landmarks of every image, into a sidecar .npz"),
     "align": (_add_align, _run_align, "detect + 5-point similarity-align raw photos to 112x112 (ArcFace template)"),
-    "make-bin": (_add_make_bin, _run_make_bin, "verification .bin from pairs.txt or seeded balanced random pairs of an identity folder"),
+    "make-bin": (
+        _add_make_bin,
+        _run_make_bin,
+        "verification .bin from pairs.txt or seeded balanced random pairs of an identity folder",
+    ),
 }
 
 

@@ -16,7 +16,8 @@ Readers:
   (``shard_id``/``num_shards``, shards rotate every epoch) and shuffled with ``random_shuffle``.
   DALI's RecordIO reader shuffles through a buffer of ``initial_fill`` records only
   (``shuffle_after_epoch`` permutes whole files, and a rec is one file: seen with DALI 2.4.0, every
-  epoch then comes in file order), and that buffer carries a few records across epoch boundaries; resume uses DALI's own checkpoints. It reads an index of the
+  epoch then comes in file order), and that buffer carries a few records across epoch boundaries;
+  resume uses DALI's own checkpoints. It reads an index of the
   image records only (the header and identity records hold no image), written to a temporary
   folder, without the keys listed in ``<rec>.bad``; a corrupt image not listed there stops it with
   the fix (``lafs-fast data verify REC --write-bad``).
@@ -56,8 +57,14 @@ def face_pipeline(
     side when the stored images differ from it (None: no resize node)."""
     if reader == "mxnet":
         jpegs, labels = fn.readers.mxnet(
-            path=[rec], index_path=[idx], shard_id=shard_id, num_shards=num_shards,
-            random_shuffle=shuffle, initial_fill=initial_fill, pad_last_batch=False, name="Reader",
+            path=[rec],
+            index_path=[idx],
+            shard_id=shard_id,
+            num_shards=num_shards,
+            random_shuffle=shuffle,
+            initial_fill=initial_fill,
+            pad_last_batch=False,
+            name="Reader",
         )
         labels = fn.cast(labels[0], dtype=types.INT64)  # image records: flag 0 -> one float label
     elif reader == "external":
@@ -102,7 +109,17 @@ def _resize_needed(source, image_size: int) -> int | None:
 class DaliLoader(Loader):
     """DALI decode of the records our sampler picks (``reader="external"``); see the module docstring."""
 
-    def __init__(self, source, batch_size: int, *, image_size: int = 112, color_order: str = "RGB", reason: str = "", num_threads: int = 4, **kw) -> None:
+    def __init__(
+        self,
+        source,
+        batch_size: int,
+        *,
+        image_size: int = 112,
+        color_order: str = "RGB",
+        reason: str = "",
+        num_threads: int = 4,
+        **kw,
+    ) -> None:
         super().__init__(len(source), batch_size, num_classes=source.num_classes, **kw)
         self.source, self.image_size, self.bgr = source, image_size, color_order == "BGR"
         self.pipe_device = "gpu" if self.device.type == "cuda" else "cpu"
@@ -113,15 +130,19 @@ class DaliLoader(Loader):
         self.pipe = self._build()
         self.backend = (
             f"dali: DALI decode {'mixed (nvJPEG)' if self.pipe_device == 'gpu' else 'cpu'} of sampler-fed records"
-            f"{', resize to %d' % image_size if self.resize_to else ''} ({reason})"
+            f"{f', resize to {image_size}' if self.resize_to else ''} ({reason})"
         )
 
     def _build(self):
         pipe = face_pipeline(
-            device=self.pipe_device, reader="external", resize_to=self.resize_to,
-            batch_size=self.batch_size, num_threads=self.num_threads,
+            device=self.pipe_device,
+            reader="external",
+            resize_to=self.resize_to,
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
             device_id=_device_id(self.device),
-            prefetch_queue_depth=self.depth, seed=self.seed,
+            prefetch_queue_depth=self.depth,
+            seed=self.seed,
         )
         pipe.build()
         # batches are fed one by one ahead of time (feed_input + schedule_run), so the legacy
@@ -195,7 +216,10 @@ class DaliLoader(Loader):
                 return (*self._convert(self.pipe.outputs()), fed)
             except RuntimeError:
                 self.pipe = self._build()
-                raise RuntimeError(f"DALI failed on a batch in which PIL decodes every image: {str(e).splitlines()[-1] if str(e) else e}") from e
+                raise RuntimeError(
+                    "DALI failed on a batch in which PIL decodes every image: "
+                    f"{str(e).splitlines()[-1] if str(e) else e}"
+                ) from e
 
 
 class DaliMxnetLoader(Loader):
@@ -206,11 +230,24 @@ class DaliMxnetLoader(Loader):
     DALI's reader checkpoint, so a resume continues the same stream.
     """
 
-    def __init__(self, source, batch_size: int, *, image_size: int = 112, color_order: str = "RGB", reason: str = "", num_threads: int = 4, initial_fill: int = 4096, **kw) -> None:
+    def __init__(
+        self,
+        source,
+        batch_size: int,
+        *,
+        image_size: int = 112,
+        color_order: str = "RGB",
+        reason: str = "",
+        num_threads: int = 4,
+        initial_fill: int = 4096,
+        **kw,
+    ) -> None:
         kw["drop_last"] = True  # DALI's reader gives full batches; partial ones are dropped
         if kw.pop("with_positions", False):
-            raise ValueError("backend 'dali-mxnet' reads records in DALI's own order and cannot say which record each image is; "
-                             "use backend 'dali' (records picked by our sampler) where positions are needed (--landmarks detector)")
+            raise ValueError(
+                "backend 'dali-mxnet' reads records in DALI's own order and cannot say which record each image is; "
+                "use backend 'dali' (records picked by our sampler) where positions are needed (--landmarks detector)"
+            )
         super().__init__(len(source), batch_size, num_classes=source.num_classes, **kw)
         self.source, self.image_size, self.bgr = source, image_size, color_order == "BGR"
         self.pipe_device = "gpu" if self.device.type == "cuda" else "cpu"
@@ -232,13 +269,25 @@ class DaliMxnetLoader(Loader):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         pipe = face_pipeline(
-            device=self.pipe_device, reader="mxnet", rec=str(self.source.path), idx=str(self.idx_path),
-            shard_id=self.rank, num_shards=self.world_size, shuffle=self.shuffle, initial_fill=min(self.initial_fill, max(1, self.n // self.world_size)),
-            resize_to=self.resize_to, batch_size=self.batch_size, num_threads=self.num_threads,
-            device_id=_device_id(self.device), seed=self.seed,
-            enable_checkpointing=True, checkpoint=self._checkpoint,
+            device=self.pipe_device,
+            reader="mxnet",
+            rec=str(self.source.path),
+            idx=str(self.idx_path),
+            shard_id=self.rank,
+            num_shards=self.world_size,
+            shuffle=self.shuffle,
+            initial_fill=min(self.initial_fill, max(1, self.n // self.world_size)),
+            resize_to=self.resize_to,
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=_device_id(self.device),
+            seed=self.seed,
+            enable_checkpointing=True,
+            checkpoint=self._checkpoint,
         )
-        return DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+        return DALIGenericIterator(
+            [pipe], ["images", "labels"], reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP, auto_reset=True
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """A new epoch after a partial pass: read out the rest of DALI's epoch first, so the reader's
@@ -275,6 +324,8 @@ class DaliMxnetLoader(Loader):
                 yield images, out[0]["labels"].view(-1).to(self.device)
         except RuntimeError as e:
             raise ValueError(
-                f"DALI's mxnet reader stopped on {self.source.path} (most likely a corrupt image): {str(e).strip().splitlines()[-1]}; "
-                f"run `lafs-fast data verify {self.source.path} --write-bad` (the loaders skip the keys it lists) or use backend='dali'"
+                f"DALI's mxnet reader stopped on {self.source.path} (most likely a corrupt image): "
+                f"{str(e).strip().splitlines()[-1]}; "
+                f"run `lafs-fast data verify {self.source.path} --write-bad` (the loaders skip the keys it lists) or "
+                "use backend='dali'"
             ) from e

@@ -11,11 +11,11 @@ from __future__ import annotations
 import io
 import os
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
@@ -81,7 +81,9 @@ def list_folder(root: str | os.PathLike, *, keep: bool = True) -> FolderListing:
     if not idents:
         loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
         hint = " (it holds images directly: put each identity's images in its own sub-folder)" if loose else ""
-        raise ValueError(f"{root} holds no identity sub-folder with images{hint}; expected {root}/<identity>/<image>.jpg")
+        raise ValueError(
+            f"{root} holds no identity sub-folder with images{hint}; expected {root}/<identity>/<image>.jpg"
+        )
     return FolderListing(root, idents, counts, empty, names if keep else None)
 
 
@@ -132,9 +134,20 @@ def build_rec(
     window = 64 * workers  # bounded look-ahead: encoded images stream to disk, memory stays flat
     iw = IdentityRecWriter(out, overwrite=overwrite)
     try:
-        with ThreadPoolExecutor(workers) as pool, tqdm(total=listing.num_images, desc=f"encode {listing.root.name}", unit="img", disable=not progress, file=sys.stderr) as bar:
+        with (
+            ThreadPoolExecutor(workers) as pool,
+            tqdm(
+                total=listing.num_images,
+                desc=f"encode {listing.root.name}",
+                unit="img",
+                disable=not progress,
+                file=sys.stderr,
+            ) as bar,
+        ):
             while chunk := list(islice(items, window)):
-                for (path, ident), (data, shape, err) in zip(chunk, pool.map(lambda it: _encode(it[0], size, quality), chunk)):
+                for (path, ident), (data, shape, err) in zip(
+                    chunk, pool.map(lambda it: _encode(it[0], size, quality), chunk)
+                ):
                     if data is None:
                         skipped.append((str(path), err))
                     else:
@@ -151,8 +164,13 @@ def build_rec(
         iw.abort()
         raise
     counts = iw.finish(
-        height=h, width=w,
-        meta={"identities": [listing.identities[i] for i in written], "source": str(Path(src).resolve()), "mixed_sizes": len(shapes) > 1},
+        height=h,
+        width=w,
+        meta={
+            "identities": [listing.identities[i] for i in written],
+            "source": str(Path(src).resolve()),
+            "mixed_sizes": len(shapes) > 1,
+        },
     )
     return {
         **counts,

@@ -46,10 +46,15 @@ import torch
 
 # re-exported: the loader contract and the sources are part of this module's interface
 from lafs_fast.data.base import (  # noqa: F401
-    MAX_REFILL_TRIES, Loader, num_batches, read_items, replacement_stream, shard_indices,
+    MAX_REFILL_TRIES,
+    Loader,
+    num_batches,
+    read_items,
+    replacement_stream,
+    shard_indices,
 )
-from lafs_fast.data.sources import DATASET_COLOR_ORDER, FolderSource, RecSource, decode_pil, open_source  # noqa: F401
 from lafs_fast.data.recordio import RecordIOError
+from lafs_fast.data.sources import DATASET_COLOR_ORDER, FolderSource, RecSource, decode_pil, open_source  # noqa: F401
 from lafs_fast.data.synthetic import SyntheticFaces
 
 log = logging.getLogger("lafs_fast.data")
@@ -72,7 +77,12 @@ class _BatchDecode(torch.utils.data.Dataset):
     def __getitem__(self, task: tuple[np.ndarray, tuple[int, ...]]):
         positions, stream_seed = task
         try:
-            items, bad = read_items(self.source, positions, replacement_stream(*stream_seed), check=lambda d: decode_pil(d, self.size, self.bgr))
+            items, bad = read_items(
+                self.source,
+                positions,
+                replacement_stream(*stream_seed),
+                check=lambda d: decode_pil(d, self.size, self.bgr),
+            )
         except RecordIOError as e:
             return None, None, str(e), None  # raised in the main process as one sentence, not a worker traceback
         images = torch.from_numpy(np.stack([im for *_, im in items]))
@@ -107,15 +117,29 @@ class PilLoader(Loader):
     """CPU decode with PIL in torch DataLoader workers (one batch per worker task; the workers
     persist across epochs, the sampler is swapped)."""
 
-    def __init__(self, source, batch_size: int, *, num_workers: int | None = None, image_size: int = 112, color_order: str = "RGB", reason: str = "", **kw) -> None:
+    def __init__(
+        self,
+        source,
+        batch_size: int,
+        *,
+        num_workers: int | None = None,
+        image_size: int = 112,
+        color_order: str = "RGB",
+        reason: str = "",
+        **kw,
+    ) -> None:
         super().__init__(len(source), batch_size, num_classes=source.num_classes, **kw)
         self.source, self.image_size = source, image_size
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self.dataset = _BatchDecode(source, image_size, color_order == "BGR")
         self._sampler = _Batches()
         self._dl = torch.utils.data.DataLoader(
-            self.dataset, batch_size=None, sampler=self._sampler, num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0,
+            self.dataset,
+            batch_size=None,
+            sampler=self._sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.num_workers > 0,
             prefetch_factor=2 if self.num_workers > 0 else None,
             # not plain fork: forking a process that runs DALI's (or any) thread pools can crash the
             # child; forkserver workers start from a clean server process
@@ -124,7 +148,9 @@ class PilLoader(Loader):
         self.backend = f"pil: PIL decode in a torch DataLoader, {self.num_workers} workers ({reason})"
 
     def _fetch_all(self, batches, first):
-        self._sampler.batches = [(b, (self.seed, self.epoch, i, self.rank, self.n)) for i, b in enumerate(batches, first)]
+        self._sampler.batches = [
+            (b, (self.seed, self.epoch, i, self.rank, self.n)) for i, b in enumerate(batches, first)
+        ]
         for images, labels, bad, kept in self._dl:
             if images is None:
                 raise RecordIOError(bad)
@@ -143,7 +169,17 @@ class NvjpegLoader(Loader):
     image to name the corrupt ones.
     """
 
-    def __init__(self, source, batch_size: int, *, image_size: int = 112, color_order: str = "RGB", reason: str = "", allow_cpu: bool = False, **kw) -> None:
+    def __init__(
+        self,
+        source,
+        batch_size: int,
+        *,
+        image_size: int = 112,
+        color_order: str = "RGB",
+        reason: str = "",
+        allow_cpu: bool = False,
+        **kw,
+    ) -> None:
         super().__init__(len(source), batch_size, num_classes=source.num_classes, **kw)
         # allow_cpu: torchvision's CPU decoder behind the same batching / fallback / resize code (tests)
         if self.device.type != "cuda" and not allow_cpu:
@@ -157,7 +193,11 @@ class NvjpegLoader(Loader):
         if data[:2].tolist() == [0xFF, 0xD8]:
             img = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         else:  # PNG and friends: PIL, then to the device
-            img = torch.tensor(decode_pil(data.numpy().tobytes(), self.image_size, False)).permute(2, 0, 1).to(self.device)
+            img = (
+                torch.tensor(decode_pil(data.numpy().tobytes(), self.image_size, False))
+                .permute(2, 0, 1)
+                .to(self.device)
+            )
         return img
 
     def _fetch(self, positions):
@@ -179,8 +219,13 @@ class NvjpegLoader(Loader):
                     if isinstance(e, torch.cuda.OutOfMemoryError):  # the device, not the record
                         raise
                     bad.append((items[j][0], self.source.name(items[j][0]), f"{type(e).__name__}: {e}"))
-                    (item,), more = read_items(self.source, [next(stream)], stream, check_errors=(RuntimeError, OSError, ValueError),
-                                               check=lambda b: self._decode_one(torch.frombuffer(bytearray(b), dtype=torch.uint8)))
+                    (item,), more = read_items(
+                        self.source,
+                        [next(stream)],
+                        stream,
+                        check_errors=(RuntimeError, OSError, ValueError),
+                        check=lambda b: self._decode_one(torch.frombuffer(bytearray(b), dtype=torch.uint8)),
+                    )
                     bad += more
                     items[j] = item
                     imgs.append(item[3])
@@ -188,7 +233,18 @@ class NvjpegLoader(Loader):
         out = []
         for img in imgs:  # (3, H, W) uint8 on the device
             if img.shape[1:] != (self.image_size, self.image_size):
-                img = torch.nn.functional.interpolate(img[None].float(), size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
+                img = (
+                    torch.nn.functional.interpolate(
+                        img[None].float(),
+                        size=(self.image_size, self.image_size),
+                        mode="bilinear",
+                        antialias=True,
+                        align_corners=False,
+                    )[0]
+                    .round_()
+                    .clamp_(0, 255)
+                    .to(torch.uint8)
+                )
             out.append(img)
         images = torch.stack(out).permute(0, 2, 3, 1).contiguous()
         if self.bgr:
@@ -207,7 +263,10 @@ class SyntheticLoader(Loader):
     def __init__(self, dataset: SyntheticFaces, batch_size: int, *, reason: str = "", **kw) -> None:
         super().__init__(len(dataset), batch_size, num_classes=dataset.num_classes, **kw)
         self.dataset = dataset
-        self.backend = f"synthetic: {dataset.num_identities} x {dataset.images_per_identity} procedural faces (seed {dataset.seed}) rendered on {self.device} ({reason})"
+        self.backend = (
+            f"synthetic: {dataset.num_identities} x {dataset.images_per_identity} procedural faces "
+            f"(seed {dataset.seed}) rendered on {self.device} ({reason})"
+        )
 
     def _fetch(self, positions):
         return (*self.dataset.batch(positions, self.device), np.asarray(positions))
@@ -278,11 +337,21 @@ def make_loader(
         raise ValueError(f"unknown data backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     kind, src = open_source(source)
     device = torch.device(device)
-    common = dict(rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, device=device, drop_last=drop_last,
-                  with_positions=with_positions, max_bad_fraction=max_bad_fraction)
+    common = dict(
+        rank=rank,
+        world_size=world_size,
+        shuffle=shuffle,
+        seed=seed,
+        device=device,
+        drop_last=drop_last,
+        with_positions=with_positions,
+        max_bad_fraction=max_bad_fraction,
+    )
     if kind == "synthetic":
         if backend not in ("auto", "synthetic"):
-            raise ValueError(f"backend {backend!r} decodes files; the synthetic source is rendered (use backend='auto')")
+            raise ValueError(
+                f"backend {backend!r} decodes files; the synthetic source is rendered (use backend='auto')"
+            )
         loader: Loader = SyntheticLoader(src, batch_size, reason="no files: procedural faces", **common)
     else:
         color_order = color_order.upper()
@@ -296,19 +365,38 @@ def make_loader(
         backend, reason = resolve_loader_backend(backend, device)
         if backend in ("dali", "dali-mxnet"):
             if dali_missing is not None:
-                raise ValueError(f"backend {backend!r} needs NVIDIA DALI ({dali_missing}); pip install nvidia-dali-cuda130 or use backend='pil'")
+                raise ValueError(
+                    f"backend {backend!r} needs NVIDIA DALI ({dali_missing}); pip install nvidia-dali-cuda130 or use "
+                    "backend='pil'"
+                )
             from lafs_fast.data.dali import DaliLoader, DaliMxnetLoader
 
             if backend == "dali-mxnet":
                 if kind != "rec":
-                    raise ValueError("backend 'dali-mxnet' reads .rec files only; use backend='dali' for an image folder")
-                loader = DaliMxnetLoader(src, batch_size, image_size=image_size, color_order=color_order, reason=reason, **common)
+                    raise ValueError(
+                        "backend 'dali-mxnet' reads .rec files only; use backend='dali' for an image folder"
+                    )
+                loader = DaliMxnetLoader(
+                    src, batch_size, image_size=image_size, color_order=color_order, reason=reason, **common
+                )
             else:
-                loader = DaliLoader(src, batch_size, image_size=image_size, color_order=color_order, reason=reason, **common)
+                loader = DaliLoader(
+                    src, batch_size, image_size=image_size, color_order=color_order, reason=reason, **common
+                )
         elif backend == "nvjpeg":
-            loader = NvjpegLoader(src, batch_size, image_size=image_size, color_order=color_order, reason=reason, **common)
+            loader = NvjpegLoader(
+                src, batch_size, image_size=image_size, color_order=color_order, reason=reason, **common
+            )
         else:
-            loader = PilLoader(src, batch_size, num_workers=num_workers, image_size=image_size, color_order=color_order, reason=reason, **common)
+            loader = PilLoader(
+                src,
+                batch_size,
+                num_workers=num_workers,
+                image_size=image_size,
+                color_order=color_order,
+                reason=reason,
+                **common,
+            )
         loader.backend += f"; colour order of the source: {color_order}"
     log.info("data loader: %s", loader.backend)
     return loader

@@ -58,7 +58,9 @@ def read_pairs_txt(pairs_txt: str | Path, root: str | Path) -> list[Pair]:
     try:
         text = pairs_txt.read_text()
     except UnicodeDecodeError:
-        raise ValueError(f"{pairs_txt} is not a text pairs file (LFW style: 'name n1 n2' / 'name1 n1 name2 n2' lines)") from None
+        raise ValueError(
+            f"{pairs_txt} is not a text pairs file (LFW style: 'name n1 n2' / 'name1 n1 name2 n2' lines)"
+        ) from None
     out: list[Pair] = []
     for i, line in enumerate(text.splitlines(), 1):
         f = line.split()
@@ -66,7 +68,9 @@ def read_pairs_txt(pairs_txt: str | Path, root: str | Path) -> list[Pair]:
             continue  # blank line or the "folds pairs" header
         nums = [f[1], f[2]] if len(f) == 3 else [f[1], f[3]] if len(f) == 4 else []
         if not nums or not all(re.fullmatch(r"\d+", x) for x in nums):
-            raise ValueError(f"{pairs_txt} line {i}: expected 'name n1 n2' or 'name1 n1 name2 n2', got {line.strip()!r}")
+            raise ValueError(
+                f"{pairs_txt} line {i}: expected 'name n1 n2' or 'name1 n1 name2 n2', got {line.strip()!r}"
+            )
         if len(f) == 3:
             out.append((_lookup(root, f[0], int(f[1]), i), _lookup(root, f[0], int(f[2]), i), True))
         else:
@@ -93,7 +97,10 @@ def random_pairs(root: str | Path, num_pairs: int, seed: int = 0, folds: int = 1
     total = sum(len(fs) for _, fs in ids)
     max_diff = (total * total - sum(len(fs) ** 2 for _, fs in ids)) // 2
     if half > max_same or half > max_diff:
-        raise ValueError(f"{root} allows at most {min(max_same, max_diff)} distinct pairs of each kind; ask for --num-pairs <= {2 * min(max_same, max_diff)}")
+        raise ValueError(
+            f"{root} allows at most {min(max_same, max_diff)} distinct pairs of each kind; ask for --num-pairs <= "
+            f"{2 * min(max_same, max_diff)}"
+        )
     rng = random.Random(seed)
     same: set[tuple[Path, Path]] = set()
     while len(same) < half:
@@ -133,8 +140,16 @@ def encode_face(path: Path, size: int = 112, quality: int = 95) -> bytes:
         raise ValueError(f"cannot read image {path} ({exc}); remove it or fix the pairs") from None
 
 
-def make_bin(folder: str | Path, out: str | Path, pairs_txt: str | Path | None = None, num_pairs: int = 6000,
-             seed: int = 0, folds: int = 10, size: int = 112, quality: int = 95) -> dict:
+def make_bin(
+    folder: str | Path,
+    out: str | Path,
+    pairs_txt: str | Path | None = None,
+    num_pairs: int = 6000,
+    seed: int = 0,
+    folds: int = 10,
+    size: int = 112,
+    quality: int = 95,
+) -> dict:
     """Build the ``.bin`` (module doc); returns {"pairs", "genuine", "images", "out"}."""
     pairs = read_pairs_txt(pairs_txt, folder) if pairs_txt else random_pairs(folder, num_pairs, seed, folds)
     cache: dict[Path, bytes] = {}
@@ -149,7 +164,9 @@ def make_bin(folder: str | Path, out: str | Path, pairs_txt: str | Path | None =
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("folder", help="face folder: FOLDER/<identity>/<image> (aligned 112x112 faces, e.g. from `data align`)")
+    p.add_argument(
+        "folder", help="face folder: FOLDER/<identity>/<image> (aligned 112x112 faces, e.g. from `data align`)"
+    )
     p.add_argument("out", help="output .bin")
     p.add_argument("--pairs", default=None, help="LFW-style pairs.txt; without it, balanced random pairs are drawn")
     p.add_argument("--num-pairs", type=int, default=6000, help="random pairs, half genuine (default 6000, as LFW)")
@@ -162,5 +179,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     rep = make_bin(args.folder, args.out, args.pairs, args.num_pairs, args.seed, args.folds, args.size, args.quality)
     how = f"pairs from {args.pairs}" if args.pairs else f"random balanced pairs, seed {args.seed}"
-    print(f"wrote {rep['out']}: {rep['pairs']} pairs ({rep['genuine']} genuine), {rep['images']} distinct images; {how}")
+    print(
+        f"wrote {rep['out']}: {rep['pairs']} pairs ({rep['genuine']} genuine), {rep['images']} distinct images; {how}"
+    )
     return 0

@@ -26,14 +26,16 @@ every reader must do before it reads. Writing lives in ``recordio_writer.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
-import warnings
 import os
 import struct
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -92,7 +94,10 @@ def unpack(payload: bytes | memoryview) -> tuple[IRHeader, bytes]:
     if flag > 0:
         end = start + 4 * flag
         if end > len(payload):
-            raise CorruptRecordError(f"a record payload declares {flag} labels but holds only {len(payload) - IR_SIZE} bytes after its header")
+            raise CorruptRecordError(
+                f"a record payload declares {flag} labels but holds only {len(payload) - IR_SIZE} bytes after its "
+                "header"
+            )
         label = np.frombuffer(bytes(payload[start:end]), dtype="<f4").astype(np.float32)
         start = end
     return IRHeader(int(flag), label, int(id_), int(id2)), bytes(payload[start:])
@@ -139,17 +144,25 @@ def decode_record(buf: bytes | memoryview | mmap.mmap, offset: int, *, path: str
     pos = offset
     while True:
         if pos + 8 > size:
-            raise CorruptRecordError(f"{path}: the record at offset {offset} needs bytes up to {pos + 8} but the file ends at {size}")
+            raise CorruptRecordError(
+                f"{path}: the record at offset {offset} needs bytes up to {pos + 8} but the file ends at {size}"
+            )
         magic, lrec = struct.unpack_from("<II", buf, pos)
         if magic != MAGIC:
-            raise CorruptRecordError(f"{path}: no record starts at offset {pos} (magic 0x{magic:08x}, expected 0xced7230a)")
+            raise CorruptRecordError(
+                f"{path}: no record starts at offset {pos} (magic 0x{magic:08x}, expected 0xced7230a)"
+            )
         cflag, length = lrec >> 29, lrec & _LEN_MASK
         if cflag not in ((0, 1) if not parts else (2, 3)):
-            raise CorruptRecordError(f"{path}: the record at offset {pos} has continuation flag {cflag} "
-                                     f"({'a first part must have 0 or 1' if not parts else 'a later part must have 2 or 3'})")
+            raise CorruptRecordError(
+                f"{path}: the record at offset {pos} has continuation flag {cflag} "
+                f"({'a first part must have 0 or 1' if not parts else 'a later part must have 2 or 3'})"
+            )
         end = pos + 8 + length
         if end > size:
-            raise CorruptRecordError(f"{path}: the record at offset {offset} declares bytes up to {end} but the file ends at {size}")
+            raise CorruptRecordError(
+                f"{path}: the record at offset {offset} declares bytes up to {end} but the file ends at {size}"
+            )
         parts.append(bytes(buf[pos + 8 : end]))
         pos = end + (-length % 4)
         if cflag in (0, 3):
@@ -204,7 +217,9 @@ class RecordIOReader:
         if not self.rec_path.is_file():
             raise FileNotFoundError(f"{self.rec_path} does not exist; build one with `lafs-fast data build FOLDER OUT`")
         if not self.idx_path.is_file():
-            raise FileNotFoundError(f"{self.idx_path} (the index of {self.rec_path.name}) does not exist; copy it beside the .rec")
+            raise FileNotFoundError(
+                f"{self.idx_path} (the index of {self.rec_path.name}) does not exist; copy it beside the .rec"
+            )
         self.keys, self.offsets = self._read_index()
         # key -> offset by binary search (a dict of millions of keys costs GBs and pickles slowly)
         order = np.argsort(self.keys, kind="stable")
@@ -254,7 +269,10 @@ class RecordIOReader:
                     continue
                 fields = line.split()
                 if len(fields) != 2 or not (fields[0].lstrip("-").isdigit() and fields[1].isdigit()):
-                    raise RecordIOError(f"{self.idx_path} line {lineno} is not `key<TAB>offset`: {line.strip()[:60]!r}; rebuild the index")
+                    raise RecordIOError(
+                        f"{self.idx_path} line {lineno} is not `key<TAB>offset`: {line.strip()[:60]!r}; rebuild the "
+                        "index"
+                    )
                 keys.append(int(fields[0]))
                 offsets.append(int(fields[1]))
         if not keys:
@@ -262,7 +280,7 @@ class RecordIOReader:
         return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
 
     def _open(self) -> None:
-        self._file = open(self.rec_path, "rb")
+        self._file = open(self.rec_path, "rb")  # noqa: SIM115 - held open for the mmap, closed by close()
         self.size = os.fstat(self._file.fileno()).st_size
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
 
@@ -279,8 +297,10 @@ class RecordIOReader:
         try:
             self.read_payload_at(int(self.offsets[last]))
         except CorruptRecordError as e:  # the end of the file: a copy cut short, not one bad record
-            raise RecordIOError(f"{self.rec_path} is truncated or damaged at its end (its last record, key {self.keys[last]}: "
-                                f"{str(e).split(': ', 1)[-1]}); copy the file again or rebuild it") from None
+            raise RecordIOError(
+                f"{self.rec_path} is truncated or damaged at its end (its last record, key {self.keys[last]}: "
+                f"{str(e).split(': ', 1)[-1]}); copy the file again or rebuild it"
+            ) from None
 
     def _read_property(self) -> Property:
         if self.prop_path.is_file():
@@ -288,7 +308,10 @@ class RecordIOReader:
             try:
                 c, h, w = (int(x) for x in fields)
             except ValueError:
-                raise RecordIOError(f"{self.prop_path} should read `num_classes,height,width`, not {','.join(fields)!r}; fix or delete it") from None
+                raise RecordIOError(
+                    f"{self.prop_path} should read `num_classes,height,width`, not {','.join(fields)!r}; fix or delete "
+                    "it"
+                ) from None
             return Property(c, h, w)
         # inferred: identity count from the header, else the largest label + 1; size from the first image
         if self.header0 is not None:
@@ -298,8 +321,9 @@ class RecordIOReader:
             c = int(np.nanmax(labels)) + 1 if np.isfinite(labels).any() else 0
         h = w = 112
         if len(self.image_keys):
-            from PIL import Image
             import io
+
+            from PIL import Image
 
             try:
                 with Image.open(io.BytesIO(self.image(int(self.image_keys[0])))) as im:
@@ -323,7 +347,7 @@ class RecordIOReader:
             self._mm.close()
         self._file.close()
 
-    def __enter__(self) -> "RecordIOReader":
+    def __enter__(self) -> RecordIOReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -355,7 +379,9 @@ class RecordIOReader:
             return unpack(self.read_idx(key))
         except CorruptRecordError as e:
             why = str(e).split(": ", 1)[-1] if str(e).startswith(str(self.rec_path)) else str(e)
-            raise CorruptRecordError(f"{self.rec_path} key {key} (offset {self.offset(key)}) is corrupt: {why}") from None
+            raise CorruptRecordError(
+                f"{self.rec_path} key {key} (offset {self.offset(key)}) is corrupt: {why}"
+            ) from None
 
     __getitem__ = record
 
@@ -400,7 +426,7 @@ class RecordIOReader:
         buf = np.frombuffer(self._mm, dtype=np.uint8) if self.size else np.empty(0, np.uint8)
 
         def u32(at: np.ndarray) -> np.ndarray:
-            return buf[at[:, None] + np.arange(4)].copy().view("<u4")[:, 0]
+            return buf[at[:, None] + np.arange(4)].copy().view("<u4")[:, 0]  # noqa: F821 - used before the del
 
         for a in range(0, len(keys), 1 << 18):  # in slices: the gathers' temporaries stay a few MB
             offs = self._sorted_offsets[np.searchsorted(self._sorted_keys, keys[a : a + (1 << 18)])]
@@ -410,7 +436,12 @@ class RecordIOReader:
                 o = offs[i]
                 magic, lrec, flag = u32(o), u32(o + 4), u32(o + 8)
                 length = lrec & _LEN_MASK
-                ok = (magic == MAGIC) & ((lrec >> 29) == 0) & (length >= IR_SIZE + 4 * flag) & (o + 8 + length <= self.size)
+                ok = (
+                    (magic == MAGIC)
+                    & ((lrec >> 29) == 0)
+                    & (length >= IR_SIZE + 4 * flag)
+                    & (o + 8 + length <= self.size)
+                )
                 label_at = np.where(flag > 0, o + 8 + IR_SIZE, o + 12)
                 labels[a + i[ok]] = u32(label_at[ok]).view("<f4")
                 f[i[~ok]] = False
@@ -431,14 +462,17 @@ class RecordIOReader:
         c = self.num_classes if num_classes is None else int(num_classes)
         labels, bad = self.scan_labels()
         if bad and len(bad) == len(labels):
-            raise RecordIOError(f"no image record of {self.rec_path} can be read; run `lafs-fast data verify {self.rec_path}`")
+            raise RecordIOError(
+                f"no image record of {self.rec_path} can be read; run `lafs-fast data verify {self.rec_path}`"
+            )
         # non-finite: a damaged header (NaN for unreadable records), skipped by the loaders like any corrupt record
         out = np.flatnonzero(np.isfinite(labels) & ~((labels >= 0) & (labels < c)))
         if out.size:
             shown = ", ".join(f"key {int(self.image_keys[j])} (label {labels[j]:g})" for j in out[:5])
             raise RecordIOError(
                 f"{self.rec_path}: {out.size} image record(s) have labels outside [0, {c}) of its "
-                f"{'property file' if not self.property.inferred else 'inferred class count'} ({shown}{', ...' if out.size > 5 else ''}); "
+                f"{'property file' if not self.property.inferred else 'inferred class count'} "
+                f"({shown}{', ...' if out.size > 5 else ''}); "
                 f"fix num_classes in {self.prop_path} or rebuild the rec"
             )
 
@@ -453,7 +487,10 @@ class RecordIOReader:
                 a, b = self.header0
                 for k in range(a, b):
                     if not self.has_key(k):
-                        raise RecordIOError(f"{self.idx_path} lacks identity record {k} of the range [{a}, {b}) in its header; rebuild the rec")
+                        raise RecordIOError(
+                            f"{self.idx_path} lacks identity record {k} of the range [{a}, {b}) in its header; rebuild "
+                            "the rec"
+                        )
                     h, _ = self.record(k)
                     ranges.append((int(h.label[0]), int(h.label[1])))
             else:
@@ -461,7 +498,10 @@ class RecordIOReader:
                 keys = self.image_keys
                 order = np.argsort(labels, kind="stable")
                 if len(order) and not np.array_equal(order, np.arange(len(order))):
-                    raise RecordIOError(f"{self.rec_path} has no identity records and its images are not grouped by label; rebuild it with `lafs-fast data build`")
+                    raise RecordIOError(
+                        f"{self.rec_path} has no identity records and its images are not grouped by label; rebuild it "
+                        "with `lafs-fast data build`"
+                    )
                 starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]]) if len(labels) else np.empty(0, int)
                 ends = np.r_[starts[1:], len(labels)]
                 ranges = [(int(keys[s]), int(keys[e - 1]) + 1) for s, e in zip(starts, ends)]
@@ -508,12 +548,12 @@ def finish_swap(rec: str | os.PathLike) -> bool:
     try:
         for line in lines:
             tmp, final = line.split("\t")
-            try:
+            with contextlib.suppress(FileNotFoundError):  # renamed already (before a kill, or by a concurrent reader)
                 os.replace(rec.parent / tmp, rec.parent / final)
-            except FileNotFoundError:  # renamed already (by us before a kill, or by a concurrent reader)
-                pass
         marker.unlink(missing_ok=True)
     except OSError as e:
-        raise RecordIOError(f"{rec} was being replaced by `lafs-fast data build --overwrite` when that stopped, and the "
-                            f"renames left ({marker}) cannot be done here ({e.strerror}); open it once where the folder is writable") from None
+        raise RecordIOError(
+            f"{rec} was being replaced by `lafs-fast data build --overwrite` when that stopped, and the "
+            f"renames left ({marker}) cannot be done here ({e.strerror}); open it once where the folder is writable"
+        ) from None
     return True

@@ -19,8 +19,12 @@ log = logging.getLogger("lafs_fast.data")
 # How the public InsightFace releases store channels (docs/method.md section 6), matched against the rec's
 # path when the rec has no lafs_fast.json; pass color_order= to make_loader to override.
 DATASET_COLOR_ORDER = {
-    "ms1mv3": "BGR", "ms1m": "BGR", "faces_emore": "BGR",  # packed from cv2 arrays: BGR in the JPEGs
-    "webface42m": "RGB", "webface4m": "RGB", "webface": "RGB",
+    "ms1mv3": "BGR",
+    "ms1m": "BGR",
+    "faces_emore": "BGR",  # packed from cv2 arrays: BGR in the JPEGs
+    "webface42m": "RGB",
+    "webface4m": "RGB",
+    "webface": "RGB",
 }
 
 
@@ -52,7 +56,9 @@ class RecSource:
         header, data = self.reader.record(k)
         label = first_label(header)
         if not np.isfinite(label):
-            raise CorruptRecordError(f"{self.path} key {k} (offset {self.reader.offset(k)}) is corrupt: its label is {label}")
+            raise CorruptRecordError(
+                f"{self.path} key {k} (offset {self.reader.offset(k)}) is corrupt: its label is {label}"
+            )
         return data, int(label)
 
     def check_labels(self, num_classes: int) -> None:
@@ -111,16 +117,12 @@ class FolderSource:
         return "RGB"
 
 
-
-
 def decode_pil(data: bytes, size: int, bgr: bool) -> np.ndarray:
     """Encoded image -> (size, size, 3) uint8 RGB (bilinear resize only when the size differs)."""
     from lafs_fast.data.folder import load_rgb
 
     arr = np.asarray(load_rgb(data, size))
     return np.ascontiguousarray(arr[..., ::-1]) if bgr else arr
-
-
 
 
 def open_source(source):
@@ -135,5 +137,11 @@ def open_source(source):
     if p.is_dir():
         return "folder", FolderSource(p)
     if not p.exists():
-        raise FileNotFoundError(f"{source} does not exist; pass a .rec, a folder holding train.rec, an image folder, or synthetic[:IDSxIMGS]")
-    raise ValueError(f"{source} is neither a .rec nor a folder; pass a .rec, a folder holding train.rec, an image folder, or synthetic[:IDSxIMGS]")
+        raise FileNotFoundError(
+            f"{source} does not exist; pass a .rec, a folder holding train.rec, an image folder, or "
+            "synthetic[:IDSxIMGS]"
+        )
+    raise ValueError(
+        f"{source} is neither a .rec nor a folder; pass a .rec, a folder holding train.rec, an image folder, or "
+        "synthetic[:IDSxIMGS]"
+    )

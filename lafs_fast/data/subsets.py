@@ -17,7 +17,9 @@ from lafs_fast.data.recordio import RecordIOReader, read_meta
 from lafs_fast.data.recordio_writer import IdentityRecWriter
 
 
-def choose_subset(identities: list[tuple[int, np.ndarray]], *, shots: int | None, fraction: float, seed: int) -> list[tuple[int, np.ndarray]]:
+def choose_subset(
+    identities: list[tuple[int, np.ndarray]], *, shots: int | None, fraction: float, seed: int
+) -> list[tuple[int, np.ndarray]]:
     """``identities``: ``(label, image keys)`` -> the chosen ``(label, keys)``, in label order."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"--fraction must be in (0, 1], not {fraction}")
@@ -35,7 +37,15 @@ def choose_subset(identities: list[tuple[int, np.ndarray]], *, shots: int | None
     return out
 
 
-def make_subset(rec: str | os.PathLike, out: str | os.PathLike, *, shots: int | None, fraction: float = 1.0, seed: int = 0, overwrite: bool = False) -> dict:
+def make_subset(
+    rec: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    shots: int | None,
+    fraction: float = 1.0,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict:
     """Write the subset of ``rec`` to ``out/train.rec`` (+ idx, property, lafs_fast.json); returns counts."""
     reader = RecordIOReader(rec)
     chosen = choose_subset(list(reader.identities()), shots=shots, fraction=fraction, seed=seed)
@@ -45,7 +55,9 @@ def make_subset(rec: str | os.PathLike, out: str | os.PathLike, *, shots: int | 
     meta = {
         "color_order": src_meta.get("color_order", "RGB"),
         "subset_of": str(reader.rec_path.resolve()),
-        "shots": shots, "fraction": fraction, "seed": seed,
+        "shots": shots,
+        "fraction": fraction,
+        "seed": seed,
         "source_labels": [label for label, _ in chosen],
     }
     if names:

@@ -21,21 +21,48 @@ import torch
 
 # identity (geometry + appearance) parameters, each drawn uniformly in [lo, hi]
 _IDENTITY = {
-    "face_w": (30.0, 40.0), "face_h": (40.0, 50.0), "face_cy": (62.0, 68.0),
-    "skin_r": (0.45, 0.95), "skin_g": (0.30, 0.75), "skin_b": (0.20, 0.65),
-    "hair_r": (0.02, 0.65), "hair_g": (0.02, 0.50), "hair_b": (0.02, 0.40), "hairline": (20.0, 34.0),
-    "eye_dx": (14.0, 21.0), "eye_y": (47.0, 55.0), "eye_w": (4.5, 7.5), "eye_h": (2.2, 3.6),
-    "iris_r": (0.05, 0.55), "iris_g": (0.05, 0.55), "iris_b": (0.05, 0.65),
-    "brow_dy": (6.0, 10.0), "brow_t": (0.8, 2.0), "brow_tilt": (-0.12, 0.12),
-    "nose_len": (12.0, 22.0), "nose_w": (3.0, 7.0),
-    "mouth_y": (88.0, 96.0), "mouth_w": (8.0, 16.0), "lip_r": (0.45, 0.85),
+    "face_w": (30.0, 40.0),
+    "face_h": (40.0, 50.0),
+    "face_cy": (62.0, 68.0),
+    "skin_r": (0.45, 0.95),
+    "skin_g": (0.30, 0.75),
+    "skin_b": (0.20, 0.65),
+    "hair_r": (0.02, 0.65),
+    "hair_g": (0.02, 0.50),
+    "hair_b": (0.02, 0.40),
+    "hairline": (20.0, 34.0),
+    "eye_dx": (14.0, 21.0),
+    "eye_y": (47.0, 55.0),
+    "eye_w": (4.5, 7.5),
+    "eye_h": (2.2, 3.6),
+    "iris_r": (0.05, 0.55),
+    "iris_g": (0.05, 0.55),
+    "iris_b": (0.05, 0.65),
+    "brow_dy": (6.0, 10.0),
+    "brow_t": (0.8, 2.0),
+    "brow_tilt": (-0.12, 0.12),
+    "nose_len": (12.0, 22.0),
+    "nose_w": (3.0, 7.0),
+    "mouth_y": (88.0, 96.0),
+    "mouth_w": (8.0, 16.0),
+    "lip_r": (0.45, 0.85),
 }
 # per-image variation (pose, expression, lighting, noise)
 _IMAGE = {
-    "roll": (-0.16, 0.16), "tx": (-3.5, 3.5), "ty": (-3.5, 3.5), "scale": (0.92, 1.08),
-    "smile": (-0.5, 1.0), "eye_open": (0.35, 1.1), "brow_raise": (-1.5, 2.5),
-    "light_dir": (-math.pi, math.pi), "light_amp": (0.0, 0.35), "gain": (0.75, 1.2), "noise": (2.0, 9.0),
-    "bg_r": (0.0, 1.0), "bg_g": (0.0, 1.0), "bg_b": (0.0, 1.0),  # background: per image, not a shortcut
+    "roll": (-0.16, 0.16),
+    "tx": (-3.5, 3.5),
+    "ty": (-3.5, 3.5),
+    "scale": (0.92, 1.08),
+    "smile": (-0.5, 1.0),
+    "eye_open": (0.35, 1.1),
+    "brow_raise": (-1.5, 2.5),
+    "light_dir": (-math.pi, math.pi),
+    "light_amp": (0.0, 0.35),
+    "gain": (0.75, 1.2),
+    "noise": (2.0, 9.0),
+    "bg_r": (0.0, 1.0),
+    "bg_g": (0.0, 1.0),
+    "bg_b": (0.0, 1.0),  # background: per image, not a shortcut
 }
 
 
@@ -66,14 +93,20 @@ def _soft(d: torch.Tensor) -> torch.Tensor:
     return torch.clamp(0.5 - d, 0.0, 1.0)
 
 
-def render_faces(ident: dict[str, torch.Tensor], img: dict[str, torch.Tensor], size: int = 112, noise: torch.Tensor | None = None) -> torch.Tensor:
+def render_faces(
+    ident: dict[str, torch.Tensor], img: dict[str, torch.Tensor], size: int = 112, noise: torch.Tensor | None = None
+) -> torch.Tensor:
     """Render a batch: parameter dicts of (B, 1, 1) float32 tensors -> (B, size, size, 3) uint8 RGB.
 
     ``noise``: (B, size, size, 3) float32 standard normal (scaled by each image's ``noise``), or None.
     """
     dev = next(iter(ident.values())).device
     s = size / 112.0
-    yy, xx = torch.meshgrid(torch.arange(size, device=dev, dtype=torch.float32), torch.arange(size, device=dev, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(size, device=dev, dtype=torch.float32),
+        torch.arange(size, device=dev, dtype=torch.float32),
+        indexing="ij",
+    )
     # inverse pose: image pixel -> face coordinates (roll about the face centre, shift, scale)
     cx, cy = 56.0 * s + img["tx"] * s, ident["face_cy"] * s + img["ty"] * s
     c, sn = torch.cos(img["roll"]), torch.sin(img["roll"])
@@ -120,7 +153,11 @@ def render_faces(ident: dict[str, torch.Tensor], img: dict[str, torch.Tensor], s
     nose = _soft(u.abs() - ident["nose_w"] * (0.3 + 0.7 * t)) * _soft(v - ny1) * _soft(ny0 - v)
     paint(nose * 0.35, skin * 0.6)
     for side in (-1.0, 1.0):
-        paint(_soft(ellipse(side * ident["nose_w"] * 0.7, ny1, ident["nose_w"] * 0.35, ident["nose_w"] * 0.25 + zero)) * 0.7, skin * 0.35)
+        paint(
+            _soft(ellipse(side * ident["nose_w"] * 0.7, ny1, ident["nose_w"] * 0.35, ident["nose_w"] * 0.25 + zero))
+            * 0.7,
+            skin * 0.35,
+        )
     # mouth: a curved band; smile bends the corners up
     my = ident["mouth_y"] - fy
     xm = u / ident["mouth_w"]
@@ -147,7 +184,10 @@ class SyntheticFaces:
 
     def __init__(self, num_identities: int, images_per_identity: int, seed: int = 0, image_size: int = 112) -> None:
         if num_identities < 1 or images_per_identity < 1:
-            raise ValueError(f"synthetic faces need at least 1 identity and 1 image per identity, not {num_identities} x {images_per_identity}")
+            raise ValueError(
+                f"synthetic faces need at least 1 identity and 1 image per identity, not {num_identities} x "
+                f"{images_per_identity}"
+            )
         self.num_identities = int(num_identities)
         self.images_per_identity = int(images_per_identity)
         self.seed = int(seed)
@@ -186,7 +226,15 @@ class SyntheticFaces:
         img = _stack([p[1] for p in pairs], dev)
         # per-image noise from its own seed, so a batch equals its images rendered one by one
         noise = torch.stack(
-            [torch.randn(self.image_size, self.image_size, 3, generator=torch.Generator().manual_seed(int(p[1]["noise_seed"]))) for p in pairs]
+            [
+                torch.randn(
+                    self.image_size,
+                    self.image_size,
+                    3,
+                    generator=torch.Generator().manual_seed(int(p[1]["noise_seed"])),
+                )
+                for p in pairs
+            ]
         ).to(dev)
         images = render_faces(ident, img, self.image_size, noise)
         labels = torch.tensor([self.label(i) for i in indices], dtype=torch.int64, device=dev)
@@ -214,5 +262,7 @@ def parse_spec(spec: str) -> SyntheticFaces:
                 a, _, b = p.partition("x")
                 ids, per = int(a), int(b or per)
     except ValueError:
-        raise ValueError(f"{spec!r} is not a synthetic spec; write synthetic:IDSxIMGS[:seed=S], e.g. synthetic:1000x20") from None
+        raise ValueError(
+            f"{spec!r} is not a synthetic spec; write synthetic:IDSxIMGS[:seed=S], e.g. synthetic:1000x20"
+        ) from None
     return SyntheticFaces(ids, per, seed)

@@ -10,11 +10,20 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from lafs_fast.data.recordio import (
+    BAD_SUFFIX,
+    CorruptRecordError,
+    RecordIOError,
+    RecordIOReader,
+    first_label,
+    read_meta,
+)
 from lafs_fast.io import atomic_write_bytes
-from lafs_fast.data.recordio import BAD_SUFFIX, CorruptRecordError, RecordIOError, RecordIOReader, first_label, read_meta
 
 
-def inspect_rec(rec: str | os.PathLike, *, montage: str | os.PathLike | None = None, rows: int = 8, cols: int = 8) -> dict:
+def inspect_rec(
+    rec: str | os.PathLike, *, montage: str | os.PathLike | None = None, rows: int = 8, cols: int = 8
+) -> dict:
     """Counts and per-identity statistics of a rec; writes a ``rows x cols`` montage PNG when asked
     (one row per identity, evenly spread over the labels; shown in RGB)."""
     r = RecordIOReader(rec)
@@ -27,9 +36,17 @@ def inspect_rec(rec: str | os.PathLike, *, montage: str | os.PathLike | None = N
         "images": r.num_images,
         "identities": len(per_id),
         "num_classes": r.num_classes,
-        "property": f"{r.property.num_classes},{r.property.height},{r.property.width}" + (" (inferred: no property file)" if r.property.inferred else ""),
-        "header": f"identity records [{r.header0[0]}, {r.header0[1]})" if r.header0 else "none (no InsightFace header record)",
-        "images_per_identity": {"min": int(counts.min()), "median": float(np.median(counts)), "mean": round(float(counts.mean()), 2), "max": int(counts.max())},
+        "property": f"{r.property.num_classes},{r.property.height},{r.property.width}"
+        + (" (inferred: no property file)" if r.property.inferred else ""),
+        "header": f"identity records [{r.header0[0]}, {r.header0[1]})"
+        if r.header0
+        else "none (no InsightFace header record)",
+        "images_per_identity": {
+            "min": int(counts.min()),
+            "median": float(np.median(counts)),
+            "mean": round(float(counts.mean()), 2),
+            "max": int(counts.max()),
+        },
         "color_order": meta.get("color_order", "unknown (no lafs_fast.json)"),
         "bad_listed": len(r.bad_keys()),
     }
@@ -68,7 +85,9 @@ def _check(r: RecordIOReader, key: int) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def verify_rec(rec: str | os.PathLike, *, workers: int | None = None, write_bad: bool = False, progress: bool = True) -> dict:
+def verify_rec(
+    rec: str | os.PathLike, *, workers: int | None = None, write_bad: bool = False, progress: bool = True
+) -> dict:
     """Decode every image record; ``corrupt``: list of ``(key, offset, reason)``. Also checks that
     every label is inside ``[0, num_classes)`` of the property file and that the identity records
     cover the image keys (``problems``). ``write_bad``: list the corrupt keys in ``<rec>.bad``
@@ -80,10 +99,19 @@ def verify_rec(rec: str | os.PathLike, *, workers: int | None = None, write_bad:
     workers = workers or min(16, os.cpu_count() or 1)
     corrupt: list[tuple[int, int, str]] = []
     window = 256 * workers  # bounded: millions of records never become millions of pending futures (or reasons)
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(keys), desc=f"verify {r.rec_path.name}", unit="img", disable=not progress, file=sys.stderr) as bar:
+    with (
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(
+            total=len(keys), desc=f"verify {r.rec_path.name}", unit="img", disable=not progress, file=sys.stderr
+        ) as bar,
+    ):
         for start in range(0, len(keys), window):
             chunk = keys[start : start + window].tolist()
-            corrupt += [(k, r.offset(k), why) for k, why in zip(chunk, pool.map(lambda k: _check(r, k), chunk)) if why is not None]
+            corrupt += [
+                (k, r.offset(k), why)
+                for k, why in zip(chunk, pool.map(lambda k: _check(r, k), chunk))
+                if why is not None
+            ]
             bar.update(len(chunk))
     problems = []
     try:
@@ -97,7 +125,9 @@ def verify_rec(rec: str | os.PathLike, *, workers: int | None = None, write_bad:
     report = {"rec": str(r.rec_path), "images": len(keys), "corrupt": corrupt, "problems": problems}
     if write_bad:
         path = r.rec_path.with_suffix(r.rec_path.suffix + BAD_SUFFIX)
-        text = "# keys of corrupt images found by `lafs-fast data verify`; the loaders skip them\n" + "".join(f"{k}\t{o}\t{why}\n" for k, o, why in corrupt)
+        text = "# keys of corrupt images found by `lafs-fast data verify`; the loaders skip them\n" + "".join(
+            f"{k}\t{o}\t{why}\n" for k, o, why in corrupt
+        )
         atomic_write_bytes(text.encode(), path)
         report["bad_file"] = str(path)
     return report

@@ -44,8 +44,15 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def embed_folder(embedder: Embedder, folder: str | Path, out: str | Path, landmarks: bool = False, raw: bool = False,
-                 progress: bool = True, workers: int = 4) -> dict:
+def embed_folder(
+    embedder: Embedder,
+    folder: str | Path,
+    out: str | Path,
+    landmarks: bool = False,
+    raw: bool = False,
+    progress: bool = True,
+    workers: int = 4,
+) -> dict:
     """Embed every image under ``folder`` into ``out`` (.npz, module doc); returns {"images", "dim", "out"}."""
     folder = Path(folder)
     files = list_images(folder)
@@ -56,8 +63,9 @@ def embed_folder(embedder: Embedder, folder: str | Path, out: str | Path, landma
         except OSError as exc:
             raise ValueError(f"cannot read image {p} ({exc}); remove it and run again") from None
 
-    got = embedder.embed_items(files, load, progress="embed" if progress else None, workers=workers,
-                               return_landmarks=landmarks)
+    got = embedder.embed_items(
+        files, load, progress="embed" if progress else None, workers=workers, return_landmarks=landmarks
+    )
     emb, pts = got if landmarks else (got, None)
     arrays = {
         "embeddings": (emb if raw else l2_normalise(emb)).astype(np.float32),
@@ -79,10 +87,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--landmarks", action="store_true", help="also store the landmark CNN's 196 points per face")
     p.add_argument("--raw", action="store_true", help="store the unnormalised flip sums instead of unit vectors")
     p.add_argument("--no-flip", action="store_true", help="embed the face alone, without its mirror")
-    p.add_argument("--export-onnx", default=None, metavar="OUT.onnx", help="write the model as ONNX (parity-checked with onnxruntime)")
+    p.add_argument(
+        "--export-onnx",
+        default=None,
+        metavar="OUT.onnx",
+        help="write the model as ONNX (parity-checked with onnxruntime)",
+    )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    p.add_argument("--onnx-exporter", default="dynamo", choices=("dynamo", "torchscript"),
-                   help="dynamo (default, maintained) or torchscript (older tracer, much faster)")
+    p.add_argument(
+        "--onnx-exporter",
+        default="dynamo",
+        choices=("dynamo", "torchscript"),
+        help="dynamo (default, maintained) or torchscript (older tracer, much faster)",
+    )
     p.add_argument("--no-progress", action="store_true")
     add_model_arguments(p)
 
@@ -99,13 +116,28 @@ def run(args: argparse.Namespace) -> int:
         from lafs_fast.eval.loading import load_eval_model
         from lafs_fast.eval.onnx_export import export_onnx
 
-        rep = export_onnx(load_eval_model(args.model, args.head_dim)[0], args.export_onnx, opset=args.opset, exporter=args.onnx_exporter)
-        print(f"wrote {rep['path']} (opset {rep['opset']}, {rep['exporter']} exporter): images float32 (B, 3, 112, 112) in [-1, 1] (x/255*2-1) -> "
-              f"embedding (B, dim); max |onnxruntime - PyTorch| = {rep['max_abs_diff']:.2e}")
+        rep = export_onnx(
+            load_eval_model(args.model, args.head_dim)[0],
+            args.export_onnx,
+            opset=args.opset,
+            exporter=args.onnx_exporter,
+        )
+        print(
+            f"wrote {rep['path']} (opset {rep['opset']}, {rep['exporter']} exporter): images float32 (B, 3, 112, 112) "
+            "in [-1, 1] (x/255*2-1) -> "
+            f"embedding (B, dim); max |onnxruntime - PyTorch| = {rep['max_abs_diff']:.2e}"
+        )
     if args.folder is not None:
         emb = make_embedder(args, flip=not args.no_flip)
         print(f"model {args.model} ({emb.checkpoint_kind}): {emb.describe()}", file=sys.stderr)
-        rep = embed_folder(emb, args.folder, args.out, landmarks=args.landmarks, raw=args.raw,
-                           progress=not args.no_progress, workers=args.workers)
+        rep = embed_folder(
+            emb,
+            args.folder,
+            args.out,
+            landmarks=args.landmarks,
+            raw=args.raw,
+            progress=not args.no_progress,
+            workers=args.workers,
+        )
         print(f"wrote {rep['out']}: {rep['images']} embeddings of dim {rep['dim']}")
     return 0

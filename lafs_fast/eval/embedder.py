@@ -16,9 +16,9 @@ protocol normalises the sum afterwards).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -48,14 +48,17 @@ def decode_face(data: bytes | str | Path, size: int = 112) -> np.ndarray:
         return np.array(im, dtype=np.uint8)  # a writable copy
 
 
-def iter_batches(items: Sequence, load: Callable[[object], np.ndarray], batch_size: int,
-                 workers: int = 4) -> Iterator[np.ndarray]:
+def iter_batches(
+    items: Sequence, load: Callable[[object], np.ndarray], batch_size: int, workers: int = 4
+) -> Iterator[np.ndarray]:
     """Yield ``load(item)`` stacked in batches (B, ...) in order; the next batch decodes in threads
     (PIL releases the GIL) while the caller embeds the current one."""
     starts = range(0, len(items), batch_size)
     with ThreadPoolExecutor(max(1, workers)) as pool:
+
         def submit(s: int):
-            return [pool.submit(load, it) for it in items[s:s + batch_size]]
+            return [pool.submit(load, it) for it in items[s : s + batch_size]]
+
         pending = submit(0) if len(items) else None
         for s in starts:
             current = pending
@@ -78,11 +81,20 @@ class Embedder:
         sampler_backend: "auto" | "torch" | "triton".
     """
 
-    def __init__(self, model: PartFViT | FViT, device: str | torch.device = "cpu", dtype: str = "auto",
-                 batch_size: int = 128, flip: bool = True, input_norm: str = "train",
-                 sampler_backend: str = "auto") -> None:
+    def __init__(
+        self,
+        model: PartFViT | FViT,
+        device: str | torch.device = "cpu",
+        dtype: str = "auto",
+        batch_size: int = 128,
+        flip: bool = True,
+        input_norm: str = "train",
+        sampler_backend: str = "auto",
+    ) -> None:
         if not isinstance(model, (PartFViT, FViT)):
-            raise ValueError(f"cannot embed with a {type(model).__name__}: load a model with lafs_fast.eval.loading.load_eval_model")
+            raise ValueError(
+                f"cannot embed with a {type(model).__name__}: load a model with lafs_fast.eval.loading.load_eval_model"
+            )
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"unknown input normalisation {input_norm!r}; choose one of {', '.join(INPUT_NORMS)}")
         self.device = torch.device(device)
@@ -101,8 +113,11 @@ class Embedder:
         self.is_part = isinstance(model, PartFViT)
         self.backbone: FViT = model.backbone if self.is_part else model
         # Part fViT: the landmark CNN's extent is image_size - 1; a bare fViT: its grid covers the face.
-        self.image_size = (int(round(model.landmark_cnn.extent)) + 1 if self.is_part
-                           else int(self.backbone.patch_size * round(self.backbone.num_patches ** 0.5)))
+        self.image_size = (
+            int(round(model.landmark_cnn.extent)) + 1
+            if self.is_part
+            else int(self.backbone.patch_size * round(self.backbone.num_patches**0.5))
+        )
 
     @property
     def dim(self) -> int:
@@ -115,9 +130,12 @@ class Embedder:
             kind = f"Part fViT (landmarks from its CNN, {sampler} sampler)"
         else:
             g = self.image_size // self.backbone.patch_size
-            kind = f"fViT without landmark CNN: regular {g}x{g} grid of {self.backbone.patch_size}x{self.backbone.patch_size} patches"
-        return (f"{kind}, dim {self.dim}, {self.device.type} {self.dtype_name}, inputs {INPUT_NORMS[self.input_norm]}"
-                f"{', flip-sum' if self.flip else ''}")
+            p = self.backbone.patch_size
+            kind = f"fViT without landmark CNN: regular {g}x{g} grid of {p}x{p} patches"
+        return (
+            f"{kind}, dim {self.dim}, {self.device.type} {self.dtype_name}, inputs {INPUT_NORMS[self.input_norm]}"
+            f"{', flip-sum' if self.flip else ''}"
+        )
 
     def _to_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) on the device, normalised."""
@@ -127,7 +145,9 @@ class Embedder:
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
             raise ValueError(f"faces must be uint8 (B, H, W, 3) RGB, got {tuple(x.shape)} {x.dtype}")
         if x.shape[1] != self.image_size or x.shape[2] != self.image_size:
-            raise ValueError(f"faces must be {self.image_size}x{self.image_size} (aligned), got {x.shape[1]}x{x.shape[2]}")
+            raise ValueError(
+                f"faces must be {self.image_size}x{self.image_size} (aligned), got {x.shape[1]}x{x.shape[2]}"
+            )
         x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
         return x * 2 - 1 if self.input_norm == "train" else x - 0.5
 
@@ -152,7 +172,9 @@ class Embedder:
         """uint8 (B, S, S, 3) RGB -> (B, dim) float32, unnormalised (flip-summed when ``flip``);
         with ``return_landmarks`` also the (B, L, 2) float32 px landmarks of the unflipped faces."""
         if return_landmarks and not self.is_part:
-            raise ValueError("this model has no landmark CNN (a bare fViT): it uses a regular grid, there are no landmarks to store")
+            raise ValueError(
+                "this model has no landmark CNN (a bare fViT): it uses a regular grid, there are no landmarks to store"
+            )
         x = self._to_input(images)
         b = x.shape[0]
         if self.flip:
@@ -167,12 +189,20 @@ class Embedder:
     def landmarks(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 (B, S, S, 3) -> (B, L, 2) float32 px (x, y) from the landmark CNN (Part fViT only)."""
         if not self.is_part:
-            raise ValueError("this model has no landmark CNN (a bare fViT): it uses a regular grid, there are no landmarks to show")
+            raise ValueError(
+                "this model has no landmark CNN (a bare fViT): it uses a regular grid, there are no landmarks to show"
+            )
         with torch.inference_mode():
             return self.model.landmark_cnn(self._to_input(images)).float().cpu().numpy()
 
-    def embed_items(self, items: Sequence, load: Callable[[object], np.ndarray], progress: str | None = None,
-                    workers: int = 4, return_landmarks: bool = False):
+    def embed_items(
+        self,
+        items: Sequence,
+        load: Callable[[object], np.ndarray],
+        progress: str | None = None,
+        workers: int = 4,
+        return_landmarks: bool = False,
+    ):
         """Embed ``items`` (bytes, paths...) decoded by ``load`` -> (N, dim) float32, unnormalised;
         with ``return_landmarks`` also (N, L, 2) float32 px (Part fViT only), from the same pass."""
         from tqdm import tqdm
@@ -187,7 +217,7 @@ class Embedder:
                 pts.append(coords)
             else:
                 emb = self.embed_batch(batch)
-            out[i:i + len(batch)] = emb
+            out[i : i + len(batch)] = emb
             i += len(batch)
             bar.update(len(batch))
         bar.close()

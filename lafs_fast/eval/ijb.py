@@ -18,9 +18,9 @@ Inputs are normalised with the training normalisation (see ``embedder``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -31,9 +31,18 @@ from lafs_fast.eval.metrics import DEFAULT_FARS, l2_normalise
 from lafs_fast.eval.verification import SetResult, evaluate_scores
 
 __all__ = [
-    "ARCFACE_TEMPLATE", "IJBMeta", "find_target", "read_ijb", "similarity_transform", "align_face",
-    "template_features", "template_pair_scores", "evaluate_ijb", "is_ijb_root",
+    "ARCFACE_TEMPLATE",
+    "IJBMeta",
+    "find_target",
+    "read_ijb",
+    "similarity_transform",
+    "align_face",
+    "template_features",
+    "template_pair_scores",
+    "evaluate_ijb",
+    "is_ijb_root",
 ]
+
 
 @dataclass
 class IJBMeta:
@@ -60,15 +69,19 @@ def find_target(root: str | Path) -> str:
     """'ijbb' or 'ijbc' (the meta file prefix) found in ``root/meta``."""
     found = sorted(p.name[: -len("_face_tid_mid.txt")] for p in (Path(root) / "meta").glob("*_face_tid_mid.txt"))
     if len(found) != 1:
-        raise ValueError(f"{root}/meta must hold exactly one *_face_tid_mid.txt (found {found or 'none'}); "
-                         "point at one IJB release folder such as IJB_release/IJBC")
+        raise ValueError(
+            f"{root}/meta must hold exactly one *_face_tid_mid.txt (found {found or 'none'}); "
+            "point at one IJB release folder such as IJB_release/IJBC"
+        )
     return found[0]
 
 
 def _numbers(path: Path, cols: int, skip_first: bool) -> tuple[list[str], np.ndarray]:
     """Whitespace table -> (first-column strings if ``skip_first``, float64 (rows, cols))."""
     if not path.is_file():
-        raise FileNotFoundError(f"IJB meta file {path} does not exist; expected the standard release layout (see `lafs-fast eval --help`)")
+        raise FileNotFoundError(
+            f"IJB meta file {path} does not exist; expected the standard release layout (see `lafs-fast eval --help`)"
+        )
     lines = path.read_text().split("\n")
     lines = [ln for ln in lines if ln.strip()]
     names: list[str] = []
@@ -87,7 +100,9 @@ def _numbers(path: Path, cols: int, skip_first: bool) -> tuple[list[str], np.nda
     except (ValueError, DeprecationWarning):
         vals = np.zeros(0)
     if vals.size != len(lines) * cols:
-        raise ValueError(f"{path}: expected {cols} numbers per line{' after the name' if skip_first else ''}; the file is damaged")
+        raise ValueError(
+            f"{path}: expected {cols} numbers per line{' after the name' if skip_first else ''}; the file is damaged"
+        )
     return names, vals.reshape(len(lines), cols)
 
 
@@ -106,10 +121,21 @@ def read_ijb(root: str | Path, target: str | None = None) -> IJBMeta:
         where = {n: i for i, n in enumerate(tid_names)}
         missing = [n for n in names if n not in where]
         if missing:
-            raise ValueError(f"{meta}/{t}_face_tid_mid.txt lacks {len(missing)} image(s) of the 5-point file, e.g. {missing[0]}")
+            raise ValueError(
+                f"{meta}/{t}_face_tid_mid.txt lacks {len(missing)} image(s) of the 5-point file, e.g. {missing[0]}"
+            )
         tm = tm[[where[n] for n in names]]
-    return IJBMeta(root, t, names, lm[:, :10].reshape(-1, 5, 2), lm[:, 10], tm[:, 0].astype(np.int64),
-                   tm[:, 1].astype(np.int64), pairs[:, :2].astype(np.int64), pairs[:, 2] > 0.5)
+    return IJBMeta(
+        root,
+        t,
+        names,
+        lm[:, :10].reshape(-1, 5, 2),
+        lm[:, 10],
+        tm[:, 0].astype(np.int64),
+        tm[:, 1].astype(np.int64),
+        pairs[:, :2].astype(np.int64),
+        pairs[:, 2] > 0.5,
+    )
 
 
 def template_features(feats: np.ndarray, templates: np.ndarray, medias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -136,17 +162,26 @@ def template_pair_scores(tids: np.ndarray, tfeats: np.ndarray, pairs: np.ndarray
     bad = (idx >= tids.shape[0]) | (tids[np.minimum(idx, tids.shape[0] - 1)] != pairs)
     if bad.any():
         t = int(pairs[bad][0])
-        raise ValueError(f"template {t} of the pair list has no image in the face/template file; the meta files do not match")
+        raise ValueError(
+            f"template {t} of the pair list has no image in the face/template file; the meta files do not match"
+        )
     out = np.empty(pairs.shape[0])
     for s in range(0, pairs.shape[0], chunk):
-        i = idx[s:s + chunk]
-        out[s:s + chunk] = np.sum(tfeats[i[:, 0]] * tfeats[i[:, 1]], axis=1)
+        i = idx[s : s + chunk]
+        out[s : s + chunk] = np.sum(tfeats[i[:, 0]] * tfeats[i[:, 1]], axis=1)
     return out
 
 
-def evaluate_ijb(embedder: Embedder, root: str | Path, target: str | None = None,
-                 fars: Sequence[float] = DEFAULT_FARS, far_rule: str = "at_most", progress: bool = True,
-                 workers: int = 4, use_detector_score: bool = True) -> SetResult:
+def evaluate_ijb(
+    embedder: Embedder,
+    root: str | Path,
+    target: str | None = None,
+    fars: Sequence[float] = DEFAULT_FARS,
+    far_rule: str = "at_most",
+    progress: bool = True,
+    workers: int = 4,
+    use_detector_score: bool = True,
+) -> SetResult:
     """The full IJB-B/C 1:1 protocol (module doc) -> SetResult (kind "ijb", no k-fold accuracy)."""
     from PIL import Image
 
@@ -173,6 +208,8 @@ def evaluate_ijb(embedder: Embedder, root: str | Path, target: str | None = None
     tids, tfeats = template_features(feats, meta.templates, meta.medias)
     scores = template_pair_scores(tids, tfeats, meta.pairs)
     res = evaluate_scores(meta.target.upper(), scores, meta.labels, nfolds=0, fars=fars, kind="ijb", far_rule=far_rule)
-    res.notes.append(f"{len(meta.names)} images, {tids.shape[0]} templates; TAR rule {far_rule}"
-                     + ("" if use_detector_score else "; detector scores ignored"))
+    res.notes.append(
+        f"{len(meta.names)} images, {tids.shape[0]} templates; TAR rule {far_rule}"
+        + ("" if use_detector_score else "; detector scores ignored")
+    )
     return res

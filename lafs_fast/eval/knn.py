@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lafs_fast.eval.metrics import best_accuracy
+
 __all__ = ["EVAL_SEED", "KNN_MAX_IMAGES", "KnnFaces", "ImageInputs", "knn_faces", "embed", "knn_check", "format_check"]
 
 EVAL_SEED = 7_000_001  # held-out synthetic identities: a different seed draws different faces
@@ -34,8 +36,6 @@ class ImageInputs:
         return normalise_images(x.flip(2) if flip else x)
 
 
-
-
 @dataclass
 class KnnFaces:
     """Labelled faces for the check: images (N, H, W, 3) uint8 and labels (N,) int64 on the device;
@@ -49,8 +49,16 @@ class KnnFaces:
     title: str = "k-NN check"  # "held-out check" when no face was trained on
 
 
-def knn_faces(data: str | None, device: torch.device, *, train_data: str | None = None, detector: bool = False,
-              max_images: int = KNN_MAX_IMAGES, identities: int = 40, per_identity: int = 5) -> KnnFaces:
+def knn_faces(
+    data: str | None,
+    device: torch.device,
+    *,
+    train_data: str | None = None,
+    detector: bool = False,
+    max_images: int = KNN_MAX_IMAGES,
+    identities: int = 40,
+    per_identity: int = 5,
+) -> KnnFaces:
     """The check's faces: ``data`` a .rec (up to ``max_images`` records, evenly spaced, decoded like
     the loaders), or None: ``identities x per_identity`` synthetic faces never seen in training."""
     if data is None:
@@ -75,22 +83,37 @@ def knn_faces(data: str | None, device: torch.device, *, train_data: str | None 
         labels.append(label)
         kept.append(int(i))
     if not ims:
-        raise ValueError(f"--knn-data {src.path}: none of the {len(picks)} records read decodes; check it with `lafs-fast data verify {src.path}`")
+        raise ValueError(
+            f"--knn-data {src.path}: none of the {len(picks)} records read decodes; check it with `lafs-fast data "
+            f"verify {src.path}`"
+        )
     picks = np.asarray(kept, dtype=np.int64)
     # the records' own landmarks only where the views' table is this rec's (detector mode trains on a rec)
     same = detector and train_data is not None and RecSource(train_data).path.resolve() == src.path.resolve()
     positions = torch.as_tensor(picks) if same else None
     what = f"{len(picks)} faces of {src.path.name}, {len(set(labels))} identities"
     if bad:
-        what += f"; {len(bad)} corrupt record(s) skipped (positions {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})"
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        what += f"; {len(bad)} corrupt record(s) skipped (positions {shown})"
     if detector and not same:
         what += "; the mean face's landmarks (not the training rec)"
-    return KnnFaces(torch.from_numpy(np.stack(ims)).to(device), torch.tensor(labels, dtype=torch.int64, device=device), positions, what)
+    return KnnFaces(
+        torch.from_numpy(np.stack(ims)).to(device),
+        torch.tensor(labels, dtype=torch.int64, device=device),
+        positions,
+        what,
+    )
 
 
 @torch.no_grad()
-def embed(backbone: torch.nn.Module, views: Any, images: torch.Tensor, batch: int = 64,
-          positions: torch.Tensor | None = None, precision: str | None = None) -> torch.Tensor:
+def embed(
+    backbone: torch.nn.Module,
+    views: Any,
+    images: torch.Tensor,
+    batch: int = 64,
+    positions: torch.Tensor | None = None,
+    precision: str | None = None,
+) -> torch.Tensor:
     """L2-normalised embeddings (N, dim) fp32 of faces (N, H, W, 3) uint8 (+ their flips, summed);
     ``positions`` (N,): record positions for ``views.eval_tokens`` (detector landmarks).
 
@@ -104,18 +127,26 @@ def embed(backbone: torch.nn.Module, views: Any, images: torch.Tensor, batch: in
     out = []
     try:
         for i in range(0, images.shape[0], batch):
-            x = images[i:i + batch]
-            kw = {} if positions is None else {"positions": positions[i:i + batch]}
+            x = images[i : i + batch]
+            kw = {} if positions is None else {"positions": positions[i : i + batch]}
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                e = backbone(views.eval_tokens(x, **kw)).float() + backbone(views.eval_tokens(x, flip=True, **kw)).float()
+                e = (
+                    backbone(views.eval_tokens(x, **kw)).float()
+                    + backbone(views.eval_tokens(x, flip=True, **kw)).float()
+                )
             out.append(F.normalize(e, dim=-1))
     finally:
         backbone.train(was)
     return torch.cat(out)
 
 
-def knn_check(backbone: torch.nn.Module, views: Any, device: torch.device, faces: KnnFaces | None = None,
-              precision: str | None = None) -> dict[str, float]:
+def knn_check(
+    backbone: torch.nn.Module,
+    views: Any,
+    device: torch.device,
+    faces: KnnFaces | None = None,
+    precision: str | None = None,
+) -> dict[str, float]:
     """Leave-one-out 1-NN identification accuracy (cosine) and verification accuracy on balanced pairs
     (every genuine pair, as many impostor pairs drawn at random, best threshold), both in %, on
     ``faces`` (default: held-out synthetic identities, :func:`knn_faces`); ``precision`` as in :func:`embed`."""
@@ -135,16 +166,10 @@ def knn_check(backbone: torch.nn.Module, views: Any, device: torch.device, faces
     n_pos = int(y.sum())
     neg = rng.choice(np.flatnonzero(~y), size=min(n_pos, int((~y).sum())), replace=False)
     s, y = np.concatenate((s[y], s[neg])), np.concatenate((np.ones(n_pos, bool), np.zeros(len(neg), bool)))
-    order = np.argsort(-s)
-    # accuracy at every threshold between consecutive sorted scores: TP so far + TN remaining
-    tp = np.concatenate(([0], np.cumsum(y[order])))
-    fp = np.concatenate(([0], np.cumsum(~y[order])))
-    acc = (tp + (len(neg) - fp)) / len(y)
-    return {"knn_top1": round(top1, 2), "verification": round(float(acc.max()) * 100, 2)}
+    acc = best_accuracy(2.0 - 2.0 * s, y)  # unit vectors: squared distance = 2 - 2 cos
+    return {"knn_top1": round(top1, 2), "verification": round(acc * 100, 2)}
 
 
 def format_check(r: dict[str, float], faces: KnnFaces | None = None) -> str:
     what = faces.what if faces is not None else "held-out synthetic identities"
     return f"1-NN top-1 {r['knn_top1']:.1f}%, verification {r['verification']:.1f}% ({what})"
-
-

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
-    "DEFAULT_FARS", "KFoldResult", "kfold_accuracy", "exact_thresholds", "insightface_thresholds", "roc_curve", "tar_at_far", "l2_normalise", "pair_scores",
+    "best_accuracy",
+    "DEFAULT_FARS",
+    "KFoldResult",
+    "kfold_accuracy",
+    "exact_thresholds",
+    "insightface_thresholds",
+    "roc_curve",
+    "tar_at_far",
+    "l2_normalise",
+    "pair_scores",
 ]
 
 DEFAULT_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -73,8 +82,16 @@ def exact_thresholds(dist2: np.ndarray) -> np.ndarray:
     return np.r_[u[0] - 1.0, (u[:-1] + u[1:]) / 2, u[-1] + 1.0]
 
 
-def kfold_accuracy(scores: np.ndarray, issame: np.ndarray, nfolds: int = 10,
-                   thresholds: np.ndarray | None = None) -> KFoldResult:
+def best_accuracy(dist2: np.ndarray, same: np.ndarray) -> float:
+    """The best accuracy of "same when d < t" over every threshold (no folds: a quick check of a whole
+    set, e.g. the k-NN check of training runs). dist2 (n,), same (n,) bool -> accuracy in [0, 1]."""
+    dist2 = np.asarray(dist2, dtype=np.float64)
+    return float(_accuracy(dist2, np.asarray(same, dtype=bool), exact_thresholds(dist2)).max())
+
+
+def kfold_accuracy(
+    scores: np.ndarray, issame: np.ndarray, nfolds: int = 10, thresholds: np.ndarray | None = None
+) -> KFoldResult:
     """k-fold verification accuracy, threshold chosen on the other folds (module doc).
 
     Args:
@@ -90,7 +107,9 @@ def kfold_accuracy(scores: np.ndarray, issame: np.ndarray, nfolds: int = 10,
     if scores.shape != same.shape:
         raise ValueError(f"scores {scores.shape} and issame {same.shape} must have the same length")
     if nfolds < 2 or scores.shape[0] < nfolds:
-        raise ValueError(f"k-fold accuracy needs nfolds >= 2 and at least nfolds pairs; got {nfolds} folds, {scores.shape[0]} pairs")
+        raise ValueError(
+            f"k-fold accuracy needs nfolds >= 2 and at least nfolds pairs; got {nfolds} folds, {scores.shape[0]} pairs"
+        )
     grid = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
     dist2 = 2.0 - 2.0 * scores
     folds = np.array_split(np.arange(scores.shape[0]), nfolds)  # == sklearn KFold(n_splits, shuffle=False)
@@ -99,7 +118,7 @@ def kfold_accuracy(scores: np.ndarray, issame: np.ndarray, nfolds: int = 10,
         train = np.concatenate([f for j, f in enumerate(folds) if j != k])
         thr = exact_thresholds(dist2[train]) if grid is None else grid
         best = int(np.argmax(_accuracy(dist2[train], same[train], thr)))  # first maximum, as InsightFace
-        accs.append(float(_accuracy(dist2[test], same[test], thr[best:best + 1])[0]))
+        accs.append(float(_accuracy(dist2[test], same[test], thr[best : best + 1])[0]))
         chosen.append(float(1.0 - thr[best] / 2.0))
     return KFoldResult(float(np.mean(accs)), float(np.std(accs)), float(np.mean(chosen)), accs, chosen)
 
@@ -125,8 +144,9 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
     return (np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos], np.r_[np.inf, s[last]])
 
 
-def tar_at_far(scores: np.ndarray, labels: np.ndarray, fars: tuple[float, ...] = DEFAULT_FARS,
-               rule: str = "at_most") -> dict[float, float]:
+def tar_at_far(
+    scores: np.ndarray, labels: np.ndarray, fars: tuple[float, ...] = DEFAULT_FARS, rule: str = "at_most"
+) -> dict[float, float]:
     """True accept rate at each false accept rate.
 
     rule ``"at_most"`` (default): the largest TPR of an operating point whose FPR <= FAR; NaN when

@@ -49,7 +49,9 @@ def _require_onnx() -> None:
     require_extra("ONNX export", "onnx", "onnx", "onnxruntime", "onnxscript")
 
 
-def onnx_parity(model: PartFViT | FViT, onnx_path: str | Path, batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0) -> float:
+def onnx_parity(
+    model: PartFViT | FViT, onnx_path: str | Path, batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0
+) -> float:
     """Max |PyTorch - onnxruntime| over random faces (float32, several batch sizes)."""
     import onnxruntime as ort
 
@@ -69,8 +71,14 @@ def onnx_parity(model: PartFViT | FViT, onnx_path: str | Path, batch_sizes: tupl
 EXPORTERS = ("dynamo", "torchscript")
 
 
-def export_onnx(model: PartFViT | FViT, out: str | Path, opset: int = 18, check: bool = True, atol: float = 1e-3,
-                exporter: str = "dynamo") -> dict:
+def export_onnx(
+    model: PartFViT | FViT,
+    out: str | Path,
+    opset: int = 18,
+    check: bool = True,
+    atol: float = 1e-3,
+    exporter: str = "dynamo",
+) -> dict:
     """Export ``model`` to ``out`` (atomically) with ``exporter`` (module doc); with ``check``, refuse
     a graph whose outputs differ from PyTorch's by more than ``atol``.
     Returns {"path", "max_abs_diff", "opset", "exporter"}."""
@@ -90,13 +98,27 @@ def export_onnx(model: PartFViT | FViT, out: str | Path, opset: int = 18, check:
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 torch.onnx.export(
-                    wrapper, (x,), tmp, input_names=["images"], output_names=["embedding"], opset_version=opset,
-                    dynamo=True, external_data=False, dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+                    wrapper,
+                    (x,),
+                    tmp,
+                    input_names=["images"],
+                    output_names=["embedding"],
+                    opset_version=opset,
+                    dynamo=True,
+                    external_data=False,
+                    dynamic_shapes=({0: torch.export.Dim("batch")},),
+                    verbose=False,
                 )
             else:
                 torch.onnx.export(
-                    wrapper, (x,), tmp, input_names=["images"], output_names=["embedding"], opset_version=opset,
-                    dynamo=False, dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
+                    wrapper,
+                    (x,),
+                    tmp,
+                    input_names=["images"],
+                    output_names=["embedding"],
+                    opset_version=opset,
+                    dynamo=False,
+                    dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
                 )
         if check:
             diff = onnx_parity(model, tmp)

@@ -5,17 +5,18 @@ Protocol (docs/method.md section 5), explicit so that numbers can be reproduced:
 2. embed it and its horizontal flip, sum the two raw embeddings, L2-normalise;
 3. score each pair by cosine similarity;
 4. 10-fold accuracy, the threshold of each fold chosen on the other nine (exact: every midpoint of
-   the sorted scores; or InsightFace's grid of squared-distance thresholds), reported as mean +- std over folds; plus TAR at FAR over the whole
-   set (``metrics.tar_at_far``), NaN where the set has too few impostor pairs for that FAR.
+   the sorted scores; or InsightFace's grid of squared-distance thresholds), reported as mean +- std
+   over folds; plus TAR at FAR over the whole set (``metrics.tar_at_far``), NaN where the set has too
+   few impostor pairs for that FAR.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -24,7 +25,16 @@ from lafs_fast.eval.embedder import Embedder, decode_face
 from lafs_fast.eval.metrics import DEFAULT_FARS, insightface_thresholds, kfold_accuracy, l2_normalise, tar_at_far
 from lafs_fast.io import atomic_write_bytes
 
-__all__ = ["SetResult", "pct", "evaluate_scores", "evaluate_bin", "format_table", "save_results", "save_scores", "load_scores"]
+__all__ = [
+    "SetResult",
+    "pct",
+    "evaluate_scores",
+    "evaluate_bin",
+    "format_table",
+    "save_results",
+    "save_scores",
+    "load_scores",
+]
 
 
 @dataclass
@@ -54,9 +64,16 @@ class SetResult:
         return d
 
 
-def evaluate_scores(name: str, scores: np.ndarray, issame: np.ndarray, nfolds: int = 10,
-                    fars: Sequence[float] = DEFAULT_FARS, kind: str = "bin", far_rule: str = "at_most",
-                    threshold_step: float | None = None) -> SetResult:
+def evaluate_scores(
+    name: str,
+    scores: np.ndarray,
+    issame: np.ndarray,
+    nfolds: int = 10,
+    fars: Sequence[float] = DEFAULT_FARS,
+    kind: str = "bin",
+    far_rule: str = "at_most",
+    threshold_step: float | None = None,
+) -> SetResult:
     """Metrics of pair scores (P,) float against issame (P,) bool; k-fold accuracy when ``nfolds``,
     over exact thresholds (``threshold_step`` None) or the squared-distance grid
     ``arange(0, 4, threshold_step)`` (InsightFace: 0.01)."""
@@ -74,8 +91,15 @@ def evaluate_scores(name: str, scores: np.ndarray, issame: np.ndarray, nfolds: i
     return res
 
 
-def evaluate_bin(embedder: Embedder, path: str | Path, nfolds: int = 10, fars: Sequence[float] = DEFAULT_FARS,
-                 progress: bool = True, workers: int = 4, threshold_step: float | None = None) -> SetResult:
+def evaluate_bin(
+    embedder: Embedder,
+    path: str | Path,
+    nfolds: int = 10,
+    fars: Sequence[float] = DEFAULT_FARS,
+    progress: bool = True,
+    workers: int = 4,
+    threshold_step: float | None = None,
+) -> SetResult:
     """Read a ``.bin`` safely, embed with flip-sum (the embedder's setting), score, measure."""
     bs = load_bin(path)
 
@@ -85,7 +109,9 @@ def evaluate_bin(embedder: Embedder, path: str | Path, nfolds: int = 10, fars: S
         except OSError as exc:  # PIL's UnidentifiedImageError included
             raise ValueError(f"{path}: image {item[0]} cannot be decoded ({exc}); the file is damaged") from None
 
-    emb = embedder.embed_items(list(enumerate(bs.images)), load, progress=bs.name if progress else None, workers=workers)
+    emb = embedder.embed_items(
+        list(enumerate(bs.images)), load, progress=bs.name if progress else None, workers=workers
+    )
     emb = l2_normalise(emb)
     scores = np.sum(emb[0::2] * emb[1::2], axis=1)
     return evaluate_scores(bs.name, scores, bs.issame, nfolds, fars, threshold_step=threshold_step)
@@ -122,7 +148,9 @@ def load_scores(path: str | Path) -> tuple[str, np.ndarray, np.ndarray]:
     """-> (name, scores (P,) float64, labels (P,) bool) from ``save_scores`` output (no pickles)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"scores file {path} does not exist; `lafs-fast eval ... --out DIR` writes DIR/<set>_scores.npz")
+        raise FileNotFoundError(
+            f"scores file {path} does not exist; `lafs-fast eval ... --out DIR` writes DIR/<set>_scores.npz"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             return str(z["name"]), z["scores"].astype(np.float64), z["labels"].astype(bool)

@@ -15,8 +15,8 @@ import argparse
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -44,8 +44,9 @@ def _save(fig, out: str | Path) -> None:
     atomic_write_bytes(buf.getvalue(), out)
 
 
-def draw_landmarks(faces: np.ndarray, coords: np.ndarray, out: str | Path, titles: Sequence[str] | None = None,
-                   cols: int = 4) -> None:
+def draw_landmarks(
+    faces: np.ndarray, coords: np.ndarray, out: str | Path, titles: Sequence[str] | None = None, cols: int = 4
+) -> None:
     """faces uint8 (B, S, S, 3), coords (B, L, 2) px (x, y) -> a PNG grid, points coloured by index."""
     plt = _plt()
     b = faces.shape[0]
@@ -106,14 +107,18 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             raise ValueError(f"{path} line {i} is not JSON; a metrics log holds one JSON object per line") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
-            raise ValueError(f"{path} line {i} has no numeric \"step\"; each line must be an object like {{\"step\": 10, \"loss\": 2.3}}")
+            raise ValueError(
+                f'{path} line {i} has no numeric "step"; each line must be an object like {{"step": 10, "loss": 2.3}}'
+            )
         recs.append(rec)
     if not recs:
         raise ValueError(f"{path} holds no metrics")
     return recs
 
 
-def plot_curves(logs: Sequence[tuple[str, list[dict]]], out: str | Path, keys: Sequence[str] | None = None) -> list[str]:
+def plot_curves(
+    logs: Sequence[tuple[str, list[dict]]], out: str | Path, keys: Sequence[str] | None = None
+) -> list[str]:
     """logs: [(run name, records)] -> PNG with one panel per metric (x = step); returns the metrics drawn."""
     plt = _plt()
     if keys is None:
@@ -125,14 +130,18 @@ def plot_curves(logs: Sequence[tuple[str, list[dict]]], out: str | Path, keys: S
                         seen.setdefault(k)
         keys = list(seen)
     if not keys:
-        raise ValueError("the metrics logs hold no numeric metric besides \"step\"")
+        raise ValueError('the metrics logs hold no numeric metric besides "step"')
     n = len(keys)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for name, recs in logs:
-            pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+            pts = [
+                (r["step"], r[key])
+                for r in recs
+                if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+            ]
             if pts:
                 x, y = zip(*pts)
                 ax.plot(x, y, label=name, linewidth=1)
@@ -160,7 +169,7 @@ def _faces_from(sources: Sequence[str], size: int, limit: int) -> tuple[np.ndarr
         p = Path(s)
         if p.is_file() and p.suffix == ".bin":
             bs = load_bin(p)
-            for i, data in enumerate(bs.images[:limit - len(faces)]):
+            for i, data in enumerate(bs.images[: limit - len(faces)]):
                 faces.append(decode_face(data, size))
                 names.append(f"{bs.name}[{i}]")
         elif p.is_dir() or p.is_file():
@@ -188,7 +197,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     roc.add_argument("scores", nargs="+", help="<set>_scores.npz files or folders holding them")
     roc.add_argument("--out", default="roc.png")
     cur = sub.add_parser("curves", help="training curves from JSONL metrics logs")
-    cur.add_argument("logs", nargs="+", help="metrics.jsonl files (one JSON object per line with \"step\")")
+    cur.add_argument("logs", nargs="+", help='metrics.jsonl files (one JSON object per line with "step")')
     cur.add_argument("--keys", nargs="+", default=None, help="metrics to draw (default: every numeric key)")
     cur.add_argument("--out", default="curves.png")
 
@@ -199,7 +208,9 @@ def run(args: argparse.Namespace) -> int:
 
         emb = make_embedder(args, flip=False)
         faces, names = _faces_from(args.sources, emb.image_size, max(1, args.max))
-        coords = np.concatenate([emb.landmarks(faces[s:s + emb.batch_size]) for s in range(0, len(faces), emb.batch_size)])
+        coords = np.concatenate(
+            [emb.landmarks(faces[s : s + emb.batch_size]) for s in range(0, len(faces), emb.batch_size)]
+        )
         draw_landmarks(faces, coords, args.out, names)
         print(f"wrote {args.out}: {coords.shape[1]} landmarks on {len(faces)} faces ({emb.describe()})")
     elif args.viz == "roc":
@@ -210,7 +221,9 @@ def run(args: argparse.Namespace) -> int:
             p = Path(s)
             files += sorted(p.glob("*_scores.npz")) if p.is_dir() else [p]
         if not files:
-            raise ValueError(f"no *_scores.npz in {', '.join(args.scores)}; write them with `lafs-fast eval ... --out DIR`")
+            raise ValueError(
+                f"no *_scores.npz in {', '.join(args.scores)}; write them with `lafs-fast eval ... --out DIR`"
+            )
         plot_roc([load_scores(f) for f in files], args.out)
         print(f"wrote {args.out}: ROC of {len(files)} set(s)")
     else:

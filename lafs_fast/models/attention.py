@@ -23,7 +23,14 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ATTENTION_BACKENDS", "attention", "resolve_attention", "seqlen_runs", "xformers_extension", "xformers_status"]
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "attention",
+    "resolve_attention",
+    "seqlen_runs",
+    "xformers_extension",
+    "xformers_status",
+]
 
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 
@@ -42,8 +49,10 @@ def xformers_extension() -> tuple[bool, str]:
         return True, "xformers C++/CUDA extension loaded"
     exc = getattr(getattr(xformers, "_cpp_lib", None), "_cpp_library_load_exception", None)
     detail = str(exc).strip().splitlines()[0][:160] if exc is not None and str(exc).strip() else "unknown reason"
-    return False, (f"xformers' C++/CUDA extension did not load ({detail}); its attention would be torch's own "
-                   "flash kernel (for a CUDA 13 image: nvidia-cuda-runtime-cu12 on LD_LIBRARY_PATH, see docs/gpu.md)")
+    return False, (
+        f"xformers' C++/CUDA extension did not load ({detail}); its attention would be torch's own "
+        "flash kernel (for a CUDA 13 image: nvidia-cuda-runtime-cu12 on LD_LIBRARY_PATH, see docs/gpu.md)"
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -105,8 +114,14 @@ def _dense(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, scale: float, b
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS[1:])}")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str = "sdpa",
-              seqlens: tuple[int, ...] | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    backend: str = "sdpa",
+    seqlens: tuple[int, ...] | None = None,
+) -> torch.Tensor:
     """softmax(q k^T * scale) v.
 
     q, k, v: (B, N, H, D). Returns (B, N, H, D). ``backend`` must be resolved (not "auto").
@@ -115,11 +130,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, b
     """
     if seqlens is not None:
         if q.shape[0] != 1 or sum(seqlens) != q.shape[1]:
-            raise ValueError(f"packed attention needs q of shape (1, sum(seqlens) = {sum(seqlens)}, H, D), got {tuple(q.shape)}")
+            raise ValueError(
+                f"packed attention needs q of shape (1, sum(seqlens) = {sum(seqlens)}, H, D), got {tuple(q.shape)}"
+            )
         if backend == "xformers":
             import xformers.ops as xops
 
-            return xops.memory_efficient_attention(q, k, v, attn_bias=_block_diagonal_mask(tuple(seqlens), q.device), scale=scale)
+            return xops.memory_efficient_attention(
+                q, k, v, attn_bias=_block_diagonal_mask(tuple(seqlens), q.device), scale=scale
+            )
         runs = seqlen_runs(tuple(seqlens))
         sizes = [n * count for n, count in runs]
         # torch.split, not slicing: its backward is one cat, not a zero-filled (T, H, D) per run

@@ -34,8 +34,19 @@ from lafs_fast.models.landmark_cnn import LandmarkCNN
 from lafs_fast.models.part_fvit import PartFViT, build_backbone, build_landmark_cnn, build_margin_head
 
 __all__ = [
-    "TRAIN_FORMAT", "model_from_object", "load_model_and_kind", "FORMAT", "detect_format", "split_reference", "infer_model_config", "load_into", "import_checkpoint",
-    "export_reference", "load_model", "model_file", "read_model_file",
+    "TRAIN_FORMAT",
+    "model_from_object",
+    "load_model_and_kind",
+    "FORMAT",
+    "detect_format",
+    "split_reference",
+    "infer_model_config",
+    "load_into",
+    "import_checkpoint",
+    "export_reference",
+    "load_model",
+    "model_file",
+    "read_model_file",
 ]
 
 FORMAT = "lafs-fast-model"
@@ -52,7 +63,7 @@ def _strip(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, 
             changed = False
             for p in prefixes:
                 if k.startswith(p):
-                    k, changed = k[len(p):], True
+                    k, changed = k[len(p) :], True
         out[k] = v
     return out
 
@@ -61,14 +72,20 @@ def detect_format(obj: Any) -> str:
     """'lafs-fast', 'reference-ssl' or 'reference-part-fvit' (ValueError otherwise)."""
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return "lafs-fast"
-    if isinstance(obj, dict) and ("teacher" in obj or "student" in obj) and isinstance(obj.get("teacher", obj.get("student")), dict):
+    if (
+        isinstance(obj, dict)
+        and ("teacher" in obj or "student" in obj)
+        and isinstance(obj.get("teacher", obj.get("student")), dict)
+    ):
         return "reference-ssl"
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         keys = _strip(obj, ("module.",))
         if "cls_token" in keys and "pos_embedding" in keys:
             return "reference-part-fvit"
-    raise ValueError("not a recognised checkpoint: expected a reference Part fViT state dict, a LAFS SSL "
-                     "checkpoint (student/teacher) or a lafs-fast model file")
+    raise ValueError(
+        "not a recognised checkpoint: expected a reference Part fViT state dict, a LAFS SSL "
+        "checkpoint (student/teacher) or a lafs-fast model file"
+    )
 
 
 def split_reference(obj: Any, which: str = "teacher") -> dict[str, Any]:
@@ -76,7 +93,10 @@ def split_reference(obj: Any, which: str = "teacher") -> dict[str, Any]:
     kind = detect_format(obj)
     if kind == "reference-ssl":
         if which not in obj:
-            raise ValueError(f"the SSL checkpoint has no {which!r} weights (it has: {', '.join(k for k in obj if isinstance(obj[k], dict))})")
+            raise ValueError(
+                f"the SSL checkpoint has no {which!r} weights (it has: "
+                f"{', '.join(k for k in obj if isinstance(obj[k], dict))})"
+            )
         flat = _strip(obj[which], ("module.",))
     elif kind == "reference-part-fvit":
         flat = _strip(obj, ("module.",))
@@ -115,8 +135,16 @@ def infer_model_config(backbone_sd: dict[str, torch.Tensor], head_dim: int = 64)
     if inner % head_dim:
         raise ValueError(f"attention width {inner} is not a multiple of head_dim {head_dim}: pass the right --head-dim")
     patch = int(round((token_dim / 3) ** 0.5))
-    return ModelConfig(dim=dim, depth=depth, heads=inner // head_dim, head_dim=head_dim, mlp_dim=mlp_dim,
-                       num_patches=num_patches, patch_size=patch, attn_scale="dim")
+    return ModelConfig(
+        dim=dim,
+        depth=depth,
+        heads=inner // head_dim,
+        head_dim=head_dim,
+        mlp_dim=mlp_dim,
+        num_patches=num_patches,
+        patch_size=patch,
+        attn_scale="dim",
+    )
 
 
 def load_into(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
@@ -124,10 +152,14 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
+
         def cut(items: list[str]) -> str:
             return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
+
         bits = []
         if missing:
             bits.append(f"missing {len(missing)}: {cut(missing)}")
@@ -139,30 +171,49 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None
     module.load_state_dict(sd, strict=True)
 
 
-def model_file(model_cfg: ModelConfig, backbone: FViT, landmark_cnn: LandmarkCNN | None = None,
-               margin_head: MarginHead | None = None, dino_head: DINOHead | None = None,
-               source: str = "lafs-fast") -> dict[str, Any]:
+def model_file(
+    model_cfg: ModelConfig,
+    backbone: FViT,
+    landmark_cnn: LandmarkCNN | None = None,
+    margin_head: MarginHead | None = None,
+    dino_head: DINOHead | None = None,
+    source: str = "lafs-fast",
+) -> dict[str, Any]:
     """The lafs-fast model-file dict for these modules (tensors on the CPU)."""
+
     def sd(m: nn.Module | None):
         return None if m is None else {k: v.detach().cpu() for k, v in m.state_dict().items()}
+
     return {
-        "format": FORMAT, "version": 1, "source": source, "model": dataclasses.asdict(model_cfg),
+        "format": FORMAT,
+        "version": 1,
+        "source": source,
+        "model": dataclasses.asdict(model_cfg),
         "num_classes": None if margin_head is None else margin_head.num_classes,
         "dino_out_dim": None if dino_head is None else dino_head.last_layer.weight_v.shape[0],
-        "backbone": sd(backbone), "landmark_cnn": sd(landmark_cnn), "margin_head": sd(margin_head), "dino_head": sd(dino_head),
+        "backbone": sd(backbone),
+        "landmark_cnn": sd(landmark_cnn),
+        "margin_head": sd(margin_head),
+        "dino_head": sd(dino_head),
     }
 
 
 def read_model_file(path: str | Path) -> dict[str, Any]:
     obj = safe_load(path)
     if detect_format(obj) != "lafs-fast":
-        raise ValueError(f"{path} is a reference checkpoint: convert it first with `lafs-fast checkpoint import {path} OUT`")
+        raise ValueError(
+            f"{path} is a reference checkpoint: convert it first with `lafs-fast checkpoint import {path} OUT`"
+        )
     return obj
 
 
 def _dino_head_from_sd(sd: dict[str, torch.Tensor]) -> DINOHead:
-    head = DINOHead(sd["mlp.0.weight"].shape[1], sd["last_layer.weight_v"].shape[0], sd["mlp.0.weight"].shape[0],
-                    sd["last_layer.weight_v"].shape[1])
+    head = DINOHead(
+        sd["mlp.0.weight"].shape[1],
+        sd["last_layer.weight_v"].shape[0],
+        sd["mlp.0.weight"].shape[0],
+        sd["last_layer.weight_v"].shape[1],
+    )
     load_into(head, sd, "DINO head")
     return head
 
@@ -188,9 +239,17 @@ def import_checkpoint(src: str | Path, dst: str | Path, which: str = "teacher", 
     if parts["dino_head"] is not None:
         dino = _dino_head_from_sd(parts["dino_head"])
     atomic_save(model_file(mcfg, backbone, landmark, margin, dino, source=kind), dst)
-    return {"source": kind, "which": which if kind == "reference-ssl" else None, "dim": mcfg.dim, "depth": mcfg.depth,
-            "heads": mcfg.heads, "landmark_cnn": landmark is not None, "num_classes": None if margin is None else margin.num_classes,
-            "dino_head": dino is not None, "ignored": parts["ignored"]}
+    return {
+        "source": kind,
+        "which": which if kind == "reference-ssl" else None,
+        "dim": mcfg.dim,
+        "depth": mcfg.depth,
+        "heads": mcfg.heads,
+        "landmark_cnn": landmark is not None,
+        "num_classes": None if margin is None else margin.num_classes,
+        "dino_head": dino is not None,
+        "ignored": parts["ignored"],
+    }
 
 
 def export_reference(src: str | Path, dst: str | Path, fmt: str = "part_fvit") -> None:
@@ -228,7 +287,9 @@ def model_from_object(obj: Any, what: str, head_dim: int = 64, margin_head: bool
     kind = "training checkpoint" if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT else None
     if kind:
         if not isinstance(obj.get("model_file"), dict):
-            raise ValueError(f"{what} is a training checkpoint without a model file; use the run's exported model instead")
+            raise ValueError(
+                f"{what} is a training checkpoint without a model file; use the run's exported model instead"
+            )
         obj = obj["model_file"]
     fmt = detect_format(obj)
     kind = kind or fmt
@@ -274,7 +335,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     imp = sub.add_parser("import", help="reference Part fViT / LAFS SSL checkpoint -> lafs-fast model file")
     imp.add_argument("src")
     imp.add_argument("dst")
-    imp.add_argument("--which", default="teacher", choices=["teacher", "student"], help="SSL weights to take (default: teacher)")
+    imp.add_argument(
+        "--which", default="teacher", choices=["teacher", "student"], help="SSL weights to take (default: teacher)"
+    )
     imp.add_argument("--head-dim", type=int, default=64, help="attention head width (reference: 64)")
     exp = sub.add_parser("export", help="lafs-fast model file -> reference layout")
     exp.add_argument("src")
@@ -288,8 +351,11 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "import":
         s = import_checkpoint(args.src, args.dst, args.which, args.head_dim)
         print(f"imported {s['source']} ({'weights: ' + s['which'] if s['which'] else 'state dict'}) -> {args.dst}")
-        print(f"  backbone dim {s['dim']}, depth {s['depth']}, heads {s['heads']}; landmark CNN: {'yes' if s['landmark_cnn'] else 'no'}; "
-              f"margin head: {s['num_classes'] or 'no'} classes; DINO head: {'yes' if s['dino_head'] else 'no'}")
+        print(
+            f"  backbone dim {s['dim']}, depth {s['depth']}, heads {s['heads']}; landmark CNN: "
+            f"{'yes' if s['landmark_cnn'] else 'no'}; "
+            f"margin head: {s['num_classes'] or 'no'} classes; DINO head: {'yes' if s['dino_head'] else 'no'}"
+        )
         if s["ignored"]:
             print(f"  ignored (unused by the reference's forward): {', '.join(s['ignored'])}")
     elif args.action == "export":
@@ -301,12 +367,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.src}: {kind}")
         if kind == "lafs-fast":
             m = obj["model"]
-            print(f"  backbone dim {m['dim']}, depth {m['depth']}, heads {m['heads']}x{m['head_dim']}, tokens {m['num_patches']}")
+            print(
+                f"  backbone dim {m['dim']}, depth {m['depth']}, heads {m['heads']}x{m['head_dim']}, tokens "
+                f"{m['num_patches']}"
+            )
             for part in ("landmark_cnn", "margin_head", "dino_head"):
                 sd = obj.get(part)
                 print(f"  {part}: {'none' if sd is None else f'{sum(v.numel() for v in sd.values()):,} values'}")
         else:
             parts = split_reference(obj)
-            print(f"  backbone tensors {len(parts['backbone'])}; landmark CNN: {parts['landmark_cnn'] is not None}; "
-                  f"margin head: {parts['margin_head'] is not None}; DINO head: {parts['dino_head'] is not None}")
+            print(
+                f"  backbone tensors {len(parts['backbone'])}; landmark CNN: {parts['landmark_cnn'] is not None}; "
+                f"margin head: {parts['margin_head'] is not None}; DINO head: {parts['dino_head'] is not None}"
+            )
     return 0

@@ -32,7 +32,9 @@ __all__ = ["FViT", "Block", "Attention", "FeedForward", "image_grid_tokens", "se
 class Attention(nn.Module):
     """Multi-head self-attention; ``to_qkv`` packs q, k, v (heads major within each), no bias."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, dropout: float, scale: float, backend: str = "auto") -> None:
+    def __init__(
+        self, dim: int, heads: int, head_dim: int, dropout: float, scale: float, backend: str = "auto"
+    ) -> None:
         super().__init__()
         inner = heads * head_dim
         self.heads, self.head_dim, self.scale = heads, head_dim, scale
@@ -52,9 +54,13 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout))
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+        )
 
-    def forward(self, x: torch.Tensor, backend: str | None = None, seqlens: tuple[int, ...] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, backend: str | None = None, seqlens: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
         return self.net(x)  # token-wise: packing needs nothing here
 
 
@@ -98,7 +104,7 @@ def segment_drop_path(y: torch.Tensor, seqlens: tuple[int, ...], p: float) -> to
         mask.div_(keep)
     parts, start = [], 0
     for n, count in seqlen_runs(tuple(seqlens)):
-        parts.append(mask[start:start + count, None].expand(count, n).reshape(count * n))
+        parts.append(mask[start : start + count, None].expand(count, n).reshape(count * n))
         start += count
     return y * torch.cat(parts).view(1, -1, 1)
 
@@ -114,14 +120,26 @@ class Block(nn.ModuleList):
 
 
 class Transformer(nn.Module):
-    def __init__(self, dim: int, depth: int, heads: int, head_dim: int, mlp_dim: int, dropout: float,
-                 drop_path: float, scale: float, eps: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        head_dim: int,
+        mlp_dim: int,
+        dropout: float,
+        drop_path: float,
+        scale: float,
+        eps: float,
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            Block([
-                Residual(PreNorm(dim, Attention(dim, heads, head_dim, dropout, scale), eps), drop_path),
-                Residual(PreNorm(dim, FeedForward(dim, mlp_dim, dropout), eps), drop_path),
-            ])
+            Block(
+                [
+                    Residual(PreNorm(dim, Attention(dim, heads, head_dim, dropout, scale), eps), drop_path),
+                    Residual(PreNorm(dim, FeedForward(dim, mlp_dim, dropout), eps), drop_path),
+                ]
+            )
             for _ in range(depth)
         )
 
@@ -191,9 +209,23 @@ class FViT(nn.Module):
         self.mlp_head = nn.Sequential(nn.LayerNorm(dim, eps=ln_eps))
 
     @classmethod
-    def from_config(cls, m: "ModelConfig") -> "FViT":  # noqa: F821 - lafs_fast.config.ModelConfig
-        return cls(m.dim, m.depth, m.heads, m.head_dim, m.mlp_dim, m.num_patches, m.patch_size, m.dropout,
-                   m.emb_dropout, m.drop_path, m.ln_eps, m.attn_scale, m.attention, m.token_init_std)
+    def from_config(cls, m: ModelConfig) -> FViT:  # noqa: F821 - lafs_fast.config.ModelConfig
+        return cls(
+            m.dim,
+            m.depth,
+            m.heads,
+            m.head_dim,
+            m.mlp_dim,
+            m.num_patches,
+            m.patch_size,
+            m.dropout,
+            m.emb_dropout,
+            m.drop_path,
+            m.ln_eps,
+            m.attn_scale,
+            m.attention,
+            m.token_init_std,
+        )
 
     def attention_for(self, device: torch.device) -> str:
         """The resolved attention backend on ``device`` (cached; call once before torch.compile)."""
@@ -253,7 +285,7 @@ class FViT(nn.Module):
         cls, start = [], 0
         for e in embs:
             n, length = e.shape[0], e.shape[1]
-            cls.append(x[0, start:start + n * length].view(n, length, -1)[:, 0])  # each view's CLS output
+            cls.append(x[0, start : start + n * length].view(n, length, -1)[:, 0])  # each view's CLS output
             start += n * length
         return self.mlp_head(torch.cat(cls))
 
@@ -268,5 +300,9 @@ class FViT(nn.Module):
                 raise ValueError("packed views take token tensors only, not images with coords")
             return self.forward_packed(list(x))
         if x.dim() == 4:
-            x = sample_patches(x, coords, self.patch_size) if coords is not None else image_grid_tokens(x, self.patch_size)
+            x = (
+                sample_patches(x, coords, self.patch_size)
+                if coords is not None
+                else image_grid_tokens(x, self.patch_size)
+            )
         return self.mlp_head(self.forward_features(x)[:, 0])

@@ -38,12 +38,20 @@ class DINOHead(nn.Module):
     """x (B, dim) -> MLP dim->hidden->hidden->bottleneck (GELU, no BN) -> L2 normalise ->
     weight-normed Linear(bottleneck -> out_dim, no bias) with its norm fixed to 1 -> (B, out_dim)."""
 
-    def __init__(self, in_dim: int, out_dim: int = 100_000, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 norm_last_layer: bool = True) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 100_000,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        norm_last_layer: bool = True,
+    ) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
             nn.Linear(hidden_dim, bottleneck_dim),
         )
         for m in self.mlp:

@@ -18,11 +18,21 @@ __all__ = ["MobileNetV3Trunk", "LandmarkCNN", "minmax_coords", "MOBILENETV3_LARG
 
 # (kernel, expansion, out, squeeze-excite, nonlinearity, stride): the reference's table.
 MOBILENETV3_LARGE: tuple[tuple[int, int, int, bool, str, int], ...] = (
-    (3, 16, 16, False, "RE", 1), (3, 64, 24, False, "RE", 2), (3, 72, 24, False, "RE", 1),
-    (5, 72, 40, True, "RE", 2), (5, 120, 40, True, "RE", 1), (5, 120, 40, True, "RE", 1),
-    (3, 240, 80, False, "HS", 2), (3, 200, 80, False, "HS", 1), (3, 184, 80, False, "HS", 1),
-    (3, 184, 80, False, "HS", 1), (3, 480, 112, True, "HS", 1), (3, 672, 112, True, "HS", 1),
-    (5, 672, 160, True, "HS", 2), (5, 960, 160, True, "HS", 1), (5, 960, 160, True, "HS", 1),
+    (3, 16, 16, False, "RE", 1),
+    (3, 64, 24, False, "RE", 2),
+    (3, 72, 24, False, "RE", 1),
+    (5, 72, 40, True, "RE", 2),
+    (5, 120, 40, True, "RE", 1),
+    (5, 120, 40, True, "RE", 1),
+    (3, 240, 80, False, "HS", 2),
+    (3, 200, 80, False, "HS", 1),
+    (3, 184, 80, False, "HS", 1),
+    (3, 184, 80, False, "HS", 1),
+    (3, 480, 112, True, "HS", 1),
+    (3, 672, 112, True, "HS", 1),
+    (5, 672, 160, True, "HS", 2),
+    (5, 960, 160, True, "HS", 1),
+    (5, 960, 160, True, "HS", 1),
 )
 
 
@@ -42,8 +52,10 @@ class SqueezeExcite(nn.Module):
     def __init__(self, channels: int, reduction: int = 4) -> None:
         super().__init__()
         self.fc = nn.Sequential(
-            nn.Linear(channels, channels // reduction, bias=False), nn.ReLU(),
-            nn.Linear(channels // reduction, channels, bias=False), HardSigmoid(),
+            nn.Linear(channels, channels // reduction, bias=False),
+            nn.ReLU(),
+            nn.Linear(channels // reduction, channels, bias=False),
+            HardSigmoid(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,10 +68,15 @@ class Bottleneck(nn.Module):
         act = nn.ReLU if nl == "RE" else HardSwish
         self.use_res_connect = stride == 1 and inp == out
         self.conv = nn.Sequential(
-            nn.Conv2d(inp, exp, 1, 1, 0, bias=False), nn.BatchNorm2d(exp), act(),
-            nn.Conv2d(exp, exp, kernel, stride, (kernel - 1) // 2, groups=exp, bias=False), nn.BatchNorm2d(exp),
-            SqueezeExcite(exp) if se else nn.Identity(), act(),
-            nn.Conv2d(exp, out, 1, 1, 0, bias=False), nn.BatchNorm2d(out),
+            nn.Conv2d(inp, exp, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(exp),
+            act(),
+            nn.Conv2d(exp, exp, kernel, stride, (kernel - 1) // 2, groups=exp, bias=False),
+            nn.BatchNorm2d(exp),
+            SqueezeExcite(exp) if se else nn.Identity(),
+            act(),
+            nn.Conv2d(exp, out, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(out),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +90,9 @@ class MobileNetV3Trunk(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), HardSwish())]
+        layers: list[nn.Module] = [
+            nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), HardSwish())
+        ]
         c = 16
         for k, exp, out, se, nl, s in MOBILENETV3_LARGE:
             layers.append(Bottleneck(c, out, k, s, exp, se, nl))
@@ -118,7 +137,9 @@ class LandmarkCNN(nn.Module):
     the reference's names.
     """
 
-    def __init__(self, num_points: int = 196, image_size: int = 112, backbone: str = "mobilenetv3", dropout: float = 0.5) -> None:
+    def __init__(
+        self, num_points: int = 196, image_size: int = 112, backbone: str = "mobilenetv3", dropout: float = 0.5
+    ) -> None:
         super().__init__()
         if backbone == "mobilenetv3":
             self.stn: nn.Module = MobileNetV3Trunk()

@@ -28,8 +28,9 @@ class PartFViT(nn.Module):
     mapping to the reference's flat names).
     """
 
-    def __init__(self, landmark_cnn: LandmarkCNN, backbone: FViT, head: MarginHead | None = None,
-                 sampler_backend: str = "auto") -> None:
+    def __init__(
+        self, landmark_cnn: LandmarkCNN, backbone: FViT, head: MarginHead | None = None, sampler_backend: str = "auto"
+    ) -> None:
         super().__init__()
         self.landmark_cnn, self.backbone, self.head = landmark_cnn, backbone, head
         self.sampler_backend = sampler_backend
@@ -43,8 +44,13 @@ class PartFViT(nn.Module):
         if coords is None:
             with torch.autocast(images.device.type, enabled=False):
                 coords = self.landmark_cnn(images.float())
-        tokens = sample_patches(images, coords, self.backbone.patch_size, backend=self.sampler_backend,
-                                check_finite=not torch.compiler.is_compiling())
+        tokens = sample_patches(
+            images,
+            coords,
+            self.backbone.patch_size,
+            backend=self.sampler_backend,
+            check_finite=not torch.compiler.is_compiling(),
+        )
         return self.backbone(tokens), coords
 
     def forward(self, images: torch.Tensor, label: torch.Tensor | None = None):

@@ -60,7 +60,7 @@ class _GatherEmbeddings(torch.autograd.Function):
         grad = grad.contiguous()
         if ctx.world > 1:
             dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.b:(ctx.rank + 1) * ctx.b] * ctx.world
+        return grad[ctx.rank * ctx.b : (ctx.rank + 1) * ctx.b] * ctx.world
 
 
 class _DistributedCrossEntropy(torch.autograd.Function):
@@ -115,8 +115,15 @@ class ShardedMarginHead(nn.Module):
     the global batch, the same value on every rank).
     """
 
-    def __init__(self, in_features: int, num_classes: int, kind: str = "cosface", s: float = 64.0,
-                 m: float | None = None, sample_rate: float = 1.0) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        kind: str = "cosface",
+        s: float = 64.0,
+        m: float | None = None,
+        sample_rate: float = 1.0,
+    ) -> None:
         super().__init__()
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")

@@ -4,21 +4,34 @@ train-landmarks, finetune): one place for what every stage has, so the three com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from lafs_fast.config import Config, add_config_arguments, load_config
 
-__all__ = ["add_source_arguments", "add_run_arguments", "default_preset", "resolve_training_config", "data_source",
-           "launch_training"]
+__all__ = [
+    "add_source_arguments",
+    "add_run_arguments",
+    "default_preset",
+    "resolve_training_config",
+    "data_source",
+    "launch_training",
+]
 
 # flag (argparse dest) -> config key, for the flags of add_source_arguments / add_run_arguments
 COMMON_FLAGS: tuple[tuple[str, str], ...] = (
-    ("data", "data.path"), ("out", "train.out_dir"), ("gpus", "train.gpus"), ("device", "train.device"),
-    ("epochs", "optim.epochs"), ("batch_size", "optim.batch_size"), ("max_steps", "train.max_steps"),
-    ("seed", "train.seed"), ("compile", "train.compile"),
+    ("data", "data.path"),
+    ("out", "train.out_dir"),
+    ("gpus", "train.gpus"),
+    ("device", "train.device"),
+    ("epochs", "optim.epochs"),
+    ("batch_size", "optim.batch_size"),
+    ("max_steps", "train.max_steps"),
+    ("seed", "train.seed"),
+    ("compile", "train.compile"),
 )
 
 
@@ -28,9 +41,15 @@ def add_source_arguments(parser: argparse.ArgumentParser, preset_note: str = "")
     parser.set_defaults(preset=None)  # small for the built-in data, reference with --data
     for action in parser._actions:
         if action.dest == "preset":
-            action.help = "starting values (default: small on the built-in synthetic faces, reference with --data PATH" + (
-                f"; {preset_note})" if preset_note else ")")
-    parser.add_argument("--data", help="a .rec, a folder holding train.rec, an image folder, or synthetic[:IDSxIMGS] (default: built-in synthetic faces)")
+            action.help = (
+                "starting values (default: small on the built-in synthetic faces, reference with --data PATH"
+                + (f"; {preset_note})" if preset_note else ")")
+            )
+    parser.add_argument(
+        "--data",
+        help="a .rec, a folder holding train.rec, an image folder, or synthetic[:IDSxIMGS] "
+        "(default: built-in synthetic faces)",
+    )
     parser.add_argument("--out", help="output folder (default: train.out_dir)")
     parser.add_argument("--gpus", type=int, help="processes to start on this machine (train.gpus)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="train.device")
@@ -44,9 +63,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="train.seed")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the fViT")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint (no value: the latest in --out)")
-    parser.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds an older one, deleting "
-                        "its checkpoints and logs (without it such an --out is refused)")
+    parser.add_argument(
+        "--resume", nargs="?", const="auto", help="continue from a checkpoint (no value: the latest in --out)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out that holds an older one, deleting "
+        "its checkpoints and logs (without it such an --out is refused)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -55,11 +80,17 @@ def default_preset(args: argparse.Namespace) -> str:
     return args.preset or ("small" if not args.data or str(args.data).startswith("synthetic") else "reference")
 
 
-def resolve_training_config(args: argparse.Namespace, stage_flags: tuple[tuple[str, str], ...],
-                            stage_defaults: Callable[[str], dict[str, Any]], extra: dict[str, Any] | None = None) -> Config:
+def resolve_training_config(
+    args: argparse.Namespace,
+    stage_flags: tuple[tuple[str, str], ...],
+    stage_defaults: Callable[[str], dict[str, Any]],
+    extra: dict[str, Any] | None = None,
+) -> Config:
     """Preset <- the stage's defaults <- --config <- key=value <- the flags (``extra`` last)."""
     preset = default_preset(args)
-    flags = {key: getattr(args, dest) for dest, key in (*COMMON_FLAGS, *stage_flags) if getattr(args, dest, None) is not None}
+    flags = {
+        key: getattr(args, dest) for dest, key in (*COMMON_FLAGS, *stage_flags) if getattr(args, dest, None) is not None
+    }
     flags.update(extra or {})
     overrides = [*(args.overrides or []), *(f"{k}={v}" for k, v in flags.items())]
     return load_config(preset, args.config, overrides, defaults=stage_defaults(preset))
@@ -71,8 +102,16 @@ def data_source(cfg: Config) -> str:
     return d.path or f"synthetic:{d.synthetic_identities}x{d.synthetic_images_per_identity}"
 
 
-def launch_training(prog: str, worker: Callable[..., dict[str, Any]], worker_args: tuple, cfg: Config,
-                    digest_what: str = "parameters", *, resume: str | None = None, overwrite: bool = False) -> int:
+def launch_training(
+    prog: str,
+    worker: Callable[..., dict[str, Any]],
+    worker_args: tuple,
+    cfg: Config,
+    digest_what: str = "parameters",
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+) -> int:
     """Run ``worker(*worker_args)`` in ``train.gpus`` processes (one when under torchrun, which made
     them) and return the command's exit code: a non-finite loss or a failed rank is one line on stderr
     and 1; with several ranks, each rank's step count and parameter digest (``worker`` returns
@@ -83,14 +122,21 @@ def launch_training(prog: str, worker: Callable[..., dict[str, Any]], worker_arg
     from lafs_fast.train.engine import NonFiniteLoss, Preempted
     from lafs_fast.train.run_folder import check_run_folder
 
-    if not under_torchrun() or os.environ.get("RANK") == "0":  # rank 0 writes; another node's check would race its files
-        check_run_folder(cfg.train.out_dir, resume, overwrite)  # before any work (the engine checks again, under its lock)
+    if (
+        not under_torchrun() or os.environ.get("RANK") == "0"
+    ):  # rank 0 writes; another node's check would race its files
+        check_run_folder(
+            cfg.train.out_dir, resume, overwrite
+        )  # before any work (the engine checks again, under its lock)
     device = cfg.train.device
     if device == "auto" and not torch.cuda.is_available():
         device = "cpu"
     nprocs = 1 if under_torchrun() else cfg.train.gpus
     if nprocs > 1 and device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() < nprocs:
-        raise ValueError(f"--gpus {nprocs} but only {torch.cuda.device_count()} GPU(s) are visible; use --device cpu for CPU processes")
+        raise ValueError(
+            f"--gpus {nprocs} but only {torch.cuda.device_count()} GPU(s) are visible; use --device cpu for CPU "
+            "processes"
+        )
     try:
         results = launch(worker, worker_args, nprocs)
     except NonFiniteLoss as exc:
@@ -111,13 +157,74 @@ def launch_training(prog: str, worker: Callable[..., dict[str, Any]], worker_arg
             return 143
         print(f"lafs-fast {prog}: error: {exc}", file=sys.stderr)
         return 1
-    if under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process says its own (several nodes: several logs)
+    if (
+        under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ):  # each process says its own (several nodes: several logs)
         for rank, r in results.items():
             print(f"[{prog}] rank {rank}: {r['steps']} steps, {digest_what} sha256 {r['digest'][:16]}")
     elif len(results) > 1:
         for rank in sorted(results):
-            print(f"[{prog}] rank {rank}: {results[rank]['steps']} steps, {digest_what} sha256 {results[rank]['digest'][:16]}")
+            print(
+                f"[{prog}] rank {rank}: {results[rank]['steps']} steps, {digest_what} sha256 "
+                f"{results[rank]['digest'][:16]}"
+            )
         if len({r["digest"] for r in results.values()}) != 1:
             print(f"lafs-fast {prog}: error: the ranks ended with different parameters", file=sys.stderr)
             return 1
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# one process of a training job (what every command's worker shares)
+
+
+@contextlib.contextmanager
+def training_process(cfg: Config) -> Iterator[tuple[Any, Callable[[str], None]]]:
+    """One process of a training job: joins the process group (``train.device``, the collective
+    timeout), seeds torch with ``train.seed`` (identical initial weights on every rank) and sets up the
+    run's messages (rank 0 speaks; ``train.log``). Yields ``(DistInfo, say)``; however the block ends,
+    the logging and the process group are closed."""
+    import torch
+
+    from lafs_fast.launch import init_distributed, shutdown
+    from lafs_fast.logs import start_run_logging, stop_run_logging
+
+    info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    say = start_run_logging(info.rank).info
+    try:
+        torch.manual_seed(cfg.train.seed)
+        yield info, say
+    finally:
+        stop_run_logging()
+        shutdown()
+
+
+def training_loader(cfg: Config, info: Any, data: str | None = None, with_positions: bool = False):
+    """The job's shuffled, rank-sharded loader of ``data`` (default: the config's data source) with
+    the config's batch size, backend, workers, colour order and corrupt-record threshold."""
+    from lafs_fast.data import make_loader
+
+    return make_loader(
+        data if data is not None else data_source(cfg),
+        cfg.optim.batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        shuffle=True,
+        seed=cfg.train.seed,
+        device=info.device,
+        drop_last=True,
+        backend=cfg.data.loader,
+        num_workers=cfg.data.workers,
+        color_order=cfg.data.color_order.upper(),
+        with_positions=with_positions,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+    )
+
+
+def plan_line(prog: str, engine: Any, cfg: Config) -> str:
+    """The run's plan in one line: steps, epochs, global batch, peak lr, precision, compile."""
+    p = engine.plan
+    return (
+        f"[{prog}] {p.total_steps} steps ({p.epochs} epochs x {p.steps_per_epoch}), global batch {p.global_batch}, "
+        f"peak lr {engine.schedules['lr'].max():.2e}, precision {engine.precision}, compile {cfg.train.compile}"
+    )

@@ -72,8 +72,9 @@ class DINOLoss(nn.Module):
     The centre is updated from ``teacher_out`` after the loss is computed (DINO's order).
     """
 
-    def __init__(self, out_dim: int, n_views: int, n_global: int = 2, student_temp: float = 0.1,
-                 center_momentum: float = 0.9) -> None:
+    def __init__(
+        self, out_dim: int, n_views: int, n_global: int = 2, student_temp: float = 0.1, center_momentum: float = 0.9
+    ) -> None:
         super().__init__()
         self.n_views, self.n_global = n_views, n_global
         self.student_temp, self.center_momentum = student_temp, center_momentum
@@ -88,7 +89,11 @@ class DINOLoss(nn.Module):
     def _loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         v, g = self.n_views, self.n_global
         logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).view(v, -1, student_out.shape[-1])
-        q = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().view(g, -1, teacher_out.shape[-1])
+        q = (
+            F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1)
+            .detach()
+            .view(g, -1, teacher_out.shape[-1])
+        )
         b = q.shape[1]
         # cross[i, j] = mean_b sum_k -q_i log p_j: every (teacher view, student view) pair at once
         cross = -torch.einsum("gbk,vbk->gv", q, logp) / b
@@ -127,8 +132,11 @@ def build_dino_models(cfg: Config) -> tuple[MultiCrop, MultiCrop]:
     """(student, teacher): fViT + DINO head each; the teacher starts as a copy of the student and
     is never trained by the optimiser."""
     d = cfg.dino
-    student = MultiCrop(build_backbone(cfg.model), DINOHead(cfg.model.dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.norm_last_layer),
-                        pack=cfg.views.pack)
+    student = MultiCrop(
+        build_backbone(cfg.model),
+        DINOHead(cfg.model.dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.norm_last_layer),
+        pack=cfg.views.pack,
+    )
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -145,9 +153,15 @@ class DinoStage(Stage):
 
     name = "pretrain"
 
-    def __init__(self, cfg: Config, device: torch.device, views: LafsViews | None = None,
-                 student: MultiCrop | None = None, teacher: MultiCrop | None = None,
-                 detector: DetectorLandmarks | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        device: torch.device,
+        views: LafsViews | None = None,
+        student: MultiCrop | None = None,
+        teacher: MultiCrop | None = None,
+        detector: DetectorLandmarks | None = None,
+    ) -> None:
         self.cfg = cfg
         if student is None:
             student, teacher = build_dino_models(cfg)
@@ -160,7 +174,9 @@ class DinoStage(Stage):
         tok_dtype = torch.bfloat16 if resolve_precision(cfg.train.precision, device) == "bf16" else torch.float32
         self.views = (views or LafsViews(cfg.views, cfg.model, out_dtype=tok_dtype, detector=detector)).to(device)
         n_views = cfg.views.n_global + cfg.views.n_local
-        self.loss_fn = DINOLoss(cfg.dino.out_dim, n_views, cfg.views.n_global, cfg.dino.student_temp, cfg.dino.center_momentum).to(device)
+        self.loss_fn = DINOLoss(
+            cfg.dino.out_dim, n_views, cfg.views.n_global, cfg.dino.student_temp, cfg.dino.center_momentum
+        ).to(device)
         self.watch = CollapseWatch(cfg.dino.out_dim)
 
     # -- schedules and optimiser
@@ -169,7 +185,9 @@ class DinoStage(Stage):
         d = self.cfg.dino
         return {
             "teacher_momentum": cosine_schedule(d.teacher_momentum, 1.0, plan.epochs, plan.steps_per_epoch),
-            "teacher_temp": linear_then_constant(d.teacher_temp_start, d.teacher_temp_end, d.teacher_temp_epochs, plan.epochs, plan.steps_per_epoch),
+            "teacher_temp": linear_then_constant(
+                d.teacher_temp_start, d.teacher_temp_end, d.teacher_temp_epochs, plan.epochs, plan.steps_per_epoch
+            ),
         }
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -177,11 +195,15 @@ class DinoStage(Stage):
 
     # -- one micro-batch
 
-    def forward_loss(self, model: nn.Module, batch: Any, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_loss(
+        self, model: nn.Module, batch: Any, ctx: StepContext
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """-> (loss (), health metrics: () fp32 device tensors, :func:`lafs_fast.train.health.dino_health`)."""
         images = batch[0]
         vb = self.views(images, ctx.seed, positions=batch[2] if len(batch) > 2 else None)
-        with torch.no_grad():  # backbone then head: what MultiCrop does for one crop tensor, keeping the CLS for the health log
+        with (
+            torch.no_grad()
+        ):  # backbone then head: what MultiCrop does for one crop tensor, keeping the CLS for the health log
             teacher_emb = self.teacher.backbone(vb.global_tokens)
             teacher_out = self.teacher.head(teacher_emb)
         student_out = model(vb.crops())
@@ -218,7 +240,9 @@ class DinoStage(Stage):
 
     def export(self) -> dict[str, Any]:
         """The teacher (backbone + DINO head) as a lafs-fast model file: what fine-tuning reads."""
-        return model_file(self.cfg.model, self.teacher.backbone, dino_head=self.teacher.head, source="lafs-fast pretrain (teacher)")
+        return model_file(
+            self.cfg.model, self.teacher.backbone, dino_head=self.teacher.head, source="lafs-fast pretrain (teacher)"
+        )
 
     def finite_tensors(self) -> list[torch.Tensor]:
         return list(self.model.parameters()) + list(self.teacher.parameters()) + [self.loss_fn.center]

@@ -64,18 +64,45 @@ from lafs_fast.logs import RUN_LOGGER, log_to_file, run_logging_active
 from lafs_fast.train.run_folder import RunLock, check_run_folder
 
 __all__ = [
-    "Stage", "StepContext", "Plan", "Engine", "FitResult", "NonFiniteLoss", "Preempted", "compile_stage", "cosine_schedule",
-    "linear_then_constant", "param_groups", "clip_gradients", "list_checkpoints", "latest_checkpoint",
-    "load_checkpoint", "CHECKPOINT_FORMAT",
+    "Stage",
+    "StepContext",
+    "Plan",
+    "Engine",
+    "FitResult",
+    "NonFiniteLoss",
+    "Preempted",
+    "compile_stage",
+    "cosine_schedule",
+    "linear_then_constant",
+    "param_groups",
+    "clip_gradients",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "CHECKPOINT_FORMAT",
 ]
 
 CHECKPOINT_FORMAT = "lafs-fast-train"
 # config keys a resumed run may change: where and how long it runs, how it logs, not what it trains
-RESUME_MAY_DIFFER = frozenset({
-    "train.out_dir", "train.max_steps", "train.log_every", "train.ckpt_every_epochs", "train.ckpt_every_steps",
-    "train.keep_last", "train.keep_every", "train.compile", "train.device", "train.dist_timeout_s", "data.workers", "data.loader",
-    "model.attention", "finetune.val_sets", "finetune.val_every",
-})
+RESUME_MAY_DIFFER = frozenset(
+    {
+        "train.out_dir",
+        "train.max_steps",
+        "train.log_every",
+        "train.ckpt_every_epochs",
+        "train.ckpt_every_steps",
+        "train.keep_last",
+        "train.keep_every",
+        "train.compile",
+        "train.device",
+        "train.dist_timeout_s",
+        "data.workers",
+        "data.loader",
+        "model.attention",
+        "finetune.val_sets",
+        "finetune.val_every",
+    }
+)
 _CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
@@ -101,8 +128,14 @@ def _sigterm_handler(flag: list[bool]) -> Callable[[], None]:
 # schedules
 
 
-def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0,
-                    start_warmup_value: float = 0.0) -> np.ndarray:
+def cosine_schedule(
+    base: float,
+    final: float,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0,
+    start_warmup_value: float = 0.0,
+) -> np.ndarray:
     """Per-step values (epochs * steps_per_epoch,) float64: linear warm-up from ``start_warmup_value``
     to ``base`` over ``warmup_epochs``, then half a cosine from ``base`` to ``final`` (DINO's
     ``cosine_scheduler``, value for value)."""
@@ -126,8 +159,9 @@ def linear_then_constant(start: float, end: float, ramp_epochs: int, epochs: int
 # optimiser helpers
 
 
-def param_groups(model: nn.Module, lr_mult: float = 1.0, wd_mult: float = 1.0,
-                 no_decay: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, lr_mult: float = 1.0, wd_mult: float = 1.0, no_decay: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     """Two AdamW groups of ``model``'s trainable parameters: weights (``wd_mult``) and biases /
     1-D parameters / names containing any of ``no_decay`` (no weight decay; DINO's rule)."""
     decay, plain = [], []
@@ -138,7 +172,10 @@ def param_groups(model: nn.Module, lr_mult: float = 1.0, wd_mult: float = 1.0,
             plain.append(p)
         else:
             decay.append(p)
-    groups = [{"params": decay, "lr_mult": lr_mult, "wd_mult": wd_mult}, {"params": plain, "lr_mult": lr_mult, "wd_mult": 0.0}]
+    groups = [
+        {"params": decay, "lr_mult": lr_mult, "wd_mult": wd_mult},
+        {"params": plain, "lr_mult": lr_mult, "wd_mult": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -183,10 +220,10 @@ class Plan:
 class StepContext:
     """What a stage sees of the loop at one micro-batch."""
 
-    step: int              # optimiser step (0-based) this micro-batch belongs to
+    step: int  # optimiser step (0-based) this micro-batch belongs to
     epoch: int
-    micro: int             # micro-batch index within the accumulation
-    seed: int              # data-path seed of this (run seed, rank, step, micro)
+    micro: int  # micro-batch index within the accumulation
+    seed: int  # data-path seed of this (run seed, rank, step, micro)
     values: dict[str, float]  # every schedule's value at ``step`` (lr, weight_decay, + the stage's)
     dist: DistInfo
     autocast: Any = field(default=None, repr=False)  # a context-manager factory (precision)
@@ -261,7 +298,7 @@ class Stage:
 
 @dataclass
 class FitResult:
-    steps: int                    # optimiser steps done in total (including before a resume)
+    steps: int  # optimiser steps done in total (including before a resume)
     epochs_done: int
     last_checkpoint: Path | None
     history: list[dict[str, float]]
@@ -277,7 +314,9 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     d = Path(out_dir)
     if not d.is_dir():
         return []
-    return sorted((p for p in d.iterdir() if _CKPT_RE.match(p.name)), key=lambda p: int(_CKPT_RE.match(p.name).group(1)))
+    return sorted(
+        (p for p in d.iterdir() if _CKPT_RE.match(p.name)), key=lambda p: int(_CKPT_RE.match(p.name).group(1))
+    )
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -288,7 +327,9 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     obj = safe_load(path)
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a lafs-fast training checkpoint (a model file cannot be resumed; use it with --init)")
+        raise ValueError(
+            f"{path} is not a lafs-fast training checkpoint (a model file cannot be resumed; use it with --init)"
+        )
     return obj
 
 
@@ -327,8 +368,17 @@ class Engine:
         progress: show the tqdm bar (rank 0).
     """
 
-    def __init__(self, cfg: Config, stage: Stage, loader: Any, dist: DistInfo, out_dir: str | Path,
-                 resume: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        stage: Stage,
+        loader: Any,
+        dist: DistInfo,
+        out_dir: str | Path,
+        resume: str | Path | None = None,
+        progress: bool = True,
+        overwrite: bool = False,
+    ) -> None:
         self.cfg, self.stage, self.loader, self.dist = cfg, stage, loader, dist
         self.out_dir = Path(out_dir)
         self.device = dist.device
@@ -343,7 +393,10 @@ class Engine:
         o = cfg.optim
         steps_per_epoch = len(loader) // o.accumulation
         if steps_per_epoch < 1:
-            raise ValueError(f"an epoch has {len(loader)} batches, fewer than optim.accumulation={o.accumulation}; lower the accumulation or the batch size")
+            raise ValueError(
+                f"an epoch has {len(loader)} batches, fewer than optim.accumulation={o.accumulation}; lower the "
+                "accumulation or the batch size"
+            )
         self.plan = Plan(o.epochs, steps_per_epoch, o.accumulation, o.batch_size, dist.world_size)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.progress = progress and dist.is_main
@@ -364,14 +417,21 @@ class Engine:
         self.model: nn.Module = stage.model
         if dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            with warnings.catch_warnings():  # torch 2.13 deprecates broadcast_buffers; its successor still syncs at init
+            with (
+                warnings.catch_warnings()
+            ):  # torch 2.13 deprecates broadcast_buffers; its successor still syncs at init
                 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
                 self.model = nn.parallel.DistributedDataParallel(stage.model, device_ids=ids, broadcast_buffers=False)
         groups = stage.param_groups(stage.model)
         self.params = [p for g in groups for p in g["params"]]
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(groups, lr=float(self.schedules["lr"][0]), betas=tuple(o.betas),
-                                           weight_decay=0.0, **({"fused": True} if fused else {}))
+        self.optimizer = torch.optim.AdamW(
+            groups,
+            lr=float(self.schedules["lr"][0]),
+            betas=tuple(o.betas),
+            weight_decay=0.0,
+            **({"fused": True} if fused else {}),
+        )
         self.step = 0
         self.last_checkpoint: Path | None = None
         self.history: list[dict[str, float]] = []
@@ -383,7 +443,9 @@ class Engine:
             else:
                 self._load(Path(resume))
         if dist.is_main:
-            atomic_write_bytes(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode(), self.out_dir / "config.yaml")
+            atomic_write_bytes(
+                yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode(), self.out_dir / "config.yaml"
+            )
 
     # ---------------------------------------------------------------- state
 
@@ -397,8 +459,17 @@ class Engine:
             return None
         local = {}
         for name, (p, start, end) in sharded.items():
-            opt = {k: v.detach().cpu() for k, v in self.optimizer.state.get(p, {}).items() if torch.is_tensor(v) and v.shape == p.shape}
-            local[name] = {"start": start, "end": end, "param": p.detach().cpu(), **{f"optim.{k}": v for k, v in opt.items()}}
+            opt = {
+                k: v.detach().cpu()
+                for k, v in self.optimizer.state.get(p, {}).items()
+                if torch.is_tensor(v) and v.shape == p.shape
+            }
+            local[name] = {
+                "start": start,
+                "end": end,
+                "param": p.detach().cpu(),
+                **{f"optim.{k}": v for k, v in opt.items()},
+            }
         parts: list[Any] | None = [None] * self.dist.world_size if self.dist.is_main else None
         dist.gather_object(local, parts, dst=0)
         if not self.dist.is_main:
@@ -419,8 +490,10 @@ class Engine:
         whole = ck.get("sharded") or {}
         missing = [n for n in sharded if n not in whole]
         if missing:
-            raise ValueError(f"{path} holds rank 0's slice of {', '.join(missing)} only (written by an older lafs-fast); "
-                             "it cannot resume a multi-process sharded run")
+            raise ValueError(
+                f"{path} holds rank 0's slice of {', '.join(missing)} only (written by an older lafs-fast); "
+                "it cannot resume a multi-process sharded run"
+            )
         with torch.no_grad():
             for name, (p, start, end) in sharded.items():
                 rows = whole[name]["param"]
@@ -438,7 +511,7 @@ class Engine:
             state = self.optimizer.state.get(p)
             for key, rows in ck["sharded"][name].items():
                 if key.startswith("optim.") and state is not None:
-                    state[key[len("optim."):]] = rows[start:end].to(p.device).clone()
+                    state[key[len("optim.") :]] = rows[start:end].to(p.device).clone()
 
     def _rng_state(self) -> dict[str, Any]:
         state = {"torch": torch.get_rng_state()}
@@ -450,11 +523,22 @@ class Engine:
         """The full training state; ``rng_ranks``: every rank's RNG states (gathered by
         ``save_checkpoint``), else this process's alone."""
         return {
-            "format": CHECKPOINT_FORMAT, "version": 1, "stage": self.stage.name,
-            "config": config_to_dict(self.cfg), "step": self.step, "epoch": self.step // self.plan.steps_per_epoch,
-            "plan": {"epochs": self.plan.epochs, "steps_per_epoch": self.plan.steps_per_epoch, "world_size": self.plan.world_size},
-            "model": self.stage.model.state_dict(), "stage_state": self.stage.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(), "rng": self._rng_state(),
+            "format": CHECKPOINT_FORMAT,
+            "version": 1,
+            "stage": self.stage.name,
+            "config": config_to_dict(self.cfg),
+            "step": self.step,
+            "epoch": self.step // self.plan.steps_per_epoch,
+            "plan": {
+                "epochs": self.plan.epochs,
+                "steps_per_epoch": self.plan.steps_per_epoch,
+                "world_size": self.plan.world_size,
+            },
+            "model": self.stage.model.state_dict(),
+            "stage_state": self.stage.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": self._rng_state(),
             "rng_ranks": rng_ranks or [self._rng_state()],
             "model_file": self.stage.export(),
         }
@@ -477,12 +561,19 @@ class Engine:
     def _check_resume_config(self, path: Path, saved: dict[str, Any]) -> None:
         """The checkpoint's config must be this run's, but for the run-only keys (RESUME_MAY_DIFFER)."""
         now = config_to_dict(self.cfg)
-        diffs = [f"{s}.{k} {saved[s][k]!r} -> {v!r}" for s, body in now.items() for k, v in body.items()
-                 if f"{s}.{k}" not in RESUME_MAY_DIFFER and s in saved and k in saved[s] and saved[s][k] != v]
+        diffs = [
+            f"{s}.{k} {saved[s][k]!r} -> {v!r}"
+            for s, body in now.items()
+            for k, v in body.items()
+            if f"{s}.{k}" not in RESUME_MAY_DIFFER and s in saved and k in saved[s] and saved[s][k] != v
+        ]
         if diffs:
             more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
-            raise ValueError(f"{path} was written by a run with other settings: {'; '.join(diffs[:3])}{more}; resume with that "
-                             f"run's settings (its config.yaml, or --config from `lafs-fast checkpoint show`), or start a new run in another --out")
+            raise ValueError(
+                f"{path} was written by a run with other settings: {'; '.join(diffs[:3])}{more}; resume with that "
+                "run's settings (its config.yaml, or --config from `lafs-fast checkpoint show`), or start a new run "
+                "in another --out"
+            )
 
     def _load(self, path: Path, ck: dict[str, Any] | None = None) -> None:
         if ck is None:
@@ -497,9 +588,16 @@ class Engine:
         if isinstance(ck.get("config"), dict):
             self._check_resume_config(path, ck["config"])
         plan = ck.get("plan", {})
-        if plan.get("steps_per_epoch") not in (None, self.plan.steps_per_epoch) or plan.get("world_size") not in (None, self.plan.world_size):
-            raise ValueError(f"{path} was written with {plan.get('steps_per_epoch')} steps per epoch on {plan.get('world_size')} process(es); "
-                             f"this run has {self.plan.steps_per_epoch} on {self.plan.world_size}: resume with the same data, batch size and --gpus")
+        if plan.get("steps_per_epoch") not in (None, self.plan.steps_per_epoch) or plan.get("world_size") not in (
+            None,
+            self.plan.world_size,
+        ):
+            raise ValueError(
+                f"{path} was written with {plan.get('steps_per_epoch')} steps per epoch on {plan.get('world_size')} "
+                "process(es); "
+                f"this run has {self.plan.steps_per_epoch} on {self.plan.world_size}: resume with the same data, batch "
+                "size and --gpus"
+            )
         try:
             model_state = self._load_shards(path, ck)
             missing, unexpected = self.stage.model.load_state_dict(model_state, strict=False)
@@ -511,8 +609,11 @@ class Engine:
             self._restore_shard_moments(ck)
         except (RuntimeError, KeyError, ValueError) as exc:  # shapes or names of another model
             first = str(exc).strip().splitlines()
-            raise ValueError(f"{path} does not fit this model ({first[1].strip() if len(first) > 1 else first[0] if first else type(exc).__name__}); "
-                             "resume with the run's own settings") from None
+            raise ValueError(
+                f"{path} does not fit this model "
+                f"({first[1].strip() if len(first) > 1 else first[0] if first else type(exc).__name__}); "
+                "resume with the run's own settings"
+            ) from None
         self.loader.load_state_dict(ck["loader"])
         ranks = ck.get("rng_ranks") or [ck["rng"]]
         if self.dist.rank < len(ranks):  # each rank continues its own dropout / drop-path stream
@@ -533,8 +634,10 @@ class Engine:
     def save_checkpoint(self, epoch_end: bool) -> Path | None:
         """Write ``ckpt-<step>.pt`` atomically (rank 0), then prune. Refuses non-finite parameters."""
         if not self._all_finite():
-            raise NonFiniteLoss(f"parameters became non-finite by step {self.step}; no checkpoint written "
-                                f"(last good: {self.last_checkpoint or 'none'})")
+            raise NonFiniteLoss(
+                f"parameters became non-finite by step {self.step}; no checkpoint written "
+                f"(last good: {self.last_checkpoint or 'none'})"
+            )
         rng_ranks = None
         if self.dist.distributed and dist.is_initialized():
             rng_ranks = [None] * self.dist.world_size
@@ -581,6 +684,7 @@ class Engine:
         if self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self._tb = SummaryWriter(str(self.out_dir / "tb"))
             except Exception:  # tensorboard not installed: the JSONL log is the record
                 self._tb = False
@@ -605,7 +709,10 @@ class Engine:
 
     def _seed(self, step: int, micro: int) -> int:
         # distinct, reproducible per (run seed, rank, step, micro); < 2**63 for torch generators
-        return int(np.random.SeedSequence([self.cfg.train.seed, self.dist.rank, step, micro]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+        return int(
+            np.random.SeedSequence([self.cfg.train.seed, self.dist.rank, step, micro]).generate_state(1, np.uint64)[0]
+            >> np.uint64(1)
+        )
 
     def _batches(self, epoch: int) -> Iterator[Any]:
         self.loader.set_epoch(epoch)
@@ -618,11 +725,20 @@ class Engine:
         t_start = time.perf_counter()
         cfg, plan = self.cfg.train, self.plan
         stop = plan.total_steps if cfg.max_steps <= 0 else min(cfg.max_steps, plan.total_steps)
-        bar = tqdm(total=stop, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True, desc=self.stage.name)
+        bar = tqdm(
+            total=stop,
+            initial=self.step,
+            disable=not self.progress,
+            unit="step",
+            dynamic_ncols=True,
+            desc=self.stage.name,
+        )
         self.model.train()
         window_samples, window_t = 0, time.perf_counter()
         saved_at = self.step
-        unchecked: tuple[int, int, dict[str, Any]] | None = None  # (step, epoch, record) whose loss is still on the device
+        unchecked: tuple[int, int, dict[str, Any]] | None = (
+            None  # (step, epoch, record) whose loss is still on the device
+        )
         last_loss = math.nan
         term = [False]  # set by SIGTERM while training (see _sigterm_handler)
         restore = _sigterm_handler(term)
@@ -642,8 +758,11 @@ class Engine:
                     rate = window_samples * plan.world_size / max(now - window_t, 1e-9)
                     log = self.step % max(cfg.log_every, 1) == 0 or self.step == stop
                     epoch_end = self.step % plan.steps_per_epoch == 0
-                    due = (epoch_end and cfg.ckpt_every_epochs > 0 and (self.step // plan.steps_per_epoch) % cfg.ckpt_every_epochs == 0) \
-                        or (cfg.ckpt_every_steps > 0 and self.step % cfg.ckpt_every_steps == 0)
+                    due = (
+                        epoch_end
+                        and cfg.ckpt_every_epochs > 0
+                        and (self.step // plan.steps_per_epoch) % cfg.ckpt_every_epochs == 0
+                    ) or (cfg.ckpt_every_steps > 0 and self.step % cfg.ckpt_every_steps == 0)
                     if log or due:  # this step's loss is needed (or must be vetted) now
                         last_loss, unchecked = self._check_loss(*unchecked), None
                     shown = {k: f"{self._checked[k]:.3g}" for k in self.stage.progress_keys if k in self._checked}
@@ -660,8 +779,10 @@ class Engine:
                             last_loss, unchecked = self._check_loss(*unchecked), None
                         if saved_at != self.step:
                             self.save_checkpoint(epoch_end)
-                        raise Preempted(f"stopped by SIGTERM at step {self.step} (epoch {epoch}); checkpoint "
-                                        f"{self.last_checkpoint or 'none'}; continue with --resume")
+                        raise Preempted(
+                            f"stopped by SIGTERM at step {self.step} (epoch {epoch}); checkpoint "
+                            f"{self.last_checkpoint or 'none'}; continue with --resume"
+                        )
             if saved_at != self.step:
                 self.save_checkpoint(self.step % plan.steps_per_epoch == 0)
         finally:
@@ -669,7 +790,13 @@ class Engine:
             bar.close()
             if self._tb:
                 self._tb.close()
-        return FitResult(self.step, self.step // plan.steps_per_epoch, self.last_checkpoint, self.history, time.perf_counter() - t_start)
+        return FitResult(
+            self.step,
+            self.step // plan.steps_per_epoch,
+            self.last_checkpoint,
+            self.history,
+            time.perf_counter() - t_start,
+        )
 
     def _stop_requested(self, term: list[bool], sync_point: bool) -> bool:
         """SIGTERM seen by this process; with several ranks, by any of them (agreed at the steps where
@@ -690,8 +817,10 @@ class Engine:
                 record[k] = float(v)
         value = record["loss"]
         if not math.isfinite(value):
-            raise NonFiniteLoss(f"loss is {value} at step {step} (epoch {epoch}); stopped, nothing saved after it; "
-                                f"last good checkpoint: {self.last_checkpoint or 'none'}")
+            raise NonFiniteLoss(
+                f"loss is {value} at step {step} (epoch {epoch}); stopped, nothing saved after it; "
+                f"last good checkpoint: {self.last_checkpoint or 'none'}"
+            )
         self._checked = record
         warning = self.stage.check_health(step + 1, record)
         if warning:
@@ -710,10 +839,12 @@ class Engine:
             try:
                 batch = next(batches)
             except StopIteration:
-                raise RuntimeError(f"the loader ran out of batches at step {step} (epoch {epoch}); it yielded fewer than len(loader)") from None
+                raise RuntimeError(
+                    f"the loader ran out of batches at step {step} (epoch {epoch}); it yielded fewer than len(loader)"
+                ) from None
             ctx = StepContext(step, epoch, micro, self._seed(step, micro), values, self.dist, self._autocast)
             sync = micro == plan.accumulation - 1 or not isinstance(self.model, nn.parallel.DistributedDataParallel)
-            with (contextlib.nullcontext() if sync else self.model.no_sync()):
+            with contextlib.nullcontext() if sync else self.model.no_sync():
                 with self._autocast():
                     loss, metrics = self.stage.forward_loss(self.model, batch, ctx)
                 (loss / plan.accumulation).backward()

@@ -14,7 +14,8 @@ the batch mean q, and the per-sample entropy EQUALS the batch-mean entropy (thei
 mutual information between the sample and its prototype). A run also passes through that state at
 intermediate entropies (every sample the same non-flat output; the centre, an EMA of that output,
 then flattens it towards uniform within ~1 / (1 - centre momentum) steps). A healthy run keeps the
-per-sample entropy well below the batch-mean entropy (different samples pick different prototypes). :func:`dino_health` computes these on the device
+per-sample entropy well below the batch-mean entropy (different samples pick different prototypes).
+:func:`dino_health` computes these on the device
 (no host sync: the engine brings them to the host one step late, with the loss);
 :class:`CollapseWatch` reads them on the host and says once when a run has collapsed.
 docs/training_health.md shows measured healthy and collapsed curves.
@@ -40,8 +41,9 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dino_health(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float, loss: torch.Tensor,
-                embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+def dino_health(
+    teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float, loss: torch.Tensor, embeddings: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Health metrics of one step, all () fp32 device tensors.
 
     Args:
@@ -117,12 +119,19 @@ class CollapseWatch:
         log_k = math.log(self.out_dim)
         h, hb = record["teacher_entropy"], record["teacher_batch_entropy"]
         if mode == "uniform":
-            what = (f"the teacher's output is UNIFORM for every face (per-sample entropy {h:.3f} of log K = {log_k:.3f} nats)")
+            what = (
+                f"the teacher's output is UNIFORM for every face "
+                f"(per-sample entropy {h:.3f} of log K = {log_k:.3f} nats)"
+            )
         elif mode == "one prototype":
             what = f"ONE PROTOTYPE wins for every face (batch-mean entropy {hb:.3f} of log K = {log_k:.3f} nats)"
         else:
-            what = (f"the teacher gives EVERY FACE THE SAME output (per-sample entropy {h:.3f} = batch-mean entropy "
-                    f"{hb:.3f} nats); centering flattens it to uniform next")
-        what += ("; try a slower teacher (dino.teacher_momentum closer to 1), a lower lr (optim.lr) or, for one "
-                 "prototype, a higher teacher temperature")
+            what = (
+                f"the teacher gives EVERY FACE THE SAME output (per-sample entropy {h:.3f} = batch-mean entropy "
+                f"{hb:.3f} nats); centering flattens it to uniform next"
+            )
+        what += (
+            "; try a slower teacher (dino.teacher_momentum closer to 1), a lower lr (optim.lr) or, for one "
+            "prototype, a higher teacher temperature"
+        )
         return f"COLLAPSE since step {step + 1 - self.patience}: {what}. See docs/training_health.md."

@@ -28,12 +28,26 @@ from lafs_fast.config import Config, config_from_dict, config_to_dict
 from lafs_fast.dense_landmarks import DetectorLandmarks
 from lafs_fast.eval.knn import KNN_MAX_IMAGES, format_check, knn_check, knn_faces
 from lafs_fast.io import atomic_save, check_writable_dir
-from lafs_fast.launch import init_distributed, shutdown
-from lafs_fast.logs import start_run_logging, stop_run_logging
-from lafs_fast.train.cli_common import add_run_arguments, add_source_arguments, data_source, launch_training, resolve_training_config
+from lafs_fast.train.cli_common import (
+    add_run_arguments,
+    add_source_arguments,
+    data_source,
+    launch_training,
+    plan_line,
+    resolve_training_config,
+    training_loader,
+    training_process,
+)
 
-__all__ = ["add_arguments", "run", "resolve_config", "stage_defaults", "train_worker", "param_digest", "detector_landmarks"]
-
+__all__ = [
+    "add_arguments",
+    "run",
+    "resolve_config",
+    "stage_defaults",
+    "train_worker",
+    "param_digest",
+    "detector_landmarks",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -42,16 +56,30 @@ __all__ = ["add_arguments", "run", "resolve_config", "stage_defaults", "train_wo
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_source_arguments(parser)
-    parser.add_argument("--landmarks", help="'grid' (default), a stage-0 / reference Part fViT checkpoint, or 'detector' (the "
-                        "face-detector landmarks of `lafs-fast data landmarks REC`, densified to the token count; "
-                        "views.detector_file=PATH names another sidecar)")
-    parser.add_argument("--views", choices=["lafs", "dino"], help="landmark views (default) or the DINO-face image-grid baseline")
+    parser.add_argument(
+        "--landmarks",
+        help="'grid' (default), a stage-0 / reference Part fViT checkpoint, or 'detector' (the "
+        "face-detector landmarks of `lafs-fast data landmarks REC`, densified to the token count; "
+        "views.detector_file=PATH names another sidecar)",
+    )
+    parser.add_argument(
+        "--views", choices=["lafs", "dino"], help="landmark views (default) or the DINO-face image-grid baseline"
+    )
     add_run_arguments(parser)
-    parser.add_argument("--knn", dest="knn", action="store_true", default=None, help="k-NN / verification check before and after "
-                        "(default: on for synthetic data or with --knn-data)")
+    parser.add_argument(
+        "--knn",
+        dest="knn",
+        action="store_true",
+        default=None,
+        help="k-NN / verification check before and after (default: on for synthetic data or with --knn-data)",
+    )
     parser.add_argument("--no-knn", dest="knn", action="store_false")
-    parser.add_argument("--knn-data", metavar="REC", help="labelled faces for the check: a .rec (labels are read for the check "
-                        f"only; up to {KNN_MAX_IMAGES} images, evenly spaced); default: held-out synthetic identities")
+    parser.add_argument(
+        "--knn-data",
+        metavar="REC",
+        help="labelled faces for the check: a .rec (labels are read for the check "
+        f"only; up to {KNN_MAX_IMAGES} images, evenly spaced); default: held-out synthetic identities",
+    )
 
 
 _STAGE_FLAGS = (("landmarks", "views.landmarks"), ("views", "views.mode"))
@@ -75,8 +103,14 @@ def stage_defaults(preset: str) -> dict[str, Any]:
     if preset != "small":
         return {}
     return {
-        "model.token_init_std": 0.02, "dino.out_dim": 256, "dino.hidden_dim": 256, "dino.bottleneck_dim": 64,
-        "dino.teacher_momentum": 0.9, "optim.batch_size": 16, "optim.epochs": 6, "optim.lr": 0.032,
+        "model.token_init_std": 0.02,
+        "dino.out_dim": 256,
+        "dino.hidden_dim": 256,
+        "dino.bottleneck_dim": 64,
+        "dino.teacher_momentum": 0.9,
+        "optim.batch_size": 16,
+        "optim.epochs": 6,
+        "optim.lr": 0.032,
     }
 
 
@@ -88,13 +122,21 @@ def preflight(cfg: Config, resume: str | None) -> None:
     open_source(data_source(cfg))  # FileNotFoundError / ValueError naming the path
     lm = cfg.views.landmarks
     if cfg.views.mode == "lafs" and lm not in ("grid", "detector") and not Path(lm).is_file():
-        raise FileNotFoundError(f"landmark checkpoint {lm} does not exist; pass a stage-0 / Part fViT checkpoint or --landmarks grid")
+        raise FileNotFoundError(
+            f"landmark checkpoint {lm} does not exist; pass a stage-0 / Part fViT checkpoint or --landmarks grid"
+        )
     if cfg.views.mode == "lafs" and lm == "detector":
         if cfg.data.loader == "dali-mxnet":
-            raise ValueError("--landmarks detector needs each image's record, which DALI's mxnet reader does not say; use data.loader=dali (or auto)")
+            raise ValueError(
+                "--landmarks detector needs each image's record, which DALI's mxnet reader does not say; use "
+                "data.loader=dali (or auto)"
+            )
         detector_landmarks(cfg)  # the sidecar exists, matches the rec and has faces
     if resume not in (None, "auto") and not Path(resume).is_file():
-        raise FileNotFoundError(f"checkpoint {resume} does not exist; pass a ckpt-*.pt of a previous run, or --resume alone for the latest in --out")
+        raise FileNotFoundError(
+            f"checkpoint {resume} does not exist; pass a ckpt-*.pt of a previous run, or --resume alone for the latest "
+            "in --out"
+        )
     if cfg.train.gpus > 1 and cfg.train.device == "cuda" and torch.cuda.device_count() < cfg.train.gpus:
         raise ValueError(f"--gpus {cfg.train.gpus} but only {torch.cuda.device_count()} GPU(s) are visible")
 
@@ -103,21 +145,40 @@ def detector_landmarks(cfg: Config) -> DetectorLandmarks | None:
     """The per-record landmark table of ``--landmarks detector`` (None otherwise)."""
     if cfg.views.mode != "lafs" or cfg.views.landmarks != "detector":
         return None
-    return DetectorLandmarks.for_source(data_source(cfg), cfg.views.detector_file or None, image_size=cfg.model.image_size,
-                                        patch_size=cfg.model.patch_size, smoothing=cfg.views.detector_smoothing)
+    return DetectorLandmarks.for_source(
+        data_source(cfg),
+        cfg.views.detector_file or None,
+        image_size=cfg.model.image_size,
+        patch_size=cfg.model.patch_size,
+        smoothing=cfg.views.detector_smoothing,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     preflight(cfg, args.resume)
-    knn = args.knn if args.knn is not None else bool(args.knn_data) or not cfg.data.path or cfg.data.path.startswith("synthetic")
+    knn = (
+        args.knn
+        if args.knn is not None
+        else bool(args.knn_data) or not cfg.data.path or cfg.data.path.startswith("synthetic")
+    )
     if args.knn_data and knn:
         from lafs_fast.data.loaders import open_source
 
         if open_source(args.knn_data)[0] != "rec":
-            raise ValueError(f"--knn-data {args.knn_data} is not a .rec; pack labelled faces with `lafs-fast data build`")
-    opts = {"resume": args.resume, "overwrite": args.overwrite, "knn": knn, "knn_data": args.knn_data, "progress": not args.no_progress}
-    return launch_training("pretrain", train_worker, (config_to_dict(cfg), opts), cfg, resume=args.resume, overwrite=args.overwrite)
+            raise ValueError(
+                f"--knn-data {args.knn_data} is not a .rec; pack labelled faces with `lafs-fast data build`"
+            )
+    opts = {
+        "resume": args.resume,
+        "overwrite": args.overwrite,
+        "knn": knn,
+        "knn_data": args.knn_data,
+        "progress": not args.no_progress,
+    }
+    return launch_training(
+        "pretrain", train_worker, (config_to_dict(cfg), opts), cfg, resume=args.resume, overwrite=args.overwrite
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,45 +196,59 @@ def param_digest(module: torch.nn.Module) -> str:
 def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     """One process of the job: data, views, DINO, the engine; rank 0 writes. Returns a summary
     (steps, parameter digest, k-NN figures on rank 0)."""
-    from lafs_fast.data import make_loader
     from lafs_fast.train.dino import DinoStage
     from lafs_fast.train.engine import Engine, barrier
 
     cfg = config_from_dict(cfg_dict)
-    info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    say = start_run_logging(info.rank).info  # rank 0 speaks; train.log in the run folder (logs.py)
-    try:
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    with training_process(cfg) as (info, say):
         detector = detector_landmarks(cfg)
-        loader = make_loader(data_source(cfg), cfg.optim.batch_size, rank=info.rank, world_size=info.world_size, shuffle=True,
-                             seed=cfg.train.seed, device=info.device, drop_last=True, backend=cfg.data.loader,
-                             num_workers=cfg.data.workers, color_order=cfg.data.color_order.upper(),
-                             with_positions=detector is not None, max_bad_fraction=cfg.data.max_bad_fraction)
+        loader = training_loader(cfg, info, with_positions=detector is not None)
         stage = DinoStage(cfg, info.device, detector=detector)
         torch.manual_seed(cfg.train.seed + 1_000 * info.rank)  # dropout / drop-path streams differ per rank
         out = Path(cfg.train.out_dir)
         say(f"[pretrain] {info.world_size} process(es) on {info.device.type}; data: {loader.backend}")
-        say(f"[pretrain] views: {cfg.views.mode}, landmarks: {cfg.views.landmarks if cfg.views.mode == 'lafs' else 'none (image grid)'}; "
-            f"model dim {cfg.model.dim} depth {cfg.model.depth}, {sum(p.numel() for p in stage.model.backbone.parameters()) / 1e6:.2f} M backbone params")
+        say(
+            f"[pretrain] views: {cfg.views.mode}, landmarks: "
+            f"{cfg.views.landmarks if cfg.views.mode == 'lafs' else 'none (image grid)'}; "
+            f"model dim {cfg.model.dim} depth {cfg.model.depth}, "
+            f"{sum(p.numel() for p in stage.model.backbone.parameters()) / 1e6:.2f} M backbone params"
+        )
         if detector is not None and info.is_main:
             q = detector.quality()
-            say(f"[pretrain] {detector.describe()}; on {q['faces']} faces the densification fits the detected points to "
-                f"{q['fit_px']:.1f} px (affine {q['affine_fit_px']:.1f} px), smallest grid step {q['min_step_px']:.1f} px"
-                + (" - THE GRID FOLDS: raise views.detector_smoothing" if q["min_step_px"] <= 0 else ""))
+            say(
+                f"[pretrain] {detector.describe()}; on {q['faces']} faces the densification fits the detected points "
+                "to "
+                f"{q['fit_px']:.1f} px (affine {q['affine_fit_px']:.1f} px), smallest grid step {q['min_step_px']:.1f} "
+                "px" + (" - THE GRID FOLDS: raise views.detector_smoothing" if q["min_step_px"] <= 0 else "")
+            )
         before = faces = None
         if opts.get("knn") and info.is_main:
-            faces = knn_faces(opts.get("knn_data"), info.device, train_data=data_source(cfg), detector=detector is not None)
+            faces = knn_faces(
+                opts.get("knn_data"), info.device, train_data=data_source(cfg), detector=detector is not None
+            )
         if faces is not None and not opts.get("resume"):
             before = knn_check(stage.teacher.backbone, stage.views, info.device, faces)
             say(f"[pretrain] {faces.title} before: {format_check(before, faces)}")
         barrier(info)
-        engine = Engine(cfg, stage, loader, info, out, resume=opts.get("resume"), progress=opts.get("progress", True),
-                        overwrite=opts.get("overwrite", False))
-        say(f"[pretrain] {engine.plan.total_steps} steps ({engine.plan.epochs} epochs x {engine.plan.steps_per_epoch}), global batch "
-            f"{engine.plan.global_batch}, peak lr {engine.schedules['lr'].max():.2e}, precision {engine.precision}, compile {cfg.train.compile}")
+        engine = Engine(
+            cfg,
+            stage,
+            loader,
+            info,
+            out,
+            resume=opts.get("resume"),
+            progress=opts.get("progress", True),
+            overwrite=opts.get("overwrite", False),
+        )
+        say(plan_line("pretrain", engine, cfg))
         result = engine.fit()
-        summary: dict[str, Any] = {"rank": info.rank, "steps": result.steps, "digest": param_digest(stage.model),
-                                   "seconds": result.seconds, "last_checkpoint": str(result.last_checkpoint)}
+        summary: dict[str, Any] = {
+            "rank": info.rank,
+            "steps": result.steps,
+            "digest": param_digest(stage.model),
+            "seconds": result.seconds,
+            "last_checkpoint": str(result.last_checkpoint),
+        }
         if info.is_main:
             atomic_save(stage.export(), out / "teacher.pt")
             say(f"[pretrain] {result.steps} steps in {result.seconds:.1f} s; teacher model file: {out / 'teacher.pt'}")
@@ -185,9 +260,6 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
                 summary.update(knn_before=before, knn_after=after)
         barrier(info)
         return summary
-    finally:
-        stop_run_logging()
-        shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,21 +28,33 @@ All draws come from one ``torch.Generator`` on the images' device: reproducible 
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
 __all__ = ["OPS", "rand_augment", "apply_ops"]
 
-OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "ColorIncreasing", "ContrastIncreasing",
-       "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
 _GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
 _FILL = 128.0
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 1, H, W), PIL's L conversion weights."""
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -100,8 +112,9 @@ def _affine(x: torch.Tensor, op: torch.Tensor, level: torch.Tensor) -> torch.Ten
     cos, sin = torch.cos(ang), torch.sin(ang)
     # PIL rotate(angle) turns the picture counter-clockwise: output (u, v) reads input R(angle) (u, v)
     # about the centre, with y pointing down (PIL's own matrix)
-    ra = torch.stack([torch.stack([cos, -sin, cx - cos * cx + sin * cy], 1),
-                      torch.stack([sin, cos, cy - sin * cx - cos * cy], 1)], 1)
+    ra = torch.stack(
+        [torch.stack([cos, -sin, cx - cos * cx + sin * cy], 1), torch.stack([sin, cos, cy - sin * cx - cos * cy], 1)], 1
+    )
     a = torch.where(rot[:, None, None], ra, a)
     shx = (op == name["ShearX"]).float() * 0.3 * level
     shy = (op == name["ShearY"]).float() * 0.3 * level
@@ -110,7 +123,11 @@ def _affine(x: torch.Tensor, op: torch.Tensor, level: torch.Tensor) -> torch.Ten
     a[:, 0, 2] += (op == name["TranslateXRel"]).float() * 0.45 * level * w
     a[:, 1, 2] += (op == name["TranslateYRel"]).float() * 0.45 * level * h
     # pixel-centre coordinates -> normalised grid (align_corners=False)
-    ys, xs = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32), torch.arange(w, device=dev, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=dev, dtype=torch.float32),
+        torch.arange(w, device=dev, dtype=torch.float32),
+        indexing="ij",
+    )
     pts = torch.stack([xs + 0.5, ys + 0.5, torch.ones_like(xs)], -1).view(1, h * w, 3)  # PIL samples at pixel centres
     src = pts @ a.transpose(1, 2)  # (B, HW, 2) in PIL's continuous coordinates
     grid = torch.stack([src[..., 0] / w * 2 - 1, src[..., 1] / h * 2 - 1], -1).view(b, h, w, 2)
@@ -156,8 +173,14 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, sign: torch.Te
     return torch.where(geo.view(-1, 1, 1, 1), _affine(x, op, level), out)
 
 
-def rand_augment(x: torch.Tensor, generator: torch.Generator, magnitude: float = 1.0, std: float = 0.5,
-                 num_layers: int = 2, p: float = 0.5) -> torch.Tensor:
+def rand_augment(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    magnitude: float = 1.0,
+    std: float = 0.5,
+    num_layers: int = 2,
+    p: float = 0.5,
+) -> torch.Tensor:
     """Face RandAugment of a batch.
 
     Args:

@@ -25,7 +25,16 @@ __all__ = ["RUN_FILES", "RunLock", "check_run_folder", "run_files"]
 
 LOCK_NAME = ".lafs-fast.lock"
 # what a run writes (checkpoints by pattern); a folder holding any of these holds a run
-RUN_FILES = ("metrics.jsonl", "teacher.pt", "part_fvit.pt", "best.pt", "best.json", "summary.json", "config.yaml", "train.log")
+RUN_FILES = (
+    "metrics.jsonl",
+    "teacher.pt",
+    "part_fvit.pt",
+    "best.pt",
+    "best.json",
+    "summary.json",
+    "config.yaml",
+    "train.log",
+)
 
 
 def run_files(out_dir: str | Path) -> list[Path]:
@@ -47,8 +56,10 @@ def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool = 
     found = run_files(out_dir)
     if found:
         names = ", ".join(p.name for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        raise FileExistsError(f"{out_dir} already holds a run ({names}); continue it with --resume, replace it with --overwrite, "
-                              "or choose another --out")
+        raise FileExistsError(
+            f"{out_dir} already holds a run ({names}); continue it with --resume, replace it with --overwrite, "
+            "or choose another --out"
+        )
 
 
 class RunLock:
@@ -75,8 +86,10 @@ class RunLock:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             self._released = True
-            raise FileExistsError(f"another lafs-fast run ({holder}) is writing to {self.path.parent}; wait for it to end "
-                                  "or choose another --out") from None
+            raise FileExistsError(
+                f"another lafs-fast run ({holder}) is writing to {self.path.parent}; wait for it to end "
+                "or choose another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
         RunLock._held[self.path] = [fd, 1]

@@ -64,18 +64,31 @@ from lafs_fast.train.engine import Plan, Stage, StepContext
 # the stage's parts, re-exported: augmentation (supervised_augment.py) and model building (supervised_model.py)
 from lafs_fast.train.supervised_augment import FaceAugment, apply_mixup, build_mixup, random_erase  # noqa: E402,F401
 from lafs_fast.train.supervised_model import (  # noqa: E402,F401
-    ARCH_FIELDS, build_supervised_model, layer_id, read_weights, supervised_param_groups,
+    ARCH_FIELDS,
+    build_supervised_model,
+    layer_id,
+    read_weights,
+    supervised_param_groups,
 )
 
 __all__ = [
-    "LANDMARK_LAMBDA", "landmark_lambda", "landmark_lambda_schedule", "SupervisedStage", "FaceAugment",
-    "build_mixup", "apply_mixup", "random_erase", "layer_id", "supervised_param_groups", "read_weights",
-    "build_supervised_model", "ARCH_FIELDS",
+    "LANDMARK_LAMBDA",
+    "landmark_lambda",
+    "landmark_lambda_schedule",
+    "SupervisedStage",
+    "FaceAugment",
+    "build_mixup",
+    "apply_mixup",
+    "random_erase",
+    "layer_id",
+    "supervised_param_groups",
+    "read_weights",
+    "build_supervised_model",
+    "ARCH_FIELDS",
 ]
 
 # (first epoch, lambda): the regulariser's weight from that epoch on (spec section 4)
 LANDMARK_LAMBDA: tuple[tuple[int, float], ...] = ((0, 1000.0), (8, 100.0), (14, 1.0), (21, 0.11), (28, 0.0))
-
 
 
 def landmark_lambda(epoch: int) -> float:
@@ -113,9 +126,20 @@ class SupervisedStage(Stage):
     (+ lambda * landmark MSE in stage 2) -> (loss (), {"ce", "landmark_mse", "train_acc"}).
     """
 
-    def __init__(self, cfg: Config, model: PartFViT, num_classes: int, stage: int, device: torch.device,
-                 ref_landmarks: LandmarkCNN | None = None, augment: str | None = None, out_dir: str | Path | None = None,
-                 val_sets: list[str] | None = None, is_main: bool = True, say=print) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        model: PartFViT,
+        num_classes: int,
+        stage: int,
+        device: torch.device,
+        ref_landmarks: LandmarkCNN | None = None,
+        augment: str | None = None,
+        out_dir: str | Path | None = None,
+        val_sets: list[str] | None = None,
+        is_main: bool = True,
+        say=print,
+    ) -> None:
         if stage not in (0, 2):
             raise ValueError(f"the supervised stage is 0 or 2, not {stage}")
         self.cfg, self.stage_no, self.num_classes, self.device = cfg, stage, num_classes, device
@@ -221,9 +245,18 @@ class SupervisedStage(Stage):
             if self.out_dir is not None:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 atomic_save(self.export(), self.out_dir / "best.pt")
-                (self.out_dir / "best.json").write_text(json.dumps({"step": step, "mean_accuracy": mean, "accuracy": acc}, indent=1) + "\n")
-        self.say(f"[{self.name}] step {step}: verification " + ", ".join(f"{k} {v:.2f}%" for k, v in acc.items())
-                 + (f" (best so far, best.pt written)" if improved and self.out_dir is not None else f" (best {self.val.best:.2f}% at step {self.val.best_step})"))
+                (self.out_dir / "best.json").write_text(
+                    json.dumps({"step": step, "mean_accuracy": mean, "accuracy": acc}, indent=1) + "\n"
+                )
+        self.say(
+            f"[{self.name}] step {step}: verification "
+            + ", ".join(f"{k} {v:.2f}%" for k, v in acc.items())
+            + (
+                " (best so far, best.pt written)"
+                if improved and self.out_dir is not None
+                else f" (best {self.val.best:.2f}% at step {self.val.best_step})"
+            )
+        )
         return acc
 
     # -- state
@@ -255,5 +288,10 @@ class SupervisedStage(Stage):
         """The Part fViT as a lafs-fast model file (landmark CNN + fViT (+ the replicated margin
         head)): the input of ``pretrain --landmarks``, ``finetune --landmarks`` / ``--init``, ``eval``."""
         head = None if self.sharded else self.model.head
-        return model_file(self.cfg.model, self.model.backbone, landmark_cnn=self.model.landmark_cnn, margin_head=head,
-                          source=f"lafs-fast {self.name}")
+        return model_file(
+            self.cfg.model,
+            self.model.backbone,
+            landmark_cnn=self.model.landmark_cnn,
+            margin_head=head,
+            source=f"lafs-fast {self.name}",
+        )

@@ -17,12 +17,14 @@ from lafs_fast.kernels.patch_sampling import normalise_images
 
 __all__ = ["FaceAugment", "random_erase", "build_mixup", "apply_mixup"]
 
+
 def _randaug_ops(cfg: Config) -> list:
     """timm's RandAugment ops without the Solarize ops (the face recipe): the increasing-severity
     variants (timm's ``inc1``), so that the small face magnitudes (m = 1 or 2) are mild changes
     (the original Posterize / Color / Contrast / Brightness / Sharpness are strongest at m = 0)."""
-    from lafs_fast import _torchvision_fix  # noqa: F401 - timm imports torchvision
     from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, rand_augment_ops
+
+    from lafs_fast import _torchvision_fix  # noqa: F401 - timm imports torchvision
 
     f = cfg.finetune
     names = [n for n in _RAND_INCREASING_TRANSFORMS if "Solarize" not in n]
@@ -57,27 +59,33 @@ class FaceAugment:
             return "augmentation: none (normalise only)"
         common = f"RandomResizedCrop({self.size}, scale ({f.crop_scale_min}, 1)), flip, ColorJitter {f.jitter}"
         erase = f"RandomErasing p {f.erase_p}"
-        ra = f"RandAugment {f.randaug_ops} ops p {f.randaug_p} m ~ N({f.randaug_magnitude}, {f.randaug_std}) without Solarize"
+        ra = (
+            f"RandAugment {f.randaug_ops} ops p {f.randaug_p} m ~ N({f.randaug_magnitude}, {f.randaug_std}) "
+            "without Solarize"
+        )
         if self.mode == "gpu":
             return f"augmentation (on the device: view kernel + vectorised RandAugment): {common}, {ra}, {erase}"
         return f"augmentation (cpu, PIL/timm per sample): {common}, {ra}, {erase}"
 
     def _build_cpu(self):
-        from lafs_fast import _torchvision_fix  # noqa: F401
         from timm.data.auto_augment import RandAugment
         from timm.data.random_erasing import RandomErasing
         from torchvision import transforms as T
 
+        from lafs_fast import _torchvision_fix  # noqa: F401
+
         f = self.cfg.finetune
         j = f.jitter
-        pil = T.Compose([
-            T.RandomResizedCrop(self.size, scale=(f.crop_scale_min, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.ColorJitter(j, j, j, j),
-            RandAugment(_randaug_ops(self.cfg), num_layers=f.randaug_ops),
-            T.ToTensor(),
-            T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # x/255*2-1
-        ])
+        pil = T.Compose(
+            [
+                T.RandomResizedCrop(self.size, scale=(f.crop_scale_min, 1.0)),
+                T.RandomHorizontalFlip(),
+                T.ColorJitter(j, j, j, j),
+                RandAugment(_randaug_ops(self.cfg), num_layers=f.randaug_ops),
+                T.ToTensor(),
+                T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # x/255*2-1
+            ]
+        )
         erase = RandomErasing(f.erase_p, min_area=0.02, max_area=0.1, mode="const", device="cpu")
         return pil, erase
 
@@ -117,20 +125,37 @@ class FaceAugment:
         from lafs_fast.kernels.views import ViewSpec
 
         f = self.cfg.finetune
-        spec = ViewSpec(scale=(f.crop_scale_min, 1.0), flip_p=0.5, jitter_p=1.0, brightness=f.jitter, contrast=f.jitter,
-                        saturation=f.jitter, hue=f.jitter, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+        spec = ViewSpec(
+            scale=(f.crop_scale_min, 1.0),
+            flip_p=0.5,
+            jitter_p=1.0,
+            brightness=f.jitter,
+            contrast=f.jitter,
+            saturation=f.jitter,
+            hue=f.jitter,
+            gray_p=0.0,
+            blur_p=0.0,
+            solarize_p=0.0,
+        )
         from lafs_fast.train.randaugment import rand_augment
 
         gen = torch.Generator(device=images.device).manual_seed(int(seed))
         x = augment_views(images, [spec], generator=gen, out_size=self.size, interpolation="bilinear").augmented[:, 0]
         if f.randaug_ops > 0 and f.randaug_p > 0:
-            x255 = rand_augment((x.float() + 1) * 127.5, gen, f.randaug_magnitude, f.randaug_std, f.randaug_ops, f.randaug_p)
+            x255 = rand_augment(
+                (x.float() + 1) * 127.5, gen, f.randaug_magnitude, f.randaug_std, f.randaug_ops, f.randaug_p
+            )
             x = x255 / 127.5 - 1
         return random_erase(x, f.erase_p, gen)
 
 
-def random_erase(x: torch.Tensor, p: float, gen: torch.Generator, area: tuple[float, float] = (0.02, 0.1),
-                 log_ratio: tuple[float, float] = (math.log(0.3), math.log(1 / 0.3))) -> torch.Tensor:
+def random_erase(
+    x: torch.Tensor,
+    p: float,
+    gen: torch.Generator,
+    area: tuple[float, float] = (0.02, 0.1),
+    log_ratio: tuple[float, float] = (math.log(0.3), math.log(1 / 0.3)),
+) -> torch.Tensor:
     """Vectorised RandomErasing (timm's ``const`` mode: the box is set to 0) on (B, C, H, W): with
     probability ``p`` per image one box of area fraction U(area) and log-aspect U(log_ratio); a
     box that does not fit is dropped (timm retries 10 times; one try here)."""
@@ -146,7 +171,12 @@ def random_erase(x: torch.Tensor, p: float, gen: torch.Generator, area: tuple[fl
     left = ((w - ew + 1) * u[:, 4]).floor()
     ys = torch.arange(h, device=dev)[None, :, None]
     xs = torch.arange(w, device=dev)[None, None, :]
-    box = (ys >= top[:, None, None]) & (ys < (top + eh)[:, None, None]) & (xs >= left[:, None, None]) & (xs < (left + ew)[:, None, None])
+    box = (
+        (ys >= top[:, None, None])
+        & (ys < (top + eh)[:, None, None])
+        & (xs >= left[:, None, None])
+        & (xs < (left + ew)[:, None, None])
+    )
     return x.masked_fill((box & ok[:, None, None])[:, None], 0.0)
 
 
@@ -156,11 +186,18 @@ def build_mixup(cfg: Config, num_classes: int):
     f = cfg.finetune
     if f.mixup_alpha <= 0 or f.mixup_p <= 0:
         return None
-    from lafs_fast import _torchvision_fix  # noqa: F401
     from timm.data import Mixup
 
-    return Mixup(mixup_alpha=f.mixup_alpha, cutmix_alpha=0.0, prob=f.mixup_p, mode="batch", label_smoothing=0.0,
-                 num_classes=num_classes)
+    from lafs_fast import _torchvision_fix  # noqa: F401
+
+    return Mixup(
+        mixup_alpha=f.mixup_alpha,
+        cutmix_alpha=0.0,
+        prob=f.mixup_p,
+        mode="batch",
+        label_smoothing=0.0,
+        num_classes=num_classes,
+    )
 
 
 def apply_mixup(mixup, x: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

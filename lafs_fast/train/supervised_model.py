@@ -27,7 +27,7 @@ ARCH_FIELDS = ("dim", "depth", "heads", "head_dim", "mlp_dim", "num_patches", "p
 def layer_id(name: str, depth: int) -> int:
     """fViT parameter name (PartFViT naming) -> layer: embeddings 0, block i -> i + 1, the rest depth + 1."""
     if name.startswith("backbone."):
-        rest = name[len("backbone."):]
+        rest = name[len("backbone.") :]
         if rest.startswith(("cls_token", "pos_embedding", "patch_to_embedding")):
             return 0
         m = re.match(r"transformer\.layers\.(\d+)\.", rest)
@@ -54,7 +54,12 @@ def supervised_param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any
         if key not in groups:
             wd_mult = 0.0 if plain else (lm_mult if landmark else 1.0)
             lr_mult = o.layer_decay ** (depth + 1 - lid) if o.layer_decay != 1.0 else 1.0
-            groups[key] = {"params": [], "lr_mult": lr_mult, "wd_mult": wd_mult, "name": f"{'landmark' if landmark else 'vit'}{'-nodecay' if plain else ''}-l{lid}"}
+            groups[key] = {
+                "params": [],
+                "lr_mult": lr_mult,
+                "wd_mult": wd_mult,
+                "name": f"{'landmark' if landmark else 'vit'}{'-nodecay' if plain else ''}-l{lid}",
+            }
         groups[key]["params"].append(p)
     return list(groups.values())
 
@@ -82,14 +87,25 @@ def read_weights(path: str | Path) -> dict[str, Any]:
     kind = detect_format(obj)
     if kind == "lafs-fast":
         mcfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in obj["model"].items()})
-        return {"model": mcfg, "backbone": obj.get("backbone"), "landmark_cnn": obj.get("landmark_cnn"), "source": f"{path} (lafs-fast: {obj.get('source', '?')})"}
+        return {
+            "model": mcfg,
+            "backbone": obj.get("backbone"),
+            "landmark_cnn": obj.get("landmark_cnn"),
+            "source": f"{path} (lafs-fast: {obj.get('source', '?')})",
+        }
     parts = split_reference(obj, "teacher")
     mcfg = infer_model_config(parts["backbone"]) if parts["backbone"] else ModelConfig()
-    return {"model": mcfg, "backbone": parts["backbone"] or None, "landmark_cnn": parts["landmark_cnn"], "source": f"{path} ({kind})"}
+    return {
+        "model": mcfg,
+        "backbone": parts["backbone"] or None,
+        "landmark_cnn": parts["landmark_cnn"],
+        "source": f"{path} ({kind})",
+    }
 
 
-def build_supervised_model(cfg: Config, num_classes: int, stage: int, init: str | None = None,
-                           landmarks: str | None = None, say=print) -> tuple[Config, PartFViT, LandmarkCNN | None]:
+def build_supervised_model(
+    cfg: Config, num_classes: int, stage: int, init: str | None = None, landmarks: str | None = None, say=print
+) -> tuple[Config, PartFViT, LandmarkCNN | None]:
     """(cfg with the loaded architecture, PartFViT with its margin head, reference landmark CNN or None).
 
     Stage 0: everything from scratch (``init`` may still give starting weights). Stage 2: the fViT
@@ -104,7 +120,11 @@ def build_supervised_model(cfg: Config, num_classes: int, stage: int, init: str 
         w = read_weights(init)
         if w["backbone"] is None:
             raise ValueError(f"{init} holds no fViT backbone")
-        changed = [f"{k} {getattr(cfg.model, k)} -> {getattr(w['model'], k)}" for k in ARCH_FIELDS if getattr(cfg.model, k) != getattr(w["model"], k)]
+        changed = [
+            f"{k} {getattr(cfg.model, k)} -> {getattr(w['model'], k)}"
+            for k in ARCH_FIELDS
+            if getattr(cfg.model, k) != getattr(w["model"], k)
+        ]
         for k in ARCH_FIELDS:
             setattr(cfg.model, k, getattr(w["model"], k))
         if changed:
@@ -115,12 +135,17 @@ def build_supervised_model(cfg: Config, num_classes: int, stage: int, init: str 
             landmark_sd = w["landmark_cnn"]
             say(f"[supervised] landmark CNN from {init}")
     elif stage == 2:
-        say("[supervised] note: no --init: the fViT starts from random weights (pass teacher.pt from lafs-fast pretrain "
-            "or the reference's SSL checkpoint)")
+        say(
+            "[supervised] note: no --init: the fViT starts from random weights (pass teacher.pt from lafs-fast "
+            "pretrain "
+            "or the reference's SSL checkpoint)"
+        )
     if landmarks and landmarks != "scratch":
         lw = read_weights(landmarks)
         if lw["landmark_cnn"] is None:
-            raise ValueError(f"{landmarks} holds no landmark CNN; pass a stage-0 (train-landmarks) or Part fViT checkpoint")
+            raise ValueError(
+                f"{landmarks} holds no landmark CNN; pass a stage-0 (train-landmarks) or Part fViT checkpoint"
+            )
         landmark_sd = lw["landmark_cnn"]
         say(f"[supervised] landmark CNN from {lw['source']}")
     if stage == 2 and landmark_sd is None:

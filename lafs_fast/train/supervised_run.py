@@ -18,7 +18,8 @@ Examples::
     lafs-fast train-landmarks --data /data/webface4m --gpus 8
     lafs-fast finetune --init runs/pre/teacher.pt --landmarks runs/s0/part_fvit.pt --data rec/ \\
         --val lfw.bin,cfp_fp.bin --val-every 2000 finetune.head=arcface finetune.margin=0.5
-    lafs-fast finetune --init lafs_ssl.pth --landmarks part_fvit_ref.pth --data rec/ --subset shots=1,fraction=0.01,seed=0
+    lafs-fast finetune --init lafs_ssl.pth --landmarks part_fvit_ref.pth --data rec/ \\
+        --subset shots=1,fraction=0.01,seed=0
 """
 
 from __future__ import annotations
@@ -33,11 +34,28 @@ import torch
 
 from lafs_fast.config import Config, config_from_dict, config_to_dict
 from lafs_fast.io import atomic_save, check_writable_dir
-from lafs_fast.launch import init_distributed, resolve_precision, shutdown
-from lafs_fast.logs import start_run_logging, stop_run_logging
-from lafs_fast.train.cli_common import add_run_arguments, add_source_arguments, data_source, launch_training, resolve_training_config
+from lafs_fast.launch import resolve_precision
+from lafs_fast.train.cli_common import (
+    add_run_arguments,
+    add_source_arguments,
+    data_source,
+    launch_training,
+    plan_line,
+    resolve_training_config,
+    training_loader,
+    training_process,
+)
 
-__all__ = ["add_arguments", "resolve_config", "run", "train_worker", "stage_defaults", "parse_subset", "prepare_data", "heldout_check"]
+__all__ = [
+    "add_arguments",
+    "resolve_config",
+    "run",
+    "train_worker",
+    "stage_defaults",
+    "parse_subset",
+    "prepare_data",
+    "heldout_check",
+]
 
 PROG = {0: "train-landmarks", 2: "finetune"}
 
@@ -49,31 +67,66 @@ def stage_defaults(preset: str) -> dict[str, Any]:
     """The supervised stages' optimiser values, applied between the preset and the user's config."""
     d: dict[str, Any] = {"optim.weight_decay": 0.1, "optim.weight_decay_end": 0.1, "optim.clip_grad": 0.0}
     if preset == "reference":
-        d.update({"optim.epochs": 34, "optim.batch_size": 200, "optim.accumulation": 3, "optim.lr": REFERENCE_LR_PER_256,
-                  "optim.warmup_epochs": 5, "optim.min_lr": 1e-6})
+        d.update(
+            {
+                "optim.epochs": 34,
+                "optim.batch_size": 200,
+                "optim.accumulation": 3,
+                "optim.lr": REFERENCE_LR_PER_256,
+                "optim.warmup_epochs": 5,
+                "optim.min_lr": 1e-6,
+            }
+        )
     return d
 
 
 def add_arguments(parser: argparse.ArgumentParser, stage: int) -> None:
     add_source_arguments(parser, "both with this stage's optimiser defaults, see the module doc")
     if stage == 2:
-        parser.add_argument("--init", help="the stage-1 backbone: lafs-fast pretrain's teacher.pt / ckpt-*.pt, or the reference's SSL checkpoint")
-        parser.add_argument("--landmarks", help="the stage-0 landmark CNN: train-landmarks' part_fvit.pt, the reference's Part fViT checkpoint, or 'scratch' (default: --init's own if it has one)")
-        parser.add_argument("--no-landmark-reg", dest="landmark_reg", action="store_false", default=None, help="switch the lambda-scheduled landmark regulariser off")
+        parser.add_argument(
+            "--init",
+            help="the stage-1 backbone: lafs-fast pretrain's teacher.pt / ckpt-*.pt, or the reference's SSL checkpoint",
+        )
+        parser.add_argument(
+            "--landmarks",
+            help="the stage-0 landmark CNN: train-landmarks' part_fvit.pt, the reference's Part fViT checkpoint, "
+            "or 'scratch' (default: --init's own if it has one)",
+        )
+        parser.add_argument(
+            "--no-landmark-reg",
+            dest="landmark_reg",
+            action="store_false",
+            default=None,
+            help="switch the lambda-scheduled landmark regulariser off",
+        )
     else:
         parser.add_argument("--init", help="optional starting weights (a Part fViT model file or reference checkpoint)")
     parser.add_argument("--head", choices=["cosface", "arcface"], help="finetune.head (margin: finetune.margin)")
     parser.add_argument("--subset", help="few-shot subset: shots=K,fraction=P,seed=S (finetune.subset)")
     parser.add_argument("--val", help="comma-separated .bin verification sets (finetune.val_sets)")
-    parser.add_argument("--val-every", type=int, help="verify every this many steps (finetune.val_every; 0 = at the end)")
+    parser.add_argument(
+        "--val-every", type=int, help="verify every this many steps (finetune.val_every; 0 = at the end)"
+    )
     parser.add_argument("--augment", choices=["auto", "cpu", "gpu", "none"], help="finetune.augment")
     add_run_arguments(parser)
-    parser.add_argument("--check", dest="check", action="store_true", default=None, help="held-out synthetic verification before and after (default: on for synthetic data)")
+    parser.add_argument(
+        "--check",
+        dest="check",
+        action="store_true",
+        default=None,
+        help="held-out synthetic verification before and after (default: on for synthetic data)",
+    )
     parser.add_argument("--no-check", dest="check", action="store_false")
 
 
-_STAGE_FLAGS = (("head", "finetune.head"), ("subset", "finetune.subset"), ("val", "finetune.val_sets"),
-                ("val_every", "finetune.val_every"), ("augment", "finetune.augment"), ("landmark_reg", "finetune.landmark_reg"))
+_STAGE_FLAGS = (
+    ("head", "finetune.head"),
+    ("subset", "finetune.subset"),
+    ("val", "finetune.val_sets"),
+    ("val_every", "finetune.val_every"),
+    ("augment", "finetune.augment"),
+    ("landmark_reg", "finetune.landmark_reg"),
+)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -151,11 +204,16 @@ def preflight(cfg: Config, stage: int, init: str | None, landmarks: str | None, 
             raise FileNotFoundError(f"{what} {p} does not exist")
     for p in filter(None, cfg.finetune.val_sets.split(",")):
         if not Path(p).is_file():
-            raise FileNotFoundError(f"verification set {p} does not exist; pass .bin files (lafs-fast data make-bin builds one)")
+            raise FileNotFoundError(
+                f"verification set {p} does not exist; pass .bin files (lafs-fast data make-bin builds one)"
+            )
     if cfg.finetune.subset:
         parse_subset(cfg.finetune.subset)
     if resume not in (None, "auto") and not Path(resume).is_file():
-        raise FileNotFoundError(f"checkpoint {resume} does not exist; pass a ckpt-*.pt of a previous run, or --resume alone for the latest in --out")
+        raise FileNotFoundError(
+            f"checkpoint {resume} does not exist; pass a ckpt-*.pt of a previous run, or --resume alone for the latest "
+            "in --out"
+        )
 
 
 def run(args: argparse.Namespace, stage: int) -> int:
@@ -165,9 +223,23 @@ def run(args: argparse.Namespace, stage: int) -> int:
     preflight(cfg, stage, init, landmarks, args.resume)
     is_synthetic = not cfg.data.path or cfg.data.path.startswith("synthetic")
     check = args.check if args.check is not None else is_synthetic
-    opts = {"resume": args.resume, "overwrite": args.overwrite, "check": check, "progress": not args.no_progress, "init": init, "landmarks": landmarks}
-    return launch_training(PROG[stage], train_worker, (config_to_dict(cfg), stage, opts), cfg, digest_what="shared parameters",
-                           resume=args.resume, overwrite=args.overwrite)
+    opts = {
+        "resume": args.resume,
+        "overwrite": args.overwrite,
+        "check": check,
+        "progress": not args.no_progress,
+        "init": init,
+        "landmarks": landmarks,
+    }
+    return launch_training(
+        PROG[stage],
+        train_worker,
+        (config_to_dict(cfg), stage, opts),
+        cfg,
+        digest_what="shared parameters",
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,41 +270,58 @@ def _shared_digest(model, sharded: bool) -> str:
 def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> dict[str, Any]:
     """One process: data, model (loaded per stage), the supervised stage, the engine; rank 0 writes.
     Returns a summary (steps, digest, loss first/last, checks, verification)."""
-    from lafs_fast.data import make_loader
     from lafs_fast.eval.knn import format_check
     from lafs_fast.train.engine import Engine, barrier
     from lafs_fast.train.supervised import SupervisedStage, build_supervised_model
 
     cfg = config_from_dict(cfg_dict)
-    info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     name = PROG[stage]
-    say = start_run_logging(info.rank).info  # rank 0 speaks; train.log in the run folder (logs.py)
-    try:
+    with training_process(cfg) as (info, say):
         # the few-shot subset (if any): rank 0 writes it, the others then find and reuse it
         data = opts.get("data") or (prepare_data(cfg, say) if info.is_main else None)
         barrier(info)
         if data is None:
             data = prepare_data(cfg, say=lambda *a, **k: None)
-        loader = make_loader(data, cfg.optim.batch_size, rank=info.rank, world_size=info.world_size,
-                             shuffle=True, seed=cfg.train.seed, device=info.device, drop_last=True, backend=cfg.data.loader,
-                             num_workers=cfg.data.workers, color_order=cfg.data.color_order.upper(),
-                             max_bad_fraction=cfg.data.max_bad_fraction)
+        loader = training_loader(cfg, info, data)
         loader.check_labels()  # a label past the head: one sentence now, not a traceback in mixup later
         num_classes = int(loader.num_classes)
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        cfg, model, ref = build_supervised_model(cfg, num_classes, stage, opts.get("init"), opts.get("landmarks"), say=say)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (the loader drew none)
+        cfg, model, ref = build_supervised_model(
+            cfg, num_classes, stage, opts.get("init"), opts.get("landmarks"), say=say
+        )
         out = Path(cfg.train.out_dir)
         val_sets = [p for p in cfg.finetune.val_sets.split(",") if p]
-        st = SupervisedStage(cfg, model, num_classes, stage, info.device, ref_landmarks=ref, out_dir=out, val_sets=val_sets,
-                             is_main=info.is_main, say=say)
+        st = SupervisedStage(
+            cfg,
+            model,
+            num_classes,
+            stage,
+            info.device,
+            ref_landmarks=ref,
+            out_dir=out,
+            val_sets=val_sets,
+            is_main=info.is_main,
+            say=say,
+        )
         torch.manual_seed(cfg.train.seed + 1_000 * info.rank)  # dropout / drop-path streams differ per rank
         f = cfg.finetune
-        say(f"[{name}] {info.world_size} process(es) on {info.device.type}; data: {loader.backend}; {num_classes} identities, {loader.n} images")
-        say(f"[{name}] model dim {cfg.model.dim} depth {cfg.model.depth}, {sum(p.numel() for p in model.backbone.parameters()) / 1e6:.2f} M fViT + "
-            f"{sum(p.numel() for p in model.landmark_cnn.parameters()) / 1e6:.2f} M landmark CNN; head {f.head} (s {f.scale}, m {f.margin}) "
-            f"{'sharded' if st.sharded else 'replicated'}{f', sample rate {f.sample_rate}' if st.sharded else ''}")
-        say(f"[{name}] {st.augment.describe()}; mixup {'off' if st.mixup is None else f'alpha {f.mixup_alpha} p {f.mixup_p}'}; "
-            f"landmark regulariser {'on (lambda 1000/100/1/0.11/0 from epochs 0/8/14/21/28)' if st.reg_on else 'off'}; layer decay {cfg.optim.layer_decay}")
+        say(
+            f"[{name}] {info.world_size} process(es) on {info.device.type}; data: {loader.backend}; {num_classes} "
+            f"identities, {loader.n} images"
+        )
+        say(
+            f"[{name}] model dim {cfg.model.dim} depth {cfg.model.depth}, "
+            f"{sum(p.numel() for p in model.backbone.parameters()) / 1e6:.2f} M fViT + "
+            f"{sum(p.numel() for p in model.landmark_cnn.parameters()) / 1e6:.2f} M landmark CNN; head {f.head} (s "
+            f"{f.scale}, m {f.margin}) "
+            f"{'sharded' if st.sharded else 'replicated'}{f', sample rate {f.sample_rate}' if st.sharded else ''}"
+        )
+        say(
+            f"[{name}] {st.augment.describe()}; mixup "
+            f"{'off' if st.mixup is None else f'alpha {f.mixup_alpha} p {f.mixup_p}'}; "
+            f"landmark regulariser {'on (lambda 1000/100/1/0.11/0 from epochs 0/8/14/21/28)' if st.reg_on else 'off'}; "
+            f"layer decay {cfg.optim.layer_decay}"
+        )
         for note in st.notes:
             say(f"[{name}] note: {note}")
         before = None
@@ -240,25 +329,45 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
             before = heldout_check(model, info.device, resolve_precision(cfg.train.precision, info.device))
             say(f"[{name}] held-out check before: {format_check(before)}")
         barrier(info)
-        engine = Engine(cfg, st, loader, info, out, resume=opts.get("resume"), progress=opts.get("progress", True),
-                        overwrite=opts.get("overwrite", False))  # claims the run folder before anything is written there
+        engine = Engine(
+            cfg,
+            st,
+            loader,
+            info,
+            out,
+            resume=opts.get("resume"),
+            progress=opts.get("progress", True),
+            overwrite=opts.get("overwrite", False),
+        )  # claims the run folder before anything is written there
         if val_sets and info.is_main and not opts.get("resume"):
             summary_before = st.validate(0)  # the starting point (and best.pt until training beats it)
         else:
             summary_before = None
-        say(f"[{name}] {engine.plan.total_steps} steps ({engine.plan.epochs} epochs x {engine.plan.steps_per_epoch}), global batch "
-            f"{engine.plan.global_batch}, peak lr {engine.schedules['lr'].max():.2e}, precision {engine.precision}, compile {cfg.train.compile}")
+        say(plan_line(name, engine, cfg))
         result = engine.fit()
         ran = st.first_loss is not None
         first = [float(t) for t in st.first_loss] if ran else [None, None]
         last = [float(t) for t in st.last_loss] if ran else [None, None]
-        summary: dict[str, Any] = {"rank": info.rank, "steps": result.steps, "digest": _shared_digest(model, st.sharded),
-                                   "seconds": result.seconds, "last_checkpoint": str(result.last_checkpoint),
-                                   "loss_first": first[0], "loss_last": last[0], "ce_first": first[1], "ce_last": last[1]}
+        summary: dict[str, Any] = {
+            "rank": info.rank,
+            "steps": result.steps,
+            "digest": _shared_digest(model, st.sharded),
+            "seconds": result.seconds,
+            "last_checkpoint": str(result.last_checkpoint),
+            "loss_first": first[0],
+            "loss_last": last[0],
+            "ce_first": first[1],
+            "ce_last": last[1],
+        }
         if info.is_main:
             atomic_save(st.export(), out / "part_fvit.pt")
-            say(f"[{name}] {result.steps} steps in {result.seconds:.1f} s; first -> last batch: loss {first[0]:.3f} -> {last[0]:.3f}, "
-                f"margin cross-entropy {first[1]:.3f} -> {last[1]:.3f}" if ran else f"[{name}] nothing to do: already at step {result.steps}")
+            say(
+                f"[{name}] {result.steps} steps in {result.seconds:.1f} s; first -> last batch: loss {first[0]:.3f} -> "
+                f"{last[0]:.3f}, "
+                f"margin cross-entropy {first[1]:.3f} -> {last[1]:.3f}"
+                if ran
+                else f"[{name}] nothing to do: already at step {result.steps}"
+            )
             say(f"[{name}] model file: {out / 'part_fvit.pt'}")
             if val_sets:
                 acc = st.val.last if st.val.last_step == result.steps else st.validate(result.steps)
@@ -271,12 +380,11 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
                     say(f"[{name}] held-out check before: {format_check(before)}")
                 say(f"[{name}] held-out check after:  {format_check(after)}")
                 summary.update(check_before=before, check_after=after)
-            (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "digest"}, indent=1, default=str) + "\n")
+            (out / "summary.json").write_text(
+                json.dumps({k: v for k, v in summary.items() if k != "digest"}, indent=1, default=str) + "\n"
+            )
         barrier(info)
         return summary
-    finally:
-        stop_run_logging()
-        shutdown()
 
 
 def main(argv: list[str] | None = None, stage: int = 2) -> int:
@@ -285,4 +393,6 @@ def main(argv: list[str] | None = None, stage: int = 2) -> int:
 
     parser = argparse.ArgumentParser(prog=f"lafs-fast {PROG[stage]}", description=__doc__.splitlines()[0])
     add_arguments(parser, stage)
-    return run_command(f"lafs-fast {PROG[stage]}", parser, lambda args: run(args, stage), sys.argv[1:] if argv is None else argv)
+    return run_command(
+        f"lafs-fast {PROG[stage]}", parser, lambda args: run(args, stage), sys.argv[1:] if argv is None else argv
+    )
