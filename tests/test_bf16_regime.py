@@ -17,18 +17,13 @@ from lafs_fast.models.checkpoints import load_model
 from lafs_fast.train import pretrain, supervised_run
 from lafs_fast.train.dino import DINOLoss, DinoStage
 from lafs_fast.views import LafsViews
+from tests import TINY_DINO, TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 TINY = [
-    "model.dim=32",
-    "model.depth=1",
-    "model.heads=2",
-    "model.head_dim=16",
-    "model.mlp_dim=64",
-    "dino.out_dim=64",
-    "dino.hidden_dim=64",
-    "dino.bottleneck_dim=16",
+    *TINY_MODEL,
+    *TINY_DINO,
     "optim.batch_size=2",
     "optim.epochs=1",
     "optim.warmup_epochs=0",

@@ -12,19 +12,14 @@ import torch
 from lafs_fast.config import config_to_dict, load_config
 from lafs_fast.train import pretrain
 from lafs_fast.train.engine import load_checkpoint
+from tests import TINY_DINO, TINY_MODEL
 
 # The tiniest run, with every dropout off: Inductor draws its own random numbers (not the eager
 # stream), so with dropout on the two runs differ by design. No warm-up, so the first step already
 # moves the weights (DINO's schedule starts the lr at 0) and both steps test the compiled backward.
 TINY = [
-    "model.dim=32",
-    "model.depth=1",
-    "model.heads=2",
-    "model.head_dim=16",
-    "model.mlp_dim=64",
-    "dino.out_dim=64",
-    "dino.hidden_dim=64",
-    "dino.bottleneck_dim=16",
+    *TINY_MODEL,
+    *TINY_DINO,
     "optim.batch_size=2",
     "optim.epochs=2",
     "optim.warmup_epochs=0",

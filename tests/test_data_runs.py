@@ -15,15 +15,12 @@ from lafs_fast.config import config_to_dict, load_config
 from lafs_fast.data.recordio_writer import write_identity_dataset
 from lafs_fast.data.synthetic import SyntheticFaces
 from lafs_fast.train import pretrain, supervised_run
+from tests import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 TINY = [
-    "model.dim=32",
-    "model.depth=1",
-    "model.heads=2",
-    "model.head_dim=16",
-    "model.mlp_dim=64",
+    *TINY_MODEL,
     "optim.epochs=1",
     "optim.warmup_epochs=0",
     "train.log_every=1",

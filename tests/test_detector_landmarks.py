@@ -23,7 +23,7 @@ from lafs_fast.kernels.views import ViewSpec
 from lafs_fast.sampling import sample_patches
 from lafs_fast.train import pretrain
 from lafs_fast.views import LafsViews, grid_landmarks
-from tests import BLAZEFACE_DIR
+from tests import BLAZEFACE_DIR, TINY_DINO, TINY_MODEL
 from tests.devices import cuda_compiled
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,14 +276,8 @@ def pretrain_seed(seed: int) -> int:
 # ------------------------------------------------------------------------------------------ the command
 
 TINY = [
-    "model.dim=32",
-    "model.depth=1",
-    "model.heads=2",
-    "model.head_dim=16",
-    "model.mlp_dim=64",
-    "dino.out_dim=64",
-    "dino.hidden_dim=64",
-    "dino.bottleneck_dim=16",
+    *TINY_MODEL,
+    *TINY_DINO,
     "optim.batch_size=4",
     "optim.epochs=1",
     "views.n_local=2",

@@ -24,6 +24,7 @@ from lafs_fast.models.part_fvit import build_backbone
 from lafs_fast.sampling import sample_patches
 from lafs_fast.train.dino import DINOLoss, DinoStage, MultiCrop, ema_update
 from lafs_fast.train.engine import Plan, StepContext, cosine_schedule, linear_then_constant
+from tests import TINY_MODEL
 
 # --------------------------------------------------------------------------------------- re-statement
 
@@ -102,11 +103,7 @@ def test_teacher_momentum_schedule_and_stage_wiring(tmp_path):
         "small",
         None,
         [
-            "model.dim=32",
-            "model.depth=1",
-            "model.heads=2",
-            "model.head_dim=16",
-            "model.mlp_dim=64",
+            *TINY_MODEL,
             "dino.out_dim=32",
             "dino.hidden_dim=32",
             "dino.bottleneck_dim=8",
@@ -144,11 +141,7 @@ def test_last_layer_gradients_cancelled_in_the_frozen_epochs(tmp_path):
         "small",
         None,
         [
-            "model.dim=32",
-            "model.depth=1",
-            "model.heads=2",
-            "model.head_dim=16",
-            "model.mlp_dim=64",
+            *TINY_MODEL,
             "dino.out_dim=32",
             "dino.hidden_dim=32",
             "dino.bottleneck_dim=8",

@@ -31,6 +31,7 @@ from lafs_fast.train import supervised_run
 from lafs_fast.train.dino import DinoStage
 from lafs_fast.train.engine import StepContext, clip_gradients
 from lafs_fast.train.supervised import SupervisedStage, build_supervised_model
+from tests import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,11 +119,7 @@ def _ctx(values: dict[str, float]) -> StepContext:
 # Small views (32 px, 4 x 4 landmarks) keep the interpreted kernels quick; the code path is the
 # reference one (landmarks, perturbation, the shuffle of the local views).
 DINO = [
-    "model.dim=32",
-    "model.depth=1",
-    "model.heads=2",
-    "model.head_dim=16",
-    "model.mlp_dim=64",
+    *TINY_MODEL,
     "model.image_size=32",
     "model.num_patches=16",
     "views.global_tokens=16",
@@ -157,11 +154,7 @@ def test_a_supervised_step_has_no_host_sync(tmp_path, gpu_dispatch):
         "small",
         None,
         [
-            "model.dim=32",
-            "model.depth=1",
-            "model.heads=2",
-            "model.head_dim=16",
-            "model.mlp_dim=64",
+            *TINY_MODEL,
             "optim.batch_size=2",
             f"train.out_dir={tmp_path}",
             "finetune.randaug_p=1.0",

@@ -22,18 +22,13 @@ from lafs_fast.train import pretrain
 from lafs_fast.train.dino import DINOLoss, DinoStage, ema_update
 from lafs_fast.train.engine import Plan, list_checkpoints, load_checkpoint
 from lafs_fast.views import LafsViews, grid_landmarks
+from tests import TINY_DINO, TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
-    "model.dim=32",
-    "model.depth=1",
-    "model.heads=2",
-    "model.head_dim=16",
-    "model.mlp_dim=64",
-    "dino.out_dim=64",
-    "dino.hidden_dim=64",
-    "dino.bottleneck_dim=16",
+    *TINY_MODEL,
+    *TINY_DINO,
     "optim.batch_size=2",
     "optim.epochs=2",
     "optim.warmup_epochs=1",

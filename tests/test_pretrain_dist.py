@@ -16,17 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import TINY_DINO, TINY_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
 # 4 x 2 = 8 faces over 2 ranks at batch 2: 2 steps per epoch, so stopping after step 1 resumes mid-epoch
 TINY = [
-    "model.dim=32",
-    "model.depth=1",
-    "model.heads=2",
-    "model.head_dim=16",
-    "model.mlp_dim=64",
-    "dino.out_dim=64",
-    "dino.hidden_dim=64",
-    "dino.bottleneck_dim=16",
+    *TINY_MODEL,
+    *TINY_DINO,
     "optim.batch_size=2",
     "optim.epochs=1",
     "data.synthetic_identities=4",
@@ -40,30 +36,23 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def _pretrain_2ranks(out: Path, *argv: str) -> subprocess.CompletedProcess:
+def _pretrain_2ranks(out: Path, *argv: str, rc: int = 0) -> subprocess.CompletedProcess:
+    """``lafs-fast pretrain`` on 2 gloo ranks into ``out`` (``argv`` before the tiny config), expecting exit ``rc``."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "lafs_fast.train.pretrain",
+        "--device",
+        "cpu",
+        "--gpus",
+        "2",
+        "--no-knn",
+        "--no-progress",
+    ]
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lafs_fast.train.pretrain",
-            "--device",
-            "cpu",
-            "--gpus",
-            "2",
-            "--no-knn",
-            "--no-progress",
-            "--out",
-            str(out),
-            *argv,
-            *TINY,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=ROOT,
-        env=_env(),
+        [*cmd, "--out", str(out), *argv, *TINY], capture_output=True, text=True, timeout=280, cwd=ROOT, env=_env()
     )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.returncode == rc, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
 
@@ -177,31 +166,7 @@ def test_a_users_mistake_inside_a_worker_is_one_sentence(one_step, tmp_path):
     checkpoint): one line on stderr and exit 2, as in one process, not the elastic launcher's traceback."""
     out = tmp_path / "run"
     shutil.copytree(one_step[0], out)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lafs_fast.train.pretrain",
-            "--device",
-            "cpu",
-            "--gpus",
-            "2",
-            "--no-knn",
-            "--no-progress",
-            "--out",
-            str(out),
-            "--resume",
-            "auto",
-            *TINY,
-            "optim.lr=0.01",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=ROOT,
-        env=_env(),
-    )
-    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    r = _pretrain_2ranks(out, "--resume", "auto", "optim.lr=0.01", rc=2)
     err = r.stderr.strip()
     assert (
         err.count("\n") == 0

@@ -30,6 +30,7 @@ from lafs_fast.train.supervised import (
     read_weights,
     supervised_param_groups,
 )
+from tests import TINY_DINO, TINY_MODEL
 
 TINY = [
     "model.dim=32",
@@ -318,14 +319,8 @@ def test_stage2_loads_a_stage1_checkpoint_from_the_pretrain_code(tmp_path):
         "small",
         None,
         [
-            "model.dim=32",
-            "model.depth=1",
-            "model.heads=2",
-            "model.head_dim=16",
-            "model.mlp_dim=64",
-            "dino.out_dim=64",
-            "dino.hidden_dim=64",
-            "dino.bottleneck_dim=16",
+            *TINY_MODEL,
+            *TINY_DINO,
             "optim.batch_size=2",
             "optim.epochs=1",
             "optim.warmup_epochs=0",

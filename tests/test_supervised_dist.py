@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from tests import TINY_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.dim=32",
-    "model.depth=1",
-    "model.heads=2",
-    "model.head_dim=16",
-    "model.mlp_dim=64",
+    *TINY_MODEL,
     "optim.batch_size=2",
     "optim.epochs=1",
     "data.synthetic_identities=5",

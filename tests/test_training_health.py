@@ -15,6 +15,7 @@ from lafs_fast.config import config_to_dict, load_config
 from lafs_fast.train import dino, pretrain
 from lafs_fast.train.dino import DINOLoss
 from lafs_fast.train.health import HEALTH_KEYS, CollapseWatch, dino_health
+from tests import TINY_DINO, TINY_MODEL
 
 K, B, G, V = 64, 32, 2, 4
 
@@ -90,14 +91,8 @@ def test_watch_says_once_after_patience():
 
 def test_a_run_logs_health_and_warns_once(tmp_path, capsys, monkeypatch):
     tiny = [
-        "model.dim=32",
-        "model.depth=1",
-        "model.heads=2",
-        "model.head_dim=16",
-        "model.mlp_dim=64",
-        "dino.out_dim=64",
-        "dino.hidden_dim=64",
-        "dino.bottleneck_dim=16",
+        *TINY_MODEL,
+        *TINY_DINO,
         "optim.batch_size=2",
         "optim.epochs=2",
         "optim.warmup_epochs=1",
