@@ -245,30 +245,20 @@ class LafsViews(nn.Module):
         return ViewBatch(gt, lt, v.n_global, v.n_local, b, g_coords, l_coords, l_idx)
 
     def _dino(self, images: torch.Tensor, seed: int) -> ViewBatch:
-        v, p, s = self.cfg, self.mcfg.patch_size, self.mcfg.image_size
-        b = images.shape[0]
-        glob = augment_views(
-            images,
-            self.global_specs,
-            seed=_seed(seed, 0),
-            out_size=s,
-            interpolation=v.interpolation,
-            backend=self.view_backend,
+        v = self.cfg
+        gt = self._grid_view_tokens(images, self.global_specs, _seed(seed, 0), self.mcfg.image_size)
+        lt = self._grid_view_tokens(images, self.local_specs, _seed(seed, 3), v.local_size) if v.n_local > 0 else None
+        return ViewBatch(gt, lt, v.n_global, v.n_local, images.shape[0])
+
+    def _grid_view_tokens(self, images: torch.Tensor, specs: list[ViewSpec], seed: int, size: int) -> torch.Tensor:
+        """The DINO baseline's views of ``specs`` at ``size`` px cut into a regular grid of patches:
+        (V * B, (size / P)^2, 3*P*P), view-major."""
+        views = augment_views(
+            images, specs, seed=seed, out_size=size, interpolation=self.cfg.interpolation, backend=self.view_backend
         ).augmented
-        gt = image_grid_tokens(glob.transpose(0, 1).reshape(-1, 3, s, s), p).to(self.out_dtype)
-        lt = None
-        if v.n_local > 0:
-            ls = v.local_size
-            loc = augment_views(
-                images,
-                self.local_specs,
-                seed=_seed(seed, 3),
-                out_size=ls,
-                interpolation=v.interpolation,
-                backend=self.view_backend,
-            ).augmented
-            lt = image_grid_tokens(loc.transpose(0, 1).reshape(-1, 3, ls, ls), p).to(self.out_dtype)
-        return ViewBatch(gt, lt, v.n_global, v.n_local, b)
+        return image_grid_tokens(views.transpose(0, 1).reshape(-1, 3, size, size), self.mcfg.patch_size).to(
+            self.out_dtype
+        )
 
     @torch.no_grad()
     def eval_tokens(

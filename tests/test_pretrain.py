@@ -22,23 +22,11 @@ from lafs_fast.train import pretrain
 from lafs_fast.train.dino import DINOLoss, DinoStage, ema_update
 from lafs_fast.train.engine import Plan, list_checkpoints, load_checkpoint
 from lafs_fast.views import LafsViews, grid_landmarks
-from tests import TINY_DINO, TINY_MODEL
+from tests import TINY_PRETRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = [
-    *TINY_MODEL,
-    *TINY_DINO,
-    "optim.batch_size=2",
-    "optim.epochs=2",
-    "optim.warmup_epochs=1",
-    "dino.teacher_temp_epochs=1",
-    "data.synthetic_identities=3",
-    "data.synthetic_images_per_identity=2",
-    "train.log_every=1",
-    "views.n_local=2",
-    "train.device=cpu",  # CPU semantics (fp32, bitwise) even where a GPU runs the suite
-]
+TINY = TINY_PRETRAIN
 
 
 def tiny(tmp_path, *extra: str):

@@ -24,34 +24,23 @@ TINY = [
 ]
 
 
+def _train_landmarks_2ranks(out: Path, *argv: str) -> subprocess.CompletedProcess:
+    """``lafs-fast train-landmarks`` on 2 gloo ranks into ``out`` with the sharded head (``argv`` before
+    the tiny config, which key=value pairs in ``argv`` may refine); must exit 0."""
+    cmd = [sys.executable, "-m", "lafs_fast.train.train_landmarks", "--device", "cpu", "--gpus", "2", "--no-check"]
+    r = subprocess.run(
+        [*cmd, "--no-progress", "--out", str(out), *[a for a in argv if "=" not in a], *TINY,
+         *[a for a in argv if "=" in a], "finetune.shard_classes=true"],
+        capture_output=True, text=True, timeout=290, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
 @pytest.mark.timeout(300)
 def test_two_cpu_processes_sharded_head_stay_identical(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lafs_fast.train.train_landmarks",
-            "--device",
-            "cpu",
-            "--gpus",
-            "2",
-            "--max-steps",
-            "2",
-            "--no-check",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-            *TINY,
-            "finetune.shard_classes=true",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=290,
-        cwd=ROOT,
-        env=env,
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r = _train_landmarks_2ranks(tmp_path, "--max-steps", "2")
     digests = dict(re.findall(r"rank (\d): 2 steps, shared parameters sha256 ([0-9a-f]+)", r.stdout))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], r.stdout
     assert "2 process(es) on cpu" in r.stdout and "sharded" in r.stdout
@@ -68,36 +57,8 @@ def test_sharded_head_resumes_bitwise_on_two_ranks(tmp_path):
 
     from lafs_fast.train.engine import load_checkpoint
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
     def run(out, *argv):
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "lafs_fast.train.train_landmarks",
-                "--device",
-                "cpu",
-                "--gpus",
-                "2",
-                "--no-check",
-                "--no-progress",
-                "--out",
-                str(out),
-                *argv,
-                *TINY,
-                "optim.epochs=2",
-                "finetune.shard_classes=true",
-                "train.ckpt_every_steps=1",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=290,
-            cwd=ROOT,
-            env=env,
-        )
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-        return r
+        return _train_landmarks_2ranks(out, *argv, "optim.epochs=2", "train.ckpt_every_steps=1")
 
     run(tmp_path / "full", "--max-steps", "3")
     run(tmp_path / "part", "--max-steps", "1")

@@ -15,7 +15,7 @@ from lafs_fast.config import config_to_dict, load_config
 from lafs_fast.train import dino, pretrain
 from lafs_fast.train.dino import DINOLoss
 from lafs_fast.train.health import HEALTH_KEYS, CollapseWatch, dino_health
-from tests import TINY_DINO, TINY_MODEL
+from tests import TINY_PRETRAIN
 
 K, B, G, V = 64, 32, 2, 4
 
@@ -90,21 +90,7 @@ def test_watch_says_once_after_patience():
 
 
 def test_a_run_logs_health_and_warns_once(tmp_path, capsys, monkeypatch):
-    tiny = [
-        *TINY_MODEL,
-        *TINY_DINO,
-        "optim.batch_size=2",
-        "optim.epochs=2",
-        "optim.warmup_epochs=1",
-        "dino.teacher_temp_epochs=1",
-        "data.synthetic_identities=3",
-        "data.synthetic_images_per_identity=2",
-        "train.log_every=1",
-        "views.n_local=2",
-        "train.max_steps=4",
-        f"train.out_dir={tmp_path}",
-    ]
-    cfg = load_config("small", None, tiny)
+    cfg = load_config("small", None, [*TINY_PRETRAIN, "train.max_steps=4", f"train.out_dir={tmp_path}"])
     # every step "collapsed" (uniform_frac 0): the run must say so exactly once
     monkeypatch.setattr(dino, "CollapseWatch", functools.partial(CollapseWatch, info_frac=10.0, patience=1, grace=0))
     pretrain.train_worker(config_to_dict(cfg), {"knn": False, "progress": False})
