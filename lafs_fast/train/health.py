@@ -57,9 +57,10 @@ def dino_health(
     Returns ``teacher_entropy`` (mean per-sample H(q), nats), ``teacher_batch_entropy`` (H of the
     batch-mean q), ``kl`` (mean student-teacher KL(q_i || p_j) over the loss's pairs: cross-entropy
     minus H(q_i); every teacher view sits in the same number of pairs, so it is ``loss -
-    teacher_entropy``), ``center_norm`` (||c||_2) and ``embed_std`` (the std across the batch of the
-    L2-normalised embeddings, averaged over dimensions and scaled by sqrt(D): 1 at most (samples
-    spread evenly over the sphere's directions), 0 when every sample has the same embedding).
+    teacher_entropy``), ``center_norm`` (||c||_2) and ``embed_std`` (the population std across the batch of the
+    L2-normalised embeddings, averaged over dimensions and scaled by sqrt(D): 1 at most, since by
+    Jensen it is at most sqrt(1 - ||batch mean||^2) (samples spread evenly over the sphere's
+    directions), 0 when every sample has the same embedding).
     """
     q = F.softmax((teacher_out.float() - center.float()) / teacher_temp, dim=-1)
     h = _entropy(q).mean()
@@ -69,7 +70,7 @@ def dino_health(
         "teacher_batch_entropy": _entropy(q.mean(dim=0)),
         "kl": loss.detach().float() - h,
         "center_norm": center.float().norm(),
-        "embed_std": e.std(dim=0).mean() * math.sqrt(e.shape[-1]),
+        "embed_std": e.std(dim=0, correction=0).mean() * math.sqrt(e.shape[-1]),
     }
 
 
