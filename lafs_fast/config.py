@@ -163,6 +163,11 @@ class FinetuneConfig:
     head: str = choice("cosface", "cosface", "arcface")
     scale: float = 64.0
     margin: float = doc(0.4, "CosFace 0.4 (reference); ArcFace usually 0.5")
+    margin_warmup_epochs: float = doc(
+        0.0,
+        "ramp the margin linearly from 0 to finetune.margin over this many epochs (0 = the full margin from the "
+        "first step, the reference); a short run from weak features needs it (docs/finetuning.md)",
+    )
     landmark_reg: bool = doc(True, "lambda-scheduled MSE to a frozen stage-0 landmark CNN")
     mixup_alpha: float = 0.2
     mixup_p: float = 0.1
@@ -420,6 +425,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     **dict.fromkeys(
         (
             "finetune.margin",
+            "finetune.margin_warmup_epochs",
             "finetune.mixup_alpha",
             "finetune.randaug_magnitude",
             "finetune.randaug_ops",

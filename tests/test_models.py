@@ -19,6 +19,7 @@ from lafs_fast.models import (
     build_part_fvit,
 )
 from lafs_fast.models.attention import xformers_status
+from lafs_fast.models.sharded_head import ShardedMarginHead
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -190,3 +191,19 @@ def test_cosface_and_arcface_formulas(gen):
     torch.testing.assert_close(arc_head(emb, label), 64 * (y * target + (1 - y) * cos), rtol=1e-4, atol=1e-4)
     soft = torch.tensor([[0.7, 0.3, 0.0]] * 4)
     torch.testing.assert_close(cos_head(emb, soft), 64 * (cos - 0.4 * soft))
+
+
+def test_set_margin_equals_a_head_built_with_that_margin(gen):
+    """The margin warm-up changes the margin in place: every derived constant follows (ArcFace's cos m,
+    sin m, threshold and fallback), and the sharded head passes it on."""
+    emb, label = torch.randn(6, 16, generator=gen), torch.tensor([0, 2, 1, 2, 0, 1])
+    for cls, m_built, m_set in ((CosFace, 0.4, 0.1), (ArcFace, 0.5, 0.2)):
+        changed, built = cls(16, 3, m=m_built), cls(16, 3, m=m_set)
+        built.weight.data.copy_(changed.weight.data)
+        before = changed(emb, label)
+        changed.set_margin(m_set)
+        torch.testing.assert_close(changed(emb, label), built(emb, label))
+        assert not torch.allclose(before, built(emb, label))
+    sharded = ShardedMarginHead("arcface", 16, 3, m=0.5)
+    sharded.set_margin(0.2)
+    assert sharded.margin.m == 0.2 and sharded.margin.sin_m == pytest.approx(math.sin(0.2))

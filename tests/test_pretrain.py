@@ -345,20 +345,23 @@ def test_sigterm_writes_a_final_checkpoint_and_resume_continues(tmp_path):
     assert load_checkpoint(list_checkpoints(out)[-1])["step"] == step + 1
 
 
-def test_knn_data_skips_and_names_a_corrupt_record(tmp_path):
-    """--knn-data holding a corrupt JPEG stopped the run with a traceback: now it is skipped and named."""
+def jpeg_bytes(face) -> bytes:
+    """A face (H, W, 3) uint8 array as JPEG bytes (labelled recs for the check's tests)."""
     import io
 
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray(face).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_knn_data_skips_and_names_a_corrupt_record(tmp_path):
+    """--knn-data holding a corrupt JPEG stopped the run with a traceback: now it is skipped and named."""
     from lafs_fast.data.recordio_writer import write_identity_dataset
 
     faces = SyntheticFaces(2, 2, seed=3).batch(range(4))[0].numpy()
-
-    def jpeg(a):
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format="JPEG")
-        return buf.getvalue()
+    jpeg = jpeg_bytes
 
     write_identity_dataset(
         tmp_path, [[jpeg(faces[0]), b"\xff\xd8 not a jpeg"], [jpeg(faces[2]), jpeg(faces[3])]], height=112, width=112

@@ -101,6 +101,24 @@ def test_stage_schedule_is_off_in_stage0_and_switchable(tmp_path):
     assert not s2off.reg_on and not s2off.schedules(plan)["landmark_lambda"].any()
 
 
+def test_margin_warm_up_ramps_to_the_margin_and_reaches_the_head(tmp_path):
+    """finetune.margin_warmup_epochs: the margin rises linearly from 0 to finetune.margin over that many
+    epochs, then stays; the stage sets it on the head before each step; 0 keeps the reference's constant."""
+    plan = Plan(epochs=4, steps_per_epoch=5, accumulation=1, batch_size=4, world_size=1)
+    cfg = tiny(tmp_path, "finetune.margin_warmup_epochs=2", "finetune.margin=0.4")
+    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
+    st = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
+    margin = st.schedules(plan)["margin"]
+    assert margin.shape == (20,) and margin[0] == 0.0 and margin[9] == pytest.approx(0.4)
+    assert (np.diff(margin[:10]) > 0).all() and (margin[10:] == pytest.approx(0.4))
+    images, labels = _batch()
+    ctx = StepContext(3, 0, 0, 1, {"lr": 1e-3, "weight_decay": 0.1, "margin": float(margin[3])}, DistInfo())
+    st.forward_loss(st.model, (images, labels), ctx)
+    assert model.head.m == pytest.approx(margin[3])
+    constant = SupervisedStage(tiny(tmp_path), model, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
+    assert (constant.schedules(plan)["margin"] == 0.4).all()
+
+
 # ------------------------------------------------------------------------------------------ gradients
 
 
@@ -484,3 +502,28 @@ def test_command_line_end_to_end_and_flags(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "head arcface (s 64.0, m 0.5)" in out and "landmark regulariser on" in out
     assert supervised_run.main(["--out", str(tmp_path), "--init", str(tmp_path / "none.pt")], stage=2) == 2
+
+
+def test_knn_data_checks_a_supervised_run_on_labelled_faces(tmp_path, capsys):
+    """finetune / train-landmarks --knn-data REC: the 1-NN / verification check before and after on
+    those faces (e.g. held-out people) instead of synthetic ones; a non-rec is one sentence, exit 2."""
+    from lafs_fast.data.recordio_writer import write_identity_dataset
+    from tests.test_pretrain import jpeg_bytes
+
+    faces = SyntheticFaces(3, 2, seed=11).batch(range(6))[0].numpy()
+    write_identity_dataset(
+        tmp_path / "held",
+        [[jpeg_bytes(faces[2 * i]), jpeg_bytes(faces[2 * i + 1])] for i in range(3)],
+        height=112,
+        width=112,
+    )
+    tiny_args = [a for a in TINY if not a.startswith("optim.epochs")]
+    argv = ["--out", str(tmp_path / "run"), "--max-steps", "1", "--no-progress", *tiny_args]
+    assert supervised_run.main([*argv, "--knn-data", str(tmp_path / "held" / "train.rec")], stage=0) == 0
+    out = capsys.readouterr().out
+    assert "k-NN check before: 1-NN top-1" in out and "(6 faces of train.rec, 3 identities)" in out
+    assert "k-NN check after:" in out
+    (tmp_path / "folder" / "a").mkdir(parents=True)
+    (tmp_path / "folder" / "a" / "0.jpg").write_bytes(jpeg_bytes(faces[0]))  # an image folder, not a rec
+    assert supervised_run.main([*argv, "--overwrite", "--knn-data", str(tmp_path / "folder")], stage=0) == 2
+    assert "is not a .rec; pack labelled faces with `lafs-fast data build`" in capsys.readouterr().err

@@ -92,6 +92,10 @@ class MarginHead(nn.Module):
     def cosine(self, emb: torch.Tensor) -> torch.Tensor:
         return F.linear(F.normalize(emb.float()), F.normalize(self.weight.float()))
 
+    def set_margin(self, m: float) -> None:
+        """Change the margin (a host float: the stage's margin warm-up sets it before each step)."""
+        self.m = float(m)
+
     def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # defined by CosFace / ArcFace
 
@@ -119,6 +123,10 @@ class ArcFace(MarginHead):
 
     def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5) -> None:
         super().__init__(in_features, num_classes, s, m)
+        self.set_margin(m)
+
+    def set_margin(self, m: float) -> None:
+        super().set_margin(m)
         self.cos_m, self.sin_m = math.cos(m), math.sin(m)
         self.th, self.mm = math.cos(math.pi - m), math.sin(math.pi - m) * m
 

@@ -136,6 +136,10 @@ class ShardedMarginHead(nn.Module):
         # The margin maths of the replicated head, over this rank's slice of the centres.
         self.margin: MarginHead = margin_cls(in_features, self.end - self.start, s, *(() if m is None else (m,)))
 
+    def set_margin(self, m: float) -> None:
+        """Change the margin (see MarginHead.set_margin)."""
+        self.margin.set_margin(m)
+
     @property
     def weight(self) -> nn.Parameter:
         """(C_local, D) this rank's centres."""

@@ -15,6 +15,8 @@ from lafs_fast.config import Config, add_config_arguments, load_config
 __all__ = [
     "add_source_arguments",
     "add_run_arguments",
+    "add_check_arguments",
+    "check_enabled",
     "default_preset",
     "resolve_training_config",
     "data_source",
@@ -73,6 +75,41 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "its checkpoints and logs (without it such an --out is refused)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_check_arguments(parser: argparse.ArgumentParser, flag: str) -> None:
+    """--FLAG / --no-FLAG and --knn-data REC: the k-NN check of the embeddings before and after a run
+    (lafs_fast.eval.knn). ``flag``: "knn" (pretrain) or "check" (the supervised stages)."""
+    from lafs_fast.eval.knn import KNN_MAX_IMAGES
+
+    parser.add_argument(
+        f"--{flag}",
+        dest=flag,
+        action="store_true",
+        default=None,
+        help="1-NN / verification check of the embeddings before and after (default: on for synthetic data or with "
+        "--knn-data)",
+    )
+    parser.add_argument(f"--no-{flag}", dest=flag, action="store_false")
+    parser.add_argument(
+        "--knn-data",
+        metavar="REC",
+        help="labelled faces for the check, e.g. held-out people: a .rec (labels are read for the check only; up to "
+        f"{KNN_MAX_IMAGES} images, evenly spaced); default: held-out synthetic identities",
+    )
+
+
+def check_enabled(cfg: Config, enabled: bool | None, knn_data: str | None) -> bool:
+    """Whether the k-NN check runs: as asked, else on for synthetic data or with ``--knn-data`` (which
+    must then be a .rec: ValueError naming it otherwise)."""
+    synthetic = not cfg.data.path or cfg.data.path.startswith("synthetic")
+    on = enabled if enabled is not None else bool(knn_data) or synthetic
+    if knn_data and on:
+        from lafs_fast.data.loaders import open_source
+
+        if open_source(knn_data)[0] != "rec":
+            raise ValueError(f"--knn-data {knn_data} is not a .rec; pack labelled faces with `lafs-fast data build`")
+    return on
 
 
 def default_preset(args: argparse.Namespace) -> str:

@@ -26,11 +26,13 @@ import torch
 
 from lafs_fast.config import Config, config_from_dict, config_to_dict
 from lafs_fast.dense_landmarks import DetectorLandmarks
-from lafs_fast.eval.knn import KNN_MAX_IMAGES, format_check, knn_check, knn_faces
+from lafs_fast.eval.knn import format_check, knn_check, knn_faces
 from lafs_fast.io import atomic_save, check_writable_dir
 from lafs_fast.train.cli_common import (
+    add_check_arguments,
     add_run_arguments,
     add_source_arguments,
+    check_enabled,
     data_source,
     launch_training,
     plan_line,
@@ -66,20 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--views", choices=["lafs", "dino"], help="landmark views (default) or the DINO-face image-grid baseline"
     )
     add_run_arguments(parser)
-    parser.add_argument(
-        "--knn",
-        dest="knn",
-        action="store_true",
-        default=None,
-        help="k-NN / verification check before and after (default: on for synthetic data or with --knn-data)",
-    )
-    parser.add_argument("--no-knn", dest="knn", action="store_false")
-    parser.add_argument(
-        "--knn-data",
-        metavar="REC",
-        help="labelled faces for the check: a .rec (labels are read for the check "
-        f"only; up to {KNN_MAX_IMAGES} images, evenly spaced); default: held-out synthetic identities",
-    )
+    add_check_arguments(parser, "knn")
 
 
 _STAGE_FLAGS = (("landmarks", "views.landmarks"), ("views", "views.mode"))
@@ -157,18 +146,7 @@ def detector_landmarks(cfg: Config) -> DetectorLandmarks | None:
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     preflight(cfg, args.resume)
-    knn = (
-        args.knn
-        if args.knn is not None
-        else bool(args.knn_data) or not cfg.data.path or cfg.data.path.startswith("synthetic")
-    )
-    if args.knn_data and knn:
-        from lafs_fast.data.loaders import open_source
-
-        if open_source(args.knn_data)[0] != "rec":
-            raise ValueError(
-                f"--knn-data {args.knn_data} is not a .rec; pack labelled faces with `lafs-fast data build`"
-            )
+    knn = check_enabled(cfg, args.knn, args.knn_data)
     opts = {
         "resume": args.resume,
         "overwrite": args.overwrite,

@@ -59,7 +59,7 @@ from lafs_fast.io import atomic_save
 from lafs_fast.models import LandmarkCNN, PartFViT
 from lafs_fast.models.checkpoints import model_file
 from lafs_fast.models.sharded_head import ShardedMarginHead
-from lafs_fast.train.engine import Plan, Stage, StepContext
+from lafs_fast.train.engine import Plan, Stage, StepContext, cosine_schedule
 
 # the stage's parts, re-exported: augmentation (supervised_augment.py) and model building (supervised_model.py)
 from lafs_fast.train.supervised_augment import FaceAugment, apply_mixup, build_mixup, random_erase  # noqa: E402,F401
@@ -171,7 +171,10 @@ class SupervisedStage(Stage):
     # -- schedules and optimiser
 
     def schedules(self, plan: Plan) -> dict[str, np.ndarray]:
-        return {"landmark_lambda": landmark_lambda_schedule(plan, self.reg_on)}
+        f = self.cfg.finetune
+        # margin warm-up: 0 -> m linearly over margin_warmup_epochs, then m (constant m when 0)
+        margin = cosine_schedule(f.margin, f.margin, plan.epochs, plan.steps_per_epoch, f.margin_warmup_epochs)
+        return {"landmark_lambda": landmark_lambda_schedule(plan, self.reg_on), "margin": margin}
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         return supervised_param_groups(model, self.cfg)
@@ -180,6 +183,8 @@ class SupervisedStage(Stage):
 
     def forward_loss(self, model: nn.Module, batch: Any, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         images, labels = batch[0], batch[1].to(self.device)
+        if "margin" in ctx.values:  # a host float: the head is eager, so no recompile and no sync
+            self.model.head.set_margin(ctx.values["margin"])
         x = self.augment(images, ctx.seed)
         targets: torch.Tensor = labels
         if self.mixup is not None:

@@ -36,8 +36,10 @@ from lafs_fast.config import Config, config_from_dict, config_to_dict
 from lafs_fast.io import atomic_save, check_writable_dir
 from lafs_fast.launch import resolve_precision
 from lafs_fast.train.cli_common import (
+    add_check_arguments,
     add_run_arguments,
     add_source_arguments,
+    check_enabled,
     data_source,
     launch_training,
     plan_line,
@@ -109,14 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser, stage: int) -> None:
     )
     parser.add_argument("--augment", choices=["auto", "cpu", "gpu", "none"], help="finetune.augment")
     add_run_arguments(parser)
-    parser.add_argument(
-        "--check",
-        dest="check",
-        action="store_true",
-        default=None,
-        help="held-out synthetic verification before and after (default: on for synthetic data)",
-    )
-    parser.add_argument("--no-check", dest="check", action="store_false")
+    add_check_arguments(parser, "check")
 
 
 _STAGE_FLAGS = (
@@ -221,12 +216,11 @@ def run(args: argparse.Namespace, stage: int) -> int:
     init = getattr(args, "init", None)
     landmarks = getattr(args, "landmarks", None)
     preflight(cfg, stage, init, landmarks, args.resume)
-    is_synthetic = not cfg.data.path or cfg.data.path.startswith("synthetic")
-    check = args.check if args.check is not None else is_synthetic
     opts = {
         "resume": args.resume,
         "overwrite": args.overwrite,
-        "check": check,
+        "check": check_enabled(cfg, args.check, args.knn_data),
+        "knn_data": args.knn_data,
         "progress": not args.no_progress,
         "init": init,
         "landmarks": landmarks,
@@ -246,13 +240,14 @@ def run(args: argparse.Namespace, stage: int) -> int:
 # the worker
 
 
-def heldout_check(model, device: torch.device, precision: str = "fp32") -> dict[str, float]:
-    """1-NN top-1 and verification accuracy (%) on held-out synthetic identities (never trained on),
-    with flip-sum embeddings of the Part fViT (eval mode; its head is not used), the fViT under the
-    run's ``precision`` (the landmark CNN stays fp32 in PartFViT)."""
+def heldout_check(model, device: torch.device, precision: str = "fp32", faces=None) -> dict[str, float]:
+    """1-NN top-1 and verification accuracy (%) on ``faces`` (:func:`lafs_fast.eval.knn.knn_faces`;
+    default: held-out synthetic identities, never trained on), with flip-sum embeddings of the Part
+    fViT (eval mode; its head is not used), the fViT under the run's ``precision`` (the landmark CNN
+    stays fp32 in PartFViT)."""
     from lafs_fast.eval.knn import ImageInputs, knn_check
 
-    return knn_check(model, ImageInputs(), device, precision=precision)
+    return knn_check(model, ImageInputs(), device, faces, precision=precision)
 
 
 def _shared_digest(model, sharded: bool) -> str:
@@ -270,7 +265,7 @@ def _shared_digest(model, sharded: bool) -> str:
 def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> dict[str, Any]:
     """One process: data, model (loaded per stage), the supervised stage, the engine; rank 0 writes.
     Returns a summary (steps, digest, loss first/last, checks, verification)."""
-    from lafs_fast.eval.knn import format_check
+    from lafs_fast.eval.knn import format_check, knn_faces
     from lafs_fast.train.engine import Engine, barrier
     from lafs_fast.train.supervised import SupervisedStage, build_supervised_model
 
@@ -313,7 +308,8 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
             f"[{name}] model dim {cfg.model.dim} depth {cfg.model.depth}, "
             f"{sum(p.numel() for p in model.backbone.parameters()) / 1e6:.2f} M fViT + "
             f"{sum(p.numel() for p in model.landmark_cnn.parameters()) / 1e6:.2f} M landmark CNN; head {f.head} (s "
-            f"{f.scale}, m {f.margin}) "
+            f"{f.scale}, m {f.margin}"
+            f"{f', reached over {f.margin_warmup_epochs:g} epochs' if f.margin_warmup_epochs else ''}) "
             f"{'sharded' if st.sharded else 'replicated'}{f', sample rate {f.sample_rate}' if st.sharded else ''}"
         )
         say(
@@ -324,10 +320,13 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
         )
         for note in st.notes:
             say(f"[{name}] note: {note}")
-        before = None
-        if opts.get("check") and info.is_main and not opts.get("resume"):
-            before = heldout_check(model, info.device, resolve_precision(cfg.train.precision, info.device))
-            say(f"[{name}] held-out check before: {format_check(before)}")
+        before = faces = None
+        precision = resolve_precision(cfg.train.precision, info.device)
+        if opts.get("check") and info.is_main:
+            faces = knn_faces(opts.get("knn_data"), info.device)
+        if faces is not None and not opts.get("resume"):
+            before = heldout_check(model, info.device, precision, faces)
+            say(f"[{name}] {faces.title} before: {format_check(before, faces)}")
         barrier(info)
         engine = Engine(
             cfg,
@@ -374,11 +373,11 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
                 summary["verification"] = acc
                 summary["verification_before"] = summary_before
                 summary["best"] = {"mean": st.val.best, "step": st.val.best_step}
-            if opts.get("check"):
-                after = heldout_check(model, info.device, resolve_precision(cfg.train.precision, info.device))
+            if faces is not None:
+                after = heldout_check(model, info.device, precision, faces)
                 if before is not None:
-                    say(f"[{name}] held-out check before: {format_check(before)}")
-                say(f"[{name}] held-out check after:  {format_check(after)}")
+                    say(f"[{name}] {faces.title} before: {format_check(before, faces)}")
+                say(f"[{name}] {faces.title} after:  {format_check(after, faces)}")
                 summary.update(check_before=before, check_after=after)
             (out / "summary.json").write_text(
                 json.dumps({k: v for k, v in summary.items() if k != "digest"}, indent=1, default=str) + "\n"
