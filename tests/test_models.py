@@ -191,6 +191,10 @@ def test_cosface_and_arcface_formulas(gen):
     torch.testing.assert_close(arc_head(emb, label), 64 * (y * target + (1 - y) * cos), rtol=1e-4, atol=1e-4)
     soft = torch.tensor([[0.7, 0.3, 0.0]] * 4)
     torch.testing.assert_close(cos_head(emb, soft), 64 * (cos - 0.4 * soft))
+    logits, plain = arc_head(emb, label, return_cosine=True)  # the plain cosines beside (train accuracy)
+    torch.testing.assert_close(logits, arc_head(emb, label))
+    torch.testing.assert_close(plain, cos)
+    assert not plain.requires_grad
 
 
 def test_set_margin_equals_a_head_built_with_that_margin(gen):
@@ -204,6 +208,6 @@ def test_set_margin_equals_a_head_built_with_that_margin(gen):
         changed.set_margin(m_set)
         torch.testing.assert_close(changed(emb, label), built(emb, label))
         assert not torch.allclose(before, built(emb, label))
-    sharded = ShardedMarginHead("arcface", 16, 3, m=0.5)
+    sharded = ShardedMarginHead(16, 3, "arcface", m=0.5)
     sharded.set_margin(0.2)
     assert sharded.margin.m == 0.2 and sharded.margin.sin_m == pytest.approx(math.sin(0.2))

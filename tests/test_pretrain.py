@@ -369,3 +369,20 @@ def test_knn_data_skips_and_names_a_corrupt_record(tmp_path):
     got = knn.knn_faces(str(tmp_path / "train.rec"), torch.device("cpu"))
     assert got.images.shape[0] == 3 and got.labels.tolist() == [0, 1, 1]
     assert "1 corrupt record(s) skipped (positions 1)" in got.what
+
+
+def test_pixel_floor_and_knn_metrics(gen):
+    """The raw-pixel floor: identities that differ only in their pixels' mean pattern are found at
+    100 %; faces whose labels carry no pixel information sit near chance; the lines name all three."""
+    base = torch.randint(0, 256, (4, 1, 8, 8, 3), generator=gen).float()
+    noise = torch.randn(4, 6, 8, 8, 3, generator=gen) * 4
+    images = (base + noise).clamp(0, 255).to(torch.uint8).reshape(24, 8, 8, 3)
+    labels = torch.arange(4).repeat_interleave(6)
+    faces = knn.KnnFaces(images, labels, None, "24 test faces, 4 identities")
+    floor = knn.pixel_floor(faces)
+    assert floor == {"knn_top1": 100.0, "verification": 100.0}
+    shuffled = knn.KnnFaces(images, labels[torch.randperm(24, generator=gen)], None, "shuffled")
+    assert knn.pixel_floor(shuffled)["knn_top1"] < 60.0
+    lines = knn.report_lines({"knn_top1": 10.0, "verification": 50.0}, {"knn_top1": 20.0, "verification": 60.0}, faces)
+    assert [line.split(":")[0] for line in lines] == ["k-NN check before", "k-NN check after", "k-NN check floor"]
+    assert "1-NN top-1 100.0%, verification 100.0% (raw pixels of the same faces)" in lines[2]

@@ -522,7 +522,11 @@ def test_knn_data_checks_a_supervised_run_on_labelled_faces(tmp_path, capsys):
     assert supervised_run.main([*argv, "--knn-data", str(tmp_path / "held" / "train.rec")], stage=0) == 0
     out = capsys.readouterr().out
     assert "k-NN check before: 1-NN top-1" in out and "(6 faces of train.rec, 3 identities)" in out
-    assert "k-NN check after:" in out
+    assert (
+        "k-NN check after:" in out
+        and "k-NN check floor:  1-NN top-1" in out
+        and "(raw pixels of the same faces)" in out
+    )
     (tmp_path / "folder" / "a").mkdir(parents=True)
     (tmp_path / "folder" / "a" / "0.jpg").write_bytes(jpeg_bytes(faces[0]))  # an image folder, not a rec
     assert supervised_run.main([*argv, "--overwrite", "--knn-data", str(tmp_path / "folder")], stage=0) == 2

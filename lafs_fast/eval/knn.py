@@ -19,7 +19,19 @@ import torch.nn.functional as F
 
 from lafs_fast.eval.metrics import best_accuracy
 
-__all__ = ["EVAL_SEED", "KNN_MAX_IMAGES", "KnnFaces", "ImageInputs", "knn_faces", "embed", "knn_check", "format_check"]
+__all__ = [
+    "EVAL_SEED",
+    "KNN_MAX_IMAGES",
+    "KnnFaces",
+    "ImageInputs",
+    "knn_faces",
+    "embed",
+    "knn_check",
+    "knn_metrics",
+    "pixel_floor",
+    "report_lines",
+    "format_check",
+]
 
 EVAL_SEED = 7_000_001  # held-out synthetic identities: a different seed draws different faces
 KNN_MAX_IMAGES = 2000
@@ -151,8 +163,21 @@ def knn_check(
     (every genuine pair, as many impostor pairs drawn at random, best threshold), both in %, on
     ``faces`` (default: held-out synthetic identities, :func:`knn_faces`); ``precision`` as in :func:`embed`."""
     faces = faces or knn_faces(None, device)
-    labels = faces.labels
     emb = embed(backbone, views, faces.images, positions=faces.positions, precision=precision)
+    return knn_metrics(emb, faces.labels)
+
+
+def pixel_floor(faces: KnnFaces) -> dict[str, float]:
+    """The check's trivial floor: the same two figures on the raw pixels (N, H*W*3), centred by the
+    faces' mean image (cosine of the differences). On aligned faces pixels are a strong baseline,
+    one a learnt embedding must beat to be worth anything."""
+    x = faces.images.flatten(1).float()
+    return knn_metrics(F.normalize(x - x.mean(dim=0), dim=-1), faces.labels)
+
+
+def knn_metrics(emb: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Leave-one-out 1-NN top-1 and balanced-pair verification accuracy (%) of unit embeddings (N, D)
+    fp32 with labels (N,) int64 (see :func:`knn_check`)."""
     n = len(labels)
     sim = emb @ emb.T
     sim.fill_diagonal_(-math.inf)
@@ -160,7 +185,7 @@ def knn_check(
     top1 = (labels[nn_idx] == labels).float().mean().item() * 100
     sim.fill_diagonal_(1.0)
     same = labels[:, None] == labels[None, :]
-    iu = torch.triu_indices(n, n, offset=1, device=device)
+    iu = torch.triu_indices(n, n, offset=1, device=emb.device)
     s, y = sim[iu[0], iu[1]].cpu().numpy(), same[iu[0], iu[1]].cpu().numpy()
     rng = np.random.default_rng(EVAL_SEED)
     n_pos = int(y.sum())
@@ -168,6 +193,20 @@ def knn_check(
     s, y = np.concatenate((s[y], s[neg])), np.concatenate((np.ones(n_pos, bool), np.zeros(len(neg), bool)))
     acc = best_accuracy(2.0 - 2.0 * s, y)  # unit vectors: squared distance = 2 - 2 cos
     return {"knn_top1": round(top1, 2), "verification": round(acc * 100, 2)}
+
+
+def report_lines(
+    before: dict[str, float] | None, after: dict[str, float], faces: KnnFaces, floor: dict[str, float] | None = None
+) -> list[str]:
+    """The end-of-run lines: before (when measured), after, and the raw-pixel floor on the same faces."""
+    lines = [f"{faces.title} before: {format_check(before, faces)}"] if before is not None else []
+    lines.append(f"{faces.title} after:  {format_check(after, faces)}")
+    floor = floor if floor is not None else pixel_floor(faces)
+    lines.append(
+        f"{faces.title} floor:  1-NN top-1 {floor['knn_top1']:.1f}%, verification {floor['verification']:.1f}% "
+        "(raw pixels of the same faces)"
+    )
+    return lines
 
 
 def format_check(r: dict[str, float], faces: KnnFaces | None = None) -> str:

@@ -99,10 +99,15 @@ class MarginHead(nn.Module):
     def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # defined by CosFace / ArcFace
 
-    def forward(self, emb: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, emb: torch.Tensor, label: torch.Tensor, return_cosine: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """logits (B, C) fp32; with ``return_cosine`` also the plain cosines (B, C) fp32, detached
+        (what a plain-accuracy metric reads: the margin hides a correct but not yet margin-wide win)."""
         cos = self.cosine(emb)
         y = one_hot_targets(label, self.num_classes, cos.dtype)
-        return self.s * (y * self.target_logit(cos) + (1.0 - y) * cos)
+        logits = self.s * (y * self.target_logit(cos) + (1.0 - y) * cos)
+        return (logits, cos.detach()) if return_cosine else logits
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.num_classes}, s={self.s}, m={self.m}"

@@ -53,13 +53,19 @@ class PartFViT(nn.Module):
         )
         return self.backbone(tokens), coords
 
-    def forward(self, images: torch.Tensor, label: torch.Tensor | None = None):
+    def forward(self, images: torch.Tensor, label: torch.Tensor | None = None, return_cosine: bool = False):
+        """images (B, 3, S, S) -> embedding (B, dim); with ``label`` (B,) / (B, C): (margin logits
+        (B, C) fp32, coords (B, L, 2) fp32), plus the plain cosines (B, C) with ``return_cosine``
+        (the replicated head only)."""
         emb, coords = self.embed(images)
         if label is None:
             return emb
         if self.head is None:
             raise ValueError("this PartFViT has no margin head: build it with num_classes to train with labels")
         with torch.autocast(images.device.type, enabled=False):
+            if return_cosine:
+                logits, cos = self.head(emb.float(), label, return_cosine=True)
+                return logits, coords, cos
             return self.head(emb.float(), label), coords
 
 

@@ -26,7 +26,7 @@ import torch
 
 from lafs_fast.config import Config, config_from_dict, config_to_dict
 from lafs_fast.dense_landmarks import DetectorLandmarks
-from lafs_fast.eval.knn import format_check, knn_check, knn_faces
+from lafs_fast.eval.knn import format_check, knn_check, knn_faces, pixel_floor, report_lines
 from lafs_fast.io import atomic_save, check_writable_dir
 from lafs_fast.train.cli_common import (
     add_check_arguments,
@@ -232,10 +232,10 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
             say(f"[pretrain] {result.steps} steps in {result.seconds:.1f} s; teacher model file: {out / 'teacher.pt'}")
             if faces is not None:
                 after = knn_check(stage.teacher.backbone, stage.views, info.device, faces)
-                if before is not None:
-                    say(f"[pretrain] {faces.title} before: {format_check(before, faces)}")
-                say(f"[pretrain] {faces.title} after:  {format_check(after, faces)}")
-                summary.update(knn_before=before, knn_after=after)
+                floor = pixel_floor(faces)
+                for line in report_lines(before, after, faces, floor):
+                    say(f"[pretrain] {line}")
+                summary.update(knn_before=before, knn_after=after, knn_floor=floor)
         barrier(info)
         return summary
 
