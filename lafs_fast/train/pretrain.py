@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,10 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
                 for line in report_lines(before, after, faces, floor):
                     say(f"[pretrain] {line}")
                 summary.update(knn_before=before, knn_after=after, knn_floor=floor)
+            # the run's figures for scripts (examples/fewshot.py), as the supervised stages write them
+            (out / "summary.json").write_text(
+                json.dumps({k: v for k, v in summary.items() if k != "digest"}, indent=1, default=str) + "\n"
+            )
         barrier(info)
         return summary
 
