@@ -37,9 +37,13 @@ between ops) and erasing on the device; ``auto`` = ``gpu`` on CUDA, ``cpu`` othe
 only normalises. Every draw is keyed by the engine's per-step seed, so a resumed run sees
 the same augmentations.
 
-Margin head: replicated (``PartFViT.head``) or, with ``finetune.shard_classes``, the Partial-FC
-style :class:`~lafs_fast.models.sharded_head.ShardedMarginHead` (``finetune.sample_rate`` negative
-sampling; integer labels only, so Mixup is switched off with it, said in the log).
+Margin head: ``finetune.margin_warmup_epochs`` > 0 raises the margin linearly from 0 (an option; the
+reference keeps it constant), set on the head before each step. Metrics: ``train_acc`` is the plain
+nearest-centre accuracy of the batch, ``margin_acc`` the margin logits' (0 while the embeddings crowd
+together, whatever the model learns: docs/finetuning.md). Replicated (``PartFViT.head``) or, with
+``finetune.shard_classes``, the Partial-FC style :class:`~lafs_fast.models.sharded_head.ShardedMarginHead`
+(``finetune.sample_rate`` negative sampling; integer labels only, so Mixup is switched off with it,
+said in the log).
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ REFERENCE_LR_PER_256 = 2.29e-3 * 256 / 1200
 
 
 def stage_defaults(preset: str) -> dict[str, Any]:
-    """The supervised stages' optimiser values, applied between the preset and the user's config."""
+    """The supervised stages' own values, applied between the preset and the user's config: the
+    optimiser's, and for ``small`` the lr and token init measured on real faces (docs/finetuning.md)."""
     d: dict[str, Any] = {"optim.weight_decay": 0.1, "optim.weight_decay_end": 0.1, "optim.clip_grad": 0.0}
     if preset == "small":
         # measured on celeb24 (docs/finetuning.md): peak lr 3e-4 at batch 32 fits real faces where 1.25e-4
