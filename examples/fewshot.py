@@ -69,9 +69,16 @@ def run(cmd: list[str], logfile: Path) -> None:
     log.info("  done in %.0f s (log: %s)", time.time() - t, logfile)
 
 
-def figures(summary: Path, after: str, floor: str) -> tuple[dict, dict]:
+def figures(summary: Path, prefix: str) -> tuple[dict, dict, dict]:
+    """(before, after, floor) of a run's k-NN check from its summary.json (prefix "knn" or "check")."""
+    if not summary.is_file():
+        raise SystemExit(f"{summary} is missing: run the script without --table-only / --no-pretrain first")
     s = json.loads(summary.read_text())
-    return s[after], s[floor]
+    return s[f"{prefix}_before"], s[f"{prefix}_after"], s[f"{prefix}_floor"]
+
+
+def cell(r: dict, key: str) -> str:
+    return f"{r[key]:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         help="folder holding the BlazeFace weights for the detector landmarks ($LAFS_FAST_WEIGHTS)",
     )
     ap.add_argument("--no-pretrain", action="store_true", help="reuse the teachers already in --out")
+    ap.add_argument("--table-only", action="store_true", help="print the table of the runs already in --out")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.celeb24.is_dir():
@@ -115,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             src = link_subset(args.celeb24, people, per, out / f"{name}_src")
             run([*exe, "data", "build", str(src), str(out / name), "--workers", "1"], out / f"data_{name}.log")
         recs[name] = rec
-    if not (out / "train" / "train.rec.landmarks.npz").is_file() and not args.no_pretrain:
+    reuse = args.no_pretrain or args.table_only
+    if not (out / "train" / "train.rec.landmarks.npz").is_file() and not reuse:
         weights = ["--weights", str(args.weights.resolve())] if args.weights.is_dir() else []
         run([*exe, "data", "landmarks", str(recs["train"]), *weights], out / "data_landmarks.log")
 
@@ -125,17 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     pre_rows = {}
     for i, (row, extra) in enumerate(PRETRAIN.items()):
         run_dir = out / f"pretrain_{i}"
-        if not args.no_pretrain:
+        if not reuse:
             run(
                 [*exe, "pretrain", "--data", str(recs["train"]), "--out", str(run_dir), "--overwrite", *common, *extra],
                 out / f"pretrain_{i}.log",
             )
         teachers[row] = run_dir / "teacher.pt"
-        pre_rows[row] = figures(run_dir / "summary.json", "knn_after", "knn_floor")
+        pre_rows[row] = figures(run_dir / "summary.json", "knn")
 
     # 3. few-shot fine-tuning of every start, the same steps for each
     table = []
-    floor = None
     for k in shots:
         images = k * len(train_people)
         steps_per_epoch = max(1, images // args.finetune_batch)
@@ -160,25 +168,28 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if teacher is not None:
                 cmd += ["--init", str(teacher)]
-            run(cmd, out / f"finetune_{k}shot_{j}.log")
-            after, floor = figures(run_dir / "summary.json", "check_after", "check_floor")
-            table.append((f"{k}-shot", row, after))
+            if not args.table_only:
+                run(cmd, out / f"finetune_{k}shot_{j}.log")
+            table.append((f"{k}-shot", row, figures(run_dir / "summary.json", "check")[1]))
 
-    # 4. the table
+    # 4. the table: held-out 1-NN top-1 / verification (%), before -> after for the pre-trainings
     lines = [
-        f"held-out people: {len(held_people)}, faces: see {out / 'heldout'}; 1-NN top-1 / verification, %",
+        f"{len(held_people)} held-out people ({out / 'heldout'}); {len(train_people)} training people",
         "",
-        "| stage | start | held-out 1-NN | held-out verification |",
+        "| stage | start | held-out 1-NN (%) | held-out verification (%) |",
         "|---|---|---|---|",
     ]
-    first = next(iter(pre_rows.values()))[1] if pre_rows else floor
-    lines.append(f"| floor | raw pixels | {first['knn_top1']:.1f} | {first['verification']:.1f} |")
-    for row, (after, _) in pre_rows.items():
-        lines.append(f"| pre-trained, no labels | {row} | {after['knn_top1']:.1f} | {after['verification']:.1f} |")
+    floor = next(iter(pre_rows.values()))[2]
+    lines.append(f"| floor | raw pixels | {cell(floor, 'knn_top1')} | {cell(floor, 'verification')} |")
+    for row, (before, after, _) in pre_rows.items():
+        lines.append(
+            f"| pre-trained, no labels (random init -> trained) | {row} | {cell(before, 'knn_top1')} -> "
+            f"{cell(after, 'knn_top1')} | {cell(before, 'verification')} -> {cell(after, 'verification')} |"
+        )
     for stage, row, after in table:
-        lines.append(f"| fine-tuned {stage} | {row} | {after['knn_top1']:.1f} | {after['verification']:.1f} |")
+        lines.append(f"| fine-tuned {stage} | {row} | {cell(after, 'knn_top1')} | {cell(after, 'verification')} |")
     lines.append("")
-    lines.append(f"total {time.time() - t0:.0f} s; runs and logs under {out}")
+    lines.append(("" if args.table_only else f"total {time.time() - t0:.0f} s; ") + f"runs and logs under {out}")
     text = "\n".join(lines)
     (out / "table.md").write_text(text + "\n")
     print(text)

@@ -766,7 +766,8 @@ class Engine:
                     if log or due:  # this step's loss is needed (or must be vetted) now
                         last_loss, unchecked = self._check_loss(*unchecked), None
                     shown = {k: f"{self._checked[k]:.3g}" for k in self.stage.progress_keys if k in self._checked}
-                    bar.set_postfix(loss=f"{last_loss:.4f}", **shown, samples_s=f"{rate:.1f}")
+                    loss_shown = "..." if math.isnan(last_loss) else f"{last_loss:.4f}"  # "...": not read back yet
+                    bar.set_postfix(loss=loss_shown, **shown, samples_s=f"{rate:.1f}")
                     if log:
                         record.update(step=self.step, epoch=epoch, samples_per_s=rate)
                         self._log_metrics(record)
