@@ -7,6 +7,7 @@ naming why.
 """
 
 import os
+import zlib
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -37,9 +38,15 @@ def orl_dir() -> Path:
 
 
 @pytest.fixture
-def gen() -> torch.Generator:
-    """A freshly seeded CPU generator (new inputs every run); ``gen.initial_seed()`` reproduces one."""
-    seed = int.from_bytes(os.urandom(4), "little")
+def gen(request: pytest.FixtureRequest) -> torch.Generator:
+    """A seeded CPU generator. By default the seed is a hash of the test's id: the same inputs on
+    every run and machine, so a red CI is a real failure and reproduces. ``LAFS_TEST_FUZZ=1`` draws a
+    fresh seed each run instead (new inputs every run: a tolerance search); the seed is printed
+    either way and ``gen.initial_seed()`` reproduces it."""
+    if os.environ.get("LAFS_TEST_FUZZ") == "1":
+        seed = int.from_bytes(os.urandom(4), "little")
+    else:
+        seed = zlib.crc32(request.node.nodeid.encode())
     print(f"generator seed {seed}")  # shown by pytest for a failing test
     return torch.Generator().manual_seed(seed)
 
