@@ -12,8 +12,8 @@ held out). Then:
    leave-one-out on the held-out people), with the raw-pixel floor of the same faces beside it.
 
 Every step is a `lafs-fast` command (printed as it runs), so each row can be re-run alone. Defaults
-are sized for a couple of CPU cores (about 30 minutes with 2); `--help` lists the knobs. The
-measured table and its command are in docs/results.md.
+are sized for a couple of CPU cores (16 minutes with 2 idle ones); `--help` lists the knobs. The
+measured tables (two seeds) and their commands are in docs/results.md.
 """
 
 from __future__ import annotations
