@@ -17,6 +17,7 @@ __all__ = [
     "add_run_arguments",
     "add_check_arguments",
     "check_enabled",
+    "write_summary",
     "default_preset",
     "resolve_training_config",
     "data_source",
@@ -110,6 +111,18 @@ def check_enabled(cfg: Config, enabled: bool | None, knn_data: str | None) -> bo
         if open_source(knn_data)[0] != "rec":
             raise ValueError(f"--knn-data {knn_data} is not a .rec; pack labelled faces with `lafs-fast data build`")
     return on
+
+
+def write_summary(out_dir: str | os.PathLike, summary: dict[str, Any]) -> None:
+    """``out_dir/summary.json``: a run's figures for scripts (examples/fewshot.py), written atomically;
+    the parameter digest stays out (it is for comparing ranks, not a result)."""
+    import json
+    from pathlib import Path
+
+    from lafs_fast.io import atomic_write_bytes
+
+    text = json.dumps({k: v for k, v in summary.items() if k != "digest"}, indent=1, default=str) + "\n"
+    atomic_write_bytes(text.encode(), Path(out_dir) / "summary.json")
 
 
 def default_preset(args: argparse.Namespace) -> str:

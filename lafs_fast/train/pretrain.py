@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from lafs_fast.train.cli_common import (
     resolve_training_config,
     training_loader,
     training_process,
+    write_summary,
 )
 
 __all__ = [
@@ -237,10 +237,7 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
                 for line in report_lines(before, after, faces, floor):
                     say(f"[pretrain] {line}")
                 summary.update(knn_before=before, knn_after=after, knn_floor=floor)
-            # the run's figures for scripts (examples/fewshot.py), as the supervised stages write them
-            (out / "summary.json").write_text(
-                json.dumps({k: v for k, v in summary.items() if k != "digest"}, indent=1, default=str) + "\n"
-            )
+            write_summary(out, summary)
         barrier(info)
         return summary
 

@@ -25,7 +25,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from lafs_fast.train.cli_common import (
     resolve_training_config,
     training_loader,
     training_process,
+    write_summary,
 )
 
 __all__ = [
@@ -384,9 +384,7 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
                 for line in report_lines(before, after, faces, floor):
                     say(f"[{name}] {line}")
                 summary.update(check_before=before, check_after=after, check_floor=floor)
-            (out / "summary.json").write_text(
-                json.dumps({k: v for k, v in summary.items() if k != "digest"}, indent=1, default=str) + "\n"
-            )
+            write_summary(out, summary)
         barrier(info)
         return summary
 
