@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from lafs_fast.config import load_config
-from lafs_fast.data.loaders import RecSource, decode_pil
-from lafs_fast.eval.knn import ImageInputs
+from lafs_fast.eval.knn import ImageInputs, knn_faces
 from lafs_fast.models.checkpoints import load_model
 from lafs_fast.models.part_fvit import build_part_fvit
 
@@ -31,11 +30,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="config KEY=VALUE for the random model")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    src = RecSource(args.rec)
-    faces, labels = zip(
-        *[(decode_pil(b, 112, src.color_order() == "BGR"), lab) for b, lab in map(src.item, range(len(src)))]
-    )
-    x, y = ImageInputs.eval_tokens(torch.from_numpy(np.stack(faces))), torch.tensor(labels)
+    faces = knn_faces(args.rec, torch.device("cpu"), max_images=10**9)  # every face, decoded as the loaders do
+    x, y = ImageInputs.eval_tokens(faces.images), faces.labels
     if args.model:
         model = load_model(args.model)
     else:

@@ -8,14 +8,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from lafs_fast.config import config_to_dict, load_config
 from lafs_fast.data.folder import build_rec
-from lafs_fast.data.loaders import RecSource, decode_pil
-from lafs_fast.eval.knn import ImageInputs
+from lafs_fast.eval.knn import ImageInputs, knn_faces
 from lafs_fast.models.checkpoints import load_model
 from lafs_fast.train import supervised_run
 from tests import SHARED
@@ -39,12 +37,10 @@ def _subset(root: Path, people: list[str], per_person: int) -> Path:
 def _plain_accuracy(model_path: Path, rec: Path) -> float:
     """Fraction of the rec's faces whose nearest class centre (cosine) is their own class."""
     model = load_model(model_path).eval()
-    src = RecSource(str(rec))
-    images, labels = zip(*[(decode_pil(b, 112, False), lab) for b, lab in (src.item(i) for i in range(len(src)))])
-    x, y = ImageInputs.eval_tokens(torch.from_numpy(np.stack(images))), torch.tensor(labels)
+    faces = knn_faces(str(rec), torch.device("cpu"))  # every face of a rec this small, decoded as the loaders do
     with torch.no_grad():
-        cos = model.head.cosine(model(x))
-    return float((cos.argmax(dim=1) == y).float().mean())
+        cos = model.head.cosine(model(ImageInputs.eval_tokens(faces.images)))
+    return float((cos.argmax(dim=1) == faces.labels).float().mean())
 
 
 def test_stage2_on_celeb24_reaches_train_accuracy_above_chance(tmp_path, capsys):
