@@ -84,6 +84,16 @@ class DinoConfig:
     teacher_temp_end: float = doc(0.04, "teacher temperature after the warm-up epochs")
     teacher_temp_epochs: int = 30
     center_momentum: float = 0.9
+    centering: str = choice(
+        "center",
+        "center",
+        "sinkhorn",
+        help="teacher targets: softmax of the centred output (DINO, reference) or 3 Sinkhorn-Knopp iterations "
+        "(DINOv2: every prototype used equally across the batch)",
+    )
+    koleo_weight: float = doc(
+        0.0, "weight of DINOv2's KoLeo term, spreading the student's global-view CLS embeddings (0 = off, reference)"
+    )
     teacher_momentum: float = doc(0.996, "EMA momentum at step 0, cosine to 1.0 at the last step")
     teacher_mode: str = choice("train", "train", "eval", help="reference keeps the teacher in train mode (dropout on)")
     freeze_last_layer_epochs: int = 1
@@ -372,7 +382,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
         ),
         _POSITIVE,
     ),
-    **dict.fromkeys(("dino.teacher_temp_epochs", "dino.freeze_last_layer_epochs"), _NON_NEGATIVE),
+    **dict.fromkeys(("dino.teacher_temp_epochs", "dino.freeze_last_layer_epochs", "dino.koleo_weight"), _NON_NEGATIVE),
     **dict.fromkeys(("dino.center_momentum", "dino.teacher_momentum"), _UNIT),
     **dict.fromkeys(("views.n_global", "views.global_tokens", "views.local_tokens", "views.local_size"), _POSITIVE),
     **dict.fromkeys(

@@ -7,6 +7,10 @@ centering, the multi-view cross-entropy, and the stage that plugs them into the 
 - :class:`DINOLoss`: mean over the (teacher global view q, student view v != q) pairs of
   ``sum_k -softmax((t_q - c) / tau_t)_k * log_softmax(s_v / tau_s)_k``, averaged over the batch;
   the centre ``c`` is an EMA (momentum 0.9) of the teacher outputs' batch mean, all-reduced.
+  ``dino.centering=sinkhorn`` replaces the centred softmax by DINOv2's Sinkhorn-Knopp targets
+  (:func:`sinkhorn_knopp`).
+- :func:`koleo_loss`: DINOv2's KoLeo regulariser (``dino.koleo_weight``), which pushes each
+  student global-view CLS embedding away from its nearest neighbour in the batch.
 - :func:`ema_update`: teacher <- m * teacher + (1 - m) * student, over backbone and head.
 - :class:`DinoStage`: the engine's stage (views -> student / teacher -> loss), with the teacher
   momentum (cosine 0.996 -> 1 over all steps) and teacher temperature (per epoch, linear over
@@ -35,7 +39,7 @@ from lafs_fast.train.engine import Plan, Stage, StepContext, cosine_schedule, li
 from lafs_fast.train.health import CollapseWatch, dino_health
 from lafs_fast.views import LafsViews
 
-__all__ = ["MultiCrop", "DINOLoss", "ema_update", "DinoStage", "build_dino_models"]
+__all__ = ["MultiCrop", "DINOLoss", "sinkhorn_knopp", "koleo_loss", "ema_update", "DinoStage", "build_dino_models"]
 
 
 class MultiCrop(nn.Module):
@@ -56,12 +60,61 @@ class MultiCrop(nn.Module):
         super().__init__()
         self.backbone, self.head, self.pack = backbone, head, pack
 
-    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, crops: list[torch.Tensor], return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """-> head outputs (sum n_i, K), and with ``return_features`` also the backbone's CLS
+        embeddings (sum n_i, D) in the same row order."""
         if self.pack and len(crops) > 1:
             feats = self.backbone(list(crops))  # a list runs FViT.forward_packed (and its compiled form)
         else:
             feats = torch.cat([self.backbone(c) for c in crops])
-        return self.head(feats)
+        out = self.head(feats)
+        return (out, feats) if return_features else out
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """In place over every rank when a process group runs; ``x`` itself otherwise."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_out: torch.Tensor, teacher_temp: float, n_iters: int = 3) -> torch.Tensor:
+    """DINOv2's teacher targets: ``exp(t / tau)`` rescaled alternately so that every prototype gets
+    the same total mass over the (global, all-ranks) batch and every sample a total of 1.
+
+    teacher_out: (G*B, K) any float dtype -> (G*B, K) fp32, rows summing to 1. The column sums are
+    all-reduced (the batch spans every rank), the row sums are local. No host sync."""
+    logits = teacher_out.float() / teacher_temp
+    # exp of logits shifted by the global max: same targets (every rescaling removes the shift), no overflow
+    shift = _all_reduce_max(logits.max().reshape(1))
+    q = torch.exp(logits - shift).t()  # (K, n)
+    k = q.shape[0]
+    n = _all_reduce_sum(q.new_full((1,), float(q.shape[1])))  # samples over every rank
+    q = q / _all_reduce_sum(q.sum().reshape(1))
+    for _ in range(n_iters):
+        q = q / _all_reduce_sum(q.sum(dim=1, keepdim=True)) / k  # each prototype: 1/K of the mass
+        q = q / q.sum(dim=0, keepdim=True) / n  # each sample: 1/n of the mass
+    return (q * n).t()
+
+
+def _all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo (Sablayrolles et al. 2019; DINOv2): ``-mean_i log ||x_i - x_nn(i)||`` over the
+    L2-normalised rows of ``x`` (B, D), ``nn(i)`` the nearest other row. () fp32; needs B >= 2.
+    Minimising it spreads the embeddings over the sphere (a collapsed batch scores +inf-ish)."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    sim = x @ x.t()
+    sim = sim - 3.0 * torch.eye(x.shape[0], device=x.device, dtype=sim.dtype)  # never its own neighbour
+    nearest = x[sim.argmax(dim=1)]
+    return -torch.log((x - nearest).norm(dim=-1) + eps).mean()
 
 
 class DINOLoss(nn.Module):
@@ -73,12 +126,27 @@ class DINOLoss(nn.Module):
     """
 
     def __init__(
-        self, out_dim: int, n_views: int, n_global: int = 2, student_temp: float = 0.1, center_momentum: float = 0.9
+        self,
+        out_dim: int,
+        n_views: int,
+        n_global: int = 2,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "center",
     ) -> None:
         super().__init__()
+        if centering not in ("center", "sinkhorn"):
+            raise ValueError(f"centering must be 'center' or 'sinkhorn', not {centering!r}")
         self.n_views, self.n_global = n_views, n_global
-        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.student_temp, self.center_momentum, self.centering = student_temp, center_momentum, centering
+        # kept in both modes: with sinkhorn the centre is not used by the loss, but the health log reads it
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def targets(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """The teacher's targets q (G*B, K) fp32, no gradient: centred softmax or Sinkhorn-Knopp."""
+        if self.centering == "sinkhorn":
+            return sinkhorn_knopp(teacher_out, teacher_temp)
+        return F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach()
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         # fp32 throughout, as the spec computes it: under bf16 autocast the einsum below would run as a
@@ -89,11 +157,7 @@ class DINOLoss(nn.Module):
     def _loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         v, g = self.n_views, self.n_global
         logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).view(v, -1, student_out.shape[-1])
-        q = (
-            F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1)
-            .detach()
-            .view(g, -1, teacher_out.shape[-1])
-        )
+        q = self.targets(teacher_out, teacher_temp).view(g, -1, teacher_out.shape[-1])
         b = q.shape[1]
         # cross[i, j] = mean_b sum_k -q_i log p_j: every (teacher view, student view) pair at once
         cross = -torch.einsum("gbk,vbk->gv", q, logp) / b
@@ -110,9 +174,7 @@ class DINOLoss(nn.Module):
         The row count rides in the same all-reduce as the sums, made on the device (a fill, not a
         copy from host data): no host sync, one collective."""
         out = teacher_out.float()
-        stats = torch.cat((out.sum(dim=0), out.new_full((1,), float(out.shape[0]))))[None]  # (1, K + 1)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(stats)
+        stats = _all_reduce_sum(torch.cat((out.sum(dim=0), out.new_full((1,), float(out.shape[0]))))[None])  # (1, K+1)
         batch_center = stats[:, :-1] / stats[:, -1:]
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
 
@@ -175,7 +237,12 @@ class DinoStage(Stage):
         self.views = (views or LafsViews(cfg.views, cfg.model, out_dtype=tok_dtype, detector=detector)).to(device)
         n_views = cfg.views.n_global + cfg.views.n_local
         self.loss_fn = DINOLoss(
-            cfg.dino.out_dim, n_views, cfg.views.n_global, cfg.dino.student_temp, cfg.dino.center_momentum
+            cfg.dino.out_dim,
+            n_views,
+            cfg.views.n_global,
+            cfg.dino.student_temp,
+            cfg.dino.center_momentum,
+            cfg.dino.centering,
         ).to(device)
         self.watch = CollapseWatch(cfg.dino.out_dim)
 
@@ -206,11 +273,18 @@ class DinoStage(Stage):
         ):  # backbone then head: what MultiCrop does for one crop tensor, keeping the CLS for the health log
             teacher_emb = self.teacher.backbone(vb.global_tokens)
             teacher_out = self.teacher.head(teacher_emb)
-        student_out = model(vb.crops())
+        koleo_weight = self.cfg.dino.koleo_weight
+        student_out, student_emb = model(vb.crops(), return_features=True)
         center = self.loss_fn.center.clone()  # the loss updates it in place after use
         teacher_temp = ctx.values["teacher_temp"]
         loss = self.loss_fn(student_out, teacher_out, teacher_temp)
-        return loss, dino_health(teacher_out, center, teacher_temp, loss, teacher_emb)
+        health = dino_health(teacher_out, center, teacher_temp, loss, teacher_emb)
+        if koleo_weight > 0:  # DINOv2: per global view, over that view's batch
+            g, b = self.cfg.views.n_global, teacher_out.shape[0] // self.cfg.views.n_global
+            koleo = sum(koleo_loss(student_emb[i * b : (i + 1) * b]) for i in range(g))
+            health["koleo"] = koleo.detach()
+            loss = loss + koleo_weight * koleo
+        return loss, health
 
     progress_keys = ("teacher_entropy", "teacher_batch_entropy")
 
