@@ -295,7 +295,7 @@ def test_dino_baseline_trains(tmp_path):
 
 def test_default_run_config_and_reference_with_data(tmp_path):
     cfg = pretrain.resolve_config(_args())
-    assert (cfg.model.dim, cfg.data.path, cfg.optim.batch_size, cfg.dino.teacher_momentum) == (192, "", 16, 0.9)
+    assert (cfg.model.dim, cfg.data.path, cfg.optim.batch_size, cfg.dino.teacher_momentum) == (192, "", 16, 0.99)
     ref = pretrain.resolve_config(_args("--data", str(tmp_path), "--gpus", "2", "dino.teacher_temp_start=0.04"))
     assert (ref.model.dim, ref.dino.out_dim, ref.optim.batch_size, ref.model.token_init_std, ref.train.gpus) == (
         768,

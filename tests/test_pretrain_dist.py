@@ -171,7 +171,7 @@ def test_a_users_mistake_inside_a_worker_is_one_sentence(one_step, tmp_path):
     assert (
         err.count("\n") == 0
         and err.startswith("lafs-fast pretrain: error: ")
-        and "other settings: optim.lr 0.032 -> 0.01" in err
+        and "other settings: optim.lr 0.008 -> 0.01" in err
     ), err
     assert "Traceback" not in r.stdout + r.stderr
 

@@ -132,7 +132,8 @@ class CollapseWatch:
                 f"{hb:.3f} nats); centering flattens it to uniform next"
             )
         what += (
-            "; try a slower teacher (dino.teacher_momentum closer to 1), a lower lr (optim.lr) or, for one "
-            "prototype, a higher teacher temperature"
+            "; try DINOv2's Sinkhorn-Knopp targets and KoLeo (dino.centering=sinkhorn dino.koleo_weight=1, the "
+            "small preset's recipe), a slower teacher (dino.teacher_momentum closer to 1), a lower lr (optim.lr) or, "
+            "for one prototype, a higher teacher temperature"
         )
         return f"COLLAPSE since step {step + 1 - self.patience}: {what}. See docs/training_health.md."
