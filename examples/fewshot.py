@@ -89,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-per-person", type=int, default=16, help="unlabelled faces per training person")
     ap.add_argument("--heldout-per-person", type=int, default=100, help="faces per held-out person")
     ap.add_argument("--finetune-steps", type=int, default=60, help="optimiser steps of every fine-tuning run")
+    ap.add_argument(
+        "--finetune-landmarks",
+        default="grid",
+        choices=("grid", "scratch"),
+        help="the Part fViT's landmark CNN in every fine-tuning run: from scratch with its output starting at the "
+        "patch grid the teachers were pre-trained on (grid), or from scratch as it comes (random points)",
+    )
     ap.add_argument("--finetune-batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -164,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(min(args.finetune_batch, images)),
                 "--epochs",
                 str(epochs),
+                "--landmarks",
+                args.finetune_landmarks,
                 *common,
             ]
             if teacher is not None:

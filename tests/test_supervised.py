@@ -101,6 +101,28 @@ def test_stage_schedule_is_off_in_stage0_and_switchable(tmp_path):
     assert not s2off.reg_on and not s2off.schedules(plan)["landmark_lambda"].any()
 
 
+def test_landmarks_grid_starts_at_the_pretraining_grid_and_learns(tmp_path, gen):
+    """finetune --landmarks grid: a fresh landmark CNN whose output is the patch grid (up to the min-max
+    stretch to [0, S - 1]) for every face, i.e. the patches a grid-pre-trained teacher saw; its
+    regression weights still get a gradient. Without it a fresh CNN points anywhere."""
+    from lafs_fast.sampling import grid_landmarks
+
+    cfg = tiny(tmp_path)
+    grid = grid_landmarks(cfg.model.image_size, cfg.model.patch_size)
+    lo, hi = float(grid.min()), float(grid.max())
+    want = (grid - lo) / (hi - lo) * (cfg.model.image_size - 1)
+    faces = torch.rand(3, 3, cfg.model.image_size, cfg.model.image_size, generator=gen) * 2 - 1
+    _, model, ref = build_supervised_model(cfg, 4, 2, landmarks="grid", say=lambda *a: None)
+    cnn = model.landmark_cnn.eval()
+    coords = cnn(faces)
+    torch.testing.assert_close(coords, want.expand(3, -1, -1))
+    assert ref is None  # no stage-0 CNN to hold it to
+    coords.square().sum().backward()
+    assert cnn.output_layer[-1].weight.grad.abs().sum() > 0
+    _, fresh, _ = build_supervised_model(cfg, 4, 2, landmarks="scratch", say=lambda *a: None)
+    assert (fresh.landmark_cnn.eval()(faces) - want).abs().mean() > 10  # px: random points
+
+
 def test_margin_warm_up_ramps_to_the_margin_and_reaches_the_head(tmp_path):
     """finetune.margin_warmup_epochs: the margin rises linearly from 0 to finetune.margin over that many
     epochs, then stays; the stage sets it on the head before each step; 0 keeps the reference's constant."""

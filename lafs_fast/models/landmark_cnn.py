@@ -150,6 +150,17 @@ class LandmarkCNN(nn.Module):
         self.num_points, self.extent = num_points, float(image_size - 1)
         self.output_layer = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.stn.out_channels, 2 * num_points))
 
+    @torch.no_grad()
+    def start_at(self, points: torch.Tensor) -> None:
+        """Make the output ``points`` (num_points, 2) px for every image, up to the min-max scaling
+        (which stretches them to span [0, S - 1]): regression weights 0, bias = the points. Training
+        moves the weights from there (their gradient does not vanish: the features are not 0)."""
+        if points.shape != (self.num_points, 2):
+            raise ValueError(f"start points must be ({self.num_points}, 2), got {tuple(points.shape)}")
+        linear = self.output_layer[-1]
+        linear.weight.zero_()
+        linear.bias.copy_(points.reshape(-1).to(linear.bias))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"landmark CNN takes images (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")

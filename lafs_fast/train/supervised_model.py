@@ -16,6 +16,7 @@ from lafs_fast.io import safe_load
 from lafs_fast.models import LandmarkCNN, PartFViT, build_backbone, build_landmark_cnn, build_margin_head
 from lafs_fast.models.checkpoints import detect_format, infer_model_config, load_into, split_reference
 from lafs_fast.models.sharded_head import ShardedMarginHead
+from lafs_fast.sampling import grid_landmarks
 from lafs_fast.train.engine import CHECKPOINT_FORMAT
 
 __all__ = ["ARCH_FIELDS", "layer_id", "supervised_param_groups", "read_weights", "build_supervised_model"]
@@ -140,7 +141,7 @@ def build_supervised_model(
             "pretrain "
             "or the reference's SSL checkpoint)"
         )
-    if landmarks and landmarks != "scratch":
+    if landmarks and landmarks not in ("scratch", "grid"):
         lw = read_weights(landmarks)
         if lw["landmark_cnn"] is None:
             raise ValueError(
@@ -149,7 +150,8 @@ def build_supervised_model(
         landmark_sd = lw["landmark_cnn"]
         say(f"[supervised] landmark CNN from {lw['source']}")
     if stage == 2 and landmark_sd is None:
-        say("[supervised] note: landmark CNN from scratch (no --landmarks): the landmark regulariser is off")
+        start = ", its output starting at the patch grid" if landmarks == "grid" else ""
+        say(f"[supervised] note: landmark CNN from scratch{start} (no stage-0 CNN): the landmark regulariser is off")
     f = cfg.finetune
     head = None
     if f.shard_classes:
@@ -162,6 +164,8 @@ def build_supervised_model(
         load_into(backbone, backbone_sd, f"{init}: backbone")
     if landmark_sd is not None:
         load_into(landmark_cnn, landmark_sd, f"{landmarks or init}: landmark CNN")
+    elif landmarks == "grid":  # the patches a grid-pre-trained teacher saw (sampling.grid_landmarks)
+        landmark_cnn.start_at(grid_landmarks(cfg.model.image_size, cfg.model.patch_size))
     model = PartFViT(landmark_cnn, backbone, head)
     ref = None
     if stage == 2 and landmark_sd is not None:

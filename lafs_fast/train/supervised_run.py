@@ -97,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser, stage: int) -> None:
         parser.add_argument(
             "--landmarks",
             help="the stage-0 landmark CNN: train-landmarks' part_fvit.pt, the reference's Part fViT checkpoint, "
-            "or 'scratch' (default: --init's own if it has one)",
+            "'scratch', or 'grid' (from scratch, its output starting at the patch grid that `pretrain --landmarks "
+            "grid` trained the teacher on) (default: --init's own if it has one)",
         )
         parser.add_argument(
             "--no-landmark-reg",
@@ -199,7 +200,7 @@ def preflight(cfg: Config, stage: int, init: str | None, landmarks: str | None, 
 
     check_writable_dir(cfg.train.out_dir)
     open_source(data_source(cfg))
-    for what, p in (("--init", init), ("--landmarks", None if landmarks == "scratch" else landmarks)):
+    for what, p in (("--init", init), ("--landmarks", None if landmarks in ("scratch", "grid") else landmarks)):
         if p and not Path(p).is_file():
             raise FileNotFoundError(f"{what} {p} does not exist")
     for p in filter(None, cfg.finetune.val_sets.split(",")):
