@@ -68,6 +68,19 @@ def test_dino_loss_is_fp32_under_bf16_autocast(gen):
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_sinkhorn_and_koleo_are_fp32_under_bf16_autocast(gen):
+    """DINOv2's targets and KoLeo term give the fp32 values inside a bf16 autocast region."""
+    from lafs_fast.train.dino import koleo_loss
+
+    t, emb = torch.randn(16, 256, generator=gen).clamp(-1, 1), torch.randn(8, 64, generator=gen)
+    ref_q, ref_k = DINOLoss(256, 2, 2, centering="sinkhorn").targets(t, 0.04), koleo_loss(emb)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_q, got_k = DINOLoss(256, 2, 2, centering="sinkhorn").targets(t, 0.04), koleo_loss(emb)
+    assert got_q.dtype == got_k.dtype == torch.float32
+    torch.testing.assert_close(got_q, ref_q)
+    torch.testing.assert_close(got_k, ref_k)
+
+
 def test_frozen_landmark_cnn_runs_fp32_under_bf16_autocast(tmp_path):
     """The frozen CNN's min-max coordinates in bf16 move in 0.5 px steps: the views keep them fp32."""
     from lafs_fast.io import atomic_save

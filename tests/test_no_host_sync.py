@@ -132,9 +132,13 @@ DINO = [
 ]
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_a_dino_step_has_no_host_sync(pack, gpu_dispatch):
-    cfg = load_config("small", None, [*DINO, f"views.pack={str(pack).lower()}"])
+@pytest.mark.parametrize(
+    "pack, recipe",
+    [(False, []), (True, []), (False, ["dino.centering=sinkhorn", "dino.koleo_weight=1"])],
+    ids=["dino", "dino-packed", "sinkhorn-koleo"],
+)
+def test_a_dino_step_has_no_host_sync(pack, recipe, gpu_dispatch):
+    cfg = load_config("small", None, [*DINO, f"views.pack={str(pack).lower()}", *recipe])
     stage = DinoStage(cfg, torch.device("cpu"))
     images = SyntheticFaces(2, 1, seed=3).batch(range(2))[0]
     params = [p for p in stage.model.parameters() if p.requires_grad]

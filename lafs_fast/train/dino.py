@@ -80,6 +80,12 @@ def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 @torch.no_grad()
 def sinkhorn_knopp(teacher_out: torch.Tensor, teacher_temp: float, n_iters: int = 3) -> torch.Tensor:
     """DINOv2's teacher targets: ``exp(t / tau)`` rescaled alternately so that every prototype gets
@@ -100,21 +106,17 @@ def sinkhorn_knopp(teacher_out: torch.Tensor, teacher_temp: float, n_iters: int 
     return (q * n).t()
 
 
-def _all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
-
-
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """KoLeo (Sablayrolles et al. 2019; DINOv2): ``-mean_i log ||x_i - x_nn(i)||`` over the
     L2-normalised rows of ``x`` (B, D), ``nn(i)`` the nearest other row. () fp32; needs B >= 2.
-    Minimising it spreads the embeddings over the sphere (a collapsed batch scores +inf-ish)."""
-    x = F.normalize(x.float(), dim=-1, eps=eps)
-    sim = x @ x.t()
-    sim = sim - 3.0 * torch.eye(x.shape[0], device=x.device, dtype=sim.dtype)  # never its own neighbour
-    nearest = x[sim.argmax(dim=1)]
-    return -torch.log((x - nearest).norm(dim=-1) + eps).mean()
+    Minimising it spreads the embeddings over the sphere (a collapsed batch scores +inf-ish).
+    fp32 under any autocast: a bf16 similarity would pick near-tied neighbours at random."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = F.normalize(x.float(), dim=-1, eps=eps)
+        sim = x @ x.t()
+        sim = sim - 3.0 * torch.eye(x.shape[0], device=x.device, dtype=sim.dtype)  # never its own neighbour
+        nearest = x[sim.argmax(dim=1)]
+        return -torch.log((x - nearest).norm(dim=-1) + eps).mean()
 
 
 class DINOLoss(nn.Module):
