@@ -7,9 +7,12 @@ into the stage."""
 from __future__ import annotations
 
 import math
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from lafs_fast.config import load_config
 from lafs_fast.train.dino import DINOLoss, DinoStage, koleo_loss, sinkhorn_knopp
@@ -51,6 +54,28 @@ def test_sinkhorn_matches_the_restatement(gen, n, k, tau):
     torch.testing.assert_close(got.sum(dim=1), torch.ones(n))  # every sample a distribution
     # a constant added to every score changes nothing (the rescalings remove it)
     torch.testing.assert_close(sinkhorn_knopp(scores + 0.5, tau), got, rtol=1e-4, atol=1e-6)
+
+
+def _sinkhorn_rank(rank: int, world: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    scores = torch.randn(12, 10, generator=torch.Generator().manual_seed(3)).clamp(-1, 1)  # the global batch
+    torch.save(sinkhorn_knopp(scores[rank * 6 : (rank + 1) * 6], 0.04), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_sinkhorn_over_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
+    """The prototype masses are all-reduced: each rank's rows are those of the whole batch's targets."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sinkhorn_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    scores = torch.randn(12, 10, generator=torch.Generator().manual_seed(3)).clamp(-1, 1)
+    whole = sinkhorn_knopp(scores, 0.04)
+    got = torch.cat([torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)])
+    torch.testing.assert_close(got, whole)
+    # without the all-reduce a rank would balance the prototypes over its own half only
+    assert not torch.allclose(sinkhorn_knopp(scores[:6], 0.04), whole[:6], atol=1e-3)
 
 
 def test_sinkhorn_spreads_a_collapsed_teacher(gen):

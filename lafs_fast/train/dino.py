@@ -73,16 +73,10 @@ class MultiCrop(nn.Module):
         return (out, feats) if return_features else out
 
 
-def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """In place over every rank when a process group runs; ``x`` itself otherwise."""
+def _all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``x`` reduced in place over every rank ("sum" or "max") when a process group runs; ``x`` itself otherwise."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def _all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return x
 
 
@@ -95,13 +89,14 @@ def sinkhorn_knopp(teacher_out: torch.Tensor, teacher_temp: float, n_iters: int 
     all-reduced (the batch spans every rank), the row sums are local. No host sync."""
     logits = teacher_out.float() / teacher_temp
     # exp of logits shifted by the global max: same targets (every rescaling removes the shift), no overflow
-    shift = _all_reduce_max(logits.max().reshape(1))
+    shift = _all_reduce(logits.max().reshape(1), "max")
     q = torch.exp(logits - shift).t()  # (K, n)
     k = q.shape[0]
-    n = _all_reduce_sum(q.new_full((1,), float(q.shape[1])))  # samples over every rank
-    q = q / _all_reduce_sum(q.sum().reshape(1))
+    # total mass and sample count over every rank in one collective (the count a fill: no host data)
+    total, n = _all_reduce(torch.cat((q.sum().reshape(1), q.new_full((1,), float(q.shape[1]))))).unbind()
+    q = q / total
     for _ in range(n_iters):
-        q = q / _all_reduce_sum(q.sum(dim=1, keepdim=True)) / k  # each prototype: 1/K of the mass
+        q = q / _all_reduce(q.sum(dim=1, keepdim=True)) / k  # each prototype: 1/K of the mass
         q = q / q.sum(dim=0, keepdim=True) / n  # each sample: 1/n of the mass
     return (q * n).t()
 
@@ -176,7 +171,7 @@ class DINOLoss(nn.Module):
         The row count rides in the same all-reduce as the sums, made on the device (a fill, not a
         copy from host data): no host sync, one collective."""
         out = teacher_out.float()
-        stats = _all_reduce_sum(torch.cat((out.sum(dim=0), out.new_full((1,), float(out.shape[0]))))[None])  # (1, K+1)
+        stats = _all_reduce(torch.cat((out.sum(dim=0), out.new_full((1,), float(out.shape[0]))))[None])  # (1, K + 1)
         batch_center = stats[:, :-1] / stats[:, -1:]
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
 
