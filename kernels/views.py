@@ -86,7 +86,7 @@ def lafs_view_specs(num_local: int | None = None, views: ViewsConfig | None = No
     global 1 (blur p ``blur_p_global1``) and global 2 (blur p ``blur_p_global2``, solarize p
     ``solarize_p_global2``), then ``num_local`` (default ``n_local``) locals (blur p ``blur_p_local``).
     All share the crop, flip, jitter and grayscale values; LAFS locals use the global crop scale (the
-    reference's), the DINO baseline's locals ``local_scale_*``."""
+    reference's; ``lafs_local_scale=local``: ``local_scale_*``), the DINO baseline's locals ``local_scale_*``."""
     v = views or _V
     base = dict(
         flip_p=v.flip_p,
@@ -104,7 +104,8 @@ def lafs_view_specs(num_local: int | None = None, views: ViewsConfig | None = No
         ViewSpec(scale=scale, blur_p=v.blur_p_global1, **base),
         ViewSpec(scale=scale, blur_p=v.blur_p_global2, solarize_p=v.solarize_p_global2, **base),
     ]
-    local_scale = scale if v.mode == "lafs" else (v.local_scale_min, v.local_scale_max)
+    lafs_global = v.mode == "lafs" and v.lafs_local_scale == "global"
+    local_scale = scale if lafs_global else (v.local_scale_min, v.local_scale_max)
     n_local = v.n_local if num_local is None else num_local
     return [glob[i % 2] for i in range(v.n_global)] + [
         ViewSpec(scale=local_scale, blur_p=v.blur_p_local, **base)
@@ -456,6 +457,13 @@ def _jitter_op(op: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return _adjust_hue(x, f)
 
 
+def _tap_matrix(index: torch.Tensor, weight: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, S, size) fp32 matrices of 1-D taps: row d sums ``weight[n, d, t]`` at column ``index[n, d, t]``
+    (taps that land on one source pixel, e.g. clamped at a border, add up). index / weight: (N, S, T)."""
+    m = torch.zeros(*index.shape[:2], size, device=weight.device, dtype=torch.float32)
+    return m.scatter_add_(2, index, weight.to(torch.float32))
+
+
 def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
     i = torch.where(i < 0, -i, i)
     return torch.where(i > size - 1, 2 * (size - 1) - i, i)
@@ -494,16 +502,12 @@ def apply_views_torch(
     ix, wx = resample_tables(left, cw, s, interpolation, params.flip)
     src = images.permute(0, 3, 1, 2).to(torch.float32)  # (B, 3, H, W)
     bidx = torch.arange(n, device=images.device) // v
-    # rows: r[n, c, oy, x] = sum_i wy[n, oy, i] * src[b, c, iy[n, oy, i], x]
-    rows = torch.zeros(n, 3, s, w_src, device=images.device)
-    for i in range(iy.shape[-1]):
-        g = src[bidx[:, None], :, iy[:, :, i], :]  # (N, S, 3, W)
-        rows = rows + wy[:, None, :, i, None] * g.permute(0, 2, 1, 3)
-    # cols: out[n, c, oy, ox] = sum_j wx[n, ox, j] * rows[n, c, oy, ix[n, ox, j]]
-    val = torch.zeros(n, 3, s, s, device=images.device)
-    for j in range(ix.shape[-1]):
-        g = torch.gather(rows, 3, ix[:, None, None, :, j].expand(n, 3, s, s))
-        val = val + wx[:, None, None, :, j] * g
+    # separable resampling as two batched matmuls: out[n, c] = My[n] @ src[b, c] @ Mx[n]^T, where the
+    # (S, H) / (S, W) matrices hold each output pixel's taps (fast on CPUs; same sums as the taps)
+    my = _tap_matrix(iy, wy, h_src)
+    mx = _tap_matrix(ix, wx, w_src)
+    with torch.autocast(images.device.type, enabled=False):  # pixels in fp32 whatever the caller's autocast
+        val = torch.matmul(torch.matmul(my[:, None], src[bidx]), mx[:, None].transpose(-1, -2))
     val = torch.clamp(val, 0.0, 255.0)  # bicubic overshoot (a no-op for bilinear)
     clean = val / 255.0 * 2.0 - 1.0
 
@@ -520,12 +524,10 @@ def apply_views_torch(
     wts = blur_weights(params.blur_sigma, params.blur_halfwidth)
     r = params.blur_halfwidth
     pos = torch.arange(s, device=images.device)
-    tmp = torch.zeros_like(x)
-    for k in range(2 * r + 1):
-        tmp = tmp + wts[:, k, None, None, None] * x[..., _reflect(pos + k - r, s)]
-    x = torch.zeros_like(tmp)
-    for k in range(2 * r + 1):
-        x = x + wts[:, k, None, None, None] * tmp[..., _reflect(pos + k - r, s), :]
+    taps = _reflect(pos[:, None] + torch.arange(-r, r + 1, device=images.device)[None, :], s)  # (S, 2R + 1)
+    blur = _tap_matrix(taps.expand(n, -1, -1), wts[:, None, :].expand(-1, s, -1), s)[:, None]  # (N, 1, S, S)
+    with torch.autocast(images.device.type, enabled=False):
+        x = torch.matmul(blur, torch.matmul(x, blur.transpose(-1, -2)))  # rows of x @ B^T, then B @ columns
     thr = params.solarize_threshold[:, None, None, None]
     x = torch.where(params.solarize[:, None, None, None] & (x >= thr), 1.0 - x, x)
     aug = x * 2.0 - 1.0

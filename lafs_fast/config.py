@@ -128,6 +128,13 @@ class ViewsConfig:
         0.05, "local crop scale of the dino baseline (DINO's 0.05-0.4; lafs locals use crop_scale_*)"
     )
     local_scale_max: float = 0.4
+    lafs_local_scale: str = choice(
+        "global",
+        "global",
+        "local",
+        help="crop scale of the LAFS local views: the global views' crop_scale_* (the reference) or local_scale_* "
+        "(DINO's 0.05-0.4; an ablation, docs/pretraining_study.md)",
+    )
     crop_scale_min: float = 0.4
     crop_scale_max: float = 1.0
     flip_p: float = 0.5

@@ -311,3 +311,16 @@ def test_photometric_ops_match_torchvision_functional(gen):
     k = 2 * p.blur_halfwidth + 1
     ref = TF.gaussian_blur(img8[0].permute(2, 0, 1).float() / 255, [k, k], [sigma, sigma])
     torch.testing.assert_close((aug[0, 0] + 1) / 2, ref, atol=1e-5, rtol=0)
+
+
+def test_twin_pixels_stay_fp32_under_bf16_autocast(gen):
+    """The twin's resampling and blur are matmuls; under the training step's bf16 autocast they must
+    still run in fp32 (bf16 would round pixels to 3 significant digits, and broke the jitter's index put)."""
+    images = torch.randint(0, 256, (2, 40, 36, 3), dtype=torch.uint8, generator=gen)
+    specs = [ViewSpec(blur_p=1.0), ViewSpec(blur_p=0.5, solarize_p=0.5)]
+    ref = augment_views(images, specs, seed=3, out_size=24, interpolation="bicubic", backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = augment_views(images, specs, seed=3, out_size=24, interpolation="bicubic", backend="torch")
+    assert got.clean.dtype == got.augmented.dtype == torch.float32
+    torch.testing.assert_close(got.clean, ref.clean, atol=0, rtol=0)
+    torch.testing.assert_close(got.augmented, ref.augmented, atol=0, rtol=0)
