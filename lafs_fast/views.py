@@ -12,7 +12,8 @@ Per source face, ``n_global`` dense + ``n_local`` sparse views, all made on the 
 3. ``lafs_fast.sampling.sample_patches`` cuts 8 x 8 patches from the augmented copy with the
    perturbation N(0, sigma^2) px on every coordinate of every view; dense views take all 196
    landmarks in their canonical order, sparse views ``local_tokens`` indices drawn uniformly WITH
-   replacement (the shuffle: token j carries landmark idx_j and position embedding j + 1).
+   replacement (the shuffle: token j carries landmark idx_j and position embedding j + 1), drawn
+   after the perturbation as in the reference (a landmark drawn twice gives two identical tokens).
 
 Tokens come out view-major: ``global_tokens`` (G * B, 196, 192) holds view 0 of every image, then
 view 1; ``local_tokens`` (L * B, 36, 192) likewise, so ``chunk(G)`` / ``chunk(L)`` splits the views.
@@ -227,21 +228,25 @@ class LafsViews(nn.Module):
         g_coords = coords[:g] + (g_noise if g_noise is not None else 0)
         lt = l_coords = l_idx = None
         if v.n_local > 0:
-            lt, l_idx, l_noise = sample_patches(
+            # The reference perturbs all K landmarks of a view, THEN draws the token indices: a landmark
+            # drawn twice is one perturbed point, two identical tokens (noise drawn per token would give
+            # two different patches). So the noise is added here and the sampler only draws the indices.
+            loc = coords[g:]
+            if v.perturb_sigma > 0:
+                gen = torch.Generator(device=loc.device).manual_seed(_seed(seed, 4))
+                loc = loc + torch.randn(loc.shape, generator=gen, device=loc.device, dtype=loc.dtype) * v.perturb_sigma
+            lt, l_idx, _ = sample_patches(
                 aug[g:],
-                coords[g:],
+                loc,
                 p,
                 out_dtype=self.out_dtype,
                 backend=self.sampler_backend,
                 num_tokens=v.local_tokens,
-                sigma=v.perturb_sigma,
                 seed=_seed(seed, 2),
                 return_draws=True,
                 check_finite=False,
             )
-            l_coords = torch.gather(coords[g:], 1, l_idx[..., None].expand(-1, -1, 2)) + (
-                l_noise if l_noise is not None else 0
-            )
+            l_coords = torch.gather(loc, 1, l_idx[..., None].expand(-1, -1, 2))
         return ViewBatch(gt, lt, v.n_global, v.n_local, b, g_coords, l_coords, l_idx)
 
     def _dino(self, images: torch.Tensor, seed: int) -> ViewBatch:
