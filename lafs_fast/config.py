@@ -70,6 +70,13 @@ class ModelConfig:
     token_init_std: float = doc(1.0, "std of the CLS / position embedding init (reference N(0, 1))")
     landmark_cnn: str = doc("mobilenetv3", "'mobilenetv3' (reference layout, weight-compatible) or 'timm:<name>'")
     landmark_dropout: float = doc(0.5, "dropout before the landmark regression layer")
+    landmark_start: str = choice(
+        "random",
+        "random",
+        "grid",
+        help="where a landmark CNN trained from scratch starts: its random init's points (reference) or the 14 x 14 "
+        "patch grid (regression weights 0, bias the grid; the small preset's stage 0, docs/finetuning.md)",
+    )
 
 
 @dataclass
@@ -177,7 +184,13 @@ class OptimConfig:
 class FinetuneConfig:
     """Stages 0 and 2 (docs/method.md section 4)."""
 
-    head: str = choice("cosface", "cosface", "arcface")
+    head: str = choice(
+        "cosface",
+        "cosface",
+        "arcface",
+        "softmax",
+        help="margin head (reference: cosface); softmax: a plain linear classifier, no margin (the small preset's)",
+    )
     scale: float = 64.0
     margin: float = doc(0.4, "CosFace 0.4 (reference); ArcFace usually 0.5")
     margin_warmup_epochs: float = doc(

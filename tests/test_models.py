@@ -16,6 +16,7 @@ from lafs_fast.models import (
     attention,
     build_backbone,
     build_landmark_cnn,
+    build_margin_head,
     build_part_fvit,
 )
 from lafs_fast.models.attention import xformers_status
@@ -195,6 +196,24 @@ def test_cosface_and_arcface_formulas(gen):
     torch.testing.assert_close(logits, arc_head(emb, label))
     torch.testing.assert_close(plain, cos)
     assert not plain.requires_grad
+
+
+def test_softmax_head_is_a_plain_linear_classifier(gen):
+    """finetune.head=softmax: logits = emb @ W^T (no normalisation, scale or margin), soft targets
+    accepted as by the margin heads, a margin warm-up changes nothing, cosines beside for the metric;
+    the sharded head refuses it in one sentence."""
+    emb, label = torch.randn(4, 16, generator=gen), torch.tensor([0, 2, 1, 2])
+    head = build_margin_head("softmax", 16, 3)
+    torch.testing.assert_close(head(emb, label), emb @ head.weight.T)
+    torch.testing.assert_close(head(emb, torch.tensor([[0.7, 0.3, 0.0]] * 4)), emb @ head.weight.T)
+    head.set_margin(0.4)
+    torch.testing.assert_close(head(emb, label), emb @ head.weight.T)
+    logits, cos = head(emb, label, return_cosine=True)
+    torch.testing.assert_close(cos, F.normalize(emb) @ F.normalize(head.weight).T)
+    with pytest.raises(ValueError, match="soft targets have 1 classes"):
+        head(emb, label[:, None])
+    with pytest.raises(ValueError, match="no sharded form"):
+        ShardedMarginHead(16, 3, "softmax")
 
 
 def test_set_margin_equals_a_head_built_with_that_margin(gen):

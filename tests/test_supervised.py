@@ -123,6 +123,24 @@ def test_landmarks_grid_starts_at_the_pretraining_grid_and_learns(tmp_path, gen)
     assert (fresh.landmark_cnn.eval()(faces) - want).abs().mean() > 10  # px: random points
 
 
+def test_model_landmark_start_grid_starts_every_fresh_cnn_at_the_grid(tmp_path, gen):
+    """model.landmark_start=grid (the small preset's stage 0): a landmark CNN trained from scratch starts
+    at the patch grid, as finetune --landmarks grid does, and still learns; the reference's random
+    start is the default."""
+    from lafs_fast.sampling import grid_landmarks
+
+    cfg = tiny(tmp_path, "model.landmark_start=grid")
+    grid = grid_landmarks(cfg.model.image_size, cfg.model.patch_size)
+    want = (grid - grid.min()) / (grid.max() - grid.min()) * (cfg.model.image_size - 1)
+    faces = torch.rand(2, 3, cfg.model.image_size, cfg.model.image_size, generator=gen) * 2 - 1
+    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
+    coords = model.landmark_cnn.eval()(faces)
+    torch.testing.assert_close(coords, want.expand(2, -1, -1))
+    coords.square().sum().backward()
+    assert model.landmark_cnn.output_layer[-1].weight.grad.abs().sum() > 0
+    assert load_config("reference").model.landmark_start == "random"
+
+
 def test_margin_warm_up_ramps_to_the_margin_and_reaches_the_head(tmp_path):
     """finetune.margin_warmup_epochs: the margin rises linearly from 0 to finetune.margin over that many
     epochs, then stays; the stage sets it on the head before each step; 0 keeps the reference's constant."""

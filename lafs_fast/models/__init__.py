@@ -9,7 +9,7 @@ _ensure_torchvision()
 
 from lafs_fast.models.attention import ATTENTION_BACKENDS, attention, resolve_attention
 from lafs_fast.models.fvit import FViT, image_grid_tokens
-from lafs_fast.models.heads import ArcFace, CosFace, DINOHead, MarginHead
+from lafs_fast.models.heads import ArcFace, CosFace, DINOHead, MarginHead, SoftmaxHead
 from lafs_fast.models.landmark_cnn import LandmarkCNN, MobileNetV3Trunk
 from lafs_fast.models.part_fvit import (
     PartFViT,
@@ -29,6 +29,7 @@ __all__ = [
     "CosFace",
     "DINOHead",
     "MarginHead",
+    "SoftmaxHead",
     "LandmarkCNN",
     "MobileNetV3Trunk",
     "PartFViT",

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DINOHead", "WeightNormLinear", "MarginHead", "CosFace", "ArcFace", "one_hot_targets"]
+__all__ = ["DINOHead", "WeightNormLinear", "MarginHead", "CosFace", "ArcFace", "SoftmaxHead", "one_hot_targets"]
 
 
 class WeightNormLinear(nn.Module):
@@ -139,3 +139,26 @@ class ArcFace(MarginHead):
         sine = torch.sqrt((1.0 - cos * cos).clamp(min=0.0))
         phi = cos * self.cos_m - sine * self.sin_m
         return torch.where(cos > self.th, phi, cos - self.mm)
+
+
+class SoftmaxHead(MarginHead):
+    """A plain softmax classifier, logits = emb @ weight^T: no normalisation, no scale, no margin.
+
+    Not the reference's (CosFace, s = 64, m = 0.4): the ``small`` preset's supervised head, because on
+    a short run from scratch its embeddings verify unseen people better (docs/finetuning.md). Same
+    interface and ``weight`` (C, dim) as the margin heads; ``s`` and ``m`` are ignored (a margin
+    warm-up sets nothing); ``return_cosine`` gives the cosines to the class weights, as theirs.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 1.0, m: float = 0.0) -> None:
+        super().__init__(in_features, num_classes, 1.0, 0.0)
+
+    def set_margin(self, m: float) -> None:
+        """No margin to set."""
+
+    def forward(
+        self, emb: torch.Tensor, label: torch.Tensor, return_cosine: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        one_hot_targets(label, self.num_classes, torch.float32)  # validates the labels as the margin heads do
+        logits = F.linear(emb.float(), self.weight.float())
+        return (logits, self.cosine(emb).detach()) if return_cosine else logits

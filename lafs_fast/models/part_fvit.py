@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from lafs_fast.models.fvit import FViT
-from lafs_fast.models.heads import ArcFace, CosFace, MarginHead
+from lafs_fast.models.heads import ArcFace, CosFace, MarginHead, SoftmaxHead
 from lafs_fast.models.landmark_cnn import LandmarkCNN
-from lafs_fast.sampling import sample_patches
+from lafs_fast.sampling import grid_landmarks, sample_patches
 
 __all__ = ["PartFViT", "build_backbone", "build_landmark_cnn", "build_margin_head", "build_part_fvit"]
 
@@ -75,7 +75,11 @@ def build_backbone(m) -> FViT:
 
 
 def build_landmark_cnn(m) -> LandmarkCNN:
-    return LandmarkCNN(m.num_patches, m.image_size, m.landmark_cnn, m.landmark_dropout)
+    """LandmarkCNN from a ``ModelConfig``; ``landmark_start="grid"``: its output starts at the patch grid."""
+    cnn = LandmarkCNN(m.num_patches, m.image_size, m.landmark_cnn, m.landmark_dropout)
+    if m.landmark_start == "grid":
+        cnn.start_at(grid_landmarks(m.image_size, m.patch_size))
+    return cnn
 
 
 def build_margin_head(kind: str, dim: int, num_classes: int, s: float = 64.0, m: float | None = None) -> MarginHead:
@@ -83,7 +87,9 @@ def build_margin_head(kind: str, dim: int, num_classes: int, s: float = 64.0, m:
         return CosFace(dim, num_classes, s, 0.4 if m is None else m)
     if kind == "arcface":
         return ArcFace(dim, num_classes, s, 0.5 if m is None else m)
-    raise ValueError(f"unknown margin head {kind!r}; choose cosface or arcface")
+    if kind == "softmax":
+        return SoftmaxHead(dim, num_classes)
+    raise ValueError(f"unknown margin head {kind!r}; choose cosface, arcface or softmax")
 
 
 def build_part_fvit(cfg, num_classes: int | None = None) -> PartFViT:

@@ -132,7 +132,9 @@ class ShardedMarginHead(nn.Module):
         self.num_classes, self.sample_rate = num_classes, sample_rate
         margin_cls = {"cosface": CosFace, "arcface": ArcFace}.get(kind)
         if margin_cls is None:
-            raise ValueError(f"unknown margin head {kind!r}; choose cosface or arcface")
+            raise ValueError(
+                f"finetune.head={kind!r} has no sharded form; finetune.shard_classes needs cosface or arcface"
+            )
         # The margin maths of the replicated head, over this rank's slice of the centres.
         self.margin: MarginHead = margin_cls(in_features, self.end - self.start, s, *(() if m is None else (m,)))
 

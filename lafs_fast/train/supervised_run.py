@@ -109,7 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser, stage: int) -> None:
         )
     else:
         parser.add_argument("--init", help="optional starting weights (a Part fViT model file or reference checkpoint)")
-    parser.add_argument("--head", choices=["cosface", "arcface"], help="finetune.head (margin: finetune.margin)")
+    parser.add_argument(
+        "--head", choices=["cosface", "arcface", "softmax"], help="finetune.head (margin: finetune.margin)"
+    )
     parser.add_argument("--subset", help="few-shot subset: shots=K,fraction=P,seed=S (finetune.subset)")
     parser.add_argument("--val", help="comma-separated .bin verification sets (finetune.val_sets)")
     parser.add_argument(
@@ -313,10 +315,14 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
         say(
             f"[{name}] model dim {cfg.model.dim} depth {cfg.model.depth}, "
             f"{sum(p.numel() for p in model.backbone.parameters()) / 1e6:.2f} M fViT + "
-            f"{sum(p.numel() for p in model.landmark_cnn.parameters()) / 1e6:.2f} M landmark CNN; head {f.head} (s "
-            f"{f.scale}, m {f.margin}"
-            f"{f', reached over {f.margin_warmup_epochs:g} epochs' if f.margin_warmup_epochs else ''}) "
-            f"{'sharded' if st.sharded else 'replicated'}{f', sample rate {f.sample_rate}' if st.sharded else ''}"
+            f"{sum(p.numel() for p in model.landmark_cnn.parameters()) / 1e6:.2f} M landmark CNN; head {f.head} "
+            + (
+                "(plain linear classifier) "
+                if f.head == "softmax"
+                else f"(s {f.scale}, m {f.margin}"
+                f"{f', reached over {f.margin_warmup_epochs:g} epochs' if f.margin_warmup_epochs else ''}) "
+            )
+            + f"{'sharded' if st.sharded else 'replicated'}{f', sample rate {f.sample_rate}' if st.sharded else ''}"
         )
         say(
             f"[{name}] {st.augment.describe()}; mixup "
