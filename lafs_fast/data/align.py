@@ -73,10 +73,21 @@ class BlazeFaceKeypoints:
     """BlazeFace (face-alignment's network, local weights): boxes + 6 keypoints, batched.
 
     ``__call__(images)``: list of (H, W, 3) uint8 RGB -> list of ``(box (4,) x0,y0,x1,y1, points
-    (6, 2) x,y, score)`` of the most confident face per image, or None where there is none.
+    (6, 2) x,y, score)`` of one face per image, or None where there is none. ``pick``: which face when
+    several score above ``min_score``: ``central`` (default), the one whose box centre is nearest the
+    image centre (face data sets centre the person they label: on LFW the most confident face was a
+    background face in 593 of 13,233 photos), or ``confident``, the highest score.
     """
 
-    def __init__(self, device: str = "cpu", weights: str | os.PathLike | None = None, min_score: float = 0.5) -> None:
+    PICKS = ("central", "confident")
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        weights: str | os.PathLike | None = None,
+        min_score: float = 0.5,
+        pick: str = "central",
+    ) -> None:
         from face_alignment.detection.blazeface.net_blazeface import BlazeFace
 
         pth, anchors = find_weights(("blazeface.pth", "anchors.npy"), weights, "BlazeFace")
@@ -85,6 +96,9 @@ class BlazeFaceKeypoints:
         self.net.load_anchors_from_npy(np.load(anchors), device)
         self.net.min_score_thresh = min_score
         self.net.to(device).eval()
+        if pick not in self.PICKS:
+            raise ValueError(f"pick must be one of {self.PICKS}, got {pick!r}")
+        self.pick = pick
 
     def __call__(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, float] | None]:
         crops, frames = [], []
@@ -97,13 +111,19 @@ class BlazeFaceKeypoints:
             frames.append((x0, y0, side))
         preds = self.net.predict_on_batch(np.stack(crops)) if crops else []
         out = []
-        for pred, (x0, y0, side) in zip(preds, frames):
+        for im, pred, (x0, y0, side) in zip(images, preds, frames):
             pred = pred.cpu().numpy() if torch.is_tensor(pred) else np.asarray(pred)
             if len(pred) == 0:
                 out.append(None)
                 continue
-            best = pred[np.argmax(pred[:, -1])]
-            box = np.array([best[1], best[0], best[3], best[2]]) * side + [x0, y0, x0, y0]
+            boxes = pred[:, [1, 0, 3, 2]] * side + [x0, y0, x0, y0]  # x0, y0, x1, y1 in the image
+            if self.pick == "central":
+                h, w = im.shape[:2]
+                centre_dist = np.hypot((boxes[:, 0] + boxes[:, 2]) / 2 - w / 2, (boxes[:, 1] + boxes[:, 3]) / 2 - h / 2)
+                i = int(np.argmin(centre_dist))
+            else:
+                i = int(np.argmax(pred[:, -1]))
+            best, box = pred[i], boxes[i]
             pts = best[4:16].reshape(6, 2) * side + [x0, y0]
             if pts[0, 0] > pts[1, 0]:  # order the eyes and ears by image x
                 pts[[0, 1]] = pts[[1, 0]]
@@ -233,8 +253,8 @@ def align_face(image, points: np.ndarray, size: int = 112) -> np.ndarray:
     return warp_affine(image, similarity_to_template(pts, size), size)
 
 
-def _detector(kind: str, device: str, weights, fan_random: bool = False):
-    blaze = BlazeFaceKeypoints(device, weights)
+def _detector(kind: str, device: str, weights, fan_random: bool = False, pick: str = "central"):
+    blaze = BlazeFaceKeypoints(device, weights, pick=pick)
     fan = FanLandmarks(device, weights, random_init=fan_random) if kind == "fan" else None
     return blaze, fan
 
@@ -247,9 +267,11 @@ def align_folder(
     weights=None,
     device: str = "cpu",
     fan_random: bool = False,
+    pick: str = "central",
 ) -> dict:
     """Align every photo under ``raw`` (sub-folders kept) to ``out`` as 112x112 PNG; report counts
-    and the photos without a face. Each file is written under a temporary name, then renamed."""
+    and the photos without a face. Each file is written under a temporary name, then renamed.
+    ``pick``: which face of a photo with several (:class:`BlazeFaceKeypoints`)."""
     from lafs_fast.data.folder import IMAGE_EXTS
     from lafs_fast.io import atomic_write_bytes
 
@@ -259,7 +281,7 @@ def align_folder(
     files = sorted(p for p in raw.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if not files:
         raise ValueError(f"{raw} holds no image ({', '.join(sorted(IMAGE_EXTS))}); nothing to align")
-    blaze, fan = _detector(detector, device, weights, fan_random)
+    blaze, fan = _detector(detector, device, weights, fan_random, pick)
     aligned, no_face, residuals = 0, [], []
     for path in files:
         im = np.asarray(Image.open(path).convert("RGB"))

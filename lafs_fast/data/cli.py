@@ -169,12 +169,21 @@ def _add_align(p: argparse.ArgumentParser) -> None:
         help="folder holding the weights (default: $TORCH_HOME/hub/checkpoints, then $LAFS_FAST_WEIGHTS)",
     )
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--pick",
+        choices=("central", "confident"),
+        default="central",
+        help="the face of a photo with several: the one nearest the photo's centre (default; face data sets "
+        "centre the person they label) or the most confident detection",
+    )
 
 
 def _run_align(args: argparse.Namespace) -> int:
     from lafs_fast.data.align import align_folder
 
-    rep = align_folder(args.raw, args.out, detector=args.detector, weights=args.weights, device=args.device)
+    rep = align_folder(
+        args.raw, args.out, detector=args.detector, weights=args.weights, device=args.device, pick=args.pick
+    )
     print(f"aligned {rep['aligned']} of {rep['images']} images into {args.out}")
     for path in rep["no_face"]:
         print(f"no face found: {path}")
