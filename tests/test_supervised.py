@@ -119,7 +119,8 @@ def test_landmarks_grid_starts_at_the_pretraining_grid_and_learns(tmp_path, gen)
     assert ref is None  # no stage-0 CNN to hold it to
     coords.square().sum().backward()
     assert cnn.output_layer[-1].weight.grad.abs().sum() > 0
-    _, fresh, _ = build_supervised_model(cfg, 4, 2, landmarks="scratch", say=lambda *a: None)
+    random_start = tiny(tmp_path, "model.landmark_start=random")  # the reference's start (the small preset's is grid)
+    _, fresh, _ = build_supervised_model(random_start, 4, 2, landmarks="scratch", say=lambda *a: None)
     assert (fresh.landmark_cnn.eval()(faces) - want).abs().mean() > 10  # px: random points
 
 
@@ -145,7 +146,7 @@ def test_margin_warm_up_ramps_to_the_margin_and_reaches_the_head(tmp_path):
     """finetune.margin_warmup_epochs: the margin rises linearly from 0 to finetune.margin over that many
     epochs, then stays; the stage sets it on the head before each step; 0 keeps the reference's constant."""
     plan = Plan(epochs=4, steps_per_epoch=5, accumulation=1, batch_size=4, world_size=1)
-    cfg = tiny(tmp_path, "finetune.margin_warmup_epochs=2", "finetune.margin=0.4")
+    cfg = tiny(tmp_path, "finetune.head=cosface", "finetune.margin_warmup_epochs=2", "finetune.margin=0.4")
     _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
     st = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
     margin = st.schedules(plan)["margin"]
@@ -163,7 +164,9 @@ def test_margin_warm_up_ramps_to_the_margin_and_reaches_the_head(tmp_path):
 
 
 def test_gradients_reach_the_landmark_cnn_through_the_sampler(tmp_path):
-    cfg = tiny(tmp_path, *DETERMINISTIC, "finetune.mixup_p=0")
+    # the reference's random start: at the grid start the regression weights are 0, so the trunk's first step
+    # has no gradient yet
+    cfg = tiny(tmp_path, *DETERMINISTIC, "finetune.mixup_p=0", "model.landmark_start=random")
     torch.manual_seed(0)
     _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
     stage = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
@@ -466,7 +469,9 @@ def test_stage2_run_with_regulariser_writes_part_fvit_and_metrics(tmp_path):
 
 
 def test_sharded_head_option_runs(tmp_path, capsys):
-    res = _run(tiny(tmp_path, "finetune.shard_classes=true", "finetune.sample_rate=0.5", "train.max_steps=2"), 0)
+    extra = ("finetune.head=cosface", "finetune.mixup_p=0.1", "finetune.shard_classes=true", "finetune.sample_rate=0.5")
+    extra += ("train.max_steps=2",)
+    res = _run(tiny(tmp_path, *extra), 0)
     assert res["steps"] == 2 and np.isfinite(res["loss_last"])
     out = capsys.readouterr().out
     assert "sharded" in out and "Mixup off" in out
