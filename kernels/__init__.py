@@ -22,7 +22,6 @@ _LAZY = {
     "lafs_view_specs": "lafs_fast.kernels.views",
     "draw_view_params": "lafs_fast.kernels.views",
     "apply_views_torch": "lafs_fast.kernels.views",
-    "augment_views_torch": "lafs_fast.kernels.views",
     "map_to_views": "lafs_fast.kernels.views",
     "apply_views_triton": "lafs_fast.kernels.views_triton",
 }

@@ -46,7 +46,6 @@ __all__ = [
     "resample_tables",
     "blur_weights",
     "apply_views_torch",
-    "augment_views_torch",
     "rgb_to_gray",
     "map_to_views",
     "INTERPOLATIONS",
@@ -531,20 +530,3 @@ def apply_views_torch(
     aug = x * 2.0 - 1.0
     shape = (b, v, 3, s, s)
     return clean.reshape(shape).to(out_dtype), aug.reshape(shape).to(out_dtype)
-
-
-def augment_views_torch(
-    images: torch.Tensor,
-    specs: list[ViewSpec] | None = None,
-    *,
-    seed: int = 0,
-    out_size: int = 112,
-    interpolation: str = "bilinear",
-    out_dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor, ViewParams]:
-    """Draw parameters from ``seed`` on the images' device and render: (clean, augmented, params)."""
-    specs = specs if specs is not None else lafs_view_specs()
-    gen = torch.Generator(device=images.device).manual_seed(int(seed))
-    params = draw_view_params(images.shape[0], specs, (images.shape[1], images.shape[2]), gen)
-    clean, aug = apply_views_torch(images, params, out_size, interpolation=interpolation, out_dtype=out_dtype)
-    return clean, aug, params

@@ -275,10 +275,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Convert ``value`` (from YAML or a ``k=v`` string) to the field type ``tp``, or say why not."""
     origin = typing.get_origin(tp)

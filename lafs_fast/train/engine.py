@@ -77,7 +77,6 @@ __all__ = [
     "param_groups",
     "clip_gradients",
     "list_checkpoints",
-    "latest_checkpoint",
     "load_checkpoint",
     "CHECKPOINT_FORMAT",
 ]
@@ -317,11 +316,6 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(
         (p for p in d.iterdir() if _CKPT_RE.match(p.name)), key=lambda p: int(_CKPT_RE.match(p.name).group(1))
     )
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(out_dir)
-    return ckpts[-1] if ckpts else None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
