@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from lafs_fast.errors import USER_ERRORS, run_command  # noqa: F401 - USER_ERRORS: kept importable from here
+from lafs_fast.errors import run_command
 
 # name -> (module, one-line help). Add a command by adding its line here.
 COMMANDS: dict[str, tuple[str, str]] = {

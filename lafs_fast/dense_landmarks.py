@@ -198,7 +198,7 @@ class DetectorLandmarks:
     def for_source(cls, data: str | os.PathLike, file: str | os.PathLike | None = None, **kw) -> DetectorLandmarks:
         """The table of the rec ``data`` (a .rec or a folder holding train.rec), from ``file`` or the
         sidecar beside the rec."""
-        from lafs_fast.data.loaders import RecSource, open_source
+        from lafs_fast.data.sources import RecSource, open_source
 
         kind, src = open_source(str(data))
         if kind != "rec" or not isinstance(src, RecSource):

@@ -36,7 +36,7 @@ from lafs_fast.kernels.views import ViewSpec, lafs_view_specs
 from lafs_fast.models import LandmarkCNN, image_grid_tokens
 from lafs_fast.sampling import grid_landmarks, sample_patches
 
-__all__ = ["ViewBatch", "Landmarks", "LafsViews", "grid_landmarks", "view_specs", "load_landmark_cnn"]
+__all__ = ["ViewBatch", "Landmarks", "LafsViews", "view_specs", "load_landmark_cnn"]
 
 
 def load_landmark_cnn(path: str) -> LandmarkCNN:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from lafs_fast.config import load_config
-from lafs_fast.data.loaders import Loader
+from lafs_fast.data.base import Loader
 from lafs_fast.launch import DistInfo
 from lafs_fast.train.engine import (
     Engine,

@@ -30,7 +30,8 @@ from lafs_fast.launch import DistInfo
 from lafs_fast.train import supervised_run
 from lafs_fast.train.dino import DinoStage
 from lafs_fast.train.engine import StepContext, clip_gradients
-from lafs_fast.train.supervised import SupervisedStage, build_supervised_model
+from lafs_fast.train.supervised import SupervisedStage
+from lafs_fast.train.supervised_model import build_supervised_model
 from tests import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")

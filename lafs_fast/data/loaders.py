@@ -44,17 +44,9 @@ import os
 import numpy as np
 import torch
 
-# re-exported: the loader contract and the sources are part of this module's interface
-from lafs_fast.data.base import (  # noqa: F401
-    MAX_REFILL_TRIES,
-    Loader,
-    num_batches,
-    read_items,
-    replacement_stream,
-    shard_indices,
-)
+from lafs_fast.data.base import Loader, read_items, replacement_stream
 from lafs_fast.data.recordio import RecordIOError
-from lafs_fast.data.sources import DATASET_COLOR_ORDER, FolderSource, RecSource, decode_pil, open_source  # noqa: F401
+from lafs_fast.data.sources import decode_pil, open_source
 from lafs_fast.data.synthetic import SyntheticFaces
 
 log = logging.getLogger("lafs_fast.data")

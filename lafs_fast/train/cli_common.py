@@ -106,7 +106,7 @@ def check_enabled(cfg: Config, enabled: bool | None, knn_data: str | None) -> bo
     synthetic = not cfg.data.path or cfg.data.path.startswith("synthetic")
     on = enabled if enabled is not None else bool(knn_data) or synthetic
     if knn_data and on:
-        from lafs_fast.data.loaders import open_source
+        from lafs_fast.data.sources import open_source
 
         if open_source(knn_data)[0] != "rec":
             raise ValueError(f"--knn-data {knn_data} is not a .rec; pack labelled faces with `lafs-fast data build`")

@@ -114,7 +114,7 @@ def stage_defaults(preset: str) -> dict[str, Any]:
 
 def preflight(cfg: Config, resume: str | None) -> None:
     """Every check that needs no work: output folder writable, data and landmark paths readable."""
-    from lafs_fast.data.loaders import open_source
+    from lafs_fast.data.sources import open_source
 
     check_writable_dir(cfg.train.out_dir)
     open_source(data_source(cfg))  # FileNotFoundError / ValueError naming the path

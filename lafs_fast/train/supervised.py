@@ -64,31 +64,14 @@ from lafs_fast.models import LandmarkCNN, PartFViT
 from lafs_fast.models.checkpoints import model_file
 from lafs_fast.models.sharded_head import ShardedMarginHead
 from lafs_fast.train.engine import Plan, Stage, StepContext, cosine_schedule
-
-# the stage's parts, re-exported: augmentation (supervised_augment.py) and model building (supervised_model.py)
-from lafs_fast.train.supervised_augment import FaceAugment, apply_mixup, build_mixup, random_erase  # noqa: E402,F401
-from lafs_fast.train.supervised_model import (  # noqa: E402,F401
-    ARCH_FIELDS,
-    build_supervised_model,
-    layer_id,
-    read_weights,
-    supervised_param_groups,
-)
+from lafs_fast.train.supervised_augment import FaceAugment, apply_mixup, build_mixup
+from lafs_fast.train.supervised_model import supervised_param_groups
 
 __all__ = [
     "LANDMARK_LAMBDA",
     "landmark_lambda",
     "landmark_lambda_schedule",
     "SupervisedStage",
-    "FaceAugment",
-    "build_mixup",
-    "apply_mixup",
-    "random_erase",
-    "layer_id",
-    "supervised_param_groups",
-    "read_weights",
-    "build_supervised_model",
-    "ARCH_FIELDS",
 ]
 
 # (first epoch, lambda): the regulariser's weight from that epoch on (spec section 4)

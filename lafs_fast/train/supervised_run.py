@@ -196,7 +196,7 @@ def prepare_data(cfg: Config, say=print) -> str:
 
 
 def preflight(cfg: Config, stage: int, init: str | None, landmarks: str | None, resume: str | None) -> None:
-    from lafs_fast.data.loaders import open_source
+    from lafs_fast.data.sources import open_source
 
     check_writable_dir(cfg.train.out_dir)
     open_source(data_source(cfg))
@@ -273,7 +273,8 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
     Returns a summary (steps, digest, loss first/last, checks, verification)."""
     from lafs_fast.eval.knn import format_check, knn_faces, pixel_floor, report_lines
     from lafs_fast.train.engine import Engine, barrier
-    from lafs_fast.train.supervised import SupervisedStage, build_supervised_model
+    from lafs_fast.train.supervised import SupervisedStage
+    from lafs_fast.train.supervised_model import build_supervised_model
 
     cfg = config_from_dict(cfg_dict)
     name = PROG[stage]
