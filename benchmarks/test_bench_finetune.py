@@ -58,8 +58,8 @@ def _stage(cfg: Config, num_classes: int, device: torch.device, tmp_path, augmen
     src = tmp_path / f"stage0-{cfg.model.dim}.pt"
     if not src.exists():
         torch.save(model_file(cfg.model, build_backbone(cfg.model), landmark_cnn=build_landmark_cnn(cfg.model)), src)
-    cfg2, model, ref = build_supervised_model(cfg, num_classes, 2, init=str(src), say=lambda *a: None)
-    return SupervisedStage(cfg2, model, num_classes, 2, device, ref_landmarks=ref, augment=augment, say=lambda *a: None)
+    cfg2, model, ref = build_supervised_model(cfg, num_classes, 2, init=str(src))
+    return SupervisedStage(cfg2, model, num_classes, 2, device, ref_landmarks=ref, augment=augment)
 
 
 def step_flops(stage: SupervisedStage) -> float:

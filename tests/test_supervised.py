@@ -75,19 +75,17 @@ def test_landmark_lambda_follows_the_spec():
 def test_stage_schedule_is_off_in_stage0_and_switchable(tmp_path):
     plan = Plan(epochs=10, steps_per_epoch=2, accumulation=1, batch_size=4, world_size=1)
     cfg = tiny(tmp_path)
-    _, m0, ref0 = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
+    _, m0, ref0 = build_supervised_model(cfg, 4, 0)
     assert ref0 is None
-    s0 = SupervisedStage(cfg, m0, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
+    s0 = SupervisedStage(cfg, m0, 4, 0, torch.device("cpu"), augment="none")
     assert not s0.schedules(plan)["landmark_lambda"].any()
     cnn = tmp_path / "s0.pt"
     torch.save(s0.export(), cnn)
-    _, m2, ref2 = build_supervised_model(cfg, 4, 2, init=str(cnn), say=lambda *a: None)
-    s2 = SupervisedStage(cfg, m2, 4, 2, torch.device("cpu"), ref_landmarks=ref2, augment="none", say=lambda *a: None)
+    _, m2, ref2 = build_supervised_model(cfg, 4, 2, init=str(cnn))
+    s2 = SupervisedStage(cfg, m2, 4, 2, torch.device("cpu"), ref_landmarks=ref2, augment="none")
     assert s2.schedules(plan)["landmark_lambda"][0] == 1000 and s2.reg_on
     off = tiny(tmp_path, "finetune.landmark_reg=false")
-    s2off = SupervisedStage(
-        off, copy.deepcopy(m2), 4, 2, torch.device("cpu"), ref_landmarks=ref2, augment="none", say=lambda *a: None
-    )
+    s2off = SupervisedStage(off, copy.deepcopy(m2), 4, 2, torch.device("cpu"), ref_landmarks=ref2, augment="none")
     assert not s2off.reg_on and not s2off.schedules(plan)["landmark_lambda"].any()
 
 
@@ -102,14 +100,14 @@ def test_landmarks_grid_starts_at_the_pretraining_grid_and_learns(tmp_path, gen)
     lo, hi = float(grid.min()), float(grid.max())
     want = (grid - lo) / (hi - lo) * (cfg.model.image_size - 1)
     faces = torch.rand(3, 3, cfg.model.image_size, cfg.model.image_size, generator=gen) * 2 - 1
-    _, model, ref = build_supervised_model(cfg, 4, 2, landmarks="grid", say=lambda *a: None)
+    _, model, ref = build_supervised_model(cfg, 4, 2, landmarks="grid")
     cnn = model.landmark_cnn.eval()
     coords = cnn(faces)
     torch.testing.assert_close(coords, want.expand(3, -1, -1))
     assert ref is None  # no stage-0 CNN to hold it to
     coords.square().sum().backward()
     assert cnn.output_layer[-1].weight.grad.abs().sum() > 0
-    _, fresh, _ = build_supervised_model(cfg, 4, 2, landmarks="scratch", say=lambda *a: None)
+    _, fresh, _ = build_supervised_model(cfg, 4, 2, landmarks="scratch")
     assert (fresh.landmark_cnn.eval()(faces) - want).abs().mean() > 10  # px: random points
 
 
@@ -118,8 +116,8 @@ def test_margin_warm_up_ramps_to_the_margin_and_reaches_the_head(tmp_path):
     epochs, then stays; the stage sets it on the head before each step; 0 keeps the reference's constant."""
     plan = Plan(epochs=4, steps_per_epoch=5, accumulation=1, batch_size=4, world_size=1)
     cfg = tiny(tmp_path, "finetune.margin_warmup_epochs=2", "finetune.margin=0.4")
-    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
-    st = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
+    _, model, _ = build_supervised_model(cfg, 4, 0)
+    st = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none")
     margin = st.schedules(plan)["margin"]
     assert margin.shape == (20,) and margin[0] == 0.0 and margin[9] == pytest.approx(0.4)
     assert (np.diff(margin[:10]) > 0).all() and (margin[10:] == pytest.approx(0.4))
@@ -127,7 +125,7 @@ def test_margin_warm_up_ramps_to_the_margin_and_reaches_the_head(tmp_path):
     ctx = StepContext(3, 0, 0, 1, {"lr": 1e-3, "weight_decay": 0.1, "margin": float(margin[3])}, DistInfo())
     st.forward_loss(st.model, (images, labels), ctx)
     assert model.head.m == pytest.approx(margin[3])
-    constant = SupervisedStage(tiny(tmp_path), model, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
+    constant = SupervisedStage(tiny(tmp_path), model, 4, 0, torch.device("cpu"), augment="none")
     assert (constant.schedules(plan)["margin"] == 0.4).all()
 
 
@@ -137,8 +135,8 @@ def test_margin_warm_up_ramps_to_the_margin_and_reaches_the_head(tmp_path):
 def test_gradients_reach_the_landmark_cnn_through_the_sampler(tmp_path):
     cfg = tiny(tmp_path, *DETERMINISTIC, "finetune.mixup_p=0")
     torch.manual_seed(0)
-    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
-    stage = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
+    _, model, _ = build_supervised_model(cfg, 4, 0)
+    stage = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none")
     images, labels = _batch()
     loss, metrics = stage.forward_loss(model, (images, labels), _ctx())
     loss.backward()
@@ -155,10 +153,8 @@ def test_regulariser_adds_lambda_times_mse_to_a_frozen_copy(tmp_path):
     torch.manual_seed(0)
     src = tmp_path / "s0.pt"
     torch.save(model_file(cfg.model, build_backbone(cfg.model), landmark_cnn=build_landmark_cnn(cfg.model)), src)
-    _, model, ref = build_supervised_model(cfg, 4, 2, init=str(src), say=lambda *a: None)
-    stage = SupervisedStage(
-        cfg, model, 4, 2, torch.device("cpu"), ref_landmarks=ref, augment="none", say=lambda *a: None
-    )
+    _, model, ref = build_supervised_model(cfg, 4, 2, init=str(src))
+    stage = SupervisedStage(cfg, model, 4, 2, torch.device("cpu"), ref_landmarks=ref, augment="none")
     images, labels = _batch()
     # identical CNNs, both in eval mode (the copy always is: BatchNorm on running statistics): 0
     model.eval()
@@ -236,8 +232,8 @@ def test_mixup_targets_sum_to_one(tmp_path):
 
 def test_mixup_soft_targets_train_through_the_margin_head(tmp_path):
     cfg = tiny(tmp_path, *DETERMINISTIC, "finetune.mixup_p=1.0")
-    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
-    stage = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
+    _, model, _ = build_supervised_model(cfg, 4, 0)
+    stage = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none")
     loss, m = stage.forward_loss(model, _batch(), _ctx())
     assert torch.isfinite(loss) and m["ce"] > 0
 
@@ -247,7 +243,7 @@ def test_mixup_soft_targets_train_through_the_margin_head(tmp_path):
 
 def test_param_groups_weight_decay_and_layer_decay(tmp_path):
     cfg = tiny(tmp_path, "optim.layer_decay=0.5")
-    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
+    _, model, _ = build_supervised_model(cfg, 4, 0)
     groups = supervised_param_groups(model, cfg)
     where = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
@@ -296,9 +292,7 @@ def test_stage2_loads_reference_format_checkpoints(tmp_path):
     torch.save(model_file(cfg.model, bb), only_backbone)
     export_reference(only_backbone, tmp_path / "ssl_bb.pth", "ssl")
     for init, lm in ((ssl, None), (tmp_path / "ssl_bb.pth", part)):
-        cfg2, model, ref = build_supervised_model(
-            cfg, 4, 2, init=str(init), landmarks=None if lm is None else str(lm), say=lambda *a: None
-        )
+        cfg2, model, ref = build_supervised_model(cfg, 4, 2, init=str(init), landmarks=None if lm is None else str(lm))
         for k, v in bb.state_dict().items():
             assert torch.equal(model.backbone.state_dict()[k], v), k
         for k, v in cnn.state_dict().items():
@@ -307,7 +301,7 @@ def test_stage2_loads_reference_format_checkpoints(tmp_path):
         assert cfg2.model.attn_scale == "dim" and cfg2.model.dim == 32
     assert read_weights(ssl)["landmark_cnn"] is not None
     with pytest.raises(ValueError, match="holds no landmark CNN"):
-        build_supervised_model(cfg, 4, 2, init=str(ours), landmarks=str(only_backbone), say=lambda *a: None)
+        build_supervised_model(cfg, 4, 2, init=str(ours), landmarks=str(only_backbone))
     with pytest.raises(FileNotFoundError):
         read_weights(tmp_path / "missing.pt")
 
@@ -371,7 +365,7 @@ def test_stage2_loads_a_stage1_checkpoint_from_the_pretrain_code(tmp_path):
     want = torch.load(teacher, weights_only=True)["backbone"]
     for init in (teacher, ckpt):
         cfg2, model, ref = build_supervised_model(
-            tiny(tmp_path, "model.depth=3"), 4, 2, init=str(init), landmarks=str(s0), say=lambda *a: None
+            tiny(tmp_path, "model.depth=3"), 4, 2, init=str(init), landmarks=str(s0)
         )
         assert cfg2.model.depth == 1  # the architecture comes from the checkpoint
         for k, v in want.items():
@@ -467,7 +461,7 @@ def test_bad_inputs_fail_with_one_sentence(tmp_path):
 
 def test_landmarks_and_head_stay_fp32_under_bf16_autocast(tmp_path):
     cfg = tiny(tmp_path, *DETERMINISTIC)
-    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
+    _, model, _ = build_supervised_model(cfg, 4, 0)
     x = torch.rand(2, 3, 112, 112) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, coords = model(x, torch.tensor([0, 1]))

@@ -37,7 +37,7 @@ from nvidia.dali import fn, pipeline_def, types
 from lafs_fast.data.base import Loader, read_items
 from lafs_fast.data.sources import decode_pil
 
-log = logging.getLogger("lafs_fast.data")
+log = logging.getLogger(__name__)
 
 
 @pipeline_def

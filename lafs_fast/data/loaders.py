@@ -49,7 +49,7 @@ from lafs_fast.data.recordio import RecordIOError
 from lafs_fast.data.sources import decode_pil, open_source
 from lafs_fast.data.synthetic import SyntheticFaces
 
-log = logging.getLogger("lafs_fast.data")
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------

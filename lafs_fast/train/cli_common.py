@@ -229,10 +229,10 @@ def launch_training(
 
 
 @contextlib.contextmanager
-def training_process(cfg: Config) -> Iterator[tuple[Any, Callable[[str], None]]]:
+def training_process(cfg: Config) -> Iterator[Any]:
     """One process of a training job: joins the process group (``train.device``, the collective
     timeout), seeds torch with ``train.seed`` (identical initial weights on every rank) and sets up the
-    run's messages (rank 0 speaks; ``train.log``). Yields ``(DistInfo, say)``; however the block ends,
+    run's messages (rank 0 speaks; ``train.log``: lafs_fast.logs). Yields the DistInfo; however the block ends,
     the logging and the process group are closed."""
     import torch
 
@@ -240,10 +240,10 @@ def training_process(cfg: Config) -> Iterator[tuple[Any, Callable[[str], None]]]
     from lafs_fast.logs import start_run_logging, stop_run_logging
 
     info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    say = start_run_logging(info.rank).info
+    start_run_logging(info.rank)
     try:
         torch.manual_seed(cfg.train.seed)
-        yield info, say
+        yield info
     finally:
         stop_run_logging()
         shutdown()

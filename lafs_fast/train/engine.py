@@ -60,7 +60,7 @@ from tqdm import tqdm
 from lafs_fast.config import Config, config_to_dict
 from lafs_fast.io import atomic_save, atomic_write_bytes, safe_load
 from lafs_fast.launch import DistInfo, resolve_precision
-from lafs_fast.logs import RUN_LOGGER, log_to_file, run_logging_active
+from lafs_fast.logs import log_to_file
 from lafs_fast.train.run_folder import RunLock, check_run_folder
 
 __all__ = [
@@ -103,6 +103,7 @@ RESUME_MAY_DIFFER = frozenset(
     }
 )
 _CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -661,12 +662,8 @@ class Engine:
     # ---------------------------------------------------------------- logging
 
     def _log_line(self, text: str) -> None:
-        if not self.dist.is_main:
-            return
-        if run_logging_active():  # a command's run logging (console + train.log)
-            logging.getLogger(RUN_LOGGER).info(f"[{self.stage.name}] {text}")
-        else:  # a library caller's engine: plain lines, as before
-            tqdm.write(f"[{self.stage.name}] {text}")
+        if self.dist.is_main:  # the terminal, and train.log during a command's run (logs.py)
+            log.info(f"[{self.stage.name}] {text}")
 
     def _log_metrics(self, record: dict[str, float]) -> None:
         self.history.append(record)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ from lafs_fast.train.cli_common import (
     training_process,
     write_summary,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "add_arguments",
@@ -187,14 +190,14 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
     from lafs_fast.train.engine import Engine, barrier
 
     cfg = config_from_dict(cfg_dict)
-    with training_process(cfg) as (info, say):
+    with training_process(cfg) as info:
         detector = detector_landmarks(cfg)
         loader = training_loader(cfg, info, with_positions=detector is not None)
         stage = DinoStage(cfg, info.device, detector=detector)
         torch.manual_seed(cfg.train.seed + 1_000 * info.rank)  # dropout / drop-path streams differ per rank
         out = Path(cfg.train.out_dir)
-        say(f"[pretrain] {info.world_size} process(es) on {info.device.type}; data: {loader.backend}")
-        say(
+        log.info(f"[pretrain] {info.world_size} process(es) on {info.device.type}; data: {loader.backend}")
+        log.info(
             f"[pretrain] views: {cfg.views.mode}, landmarks: "
             f"{cfg.views.landmarks if cfg.views.mode == 'lafs' else 'none (image grid)'}; "
             f"model dim {cfg.model.dim} depth {cfg.model.depth}, "
@@ -202,7 +205,7 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
         )
         if detector is not None and info.is_main:
             q = detector.quality()
-            say(
+            log.info(
                 f"[pretrain] {detector.describe()}; on {q['faces']} faces the densification fits the detected points "
                 "to "
                 f"{q['fit_px']:.1f} px (affine {q['affine_fit_px']:.1f} px), smallest grid step {q['min_step_px']:.1f} "
@@ -215,7 +218,7 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
             )
         if faces is not None and not opts.get("resume"):
             before = knn_check(stage.teacher.backbone, stage.views, info.device, faces)
-            say(f"[pretrain] {faces.title} before: {format_check(before, faces)}")
+            log.info(f"[pretrain] {faces.title} before: {format_check(before, faces)}")
         barrier(info)
         engine = Engine(
             cfg,
@@ -227,7 +230,7 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
             progress=opts.get("progress", True),
             overwrite=opts.get("overwrite", False),
         )
-        say(plan_line("pretrain", engine, cfg))
+        log.info(plan_line("pretrain", engine, cfg))
         result = engine.fit()
         summary: dict[str, Any] = {
             "rank": info.rank,
@@ -238,12 +241,14 @@ def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, An
         }
         if info.is_main:
             atomic_save(stage.export(), out / "teacher.pt")
-            say(f"[pretrain] {result.steps} steps in {result.seconds:.1f} s; teacher model file: {out / 'teacher.pt'}")
+            log.info(
+                f"[pretrain] {result.steps} steps in {result.seconds:.1f} s; teacher model file: {out / 'teacher.pt'}"
+            )
             if faces is not None:
                 after = knn_check(stage.teacher.backbone, stage.views, info.device, faces)
                 floor = pixel_floor(faces)
                 for line in report_lines(before, after, faces, floor):
-                    say(f"[pretrain] {line}")
+                    log.info(f"[pretrain] {line}")
                 summary.update(knn_before=before, knn_after=after, knn_floor=floor)
             write_summary(out, summary)
         barrier(info)

@@ -5,6 +5,7 @@ from (a stage-1 teacher, a stage-0 Part fViT, the reference's checkpoints), and 
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from lafs_fast.models.checkpoints import detect_format, infer_model_config, load
 from lafs_fast.models.sharded_head import ShardedMarginHead
 from lafs_fast.sampling import grid_landmarks
 from lafs_fast.train.engine import CHECKPOINT_FORMAT
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ARCH_FIELDS", "layer_id", "supervised_param_groups", "read_weights", "build_supervised_model"]
 
@@ -105,7 +108,7 @@ def read_weights(path: str | Path) -> dict[str, Any]:
 
 
 def build_supervised_model(
-    cfg: Config, num_classes: int, stage: int, init: str | None = None, landmarks: str | None = None, say=print
+    cfg: Config, num_classes: int, stage: int, init: str | None = None, landmarks: str | None = None
 ) -> tuple[Config, PartFViT, LandmarkCNN | None]:
     """(cfg with the loaded architecture, PartFViT with its margin head, reference landmark CNN or None).
 
@@ -113,7 +116,7 @@ def build_supervised_model(
     from ``init``, the landmark CNN from ``landmarks`` (default: ``init``'s own when it has one;
     "scratch" = a fresh one). The reference landmark CNN (a frozen copy, eval mode) exists only in
     stage 2 with a loaded landmark CNN: without one the regulariser has nothing to hold it to.
-    Missing pieces in stage 2 are allowed (random weights) and said through ``say``.
+    Missing pieces in stage 2 are allowed (random weights) and said in the log.
     """
     cfg = copy.deepcopy(cfg)
     backbone_sd = landmark_sd = None
@@ -129,14 +132,14 @@ def build_supervised_model(
         for k in ARCH_FIELDS:
             setattr(cfg.model, k, getattr(w["model"], k))
         if changed:
-            say(f"[supervised] architecture from {w['source']}: {', '.join(changed)}")
-        say(f"[supervised] fViT from {w['source']}")
+            log.info(f"[supervised] architecture from {w['source']}: {', '.join(changed)}")
+        log.info(f"[supervised] fViT from {w['source']}")
         backbone_sd = w["backbone"]
         if w["landmark_cnn"] is not None and landmarks is None:
             landmark_sd = w["landmark_cnn"]
-            say(f"[supervised] landmark CNN from {init}")
+            log.info(f"[supervised] landmark CNN from {init}")
     elif stage == 2:
-        say(
+        log.info(
             "[supervised] note: no --init: the fViT starts from random weights (pass teacher.pt from lafs-fast "
             "pretrain "
             "or the reference's SSL checkpoint)"
@@ -148,10 +151,12 @@ def build_supervised_model(
                 f"{landmarks} holds no landmark CNN; pass a stage-0 (train-landmarks) or Part fViT checkpoint"
             )
         landmark_sd = lw["landmark_cnn"]
-        say(f"[supervised] landmark CNN from {lw['source']}")
+        log.info(f"[supervised] landmark CNN from {lw['source']}")
     if stage == 2 and landmark_sd is None:
         start = ", its output starting at the patch grid" if landmarks == "grid" else ""
-        say(f"[supervised] note: landmark CNN from scratch{start} (no stage-0 CNN): the landmark regulariser is off")
+        log.info(
+            f"[supervised] note: landmark CNN from scratch{start} (no stage-0 CNN): the landmark regulariser is off"
+        )
     f = cfg.finetune
     head = None
     if f.shard_classes:

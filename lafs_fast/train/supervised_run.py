@@ -25,6 +25,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ from lafs_fast.train.cli_common import (
     training_process,
     write_summary,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "add_arguments",
@@ -159,7 +162,7 @@ def parse_subset(spec: str) -> dict[str, Any]:
     return out
 
 
-def prepare_data(cfg: Config, say=print) -> str:
+def prepare_data(cfg: Config) -> str:
     """The data source to train on: ``data.path`` or, with ``finetune.subset``, the few-shot subset
     (written once under ``train.out_dir``, reused when present; an image folder is packed into a
     rec first). Synthetic data: ``round(P * IDS)`` identities with K images each from the same
@@ -175,14 +178,14 @@ def prepare_data(cfg: Config, say=print) -> str:
         ids = max(1, round(s["fraction"] * ds.num_identities))
         shots = min(s["shots"] or ds.images_per_identity, ds.images_per_identity)
         out = f"synthetic:{ids}x{shots}:seed={ds.seed}"
-        say(f"[subset] synthetic: {ids} identities x {shots} images ({out})")
+        log.info(f"[subset] synthetic: {ids} identities x {shots} images ({out})")
         return out
     from lafs_fast.data.folder import build_rec
     from lafs_fast.data.subsets import make_subset
 
     root = Path(cfg.train.out_dir) / f"subset-shots{s['shots']}-frac{s['fraction']:g}-seed{s['seed']}"
     if (root / "train.rec").is_file():
-        say(f"[subset] reusing {root}")
+        log.info(f"[subset] reusing {root}")
         return str(root)
     rec = Path(src)
     if rec.is_dir() and not (rec / "train.rec").is_file():  # an image folder: pack it first
@@ -191,7 +194,7 @@ def prepare_data(cfg: Config, say=print) -> str:
             build_rec(rec, packed, progress=False)
         rec = packed
     counts = make_subset(rec, root, shots=s["shots"], fraction=s["fraction"], seed=s["seed"])
-    say(f"[subset] {counts} -> {root}")
+    log.info(f"[subset] {counts} -> {root}")
     return str(root)
 
 
@@ -278,19 +281,17 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
 
     cfg = config_from_dict(cfg_dict)
     name = PROG[stage]
-    with training_process(cfg) as (info, say):
+    with training_process(cfg) as info:
         # the few-shot subset (if any): rank 0 writes it, the others then find and reuse it
-        data = opts.get("data") or (prepare_data(cfg, say) if info.is_main else None)
+        data = opts.get("data") or (prepare_data(cfg) if info.is_main else None)
         barrier(info)
         if data is None:
-            data = prepare_data(cfg, say=lambda *a, **k: None)
+            data = prepare_data(cfg)  # reuses rank 0's subset (its lines are rank 0's alone)
         loader = training_loader(cfg, info, data)
         loader.check_labels()  # a label past the head: one sentence now, not a traceback in mixup later
         num_classes = int(loader.num_classes)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (the loader drew none)
-        cfg, model, ref = build_supervised_model(
-            cfg, num_classes, stage, opts.get("init"), opts.get("landmarks"), say=say
-        )
+        cfg, model, ref = build_supervised_model(cfg, num_classes, stage, opts.get("init"), opts.get("landmarks"))
         out = Path(cfg.train.out_dir)
         val_sets = [p for p in cfg.finetune.val_sets.split(",") if p]
         st = SupervisedStage(
@@ -303,15 +304,14 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
             out_dir=out,
             val_sets=val_sets,
             is_main=info.is_main,
-            say=say,
         )
         torch.manual_seed(cfg.train.seed + 1_000 * info.rank)  # dropout / drop-path streams differ per rank
         f = cfg.finetune
-        say(
+        log.info(
             f"[{name}] {info.world_size} process(es) on {info.device.type}; data: {loader.backend}; {num_classes} "
             f"identities, {loader.n} images"
         )
-        say(
+        log.info(
             f"[{name}] model dim {cfg.model.dim} depth {cfg.model.depth}, "
             f"{sum(p.numel() for p in model.backbone.parameters()) / 1e6:.2f} M fViT + "
             f"{sum(p.numel() for p in model.landmark_cnn.parameters()) / 1e6:.2f} M landmark CNN; head {f.head} (s "
@@ -319,21 +319,21 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
             f"{f', reached over {f.margin_warmup_epochs:g} epochs' if f.margin_warmup_epochs else ''}) "
             f"{'sharded' if st.sharded else 'replicated'}{f', sample rate {f.sample_rate}' if st.sharded else ''}"
         )
-        say(
+        log.info(
             f"[{name}] {st.augment.describe()}; mixup "
             f"{'off' if st.mixup is None else f'alpha {f.mixup_alpha} p {f.mixup_p}'}; "
             f"landmark regulariser {'on (lambda 1000/100/1/0.11/0 from epochs 0/8/14/21/28)' if st.reg_on else 'off'}; "
             f"layer decay {cfg.optim.layer_decay}"
         )
         for note in st.notes:
-            say(f"[{name}] note: {note}")
+            log.info(f"[{name}] note: {note}")
         before = faces = None
         precision = resolve_precision(cfg.train.precision, info.device)
         if opts.get("check") and info.is_main:
             faces = knn_faces(opts.get("knn_data"), info.device)
         if faces is not None and not opts.get("resume"):
             before = heldout_check(model, info.device, precision, faces)
-            say(f"[{name}] {faces.title} before: {format_check(before, faces)}")
+            log.info(f"[{name}] {faces.title} before: {format_check(before, faces)}")
         barrier(info)
         engine = Engine(
             cfg,
@@ -349,7 +349,7 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
             summary_before = st.validate(0)  # the starting point (and best.pt until training beats it)
         else:
             summary_before = None
-        say(plan_line(name, engine, cfg))
+        log.info(plan_line(name, engine, cfg))
         result = engine.fit()
         ran = st.first_loss is not None
         first = [float(t) for t in st.first_loss] if ran else [None, None]
@@ -367,14 +367,14 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
         }
         if info.is_main:
             atomic_save(st.export(), out / "part_fvit.pt")
-            say(
+            log.info(
                 f"[{name}] {result.steps} steps in {result.seconds:.1f} s; first -> last batch: loss {first[0]:.3f} -> "
                 f"{last[0]:.3f}, "
                 f"margin cross-entropy {first[1]:.3f} -> {last[1]:.3f}"
                 if ran
                 else f"[{name}] nothing to do: already at step {result.steps}"
             )
-            say(f"[{name}] model file: {out / 'part_fvit.pt'}")
+            log.info(f"[{name}] model file: {out / 'part_fvit.pt'}")
             if val_sets:
                 acc = st.val.last if st.val.last_step == result.steps else st.validate(result.steps)
                 summary["verification"] = acc
@@ -384,7 +384,7 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
                 after = heldout_check(model, info.device, precision, faces)
                 floor = pixel_floor(faces)
                 for line in report_lines(before, after, faces, floor):
-                    say(f"[{name}] {line}")
+                    log.info(f"[{name}] {line}")
                 summary.update(check_before=before, check_after=after, check_floor=floor)
             write_summary(out, summary)
         barrier(info)
