@@ -264,5 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command("lafs-fast pretrain", parser, run, sys.argv[1:] if argv is None else argv)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the module's own name: its logger is under lafs_fast, its worker spawns
+    from lafs_fast.train.pretrain import main as _main
+
+    sys.exit(_main())
