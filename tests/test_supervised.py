@@ -16,7 +16,8 @@ from lafs_fast.launch import DistInfo
 from lafs_fast.models.checkpoints import export_reference, model_file
 from lafs_fast.models.part_fvit import build_backbone, build_landmark_cnn
 from lafs_fast.train import supervised_run
-from lafs_fast.train.engine import Plan, StepContext, list_checkpoints
+from lafs_fast.train.checkpointing import list_checkpoints
+from lafs_fast.train.engine import Plan, StepContext
 from lafs_fast.train.supervised import SupervisedStage, landmark_lambda, landmark_lambda_schedule
 from lafs_fast.train.supervised_augment import FaceAugment, apply_mixup, build_mixup, random_erase
 from lafs_fast.train.supervised_model import build_supervised_model, layer_id, read_weights, supervised_param_groups

@@ -55,7 +55,7 @@ def test_sharded_head_resumes_bitwise_on_two_ranks(tmp_path):
     its rank, so 1 step + --resume to 2 ends where 2 uninterrupted steps do, bit for bit (fp32 CPU)."""
     import torch
 
-    from lafs_fast.train.engine import load_checkpoint
+    from lafs_fast.train.checkpointing import load_checkpoint
 
     def run(out, *argv):
         return _train_landmarks_2ranks(out, *argv, "optim.epochs=2", "train.ckpt_every_steps=1")

@@ -15,10 +15,9 @@ import torch.nn as nn
 from lafs_fast.config import Config, ModelConfig
 from lafs_fast.io import safe_load
 from lafs_fast.models import LandmarkCNN, PartFViT, build_backbone, build_landmark_cnn, build_margin_head
-from lafs_fast.models.checkpoints import detect_format, infer_model_config, load_into, split_reference
+from lafs_fast.models.checkpoints import TRAIN_FORMAT, detect_format, infer_model_config, load_into, split_reference
 from lafs_fast.models.sharded_head import ShardedMarginHead
 from lafs_fast.sampling import grid_landmarks
-from lafs_fast.train.engine import CHECKPOINT_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def read_weights(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     obj = safe_load(path)
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+    if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT:
         if not obj.get("model_file"):
             raise ValueError(f"{path} is a training checkpoint without a model file")
         obj = obj["model_file"]
