@@ -170,6 +170,16 @@ class OptimConfig:
 class FinetuneConfig:
     """Stages 0 and 2 (docs/method.md section 4)."""
 
+    init: str = doc(
+        "",
+        "starting weights (--init): stage 2's fViT from lafs-fast pretrain's teacher.pt / ckpt-*.pt or the reference's "
+        "SSL checkpoint; stage 0: optional, a Part fViT model file or reference checkpoint ('' = none)",
+    )
+    landmarks: str = doc(
+        "",
+        "stage 2's landmark CNN (--landmarks): train-landmarks' part_fvit.pt or the reference's Part fViT checkpoint, "
+        "'scratch', or 'grid' (from scratch, its output starting at the patch grid); '' = --init's own if it has one",
+    )
     head: str = choice("cosface", "cosface", "arcface")
     scale: float = 64.0
     margin: float = doc(0.4, "CosFace 0.4 (reference); ArcFace usually 0.5")

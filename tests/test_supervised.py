@@ -422,7 +422,7 @@ def test_stage2_run_with_regulariser_writes_part_fvit_and_metrics(tmp_path):
     s0 = _run(tiny(tmp_path / "s0", "train.max_steps=1"), 0)
     assert s0["steps"] == 1
     out = tmp_path / "s2"
-    res = _run(tiny(out, "train.max_steps=2"), 2, init=str(tmp_path / "s0" / "part_fvit.pt"))
+    res = _run(tiny(out, "train.max_steps=2", f"finetune.init={tmp_path / 's0' / 'part_fvit.pt'}"), 2)
     assert res["steps"] == 2 and np.isfinite(res["loss_last"])
     import json
 
@@ -430,6 +430,23 @@ def test_stage2_run_with_regulariser_writes_part_fvit_and_metrics(tmp_path):
     assert rows[0]["landmark_lambda"] == 1000 and "landmark_mse" in rows[0] and "ce" in rows[0]
     f = torch.load(out / "part_fvit.pt", weights_only=True)
     assert f["landmark_cnn"] is not None and f["margin_head"]["weight"].shape == (4, 32)
+
+
+def test_a_finetune_runs_config_yaml_holds_its_init_and_landmarks(tmp_path):
+    """--init and --landmarks are config keys (finetune.init / finetune.landmarks): the run folder's
+    config.yaml records what a stage-2 run started from, and --config of it starts from the same."""
+    import yaml
+
+    s0 = tmp_path / "s0"
+    assert _run(tiny(s0, "train.max_steps=1"), 0)["steps"] == 1
+    init = str(s0 / "part_fvit.pt")
+    flags = ["--no-progress", "--no-check", "--init", init, "--landmarks", "grid", "--max-steps", "1"]
+    out = tmp_path / "s2"
+    assert supervised_run.main(["--out", str(out), *flags, *TINY], stage=2) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())["finetune"]
+    assert saved["init"] == init and saved["landmarks"] == "grid"
+    again = load_config("small", out / "config.yaml", [f"train.out_dir={tmp_path / 'again'}"])
+    assert (again.finetune.init, again.finetune.landmarks) == (init, "grid")
 
 
 def test_sharded_head_option_runs(tmp_path, capsys):

@@ -27,7 +27,8 @@ TINY = [
 def _train_landmarks_2ranks(out: Path, *argv: str) -> subprocess.CompletedProcess:
     """``lafs-fast train-landmarks`` on 2 gloo ranks into ``out`` with the sharded head (``argv`` before
     the tiny config, which key=value pairs in ``argv`` may refine); must exit 0."""
-    cmd = [sys.executable, "-m", "lafs_fast.train.train_landmarks", "--device", "cpu", "--gpus", "2", "--no-check"]
+    cmd = [sys.executable, "-m", "lafs_fast.train.supervised_run", "train-landmarks", "--device", "cpu", "--gpus", "2"]
+    cmd.append("--no-check")
     r = subprocess.run(
         [*cmd, "--no-progress", "--out", str(out), *[a for a in argv if "=" not in a], *TINY,
          *[a for a in argv if "=" in a], "finetune.shard_classes=true"],

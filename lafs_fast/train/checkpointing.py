@@ -60,6 +60,8 @@ RESUME_MAY_DIFFER = frozenset(
         "model.attention",
         "finetune.val_sets",
         "finetune.val_every",
+        "finetune.init",
+        "finetune.landmarks",
     }
 )
 _CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
