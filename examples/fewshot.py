@@ -81,7 +81,7 @@ def cell(r: dict, key: str) -> str:
     return f"{r[key]:.1f}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--celeb24", type=Path, default=Path("../shared/data/celeb24"), help="celeb24's folder")
     ap.add_argument("--out", type=Path, default=Path("runs/fewshot"), help="work folder (recs, runs, logs)")
@@ -106,17 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-pretrain", action="store_true", help="reuse the teachers already in --out")
     ap.add_argument("--table-only", action="store_true", help="print the table of the runs already in --out")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not args.celeb24.is_dir():
-        raise SystemExit(f"{args.celeb24} does not exist; pass --celeb24 PATH (celeb24: 24 people, aligned 112x112)")
-    shots = [int(k) for k in args.shots.split(",") if k]
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    exe = [sys.executable, "-m", "lafs_fast.cli"]
-    t0 = time.time()
+    return ap.parse_args(argv)
 
-    # 1. data: training people (unlabelled for stage 1, labelled for the few-shot subsets), held-out people
+
+def build_data(args: argparse.Namespace, out: Path, exe: list[str], reuse: bool) -> tuple[dict, list, list]:
+    """1. data: training people (unlabelled for stage 1, labelled for the few-shot subsets), held-out
+    people. Returns (recs by name, training people, held-out people)."""
     train_people, held_people = split_people(args.celeb24)
     log.info("training people (%d): %s", len(train_people), ", ".join(train_people))
     log.info("held-out people (%d): %s", len(held_people), ", ".join(held_people))
@@ -130,13 +125,14 @@ def main(argv: list[str] | None = None) -> int:
             src = link_subset(args.celeb24, people, per, out / f"{name}_src")
             run([*exe, "data", "build", str(src), str(out / name), "--workers", "1"], out / f"data_{name}.log")
         recs[name] = rec
-    reuse = args.no_pretrain or args.table_only
     if not (out / "train" / "train.rec.landmarks.npz").is_file() and not reuse:
         weights = ["--weights", str(args.weights.resolve())] if args.weights.is_dir() else []
         run([*exe, "data", "landmarks", str(recs["train"]), *weights], out / "data_landmarks.log")
+    return recs, train_people, held_people
 
-    # 2. pre-training, three ways
-    common = ["--preset", "small", "--knn-data", str(recs["heldout"]), "--no-progress", "--seed", str(args.seed)]
+
+def pretrain_all(recs: dict, out: Path, exe: list[str], common: list[str], reuse: bool) -> tuple[dict, dict]:
+    """2. pre-training, three ways. Returns (teacher file by row, from scratch: None; check figures by row)."""
     teachers: dict[str, Path | None] = {"from scratch": None}
     pre_rows = {}
     for i, (row, extra) in enumerate(PRETRAIN.items()):
@@ -148,11 +144,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         teachers[row] = run_dir / "teacher.pt"
         pre_rows[row] = figures(run_dir / "summary.json", "knn")
+    return teachers, pre_rows
 
-    # 3. few-shot fine-tuning of every start, the same steps for each
+
+def finetune_all(args, shots, recs, teachers, n_people, out, exe, common) -> list[tuple[str, str, dict]]:
+    """3. few-shot fine-tuning of every start, the same steps for each: (k-shot, row, check after)."""
     table = []
     for k in shots:
-        images = k * len(train_people)
+        images = k * n_people
         steps_per_epoch = max(1, images // args.finetune_batch)
         epochs = max(1, round(args.finetune_steps / steps_per_epoch))
         for j, (row, teacher) in enumerate(teachers.items()):
@@ -180,10 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             if not args.table_only:
                 run(cmd, out / f"finetune_{k}shot_{j}.log")
             table.append((f"{k}-shot", row, figures(run_dir / "summary.json", "check")[1]))
+    return table
 
-    # 4. the table: held-out 1-NN top-1 / verification (%), before -> after for the pre-trainings
+
+def table_lines(out: Path, n_held: int, n_train: int, pre_rows: dict, table: list) -> list[str]:
+    """4. the table: held-out 1-NN top-1 / verification (%), before -> after for the pre-trainings."""
     lines = [
-        f"{len(held_people)} held-out people ({out / 'heldout'}); {len(train_people)} training people",
+        f"{n_held} held-out people ({out / 'heldout'}); {n_train} training people",
         "",
         "| stage | start | held-out 1-NN (%) | held-out verification (%) |",
         "|---|---|---|---|",
@@ -197,6 +199,25 @@ def main(argv: list[str] | None = None) -> int:
         )
     for stage, row, after in table:
         lines.append(f"| fine-tuned {stage} | {row} | {cell(after, 'knn_top1')} | {cell(after, 'verification')} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.celeb24.is_dir():
+        raise SystemExit(f"{args.celeb24} does not exist; pass --celeb24 PATH (celeb24: 24 people, aligned 112x112)")
+    shots = [int(k) for k in args.shots.split(",") if k]
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    exe = [sys.executable, "-m", "lafs_fast.cli"]
+    t0 = time.time()
+    reuse = args.no_pretrain or args.table_only
+    recs, train_people, held_people = build_data(args, out, exe, reuse)
+    common = ["--preset", "small", "--knn-data", str(recs["heldout"]), "--no-progress", "--seed", str(args.seed)]
+    teachers, pre_rows = pretrain_all(recs, out, exe, common, reuse)
+    table = finetune_all(args, shots, recs, teachers, len(train_people), out, exe, common)
+    lines = table_lines(out, len(held_people), len(train_people), pre_rows, table)
     lines.append("")
     lines.append(("" if args.table_only else f"total {time.time() - t0:.0f} s; ") + f"runs and logs under {out}")
     text = "\n".join(lines)

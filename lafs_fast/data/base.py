@@ -240,3 +240,13 @@ class Loader:
                 yield images, labels, torch.as_tensor(np.asarray(kept, dtype=np.int64))
             else:
                 yield images, labels
+
+
+class SourceLoader(Loader):
+    """A decode path over the records of a source (a rec or an image folder, ``lafs_fast.data.sources``):
+    the source, the output side and whether the source stores BGR, set once for every decode path
+    (PIL, nvJPEG, DALI). ``kw``: :class:`Loader`'s keywords."""
+
+    def __init__(self, source, batch_size: int, *, image_size: int = 112, color_order: str = "RGB", **kw) -> None:
+        super().__init__(len(source), batch_size, num_classes=source.num_classes, **kw)
+        self.source, self.image_size, self.bgr = source, image_size, color_order == "BGR"

@@ -106,6 +106,45 @@ def read_weights(path: str | Path) -> dict[str, Any]:
     }
 
 
+def _init_weights(cfg: Config, init: str, landmarks: str | None) -> tuple[Any, Any]:
+    """(fViT, landmark CNN) state dicts of ``init`` (the landmark CNN only when ``landmarks`` names no
+    other); ``cfg.model`` takes the loaded architecture."""
+    w = read_weights(init)
+    if w["backbone"] is None:
+        raise ValueError(f"{init} holds no fViT backbone")
+    changed = [
+        f"{k} {getattr(cfg.model, k)} -> {getattr(w['model'], k)}"
+        for k in ARCH_FIELDS
+        if getattr(cfg.model, k) != getattr(w["model"], k)
+    ]
+    for k in ARCH_FIELDS:
+        setattr(cfg.model, k, getattr(w["model"], k))
+    if changed:
+        log.info(f"[supervised] architecture from {w['source']}: {', '.join(changed)}")
+    log.info(f"[supervised] fViT from {w['source']}")
+    landmark_sd = None
+    if w["landmark_cnn"] is not None and landmarks is None:
+        landmark_sd = w["landmark_cnn"]
+        log.info(f"[supervised] landmark CNN from {init}")
+    return w["backbone"], landmark_sd
+
+
+def _landmark_weights(landmarks: str) -> Any:
+    """The landmark CNN's state dict of a stage-0 / Part fViT checkpoint."""
+    lw = read_weights(landmarks)
+    if lw["landmark_cnn"] is None:
+        raise ValueError(f"{landmarks} holds no landmark CNN; pass a stage-0 (train-landmarks) or Part fViT checkpoint")
+    log.info(f"[supervised] landmark CNN from {lw['source']}")
+    return lw["landmark_cnn"]
+
+
+def _margin_head(cfg: Config, num_classes: int) -> nn.Module:
+    f = cfg.finetune
+    if f.shard_classes:
+        return ShardedMarginHead(cfg.model.dim, num_classes, f.head, f.scale, f.margin, f.sample_rate)
+    return build_margin_head(f.head, cfg.model.dim, num_classes, f.scale, f.margin)
+
+
 def build_supervised_model(
     cfg: Config, num_classes: int, stage: int, init: str | None = None, landmarks: str | None = None
 ) -> tuple[Config, PartFViT, LandmarkCNN | None]:
@@ -120,48 +159,20 @@ def build_supervised_model(
     cfg = copy.deepcopy(cfg)
     backbone_sd = landmark_sd = None
     if init:
-        w = read_weights(init)
-        if w["backbone"] is None:
-            raise ValueError(f"{init} holds no fViT backbone")
-        changed = [
-            f"{k} {getattr(cfg.model, k)} -> {getattr(w['model'], k)}"
-            for k in ARCH_FIELDS
-            if getattr(cfg.model, k) != getattr(w["model"], k)
-        ]
-        for k in ARCH_FIELDS:
-            setattr(cfg.model, k, getattr(w["model"], k))
-        if changed:
-            log.info(f"[supervised] architecture from {w['source']}: {', '.join(changed)}")
-        log.info(f"[supervised] fViT from {w['source']}")
-        backbone_sd = w["backbone"]
-        if w["landmark_cnn"] is not None and landmarks is None:
-            landmark_sd = w["landmark_cnn"]
-            log.info(f"[supervised] landmark CNN from {init}")
+        backbone_sd, landmark_sd = _init_weights(cfg, init, landmarks)
     elif stage == 2:
         log.info(
             "[supervised] note: no --init: the fViT starts from random weights (pass teacher.pt from lafs-fast "
-            "pretrain "
-            "or the reference's SSL checkpoint)"
+            "pretrain or the reference's SSL checkpoint)"
         )
     if landmarks and landmarks not in ("scratch", "grid"):
-        lw = read_weights(landmarks)
-        if lw["landmark_cnn"] is None:
-            raise ValueError(
-                f"{landmarks} holds no landmark CNN; pass a stage-0 (train-landmarks) or Part fViT checkpoint"
-            )
-        landmark_sd = lw["landmark_cnn"]
-        log.info(f"[supervised] landmark CNN from {lw['source']}")
+        landmark_sd = _landmark_weights(landmarks)
     if stage == 2 and landmark_sd is None:
         start = ", its output starting at the patch grid" if landmarks == "grid" else ""
         log.info(
             f"[supervised] note: landmark CNN from scratch{start} (no stage-0 CNN): the landmark regulariser is off"
         )
-    f = cfg.finetune
-    head = None
-    if f.shard_classes:
-        head = ShardedMarginHead(cfg.model.dim, num_classes, f.head, f.scale, f.margin, f.sample_rate)
-    else:
-        head = build_margin_head(f.head, cfg.model.dim, num_classes, f.scale, f.margin)
+    head = _margin_head(cfg, num_classes)
     landmark_cnn = build_landmark_cnn(cfg.model)
     backbone = build_backbone(cfg.model)
     if backbone_sd is not None:
