@@ -101,7 +101,7 @@ def variants(which: str = "all") -> list[tuple[str, object, dict, dict, int]]:
         ce = dict(P=8, IS_U8=True, IDX_MODE=1, NOISE_MODE=1, BLOCK_T=P._BLOCK_T, BLOCK_E=256)
         out.append(("patch bwd", P._patch_bwd_kernel, types, ce, P._NUM_WARPS))
     if which in ("views", "all"):
-        from lafs_fast.kernels import views_triton as VT
+        from lafs_fast.kernels import augment_triton as VT
 
         for bicubic in (False, True):
             types = {

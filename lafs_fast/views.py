@@ -31,8 +31,8 @@ import torch.nn as nn
 from lafs_fast.augment import augment_views
 from lafs_fast.config import ModelConfig, ViewsConfig
 from lafs_fast.dense_landmarks import DetectorLandmarks, views_from_source
+from lafs_fast.kernels.augment import ViewSpec, lafs_view_specs
 from lafs_fast.kernels.patch_sampling import normalise_images
-from lafs_fast.kernels.views import ViewSpec, lafs_view_specs
 from lafs_fast.models import LandmarkCNN, image_grid_tokens
 from lafs_fast.sampling import grid_landmarks, sample_patches
 
@@ -133,7 +133,7 @@ class ViewBatch:
 
 
 def view_specs(v: ViewsConfig) -> tuple[list[ViewSpec], list[ViewSpec]]:
-    """The global and local ViewSpecs of a ViewsConfig (``kernels.views.lafs_view_specs``, split)."""
+    """The global and local ViewSpecs of a ViewsConfig (``kernels.augment.lafs_view_specs``, split)."""
     specs = lafs_view_specs(views=v)
     return specs[: v.n_global], specs[v.n_global :]
 

@@ -122,7 +122,7 @@ class FaceAugment:
 
     def _gpu(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         from lafs_fast.augment import augment_views
-        from lafs_fast.kernels.views import ViewSpec
+        from lafs_fast.kernels.augment import ViewSpec
 
         f = self.cfg.finetune
         spec = ViewSpec(
