@@ -213,31 +213,15 @@ class LafsViews(nn.Module):
             coords = self.landmarks(av.clean)
         g = v.n_global * b
         p = self.mcfg.patch_size
-        gt, _, g_noise = sample_patches(
-            aug[:g],
-            coords[:g],
-            p,
-            out_dtype=self.out_dtype,
-            backend=self.sampler_backend,
-            sigma=v.perturb_sigma,
-            seed=_seed(seed, 1),
-            return_draws=True,
-            check_finite=False,
-        )
+        # every view: the run's token dtype and sampler, the perturbation, the draws returned
+        kw = {"out_dtype": self.out_dtype, "backend": self.sampler_backend, "sigma": v.perturb_sigma}
+        kw.update(return_draws=True, check_finite=False)
+        gt, _, g_noise = sample_patches(aug[:g], coords[:g], p, seed=_seed(seed, 1), **kw)
         g_coords = coords[:g] + (g_noise if g_noise is not None else 0)
         lt = l_coords = l_idx = None
         if v.n_local > 0:
             lt, l_idx, l_noise = sample_patches(
-                aug[g:],
-                coords[g:],
-                p,
-                out_dtype=self.out_dtype,
-                backend=self.sampler_backend,
-                num_tokens=v.local_tokens,
-                sigma=v.perturb_sigma,
-                seed=_seed(seed, 2),
-                return_draws=True,
-                check_finite=False,
+                aug[g:], coords[g:], p, num_tokens=v.local_tokens, seed=_seed(seed, 2), **kw
             )
             l_coords = torch.gather(coords[g:], 1, l_idx[..., None].expand(-1, -1, 2)) + (
                 l_noise if l_noise is not None else 0
