@@ -56,7 +56,7 @@ def torchvision_views_per_sample(
 
     Args:
         images: (B, H, W, 3) uint8 on any device.
-        specs: V objects with the fields of ``lafs_fast.kernels.views.ViewSpec``.
+        specs: V objects with the fields of ``lafs_fast.kernels.augment.ViewSpec``.
         out_size: S.
         bicubic: resample bicubically (the reference) instead of bilinearly.
     Returns:
@@ -116,7 +116,7 @@ def reference_lafs_tokens(
 
     Args:
         images: (B, H, W, 3) uint8 on the CPU.
-        specs: V view recipes (``lafs_fast.kernels.views.ViewSpec`` fields), globals first.
+        specs: V view recipes (``lafs_fast.kernels.augment.ViewSpec`` fields), globals first.
         coords: (K, 2) px landmarks of every view (e.g. the 14 x 14 grid).
         n_global, local_tokens: dense views (all K landmarks) and tokens of each sparse view.
         sigma: perturbation std, px.

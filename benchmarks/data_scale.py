@@ -117,7 +117,7 @@ def run_tool(tool: str, work: Path, n: int) -> dict:
     from lafs_fast.data.subsets import make_subset
     from lafs_fast.data.tools import inspect_rec, verify_rec
     from lafs_fast.dense_landmarks import DetectorLandmarks, LandmarkSidecar
-    from lafs_fast.views import grid_landmarks  # noqa: F401  (imported by DetectorLandmarks: not part of the load)
+    from lafs_fast.sampling import grid_landmarks  # noqa: F401  (imported by DetectorLandmarks: not part of the load)
 
     base = work / f"n{n}"
     rec = base / "rec" / "train.rec"

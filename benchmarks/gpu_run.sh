@@ -145,7 +145,7 @@ for s in $STAGES; do
           grep -E "memory_efficient_attention[.]|xFormers|Error|cannot open|built for" | head -30; exit 0' "$PY" "$DRY" ;;
       parity)  # the CUDA / xformers / nvJPEG tests only: compiled kernels against their twins
         run_stage parity 150 40 "${PYTEST[@]}" --junitxml="$OUT/parity.xml" -k "cuda or xformers or gpu_paths" \
-          tests/test_kernels_patch.py tests/test_kernels_views.py tests/test_detector_landmarks.py \
+          tests/test_kernels_patch.py tests/test_kernels_augment.py tests/test_detector_landmarks.py \
           tests/test_models.py tests/test_view_packing.py tests/test_data_loaders.py ;;
       kernels)  # device ceilings; sampler: loop / twin / compiled twin / Triton; views: torchvision / twin / Triton
         bench kernels 150 40 benchmarks/test_bench_device.py benchmarks/test_bench_kernels.py -k "_gpu or device" ;;

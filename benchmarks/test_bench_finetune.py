@@ -41,13 +41,9 @@ from lafs_fast.launch import DistInfo
 from lafs_fast.models import build_backbone, build_landmark_cnn
 from lafs_fast.models.checkpoints import model_file
 from lafs_fast.train.engine import StepContext, compile_stage
-from lafs_fast.train.supervised import (
-    FaceAugment,
-    SupervisedStage,
-    apply_mixup,
-    build_supervised_model,
-    supervised_param_groups,
-)
+from lafs_fast.train.supervised import SupervisedStage
+from lafs_fast.train.supervised_augment import FaceAugment, apply_mixup
+from lafs_fast.train.supervised_model import build_supervised_model, supervised_param_groups
 from lafs_fast.train.supervised_run import stage_defaults
 
 TOY_MODEL = ["model.dim=32", "model.depth=1", "model.heads=2", "model.head_dim=16", "model.mlp_dim=64"]  # dry run
@@ -62,8 +58,8 @@ def _stage(cfg: Config, num_classes: int, device: torch.device, tmp_path, augmen
     src = tmp_path / f"stage0-{cfg.model.dim}.pt"
     if not src.exists():
         torch.save(model_file(cfg.model, build_backbone(cfg.model), landmark_cnn=build_landmark_cnn(cfg.model)), src)
-    cfg2, model, ref = build_supervised_model(cfg, num_classes, 2, init=str(src), say=lambda *a: None)
-    return SupervisedStage(cfg2, model, num_classes, 2, device, ref_landmarks=ref, augment=augment, say=lambda *a: None)
+    cfg2, model, ref = build_supervised_model(cfg, num_classes, 2, init=str(src))
+    return SupervisedStage(cfg2, model, num_classes, 2, device, ref_landmarks=ref, augment=augment)
 
 
 def step_flops(stage: SupervisedStage) -> float:

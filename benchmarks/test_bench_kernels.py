@@ -26,8 +26,8 @@ except ImportError:  # run as `pytest benchmarks/...` without the repo root on s
     from baselines import reference_patch_loop, synced, torchvision_views_per_sample
     from bench_device import COMPILE_BACKEND, DEVICE, bench, gpu, record_ceilings, size, timed_call
 from lafs_fast.augment import augment_views
+from lafs_fast.kernels.augment import lafs_view_specs
 from lafs_fast.kernels.patch_sampling import sample_patches_torch
-from lafs_fast.kernels.views import lafs_view_specs
 
 B_GPU, V_DENSE, V_SPARSE, K, L_SPARSE, S = size(256, 1), 2, 8, 196, 36, 112
 B_TV = size(32, 1)

@@ -35,9 +35,9 @@ except ImportError:  # run as `pytest benchmarks/...` without the repo root on s
 from lafs_fast.config import Config, load_config
 from lafs_fast.data import SyntheticFaces
 from lafs_fast.launch import DistInfo
+from lafs_fast.sampling import grid_landmarks
 from lafs_fast.train.dino import DinoStage, ema_update
 from lafs_fast.train.engine import StepContext, clip_gradients, compile_stage, param_groups
-from lafs_fast.views import grid_landmarks
 
 # the dry run's toy model: one narrow block, a small DINO head (the views keep their real shapes)
 TOY_MODEL = [

@@ -161,44 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         recs = lfw_data(args.lfw, args.celeb24, args.faces, out)
     else:
         recs = celeb24_data(args.celeb24, args.per_person, out)
-    if args.study == "ablations":
-        rows = dict(ABLATIONS)
-        if args.stage0 is None:
-            rows.pop("stage-0 landmarks")
-        if args.rows:
-            keep = {int(i) for i in args.rows.split(",")}
-            rows = {k: v for i, (k, v) in enumerate(rows.items()) if i in keep}
-        lengths = [args.epochs]
-    else:
-        rows = BUDGET
-        lengths = [int(e) for e in args.budget_epochs.split(",")]
+    rows, lengths = study_rows(args)
     if "detector landmarks" in rows and not Path(str(recs["pretrain"]) + ".landmarks.npz").is_file():
         weights = ["--weights", str(args.weights.resolve())] if args.weights.is_dir() else []
         run_now([*EXE, "data", "landmarks", str(recs["pretrain"]), *weights], out / "logs" / "landmarks.log")
-    jobs, cells = [], {}
-    for epochs in lengths:
-        for name, extra in rows.items():
-            extra = [a.replace("{stage0}", str(args.stage0)) for a in extra]
-            for seed in seeds:
-                run = out / f"{slug(name)}_e{epochs}_s{seed}"
-                tag = f"{slug(name)}_e{epochs}_s{seed}"
-                cmd = [*EXE, "pretrain", "--preset", "small", "--data", str(recs["pretrain"]), "--knn-data"]
-                cmd += [str(recs["heldout"]), "--out", str(run), "--overwrite", "--no-progress", "--seed", str(seed)]
-                cmd += [f"train.precision={args.precision}"]
-                jobs.append(Job(tag, [*cmd, "--epochs", str(epochs), *extra], run / "summary.json"))
-                if "pairs" in recs:
-                    ev = run / "eval"
-                    ecmd = [
-                        *EXE,
-                        "eval",
-                        str(run / "teacher.pt"),
-                        str(recs["pairs"]),
-                        "--out",
-                        str(ev),
-                        "--no-progress",
-                    ]
-                    jobs.append(Job(f"{tag}_eval", ecmd, ev / "results.json", [tag]))
-                cells.setdefault((name, epochs), []).append(run)
+    jobs, cells = study_jobs(args, recs, rows, lengths, seeds, out)
     if not args.table_only:
         seconds = run_jobs(jobs, args.jobs, out / "logs")
         log.info("all runs done in %.0f s", seconds)
@@ -208,6 +175,43 @@ def main(argv: list[str] | None = None) -> int:
     if args.study == "budget":
         log.info("figure: %s", plot_budget(cells, out / "budget.png"))
     return 0
+
+
+def study_rows(args: argparse.Namespace) -> tuple[dict[str, list[str]], list[int]]:
+    """The rows (name -> pretrain arguments) and the pre-training lengths (epochs) of the study."""
+    if args.study == "budget":
+        return BUDGET, [int(e) for e in args.budget_epochs.split(",")]
+    rows = dict(ABLATIONS)
+    if args.stage0 is None:
+        rows.pop("stage-0 landmarks")
+    if args.rows:
+        keep = {int(i) for i in args.rows.split(",")}
+        rows = {k: v for i, (k, v) in enumerate(rows.items()) if i in keep}
+    return rows, [args.epochs]
+
+
+def study_jobs(
+    args: argparse.Namespace, recs: dict, rows: dict, lengths: list[int], seeds: list[int], out: Path
+) -> tuple[list[Job], dict]:
+    """One pretrain job per (length, row, seed), and with LFW pairs an eval job after each; and the
+    table's cells: (row, epochs) -> the runs' folders."""
+    jobs, cells = [], {}
+    for epochs in lengths:
+        for name, extra in rows.items():
+            extra = [a.replace("{stage0}", str(args.stage0)) for a in extra]
+            for seed in seeds:
+                tag = f"{slug(name)}_e{epochs}_s{seed}"
+                run = out / tag
+                cmd = [*EXE, "pretrain", "--preset", "small", "--data", str(recs["pretrain"]), "--knn-data"]
+                cmd += [str(recs["heldout"]), "--out", str(run), "--overwrite", "--no-progress", "--seed", str(seed)]
+                cmd += [f"train.precision={args.precision}", "--epochs", str(epochs), *extra]
+                jobs.append(Job(tag, cmd, run / "summary.json"))
+                if "pairs" in recs:
+                    ev = run / "eval"
+                    ecmd = [*EXE, "eval", str(run / "teacher.pt"), str(recs["pairs"]), "--out", str(ev)]
+                    jobs.append(Job(f"{tag}_eval", [*ecmd, "--no-progress"], ev / "results.json", [tag]))
+                cells.setdefault((name, epochs), []).append(run)
+    return jobs, cells
 
 
 def plot_budget(cells: dict, path: Path) -> Path:

@@ -17,14 +17,13 @@ from lafs_fast.kernels.patch_sampling import (
 
 _LAZY = {
     "sample_patches_triton": "lafs_fast.kernels.patch_sampling_triton",
-    "ViewSpec": "lafs_fast.kernels.views",
-    "ViewParams": "lafs_fast.kernels.views",
-    "lafs_view_specs": "lafs_fast.kernels.views",
-    "draw_view_params": "lafs_fast.kernels.views",
-    "apply_views_torch": "lafs_fast.kernels.views",
-    "augment_views_torch": "lafs_fast.kernels.views",
-    "map_to_views": "lafs_fast.kernels.views",
-    "apply_views_triton": "lafs_fast.kernels.views_triton",
+    "ViewSpec": "lafs_fast.kernels.augment",
+    "ViewParams": "lafs_fast.kernels.augment",
+    "lafs_view_specs": "lafs_fast.kernels.augment",
+    "draw_view_params": "lafs_fast.kernels.augment",
+    "apply_views_torch": "lafs_fast.kernels.augment",
+    "map_to_views": "lafs_fast.kernels.augment",
+    "apply_views_triton": "lafs_fast.kernels.augment_triton",
 }
 
 

@@ -73,84 +73,98 @@ def variants(which: str = "all") -> list[tuple[str, object, dict, dict, int]]:
         raise ValueError(f"unknown selection {which!r}: all, patch, views or quick")
     out = []
     if which in ("patch", "all"):
-        from lafs_fast.kernels import patch_sampling_triton as P
+        out += _patch_variants()
+    if which in ("views", "all"):
+        out += _view_variants()
+    return out
 
-        for u8 in (True, False):
-            for mode in (0, 1, 2):
-                types = {
-                    "img_ptr": "*u8" if u8 else "*fp32",
-                    "coords_ptr": "*fp32",
-                    "idx_ptr": "*i64",
-                    "noise_ptr": "*fp32",
-                    "out_ptr": "*bf16",
-                    "idx_out_ptr": "*i32",
-                    "noise_out_ptr": "*fp32",
-                    "seed": "i64",
-                    "sigma": "fp32",
-                }
-                ce = dict(P=8, IS_U8=u8, IDX_MODE=mode, NOISE_MODE=mode, BLOCK_T=P._BLOCK_T, BLOCK_E=256)
-                out.append((f"patch fwd u8={u8} mode={mode}", P._patch_fwd_kernel, types, ce, P._NUM_WARPS))
+
+def _patch_variants() -> list[tuple[str, object, dict, dict, int]]:
+    """The patch sampler's forward (uint8 / float images x index and noise modes) and backward."""
+    from lafs_fast.kernels import patch_sampling_triton as P
+
+    out = []
+    for u8 in (True, False):
+        for mode in (0, 1, 2):
+            types = {
+                "img_ptr": "*u8" if u8 else "*fp32",
+                "coords_ptr": "*fp32",
+                "idx_ptr": "*i64",
+                "noise_ptr": "*fp32",
+                "out_ptr": "*bf16",
+                "idx_out_ptr": "*i32",
+                "noise_out_ptr": "*fp32",
+                "seed": "i64",
+                "sigma": "fp32",
+            }
+            ce = dict(P=8, IS_U8=u8, IDX_MODE=mode, NOISE_MODE=mode, BLOCK_T=P._BLOCK_T, BLOCK_E=256)
+            out.append((f"patch fwd u8={u8} mode={mode}", P._patch_fwd_kernel, types, ce, P._NUM_WARPS))
+    types = {
+        "img_ptr": "*u8",
+        "coords_ptr": "*fp32",
+        "idx_ptr": "*i64",
+        "noise_ptr": "*fp32",
+        "gout_ptr": "*bf16",
+        "gpts_ptr": "*fp32",
+    }
+    ce = dict(P=8, IS_U8=True, IDX_MODE=1, NOISE_MODE=1, BLOCK_T=P._BLOCK_T, BLOCK_E=256)
+    out.append(("patch bwd", P._patch_bwd_kernel, types, ce, P._NUM_WARPS))
+    return out
+
+
+def _view_variants() -> list[tuple[str, object, dict, dict, int]]:
+    """The view kernel (bilinear, bicubic) and the two blur passes."""
+    from lafs_fast.kernels import augment_triton as VT
+
+    out = []
+    for bicubic in (False, True):
         types = {
             "img_ptr": "*u8",
-            "coords_ptr": "*fp32",
-            "idx_ptr": "*i64",
-            "noise_ptr": "*fp32",
-            "gout_ptr": "*bf16",
-            "gpts_ptr": "*fp32",
+            "crop_ptr": "*i32",
+            "flags_ptr": "*i32",
+            "fac_ptr": "*fp32",
+            "order_ptr": "*i32",
+            "sigma_ptr": "*fp32",
+            "sol_ptr": "*i32",
+            "thr_ptr": "*fp32",
+            "clean_ptr": "*bf16",
+            "pre_ptr": "*fp32",
+            "aug_ptr": "*bf16",
         }
-        ce = dict(P=8, IS_U8=True, IDX_MODE=1, NOISE_MODE=1, BLOCK_T=P._BLOCK_T, BLOCK_E=256)
-        out.append(("patch bwd", P._patch_bwd_kernel, types, ce, P._NUM_WARPS))
-    if which in ("views", "all"):
-        from lafs_fast.kernels import views_triton as VT
-
-        for bicubic in (False, True):
-            types = {
-                "img_ptr": "*u8",
-                "crop_ptr": "*i32",
-                "flags_ptr": "*i32",
-                "fac_ptr": "*fp32",
-                "order_ptr": "*i32",
+        out.append(
+            (
+                f"view bicubic={bicubic}",
+                VT._view_kernel,
+                types,
+                dict(BICUBIC=bicubic, BLOCK=VT._BLOCK),
+                VT._NUM_WARPS,
+            )
+        )
+    out.append(
+        (
+            "blur h",
+            VT._blur_h_kernel,
+            {"src_ptr": "*fp32", "dst_ptr": "*fp32", "w_ptr": "*fp32", "sigma_ptr": "*fp32"},
+            dict(R=6, BLOCK=VT._BLOCK),
+            VT._NUM_WARPS,
+        )
+    )
+    out.append(
+        (
+            "blur v",
+            VT._blur_v_kernel,
+            {
+                "src_ptr": "*fp32",
+                "out_ptr": "*bf16",
+                "w_ptr": "*fp32",
                 "sigma_ptr": "*fp32",
                 "sol_ptr": "*i32",
                 "thr_ptr": "*fp32",
-                "clean_ptr": "*bf16",
-                "pre_ptr": "*fp32",
-                "aug_ptr": "*bf16",
-            }
-            out.append(
-                (
-                    f"view bicubic={bicubic}",
-                    VT._view_kernel,
-                    types,
-                    dict(BICUBIC=bicubic, BLOCK=VT._BLOCK),
-                    VT._NUM_WARPS,
-                )
-            )
-        out.append(
-            (
-                "blur h",
-                VT._blur_h_kernel,
-                {"src_ptr": "*fp32", "dst_ptr": "*fp32", "w_ptr": "*fp32", "sigma_ptr": "*fp32"},
-                dict(R=6, BLOCK=VT._BLOCK),
-                VT._NUM_WARPS,
-            )
+            },
+            dict(R=6, BLOCK=VT._BLOCK),
+            VT._NUM_WARPS,
         )
-        out.append(
-            (
-                "blur v",
-                VT._blur_v_kernel,
-                {
-                    "src_ptr": "*fp32",
-                    "out_ptr": "*bf16",
-                    "w_ptr": "*fp32",
-                    "sigma_ptr": "*fp32",
-                    "sol_ptr": "*i32",
-                    "thr_ptr": "*fp32",
-                },
-                dict(R=6, BLOCK=VT._BLOCK),
-                VT._NUM_WARPS,
-            )
-        )
+    )
     return out
 
 

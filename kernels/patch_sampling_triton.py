@@ -374,6 +374,21 @@ def _launch_meta(patch_size: int, device: torch.device) -> tuple[int, int]:
     return block_t, triton.next_power_of_2(3 * patch_size * patch_size)
 
 
+def _draw_modes(
+    indices: torch.Tensor | None, num_tokens: int | None, noise: torch.Tensor | None, sigma: float, k: int
+) -> tuple[int, int, int]:
+    """(IDX_MODE, tokens per sample L, NOISE_MODE) of the forward kernel: indices given (1), drawn
+    (2) or all K in order (0); noise given (1), drawn (2) or none (0)."""
+    if indices is not None:
+        idx_mode, n_l = 1, indices.shape[1]
+    elif num_tokens is not None:
+        idx_mode, n_l = 2, int(num_tokens)
+    else:
+        idx_mode, n_l = 0, k
+    noise_mode = 1 if noise is not None else 2 if sigma > 0 else 0
+    return idx_mode, n_l, noise_mode
+
+
 def patch_sample_forward(
     images: torch.Tensor,
     coords: torch.Tensor,
@@ -407,18 +422,7 @@ def patch_sample_forward(
     """
     is_u8, h, w, s_ib, s_iy, s_ix, s_ic = _image_strides(images)
     bsz, k = coords.shape[0], coords.shape[1]
-    if indices is not None:
-        idx_mode, n_l = 1, indices.shape[1]
-    elif num_tokens is not None:
-        idx_mode, n_l = 2, int(num_tokens)
-    else:
-        idx_mode, n_l = 0, k
-    if noise is not None:
-        noise_mode = 1
-    elif sigma > 0:
-        noise_mode = 2
-    else:
-        noise_mode = 0
+    idx_mode, n_l, noise_mode = _draw_modes(indices, num_tokens, noise, sigma, k)
     dev = images.device
     e = 3 * patch_size * patch_size
     if out is None:
@@ -581,6 +585,42 @@ class _PatchSampleFn(torch.autograd.Function):
         return g_coords, g_noise, None, None, None, None, None, None, None, None
 
 
+def _check_request(
+    images: torch.Tensor,
+    coords: torch.Tensor,
+    out_dtype: torch.dtype,
+    indices: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    num_tokens: int | None,
+    sigma: float,
+    offset: int,
+) -> None:
+    """ValueError naming what :func:`sample_patches_triton` cannot do with these arguments."""
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+    if indices is not None and num_tokens is not None:
+        raise ValueError("pass either indices or num_tokens (to draw indices), not both")
+    if noise is not None and sigma > 0:
+        raise ValueError("pass either noise or sigma > 0 (to draw noise), not both")
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    if num_tokens is not None and num_tokens < 0:
+        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    if images.dtype != torch.uint8 and images.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"images dtype {images.dtype} is not supported by the Triton sampler (uint8, fp32, fp16, bf16)"
+        )
+    if not 0 <= int(offset) < 2**62:
+        raise ValueError(f"offset must lie in [0, 2**62), got {offset}")
+    if images.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            "the Triton sampler runs on CPU tensors only under TRITON_INTERPRET=1 (set before import); "
+            "use backend='torch' on the CPU"
+        )
+    if coords.device != images.device:
+        raise ValueError(f"coords on {coords.device} but images on {images.device}: put both on one device")
+
+
 def sample_patches_triton(
     images: torch.Tensor,
     coords: torch.Tensor,
@@ -619,34 +659,12 @@ def sample_patches_triton(
     """
     if out_dtype is None:
         out_dtype = torch.float32 if images.dtype == torch.uint8 else images.dtype
-    if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
-    if indices is not None and num_tokens is not None:
-        raise ValueError("pass either indices or num_tokens (to draw indices), not both")
-    if noise is not None and sigma > 0:
-        raise ValueError("pass either noise or sigma > 0 (to draw noise), not both")
-    if sigma < 0:
-        raise ValueError(f"sigma must be >= 0, got {sigma}")
-    if num_tokens is not None and num_tokens < 0:
-        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-    if images.dtype != torch.uint8 and images.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(
-            f"images dtype {images.dtype} is not supported by the Triton sampler (uint8, fp32, fp16, bf16)"
-        )
-    if not 0 <= int(offset) < 2**62:
-        raise ValueError(f"offset must lie in [0, 2**62), got {offset}")
+    _check_request(images, coords, out_dtype, indices, noise, num_tokens, sigma, offset)
     if num_tokens is None and sigma == 0:
         seed, offset = 0, 0  # nothing drawn: constants (no seed drawn on the host)
     elif seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     seed = int(seed) % (2**63)
-    if images.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(
-            "the Triton sampler runs on CPU tensors only under TRITON_INTERPRET=1 (set before import); "
-            "use backend='torch' on the CPU"
-        )
-    if coords.device != images.device:
-        raise ValueError(f"coords on {coords.device} but images on {images.device}: put both on one device")
     tokens, idx_ret, noise_ret = _PatchSampleFn.apply(
         coords, noise, images, indices, patch_size, out_dtype, num_tokens, float(sigma), seed, int(offset)
     )

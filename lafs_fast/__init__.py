@@ -44,6 +44,7 @@ _map_kernels()
 
 __version__ = "0.1.0"
 
+from lafs_fast import logs as _logs  # noqa: E402,F401 - the package logger and its terminal handler (logs.py)
 from lafs_fast.sampling import sample_patches  # noqa: E402
 
 _LAZY = {

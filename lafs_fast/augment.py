@@ -3,7 +3,7 @@
 Dispatch at the edge, like ``lafs_fast.sampling``: ``backend="auto"`` runs the Triton kernels on
 CUDA when they import, the torch twin otherwise; ``"torch"`` / ``"triton"`` force either (under
 ``TRITON_INTERPRET=1`` an explicit ``"triton"`` also runs on CPU tensors). Both render the same
-parameters, drawn once on the images' device from ``seed`` (``kernels.views.draw_view_params``), so
+parameters, drawn once on the images' device from ``seed`` (``kernels.augment.draw_view_params``), so
 a seed reproduces the views on either backend up to float rounding.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from lafs_fast.dispatch import TRITON_BACKENDS, resolve_triton_backend, triton_entry
-from lafs_fast.kernels.views import ViewParams, ViewSpec, apply_views_torch, draw_view_params, lafs_view_specs
+from lafs_fast.kernels.augment import ViewParams, ViewSpec, apply_views_torch, draw_view_params, lafs_view_specs
 
 __all__ = ["augment_views", "AugmentedViews", "resolve_view_backend", "triton_views", "BACKENDS"]
 
@@ -42,7 +42,7 @@ class AugmentedViews:
 
 def triton_views() -> tuple[Callable | None, str]:
     """The Triton view renderer if it imports here, else (None, why)."""
-    return triton_entry("lafs_fast.kernels.views_triton", "apply_views_triton", "Triton view kernel")
+    return triton_entry("lafs_fast.kernels.augment_triton", "apply_views_triton", "Triton view kernel")
 
 
 def resolve_view_backend(backend: str, device: torch.device) -> tuple[str, str]:

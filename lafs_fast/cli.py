@@ -1,7 +1,8 @@
 """The `lafs-fast` command. Sub-commands only parse arguments and hand over to their module.
 
-Each command lives in a module with ``add_arguments(parser)`` and ``run(args) -> int``; the module
-is imported only when its command runs, so ``lafs-fast --help`` stays instant. A user's mistake
+Each command lives in a module with ``add_arguments(parser)`` and ``run(args) -> int`` (or in an
+object of a module that holds two commands, named ``module:object``); the module is imported only
+when its command runs, so ``lafs-fast --help`` stays instant. A user's mistake
 (ValueError, a missing or unwritable path) ends with one sentence on stderr and exit code 2,
 never a traceback.
 """
@@ -13,7 +14,7 @@ import importlib
 import os
 import sys
 
-from lafs_fast.errors import USER_ERRORS, run_command  # noqa: F401 - USER_ERRORS: kept importable from here
+from lafs_fast.errors import run_command
 
 # name -> (module, one-line help). Add a command by adding its line here.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,11 +23,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "stage 1: LAFS self-supervised pre-training (DINO on landmark views), 1 to N GPUs",
     ),
     "train-landmarks": (
-        "lafs_fast.train.train_landmarks",
+        "lafs_fast.train.supervised_run:train_landmarks",
         "stage 0: Part fViT from scratch (landmark CNN + fViT + margin head), 1 to N GPUs",
     ),
     "finetune": (
-        "lafs_fast.train.finetune",
+        "lafs_fast.train.supervised_run:finetune",
         "stage 2: LAFS fine-tuning (teacher fViT + stage-0 landmarks, CosFace/ArcFace, few-shot), 1 to N GPUs",
     ),
     "eval": (
@@ -61,9 +62,12 @@ def _top_help() -> str:
 
 
 def build_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
-    """The parser of one command and its module."""
-    module_name, help_ = COMMANDS[name]
+    """The parser of one command and its module (or the module's object that ``module:name`` names)."""
+    spec, help_ = COMMANDS[name]
+    module_name, _, attribute = spec.partition(":")
     module = importlib.import_module(module_name)
+    if attribute:
+        module = getattr(module, attribute)
     parser = argparse.ArgumentParser(prog=f"lafs-fast {name}", description=help_)
     module.add_arguments(parser)
     return parser, module

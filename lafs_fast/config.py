@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,38 +39,72 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
+class Range:
+    """The interval a numeric field's value (a tuple field's: each element) must lie in, written beside
+    the field; ``None``: unbounded on that side."""
+
+    lo: float | None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def holds(self, v: float) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+POSITIVE = Range(0, lo_open=True)
+NON_NEGATIVE = Range(0)
+UNIT = Range(0, 1)  # a probability or a momentum
+UNIT_OPEN_LOW = Range(0, 1, lo_open=True)  # a scale or a fraction that must not be 0
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")  # model.attention; lafs_fast.models.attention picks
+
+
 def choice(default: Any, *choices: Any, help: str = "") -> Any:  # noqa: A002 - matches argparse
     """A field restricted to ``choices`` (checked on every override)."""
     return field(default=default, metadata={"choices": choices, "help": help})
 
 
-def doc(default: Any, help: str) -> Any:  # noqa: A002
-    return field(default=default, metadata={"help": help})
+def doc(default: Any, help: str, rng: Range | None = None) -> Any:  # noqa: A002
+    """A field with its help text (``lafs-fast config show``) and, for a number, its allowed range."""
+    return field(default=default, metadata={"help": help, "range": rng})
+
+
+def val(default: Any, rng: Range) -> Any:
+    """A number with its allowed range (checked by ``load_config``)."""
+    return field(default=default, metadata={"range": rng})
 
 
 @dataclass
 class ModelConfig:
     """The fViT backbone and the landmark CNN (docs/method.md section 2)."""
 
-    image_size: int = doc(112, "input face size (aligned, square)")
-    patch_size: int = doc(8, "patch side P; a token has 3*P*P values")
-    num_patches: int = doc(196, "landmarks per face = tokens of a dense view (positions 0..num_patches)")
-    dim: int = 768
-    depth: int = 12
-    heads: int = 11
-    head_dim: int = 64
-    mlp_dim: int = 2048
-    dropout: float = doc(0.1, "dropout in attention output and MLP")
-    emb_dropout: float = doc(0.1, "dropout after adding the position embedding")
-    drop_path: float = doc(0.1, "stochastic depth, the SAME rate in every block (reference), not a ramp")
-    ln_eps: float = 1e-5
+    image_size: int = doc(112, "input face size (aligned, square)", rng=POSITIVE)
+    patch_size: int = doc(8, "patch side P; a token has 3*P*P values", rng=POSITIVE)
+    num_patches: int = doc(196, "landmarks per face = tokens of a dense view (positions 0..num_patches)", rng=POSITIVE)
+    dim: int = val(768, POSITIVE)
+    depth: int = val(12, POSITIVE)
+    heads: int = val(11, POSITIVE)
+    head_dim: int = val(64, POSITIVE)
+    mlp_dim: int = val(2048, POSITIVE)
+    dropout: float = doc(0.1, "dropout in attention output and MLP", rng=UNIT)
+    emb_dropout: float = doc(0.1, "dropout after adding the position embedding", rng=UNIT)
+    drop_path: float = doc(0.1, "stochastic depth, the SAME rate in every block (reference), not a ramp", rng=UNIT)
+    ln_eps: float = val(1e-5, POSITIVE)
     attn_scale: str = choice(
         "dim", "dim", "head_dim", help="softmax scale dim**-0.5 (reference quirk) or head_dim**-0.5"
     )
-    attention: str = choice("auto", "auto", "xformers", "sdpa", "math", help="attention backend")
-    token_init_std: float = doc(1.0, "std of the CLS / position embedding init (reference N(0, 1))")
+    attention: str = choice("auto", *ATTENTION_BACKENDS, help="attention backend")
+    token_init_std: float = doc(1.0, "std of the CLS / position embedding init (reference N(0, 1))", rng=NON_NEGATIVE)
     landmark_cnn: str = doc("mobilenetv3", "'mobilenetv3' (reference layout, weight-compatible) or 'timm:<name>'")
-    landmark_dropout: float = doc(0.5, "dropout before the landmark regression layer")
+    landmark_dropout: float = doc(0.5, "dropout before the landmark regression layer", rng=UNIT)
     landmark_start: str = choice(
         "random",
         "random",
@@ -83,14 +118,14 @@ class ModelConfig:
 class DinoConfig:
     """Stage 1 (docs/method.md section 3): DINO head, temperatures, EMA, centering."""
 
-    out_dim: int = doc(100_000, "prototypes of the weight-normed last layer")
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    student_temp: float = 0.1
-    teacher_temp_start: float = doc(0.07, "teacher temperature at epoch 0 (reference: 0.07, decreasing)")
-    teacher_temp_end: float = doc(0.04, "teacher temperature after the warm-up epochs")
-    teacher_temp_epochs: int = 30
-    center_momentum: float = 0.9
+    out_dim: int = doc(100_000, "prototypes of the weight-normed last layer", rng=POSITIVE)
+    hidden_dim: int = val(2048, POSITIVE)
+    bottleneck_dim: int = val(256, POSITIVE)
+    student_temp: float = val(0.1, POSITIVE)
+    teacher_temp_start: float = doc(0.07, "teacher temperature at epoch 0 (reference: 0.07, decreasing)", rng=POSITIVE)
+    teacher_temp_end: float = doc(0.04, "teacher temperature after the warm-up epochs", rng=POSITIVE)
+    teacher_temp_epochs: int = val(30, NON_NEGATIVE)
+    center_momentum: float = val(0.9, UNIT)
     centering: str = choice(
         "center",
         "center",
@@ -99,11 +134,13 @@ class DinoConfig:
         "(DINOv2: every prototype used equally across the batch)",
     )
     koleo_weight: float = doc(
-        0.0, "weight of DINOv2's KoLeo term, spreading the student's global-view CLS embeddings (0 = off, reference)"
+        0.0,
+        "weight of DINOv2's KoLeo term, spreading the student's global-view CLS embeddings (0 = off, reference)",
+        rng=NON_NEGATIVE,
     )
-    teacher_momentum: float = doc(0.996, "EMA momentum at step 0, cosine to 1.0 at the last step")
+    teacher_momentum: float = doc(0.996, "EMA momentum at step 0, cosine to 1.0 at the last step", rng=UNIT)
     teacher_mode: str = choice("train", "train", "eval", help="reference keeps the teacher in train mode (dropout on)")
-    freeze_last_layer_epochs: int = 1
+    freeze_last_layer_epochs: int = val(1, NON_NEGATIVE)
     norm_last_layer: bool = doc(True, "fix the weight norm of the last layer to 1")
 
 
@@ -120,21 +157,22 @@ class ViewsConfig:
         0.3,
         "thin-plate smoothing of the detector landmarks' densification (0: interpolate, large: affine; below ~0.1 "
         "BlazeFace points fold the grid)",
+        rng=NON_NEGATIVE,
     )
-    n_global: int = 2
-    n_local: int = 8
-    global_tokens: int = 196
-    local_tokens: int = 36
+    n_global: int = val(2, POSITIVE)
+    n_local: int = val(8, NON_NEGATIVE)
+    global_tokens: int = val(196, POSITIVE)
+    local_tokens: int = val(36, POSITIVE)
     pack: bool = doc(
         False,
         "student: all views in ONE sequence with block-diagonal attention (xformers on CUDA, exact torch twin "
         "elsewhere) instead of one batch per token length",
     )
-    local_size: int = doc(48, "local crop size of the dino baseline (6x6 patches of 8)")
+    local_size: int = doc(48, "local crop size of the dino baseline (6x6 patches of 8)", rng=POSITIVE)
     local_scale_min: float = doc(
-        0.05, "local crop scale of the dino baseline (DINO's 0.05-0.4; lafs locals use crop_scale_*)"
+        0.05, "local crop scale of the dino baseline (DINO's 0.05-0.4; lafs locals use crop_scale_*)", rng=UNIT_OPEN_LOW
     )
-    local_scale_max: float = 0.4
+    local_scale_max: float = val(0.4, UNIT_OPEN_LOW)
     lafs_local_scale: str = choice(
         "global",
         "global",
@@ -142,48 +180,60 @@ class ViewsConfig:
         help="crop scale of the LAFS local views: the global views' crop_scale_* (the reference) or local_scale_* "
         "(DINO's 0.05-0.4; an ablation, docs/pretraining_study.md)",
     )
-    crop_scale_min: float = 0.4
-    crop_scale_max: float = 1.0
-    flip_p: float = 0.5
+    crop_scale_min: float = val(0.4, UNIT_OPEN_LOW)
+    crop_scale_max: float = val(1.0, UNIT_OPEN_LOW)
+    flip_p: float = val(0.5, UNIT)
     interpolation: str = choice("bicubic", "bicubic", "bilinear")
-    perturb_sigma: float = doc(5.0, "landmark position noise, px")
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p_global1: float = 1.0
-    blur_p_global2: float = 0.1
-    blur_p_local: float = 0.5
-    blur_radius_min: float = 0.1
-    blur_radius_max: float = 2.0
-    solarize_p_global2: float = 0.2
-    solarize_threshold: int = 128
+    perturb_sigma: float = doc(5.0, "landmark position noise, px", rng=NON_NEGATIVE)
+    jitter_p: float = val(0.8, UNIT)
+    brightness: float = val(0.4, NON_NEGATIVE)
+    contrast: float = val(0.4, NON_NEGATIVE)
+    saturation: float = val(0.2, NON_NEGATIVE)
+    hue: float = val(0.1, Range(0, 0.5))
+    grayscale_p: float = val(0.2, UNIT)
+    blur_p_global1: float = val(1.0, UNIT)
+    blur_p_global2: float = val(0.1, UNIT)
+    blur_p_local: float = val(0.5, UNIT)
+    blur_radius_min: float = val(0.1, NON_NEGATIVE)
+    blur_radius_max: float = val(2.0, NON_NEGATIVE)
+    solarize_p_global2: float = val(0.2, UNIT)
+    solarize_threshold: int = val(128, Range(0, 256))
 
 
 @dataclass
 class OptimConfig:
     """AdamW with cosine schedules; defaults are the stage-1 reference values."""
 
-    epochs: int = 41
-    batch_size: int = doc(82, "per-GPU batch")
-    accumulation: int = 1
-    lr: float = doc(5e-4, "peak lr per 256 samples of global batch (scaled linearly)")
-    min_lr: float = 1e-6
-    warmup_epochs: int = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    landmark_weight_decay: float = doc(0.05, "weight decay of landmark-CNN weights (stages 0 and 2)")
-    clip_grad: float = doc(3.0, "per-parameter gradient-norm clip (0 = off)")
-    layer_decay: float = doc(1.0, "layer-wise lr decay (1.0 = off, the reference's effective behaviour)")
-    betas: tuple[float, float] = (0.9, 0.999)
+    epochs: int = val(41, POSITIVE)
+    batch_size: int = doc(82, "per-GPU batch", rng=POSITIVE)
+    accumulation: int = val(1, POSITIVE)
+    lr: float = doc(5e-4, "peak lr per 256 samples of global batch (scaled linearly)", rng=NON_NEGATIVE)
+    min_lr: float = val(1e-6, NON_NEGATIVE)
+    warmup_epochs: int = val(10, NON_NEGATIVE)
+    weight_decay: float = val(0.04, NON_NEGATIVE)
+    weight_decay_end: float = val(0.4, NON_NEGATIVE)
+    landmark_weight_decay: float = doc(0.05, "weight decay of landmark-CNN weights (stages 0 and 2)", rng=NON_NEGATIVE)
+    clip_grad: float = doc(3.0, "per-parameter gradient-norm clip (0 = off)", rng=NON_NEGATIVE)
+    layer_decay: float = doc(
+        1.0, "layer-wise lr decay (1.0 = off, the reference's effective behaviour)", rng=UNIT_OPEN_LOW
+    )
+    betas: tuple[float, float] = val((0.9, 0.999), Range(0, 1, hi_open=True))
 
 
 @dataclass
 class FinetuneConfig:
     """Stages 0 and 2 (docs/method.md section 4)."""
 
+    init: str = doc(
+        "",
+        "starting weights (--init): stage 2's fViT from lafs-fast pretrain's teacher.pt / ckpt-*.pt or the reference's "
+        "SSL checkpoint; stage 0: optional, a Part fViT model file or reference checkpoint ('' = none)",
+    )
+    landmarks: str = doc(
+        "",
+        "stage 2's landmark CNN (--landmarks): train-landmarks' part_fvit.pt or the reference's Part fViT checkpoint, "
+        "'scratch', or 'grid' (from scratch, its output starting at the patch grid); '' = --init's own if it has one",
+    )
     head: str = choice(
         "cosface",
         "cosface",
@@ -191,19 +241,20 @@ class FinetuneConfig:
         "softmax",
         help="margin head (reference: cosface); softmax: a plain linear classifier, no margin (the small preset's)",
     )
-    scale: float = 64.0
-    margin: float = doc(0.4, "CosFace 0.4 (reference); ArcFace usually 0.5")
+    scale: float = val(64.0, POSITIVE)
+    margin: float = doc(0.4, "CosFace 0.4 (reference); ArcFace usually 0.5", rng=NON_NEGATIVE)
     margin_warmup_epochs: float = doc(
         0.0,
         "ramp the margin linearly from 0 to finetune.margin over this many epochs (0 = the full margin from the "
         "first step, the reference); a short run from weak features needs it (docs/finetuning.md)",
+        rng=NON_NEGATIVE,
     )
     landmark_reg: bool = doc(True, "lambda-scheduled MSE to a frozen stage-0 landmark CNN")
-    mixup_alpha: float = 0.2
-    mixup_p: float = 0.1
-    randaug_magnitude: float = 1.0
+    mixup_alpha: float = val(0.2, NON_NEGATIVE)
+    mixup_p: float = val(0.1, UNIT)
+    randaug_magnitude: float = val(1.0, NON_NEGATIVE)
     shard_classes: bool = doc(False, "Partial-FC-style class centres split across ranks")
-    sample_rate: float = doc(1.0, "fraction of negative classes sampled by the sharded head")
+    sample_rate: float = doc(1.0, "fraction of negative classes sampled by the sharded head", rng=UNIT_OPEN_LOW)
     augment: str = choice(
         "auto",
         "auto",
@@ -213,25 +264,27 @@ class FinetuneConfig:
         help="cpu: timm/PIL per sample; gpu: view kernel + vectorised RandAugment + erasing on the "
         "device; auto: gpu on CUDA, else cpu",
     )
-    randaug_ops: int = doc(2, "RandAugment ops per image (each applied with probability randaug_p)")
-    randaug_p: float = 0.5
-    randaug_std: float = doc(0.5, "std of the per-op RandAugment magnitude, N(randaug_magnitude, std)")
-    crop_scale_min: float = doc(0.9, "RandomResizedCrop(112, scale=(crop_scale_min, 1))")
-    jitter: float = doc(0.1, "ColorJitter brightness = contrast = saturation = hue")
-    erase_p: float = doc(0.5, "RandomErasing probability (area 0.02-0.1, value 0)")
+    randaug_ops: int = doc(2, "RandAugment ops per image (each applied with probability randaug_p)", rng=NON_NEGATIVE)
+    randaug_p: float = val(0.5, UNIT)
+    randaug_std: float = doc(
+        0.5, "std of the per-op RandAugment magnitude, N(randaug_magnitude, std)", rng=NON_NEGATIVE
+    )
+    crop_scale_min: float = doc(0.9, "RandomResizedCrop(112, scale=(crop_scale_min, 1))", rng=UNIT_OPEN_LOW)
+    jitter: float = doc(0.1, "ColorJitter brightness = contrast = saturation = hue", rng=Range(0, 0.5))
+    erase_p: float = doc(0.5, "RandomErasing probability (area 0.02-0.1, value 0)", rng=UNIT)
     subset: str = doc("", "few-shot: 'shots=K,fraction=P,seed=S' (a subset rec is written under train.out_dir)")
     val_sets: str = doc("", "comma-separated .bin verification sets evaluated during training")
-    val_every: int = doc(0, "verify every this many optimiser steps (0 = at the end only)")
+    val_every: int = doc(0, "verify every this many optimiser steps (0 = at the end only)", rng=NON_NEGATIVE)
 
 
 @dataclass
 class DataConfig:
     path: str = doc("", "'' = built-in synthetic faces; a .rec file or an image folder otherwise")
     color_order: str = choice("rgb", "rgb", "bgr", help="channel order stored in the data (MS1MV3: bgr)")
-    synthetic_identities: int = 1000
-    synthetic_images_per_identity: int = 8
+    synthetic_identities: int = val(1000, POSITIVE)
+    synthetic_images_per_identity: int = val(8, POSITIVE)
     loader: str = choice("auto", "auto", "dali", "nvjpeg", "pil", "synthetic")
-    workers: int = 4
+    workers: int = val(4, NON_NEGATIVE)
     max_bad_fraction: float = doc(
         0.01,
         "corrupt records are skipped and named; stop once more than this fraction of a rank's "
@@ -242,19 +295,25 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/lafs"
-    seed: int = 0
+    seed: int = val(0, NON_NEGATIVE)
     device: str = choice("auto", "auto", "cuda", "cpu")
-    gpus: int = 1
+    gpus: int = val(1, POSITIVE)
     compile: bool = True
     precision: str = choice("auto", "auto", "bf16", "fp32")
-    log_every: int = 10
-    ckpt_every_epochs: int = 1
-    keep_last: int = 2
-    keep_every: int = doc(0, "also keep the checkpoint of every k-th epoch (0 = only the last keep_last)")
-    ckpt_every_steps: int = doc(0, "also checkpoint every this many optimiser steps (0 = epoch ends only)")
-    max_steps: int = doc(0, "stop after this many steps (0 = run all epochs)")
+    log_every: int = val(10, NON_NEGATIVE)
+    ckpt_every_epochs: int = val(1, NON_NEGATIVE)
+    keep_last: int = val(2, Range(1))
+    keep_every: int = doc(
+        0, "also keep the checkpoint of every k-th epoch (0 = only the last keep_last)", rng=NON_NEGATIVE
+    )
+    ckpt_every_steps: int = doc(
+        0, "also checkpoint every this many optimiser steps (0 = epoch ends only)", rng=NON_NEGATIVE
+    )
+    max_steps: int = doc(0, "stop after this many steps (0 = run all epochs)", rng=NON_NEGATIVE)
     dist_timeout_s: int = doc(
-        600, "several processes: a collective that waits longer than this ends the job (a hung or stopped rank)"
+        600,
+        "several processes: a collective that waits longer than this ends the job (a hung or stopped rank)",
+        rng=POSITIVE,
     )
 
 
@@ -295,10 +354,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Convert ``value`` (from YAML or a ``k=v`` string) to the field type ``tp``, or say why not."""
     origin = typing.get_origin(tp)
@@ -315,34 +370,44 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(items, (list, tuple)) or len(items) != len(args):
             raise ValueError(f"config key {key!r} expects {len(args)} comma-separated values, got {value!r}")
         return tuple(_coerce(key, a, v) for a, v in zip(args, items))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise ValueError(f"config key {key!r} expects true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ValueError(f"config key {key!r} expects an integer, got {value!r}")
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"config key {key!r} expects an integer, got {value!r}") from None
-        if not f.is_integer():
-            raise ValueError(f"config key {key!r} expects an integer, got {value!r}")
-        return int(f)
-    if tp is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"config key {key!r} expects a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ValueError(f"config key {key!r} expects a string, got {value!r}")
-        return str(value)
-    return value
+    scalar = _SCALARS.get(tp)
+    return value if scalar is None else scalar(key, value)
+
+
+def _to_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"config key {key!r} expects true/false, got {value!r}")
+
+
+def _to_int(key: str, value: Any) -> int:
+    try:
+        f = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        f = math.nan
+    if not f.is_integer():  # a bool, a non-number, a fraction (nan and inf are not integers either)
+        raise ValueError(f"config key {key!r} expects an integer, got {value!r}")
+    return int(f)
+
+
+def _to_float(key: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r} expects a number, got {value!r}") from None
+
+
+def _to_str(key: str, value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"config key {key!r} expects a string, got {value!r}")
+    return str(value)
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _set(cfg: Config, dotted: str, value: Any) -> None:
@@ -369,146 +434,14 @@ def _sections() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
 
 
-# Range rules, one line a key: (low, high, low_open, high_open); None = unbounded on that side.
-_POSITIVE = (0, None, True, False)
-_NON_NEGATIVE = (0, None, False, False)
-_UNIT = (0, 1, False, False)  # a probability or a momentum
-_UNIT_OPEN_LOW = (0, 1, True, False)  # a scale or a fraction that must not be 0
-_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
-    **dict.fromkeys(
-        (
-            "model.image_size",
-            "model.patch_size",
-            "model.num_patches",
-            "model.dim",
-            "model.depth",
-            "model.heads",
-            "model.head_dim",
-            "model.mlp_dim",
-            "model.ln_eps",
-        ),
-        _POSITIVE,
-    ),
-    **dict.fromkeys(("model.dropout", "model.emb_dropout", "model.drop_path", "model.landmark_dropout"), _UNIT),
-    "model.token_init_std": _NON_NEGATIVE,
-    **dict.fromkeys(
-        (
-            "dino.out_dim",
-            "dino.hidden_dim",
-            "dino.bottleneck_dim",
-            "dino.student_temp",
-            "dino.teacher_temp_start",
-            "dino.teacher_temp_end",
-        ),
-        _POSITIVE,
-    ),
-    **dict.fromkeys(("dino.teacher_temp_epochs", "dino.freeze_last_layer_epochs", "dino.koleo_weight"), _NON_NEGATIVE),
-    **dict.fromkeys(("dino.center_momentum", "dino.teacher_momentum"), _UNIT),
-    **dict.fromkeys(("views.n_global", "views.global_tokens", "views.local_tokens", "views.local_size"), _POSITIVE),
-    **dict.fromkeys(
-        (
-            "views.n_local",
-            "views.perturb_sigma",
-            "views.detector_smoothing",
-            "views.brightness",
-            "views.contrast",
-            "views.saturation",
-            "views.blur_radius_min",
-            "views.blur_radius_max",
-        ),
-        _NON_NEGATIVE,
-    ),
-    "views.hue": (0, 0.5, False, False),
-    "views.solarize_threshold": (0, 256, False, False),
-    **dict.fromkeys(
-        (
-            "views.flip_p",
-            "views.jitter_p",
-            "views.grayscale_p",
-            "views.blur_p_global1",
-            "views.blur_p_global2",
-            "views.blur_p_local",
-            "views.solarize_p_global2",
-        ),
-        _UNIT,
-    ),
-    **dict.fromkeys(
-        ("views.crop_scale_min", "views.crop_scale_max", "views.local_scale_min", "views.local_scale_max"),
-        _UNIT_OPEN_LOW,
-    ),
-    **dict.fromkeys(("optim.epochs", "optim.batch_size", "optim.accumulation"), _POSITIVE),
-    **dict.fromkeys(
-        (
-            "optim.lr",
-            "optim.min_lr",
-            "optim.warmup_epochs",
-            "optim.weight_decay",
-            "optim.weight_decay_end",
-            "optim.landmark_weight_decay",
-            "optim.clip_grad",
-        ),
-        _NON_NEGATIVE,
-    ),
-    "optim.layer_decay": _UNIT_OPEN_LOW,
-    "optim.betas": (0, 1, False, True),
-    **dict.fromkeys(("finetune.scale",), _POSITIVE),
-    **dict.fromkeys(
-        (
-            "finetune.margin",
-            "finetune.margin_warmup_epochs",
-            "finetune.mixup_alpha",
-            "finetune.randaug_magnitude",
-            "finetune.randaug_ops",
-            "finetune.randaug_std",
-            "finetune.val_every",
-        ),
-        _NON_NEGATIVE,
-    ),
-    **dict.fromkeys(("finetune.mixup_p", "finetune.randaug_p", "finetune.erase_p"), _UNIT),
-    **dict.fromkeys(("finetune.sample_rate", "finetune.crop_scale_min"), _UNIT_OPEN_LOW),
-    "finetune.jitter": (0, 0.5, False, False),  # also ColorJitter's hue, which torchvision bounds by 0.5
-    "data.synthetic_identities": _POSITIVE,
-    "data.synthetic_images_per_identity": _POSITIVE,
-    "data.workers": _NON_NEGATIVE,
-    **dict.fromkeys(
-        (
-            "train.seed",
-            "train.log_every",
-            "train.ckpt_every_epochs",
-            "train.keep_every",
-            "train.ckpt_every_steps",
-            "train.max_steps",
-        ),
-        _NON_NEGATIVE,
-    ),
-    "train.gpus": _POSITIVE,
-    "train.dist_timeout_s": _POSITIVE,
-    "train.keep_last": (1, None, False, False),
-}
-
-
-def _in_range(val: float, rule: tuple[float | None, float | None, bool, bool]) -> bool:
-    lo, hi, lo_open, hi_open = rule
-    if lo is not None and (val <= lo if lo_open else val < lo):
-        return False
-    return not (hi is not None and (val >= hi if hi_open else val > hi))
-
-
-def _range_text(rule: tuple[float | None, float | None, bool, bool]) -> str:
-    lo, hi, lo_open, hi_open = rule
-    if hi is None:
-        return f"{'>' if lo_open else '>='} {lo:g}"
-    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-
-
 def _validate(cfg: Config) -> None:
     """Range and cross-field checks, each naming the key, the value and what it may be."""
-    for key, rule in _RANGES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        for v in value if isinstance(value, (tuple, list)) else (value,):
-            if not _in_range(v, rule):
-                raise ValueError(f"config key {key!r} must be {_range_text(rule)}, got {value!r}")
+    for section in _sections():
+        sub = getattr(cfg, section)
+        for f in dataclasses.fields(sub):
+            rng, value = f.metadata.get("range"), getattr(sub, f.name)
+            if rng is not None and not all(rng.holds(v) for v in (value if isinstance(value, tuple) else (value,))):
+                raise ValueError(f"config key '{section}.{f.name}' must be {rng}, got {value!r}")
     m, v = cfg.model, cfg.views
     if m.patch_size % 2:
         raise ValueError(f"config key 'model.patch_size' must be even, got {m.patch_size}")

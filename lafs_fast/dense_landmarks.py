@@ -30,7 +30,7 @@ mean face, carried along with the face; sparse views draw among the K like with 
 Images with no face use the template (so their tokens are the plain grid), and the count is reported.
 
 In the views (``lafs_fast.views``) the K source-image points are mapped into every view through the
-view's crop / flip affine (``kernels.views.map_to_views``), so landmarks follow the face through
+view's crop / flip affine (``kernels.augment.map_to_views``), so landmarks follow the face through
 the crop; a point the crop leaves out reads zeros, like any out-of-image landmark.
 """
 
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from lafs_fast.data.align import load_sidecar_arrays, sidecar_path
-from lafs_fast.kernels.views import map_to_views
+from lafs_fast.kernels.augment import map_to_views
 
 __all__ = ["LandmarkSidecar", "DetectorLandmarks", "sidecar_path", "thin_plate_weights", "views_from_source"]
 
@@ -198,7 +198,7 @@ class DetectorLandmarks:
     def for_source(cls, data: str | os.PathLike, file: str | os.PathLike | None = None, **kw) -> DetectorLandmarks:
         """The table of the rec ``data`` (a .rec or a folder holding train.rec), from ``file`` or the
         sidecar beside the rec."""
-        from lafs_fast.data.loaders import RecSource, open_source
+        from lafs_fast.data.sources import RecSource, open_source
 
         kind, src = open_source(str(data))
         if kind != "rec" or not isinstance(src, RecSource):

@@ -1,12 +1,17 @@
-"""The messages of a training run: one logger per run, rank 0 speaks, everything it says also goes to
-``train.log`` in the run folder.
+"""The package's messages: one logger tree under ``lafs_fast``, whose handlers live on the package
+logger alone.
 
-``start_run_logging(rank)`` returns the run's logger: INFO from rank 0 only (the others' INFO would
-repeat it N times), WARNING and above from every rank, prefixed ``rank r:``. Lines go through
-``tqdm.write`` (a progress bar stays intact) to whatever ``sys.stdout`` is at that moment. Lines said
+Every module logs to ``logging.getLogger(__name__)``; its records climb to the ``lafs_fast`` logger,
+which writes them to the terminal through ``tqdm.write`` (a progress bar stays intact) to whatever
+``sys.stdout`` (INFO) or ``sys.stderr`` (WARNING and above) is at that moment, without a prefix.
+Outside a training run (a library caller, a tool) that is all.
+
+A training run (:func:`start_run_logging`) replaces that handler by the run's: INFO from rank 0
+only (the others' INFO would repeat it N times), WARNING and above from every rank, prefixed
+``rank r:``, and on rank 0 everything also goes to ``train.log`` in the run folder. Lines said
 before the run folder is known (before the engine holds its lock) are kept and written first when
-:func:`log_to_file` opens ``train.log``. ``stop_run_logging`` closes it (a later run in the same
-process gets its own file).
+:func:`log_to_file` opens ``train.log``. :func:`stop_run_logging` closes it and puts the plain
+terminal handler back (a later run in the same process gets its own file).
 """
 
 from __future__ import annotations
@@ -15,10 +20,9 @@ import logging
 import sys
 from pathlib import Path
 
-__all__ = ["RUN_LOGGER", "start_run_logging", "log_to_file", "stop_run_logging", "run_logging_active"]
+__all__ = ["PACKAGE_LOGGER", "start_run_logging", "log_to_file", "stop_run_logging"]
 
-RUN_LOGGER = "lafs_fast.run"
-_active = False  # between start_run_logging and stop_run_logging (its handlers alone do not say: tools add their own)
+PACKAGE_LOGGER = "lafs_fast"
 
 
 class _Console(logging.Handler):
@@ -33,18 +37,19 @@ class _Console(logging.Handler):
             self.handleError(record)
 
 
-class _Rank(logging.Filter):
+class _RunConsole(_Console):
+    """The terminal during a run: INFO from rank 0 only, warnings from every rank with its number."""
+
     def __init__(self, rank: int) -> None:
         super().__init__()
         self.rank = rank
 
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if self.rank == 0 else f"rank {self.rank}: {text}"
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.rank == 0:
-            return True
-        if record.levelno < logging.WARNING:
-            return False
-        record.msg = f"rank {self.rank}: {record.msg}"
-        return True
+        return (self.rank == 0 or record.levelno >= logging.WARNING) and super().filter(record)
 
 
 class _Early(logging.Handler):
@@ -58,26 +63,45 @@ class _Early(logging.Handler):
         self.records.append(record)
 
 
+def _package() -> logging.Logger:
+    return logging.getLogger(PACKAGE_LOGGER)
+
+
+def _clear(log: logging.Logger) -> None:
+    for h in [h for h in log.handlers if isinstance(h, (_Console, _Early, logging.FileHandler))]:
+        log.removeHandler(h)
+        h.close()
+
+
+def _plain_console() -> None:
+    """The package logger outside a run: every INFO line and warning on the terminal, as said."""
+    log = _package()
+    _clear(log)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # its own handler speaks; the root logger's would say it twice
+    console = _Console()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(console)
+
+
 def start_run_logging(rank: int = 0) -> logging.Logger:
-    """The run's logger, set up for this process's ``rank`` (replacing any earlier run's set-up)."""
-    global _active
-    stop_run_logging()
-    _active = True
-    log = logging.getLogger(RUN_LOGGER)
+    """Set the package logger up for a run of this process's ``rank`` (replacing any earlier run's
+    set-up); returns it."""
+    log = _package()
+    _clear(log)
     log.setLevel(logging.INFO)
     log.propagate = False
-    console = _Console()
+    console = _RunConsole(rank)
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)
     if rank == 0:
         log.addHandler(_Early())
-    log.addFilter(_Rank(rank))
     return log
 
 
 def log_to_file(path: str | Path) -> None:
     """From now on also append the run's lines to ``path`` (rank 0), starting with those said so far."""
-    log = logging.getLogger(RUN_LOGGER)
+    log = _package()
     early = [h for h in log.handlers if isinstance(h, _Early)]
     if not early:
         return  # not rank 0, or no run logging (a library caller's engine)
@@ -90,17 +114,9 @@ def log_to_file(path: str | Path) -> None:
     log.addHandler(handler)
 
 
-def run_logging_active() -> bool:
-    """Whether a command set up the run's logging (else a library caller's engine prints plainly)."""
-    return _active
-
-
 def stop_run_logging() -> None:
-    global _active
-    _active = False
-    log = logging.getLogger(RUN_LOGGER)
-    for h in [h for h in log.handlers if isinstance(h, (_Console, _Early, logging.FileHandler))]:
-        log.removeHandler(h)
-        h.close()
-    for f in list(log.filters):
-        log.removeFilter(f)
+    """Close the run's handlers (``train.log``) and go back to the plain terminal handler."""
+    _plain_console()
+
+
+_plain_console()

@@ -46,21 +46,7 @@ def validate_inputs(
     check_finite: bool,
 ) -> None:
     """Raise ValueError naming the problem for any input the sampler cannot take."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a 4-D tensor (B, 3, H, W) float or (B, H, W, 3) uint8, got {shape}")
-    if images.dtype == torch.uint8:
-        b, h, w, c = images.shape
-        layout = "(B, H, W, 3) uint8"
-    elif images.is_floating_point():
-        b, c, h, w = images.shape
-        layout = "(B, 3, H, W) float"
-    else:
-        raise ValueError(f"images dtype {images.dtype} is not supported: use uint8 NHWC or float NCHW")
-    if c != 3:
-        raise ValueError(f"images must have 3 channels in layout {layout}, got shape {tuple(images.shape)}")
-    if h != w:
-        raise ValueError(f"images must be square (the reference scales both axes by H/2), got {h}x{w}")
+    b = _validate_images(images)
     if patch_size <= 0 or patch_size % 2:
         raise ValueError(f"patch_size must be a positive even number, got {patch_size}")
     if not isinstance(coords, torch.Tensor) or coords.dim() != 3 or coords.shape[-1] != 2:
@@ -84,6 +70,26 @@ def validate_inputs(
         k = coords.shape[1]
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
             raise ValueError(f"indices must lie in [0, {k}) (the number of landmarks)")
+
+
+def _validate_images(images: torch.Tensor) -> int:
+    """The batch size of square 3-channel ``images`` (B, H, W, 3) uint8 or (B, 3, H, W) float."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a 4-D tensor (B, 3, H, W) float or (B, H, W, 3) uint8, got {shape}")
+    if images.dtype == torch.uint8:
+        b, h, w, c = images.shape
+        layout = "(B, H, W, 3) uint8"
+    elif images.is_floating_point():
+        b, c, h, w = images.shape
+        layout = "(B, 3, H, W) float"
+    else:
+        raise ValueError(f"images dtype {images.dtype} is not supported: use uint8 NHWC or float NCHW")
+    if c != 3:
+        raise ValueError(f"images must have 3 channels in layout {layout}, got shape {tuple(images.shape)}")
+    if h != w:
+        raise ValueError(f"images must be square (the reference scales both axes by H/2), got {h}x{w}")
+    return b
 
 
 def draw_landmark_randomness(

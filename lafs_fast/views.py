@@ -32,12 +32,12 @@ import torch.nn as nn
 from lafs_fast.augment import augment_views
 from lafs_fast.config import ModelConfig, ViewsConfig
 from lafs_fast.dense_landmarks import DetectorLandmarks, views_from_source
+from lafs_fast.kernels.augment import ViewSpec, lafs_view_specs
 from lafs_fast.kernels.patch_sampling import normalise_images
-from lafs_fast.kernels.views import ViewSpec, lafs_view_specs
 from lafs_fast.models import LandmarkCNN, image_grid_tokens
 from lafs_fast.sampling import grid_landmarks, sample_patches
 
-__all__ = ["ViewBatch", "Landmarks", "LafsViews", "grid_landmarks", "view_specs", "load_landmark_cnn"]
+__all__ = ["ViewBatch", "Landmarks", "LafsViews", "view_specs", "load_landmark_cnn"]
 
 
 def load_landmark_cnn(path: str) -> LandmarkCNN:
@@ -134,7 +134,7 @@ class ViewBatch:
 
 
 def view_specs(v: ViewsConfig) -> tuple[list[ViewSpec], list[ViewSpec]]:
-    """The global and local ViewSpecs of a ViewsConfig (``kernels.views.lafs_view_specs``, split)."""
+    """The global and local ViewSpecs of a ViewsConfig (``kernels.augment.lafs_view_specs``, split)."""
     specs = lafs_view_specs(views=v)
     return specs[: v.n_global], specs[v.n_global :]
 
@@ -214,17 +214,10 @@ class LafsViews(nn.Module):
             coords = self.landmarks(av.clean)
         g = v.n_global * b
         p = self.mcfg.patch_size
-        gt, _, g_noise = sample_patches(
-            aug[:g],
-            coords[:g],
-            p,
-            out_dtype=self.out_dtype,
-            backend=self.sampler_backend,
-            sigma=v.perturb_sigma,
-            seed=_seed(seed, 1),
-            return_draws=True,
-            check_finite=False,
-        )
+        # every view: the run's token dtype and sampler, the perturbation, the draws returned
+        kw = {"out_dtype": self.out_dtype, "backend": self.sampler_backend, "sigma": v.perturb_sigma}
+        kw.update(return_draws=True, check_finite=False)
+        gt, _, g_noise = sample_patches(aug[:g], coords[:g], p, seed=_seed(seed, 1), **kw)
         g_coords = coords[:g] + (g_noise if g_noise is not None else 0)
         lt = l_coords = l_idx = None
         if v.n_local > 0:
@@ -236,15 +229,7 @@ class LafsViews(nn.Module):
                 gen = torch.Generator(device=loc.device).manual_seed(_seed(seed, 4))
                 loc = loc + torch.randn(loc.shape, generator=gen, device=loc.device, dtype=loc.dtype) * v.perturb_sigma
             lt, l_idx, _ = sample_patches(
-                aug[g:],
-                loc,
-                p,
-                out_dtype=self.out_dtype,
-                backend=self.sampler_backend,
-                num_tokens=v.local_tokens,
-                seed=_seed(seed, 2),
-                return_draws=True,
-                check_finite=False,
+                aug[g:], loc, p, num_tokens=v.local_tokens, seed=_seed(seed, 2), **{**kw, "sigma": 0.0}
             )
             l_coords = torch.gather(loc, 1, l_idx[..., None].expand(-1, -1, 2))
         return ViewBatch(gt, lt, v.n_global, v.n_local, b, g_coords, l_coords, l_idx)

@@ -11,7 +11,7 @@ import torch
 
 from lafs_fast.config import config_to_dict, load_config
 from lafs_fast.train import pretrain
-from lafs_fast.train.engine import load_checkpoint
+from lafs_fast.train.checkpointing import load_checkpoint
 from tests import TINY_DINO, TINY_MODEL
 
 # The tiniest run, with every dropout off: Inductor draws its own random numbers (not the eager

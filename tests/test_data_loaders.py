@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from lafs_fast.data import make_loader
-from lafs_fast.data.loaders import num_batches, shard_indices
+from lafs_fast.data.base import num_batches, shard_indices
 from lafs_fast.data.recordio_writer import write_identity_dataset
 from lafs_fast.data.synthetic import SyntheticFaces
 
@@ -269,7 +269,8 @@ def _nvjpeg_stand_in(monkeypatch) -> None:
 
 def _loader(rec: Path, backend: str, workers: int, batch_size: int, **kw):
     if backend == "nvjpeg":
-        from lafs_fast.data.loaders import NvjpegLoader, RecSource
+        from lafs_fast.data.loaders import NvjpegLoader
+        from lafs_fast.data.sources import RecSource
 
         return NvjpegLoader(
             RecSource(rec),
@@ -471,7 +472,7 @@ def test_abandoned_epoch_then_next_epoch(jpeg_rec: Path, backend: str, workers: 
 
 
 def test_colour_order_by_dataset_name(tmp_path: Path) -> None:
-    from lafs_fast.data.loaders import RecSource
+    from lafs_fast.data.sources import RecSource
 
     for name, order in (("ms1mv3", "BGR"), ("faces_emore", "BGR"), ("webface4m", "RGB"), ("mine", "RGB")):
         folder = tmp_path / name
@@ -494,7 +495,8 @@ def test_nvjpeg_loader_logic_with_stand_in_decoder(tmp_path: Path, jpeg_rec: Pat
     """The nvJPEG path's batching, per-image fallback (PNG, corrupt), resize and labels, with a PIL
     stand-in for ``torchvision.io.decode_jpeg`` (same signature and errors; torchvision's image ops
     do not load on this CPU torch). The real nvJPEG run is test_gpu_paths_match_pil."""
-    from lafs_fast.data.loaders import NvjpegLoader, RecSource
+    from lafs_fast.data.loaders import NvjpegLoader
+    from lafs_fast.data.sources import RecSource
 
     _nvjpeg_stand_in(monkeypatch)
 

@@ -79,6 +79,18 @@ def test_batch_size_one_with_a_corrupt_record_trains_on(tmp_path: Path, capsys) 
     assert summary["steps"] == 4
 
 
+def test_a_corrupt_records_warning_lands_in_train_log(tmp_path: Path, capsys) -> None:
+    """The data modules log under the package logger, whose run handlers write train.log: the corrupt
+    record's warning and the "data loader" line are in the run folder, not only on the terminal."""
+    rec = _rec(tmp_path / "w", 2, 2, corrupt={1})
+    args = [*TINY, f"data.path={rec}", "optim.batch_size=1", "data.max_bad_fraction=0.5"]
+    rc = supervised_run.main(["--out", str(tmp_path / "s0"), "--no-progress", "--no-check", *args], stage=0)
+    log = (tmp_path / "s0" / "train.log").read_text()
+    assert rc == 0 and "skipped a corrupt record: " in log and "key 2" in log, log
+    assert "data loader: pil" in log
+    assert "skipped a corrupt record: " in capsys.readouterr().err  # and still on the terminal
+
+
 def test_labels_outside_the_class_range_fail_verify_and_are_refused_before_training(tmp_path: Path, capsys) -> None:
     rec = _rec(tmp_path / "lab", 3, 2, num_classes=2)  # identity 2's images carry label 2, outside [0, 2)
     assert main(["data", "verify", str(rec)]) == 1

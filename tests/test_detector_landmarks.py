@@ -19,10 +19,10 @@ from lafs_fast.data.align import sidecar_path
 from lafs_fast.data.recordio_writer import write_identity_dataset
 from lafs_fast.dense_landmarks import DetectorLandmarks, LandmarkSidecar, thin_plate_weights, views_from_source
 from lafs_fast.eval import knn
-from lafs_fast.kernels.views import ViewSpec
-from lafs_fast.sampling import sample_patches
+from lafs_fast.kernels.augment import ViewSpec
+from lafs_fast.sampling import grid_landmarks, sample_patches
 from lafs_fast.train import pretrain
-from lafs_fast.views import LafsViews, grid_landmarks
+from lafs_fast.views import LafsViews
 from tests import BLAZEFACE_DIR, TINY_DINO, TINY_MODEL
 from tests.devices import cuda_compiled
 

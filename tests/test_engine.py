@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 
 from lafs_fast.config import load_config
-from lafs_fast.data.loaders import Loader
+from lafs_fast.data.base import Loader
 from lafs_fast.launch import DistInfo
+from lafs_fast.train.checkpointing import list_checkpoints, load_checkpoint
 from lafs_fast.train.engine import (
     Engine,
     NonFiniteLoss,
@@ -19,8 +20,6 @@ from lafs_fast.train.engine import (
     clip_gradients,
     cosine_schedule,
     linear_then_constant,
-    list_checkpoints,
-    load_checkpoint,
     param_groups,
 )
 

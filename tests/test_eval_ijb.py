@@ -6,15 +6,10 @@ import json
 import numpy as np
 import pytest
 
+from lafs_fast.data.align import ARCFACE_112 as ARCFACE_TEMPLATE
+from lafs_fast.data.align import align_face, similarity_transform
 from lafs_fast.eval import cli as eval_cli
-from lafs_fast.eval.ijb import (
-    ARCFACE_TEMPLATE,
-    align_face,
-    read_ijb,
-    similarity_transform,
-    template_features,
-    template_pair_scores,
-)
+from lafs_fast.eval.ijb import read_ijb, template_features, template_pair_scores
 from tests.test_eval_util import faces, jpeg, run_command, tiny_model_file
 
 

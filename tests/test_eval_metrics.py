@@ -9,7 +9,6 @@ from lafs_fast.eval.metrics import (
     exact_thresholds,
     insightface_thresholds,
     kfold_accuracy,
-    pair_scores,
     roc_curve,
     tar_at_far,
 )
@@ -73,12 +72,6 @@ def test_roc_groups_tied_scores():
     assert thr[0] == np.inf and thr[1:].tolist() == [0.5, 0.1]
     with pytest.raises(ValueError, match="both genuine and impostor"):
         roc_curve(np.array([0.1, 0.2]), np.array([True, True]))
-
-
-def test_pair_scores_are_cosines():
-    a = np.array([[3.0, 4.0], [1.0, 0.0]])
-    b = np.array([[6.0, 8.0], [0.0, 2.0]])
-    assert pair_scores(a, b) == pytest.approx([1.0, 0.0])
 
 
 def test_sorted_accuracy_equals_brute_force(gen):

@@ -94,10 +94,10 @@ def test_subset_shots_fraction_seed_writes_and_trains_on_a_subset(orl_dir, tmp_p
         ],
         defaults=supervised_run.stage_defaults("small"),
     )
-    src = supervised_run.prepare_data(cfg, say=lambda *a: None)
+    src = supervised_run.prepare_data(cfg)
     loader = make_loader(src, 2, backend="pil", num_workers=0)
     assert loader.num_classes == 5 and loader.n == 10  # half the identities, two images each
-    assert supervised_run.prepare_data(cfg, say=lambda *a: None) == src  # reused, not rebuilt
+    assert supervised_run.prepare_data(cfg) == src  # reused, not rebuilt
     again = load_config(
         "small",
         None,
@@ -108,11 +108,11 @@ def test_subset_shots_fraction_seed_writes_and_trains_on_a_subset(orl_dir, tmp_p
             "finetune.subset=shots=2,fraction=0.5,seed=3",
         ],
     )
-    src2 = supervised_run.prepare_data(again, say=lambda *a: None)
+    src2 = supervised_run.prepare_data(again)
     assert (Path(src) / "train.rec").read_bytes() == (Path(src2) / "train.rec").read_bytes()  # seeded
     res = supervised_run.train_worker(config_to_dict(cfg), 2, {"check": False, "progress": False, "data": src})
     assert res["steps"] == 1
     syn = load_config(
         "small", None, ["finetune.subset=shots=1,fraction=0.25,seed=0", "train.device=cpu", f"train.out_dir={tmp_path}"]
     )
-    assert supervised_run.prepare_data(syn, say=lambda *a: None).startswith("synthetic:16x1")
+    assert supervised_run.prepare_data(syn).startswith("synthetic:16x1")

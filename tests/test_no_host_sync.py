@@ -30,7 +30,8 @@ from lafs_fast.launch import DistInfo
 from lafs_fast.train import supervised_run
 from lafs_fast.train.dino import DinoStage
 from lafs_fast.train.engine import StepContext, clip_gradients
-from lafs_fast.train.supervised import SupervisedStage, build_supervised_model
+from lafs_fast.train.supervised import SupervisedStage
+from lafs_fast.train.supervised_model import build_supervised_model
 from tests import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,10 +167,8 @@ def test_a_supervised_step_has_no_host_sync(tmp_path, gpu_dispatch):
         ],
         defaults=supervised_run.stage_defaults("small"),
     )
-    _, model, _ = build_supervised_model(cfg, 4, 2, say=lambda *a: None)
-    stage = SupervisedStage(
-        cfg, model, 4, 2, torch.device("cpu"), ref_landmarks=model.landmark_cnn, augment="gpu", say=lambda *a: None
-    )
+    _, model, _ = build_supervised_model(cfg, 4, 2)
+    stage = SupervisedStage(cfg, model, 4, 2, torch.device("cpu"), ref_landmarks=model.landmark_cnn, augment="gpu")
     images, labels = SyntheticFaces(2, 1, seed=3).batch(range(2))
     for _ in range(2):
         with HostSyncs() as mode:

@@ -18,10 +18,12 @@ from lafs_fast.eval import knn
 from lafs_fast.kernels.patch_sampling import sample_patches_torch
 from lafs_fast.models.checkpoints import load_model, model_file
 from lafs_fast.models.part_fvit import build_backbone, build_landmark_cnn
+from lafs_fast.sampling import grid_landmarks
 from lafs_fast.train import pretrain
+from lafs_fast.train.checkpointing import list_checkpoints, load_checkpoint
 from lafs_fast.train.dino import DINOLoss, DinoStage, ema_update
-from lafs_fast.train.engine import Plan, list_checkpoints, load_checkpoint
-from lafs_fast.views import LafsViews, grid_landmarks
+from lafs_fast.train.engine import Plan
+from lafs_fast.views import LafsViews
 from tests import TINY_PRETRAIN
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -98,7 +98,7 @@ def test_two_cpu_processes_resume_bitwise(one_step, tmp_path):
     """1 step + resume to 2 == 2 uninterrupted steps, on 2 gloo ranks, bit for bit (fp32 CPU): the
     student, the teacher, the DINO centre, AdamW's moments, the loader position and every rank's RNG
     (dropout / drop-path are on, different per rank) all carry over the stop."""
-    from lafs_fast.train.engine import load_checkpoint
+    from lafs_fast.train.checkpointing import load_checkpoint
 
     part = tmp_path / "part"
     shutil.copytree(one_step[0], part)
@@ -290,7 +290,7 @@ def test_two_nodes_train_as_one_job(tmp_path):
     for out, _ in outs:
         digests.update(re.findall(r"rank (\d): 2 steps, parameters sha256 ([0-9a-f]+)", out))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], outs
-    from lafs_fast.train.engine import load_checkpoint
+    from lafs_fast.train.checkpointing import load_checkpoint
 
     ck = load_checkpoint(tmp_path / "run" / "ckpt-00000002.pt")
     assert ck["plan"]["world_size"] == 2 and len(ck["rng_ranks"]) == 2

@@ -16,20 +16,11 @@ from lafs_fast.launch import DistInfo
 from lafs_fast.models.checkpoints import export_reference, model_file
 from lafs_fast.models.part_fvit import build_backbone, build_landmark_cnn
 from lafs_fast.train import supervised_run
-from lafs_fast.train.engine import Plan, StepContext, list_checkpoints
-from lafs_fast.train.supervised import (
-    FaceAugment,
-    SupervisedStage,
-    apply_mixup,
-    build_mixup,
-    build_supervised_model,
-    landmark_lambda,
-    landmark_lambda_schedule,
-    layer_id,
-    random_erase,
-    read_weights,
-    supervised_param_groups,
-)
+from lafs_fast.train.checkpointing import list_checkpoints
+from lafs_fast.train.engine import Plan, StepContext
+from lafs_fast.train.supervised import SupervisedStage, landmark_lambda, landmark_lambda_schedule
+from lafs_fast.train.supervised_augment import FaceAugment, apply_mixup, build_mixup, random_erase
+from lafs_fast.train.supervised_model import build_supervised_model, layer_id, read_weights, supervised_param_groups
 from tests import TINY_DINO, TINY_MODEL
 
 TINY = [
@@ -85,19 +76,17 @@ def test_landmark_lambda_follows_the_spec():
 def test_stage_schedule_is_off_in_stage0_and_switchable(tmp_path):
     plan = Plan(epochs=10, steps_per_epoch=2, accumulation=1, batch_size=4, world_size=1)
     cfg = tiny(tmp_path)
-    _, m0, ref0 = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
+    _, m0, ref0 = build_supervised_model(cfg, 4, 0)
     assert ref0 is None
-    s0 = SupervisedStage(cfg, m0, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
+    s0 = SupervisedStage(cfg, m0, 4, 0, torch.device("cpu"), augment="none")
     assert not s0.schedules(plan)["landmark_lambda"].any()
     cnn = tmp_path / "s0.pt"
     torch.save(s0.export(), cnn)
-    _, m2, ref2 = build_supervised_model(cfg, 4, 2, init=str(cnn), say=lambda *a: None)
-    s2 = SupervisedStage(cfg, m2, 4, 2, torch.device("cpu"), ref_landmarks=ref2, augment="none", say=lambda *a: None)
+    _, m2, ref2 = build_supervised_model(cfg, 4, 2, init=str(cnn))
+    s2 = SupervisedStage(cfg, m2, 4, 2, torch.device("cpu"), ref_landmarks=ref2, augment="none")
     assert s2.schedules(plan)["landmark_lambda"][0] == 1000 and s2.reg_on
     off = tiny(tmp_path, "finetune.landmark_reg=false")
-    s2off = SupervisedStage(
-        off, copy.deepcopy(m2), 4, 2, torch.device("cpu"), ref_landmarks=ref2, augment="none", say=lambda *a: None
-    )
+    s2off = SupervisedStage(off, copy.deepcopy(m2), 4, 2, torch.device("cpu"), ref_landmarks=ref2, augment="none")
     assert not s2off.reg_on and not s2off.schedules(plan)["landmark_lambda"].any()
 
 
@@ -112,7 +101,7 @@ def test_landmarks_grid_starts_at_the_pretraining_grid_and_learns(tmp_path, gen)
     lo, hi = float(grid.min()), float(grid.max())
     want = (grid - lo) / (hi - lo) * (cfg.model.image_size - 1)
     faces = torch.rand(3, 3, cfg.model.image_size, cfg.model.image_size, generator=gen) * 2 - 1
-    _, model, ref = build_supervised_model(cfg, 4, 2, landmarks="grid", say=lambda *a: None)
+    _, model, ref = build_supervised_model(cfg, 4, 2, landmarks="grid")
     cnn = model.landmark_cnn.eval()
     coords = cnn(faces)
     torch.testing.assert_close(coords, want.expand(3, -1, -1))
@@ -120,7 +109,7 @@ def test_landmarks_grid_starts_at_the_pretraining_grid_and_learns(tmp_path, gen)
     coords.square().sum().backward()
     assert cnn.output_layer[-1].weight.grad.abs().sum() > 0
     random_start = tiny(tmp_path, "model.landmark_start=random")  # the reference's start (the small preset's is grid)
-    _, fresh, _ = build_supervised_model(random_start, 4, 2, landmarks="scratch", say=lambda *a: None)
+    _, fresh, _ = build_supervised_model(random_start, 4, 2, landmarks="scratch")
     assert (fresh.landmark_cnn.eval()(faces) - want).abs().mean() > 10  # px: random points
 
 
@@ -134,7 +123,7 @@ def test_model_landmark_start_grid_starts_every_fresh_cnn_at_the_grid(tmp_path, 
     grid = grid_landmarks(cfg.model.image_size, cfg.model.patch_size)
     want = (grid - grid.min()) / (grid.max() - grid.min()) * (cfg.model.image_size - 1)
     faces = torch.rand(2, 3, cfg.model.image_size, cfg.model.image_size, generator=gen) * 2 - 1
-    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
+    _, model, _ = build_supervised_model(cfg, 4, 0)
     coords = model.landmark_cnn.eval()(faces)
     torch.testing.assert_close(coords, want.expand(2, -1, -1))
     coords.square().sum().backward()
@@ -147,8 +136,8 @@ def test_margin_warm_up_ramps_to_the_margin_and_reaches_the_head(tmp_path):
     epochs, then stays; the stage sets it on the head before each step; 0 keeps the reference's constant."""
     plan = Plan(epochs=4, steps_per_epoch=5, accumulation=1, batch_size=4, world_size=1)
     cfg = tiny(tmp_path, "finetune.head=cosface", "finetune.margin_warmup_epochs=2", "finetune.margin=0.4")
-    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
-    st = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
+    _, model, _ = build_supervised_model(cfg, 4, 0)
+    st = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none")
     margin = st.schedules(plan)["margin"]
     assert margin.shape == (20,) and margin[0] == 0.0 and margin[9] == pytest.approx(0.4)
     assert (np.diff(margin[:10]) > 0).all() and (margin[10:] == pytest.approx(0.4))
@@ -156,7 +145,7 @@ def test_margin_warm_up_ramps_to_the_margin_and_reaches_the_head(tmp_path):
     ctx = StepContext(3, 0, 0, 1, {"lr": 1e-3, "weight_decay": 0.1, "margin": float(margin[3])}, DistInfo())
     st.forward_loss(st.model, (images, labels), ctx)
     assert model.head.m == pytest.approx(margin[3])
-    constant = SupervisedStage(tiny(tmp_path), model, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
+    constant = SupervisedStage(tiny(tmp_path), model, 4, 0, torch.device("cpu"), augment="none")
     assert (constant.schedules(plan)["margin"] == 0.4).all()
 
 
@@ -168,8 +157,8 @@ def test_gradients_reach_the_landmark_cnn_through_the_sampler(tmp_path):
     # has no gradient yet
     cfg = tiny(tmp_path, *DETERMINISTIC, "finetune.mixup_p=0", "model.landmark_start=random")
     torch.manual_seed(0)
-    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
-    stage = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
+    _, model, _ = build_supervised_model(cfg, 4, 0)
+    stage = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none")
     images, labels = _batch()
     loss, metrics = stage.forward_loss(model, (images, labels), _ctx())
     loss.backward()
@@ -186,10 +175,8 @@ def test_regulariser_adds_lambda_times_mse_to_a_frozen_copy(tmp_path):
     torch.manual_seed(0)
     src = tmp_path / "s0.pt"
     torch.save(model_file(cfg.model, build_backbone(cfg.model), landmark_cnn=build_landmark_cnn(cfg.model)), src)
-    _, model, ref = build_supervised_model(cfg, 4, 2, init=str(src), say=lambda *a: None)
-    stage = SupervisedStage(
-        cfg, model, 4, 2, torch.device("cpu"), ref_landmarks=ref, augment="none", say=lambda *a: None
-    )
+    _, model, ref = build_supervised_model(cfg, 4, 2, init=str(src))
+    stage = SupervisedStage(cfg, model, 4, 2, torch.device("cpu"), ref_landmarks=ref, augment="none")
     images, labels = _batch()
     # identical CNNs, both in eval mode (the copy always is: BatchNorm on running statistics): 0
     model.eval()
@@ -267,8 +254,8 @@ def test_mixup_targets_sum_to_one(tmp_path):
 
 def test_mixup_soft_targets_train_through_the_margin_head(tmp_path):
     cfg = tiny(tmp_path, *DETERMINISTIC, "finetune.mixup_p=1.0")
-    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
-    stage = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none", say=lambda *a: None)
+    _, model, _ = build_supervised_model(cfg, 4, 0)
+    stage = SupervisedStage(cfg, model, 4, 0, torch.device("cpu"), augment="none")
     loss, m = stage.forward_loss(model, _batch(), _ctx())
     assert torch.isfinite(loss) and m["ce"] > 0
 
@@ -278,7 +265,7 @@ def test_mixup_soft_targets_train_through_the_margin_head(tmp_path):
 
 def test_param_groups_weight_decay_and_layer_decay(tmp_path):
     cfg = tiny(tmp_path, "optim.layer_decay=0.5")
-    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
+    _, model, _ = build_supervised_model(cfg, 4, 0)
     groups = supervised_param_groups(model, cfg)
     where = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
@@ -327,9 +314,7 @@ def test_stage2_loads_reference_format_checkpoints(tmp_path):
     torch.save(model_file(cfg.model, bb), only_backbone)
     export_reference(only_backbone, tmp_path / "ssl_bb.pth", "ssl")
     for init, lm in ((ssl, None), (tmp_path / "ssl_bb.pth", part)):
-        cfg2, model, ref = build_supervised_model(
-            cfg, 4, 2, init=str(init), landmarks=None if lm is None else str(lm), say=lambda *a: None
-        )
+        cfg2, model, ref = build_supervised_model(cfg, 4, 2, init=str(init), landmarks=None if lm is None else str(lm))
         for k, v in bb.state_dict().items():
             assert torch.equal(model.backbone.state_dict()[k], v), k
         for k, v in cnn.state_dict().items():
@@ -338,7 +323,7 @@ def test_stage2_loads_reference_format_checkpoints(tmp_path):
         assert cfg2.model.attn_scale == "dim" and cfg2.model.dim == 32
     assert read_weights(ssl)["landmark_cnn"] is not None
     with pytest.raises(ValueError, match="holds no landmark CNN"):
-        build_supervised_model(cfg, 4, 2, init=str(ours), landmarks=str(only_backbone), say=lambda *a: None)
+        build_supervised_model(cfg, 4, 2, init=str(ours), landmarks=str(only_backbone))
     with pytest.raises(FileNotFoundError):
         read_weights(tmp_path / "missing.pt")
 
@@ -402,7 +387,7 @@ def test_stage2_loads_a_stage1_checkpoint_from_the_pretrain_code(tmp_path):
     want = torch.load(teacher, weights_only=True)["backbone"]
     for init in (teacher, ckpt):
         cfg2, model, ref = build_supervised_model(
-            tiny(tmp_path, "model.depth=3"), 4, 2, init=str(init), landmarks=str(s0), say=lambda *a: None
+            tiny(tmp_path, "model.depth=3"), 4, 2, init=str(init), landmarks=str(s0)
         )
         assert cfg2.model.depth == 1  # the architecture comes from the checkpoint
         for k, v in want.items():
@@ -458,7 +443,7 @@ def test_stage2_run_with_regulariser_writes_part_fvit_and_metrics(tmp_path):
     s0 = _run(tiny(tmp_path / "s0", "train.max_steps=1"), 0)
     assert s0["steps"] == 1
     out = tmp_path / "s2"
-    res = _run(tiny(out, "train.max_steps=2"), 2, init=str(tmp_path / "s0" / "part_fvit.pt"))
+    res = _run(tiny(out, "train.max_steps=2", f"finetune.init={tmp_path / 's0' / 'part_fvit.pt'}"), 2)
     assert res["steps"] == 2 and np.isfinite(res["loss_last"])
     import json
 
@@ -466,6 +451,23 @@ def test_stage2_run_with_regulariser_writes_part_fvit_and_metrics(tmp_path):
     assert rows[0]["landmark_lambda"] == 1000 and "landmark_mse" in rows[0] and "ce" in rows[0]
     f = torch.load(out / "part_fvit.pt", weights_only=True)
     assert f["landmark_cnn"] is not None and f["margin_head"]["weight"].shape == (4, 32)
+
+
+def test_a_finetune_runs_config_yaml_holds_its_init_and_landmarks(tmp_path):
+    """--init and --landmarks are config keys (finetune.init / finetune.landmarks): the run folder's
+    config.yaml records what a stage-2 run started from, and --config of it starts from the same."""
+    import yaml
+
+    s0 = tmp_path / "s0"
+    assert _run(tiny(s0, "train.max_steps=1"), 0)["steps"] == 1
+    init = str(s0 / "part_fvit.pt")
+    flags = ["--no-progress", "--no-check", "--init", init, "--landmarks", "grid", "--max-steps", "1"]
+    out = tmp_path / "s2"
+    assert supervised_run.main(["--out", str(out), *flags, *TINY], stage=2) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())["finetune"]
+    assert saved["init"] == init and saved["landmarks"] == "grid"
+    again = load_config("small", out / "config.yaml", [f"train.out_dir={tmp_path / 'again'}"])
+    assert (again.finetune.init, again.finetune.landmarks) == (init, "grid")
 
 
 def test_sharded_head_option_runs(tmp_path, capsys):
@@ -500,7 +502,7 @@ def test_bad_inputs_fail_with_one_sentence(tmp_path):
 
 def test_landmarks_and_head_stay_fp32_under_bf16_autocast(tmp_path):
     cfg = tiny(tmp_path, *DETERMINISTIC)
-    _, model, _ = build_supervised_model(cfg, 4, 0, say=lambda *a: None)
+    _, model, _ = build_supervised_model(cfg, 4, 0)
     x = torch.rand(2, 3, 112, 112) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, coords = model(x, torch.tensor([0, 1]))

@@ -27,7 +27,8 @@ TINY = [
 def _train_landmarks_2ranks(out: Path, *argv: str) -> subprocess.CompletedProcess:
     """``lafs-fast train-landmarks`` on 2 gloo ranks into ``out`` with the sharded head (``argv`` before
     the tiny config, which key=value pairs in ``argv`` may refine); must exit 0."""
-    cmd = [sys.executable, "-m", "lafs_fast.train.train_landmarks", "--device", "cpu", "--gpus", "2", "--no-check"]
+    cmd = [sys.executable, "-m", "lafs_fast.train.supervised_run", "train-landmarks", "--device", "cpu", "--gpus", "2"]
+    cmd.append("--no-check")
     r = subprocess.run(
         [*cmd, "--no-progress", "--out", str(out), *[a for a in argv if "=" not in a], *TINY,
          *[a for a in argv if "=" in a], "finetune.shard_classes=true"],
@@ -55,7 +56,7 @@ def test_sharded_head_resumes_bitwise_on_two_ranks(tmp_path):
     its rank, so 1 step + --resume to 2 ends where 2 uninterrupted steps do, bit for bit (fp32 CPU)."""
     import torch
 
-    from lafs_fast.train.engine import load_checkpoint
+    from lafs_fast.train.checkpointing import load_checkpoint
 
     def run(out, *argv):
         return _train_landmarks_2ranks(out, *argv, "optim.epochs=2", "train.ckpt_every_steps=1")

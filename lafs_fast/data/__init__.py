@@ -8,7 +8,8 @@ Layout: ``recordio`` (format, reader), ``recordio_writer`` -> ``sources`` (rec /
 face-alignment) load only when used.
 """
 
-from lafs_fast.data.loaders import Loader, make_loader, resolve_loader_backend
+from lafs_fast.data.base import Loader
+from lafs_fast.data.loaders import make_loader, resolve_loader_backend
 from lafs_fast.data.recordio import RecordIOReader
 from lafs_fast.data.recordio_writer import RecordIOWriter
 from lafs_fast.data.synthetic import SyntheticFaces

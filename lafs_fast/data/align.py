@@ -319,7 +319,7 @@ def rec_landmarks(
 
     from tqdm import tqdm
 
-    from lafs_fast.data.loaders import RecSource, decode_pil
+    from lafs_fast.data.sources import RecSource, decode_pil
 
     src = RecSource(rec)
     bgr = src.color_order() == "BGR"

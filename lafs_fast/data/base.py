@@ -13,7 +13,7 @@ import torch
 
 from lafs_fast.data.recordio import CorruptRecordError, RecordIOError
 
-log = logging.getLogger("lafs_fast.data")
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,24 +194,29 @@ class Loader:
         return replacement_stream(self.seed, self.epoch, self._at, self.rank, self.n)
 
     def _note_corrupt(self, bad: Sequence[tuple[int, str, str]]) -> None:
-        """Count and name each new corrupt record; ValueError (one sentence) past ``max_bad_fraction``."""
-        for pos, what, why in bad:
-            if int(pos) in self.bad:
-                continue
-            self.bad[int(pos)] = (what, why)
-            log.warning("skipped a corrupt record: %s (%s); %d so far", what, why, len(self.bad))
-        if len(self.bad) > self.max_bad_fraction * self.share:
+        """Count and name each new corrupt record (a warning each); past ``max_bad_fraction`` instead one
+        ValueError, the run's last words (one sentence, naming the records it met last and the fix)."""
+        new = {int(pos): (what, why) for pos, what, why in bad if int(pos) not in self.bad}
+        seen = len(self.bad)
+        self.bad.update(new)
+        if len(self.bad) <= self.max_bad_fraction * self.share:
+            for count, (what, why) in enumerate(new.values(), seen + 1):
+                log.warning("skipped a corrupt record: %s (%s); %d so far", what, why, count)
+        else:
             path = getattr(getattr(self, "source", None), "path", "the data")
             fix = (
                 f"run `lafs-fast data verify {path} --write-bad` to list them in {path}.bad (every loader then skips "
                 "the listed keys "
                 f"without counting them) or raise data.max_bad_fraction"
                 if getattr(self.source, "kind", "") == "rec"
-                else "delete or replace the files named in the warnings, or raise data.max_bad_fraction"
+                else "delete or replace the files named here and in the warnings, or raise data.max_bad_fraction"
             )
+            names = [what for what, _ in new.values()]
+            latest = f"the latest: {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}; "
             raise ValueError(
                 f"{len(self.bad)} of the {self.share} records this process reads from {path} are corrupt "
-                f"({len(self.bad) / self.share:.1%}, more than data.max_bad_fraction={self.max_bad_fraction:g}); {fix}"
+                f"({latest if names else ''}{len(self.bad) / self.share:.1%}, more than data.max_bad_fraction="
+                f"{self.max_bad_fraction:g}); {fix}"
             )
 
     def _fetch_all(
@@ -235,3 +240,13 @@ class Loader:
                 yield images, labels, torch.as_tensor(np.asarray(kept, dtype=np.int64))
             else:
                 yield images, labels
+
+
+class SourceLoader(Loader):
+    """A decode path over the records of a source (a rec or an image folder, ``lafs_fast.data.sources``):
+    the source, the output side and whether the source stores BGR, set once for every decode path
+    (PIL, nvJPEG, DALI). ``kw``: :class:`Loader`'s keywords."""
+
+    def __init__(self, source, batch_size: int, *, image_size: int = 112, color_order: str = "RGB", **kw) -> None:
+        super().__init__(len(source), batch_size, num_classes=source.num_classes, **kw)
+        self.source, self.image_size, self.bgr = source, image_size, color_order == "BGR"

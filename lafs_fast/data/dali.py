@@ -7,7 +7,7 @@ with the resize on the GPU), so the CPU tests exercise the graph the GPU runs.
 
 Readers:
 
-- ``external`` (the default, :class:`DaliLoader`): our sampler (``loaders.shard_indices``) picks
+- ``external`` (the default, :class:`DaliLoader`): our sampler (``base.shard_indices``) picks
   the records, the bytes are sliced from the mmap'ed rec (or read from the image folder) and fed
   with ``feed_input``. Epochs are exact whole-file permutations, sharding is identical to the other
   paths, resume is ``(epoch, batch)``, and a corrupt record is found, named and replaced (the
@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from lafs_fast.data.base import Loader, read_items
+from lafs_fast.data.base import SourceLoader, read_items
 from lafs_fast.data.sources import decode_pil
 
-log = logging.getLogger("lafs_fast.data")
+log = logging.getLogger(__name__)
 
 
 @pipeline_def
@@ -106,31 +106,20 @@ def _resize_needed(source, image_size: int) -> int | None:
     return None if (source.height, source.width) == (image_size, image_size) else image_size
 
 
-class DaliLoader(Loader):
+class DaliLoader(SourceLoader):
     """DALI decode of the records our sampler picks (``reader="external"``); see the module docstring."""
 
-    def __init__(
-        self,
-        source,
-        batch_size: int,
-        *,
-        image_size: int = 112,
-        color_order: str = "RGB",
-        reason: str = "",
-        num_threads: int = 4,
-        **kw,
-    ) -> None:
-        super().__init__(len(source), batch_size, num_classes=source.num_classes, **kw)
-        self.source, self.image_size, self.bgr = source, image_size, color_order == "BGR"
+    def __init__(self, source, batch_size: int, *, reason: str = "", num_threads: int = 4, **kw) -> None:
+        super().__init__(source, batch_size, **kw)
         self.pipe_device = "gpu" if self.device.type == "cuda" else "cpu"
         self.num_threads = num_threads
         self.depth = 2  # batches in flight: the next one decodes while the current one trains
         self._pending = 0  # runs scheduled and not yet collected
-        self.resize_to = _resize_needed(source, image_size)
+        self.resize_to = _resize_needed(source, self.image_size)
         self.pipe = self._build()
         self.backend = (
             f"dali: DALI decode {'mixed (nvJPEG)' if self.pipe_device == 'gpu' else 'cpu'} of sampler-fed records"
-            f"{f', resize to {image_size}' if self.resize_to else ''} ({reason})"
+            f"{f', resize to {self.image_size}' if self.resize_to else ''} ({reason})"
         )
 
     def _build(self):
@@ -222,7 +211,7 @@ class DaliLoader(Loader):
                 ) from e
 
 
-class DaliMxnetLoader(Loader):
+class DaliMxnetLoader(SourceLoader):
     """DALI's ``fn.readers.mxnet`` (``reader="mxnet"``): DALI shards and shuffles; see the module docstring.
 
     ``len()`` is the batches of the smallest shard (every rank yields that many per epoch, extra
@@ -231,16 +220,7 @@ class DaliMxnetLoader(Loader):
     """
 
     def __init__(
-        self,
-        source,
-        batch_size: int,
-        *,
-        image_size: int = 112,
-        color_order: str = "RGB",
-        reason: str = "",
-        num_threads: int = 4,
-        initial_fill: int = 4096,
-        **kw,
+        self, source, batch_size: int, *, reason: str = "", num_threads: int = 4, initial_fill: int = 4096, **kw
     ) -> None:
         kw["drop_last"] = True  # DALI's reader gives full batches; partial ones are dropped
         if kw.pop("with_positions", False):
@@ -248,11 +228,10 @@ class DaliMxnetLoader(Loader):
                 "backend 'dali-mxnet' reads records in DALI's own order and cannot say which record each image is; "
                 "use backend 'dali' (records picked by our sampler) where positions are needed (--landmarks detector)"
             )
-        super().__init__(len(source), batch_size, num_classes=source.num_classes, **kw)
-        self.source, self.image_size, self.bgr = source, image_size, color_order == "BGR"
+        super().__init__(source, batch_size, **kw)
         self.pipe_device = "gpu" if self.device.type == "cuda" else "cpu"
         self.num_threads, self.initial_fill = num_threads, initial_fill
-        self.resize_to = _resize_needed(source, image_size)
+        self.resize_to = _resize_needed(source, self.image_size)
         self._tmp = tempfile.TemporaryDirectory(prefix="lafs_fast_dali_")
         self.idx_path = Path(self._tmp.name) / "images.idx"
         reader = source.reader

@@ -44,20 +44,12 @@ import os
 import numpy as np
 import torch
 
-# re-exported: the loader contract and the sources are part of this module's interface
-from lafs_fast.data.base import (  # noqa: F401
-    MAX_REFILL_TRIES,
-    Loader,
-    num_batches,
-    read_items,
-    replacement_stream,
-    shard_indices,
-)
+from lafs_fast.data.base import Loader, SourceLoader, read_items, replacement_stream
 from lafs_fast.data.recordio import RecordIOError
-from lafs_fast.data.sources import DATASET_COLOR_ORDER, FolderSource, RecSource, decode_pil, open_source  # noqa: F401
+from lafs_fast.data.sources import decode_pil, open_source
 from lafs_fast.data.synthetic import SyntheticFaces
 
-log = logging.getLogger("lafs_fast.data")
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,25 +105,14 @@ def _worker_context():
     return ctx
 
 
-class PilLoader(Loader):
+class PilLoader(SourceLoader):
     """CPU decode with PIL in torch DataLoader workers (one batch per worker task; the workers
     persist across epochs, the sampler is swapped)."""
 
-    def __init__(
-        self,
-        source,
-        batch_size: int,
-        *,
-        num_workers: int | None = None,
-        image_size: int = 112,
-        color_order: str = "RGB",
-        reason: str = "",
-        **kw,
-    ) -> None:
-        super().__init__(len(source), batch_size, num_classes=source.num_classes, **kw)
-        self.source, self.image_size = source, image_size
+    def __init__(self, source, batch_size: int, *, num_workers: int | None = None, reason: str = "", **kw) -> None:
+        super().__init__(source, batch_size, **kw)
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
-        self.dataset = _BatchDecode(source, image_size, color_order == "BGR")
+        self.dataset = _BatchDecode(source, self.image_size, self.bgr)
         self._sampler = _Batches()
         self._dl = torch.utils.data.DataLoader(
             self.dataset,
@@ -162,29 +143,18 @@ class PilLoader(Loader):
 # nvJPEG through torchvision
 
 
-class NvjpegLoader(Loader):
+class NvjpegLoader(SourceLoader):
     """GPU without DALI: batched ``torchvision.io.decode_jpeg(device='cuda')`` (nvJPEG), resize on the GPU.
 
     Non-JPEG records fall back to PIL one by one; a batch that fails to decode is decoded image by
     image to name the corrupt ones.
     """
 
-    def __init__(
-        self,
-        source,
-        batch_size: int,
-        *,
-        image_size: int = 112,
-        color_order: str = "RGB",
-        reason: str = "",
-        allow_cpu: bool = False,
-        **kw,
-    ) -> None:
-        super().__init__(len(source), batch_size, num_classes=source.num_classes, **kw)
+    def __init__(self, source, batch_size: int, *, reason: str = "", allow_cpu: bool = False, **kw) -> None:
+        super().__init__(source, batch_size, **kw)
         # allow_cpu: torchvision's CPU decoder behind the same batching / fallback / resize code (tests)
         if self.device.type != "cuda" and not allow_cpu:
             raise ValueError("the nvjpeg backend needs a CUDA device; pass device='cuda' or backend='pil'")
-        self.source, self.image_size, self.bgr = source, image_size, color_order == "BGR"
         self.backend = f"nvjpeg: torchvision.io.decode_jpeg on {self.device} ({reason})"
 
     def _decode_one(self, data: torch.Tensor) -> torch.Tensor:
@@ -304,6 +274,40 @@ def resolve_loader_backend(backend: str = "auto", device: str | torch.device = "
     return "pil", f"{missing}; no CUDA device"
 
 
+def _color_order(src, color_order: str) -> str:
+    """``RGB`` / ``BGR`` as asked, or ``auto``: what the source says it stores."""
+    color_order = color_order.upper()
+    if color_order == "AUTO":
+        color_order = src.color_order()
+    if color_order not in ("RGB", "BGR"):
+        raise ValueError(f"colour order must be RGB, BGR or auto, not {color_order!r}")
+    return color_order
+
+
+def _file_loader(
+    kind: str, src, batch_size: int, backend: str, device: torch.device, num_workers: int | None, files: dict
+) -> Loader:
+    """The decode path of a rec or an image folder: ``backend`` resolved (auto: DALI, nvJPEG, PIL);
+    ``files``: the loader's keywords (image size, colour order, the common ones)."""
+    dali_missing = _dali_available()
+    backend, reason = resolve_loader_backend(backend, device)
+    if backend in ("dali", "dali-mxnet"):
+        if dali_missing is not None:
+            raise ValueError(
+                f"backend {backend!r} needs NVIDIA DALI ({dali_missing}); pip install nvidia-dali-cuda130 or use "
+                "backend='pil'"
+            )
+        from lafs_fast.data.dali import DaliLoader, DaliMxnetLoader
+
+        if backend == "dali-mxnet" and kind != "rec":
+            raise ValueError("backend 'dali-mxnet' reads .rec files only; use backend='dali' for an image folder")
+        cls = DaliMxnetLoader if backend == "dali-mxnet" else DaliLoader
+        return cls(src, batch_size, reason=reason, **files)
+    if backend == "nvjpeg":
+        return NvjpegLoader(src, batch_size, reason=reason, **files)
+    return PilLoader(src, batch_size, num_workers=num_workers, reason=reason, **files)
+
+
 def make_loader(
     source,
     batch_size: int,
@@ -354,49 +358,11 @@ def make_loader(
             )
         loader: Loader = SyntheticLoader(src, batch_size, reason="no files: procedural faces", **common)
     else:
-        color_order = color_order.upper()
-        if color_order == "AUTO":
-            color_order = src.color_order()
-        if color_order not in ("RGB", "BGR"):
-            raise ValueError(f"colour order must be RGB, BGR or auto, not {color_order!r}")
+        color_order = _color_order(src, color_order)
         if backend == "synthetic":
             raise ValueError(f"backend 'synthetic' renders faces; {source} is a {kind}")
-        dali_missing = _dali_available()
-        backend, reason = resolve_loader_backend(backend, device)
-        if backend in ("dali", "dali-mxnet"):
-            if dali_missing is not None:
-                raise ValueError(
-                    f"backend {backend!r} needs NVIDIA DALI ({dali_missing}); pip install nvidia-dali-cuda130 or use "
-                    "backend='pil'"
-                )
-            from lafs_fast.data.dali import DaliLoader, DaliMxnetLoader
-
-            if backend == "dali-mxnet":
-                if kind != "rec":
-                    raise ValueError(
-                        "backend 'dali-mxnet' reads .rec files only; use backend='dali' for an image folder"
-                    )
-                loader = DaliMxnetLoader(
-                    src, batch_size, image_size=image_size, color_order=color_order, reason=reason, **common
-                )
-            else:
-                loader = DaliLoader(
-                    src, batch_size, image_size=image_size, color_order=color_order, reason=reason, **common
-                )
-        elif backend == "nvjpeg":
-            loader = NvjpegLoader(
-                src, batch_size, image_size=image_size, color_order=color_order, reason=reason, **common
-            )
-        else:
-            loader = PilLoader(
-                src,
-                batch_size,
-                num_workers=num_workers,
-                image_size=image_size,
-                color_order=color_order,
-                reason=reason,
-                **common,
-            )
+        files = dict(image_size=image_size, color_order=color_order, **common)
+        loader = _file_loader(kind, src, batch_size, backend, device, num_workers, files)
         loader.backend += f"; colour order of the source: {color_order}"
     log.info("data loader: %s", loader.backend)
     return loader

@@ -13,7 +13,7 @@ import numpy as np
 from lafs_fast.data.recordio import CorruptRecordError, RecordIOReader, first_label, read_meta
 from lafs_fast.data.synthetic import SyntheticFaces, parse_spec
 
-log = logging.getLogger("lafs_fast.data")
+log = logging.getLogger(__name__)
 
 
 # How the public InsightFace releases store channels (docs/method.md section 6), matched against the rec's

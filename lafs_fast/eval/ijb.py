@@ -24,19 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from lafs_fast.data.align import ARCFACE_112 as ARCFACE_TEMPLATE  # the one template and alignment
-from lafs_fast.data.align import align_face, similarity_transform
+from lafs_fast.data.align import align_face  # the one template and alignment (ARCFACE_112, data/align.py)
 from lafs_fast.eval.embedder import Embedder
 from lafs_fast.eval.metrics import DEFAULT_FARS, l2_normalise
 from lafs_fast.eval.verification import SetResult, evaluate_scores
 
 __all__ = [
-    "ARCFACE_TEMPLATE",
     "IJBMeta",
     "find_target",
     "read_ijb",
-    "similarity_transform",
-    "align_face",
     "template_features",
     "template_pair_scores",
     "evaluate_ijb",

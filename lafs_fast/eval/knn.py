@@ -79,7 +79,7 @@ def knn_faces(
         ds = SyntheticFaces(identities, per_identity, seed=EVAL_SEED)
         images, labels = ds.batch(range(len(ds)), device)
         return KnnFaces(images, labels, None, "held-out synthetic identities", "held-out check")
-    from lafs_fast.data.loaders import RecSource, decode_pil
+    from lafs_fast.data.sources import RecSource, decode_pil
 
     src = RecSource(data)
     picks = np.unique(np.linspace(0, len(src) - 1, min(max_images, len(src))).round().astype(np.int64))

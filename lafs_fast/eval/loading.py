@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lafs_fast.models.checkpoints import TRAIN_FORMAT, load_model_and_kind, model_from_object
+from lafs_fast.models.checkpoints import load_model_and_kind
 from lafs_fast.models.fvit import FViT
 from lafs_fast.models.part_fvit import PartFViT
 
-__all__ = ["TRAIN_FORMAT", "load_eval_model", "model_from_object"]
+__all__ = ["load_eval_model"]
 
 
 def load_eval_model(path: str | Path, head_dim: int = 64) -> tuple[PartFViT | FViT, str]:
-    """(eval-mode CPU model without its margin head, kind) of ``path``; see ``model_from_object``."""
+    """(eval-mode CPU model without its margin head, kind) of ``path``; see
+    ``lafs_fast.models.checkpoints.model_from_object``."""
     return load_model_and_kind(path, head_dim, margin_head=False)

@@ -27,7 +27,6 @@ __all__ = [
     "roc_curve",
     "tar_at_far",
     "l2_normalise",
-    "pair_scores",
 ]
 
 DEFAULT_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -37,11 +36,6 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Rows of ``x`` (N, D) float scaled to unit length (zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
-def pair_scores(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:
-    """Cosine similarity of row pairs: emb1, emb2 (P, D) -> (P,) float64 (rows normalised here)."""
-    return np.sum(l2_normalise(emb1) * l2_normalise(emb2), axis=-1)
 
 
 @dataclass

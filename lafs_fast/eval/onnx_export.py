@@ -96,30 +96,12 @@ def export_onnx(
         nonlocal diff
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            names = {"input_names": ["images"], "output_names": ["embedding"], "opset_version": opset}
             if exporter == "dynamo":
-                torch.onnx.export(
-                    wrapper,
-                    (x,),
-                    tmp,
-                    input_names=["images"],
-                    output_names=["embedding"],
-                    opset_version=opset,
-                    dynamo=True,
-                    external_data=False,
-                    dynamic_shapes=({0: torch.export.Dim("batch")},),
-                    verbose=False,
-                )
+                batch = {"dynamic_shapes": ({0: torch.export.Dim("batch")},), "external_data": False, "verbose": False}
             else:
-                torch.onnx.export(
-                    wrapper,
-                    (x,),
-                    tmp,
-                    input_names=["images"],
-                    output_names=["embedding"],
-                    opset_version=opset,
-                    dynamo=False,
-                    dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
-                )
+                batch = {"dynamic_axes": {"images": {0: "batch"}, "embedding": {0: "batch"}}}
+            torch.onnx.export(wrapper, (x,), tmp, **names, dynamo=exporter == "dynamo", **batch)
         if check:
             diff = onnx_parity(model, tmp)
             if not diff <= atol:

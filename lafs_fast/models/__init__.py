@@ -7,7 +7,7 @@ from lafs_fast._torchvision_fix import ensure_torchvision as _ensure_torchvision
 
 _ensure_torchvision()
 
-from lafs_fast.models.attention import ATTENTION_BACKENDS, attention, resolve_attention
+from lafs_fast.models.attention import attention, resolve_attention
 from lafs_fast.models.fvit import FViT, image_grid_tokens
 from lafs_fast.models.heads import ArcFace, CosFace, DINOHead, MarginHead, SoftmaxHead
 from lafs_fast.models.landmark_cnn import LandmarkCNN, MobileNetV3Trunk
@@ -20,7 +20,6 @@ from lafs_fast.models.part_fvit import (
 )
 
 __all__ = [
-    "ATTENTION_BACKENDS",
     "attention",
     "resolve_attention",
     "FViT",

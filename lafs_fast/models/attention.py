@@ -23,16 +23,15 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from lafs_fast.config import ATTENTION_BACKENDS  # model.attention's choices: the one list
+
 __all__ = [
-    "ATTENTION_BACKENDS",
     "attention",
     "resolve_attention",
     "seqlen_runs",
     "xformers_extension",
     "xformers_status",
 ]
-
-ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 
 
 def xformers_extension() -> tuple[bool, str]:

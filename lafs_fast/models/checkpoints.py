@@ -274,7 +274,7 @@ def export_reference(src: str | Path, dst: str | Path, fmt: str = "part_fvit") -
     atomic_save(out, dst)
 
 
-TRAIN_FORMAT = "lafs-fast-train"  # lafs_fast.train.engine.CHECKPOINT_FORMAT (the engine is a higher layer)
+TRAIN_FORMAT = "lafs-fast-train"  # the training checkpoints of lafs_fast.train.checkpointing (defined once, here)
 
 
 def model_from_object(obj: Any, what: str, head_dim: int = 64, margin_head: bool = True) -> tuple[PartFViT | FViT, str]:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from lafs_fast.config import Config, add_config_arguments, load_config
+from lafs_fast.io import atomic_save
 
 __all__ = [
     "add_source_arguments",
@@ -22,7 +25,11 @@ __all__ = [
     "resolve_training_config",
     "data_source",
     "launch_training",
+    "TrainingJob",
+    "run_job",
 ]
+
+log = logging.getLogger(__name__)
 
 # flag (argparse dest) -> config key, for the flags of add_source_arguments / add_run_arguments
 COMMON_FLAGS: tuple[tuple[str, str], ...] = (
@@ -106,7 +113,7 @@ def check_enabled(cfg: Config, enabled: bool | None, knn_data: str | None) -> bo
     synthetic = not cfg.data.path or cfg.data.path.startswith("synthetic")
     on = enabled if enabled is not None else bool(knn_data) or synthetic
     if knn_data and on:
-        from lafs_fast.data.loaders import open_source
+        from lafs_fast.data.sources import open_source
 
         if open_source(knn_data)[0] != "rec":
             raise ValueError(f"--knn-data {knn_data} is not a .rec; pack labelled faces with `lafs-fast data build`")
@@ -166,18 +173,27 @@ def launch_training(
     them) and return the command's exit code: a non-finite loss or a failed rank is one line on stderr
     and 1; with several ranks, each rank's step count and parameter digest (``worker`` returns
     ``{"steps", "digest"}``) are printed and ranks that disagree are an error."""
-    import torch
-
     from lafs_fast.launch import RankFailed, launch, under_torchrun
     from lafs_fast.train.engine import NonFiniteLoss, Preempted
     from lafs_fast.train.run_folder import check_run_folder
 
-    if (
-        not under_torchrun() or os.environ.get("RANK") == "0"
-    ):  # rank 0 writes; another node's check would race its files
-        check_run_folder(
-            cfg.train.out_dir, resume, overwrite
-        )  # before any work (the engine checks again, under its lock)
+    if not under_torchrun() or os.environ.get("RANK") == "0":  # rank 0 writes; another node's check would race
+        check_run_folder(cfg.train.out_dir, resume, overwrite)  # before any work (the engine checks again, locked)
+    nprocs = _process_count(cfg)
+    try:
+        results = launch(worker, worker_args, nprocs)
+    except (NonFiniteLoss, Preempted, RankFailed) as exc:
+        return _failure_exit(prog, exc)
+    return _report_ranks(prog, results, digest_what)
+
+
+def _process_count(cfg: Config) -> int:
+    """Processes to start here: one under torchrun (it made them), else ``train.gpus`` (refused when
+    more than the GPUs visible)."""
+    import torch
+
+    from lafs_fast.launch import under_torchrun
+
     device = cfg.train.device
     if device == "auto" and not torch.cuda.is_available():
         device = "cpu"
@@ -187,40 +203,44 @@ def launch_training(
             f"--gpus {nprocs} but only {torch.cuda.device_count()} GPU(s) are visible; use --device cpu for CPU "
             "processes"
         )
-    try:
-        results = launch(worker, worker_args, nprocs)
-    except NonFiniteLoss as exc:
-        print(f"lafs-fast {prog}: stopped: {exc}", file=sys.stderr)
+    return nprocs
+
+
+def _failure_exit(prog: str, exc: Exception) -> int:
+    """One line on stderr for a run that ended early, and its exit code: 1 for a non-finite loss or a
+    failed rank, 143 (128 + SIGTERM: what a scheduler expects) when preempted, 2 for a user's
+    mistake found in a worker of --gpus N (its own one sentence, as in a single process)."""
+    kind, detail = type(exc).__name__, str(exc)
+    if kind == "RankFailed":
+        kind, detail = ("user", exc.detail) if exc.user_error else (exc.error_type, exc.detail)
+    if kind == "user":
+        print(f"lafs-fast {prog}: error: {detail}", file=sys.stderr)
+        return 2
+    if kind == "NonFiniteLoss":
+        print(f"lafs-fast {prog}: stopped: {detail}", file=sys.stderr)
         return 1
-    except Preempted as exc:
-        print(f"lafs-fast {prog}: {exc}", file=sys.stderr)
-        return 143  # 128 + SIGTERM: what a scheduler expects of a job it asked to stop
-    except RankFailed as exc:  # a worker of --gpus N: its own one sentence, as in a single process
-        if exc.user_error:
-            print(f"lafs-fast {prog}: error: {exc.detail}", file=sys.stderr)
-            return 2
-        if exc.error_type == "NonFiniteLoss":
-            print(f"lafs-fast {prog}: stopped: {exc.detail}", file=sys.stderr)
-            return 1
-        if exc.error_type == "Preempted":
-            print(f"lafs-fast {prog}: {exc.detail}", file=sys.stderr)
-            return 143
-        print(f"lafs-fast {prog}: error: {exc}", file=sys.stderr)
-        return 1
-    if (
-        under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    ):  # each process says its own (several nodes: several logs)
-        for rank, r in results.items():
-            print(f"[{prog}] rank {rank}: {r['steps']} steps, {digest_what} sha256 {r['digest'][:16]}")
+    if kind == "Preempted":
+        print(f"lafs-fast {prog}: {detail}", file=sys.stderr)
+        return 143
+    print(f"lafs-fast {prog}: error: {exc}", file=sys.stderr)
+    return 1
+
+
+def _report_ranks(prog: str, results: dict[int, dict[str, Any]], digest_what: str) -> int:
+    """Each rank's steps and parameter digest (several ranks); 1 when the ranks disagree."""
+    from lafs_fast.launch import under_torchrun
+
+    if under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each says its own (several nodes)
+        shown = results
     elif len(results) > 1:
-        for rank in sorted(results):
-            print(
-                f"[{prog}] rank {rank}: {results[rank]['steps']} steps, {digest_what} sha256 "
-                f"{results[rank]['digest'][:16]}"
-            )
-        if len({r["digest"] for r in results.values()}) != 1:
-            print(f"lafs-fast {prog}: error: the ranks ended with different parameters", file=sys.stderr)
-            return 1
+        shown = dict(sorted(results.items()))
+    else:
+        return 0
+    for rank, r in shown.items():
+        print(f"[{prog}] rank {rank}: {r['steps']} steps, {digest_what} sha256 {r['digest'][:16]}")
+    if len(results) > 1 and len({r["digest"] for r in results.values()}) != 1:
+        print(f"lafs-fast {prog}: error: the ranks ended with different parameters", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -229,24 +249,150 @@ def launch_training(
 
 
 @contextlib.contextmanager
-def training_process(cfg: Config) -> Iterator[tuple[Any, Callable[[str], None]]]:
+def training_process(cfg: Config) -> Iterator[Any]:
     """One process of a training job: joins the process group (``train.device``, the collective
     timeout), seeds torch with ``train.seed`` (identical initial weights on every rank) and sets up the
-    run's messages (rank 0 speaks; ``train.log``). Yields ``(DistInfo, say)``; however the block ends,
-    the logging and the process group are closed."""
+    run's messages (rank 0 speaks; ``train.log``: lafs_fast.logs). Yields the DistInfo; however the
+    block ends, the logging and the process group are closed."""
     import torch
 
     from lafs_fast.launch import init_distributed, shutdown
     from lafs_fast.logs import start_run_logging, stop_run_logging
 
     info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    say = start_run_logging(info.rank).info
+    start_run_logging(info.rank)
     try:
         torch.manual_seed(cfg.train.seed)
-        yield info, say
+        yield info
     finally:
         stop_run_logging()
         shutdown()
+
+
+class TrainingJob:
+    """What one training command adds to the worker every command shares (:func:`run_job`).
+
+    The skeleton: the process (:func:`training_process`), the run's precision (resolved once, here),
+    :meth:`setup` (loader and stage), the lines that describe the run, the k-NN check of the
+    embeddings before training (rank 0, a new run), the engine, :meth:`fit`, the summary, and on rank
+    0 the model file ``model_file``, :meth:`finish`'s lines, the check after training against the
+    raw-pixel floor, and ``summary.json``. Subclasses set the class attributes and the hooks."""
+
+    prog = ""  # the command's name, the prefix of its lines
+    model_file = ""  # written in the run folder at the end (rank 0)
+    check_opt = "check"  # the opts key that switches the k-NN check on
+    summary_prefix = "check"  # summary keys <prefix>_before / _after / _floor
+
+    def __init__(self, cfg: Config, opts: dict[str, Any], info: Any, precision: str) -> None:
+        self.cfg, self.opts, self.info, self.precision = cfg, opts, info, precision
+        self.stage: Any = None
+
+    def setup(self) -> Any:
+        """This job's loader; sets ``self.stage`` (and may refine ``self.cfg``, e.g. the architecture
+        of the loaded weights)."""
+        raise NotImplementedError
+
+    def describe(self, loader: Any) -> list[str]:
+        """The lines that say what runs (before any training)."""
+        return []
+
+    def check_faces(self) -> Any:
+        """The faces of the k-NN check (``lafs_fast.eval.knn.knn_faces``)."""
+        raise NotImplementedError
+
+    def check(self, faces: Any) -> dict[str, float]:
+        """The k-NN check of the current embeddings on ``faces``."""
+        raise NotImplementedError
+
+    def before_fit(self, engine: Any) -> None:
+        """After the engine has claimed the run folder, before the first step."""
+
+    def digest(self) -> str:
+        """The sha256 of the parameters every rank must hold alike."""
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        """The job's own figures in every rank's summary."""
+        return {}
+
+    def finish(self, result: Any, summary: dict[str, Any]) -> None:
+        """Rank 0, after the model file is written: say how it went (may add to ``summary``)."""
+
+
+def run_job(job_cls: type[TrainingJob], cfg_dict: dict[str, Any], opts: dict[str, Any], *args: Any) -> dict[str, Any]:
+    """One process of a training command (the worker :func:`launch_training` starts): the skeleton
+    of :class:`TrainingJob` with ``job_cls(cfg, opts, info, precision, *args)``'s hooks. Returns the
+    summary (steps, digest, the job's figures, the check's on rank 0)."""
+    import torch
+
+    from lafs_fast.config import config_from_dict
+    from lafs_fast.launch import resolve_precision
+    from lafs_fast.train.engine import Engine, barrier
+
+    cfg = config_from_dict(cfg_dict)
+    with training_process(cfg) as info:
+        job = job_cls(cfg, opts, info, resolve_precision(cfg.train.precision, info.device), *args)
+        loader = job.setup()
+        torch.manual_seed(job.cfg.train.seed + 1_000 * info.rank)  # dropout / drop-path streams differ per rank
+        for line in job.describe(loader):
+            log.info(f"[{job.prog}] {line}")
+        faces, before = _check_before(job)
+        barrier(info)
+        out = Path(job.cfg.train.out_dir)
+        engine = Engine(
+            job.cfg,
+            job.stage,
+            loader,
+            info,
+            out,
+            resume=opts.get("resume"),
+            progress=opts.get("progress", True),
+            overwrite=opts.get("overwrite", False),
+            precision=job.precision,
+        )  # claims the run folder before anything is written there
+        job.before_fit(engine)
+        log.info(plan_line(job.prog, engine, job.cfg))
+        result = engine.fit()
+        summary: dict[str, Any] = {
+            "rank": info.rank,
+            "steps": result.steps,
+            "digest": job.digest(),
+            "seconds": result.seconds,
+            "last_checkpoint": str(result.last_checkpoint),
+            **job.summary(),
+        }
+        if info.is_main:
+            atomic_save(job.stage.export(), out / job.model_file)
+            job.finish(result, summary)
+            if faces is not None:
+                summary.update(_check_after(job, faces, before))
+            write_summary(out, summary)
+        barrier(info)
+        return summary
+
+
+def _check_before(job: TrainingJob) -> tuple[Any, dict[str, float] | None]:
+    """(the check's faces, the check before training): rank 0 with the check on; before: a new run."""
+    from lafs_fast.eval.knn import format_check
+
+    faces = job.check_faces() if job.opts.get(job.check_opt) and job.info.is_main else None
+    if faces is None or job.opts.get("resume"):
+        return faces, None
+    before = job.check(faces)
+    log.info(f"[{job.prog}] {faces.title} before: {format_check(before, faces)}")
+    return faces, before
+
+
+def _check_after(job: TrainingJob, faces: Any, before: dict[str, float] | None) -> dict[str, Any]:
+    """The check after training, beside the one before and the raw-pixel floor; their summary keys."""
+    from lafs_fast.eval.knn import pixel_floor, report_lines
+
+    after = job.check(faces)
+    floor = pixel_floor(faces)
+    for line in report_lines(before, after, faces, floor):
+        log.info(f"[{job.prog}] {line}")
+    key = job.summary_prefix
+    return {f"{key}_before": before, f"{key}_after": after, f"{key}_floor": floor}
 
 
 def training_loader(cfg: Config, info: Any, data: str | None = None, with_positions: bool = False):

@@ -220,7 +220,10 @@ class DinoStage(Stage):
         student: MultiCrop | None = None,
         teacher: MultiCrop | None = None,
         detector: DetectorLandmarks | None = None,
+        precision: str | None = None,
     ) -> None:
+        """``precision``: the run's, "bf16" | "fp32", resolved once by the command (None: resolve
+        ``train.precision`` for ``device`` here, a library caller's stage)."""
         self.cfg = cfg
         if student is None:
             student, teacher = build_dino_models(cfg)
@@ -230,7 +233,8 @@ class DinoStage(Stage):
         self.teacher = teacher.to(device)
         self.teacher.train(cfg.dino.teacher_mode == "train")
         # the views' tokens in the run's compute dtype (bf16 regime: bf16 tokens on every device)
-        tok_dtype = torch.bfloat16 if resolve_precision(cfg.train.precision, device) == "bf16" else torch.float32
+        precision = precision or resolve_precision(cfg.train.precision, device)
+        tok_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.views = (views or LafsViews(cfg.views, cfg.model, out_dtype=tok_dtype, detector=detector)).to(device)
         n_views = cfg.views.n_global + cfg.views.n_local
         self.loss_fn = DINOLoss(

@@ -28,19 +28,16 @@ through the small :class:`Stage` interface; the engine owns everything else:
 Randomness of the data path is keyed by ``StepContext.seed`` (a function of run seed, rank, step
 and micro-batch), so it needs no saved state to resume.
 
-Why this file is long (~700 lines): the loop, its state and its checkpoints are one object on
-purpose: what a checkpoint holds (model, optimiser, schedules' step, stage state, every rank's RNG,
-the loader's position, the sharded parameters) is exactly what the loop reads, and resume is tested
-bit for bit against it. The run folder's rules live in ``run_folder.py``, messages in ``logs.py``.
+Beside it: what a checkpoint holds (exactly what the loop reads), writing, pruning and resuming in
+``checkpointing.py``; the run folder's rules and the metrics log in ``run_folder.py``; messages in
+``logs.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import re
 import signal
 import threading
 import time
@@ -58,10 +55,11 @@ import yaml
 from tqdm import tqdm
 
 from lafs_fast.config import Config, config_to_dict
-from lafs_fast.io import atomic_save, atomic_write_bytes, safe_load
+from lafs_fast.io import atomic_write_bytes
 from lafs_fast.launch import DistInfo, resolve_precision
-from lafs_fast.logs import RUN_LOGGER, log_to_file, run_logging_active
-from lafs_fast.train.run_folder import RunLock, check_run_folder
+from lafs_fast.logs import log_to_file
+from lafs_fast.train import checkpointing
+from lafs_fast.train.run_folder import MetricsLog, RunLock, check_run_folder
 
 __all__ = [
     "Stage",
@@ -76,34 +74,9 @@ __all__ = [
     "linear_then_constant",
     "param_groups",
     "clip_gradients",
-    "list_checkpoints",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "CHECKPOINT_FORMAT",
 ]
 
-CHECKPOINT_FORMAT = "lafs-fast-train"
-# config keys a resumed run may change: where and how long it runs, how it logs, not what it trains
-RESUME_MAY_DIFFER = frozenset(
-    {
-        "train.out_dir",
-        "train.max_steps",
-        "train.log_every",
-        "train.ckpt_every_epochs",
-        "train.ckpt_every_steps",
-        "train.keep_last",
-        "train.keep_every",
-        "train.compile",
-        "train.device",
-        "train.dist_timeout_s",
-        "data.workers",
-        "data.loader",
-        "model.attention",
-        "finetune.val_sets",
-        "finetune.val_every",
-    }
-)
-_CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -305,34 +278,6 @@ class FitResult:
     seconds: float
 
 
-# --------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """``ckpt-XXXXXXXX.pt`` files of ``out_dir``, oldest step first."""
-    d = Path(out_dir)
-    if not d.is_dir():
-        return []
-    return sorted(
-        (p for p in d.iterdir() if _CKPT_RE.match(p.name)), key=lambda p: int(_CKPT_RE.match(p.name).group(1))
-    )
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(out_dir)
-    return ckpts[-1] if ckpts else None
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    obj = safe_load(path)
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{path} is not a lafs-fast training checkpoint (a model file cannot be resumed; use it with --init)"
-        )
-    return obj
-
-
 def compile_stage(stage: Stage, device: torch.device, backend: str = "inductor") -> None:
     """``train.compile``: each of the stage's compile targets, after its attention backend is fixed for
     ``device``; a module with ``compile_blocks`` (the fViT) compiles its repeated blocks (regional
@@ -353,6 +298,18 @@ def compile_stage(stage: Stage, device: torch.device, backend: str = "inductor")
 # the engine
 
 
+@dataclass
+class _Window:
+    """The loop's bookkeeping between steps (see :meth:`Engine.fit`)."""
+
+    bar: Any
+    saved_at: int  # the step of the last checkpoint written (or resumed from)
+    samples: int = 0  # samples since the last metrics line
+    since: float = field(default_factory=time.perf_counter)
+    unchecked: tuple[int, int, dict[str, Any]] | None = None  # (step, epoch, record) whose loss is on the device
+    last_loss: float = math.nan
+
+
 class Engine:
     """Runs ``stage`` over ``loader`` for ``cfg.optim.epochs`` epochs (or ``cfg.train.max_steps``).
 
@@ -364,8 +321,11 @@ class Engine:
         out_dir: checkpoints and ``metrics.jsonl`` (rank 0 writes).
         resume: a checkpoint path, "auto" (latest loadable in ``out_dir`` if any) or None (a new run:
             refused when ``out_dir`` holds another run, unless ``overwrite``, which deletes that run's files).
-            The checkpoint's config must equal this run's but for the keys in ``RESUME_MAY_DIFFER``.
+            The checkpoint's config must equal this run's but for the keys in
+            ``checkpointing.RESUME_MAY_DIFFER``.
         progress: show the tqdm bar (rank 0).
+        precision: "bf16" | "fp32", resolved once by the caller (the training commands); None resolves
+            ``train.precision`` for ``dist.device`` here (a library caller's engine).
     """
 
     def __init__(
@@ -378,18 +338,14 @@ class Engine:
         resume: str | Path | None = None,
         progress: bool = True,
         overwrite: bool = False,
+        precision: str | None = None,
     ) -> None:
         self.cfg, self.stage, self.loader, self.dist = cfg, stage, loader, dist
         self.out_dir = Path(out_dir)
         self.device = dist.device
         self._lock: RunLock | None = None
         if dist.is_main:  # rank 0 writes: it holds the folder for the run's life (see train/run_folder.py)
-            self._lock = RunLock(self.out_dir)
-            old = self._lock.replace_old_run() if resume is None and overwrite else []
-            check_run_folder(self.out_dir, None if resume is None else str(resume))
-            log_to_file(self.out_dir / "train.log")  # what the run says, also in the folder (logs.py)
-            if old:
-                self._log_line(f"--overwrite: deleted the older run in {self.out_dir} ({len(old)} files)")
+            self._claim_folder(resume, overwrite)
         o = cfg.optim
         steps_per_epoch = len(loader) // o.accumulation
         if steps_per_epoch < 1:
@@ -398,300 +354,90 @@ class Engine:
                 "accumulation or the batch size"
             )
         self.plan = Plan(o.epochs, steps_per_epoch, o.accumulation, o.batch_size, dist.world_size)
-        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.precision = precision or resolve_precision(cfg.train.precision, self.device)
         self.progress = progress and dist.is_main
-
-        # schedules: lr scaled by the global batch (spec: peak lr * global_batch / 256)
-        peak = o.lr * self.plan.global_batch / 256.0
-        self.schedules: dict[str, np.ndarray] = {
-            "lr": cosine_schedule(peak, o.min_lr, o.epochs, steps_per_epoch, o.warmup_epochs),
-            "weight_decay": cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, steps_per_epoch),
-        }
-        for k, v in stage.schedules(self.plan).items():
-            if len(v) != self.plan.total_steps:
-                raise ValueError(f"stage schedule {k!r} has {len(v)} steps, the run has {self.plan.total_steps}")
-            self.schedules[k] = v
-
-        if cfg.train.compile:  # before DDP wraps (DDP over compiled submodules)
-            compile_stage(stage, self.device)
-        self.model: nn.Module = stage.model
-        if dist.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            with (
-                warnings.catch_warnings()
-            ):  # torch 2.13 deprecates broadcast_buffers; its successor still syncs at init
-                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-                self.model = nn.parallel.DistributedDataParallel(stage.model, device_ids=ids, broadcast_buffers=False)
+        self.schedules = self._build_schedules()
+        self.model = self._wrap_model()
         groups = stage.param_groups(stage.model)
         self.params = [p for g in groups for p in g["params"]]
-        fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             groups,
             lr=float(self.schedules["lr"][0]),
             betas=tuple(o.betas),
             weight_decay=0.0,
-            **({"fused": True} if fused else {}),
+            **({"fused": True} if self.device.type == "cuda" else {}),
         )
         self.step = 0
         self.last_checkpoint: Path | None = None
         self.history: list[dict[str, float]] = []
         self._checked: dict[str, Any] = {}  # the latest step record on the host
-        self._tb = None
+        self.metrics = MetricsLog(self.out_dir, dist.is_main)
         if resume is not None:
-            if str(resume) == "auto":
-                self._load_latest()
-            else:
-                self._load(Path(resume))
+            checkpointing.resume(self, resume)
         if dist.is_main:
             atomic_write_bytes(
                 yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode(), self.out_dir / "config.yaml"
             )
 
-    # ---------------------------------------------------------------- state
+    def _claim_folder(self, resume: str | Path | None, overwrite: bool) -> None:
+        """Rank 0: lock ``out_dir`` (another run's files refused or, with ``overwrite``, deleted) and
+        send the run's lines to its train.log."""
+        self._lock = RunLock(self.out_dir)
+        old = self._lock.replace_old_run() if resume is None and overwrite else []
+        check_run_folder(self.out_dir, None if resume is None else str(resume))
+        log_to_file(self.out_dir / "train.log")  # what the run says, also in the folder (logs.py)
+        if old:
+            self._log_line(f"--overwrite: deleted the older run in {self.out_dir} ({len(old)} files)")
 
-    def _gather_shards(self) -> dict[str, dict[str, torch.Tensor]] | None:
-        """Every rank's rows of the stage's sharded parameters and of their AdamW moments, whole, on
-        rank 0 (None elsewhere, and without sharded parameters or a process group). Rows are kept in
-        class order, so a resume re-splits them with the same ``shard_range``. Memory: one whole copy
-        per tensor on rank 0's host at checkpoint time (206k x 768 fp32: 0.6 GB each)."""
-        sharded = self.stage.sharded_parameters()
-        if not sharded or not (self.dist.distributed and dist.is_initialized()):
-            return None
-        local = {}
-        for name, (p, start, end) in sharded.items():
-            opt = {
-                k: v.detach().cpu()
-                for k, v in self.optimizer.state.get(p, {}).items()
-                if torch.is_tensor(v) and v.shape == p.shape
-            }
-            local[name] = {
-                "start": start,
-                "end": end,
-                "param": p.detach().cpu(),
-                **{f"optim.{k}": v for k, v in opt.items()},
-            }
-        parts: list[Any] | None = [None] * self.dist.world_size if self.dist.is_main else None
-        dist.gather_object(local, parts, dst=0)
-        if not self.dist.is_main:
-            return None
-        whole = {}
-        for name in sharded:
-            ranks = sorted((r[name] for r in parts), key=lambda r: r["start"])
-            whole[name] = {k: torch.cat([r[k] for r in ranks]) for k in ranks[0] if k not in ("start", "end")}
-        return whole
-
-    def _load_shards(self, path: Path, ck: dict[str, Any]) -> dict[str, Any]:
-        """This rank's rows of the stage's sharded parameters from a checkpoint's whole tensors; returns
-        the model state without them (each rank's own slice shape differs from rank 0's)."""
-        sharded = self.stage.sharded_parameters()
-        model_state = ck["model"]
-        if not sharded or not self.dist.distributed:
-            return model_state
-        whole = ck.get("sharded") or {}
-        missing = [n for n in sharded if n not in whole]
-        if missing:
-            raise ValueError(
-                f"{path} holds rank 0's slice of {', '.join(missing)} only (written by an older lafs-fast); "
-                "it cannot resume a multi-process sharded run"
-            )
-        with torch.no_grad():
-            for name, (p, start, end) in sharded.items():
-                rows = whole[name]["param"]
-                if rows.shape[0] < end:
-                    raise ValueError(f"{path} holds {rows.shape[0]} rows of {name}, this run needs {end}")
-                p.copy_(rows[start:end].to(p.device, p.dtype))
-        return {k: v for k, v in model_state.items() if k not in sharded}
-
-    def _restore_shard_moments(self, ck: dict[str, Any]) -> None:
-        """After the optimiser's state dict (rank 0's rows for the sharded parameters): this rank's rows."""
-        sharded = self.stage.sharded_parameters()
-        if not sharded or not self.dist.distributed:
-            return
-        for name, (p, start, end) in sharded.items():
-            state = self.optimizer.state.get(p)
-            for key, rows in ck["sharded"][name].items():
-                if key.startswith("optim.") and state is not None:
-                    state[key[len("optim.") :]] = rows[start:end].to(p.device).clone()
-
-    def _rng_state(self) -> dict[str, Any]:
-        state = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def state_dict(self, rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """The full training state; ``rng_ranks``: every rank's RNG states (gathered by
-        ``save_checkpoint``), else this process's alone."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": 1,
-            "stage": self.stage.name,
-            "config": config_to_dict(self.cfg),
-            "step": self.step,
-            "epoch": self.step // self.plan.steps_per_epoch,
-            "plan": {
-                "epochs": self.plan.epochs,
-                "steps_per_epoch": self.plan.steps_per_epoch,
-                "world_size": self.plan.world_size,
-            },
-            "model": self.stage.model.state_dict(),
-            "stage_state": self.stage.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "loader": self.loader.state_dict(),
-            "rng": self._rng_state(),
-            "rng_ranks": rng_ranks or [self._rng_state()],
-            "model_file": self.stage.export(),
+    def _build_schedules(self) -> dict[str, np.ndarray]:
+        """lr (scaled by the global batch: peak lr * global_batch / 256) and weight decay, + the stage's."""
+        o, plan = self.cfg.optim, self.plan
+        peak = o.lr * plan.global_batch / 256.0
+        schedules = {
+            "lr": cosine_schedule(peak, o.min_lr, o.epochs, plan.steps_per_epoch, o.warmup_epochs),
+            "weight_decay": cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, plan.steps_per_epoch),
         }
+        for k, v in self.stage.schedules(plan).items():
+            if len(v) != plan.total_steps:
+                raise ValueError(f"stage schedule {k!r} has {len(v)} steps, the run has {plan.total_steps}")
+            schedules[k] = v
+        return schedules
 
-    def _load_latest(self) -> None:
-        """``--resume`` alone: the newest checkpoint of ``out_dir`` that loads (a truncated newest one,
-        e.g. from a full disk, is named and the previous one taken); nothing when there is none."""
-        ckpts = list_checkpoints(self.out_dir)
-        for i, path in enumerate(reversed(ckpts)):
-            try:
-                ck = load_checkpoint(path)
-            except ValueError as exc:
-                if i == len(ckpts) - 1:
-                    raise ValueError(f"no checkpoint in {self.out_dir} loads (the oldest: {exc})") from None
-                self._log_line(f"{path.name} does not load ({exc}); resuming from the one before it")
-                continue
-            self._load(path, ck)
-            return
+    def _wrap_model(self) -> nn.Module:
+        """The stage's model, compiled (``train.compile``) and, with several ranks, in DDP."""
+        if self.cfg.train.compile:  # before DDP wraps (DDP over compiled submodules)
+            compile_stage(self.stage, self.device)
+        if not self.dist.distributed:
+            return self.stage.model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        with warnings.catch_warnings():  # torch 2.13 deprecates broadcast_buffers; its successor still syncs at init
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            return nn.parallel.DistributedDataParallel(self.stage.model, device_ids=ids, broadcast_buffers=False)
 
-    def _check_resume_config(self, path: Path, saved: dict[str, Any]) -> None:
-        """The checkpoint's config must be this run's, but for the run-only keys (RESUME_MAY_DIFFER)."""
-        now = config_to_dict(self.cfg)
-        diffs = [
-            f"{s}.{k} {saved[s][k]!r} -> {v!r}"
-            for s, body in now.items()
-            for k, v in body.items()
-            if f"{s}.{k}" not in RESUME_MAY_DIFFER and s in saved and k in saved[s] and saved[s][k] != v
-        ]
-        if diffs:
-            more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
-            raise ValueError(
-                f"{path} was written by a run with other settings: {'; '.join(diffs[:3])}{more}; resume with that "
-                "run's settings (its config.yaml, or --config from `lafs-fast checkpoint show`), or start a new run "
-                "in another --out"
-            )
-
-    def _load(self, path: Path, ck: dict[str, Any] | None = None) -> None:
-        if ck is None:
-            try:
-                ck = load_checkpoint(path)
-            except ValueError as exc:
-                older = [p for p in list_checkpoints(path.parent) if p != path]
-                hint = f"; the previous checkpoint is {older[-1]} (--resume {older[-1]})" if older else ""
-                raise ValueError(f"{exc}{hint}") from None
-        if ck.get("stage") != self.stage.name:
-            raise ValueError(f"{path} is a {ck.get('stage')!r} checkpoint, this is {self.stage.name!r}")
-        if isinstance(ck.get("config"), dict):
-            self._check_resume_config(path, ck["config"])
-        plan = ck.get("plan", {})
-        if plan.get("steps_per_epoch") not in (None, self.plan.steps_per_epoch) or plan.get("world_size") not in (
-            None,
-            self.plan.world_size,
-        ):
-            raise ValueError(
-                f"{path} was written with {plan.get('steps_per_epoch')} steps per epoch on {plan.get('world_size')} "
-                "process(es); "
-                f"this run has {self.plan.steps_per_epoch} on {self.plan.world_size}: resume with the same data, batch "
-                "size and --gpus"
-            )
-        try:
-            model_state = self._load_shards(path, ck)
-            missing, unexpected = self.stage.model.load_state_dict(model_state, strict=False)
-            missing = [k for k in missing if k not in self.stage.sharded_parameters()]
-            if missing or unexpected:
-                raise KeyError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
-            self.stage.load_state_dict(ck["stage_state"])
-            self.optimizer.load_state_dict(ck["optimizer"])
-            self._restore_shard_moments(ck)
-        except (RuntimeError, KeyError, ValueError) as exc:  # shapes or names of another model
-            first = str(exc).strip().splitlines()
-            raise ValueError(
-                f"{path} does not fit this model "
-                f"({first[1].strip() if len(first) > 1 else first[0] if first else type(exc).__name__}); "
-                "resume with the run's own settings"
-            ) from None
-        self.loader.load_state_dict(ck["loader"])
-        ranks = ck.get("rng_ranks") or [ck["rng"]]
-        if self.dist.rank < len(ranks):  # each rank continues its own dropout / drop-path stream
-            rng = ranks[self.dist.rank]
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.step = int(ck["step"])
-        self.last_checkpoint = path
-        self._log_line(f"resumed from {path} at step {self.step} (epoch {self.step // self.plan.steps_per_epoch})")
-
-    def _all_finite(self) -> bool:
-        ts = [t for t in self.stage.finite_tensors() if t.is_floating_point()]
-        if not ts:
-            return True
-        return bool(torch.isfinite(torch.stack(torch._foreach_norm(ts))).all())
+    # ---------------------------------------------------------------- checkpoints (checkpointing.py)
 
     def save_checkpoint(self, epoch_end: bool) -> Path | None:
         """Write ``ckpt-<step>.pt`` atomically (rank 0), then prune. Refuses non-finite parameters."""
-        if not self._all_finite():
+        if not checkpointing.all_finite(self.stage):
             raise NonFiniteLoss(
                 f"parameters became non-finite by step {self.step}; no checkpoint written "
                 f"(last good: {self.last_checkpoint or 'none'})"
             )
-        rng_ranks = None
-        if self.dist.distributed and dist.is_initialized():
-            rng_ranks = [None] * self.dist.world_size
-            dist.all_gather_object(rng_ranks, {k: v.cpu() for k, v in self._rng_state().items()})
-        shards = self._gather_shards()
-        if not self.dist.is_main:
-            return None
-        path = self.out_dir / f"ckpt-{self.step:08d}.pt"
-        state = self.state_dict(rng_ranks)
-        if shards:
-            state["sharded"] = shards
-        atomic_save(state, path)
-        keep_every = self.cfg.train.keep_every
-        epoch = self.step // self.plan.steps_per_epoch
-        if epoch_end and keep_every > 0 and epoch % keep_every == 0:
-            (self.out_dir / f"ckpt-{self.step:08d}.keep").touch()
-        self.last_checkpoint = path
-        self._prune()
-        return path
+        return checkpointing.save(self, epoch_end)
 
-    def _prune(self) -> None:
-        ckpts = list_checkpoints(self.out_dir)
-        removable = [p for p in ckpts if not p.with_suffix(".keep").exists()]
-        for p in removable[: max(len(removable) - max(self.cfg.train.keep_last, 1), 0)]:
-            p.unlink(missing_ok=True)
+    def state_dict(self, rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The full training state, as a checkpoint holds it (``checkpointing.training_state``)."""
+        return checkpointing.training_state(self, rng_ranks)
 
     # ---------------------------------------------------------------- logging
 
     def _log_line(self, text: str) -> None:
-        if not self.dist.is_main:
-            return
-        if run_logging_active():  # a command's run logging (console + train.log)
-            logging.getLogger(RUN_LOGGER).info(f"[{self.stage.name}] {text}")
-        else:  # a library caller's engine: plain lines, as before
-            tqdm.write(f"[{self.stage.name}] {text}")
+        if self.dist.is_main:  # the terminal, and train.log during a command's run (logs.py)
+            log.info(f"[{self.stage.name}] {text}")
 
     def _log_metrics(self, record: dict[str, float]) -> None:
         self.history.append(record)
-        if not self.dist.is_main:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.out_dir / "tb"))
-            except Exception:  # tensorboard not installed: the JSONL log is the record
-                self._tb = False
-        if self._tb:
-            for k, v in record.items():
-                if k not in ("step", "epoch"):
-                    self._tb.add_scalar(k, v, record["step"])
+        self.metrics.add(record)  # metrics.jsonl (rank 0)
 
     # ---------------------------------------------------------------- the loop
 
@@ -723,23 +469,12 @@ class Engine:
         ``train.ckpt_every_epochs``), every ``train.ckpt_every_steps`` and at the end. SIGTERM writes a
         checkpoint of the step reached and raises :class:`Preempted`."""
         t_start = time.perf_counter()
-        cfg, plan = self.cfg.train, self.plan
-        stop = plan.total_steps if cfg.max_steps <= 0 else min(cfg.max_steps, plan.total_steps)
-        bar = tqdm(
-            total=stop,
-            initial=self.step,
-            disable=not self.progress,
-            unit="step",
-            dynamic_ncols=True,
-            desc=self.stage.name,
-        )
+        plan, max_steps = self.plan, self.cfg.train.max_steps
+        stop = plan.total_steps if max_steps <= 0 else min(max_steps, plan.total_steps)
+        look = {"disable": not self.progress, "unit": "step", "dynamic_ncols": True, "desc": self.stage.name}
+        bar = tqdm(total=stop, initial=self.step, **look)
         self.model.train()
-        window_samples, window_t = 0, time.perf_counter()
-        saved_at = self.step
-        unchecked: tuple[int, int, dict[str, Any]] | None = (
-            None  # (step, epoch, record) whose loss is still on the device
-        )
-        last_loss = math.nan
+        window = _Window(bar, saved_at=self.step)
         term = [False]  # set by SIGTERM while training (see _sigterm_handler)
         restore = _sigterm_handler(term)
         try:
@@ -747,56 +482,64 @@ class Engine:
                 epoch = self.step // plan.steps_per_epoch
                 batches = self._batches(epoch)
                 while self.step < stop and self.step // plan.steps_per_epoch == epoch:
-                    record = self._train_step(batches, epoch)
-                    if unchecked is not None:  # the previous step: finished on the device by now, or nearly
-                        last_loss = self._check_loss(*unchecked)
-                    unchecked = (self.step, epoch, record)
-                    window_samples += record.pop("_samples")
-                    self.step += 1
-                    bar.update(1)
-                    now = time.perf_counter()
-                    rate = window_samples * plan.world_size / max(now - window_t, 1e-9)
-                    log = self.step % max(cfg.log_every, 1) == 0 or self.step == stop
-                    epoch_end = self.step % plan.steps_per_epoch == 0
-                    due = (
-                        epoch_end
-                        and cfg.ckpt_every_epochs > 0
-                        and (self.step // plan.steps_per_epoch) % cfg.ckpt_every_epochs == 0
-                    ) or (cfg.ckpt_every_steps > 0 and self.step % cfg.ckpt_every_steps == 0)
-                    if log or due:  # this step's loss is needed (or must be vetted) now
-                        last_loss, unchecked = self._check_loss(*unchecked), None
-                    shown = {k: f"{self._checked[k]:.3g}" for k in self.stage.progress_keys if k in self._checked}
-                    loss_shown = "..." if math.isnan(last_loss) else f"{last_loss:.4f}"  # "...": not read back yet
-                    bar.set_postfix(loss=loss_shown, **shown, samples_s=f"{rate:.1f}")
-                    if log:
-                        record.update(step=self.step, epoch=epoch, samples_per_s=rate)
-                        self._log_metrics(record)
-                        window_samples, window_t = 0, now
-                    if due:
-                        self.save_checkpoint(epoch_end)
-                        saved_at = self.step
-                    if self._stop_requested(term, log or due):
-                        if unchecked is not None:
-                            last_loss, unchecked = self._check_loss(*unchecked), None
-                        if saved_at != self.step:
-                            self.save_checkpoint(epoch_end)
-                        raise Preempted(
-                            f"stopped by SIGTERM at step {self.step} (epoch {epoch}); checkpoint "
-                            f"{self.last_checkpoint or 'none'}; continue with --resume"
-                        )
-            if saved_at != self.step:
+                    self._step_and_report(batches, epoch, stop, window, term)
+            if window.saved_at != self.step:
                 self.save_checkpoint(self.step % plan.steps_per_epoch == 0)
         finally:
             restore()
             bar.close()
-            if self._tb:
-                self._tb.close()
-        return FitResult(
-            self.step,
-            self.step // plan.steps_per_epoch,
-            self.last_checkpoint,
-            self.history,
-            time.perf_counter() - t_start,
+            self.metrics.close()
+        epochs_done = self.step // plan.steps_per_epoch
+        return FitResult(self.step, epochs_done, self.last_checkpoint, self.history, time.perf_counter() - t_start)
+
+    def _step_and_report(
+        self, batches: Iterator[Any], epoch: int, stop: int, window: _Window, term: list[bool]
+    ) -> None:
+        """One optimiser step, then what follows it: the previous step's loss read back, the progress
+        bar, the metrics line, a checkpoint when due, and a stop on SIGTERM (:class:`Preempted`)."""
+        cfg, plan = self.cfg.train, self.plan
+        record = self._train_step(batches, epoch)
+        if window.unchecked is not None:  # the previous step: finished on the device by now, or nearly
+            window.last_loss = self._check_loss(*window.unchecked)
+        window.unchecked = (self.step, epoch, record)
+        window.samples += record.pop("_samples")
+        self.step += 1
+        window.bar.update(1)
+        now = time.perf_counter()
+        rate = window.samples * plan.world_size / max(now - window.since, 1e-9)
+        log_now = self.step % max(cfg.log_every, 1) == 0 or self.step == stop
+        epoch_end = self.step % plan.steps_per_epoch == 0
+        due = self._checkpoint_due(epoch_end)
+        if log_now or due:  # this step's loss is needed (or must be vetted) now
+            window.last_loss, window.unchecked = self._check_loss(*window.unchecked), None
+        shown = {k: f"{self._checked[k]:.3g}" for k in self.stage.progress_keys if k in self._checked}
+        loss_shown = "..." if math.isnan(window.last_loss) else f"{window.last_loss:.4f}"  # "...": not read back yet
+        window.bar.set_postfix(loss=loss_shown, **shown, samples_s=f"{rate:.1f}")
+        if log_now:
+            record.update(step=self.step, epoch=epoch, samples_per_s=rate)
+            self._log_metrics(record)
+            window.samples, window.since = 0, now
+        if due:
+            self.save_checkpoint(epoch_end)
+            window.saved_at = self.step
+        if self._stop_requested(term, log_now or due):
+            self._preempt(window, epoch, epoch_end)
+
+    def _checkpoint_due(self, epoch_end: bool) -> bool:
+        """Whether the step just done ends with a checkpoint (``train.ckpt_every_epochs`` / ``_steps``)."""
+        cfg, step = self.cfg.train, self.step
+        every_epochs = cfg.ckpt_every_epochs > 0 and (step // self.plan.steps_per_epoch) % cfg.ckpt_every_epochs == 0
+        return (epoch_end and every_epochs) or (cfg.ckpt_every_steps > 0 and step % cfg.ckpt_every_steps == 0)
+
+    def _preempt(self, window: _Window, epoch: int, epoch_end: bool) -> None:
+        """SIGTERM: vet the last loss, checkpoint the step reached (unless just done), raise Preempted."""
+        if window.unchecked is not None:
+            window.last_loss, window.unchecked = self._check_loss(*window.unchecked), None
+        if window.saved_at != self.step:
+            self.save_checkpoint(epoch_end)
+        raise Preempted(
+            f"stopped by SIGTERM at step {self.step} (epoch {epoch}); checkpoint "
+            f"{self.last_checkpoint or 'none'}; continue with --resume"
         )
 
     def _stop_requested(self, term: list[bool], sync_point: bool) -> bool:

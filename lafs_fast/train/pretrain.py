@@ -18,29 +18,31 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lafs_fast.config import Config, config_from_dict, config_to_dict
+from lafs_fast.config import Config, config_to_dict
 from lafs_fast.dense_landmarks import DetectorLandmarks
-from lafs_fast.eval.knn import format_check, knn_check, knn_faces, pixel_floor, report_lines
-from lafs_fast.io import atomic_save, check_writable_dir
+from lafs_fast.eval.knn import knn_check, knn_faces
+from lafs_fast.io import check_writable_dir
 from lafs_fast.train.cli_common import (
+    TrainingJob,
     add_check_arguments,
     add_run_arguments,
     add_source_arguments,
     check_enabled,
     data_source,
     launch_training,
-    plan_line,
     resolve_training_config,
+    run_job,
     training_loader,
-    training_process,
-    write_summary,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "add_arguments",
@@ -114,7 +116,7 @@ def stage_defaults(preset: str) -> dict[str, Any]:
 
 def preflight(cfg: Config, resume: str | None) -> None:
     """Every check that needs no work: output folder writable, data and landmark paths readable."""
-    from lafs_fast.data.loaders import open_source
+    from lafs_fast.data.sources import open_source
 
     check_writable_dir(cfg.train.out_dir)
     open_source(data_source(cfg))  # FileNotFoundError / ValueError naming the path
@@ -180,74 +182,63 @@ def param_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
-    """One process of the job: data, views, DINO, the engine; rank 0 writes. Returns a summary
-    (steps, parameter digest, k-NN figures on rank 0)."""
-    from lafs_fast.train.dino import DinoStage
-    from lafs_fast.train.engine import Engine, barrier
+class PretrainJob(TrainingJob):
+    """Stage 1 in the shared worker: data (record positions with ``--landmarks detector``), views,
+    DINO; ``teacher.pt`` at the end; the check embeds with the teacher's backbone."""
 
-    cfg = config_from_dict(cfg_dict)
-    with training_process(cfg) as (info, say):
-        detector = detector_landmarks(cfg)
-        loader = training_loader(cfg, info, with_positions=detector is not None)
-        stage = DinoStage(cfg, info.device, detector=detector)
-        torch.manual_seed(cfg.train.seed + 1_000 * info.rank)  # dropout / drop-path streams differ per rank
-        out = Path(cfg.train.out_dir)
-        say(f"[pretrain] {info.world_size} process(es) on {info.device.type}; data: {loader.backend}")
-        say(
-            f"[pretrain] views: {cfg.views.mode}, landmarks: "
+    prog = "pretrain"
+    model_file = "teacher.pt"
+    check_opt = "knn"
+    summary_prefix = "knn"
+
+    def setup(self) -> Any:
+        from lafs_fast.train.dino import DinoStage
+
+        cfg, info = self.cfg, self.info
+        self.detector = detector_landmarks(cfg)
+        loader = training_loader(cfg, info, with_positions=self.detector is not None)
+        self.stage = DinoStage(cfg, info.device, detector=self.detector, precision=self.precision)
+        return loader
+
+    def describe(self, loader: Any) -> list[str]:
+        cfg, info, detector = self.cfg, self.info, self.detector
+        lines = [
+            f"{info.world_size} process(es) on {info.device.type}; data: {loader.backend}",
+            f"views: {cfg.views.mode}, landmarks: "
             f"{cfg.views.landmarks if cfg.views.mode == 'lafs' else 'none (image grid)'}; "
             f"model dim {cfg.model.dim} depth {cfg.model.depth}, "
-            f"{sum(p.numel() for p in stage.model.backbone.parameters()) / 1e6:.2f} M backbone params"
-        )
+            f"{sum(p.numel() for p in self.stage.model.backbone.parameters()) / 1e6:.2f} M backbone params",
+        ]
         if detector is not None and info.is_main:
             q = detector.quality()
-            say(
-                f"[pretrain] {detector.describe()}; on {q['faces']} faces the densification fits the detected points "
-                "to "
+            lines.append(
+                f"{detector.describe()}; on {q['faces']} faces the densification fits the detected points to "
                 f"{q['fit_px']:.1f} px (affine {q['affine_fit_px']:.1f} px), smallest grid step {q['min_step_px']:.1f} "
                 "px" + (" - THE GRID FOLDS: raise views.detector_smoothing" if q["min_step_px"] <= 0 else "")
             )
-        before = faces = None
-        if opts.get("knn") and info.is_main:
-            faces = knn_faces(
-                opts.get("knn_data"), info.device, train_data=data_source(cfg), detector=detector is not None
-            )
-        if faces is not None and not opts.get("resume"):
-            before = knn_check(stage.teacher.backbone, stage.views, info.device, faces)
-            say(f"[pretrain] {faces.title} before: {format_check(before, faces)}")
-        barrier(info)
-        engine = Engine(
-            cfg,
-            stage,
-            loader,
-            info,
-            out,
-            resume=opts.get("resume"),
-            progress=opts.get("progress", True),
-            overwrite=opts.get("overwrite", False),
+        return lines
+
+    def check_faces(self) -> Any:
+        train_data = data_source(self.cfg)
+        return knn_faces(
+            self.opts.get("knn_data"), self.info.device, train_data=train_data, detector=self.detector is not None
         )
-        say(plan_line("pretrain", engine, cfg))
-        result = engine.fit()
-        summary: dict[str, Any] = {
-            "rank": info.rank,
-            "steps": result.steps,
-            "digest": param_digest(stage.model),
-            "seconds": result.seconds,
-            "last_checkpoint": str(result.last_checkpoint),
-        }
-        if info.is_main:
-            atomic_save(stage.export(), out / "teacher.pt")
-            say(f"[pretrain] {result.steps} steps in {result.seconds:.1f} s; teacher model file: {out / 'teacher.pt'}")
-            if faces is not None:
-                after = knn_check(stage.teacher.backbone, stage.views, info.device, faces)
-                floor = pixel_floor(faces)
-                for line in report_lines(before, after, faces, floor):
-                    say(f"[pretrain] {line}")
-                summary.update(knn_before=before, knn_after=after, knn_floor=floor)
-            write_summary(out, summary)
-        barrier(info)
-        return summary
+
+    def check(self, faces: Any) -> dict[str, float]:
+        return knn_check(self.stage.teacher.backbone, self.stage.views, self.info.device, faces, self.precision)
+
+    def digest(self) -> str:
+        return param_digest(self.stage.model)
+
+    def finish(self, result: Any, summary: dict[str, Any]) -> None:
+        out = Path(self.cfg.train.out_dir) / self.model_file
+        log.info(f"[pretrain] {result.steps} steps in {result.seconds:.1f} s; teacher model file: {out}")
+
+
+def train_worker(cfg_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
+    """One process of the job: data, views, DINO, the engine; rank 0 writes. Returns a summary
+    (steps, parameter digest, k-NN figures on rank 0)."""
+    return run_job(PretrainJob, cfg_dict, opts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,5 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command("lafs-fast pretrain", parser, run, sys.argv[1:] if argv is None else argv)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the module's own name: its logger is under lafs_fast, its worker spawns
+    from lafs_fast.train.pretrain import main as _main
+
+    sys.exit(_main())

@@ -9,11 +9,13 @@
   in the folder. A second run into the same folder at the same time is refused naming the first's
   pid; the kernel drops the lock when the holder dies (kill -9 included), so it is never stale.
   Under the lock, temporary files of killed writes are cleared.
+- :class:`MetricsLog`: the run's ``metrics.jsonl`` (and TensorBoard's ``tb/`` when it is installed).
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import time
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from lafs_fast.io import remove_stale_temporaries
 
-__all__ = ["RUN_FILES", "RunLock", "check_run_folder", "run_files"]
+__all__ = ["RUN_FILES", "RunLock", "MetricsLog", "check_run_folder", "run_files"]
 
 LOCK_NAME = ".lafs-fast.lock"
 # what a run writes (checkpoints by pattern); a folder holding any of these holds a run
@@ -117,3 +119,35 @@ class RunLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+class MetricsLog:
+    """The step records of a run: one JSON line each in ``out_dir/metrics.jsonl``, and TensorBoard
+    scalars in ``out_dir/tb`` when tensorboard is installed. Only a process with ``write`` (rank 0)
+    writes anything."""
+
+    def __init__(self, out_dir: str | Path, write: bool) -> None:
+        self.out_dir, self.write = Path(out_dir), write
+        self._tb = None  # None: not opened yet; False: tensorboard missing
+
+    def add(self, record: dict[str, float]) -> None:
+        if not self.write:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+            except Exception:  # tensorboard not installed: the JSONL log is the record
+                self._tb = False
+        if self._tb:
+            for k, v in record.items():
+                if k not in ("step", "epoch"):
+                    self._tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self._tb:
+            self._tb.close()

@@ -49,6 +49,7 @@ said in the log).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,32 +65,17 @@ from lafs_fast.models import LandmarkCNN, PartFViT
 from lafs_fast.models.checkpoints import model_file
 from lafs_fast.models.sharded_head import ShardedMarginHead
 from lafs_fast.train.engine import Plan, Stage, StepContext, cosine_schedule
-
-# the stage's parts, re-exported: augmentation (supervised_augment.py) and model building (supervised_model.py)
-from lafs_fast.train.supervised_augment import FaceAugment, apply_mixup, build_mixup, random_erase  # noqa: E402,F401
-from lafs_fast.train.supervised_model import (  # noqa: E402,F401
-    ARCH_FIELDS,
-    build_supervised_model,
-    layer_id,
-    read_weights,
-    supervised_param_groups,
-)
+from lafs_fast.train.supervised_augment import FaceAugment, apply_mixup, build_mixup
+from lafs_fast.train.supervised_model import supervised_param_groups
 
 __all__ = [
     "LANDMARK_LAMBDA",
     "landmark_lambda",
     "landmark_lambda_schedule",
     "SupervisedStage",
-    "FaceAugment",
-    "build_mixup",
-    "apply_mixup",
-    "random_erase",
-    "layer_id",
-    "supervised_param_groups",
-    "read_weights",
-    "build_supervised_model",
-    "ARCH_FIELDS",
 ]
+
+log = logging.getLogger(__name__)
 
 # (first epoch, lambda): the regulariser's weight from that epoch on (spec section 4)
 LANDMARK_LAMBDA: tuple[tuple[int, float], ...] = ((0, 1000.0), (8, 100.0), (14, 1.0), (21, 0.11), (28, 0.0))
@@ -142,7 +128,6 @@ class SupervisedStage(Stage):
         out_dir: str | Path | None = None,
         val_sets: list[str] | None = None,
         is_main: bool = True,
-        say=print,
     ) -> None:
         if stage not in (0, 2):
             raise ValueError(f"the supervised stage is 0 or 2, not {stage}")
@@ -167,7 +152,7 @@ class SupervisedStage(Stage):
             self.notes.append("Mixup off: the sharded margin head takes integer labels only")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.val_sets = list(val_sets or [])
-        self.is_main, self.say = is_main, say
+        self.is_main = is_main
         self.val = ValState()
         self.first_loss: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_loss: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -260,7 +245,7 @@ class SupervisedStage(Stage):
                 (self.out_dir / "best.json").write_text(
                     json.dumps({"step": step, "mean_accuracy": mean, "accuracy": acc}, indent=1) + "\n"
                 )
-        self.say(
+        log.info(
             f"[{self.name}] step {step}: verification "
             + ", ".join(f"{k} {v:.2f}%" for k, v in acc.items())
             + (

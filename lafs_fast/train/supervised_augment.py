@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from lafs_fast.config import Config
 from lafs_fast.kernels.patch_sampling import normalise_images
+from lafs_fast.train.randaugment import OPS  # the device path's op list, in timm's order: one list for both paths
 
 __all__ = ["FaceAugment", "random_erase", "build_mixup", "apply_mixup"]
 
@@ -22,22 +23,21 @@ def _randaug_ops(cfg: Config) -> list:
     """timm's RandAugment ops without the Solarize ops (the face recipe): the increasing-severity
     variants (timm's ``inc1``), so that the small face magnitudes (m = 1 or 2) are mild changes
     (the original Posterize / Color / Contrast / Brightness / Sharpness are strongest at m = 0)."""
-    from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, rand_augment_ops
+    from timm.data.auto_augment import rand_augment_ops
 
     from lafs_fast import _torchvision_fix  # noqa: F401 - timm imports torchvision
 
     f = cfg.finetune
-    names = [n for n in _RAND_INCREASING_TRANSFORMS if "Solarize" not in n]
     hparams = {"magnitude_std": f.randaug_std, "img_mean": (128, 128, 128)}
-    return rand_augment_ops(magnitude=f.randaug_magnitude, prob=f.randaug_p, hparams=hparams, transforms=names)
+    return rand_augment_ops(magnitude=f.randaug_magnitude, prob=f.randaug_p, hparams=hparams, transforms=list(OPS))
 
 
 class FaceAugment:
     """The stage-2 augmentation of a batch of source faces.
 
     ``__call__(images (B, H, W, 3) uint8, seed) -> (B, 3, S, S) float32 in [-1, 1]`` on the images'
-    device. ``mode``: "cpu" (PIL / timm per sample, the full recipe), "gpu" (view kernel + device
-    erasing, no RandAugment), "none" (resize-free normalisation only). Reproducible from ``seed``
+    device. ``mode``: "cpu" (PIL / timm per sample, the full recipe), "gpu" (view kernel, vectorised
+    RandAugment and erasing on the device), "none" (resize-free normalisation only). Reproducible from ``seed``
     without touching the global RNG streams.
     """
 
@@ -122,7 +122,7 @@ class FaceAugment:
 
     def _gpu(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         from lafs_fast.augment import augment_views
-        from lafs_fast.kernels.views import ViewSpec
+        from lafs_fast.kernels.augment import ViewSpec
 
         f = self.cfg.finetune
         spec = ViewSpec(

@@ -5,6 +5,7 @@ from (a stage-1 teacher, a stage-0 Part fViT, the reference's checkpoints), and 
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,11 @@ import torch.nn as nn
 from lafs_fast.config import Config, ModelConfig
 from lafs_fast.io import safe_load
 from lafs_fast.models import LandmarkCNN, PartFViT, build_backbone, build_landmark_cnn, build_margin_head
-from lafs_fast.models.checkpoints import detect_format, infer_model_config, load_into, split_reference
+from lafs_fast.models.checkpoints import TRAIN_FORMAT, detect_format, infer_model_config, load_into, split_reference
 from lafs_fast.models.sharded_head import ShardedMarginHead
 from lafs_fast.sampling import grid_landmarks
-from lafs_fast.train.engine import CHECKPOINT_FORMAT
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ARCH_FIELDS", "layer_id", "supervised_param_groups", "read_weights", "build_supervised_model"]
 
@@ -81,7 +83,7 @@ def read_weights(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     obj = safe_load(path)
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+    if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT:
         if not obj.get("model_file"):
             raise ValueError(f"{path} is a training checkpoint without a model file")
         obj = obj["model_file"]
@@ -104,8 +106,47 @@ def read_weights(path: str | Path) -> dict[str, Any]:
     }
 
 
+def _init_weights(cfg: Config, init: str, landmarks: str | None) -> tuple[Any, Any]:
+    """(fViT, landmark CNN) state dicts of ``init`` (the landmark CNN only when ``landmarks`` names no
+    other); ``cfg.model`` takes the loaded architecture."""
+    w = read_weights(init)
+    if w["backbone"] is None:
+        raise ValueError(f"{init} holds no fViT backbone")
+    changed = [
+        f"{k} {getattr(cfg.model, k)} -> {getattr(w['model'], k)}"
+        for k in ARCH_FIELDS
+        if getattr(cfg.model, k) != getattr(w["model"], k)
+    ]
+    for k in ARCH_FIELDS:
+        setattr(cfg.model, k, getattr(w["model"], k))
+    if changed:
+        log.info(f"[supervised] architecture from {w['source']}: {', '.join(changed)}")
+    log.info(f"[supervised] fViT from {w['source']}")
+    landmark_sd = None
+    if w["landmark_cnn"] is not None and landmarks is None:
+        landmark_sd = w["landmark_cnn"]
+        log.info(f"[supervised] landmark CNN from {init}")
+    return w["backbone"], landmark_sd
+
+
+def _landmark_weights(landmarks: str) -> Any:
+    """The landmark CNN's state dict of a stage-0 / Part fViT checkpoint."""
+    lw = read_weights(landmarks)
+    if lw["landmark_cnn"] is None:
+        raise ValueError(f"{landmarks} holds no landmark CNN; pass a stage-0 (train-landmarks) or Part fViT checkpoint")
+    log.info(f"[supervised] landmark CNN from {lw['source']}")
+    return lw["landmark_cnn"]
+
+
+def _margin_head(cfg: Config, num_classes: int) -> nn.Module:
+    f = cfg.finetune
+    if f.shard_classes:
+        return ShardedMarginHead(cfg.model.dim, num_classes, f.head, f.scale, f.margin, f.sample_rate)
+    return build_margin_head(f.head, cfg.model.dim, num_classes, f.scale, f.margin)
+
+
 def build_supervised_model(
-    cfg: Config, num_classes: int, stage: int, init: str | None = None, landmarks: str | None = None, say=print
+    cfg: Config, num_classes: int, stage: int, init: str | None = None, landmarks: str | None = None
 ) -> tuple[Config, PartFViT, LandmarkCNN | None]:
     """(cfg with the loaded architecture, PartFViT with its margin head, reference landmark CNN or None).
 
@@ -113,51 +154,25 @@ def build_supervised_model(
     from ``init``, the landmark CNN from ``landmarks`` (default: ``init``'s own when it has one;
     "scratch" = a fresh one). The reference landmark CNN (a frozen copy, eval mode) exists only in
     stage 2 with a loaded landmark CNN: without one the regulariser has nothing to hold it to.
-    Missing pieces in stage 2 are allowed (random weights) and said through ``say``.
+    Missing pieces in stage 2 are allowed (random weights) and said in the log.
     """
     cfg = copy.deepcopy(cfg)
     backbone_sd = landmark_sd = None
     if init:
-        w = read_weights(init)
-        if w["backbone"] is None:
-            raise ValueError(f"{init} holds no fViT backbone")
-        changed = [
-            f"{k} {getattr(cfg.model, k)} -> {getattr(w['model'], k)}"
-            for k in ARCH_FIELDS
-            if getattr(cfg.model, k) != getattr(w["model"], k)
-        ]
-        for k in ARCH_FIELDS:
-            setattr(cfg.model, k, getattr(w["model"], k))
-        if changed:
-            say(f"[supervised] architecture from {w['source']}: {', '.join(changed)}")
-        say(f"[supervised] fViT from {w['source']}")
-        backbone_sd = w["backbone"]
-        if w["landmark_cnn"] is not None and landmarks is None:
-            landmark_sd = w["landmark_cnn"]
-            say(f"[supervised] landmark CNN from {init}")
+        backbone_sd, landmark_sd = _init_weights(cfg, init, landmarks)
     elif stage == 2:
-        say(
+        log.info(
             "[supervised] note: no --init: the fViT starts from random weights (pass teacher.pt from lafs-fast "
-            "pretrain "
-            "or the reference's SSL checkpoint)"
+            "pretrain or the reference's SSL checkpoint)"
         )
     if landmarks and landmarks not in ("scratch", "grid"):
-        lw = read_weights(landmarks)
-        if lw["landmark_cnn"] is None:
-            raise ValueError(
-                f"{landmarks} holds no landmark CNN; pass a stage-0 (train-landmarks) or Part fViT checkpoint"
-            )
-        landmark_sd = lw["landmark_cnn"]
-        say(f"[supervised] landmark CNN from {lw['source']}")
+        landmark_sd = _landmark_weights(landmarks)
     if stage == 2 and landmark_sd is None:
         start = ", its output starting at the patch grid" if landmarks == "grid" else ""
-        say(f"[supervised] note: landmark CNN from scratch{start} (no stage-0 CNN): the landmark regulariser is off")
-    f = cfg.finetune
-    head = None
-    if f.shard_classes:
-        head = ShardedMarginHead(cfg.model.dim, num_classes, f.head, f.scale, f.margin, f.sample_rate)
-    else:
-        head = build_margin_head(f.head, cfg.model.dim, num_classes, f.scale, f.margin)
+        log.info(
+            f"[supervised] note: landmark CNN from scratch{start} (no stage-0 CNN): the landmark regulariser is off"
+        )
+    head = _margin_head(cfg, num_classes)
     landmark_cnn = build_landmark_cnn(cfg.model)
     backbone = build_backbone(cfg.model)
     if backbone_sd is not None:

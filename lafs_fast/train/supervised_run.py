@@ -1,4 +1,6 @@
-"""The `lafs-fast train-landmarks` (stage 0) and `lafs-fast finetune` (stage 2) commands.
+"""The `lafs-fast train-landmarks` (stage 0) and `lafs-fast finetune` (stage 2) commands: one module,
+two entry points (:data:`train_landmarks`, :data:`finetune`), one worker (:class:`SupervisedJob` in
+the skeleton every training command shares, ``cli_common.run_job``).
 
 With no arguments each runs on the built-in synthetic faces with the ``small`` preset (a minute or
 two on two CPU cores) and prints a verification check on held-out synthetic identities before and
@@ -25,34 +27,27 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lafs_fast.config import Config, config_from_dict, config_to_dict
-from lafs_fast.io import atomic_save, check_writable_dir
-from lafs_fast.launch import resolve_precision
-from lafs_fast.train.cli_common import (
-    add_check_arguments,
-    add_run_arguments,
-    add_source_arguments,
-    check_enabled,
-    data_source,
-    launch_training,
-    plan_line,
-    resolve_training_config,
-    training_loader,
-    training_process,
-    write_summary,
-)
+from lafs_fast.config import Config, config_to_dict
+from lafs_fast.io import check_writable_dir
+from lafs_fast.train import cli_common  # the arguments, the launch and the worker every command shares
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "add_arguments",
     "resolve_config",
     "run",
     "train_worker",
+    "SupervisedJob",
+    "train_landmarks",
+    "finetune",
     "stage_defaults",
     "parse_subset",
     "prepare_data",
@@ -105,7 +100,7 @@ def stage_defaults(preset: str) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, stage: int) -> None:
-    add_source_arguments(parser, "both with this stage's optimiser defaults, see the module doc")
+    cli_common.add_source_arguments(parser, "both with this stage's optimiser defaults, see the module doc")
     if stage == 2:
         parser.add_argument(
             "--init",
@@ -135,11 +130,13 @@ def add_arguments(parser: argparse.ArgumentParser, stage: int) -> None:
         "--val-every", type=int, help="verify every this many steps (finetune.val_every; 0 = at the end)"
     )
     parser.add_argument("--augment", choices=["auto", "cpu", "gpu", "none"], help="finetune.augment")
-    add_run_arguments(parser)
-    add_check_arguments(parser, "check")
+    cli_common.add_run_arguments(parser)
+    cli_common.add_check_arguments(parser, "check")
 
 
 _STAGE_FLAGS = (
+    ("init", "finetune.init"),
+    ("landmarks", "finetune.landmarks"),
     ("head", "finetune.head"),
     ("subset", "finetune.subset"),
     ("val", "finetune.val_sets"),
@@ -154,7 +151,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     extra = {}
     if args.head == "arcface" and not any(str(o).startswith("finetune.margin=") for o in args.overrides or []):
         extra["finetune.margin"] = 0.5  # ArcFace's usual margin unless given
-    return resolve_training_config(args, _STAGE_FLAGS, stage_defaults, extra)
+    return cli_common.resolve_training_config(args, _STAGE_FLAGS, stage_defaults, extra)
 
 
 def parse_subset(spec: str) -> dict[str, Any]:
@@ -178,12 +175,12 @@ def parse_subset(spec: str) -> dict[str, Any]:
     return out
 
 
-def prepare_data(cfg: Config, say=print) -> str:
+def prepare_data(cfg: Config) -> str:
     """The data source to train on: ``data.path`` or, with ``finetune.subset``, the few-shot subset
     (written once under ``train.out_dir``, reused when present; an image folder is packed into a
     rec first). Synthetic data: ``round(P * IDS)`` identities with K images each from the same
     generator (every synthetic identity is drawn alike, so this is the subset's distribution)."""
-    src = data_source(cfg)
+    src = cli_common.data_source(cfg)
     if not cfg.finetune.subset:
         return src
     s = parse_subset(cfg.finetune.subset)
@@ -194,14 +191,14 @@ def prepare_data(cfg: Config, say=print) -> str:
         ids = max(1, round(s["fraction"] * ds.num_identities))
         shots = min(s["shots"] or ds.images_per_identity, ds.images_per_identity)
         out = f"synthetic:{ids}x{shots}:seed={ds.seed}"
-        say(f"[subset] synthetic: {ids} identities x {shots} images ({out})")
+        log.info(f"[subset] synthetic: {ids} identities x {shots} images ({out})")
         return out
     from lafs_fast.data.folder import build_rec
     from lafs_fast.data.subsets import make_subset
 
     root = Path(cfg.train.out_dir) / f"subset-shots{s['shots']}-frac{s['fraction']:g}-seed{s['seed']}"
     if (root / "train.rec").is_file():
-        say(f"[subset] reusing {root}")
+        log.info(f"[subset] reusing {root}")
         return str(root)
     rec = Path(src)
     if rec.is_dir() and not (rec / "train.rec").is_file():  # an image folder: pack it first
@@ -210,25 +207,28 @@ def prepare_data(cfg: Config, say=print) -> str:
             build_rec(rec, packed, progress=False)
         rec = packed
     counts = make_subset(rec, root, shots=s["shots"], fraction=s["fraction"], seed=s["seed"])
-    say(f"[subset] {counts} -> {root}")
+    log.info(f"[subset] {counts} -> {root}")
     return str(root)
 
 
-def preflight(cfg: Config, stage: int, init: str | None, landmarks: str | None, resume: str | None) -> None:
-    from lafs_fast.data.loaders import open_source
+def preflight(cfg: Config, resume: str | None) -> None:
+    """Every check that needs no work: output folder writable, data, starting weights, verification
+    sets and subset readable."""
+    from lafs_fast.data.sources import open_source
 
     check_writable_dir(cfg.train.out_dir)
-    open_source(data_source(cfg))
-    for what, p in (("--init", init), ("--landmarks", None if landmarks in ("scratch", "grid") else landmarks)):
+    open_source(cli_common.data_source(cfg))
+    f = cfg.finetune
+    for what, p in (("--init", f.init), ("--landmarks", None if f.landmarks in ("scratch", "grid") else f.landmarks)):
         if p and not Path(p).is_file():
             raise FileNotFoundError(f"{what} {p} does not exist")
-    for p in filter(None, cfg.finetune.val_sets.split(",")):
+    for p in filter(None, f.val_sets.split(",")):
         if not Path(p).is_file():
             raise FileNotFoundError(
                 f"verification set {p} does not exist; pass .bin files (lafs-fast data make-bin builds one)"
             )
-    if cfg.finetune.subset:
-        parse_subset(cfg.finetune.subset)
+    if f.subset:
+        parse_subset(f.subset)
     if resume not in (None, "auto") and not Path(resume).is_file():
         raise FileNotFoundError(
             f"checkpoint {resume} does not exist; pass a ckpt-*.pt of a previous run, or --resume alone for the latest "
@@ -238,19 +238,15 @@ def preflight(cfg: Config, stage: int, init: str | None, landmarks: str | None, 
 
 def run(args: argparse.Namespace, stage: int) -> int:
     cfg = resolve_config(args)
-    init = getattr(args, "init", None)
-    landmarks = getattr(args, "landmarks", None)
-    preflight(cfg, stage, init, landmarks, args.resume)
+    preflight(cfg, args.resume)
     opts = {
         "resume": args.resume,
         "overwrite": args.overwrite,
-        "check": check_enabled(cfg, args.check, args.knn_data),
+        "check": cli_common.check_enabled(cfg, args.check, args.knn_data),
         "knn_data": args.knn_data,
         "progress": not args.no_progress,
-        "init": init,
-        "landmarks": landmarks,
     }
-    return launch_training(
+    return cli_common.launch_training(
         PROG[stage],
         train_worker,
         (config_to_dict(cfg), stage, opts),
@@ -287,50 +283,58 @@ def _shared_digest(model, sharded: bool) -> str:
     return h.hexdigest()
 
 
-def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> dict[str, Any]:
-    """One process: data, model (loaded per stage), the supervised stage, the engine; rank 0 writes.
-    Returns a summary (steps, digest, loss first/last, checks, verification)."""
-    from lafs_fast.eval.knn import format_check, knn_faces, pixel_floor, report_lines
-    from lafs_fast.train.engine import Engine, barrier
-    from lafs_fast.train.supervised import SupervisedStage, build_supervised_model
+class SupervisedJob(cli_common.TrainingJob):
+    """Stages 0 and 2 in the shared worker: the few-shot subset, labelled data, the Part fViT from
+    ``finetune.init`` / ``finetune.landmarks``, the supervised stage; ``part_fvit.pt`` at the end, with
+    ``--val`` sets verified before, during and after; the check embeds with the Part fViT."""
 
-    cfg = config_from_dict(cfg_dict)
-    name = PROG[stage]
-    with training_process(cfg) as (info, say):
+    model_file = "part_fvit.pt"
+
+    def __init__(self, cfg: Config, opts: dict[str, Any], info: Any, precision: str, stage: int) -> None:
+        super().__init__(cfg, opts, info, precision)
+        self.stage_no, self.prog = stage, PROG[stage]
+        self.val_sets = [p for p in cfg.finetune.val_sets.split(",") if p]
+        self.val_before: dict[str, float] | None = None
+
+    def setup(self) -> Any:
+        from lafs_fast.train.engine import barrier
+        from lafs_fast.train.supervised import SupervisedStage
+        from lafs_fast.train.supervised_model import build_supervised_model
+
+        cfg, info = self.cfg, self.info
         # the few-shot subset (if any): rank 0 writes it, the others then find and reuse it
-        data = opts.get("data") or (prepare_data(cfg, say) if info.is_main else None)
+        data = self.opts.get("data") or (prepare_data(cfg) if info.is_main else None)
         barrier(info)
         if data is None:
-            data = prepare_data(cfg, say=lambda *a, **k: None)
-        loader = training_loader(cfg, info, data)
+            data = prepare_data(cfg)  # rank 0's subset, reused (its lines are rank 0's alone)
+        loader = cli_common.training_loader(cfg, info, data)
         loader.check_labels()  # a label past the head: one sentence now, not a traceback in mixup later
-        num_classes = int(loader.num_classes)
+        self.num_classes = int(loader.num_classes)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (the loader drew none)
-        cfg, model, ref = build_supervised_model(
-            cfg, num_classes, stage, opts.get("init"), opts.get("landmarks"), say=say
+        f = cfg.finetune
+        self.cfg, self.model, ref = build_supervised_model(
+            cfg, self.num_classes, self.stage_no, f.init or None, f.landmarks or None
         )
-        out = Path(cfg.train.out_dir)
-        val_sets = [p for p in cfg.finetune.val_sets.split(",") if p]
-        st = SupervisedStage(
-            cfg,
-            model,
-            num_classes,
-            stage,
+        self.stage = SupervisedStage(
+            self.cfg,
+            self.model,
+            self.num_classes,
+            self.stage_no,
             info.device,
             ref_landmarks=ref,
-            out_dir=out,
-            val_sets=val_sets,
+            out_dir=Path(cfg.train.out_dir),
+            val_sets=self.val_sets,
             is_main=info.is_main,
-            say=say,
         )
-        torch.manual_seed(cfg.train.seed + 1_000 * info.rank)  # dropout / drop-path streams differ per rank
+        return loader
+
+    def describe(self, loader: Any) -> list[str]:
+        cfg, info, st, model = self.cfg, self.info, self.stage, self.model
         f = cfg.finetune
-        say(
-            f"[{name}] {info.world_size} process(es) on {info.device.type}; data: {loader.backend}; {num_classes} "
-            f"identities, {loader.n} images"
-        )
-        say(
-            f"[{name}] model dim {cfg.model.dim} depth {cfg.model.depth}, "
+        lines = [
+            f"{info.world_size} process(es) on {info.device.type}; data: {loader.backend}; {self.num_classes} "
+            f"identities, {loader.n} images",
+            f"model dim {cfg.model.dim} depth {cfg.model.depth}, "
             f"{sum(p.numel() for p in model.backbone.parameters()) / 1e6:.2f} M fViT + "
             f"{sum(p.numel() for p in model.landmark_cnn.parameters()) / 1e6:.2f} M landmark CNN; head {f.head} "
             + (
@@ -339,82 +343,67 @@ def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> 
                 else f"(s {f.scale}, m {f.margin}"
                 f"{f', reached over {f.margin_warmup_epochs:g} epochs' if f.margin_warmup_epochs else ''}) "
             )
-            + f"{'sharded' if st.sharded else 'replicated'}{f', sample rate {f.sample_rate}' if st.sharded else ''}"
-        )
-        say(
-            f"[{name}] {st.augment.describe()}; mixup "
+            + f"{'sharded' if st.sharded else 'replicated'}{f', sample rate {f.sample_rate}' if st.sharded else ''}",
+            f"{st.augment.describe()}; mixup "
             f"{'off' if st.mixup is None else f'alpha {f.mixup_alpha} p {f.mixup_p}'}; "
             f"landmark regulariser {'on (lambda 1000/100/1/0.11/0 from epochs 0/8/14/21/28)' if st.reg_on else 'off'}; "
-            f"layer decay {cfg.optim.layer_decay}"
-        )
-        for note in st.notes:
-            say(f"[{name}] note: {note}")
-        before = faces = None
-        precision = resolve_precision(cfg.train.precision, info.device)
-        if opts.get("check") and info.is_main:
-            faces = knn_faces(opts.get("knn_data"), info.device)
-        if faces is not None and not opts.get("resume"):
-            before = heldout_check(model, info.device, precision, faces)
-            say(f"[{name}] {faces.title} before: {format_check(before, faces)}")
-        barrier(info)
-        engine = Engine(
-            cfg,
-            st,
-            loader,
-            info,
-            out,
-            resume=opts.get("resume"),
-            progress=opts.get("progress", True),
-            overwrite=opts.get("overwrite", False),
-        )  # claims the run folder before anything is written there
-        if val_sets and info.is_main and not opts.get("resume"):
-            summary_before = st.validate(0)  # the starting point (and best.pt until training beats it)
-        else:
-            summary_before = None
-        say(plan_line(name, engine, cfg))
-        result = engine.fit()
+            f"layer decay {cfg.optim.layer_decay}",
+        ]
+        return lines + [f"note: {note}" for note in st.notes]
+
+    def check_faces(self) -> Any:
+        from lafs_fast.eval.knn import knn_faces
+
+        return knn_faces(self.opts.get("knn_data"), self.info.device)
+
+    def check(self, faces: Any) -> dict[str, float]:
+        return heldout_check(self.model, self.info.device, self.precision, faces)
+
+    def before_fit(self, engine: Any) -> None:
+        if self.val_sets and self.info.is_main and not self.opts.get("resume"):
+            self.val_before = self.stage.validate(0)  # the starting point (and best.pt until training beats it)
+
+    def digest(self) -> str:
+        return _shared_digest(self.model, self.stage.sharded)
+
+    def summary(self) -> dict[str, Any]:
+        st = self.stage
         ran = st.first_loss is not None
-        first = [float(t) for t in st.first_loss] if ran else [None, None]
-        last = [float(t) for t in st.last_loss] if ran else [None, None]
-        summary: dict[str, Any] = {
-            "rank": info.rank,
-            "steps": result.steps,
-            "digest": _shared_digest(model, st.sharded),
-            "seconds": result.seconds,
-            "last_checkpoint": str(result.last_checkpoint),
-            "loss_first": first[0],
-            "loss_last": last[0],
-            "ce_first": first[1],
-            "ce_last": last[1],
+        self.first = [float(t) for t in st.first_loss] if ran else [None, None]
+        self.last = [float(t) for t in st.last_loss] if ran else [None, None]
+        return {
+            "loss_first": self.first[0],
+            "loss_last": self.last[0],
+            "ce_first": self.first[1],
+            "ce_last": self.last[1],
         }
-        if info.is_main:
-            atomic_save(st.export(), out / "part_fvit.pt")
-            say(
-                f"[{name}] {result.steps} steps in {result.seconds:.1f} s; first -> last batch: loss {first[0]:.3f} -> "
-                f"{last[0]:.3f}, "
-                f"margin cross-entropy {first[1]:.3f} -> {last[1]:.3f}"
-                if ran
-                else f"[{name}] nothing to do: already at step {result.steps}"
-            )
-            say(f"[{name}] model file: {out / 'part_fvit.pt'}")
-            if val_sets:
-                acc = st.val.last if st.val.last_step == result.steps else st.validate(result.steps)
-                summary["verification"] = acc
-                summary["verification_before"] = summary_before
-                summary["best"] = {"mean": st.val.best, "step": st.val.best_step}
-            if faces is not None:
-                after = heldout_check(model, info.device, precision, faces)
-                floor = pixel_floor(faces)
-                for line in report_lines(before, after, faces, floor):
-                    say(f"[{name}] {line}")
-                summary.update(check_before=before, check_after=after, check_floor=floor)
-            write_summary(out, summary)
-        barrier(info)
-        return summary
+
+    def finish(self, result: Any, summary: dict[str, Any]) -> None:
+        first, last, st = self.first, self.last, self.stage
+        lines = [
+            f"{result.steps} steps in {result.seconds:.1f} s; first -> last batch: loss {first[0]:.3f} -> "
+            f"{last[0]:.3f}, margin cross-entropy {first[1]:.3f} -> {last[1]:.3f}"
+            if st.first_loss is not None
+            else f"nothing to do: already at step {result.steps}",
+            f"model file: {Path(self.cfg.train.out_dir) / self.model_file}",
+        ]
+        for line in lines:
+            log.info(f"[{self.prog}] {line}")
+        if self.val_sets:
+            acc = st.val.last if st.val.last_step == result.steps else st.validate(result.steps)
+            summary["verification"] = acc
+            summary["verification_before"] = self.val_before
+            summary["best"] = {"mean": st.val.best, "step": st.val.best_step}
+
+
+def train_worker(cfg_dict: dict[str, Any], stage: int, opts: dict[str, Any]) -> dict[str, Any]:
+    """One process: data, model (loaded per stage), the supervised stage, the engine; rank 0 writes.
+    Returns a summary (steps, digest, loss first/last, checks, verification)."""
+    return cli_common.run_job(SupervisedJob, cfg_dict, opts, stage)
 
 
 def main(argv: list[str] | None = None, stage: int = 2) -> int:
-    """``python -m lafs_fast.train.finetune ...`` (what ``torchrun`` runs)."""
+    """``lafs-fast train-landmarks`` (stage 0) / ``lafs-fast finetune`` (stage 2) with ``argv``."""
     from lafs_fast.errors import run_command
 
     parser = argparse.ArgumentParser(prog=f"lafs-fast {PROG[stage]}", description=__doc__.splitlines()[0])
@@ -422,3 +411,30 @@ def main(argv: list[str] | None = None, stage: int = 2) -> int:
     return run_command(
         f"lafs-fast {PROG[stage]}", parser, lambda args: run(args, stage), sys.argv[1:] if argv is None else argv
     )
+
+
+class _Command:
+    """One of the module's two commands, as ``lafs_fast.cli`` runs a command: ``add_arguments(parser)``
+    and ``run(args) -> int``."""
+
+    def __init__(self, stage: int) -> None:
+        self.stage = stage
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_arguments(parser, self.stage)
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run(args, self.stage)
+
+
+train_landmarks = _Command(0)  # lafs-fast train-landmarks: stage 0, Part fViT from scratch (docs/method.md 2)
+finetune = _Command(2)  # lafs-fast finetune: stage 2, LAFS fine-tuning of a Part fViT (docs/method.md 4)
+
+
+if __name__ == "__main__":  # python -m lafs_fast.train.supervised_run {train-landmarks,finetune} ... (torchrun)
+    from lafs_fast.train import supervised_run as _module  # its own name: its logger, its spawned worker
+
+    _stages = {name: s for s, name in _module.PROG.items()}
+    if len(sys.argv) < 2 or sys.argv[1] not in _stages:
+        sys.exit(f"usage: python -m lafs_fast.train.supervised_run {{{','.join(_stages)}}} [options]")
+    sys.exit(_module.main(sys.argv[2:], stage=_stages[sys.argv[1]]))

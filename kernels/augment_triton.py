@@ -10,8 +10,8 @@
 2. ``_blur_h_kernel``: horizontal Gaussian taps (reflect padding), per-view sigma, blurred views only.
 3. ``_blur_v_kernel``: vertical taps, then solarize and ``x * 2 - 1`` into the output dtype.
 
-Parameters come from ``kernels.views.draw_view_params`` (drawn on the device; no host round trip
-per sample) and the maths mirrors the torch twin ``kernels.views.apply_views_torch`` operation
+Parameters come from ``kernels.augment.draw_view_params`` (drawn on the device; no host round trip
+per sample) and the maths mirrors the torch twin ``kernels.augment.apply_views_torch`` operation
 for operation, so the two agree to float rounding (the twin is the oracle).
 """
 
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lafs_fast.kernels.views import INTERPOLATIONS, ViewParams, blur_weights
+from lafs_fast.kernels.augment import INTERPOLATIONS, ViewParams, blur_weights
 
 __all__ = ["apply_views_triton"]
 

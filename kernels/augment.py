@@ -46,7 +46,6 @@ __all__ = [
     "resample_tables",
     "blur_weights",
     "apply_views_torch",
-    "augment_views_torch",
     "rgb_to_gray",
     "map_to_views",
     "INTERPOLATIONS",
@@ -180,24 +179,10 @@ def map_to_views(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bvij,bkj->bvki", lin, points.to(affine.dtype)) + affine[:, :, None, :, 2]
 
 
-# Rows of the per-view spec table: a field, or (field, element) of a tuple field.
-_SPEC_ROWS: tuple[tuple[str, int | None], ...] = (
-    ("scale", 0),
-    ("scale", 1),
-    ("ratio", 0),
-    ("ratio", 1),
-    ("flip_p", None),
-    ("jitter_p", None),
-    ("brightness", None),
-    ("contrast", None),
-    ("saturation", None),
-    ("hue", None),
-    ("gray_p", None),
-    ("blur_p", None),
-    ("blur_radius", 0),
-    ("blur_radius", 1),
-    ("solarize_p", None),
-    ("solarize_threshold", None),
+# Rows of the per-view spec table, derived from ViewSpec in its field order: a field, or (field,
+# element) of each element of a tuple field.
+_SPEC_ROWS: tuple[tuple[str, int | None], ...] = tuple(
+    (f.name, i) for f in fields(ViewSpec) for i in (range(len(f.default)) if isinstance(f.default, tuple) else (None,))
 )
 _ROW = {key: i for i, key in enumerate(_SPEC_ROWS)}
 
@@ -215,38 +200,12 @@ def _per_view(table: torch.Tensor, name: str, batch: int, idx: int | None = None
     return table[_ROW[(name, idx)]].repeat(batch)
 
 
-def draw_view_params(
-    batch: int,
-    specs: list[ViewSpec],
-    src_hw: tuple[int, int],
-    generator: torch.Generator,
-    *,
-    attempts: int = 10,
-) -> ViewParams:
-    """Draw every view's parameters at once on ``generator``'s device.
-
-    Args:
-        batch: B source images.
-        specs: V view recipes (view v of every image uses specs[v]).
-        src_hw: (H, W) of the source images.
-        generator: torch.Generator on the target device; a seed reproduces the draw.
-        attempts: RandomResizedCrop tries before the centre-crop fallback (torchvision: 10).
-
-    Returns:
-        ViewParams for N = B * V views.
-    """
-    if not specs:
-        raise ValueError("specs must name at least one view")
-    device = generator.device
-    n = batch * len(specs)
+def _draw_crops(table: torch.Tensor, batch: int, src_hw: tuple[int, int], attempts: int, u) -> torch.Tensor:
+    """(N, 4) int64 (top, left, height, width): torchvision's RandomResizedCrop.get_params for every
+    view at once, all ``attempts`` drawn together (``u(*shape)``: uniform float64 draws), the centred
+    fallback where none fits."""
     h_src, w_src = src_hw
-    f64 = torch.float64
-    table = _spec_table(tuple(specs), torch.device(device))
-
-    def u(*shape: int) -> torch.Tensor:
-        return torch.rand(shape, generator=generator, device=device, dtype=f64)
-
-    # RandomResizedCrop, torchvision get_params, all attempts drawn at once.
+    n = table.shape[1] * batch
     area = float(h_src * w_src)
     s_lo = _per_view(table, "scale", batch, 0)[:, None]
     s_hi = _per_view(table, "scale", batch, 1)[:, None]
@@ -275,7 +234,7 @@ def draw_view_params(
     fw = torch.where(in_ratio > hi, torch.round(fh * hi), fw)
     ftop = torch.floor((h_src - fh) / 2)
     fleft = torch.floor((w_src - fw) / 2)
-    crop = torch.stack(
+    return torch.stack(
         [
             torch.where(found, top, ftop),
             torch.where(found, left, fleft),
@@ -284,6 +243,39 @@ def draw_view_params(
         ],
         dim=1,
     ).to(torch.int64)
+
+
+def draw_view_params(
+    batch: int,
+    specs: list[ViewSpec],
+    src_hw: tuple[int, int],
+    generator: torch.Generator,
+    *,
+    attempts: int = 10,
+) -> ViewParams:
+    """Draw every view's parameters at once on ``generator``'s device.
+
+    Args:
+        batch: B source images.
+        specs: V view recipes (view v of every image uses specs[v]).
+        src_hw: (H, W) of the source images.
+        generator: torch.Generator on the target device; a seed reproduces the draw.
+        attempts: RandomResizedCrop tries before the centre-crop fallback (torchvision: 10).
+
+    Returns:
+        ViewParams for N = B * V views.
+    """
+    if not specs:
+        raise ValueError("specs must name at least one view")
+    device = generator.device
+    n = batch * len(specs)
+    f64 = torch.float64
+    table = _spec_table(tuple(specs), torch.device(device))
+
+    def u(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=generator, device=device, dtype=f64)
+
+    crop = _draw_crops(table, batch, src_hw, attempts, u)
 
     flip = u(n) < _per_view(table, "flip_p", batch)
     jitter = u(n) < _per_view(table, "jitter_p", batch)
@@ -533,20 +525,3 @@ def apply_views_torch(
     aug = x * 2.0 - 1.0
     shape = (b, v, 3, s, s)
     return clean.reshape(shape).to(out_dtype), aug.reshape(shape).to(out_dtype)
-
-
-def augment_views_torch(
-    images: torch.Tensor,
-    specs: list[ViewSpec] | None = None,
-    *,
-    seed: int = 0,
-    out_size: int = 112,
-    interpolation: str = "bilinear",
-    out_dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor, ViewParams]:
-    """Draw parameters from ``seed`` on the images' device and render: (clean, augmented, params)."""
-    specs = specs if specs is not None else lafs_view_specs()
-    gen = torch.Generator(device=images.device).manual_seed(int(seed))
-    params = draw_view_params(images.shape[0], specs, (images.shape[1], images.shape[2]), gen)
-    clean, aug = apply_views_torch(images, params, out_size, interpolation=interpolation, out_dtype=out_dtype)
-    return clean, aug, params

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lafs_fast.augment import augment_views
-from lafs_fast.kernels.views import (
+from lafs_fast.kernels.augment import (
     ViewSpec,
     apply_views_torch,
     draw_view_params,
@@ -20,7 +20,7 @@ from lafs_fast.kernels.views import (
     map_to_views,
     resample_tables,
 )
-from lafs_fast.kernels.views_triton import apply_views_triton
+from lafs_fast.kernels.augment_triton import apply_views_triton
 from tests.devices import needs_interpreter, triton_devices
 
 DEVICES = triton_devices()
@@ -275,7 +275,7 @@ def test_photometric_ops_match_torchvision_functional(gen):
     import torchvision.transforms.functional as TF
 
     import lafs_fast  # noqa: F401
-    from lafs_fast.kernels import views as V
+    from lafs_fast.kernels import augment as V
 
     x = torch.rand(3, 3, 16, 16, generator=gen)
     f = torch.tensor([0.7, 1.3, 1.1])
