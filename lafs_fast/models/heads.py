@@ -73,7 +73,10 @@ def one_hot_targets(label: torch.Tensor, num_classes: int, dtype: torch.dtype) -
         return label.to(dtype)
     if label.dim() != 1:
         raise ValueError(f"labels must be (B,) class indices or (B, C) soft targets, got {tuple(label.shape)}")
-    return F.one_hot(label.long(), num_classes).to(dtype)
+    # scatter, not F.one_hot: one_hot reads the largest label back to the host to check it (a sync per step)
+    return torch.zeros(label.shape[0], num_classes, dtype=dtype, device=label.device).scatter_(
+        1, label.long()[:, None], 1.0
+    )
 
 
 class MarginHead(nn.Module):
