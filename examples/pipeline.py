@@ -17,8 +17,8 @@ people, for each seed:
 Every run reports held-out 1-NN top-1 and verification (the k-NN check of ``--knn-data``: leave-one-
 out on the held-out people, balanced pairs) and the table puts the raw-pixel floor of the same
 faces beside them. Seeds run side by side (``--jobs``, one thread each); every step is a
-``lafs-fast`` command whose log is kept, and a finished step is not run again. Defaults fit about
-an hour on two cores for two seeds.
+``lafs-fast`` command whose log is kept, and a finished step is not run again. The defaults took
+about 93 minutes on two shared cores for two seeds (docs/results.md has the per-step times).
 
     python examples/pipeline.py --celeb24 ../shared/data/celeb24 --out runs/pipeline --seeds 0,1
 """
@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fewshot-batch", type=int, default=16, help="batch of the few-shot fine-tuning")
     ap.add_argument(
         "--full",
-        default="lafs_s0,dino",
-        help="comma-separated short names of the starts also fine-tuned on every labelled training face "
+        default="",
+        help="comma-separated short names of the starts also fine-tuned on every labelled training face, "
+        "as long as stage 0 each (default none: they double the time) "
         f"({', '.join(v for v in SHORT.values() if v != 'scratch')}); stage 0 is the from-scratch one",
     )
     ap.add_argument(
