@@ -55,3 +55,32 @@ def test_a_failing_job_stops_the_run_naming_its_log(tmp_path):
 def test_scripts_say_what_they_do(script):
     out = subprocess.run([sys.executable, str(EXAMPLES / script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage:" in out.stdout
+
+
+def test_the_pipeline_runs_each_stage_after_what_it_reads():
+    """examples/pipeline.py's jobs of one seed: stage 0 first; the stage-0 LAFS pre-training and the
+    fine-tunings that read a teacher or the stage-0 landmark CNN wait for them and name their files;
+    every start gets one few-shot fine-tuning, and --full adds one only for the starts it names."""
+    import argparse
+
+    import pipeline
+
+    args = argparse.Namespace(stage0_epochs=10, pretrain_epochs=2, shots=5, fewshot_epochs=12, fewshot_batch=16)
+    args.precision, args.full = "bf16", ["LAFS, stage-0 landmarks"]
+    recs = {"train": Path("t/train.rec"), "heldout": Path("h/train.rec")}
+    jobs = {j.name: j for j in pipeline.jobs_for_seed(args, 3, recs, Path("out"))}
+    part_fvit = str(Path("out/seed3/stage0/part_fvit.pt"))
+    assert next(iter(jobs)) == "s3_stage0" and jobs["s3_stage0"].needs == []
+    assert jobs["s3_pre_lafs_s0"].needs == ["s3_stage0"] and part_fvit in jobs["s3_pre_lafs_s0"].cmd
+    assert jobs["s3_pre_dino"].needs == [] and "dino" in jobs["s3_pre_dino"].cmd
+    few = sorted(n for n in jobs if n.startswith("s3_ft_few_"))
+    assert few == [f"s3_ft_few_{s}" for s in sorted(pipeline.SHORT.values())]
+    assert [n for n in jobs if n.startswith("s3_ft_full_")] == ["s3_ft_full_lafs_s0"]
+    ft = jobs["s3_ft_few_lafs_s0"]
+    assert set(ft.needs) == {"s3_pre_lafs_s0", "s3_stage0"}
+    assert ft.cmd[ft.cmd.index("--landmarks") + 1] == part_fvit
+    assert ft.cmd[ft.cmd.index("--init") + 1] == str(Path("out/seed3/pretrain_lafs_s0/teacher.pt"))
+    assert "shots=5,seed=3" in ft.cmd
+    scratch = jobs["s3_ft_few_scratch"]
+    assert "--init" not in scratch.cmd and scratch.cmd[scratch.cmd.index("--landmarks") + 1] == "grid"
+    assert all("--seed" in j.cmd and j.cmd[j.cmd.index("--seed") + 1] == "3" for j in jobs.values())
