@@ -30,7 +30,7 @@ import logging
 import sys
 from pathlib import Path
 
-from _jobs import EXE, Job, build_rec, people_of, run_jobs, run_now, spaced, summary
+from _jobs import EXE, Job, add_run_arguments, build_rec, people_of, run_jobs, run_now, spaced, summary
 
 log = logging.getLogger("pipeline")
 
@@ -199,19 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "as long as stage 0 each (default none: they double the time) "
         f"({', '.join(v for v in SHORT.values() if v != 'scratch')}); stage 0 is the from-scratch one",
     )
-    ap.add_argument(
-        "--weights",
-        type=Path,
-        default=Path("../shared/data/blazeface"),
-        help="the BlazeFace weights folder (detector landmarks)",
-    )
-    ap.add_argument(
-        "--precision",
-        default="bf16",
-        choices=["bf16", "fp32"],
-        help="train.precision of every run: bf16 autocast (the GPU regime; 1.3x faster than fp32 on CPUs with "
-        "AVX512-BF16 / AMX) or fp32",
-    )
+    add_run_arguments(ap)
     ap.add_argument("--table-only", action="store_true", help="print the table of the runs already in --out")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _jobs import EXE, Job, build_rec, people_of, run_jobs, run_now, summary
+from _jobs import EXE, Job, add_run_arguments, build_rec, people_of, run_jobs, run_now, summary
 
 log = logging.getLogger("study")
 
@@ -136,19 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-epochs", default="2,8,32", help="budget: the pre-training lengths, in epochs")
     ap.add_argument("--rows", help="ablations: comma-separated row numbers to run (default: all)")
     ap.add_argument("--stage0", type=Path, help="a stage-0 part_fvit.pt for the 'stage-0 landmarks' row")
-    ap.add_argument(
-        "--weights",
-        type=Path,
-        default=Path("../shared/data/blazeface"),
-        help="the BlazeFace weights folder (detector landmarks)",
-    )
-    ap.add_argument(
-        "--precision",
-        default="bf16",
-        choices=["bf16", "fp32"],
-        help="train.precision of every run: bf16 autocast (the GPU regime; 1.3x faster than fp32 on CPUs with "
-        "AVX512-BF16 / AMX) or fp32",
-    )
+    add_run_arguments(ap)
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
