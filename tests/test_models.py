@@ -230,3 +230,50 @@ def test_set_margin_equals_a_head_built_with_that_margin(gen):
     sharded = ShardedMarginHead(16, 3, "arcface", m=0.5)
     sharded.set_margin(0.2)
     assert sharded.margin.m == 0.2 and sharded.margin.sin_m == pytest.approx(math.sin(0.2))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_cls_only_last_block_equals_every_row(gen, backend):
+    """Issue 21: the last block computes the CLS row alone (keys and values of every token, the query
+    of CLS). Same embeddings and gradients as computing every row: in eval mode with dropout on,
+    and in training with drop-path on and dropout 0 (drop-path draws one number per sample in both
+    paths, so the random stream is the same)."""
+    for train in (False, True):
+        torch.manual_seed(0)
+        drop = 0.0 if train else 0.1
+        fast = FViT(dim=48, depth=3, heads=3, head_dim=16, mlp_dim=96, dropout=drop, drop_path=0.3, attention=backend)
+        full = FViT(dim=48, depth=3, heads=3, head_dim=16, mlp_dim=96, dropout=drop, drop_path=0.3, attention=backend)
+        full.load_state_dict(fast.state_dict())
+        full.cls_only_last_block = False
+        fast.train(train), full.train(train)
+        for n in (196, 36):
+            tokens = torch.randn(4, n, 192, generator=gen)
+            torch.manual_seed(1)
+            a = fast(tokens)
+            torch.manual_seed(1)
+            b = full(tokens)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            g = torch.randn_like(a)
+            ga = torch.autograd.grad(a, list(fast.parameters()), g, allow_unused=True)
+            gb = torch.autograd.grad(b, list(full.parameters()), g, allow_unused=True)
+            for x, y in zip(ga, gb):
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_cls_only_last_block_flops(gen):
+    """The FLOPs it saves, counted by torch's FLOP counter: the last block's q projection, attention
+    rows, output projection and MLP of the N - 1 non-CLS tokens (about 80% of one block of 12)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vit = FViT(dim=48, depth=3, heads=3, head_dim=16, mlp_dim=96, attention="math").eval()
+    tokens = torch.randn(1, 196, 192, generator=gen)
+    counts = []
+    for cls_only in (False, True):
+        vit.cls_only_last_block = cls_only
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            vit(tokens)
+        counts.append(fc.get_total_flops())
+    n, d, inner, m = 197, 48, 48, 96
+    block = 2 * (n * (d * 3 * inner + inner * d + 2 * d * m) + 2 * n * n * inner)
+    last = 2 * (n * d * 2 * inner + d * inner + 2 * n * inner + inner * d + 2 * d * m)
+    assert counts[0] - counts[1] == block - last
