@@ -31,7 +31,7 @@ def _train_landmarks_2ranks(out: Path, *argv: str) -> subprocess.CompletedProces
     cmd.append("--no-check")
     r = subprocess.run(
         [*cmd, "--no-progress", "--out", str(out), *[a for a in argv if "=" not in a], *TINY,
-         *[a for a in argv if "=" in a], "finetune.shard_classes=true"],
+         *[a for a in argv if "=" in a], "finetune.head=cosface", "finetune.shard_classes=true"],
         capture_output=True, text=True, timeout=290, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
     )  # fmt: skip

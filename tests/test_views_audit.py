@@ -36,8 +36,8 @@ import torch.nn as nn
 
 from lafs_fast.augment import AugmentedViews
 from lafs_fast.config import load_config
-from lafs_fast.kernels import views as kv
-from lafs_fast.kernels.views import ViewParams, apply_views_torch, draw_view_params
+from lafs_fast.kernels import augment as kv
+from lafs_fast.kernels.augment import ViewParams, apply_views_torch, draw_view_params
 from lafs_fast.sampling import grid_landmarks, sample_patches
 from lafs_fast.views import LafsViews, view_specs
 from tests import SHARED, TINY_PRETRAIN

@@ -73,10 +73,10 @@ def one_hot_targets(label: torch.Tensor, num_classes: int, dtype: torch.dtype) -
         return label.to(dtype)
     if label.dim() != 1:
         raise ValueError(f"labels must be (B,) class indices or (B, C) soft targets, got {tuple(label.shape)}")
-    # a scatter, not F.one_hot: on the CPU one_hot checks min() >= 0 on the host (a sync the GPU path
-    # lacks, so tests/test_no_host_sync.py saw it); same 0/1 values
-    label = label.long()
-    return torch.zeros(label.shape[0], num_classes, dtype=dtype, device=label.device).scatter_(1, label[:, None], 1)
+    # scatter, not F.one_hot: one_hot reads the largest label back to the host to check it (a sync per step)
+    return torch.zeros(label.shape[0], num_classes, dtype=dtype, device=label.device).scatter_(
+        1, label.long()[:, None], 1.0
+    )
 
 
 class MarginHead(nn.Module):
