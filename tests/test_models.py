@@ -277,3 +277,70 @@ def test_cls_only_last_block_flops(gen):
     block = 2 * (n * (d * 3 * inner + inner * d + 2 * d * m) + 2 * n * n * inner)
     last = 2 * (n * d * 2 * inner + d * inner + 2 * n * inner + inner * d + 2 * d * m)
     assert counts[0] - counts[1] == block - last
+
+
+def _trained_looking_cnn(gen) -> LandmarkCNN:
+    """A landmark CNN whose BatchNorms hold non-trivial running statistics and affine parameters."""
+    torch.manual_seed(0)
+    cnn = LandmarkCNN()
+    with torch.no_grad():
+        for m in cnn.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0, 0.1, generator=gen)
+    return cnn.eval()
+
+
+def test_folded_batchnorm_gives_the_same_landmarks(gen):
+    """Issue 21: the frozen reference CNN with its BatchNorms folded into the convolutions (46
+    pairs: one kernel and one activation pass less each) predicts the same coordinates up to fp32
+    rounding; the original is untouched and keeps its state-dict keys."""
+    from lafs_fast.models.landmark_cnn import fold_batchnorm
+
+    cnn = _trained_looking_cnn(gen)
+    keys = list(cnn.state_dict())
+    folded = fold_batchnorm(cnn)
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert bns == 0 and sum(isinstance(m, torch.nn.BatchNorm2d) for m in cnn.modules()) == 46
+    assert list(cnn.state_dict()) == keys and not any(p.requires_grad for p in folded.parameters())
+    x = torch.rand(4, 3, 112, 112, generator=gen) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), cnn(x), rtol=0, atol=2e-3)  # px of 111
+
+
+def test_channels_last_landmark_cnn_is_the_same_function(gen):
+    """Issue 21: NHWC weights and inputs (the GPU's fast layout) give the same coordinates and
+    gradients as NCHW, in training mode (batch statistics) with dropout off."""
+    a = LandmarkCNN(dropout=0.0).train()
+    b = LandmarkCNN(dropout=0.0).train()
+    b.load_state_dict(a.state_dict())
+    b.to_channels_last()
+    assert b.stn.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(4, 3, 112, 112, generator=gen) * 2 - 1
+    ya, yb = a(x), b(x)
+    torch.testing.assert_close(yb, ya, rtol=0, atol=2e-3)
+    g = torch.randn_like(ya)
+    ga = torch.autograd.grad(ya, list(a.parameters()), g)
+    gb = torch.autograd.grad(yb, list(b.parameters()), g)
+    scale = max(float(u.abs().max()) for u in ga)  # some BN biases have a gradient of 0 up to rounding
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(v, u, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_compiled_landmark_trunk_is_one_graph_and_the_same_function(gen):
+    """Issue 21: ``compile_blocks`` compiles the trunk as one graph (no graph break: fullgraph) in
+    NHWC, and the head stays eager; the same coordinates as the eager CNN. AOT-eager backend: the
+    trace and the autograd graph are checked, Inductor's codegen is tests/test_compile.py's."""
+    eager = LandmarkCNN(dropout=0.0).eval()
+    compiled = LandmarkCNN(dropout=0.0).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.to_channels_last().compile_blocks(backend="aot_eager", fullgraph=True, dynamic=False)
+    x = torch.rand(2, 3, 112, 112, generator=gen) * 2 - 1
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), eager(x), rtol=0, atol=2e-3)
+        assert compiled.stn._compiled_call_impl is not None and compiled.output_layer._compiled_call_impl is None
+    finally:
+        torch._dynamo.reset()
