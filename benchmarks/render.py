@@ -32,18 +32,40 @@ from pathlib import Path
 # ------------------------------------------------------------------------------------------ loading
 
 
-def merge(stage_dir: Path, out: Path) -> int:
-    """Every ``*.json`` of ``stage_dir`` (one pytest-benchmark session each) -> ``out``. Returns the count."""
-    merged: dict | None = None
-    for f in sorted(glob.glob(str(stage_dir / "*.json"))):
+def _stage_cases(stage_dir: Path, stem: str) -> dict | None:
+    """A stage's pytest-benchmark JSON, or, when it is missing, torn or empty, the cases
+    benchmarks/conftest.py appended to ``<stem>.cases.jsonl`` as each ended (the fallback)."""
+    try:
+        d = json.loads((stage_dir / f"{stem}.json").read_text())
+        if d.get("benchmarks"):
+            return d
+    except (OSError, json.JSONDecodeError):
+        d = None  # a session killed while writing, or no JSON written at all
+    cases = stage_dir / f"{stem}.cases.jsonl"
+    if not cases.is_file():
+        return d
+    rows = []
+    for line in cases.read_text().splitlines():
         try:
-            d = json.loads(Path(f).read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # a session killed while writing: its figures are lost, the others stay
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the line being written when the stage was killed
+    return {"benchmarks": rows}
+
+
+def merge(stage_dir: Path, out: Path) -> int:
+    """Every stage of ``stage_dir`` (``<stage>.json`` from one pytest-benchmark session each, else its
+    ``<stage>.cases.jsonl``) -> ``out``, each benchmark tagged with its stage. Returns the count."""
+    merged: dict | None = None
+    stems = {Path(f).name.split(".")[0] for f in glob.glob(str(stage_dir / "*.json*"))}
+    for stem in sorted(stems):
+        d = _stage_cases(stage_dir, stem)
+        if d is None:
+            continue
         if merged is None:
             merged = dict(d, benchmarks=[])
         for b in d.get("benchmarks", []):
-            b.setdefault("extra_info", {})["stage"] = Path(f).stem
+            b.setdefault("extra_info", {})["stage"] = stem
             merged["benchmarks"].append(b)
     if merged is None:
         return 0
@@ -73,6 +95,7 @@ def _record(env: dict, info: dict, command: str, date: str) -> dict:
         "xformers_kernels": env.get("xformers_kernels"),
         "numpy": versions.get("numpy"),
         "python": env.get("python") or info.get("python"),
+        "commit": env.get("git_commit") or None,
         "date": env.get("date") or date,
         "command": env.get("command") or command,
         "dry_run": env.get("dry_run", False),
@@ -196,6 +219,8 @@ def render(data: dict) -> str:
     out = [head]
     if rec.get("command"):
         out.append(f"Command: `{rec['command']}`")
+    if rec.get("commit"):
+        out.append(f"Commit: {rec['commit']}")
     if rec.get("dry_run"):
         out.append("**Dry run on the CPU at toy sizes: the figures check the plumbing, they are not speeds.**")
     groups: dict[str, list[dict]] = defaultdict(list)

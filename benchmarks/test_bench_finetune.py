@@ -246,13 +246,15 @@ def test_finetune_step_reference_style_gpu(benchmark, gpu_setup):
 
 
 @gpu
-def test_finetune_step_fast_gpu(benchmark, gpu_setup):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_finetune_step_fast_gpu(benchmark, gpu_setup, compiled):
+    """Eager first (gpu_run.sh's `finetune` stage keeps it if the compiled case is cut)."""
     cfg, images, labels, tmp = gpu_setup
     benchmark.group = _gpu_group()
     stage = _stage(cfg, GPU_CLASSES, DEVICE, tmp, "gpu")
     flops = step_flops(stage)
-    step = synced(_fast_step(stage, DEVICE, images, labels, compile_=True, bf16=True))
-    first = timed_call(step)  # the fViT's compile, Triton kernels, allocator warm-up
+    step = synced(_fast_step(stage, DEVICE, images, labels, compile_=compiled, bf16=True))
+    first = timed_call(step)  # the compile (fViT blocks, landmark CNN trunks), Triton kernels, allocator warm-up
     for _ in range(size(2, 0)):  # autotune and allocator settle outside the timing
         step()
     loss = bench(benchmark, step, rounds=10, warmup=1)
