@@ -148,7 +148,9 @@ for s in $STAGES; do
     case $st in
       env)  # versions, device, driver, `lafs-fast info --json` (backends; whether xformers' kernels loaded)
         # shellcheck disable=SC2016  # expanded by the inner bash
-        run_stage env 60 20 bash -c '"$0" benchmarks/gpu_env.py "$OUT/env.json" || exit; [[ $1 == 1 ]] && exit
+        # + the performance model's predicted table for this device (datasheets and measured ceilings)
+        run_stage env 60 20 bash -c '"$0" benchmarks/gpu_env.py "$OUT/env.json" || exit
+          "$0" benchmarks/perf_model.py --measured $([[ $1 == 1 ]] && echo "model.depth=1") || exit; [[ $1 == 1 ]] && exit
           nvidia-smi 2>&1 | head -20; XFORMERS_MORE_DETAILS=1 "$0" -m xformers.info 2>&1 |
           grep -E "memory_efficient_attention[.]|xFormers|Error|cannot open|built for" | head -30; exit 0' "$PY" "$DRY" ;;
       pre_eager)  # the headline: one stage-1 step at the reference preset (82 images x 10 views), eager

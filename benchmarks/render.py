@@ -190,6 +190,10 @@ def _figures(e: dict) -> str:
     ]
     if mfu:
         out.append("MFU " + " / ".join(mfu))
+    if "predicted_per_s" in e:
+        out.append(
+            f"predicted {e['predicted_per_s']:,.0f}/s (measured {100 * e['measured_over_predicted']:.0f}% of it)"
+        )
     if e.get("compile_s", 0) >= 0.5:
         out.append(f"first step {e['first_step_s']:.1f} s (compile ~{e['compile_s']:.1f} s)")
     return "; ".join(out)
@@ -203,6 +207,23 @@ def _stage_status(s: dict) -> str:
     if s.get("rc") == 0:
         return "ok"
     return f"failed (rc {s.get('rc')})"
+
+
+def _predicted_table(benchmarks: list[dict]) -> list[str]:
+    """The rows benchmarks/perf_model.py made a prediction for (from the measured matmul rate and
+    copy bandwidth of the device), predicted and measured side by side."""
+    rows = [b for b in benchmarks if "predicted_per_s" in b.get("extra_info", {})]
+    if not rows:
+        return []
+    out = ["", "**Predicted (benchmarks/perf_model.py, measured ceilings) and measured**", ""]
+    out += ["| case | predicted /s | measured /s | measured / predicted |", "| --- | ---: | ---: | ---: |"]
+    for b in rows:
+        e = b["extra_info"]
+        out.append(
+            f"| {re.sub(r'^test_', '', b['name'])} | {e['predicted_per_s']:,.0f} | {_throughput(b):,.0f} | "
+            f"{100 * e['measured_over_predicted']:.0f}% |"
+        )
+    return out
 
 
 def render(data: dict) -> str:
@@ -236,6 +257,7 @@ def render(data: dict) -> str:
             out.append(
                 f"| {s['stage']} | {_stage_status(s)} | {s.get('seconds', 0)} | {n or '-'} | {s.get('summary', '')} |"
             )
+    out += _predicted_table(data.get("benchmarks", []))
     for group, items in sorted(groups.items()):
         ref = next((b for b in items if _is_reference(b)), None)
         stage = {b.get("extra_info", {}).get("stage") for b in items} - {None}

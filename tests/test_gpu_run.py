@@ -181,7 +181,7 @@ def test_commit_is_taken_from_the_caller(monkeypatch):
 def test_sampler_bytes_count_only_the_pixels_read():
     """Sparse views read the 9 x 9 footprints of their 36 patches, not the whole view; dense views' 196
     footprints cover it."""
-    from benchmarks.test_bench_kernels import view_read_px
+    from benchmarks.perf_model import view_read_px
 
     assert view_read_px(36) == 36 * 81 == 2916 and view_read_px(196) == 112 * 112
 
@@ -224,3 +224,11 @@ def test_gpu_run_dry_run(tmp_path):
     files = [f for f in out.rglob("*") if f.is_file()]
     assert len(files) <= 6, files
     assert "Dry run on the CPU" in (out / "table.md").read_text()
+
+
+def test_render_puts_predicted_beside_measured():
+    b = _bench("test_pretrain_step_fast_gpu[compiled]", "g", median=0.1, mean=0.1, items=82)
+    b["extra_info"].update(predicted_per_s=1000.0, measured_over_predicted=0.82)
+    table = render.render({"benchmarks": [b]})
+    assert "| pretrain_step_fast_gpu[compiled] | 1,000 | 820 | 82% |" in table
+    assert "predicted 1,000/s (measured 82% of it)" in table
