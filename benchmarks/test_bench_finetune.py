@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from benchmarks.baselines import reference_part_fvit_forward, synced
+    from benchmarks.baselines import reference_part_fvit_forward, reference_workers, synced, worker_loader
     from benchmarks.bench_device import COMPILE_BACKEND, DEVICE, DRY, bench, gpu, record_ceilings, size, timed_call
     from benchmarks.perf_model import annotate, step_model
 except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
-    from baselines import reference_part_fvit_forward, synced
+    from baselines import reference_part_fvit_forward, reference_workers, synced, worker_loader
     from bench_device import COMPILE_BACKEND, DEVICE, DRY, bench, gpu, record_ceilings, size, timed_call
     from perf_model import annotate, step_model
 from lafs_fast.config import Config, load_config
@@ -102,10 +102,24 @@ def _fast_step(
     return step
 
 
-def _reference_step(stage: SupervisedStage, device: torch.device, images_cpu: torch.Tensor, labels: torch.Tensor):
+def _reference_images(stage: SupervisedStage, images_cpu: torch.Tensor, workers: int):
+    """``images(step)``: the per-sample PIL / timm augmentation of the batch, in the step (``workers``
+    0: the strawman) or made by ``workers`` DataLoader processes while the steps run (the reference)."""
+    aug = FaceAugment(stage.cfg, "cpu")
+    if not workers:
+        return lambda step: aug(images_cpu, step)
+    b = images_cpu.shape[0]
+    batches = worker_loader(lambda i: aug(images_cpu[i % b][None], i)[0], b, steps=64, workers=workers)
+    return lambda step: next(batches)
+
+
+def _reference_step(
+    stage: SupervisedStage, device: torch.device, images_cpu: torch.Tensor, labels: torch.Tensor, workers: int = 0
+):
+    """The reference-style step; ``workers`` > 0: its augmentation in DataLoader workers."""
     model, ref = stage.model, stage.ref
     model.backbone.set_attention("math")
-    aug = FaceAugment(stage.cfg, "cpu")
+    images_of = _reference_images(stage, images_cpu, workers)
     opt = torch.optim.AdamW(supervised_param_groups(model, stage.cfg), lr=1e-4, foreach=False)
     fp16 = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
@@ -113,7 +127,7 @@ def _reference_step(stage: SupervisedStage, device: torch.device, images_cpu: to
 
     def step():
         count[0] += 1
-        x = aug(images_cpu, count[0]).to(device)  # per-sample PIL / timm on the CPU
+        x = images_of(count[0]).to(device, non_blocking=True)  # per-sample PIL / timm on the CPU
         x, targets = apply_mixup(stage.mixup, x, labels, count[0])
         with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
             logits, coords = reference_part_fvit_forward(model.landmark_cnn, model.backbone, model.head, x, targets)
@@ -229,6 +243,24 @@ def test_finetune_step_reference_style_gpu(benchmark, gpu_setup):
     first = timed_call(step)
     loss = bench(benchmark, step, rounds=3, warmup=0)
     assert torch.isfinite(loss)
+    _record(benchmark, stage, GPU_BATCH, DEVICE, role="reference-in-step", gpu_case=True, first_step_s=first)
+
+
+@gpu
+def test_finetune_step_reference_pipeline_gpu(benchmark, gpu_setup):
+    """The honest baseline (the group's 1.0x): the augmentation in DataLoader workers overlapped with
+    the step, timed after the workers' start-up burst is drained (see the stage-1 case)."""
+    cfg, images, labels, tmp = gpu_setup
+    benchmark.group = _gpu_group()
+    stage = _stage(cfg, GPU_CLASSES, DEVICE, tmp, "cpu")
+    workers = size(reference_workers(), 1)
+    step = synced(_reference_step(stage, DEVICE, images.cpu(), labels, workers=workers))
+    first = timed_call(step)
+    for _ in range(size(20, 2)):
+        step()
+    loss = bench(benchmark, step, rounds=8, warmup=0)
+    assert torch.isfinite(loss)
+    benchmark.extra_info["workers"] = workers
     _record(benchmark, stage, GPU_BATCH, DEVICE, role="reference", gpu_case=True, first_step_s=first)
 
 

@@ -28,11 +28,25 @@ import pytest
 import torch
 
 try:
-    from benchmarks.baselines import reference_lafs_tokens, synced
+    from benchmarks.baselines import (
+        reference_lafs_tokens,
+        reference_tokens_from_views,
+        reference_workers,
+        synced,
+        torchvision_views_per_sample,
+        worker_loader,
+    )
     from benchmarks.bench_device import COMPILE_BACKEND, DEVICE, DRY, bench, gpu, record_ceilings, size, timed_call
     from benchmarks.perf_model import annotate, step_model
 except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
-    from baselines import reference_lafs_tokens, synced
+    from baselines import (
+        reference_lafs_tokens,
+        reference_tokens_from_views,
+        reference_workers,
+        synced,
+        torchvision_views_per_sample,
+        worker_loader,
+    )
     from bench_device import COMPILE_BACKEND, DEVICE, DRY, bench, gpu, record_ceilings, size, timed_call
     from perf_model import annotate, step_model
 from lafs_fast.config import Config, load_config
@@ -82,7 +96,30 @@ def _fast_step(cfg: Config, device: torch.device, images: torch.Tensor, compile_
     return step
 
 
-def _reference_step(cfg: Config, device: torch.device, images_cpu: torch.Tensor):
+def _reference_crops(cfg: Config, stage: DinoStage, device: torch.device, images_cpu: torch.Tensor, workers: int):
+    """The reference's tokens for one step: the torchvision views in the step (``workers`` 0: the
+    strawman) or made by ``workers`` DataLoader processes while the steps run (the reference as it
+    runs); the per-landmark grid_sample loop on ``device`` either way."""
+    specs = stage.views.global_specs + stage.views.local_specs
+    grid = grid_landmarks()
+    gen = torch.Generator().manual_seed(0)
+    v, b, s = cfg.views, images_cpu.shape[0], images_cpu.shape[1]
+    if not workers:
+        return lambda: reference_lafs_tokens(
+            images_cpu, specs, grid, v.n_global, v.local_tokens, v.perturb_sigma, gen, device
+        )
+
+    def views(i: int) -> torch.Tensor:  # in a worker: one image's V augmented views (V, 3, S, S)
+        return torchvision_views_per_sample(images_cpu[i % b][None], specs, s, bicubic=True)[1][0]
+
+    batches = worker_loader(views, b, steps=64, workers=workers)
+    return lambda: reference_tokens_from_views(
+        next(batches).to(device, non_blocking=True), grid, v.n_global, v.local_tokens, v.perturb_sigma, gen
+    )
+
+
+def _reference_step(cfg: Config, device: torch.device, images_cpu: torch.Tensor, workers: int = 0):
+    """The reference-style step; ``workers`` > 0: its views from DataLoader workers (:func:`_reference_crops`)."""
     torch.manual_seed(0)
     stage = DinoStage(cfg, device)
     for mb in (stage.model.backbone, stage.teacher.backbone):
@@ -90,13 +127,10 @@ def _reference_step(cfg: Config, device: torch.device, images_cpu: torch.Tensor)
     opt = torch.optim.AdamW(param_groups(stage.model), lr=1e-4, foreach=False)
     fp16 = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-    specs = stage.views.global_specs + stage.views.local_specs
-    grid = grid_landmarks()
-    gen = torch.Generator().manual_seed(0)
-    v = cfg.views
+    crops_fn = _reference_crops(cfg, stage, device, images_cpu, workers)
 
     def step():
-        crops = reference_lafs_tokens(images_cpu, specs, grid, v.n_global, v.local_tokens, v.perturb_sigma, gen, device)
+        crops = crops_fn()
         with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
             with torch.no_grad():
                 t = stage.teacher([crops[0]])
@@ -208,11 +242,30 @@ def _gpu_group(cfg: Config) -> str:
 
 @gpu
 def test_pretrain_step_reference_style_gpu(benchmark, gpu_setup):
+    """The strawman: torchvision views inside the timed step (role ``reference-in-step``)."""
     cfg, images = gpu_setup
     benchmark.group = _gpu_group(cfg)
     step = synced(_reference_step(cfg, DEVICE, images.cpu()))
     first = timed_call(step)
     bench(benchmark, step, rounds=2, warmup=0)
+    _record(benchmark, cfg, GPU_BATCH, DEVICE, role="reference-in-step", first_step_s=first)
+
+
+@gpu
+def test_pretrain_step_reference_pipeline_gpu(benchmark, gpu_setup):
+    """The honest baseline (the group's 1.0x): the reference as it runs, its views made by DataLoader
+    workers overlapped with the step. Untimed steps first drain what the workers made while they
+    started (2 batches a worker), so the timed rounds see the steady state: the slower of the step
+    and the workers' rate."""
+    cfg, images = gpu_setup
+    benchmark.group = _gpu_group(cfg)
+    workers = size(reference_workers(), 1)  # 10 on the GPU machine's 16 cores
+    step = synced(_reference_step(cfg, DEVICE, images.cpu(), workers=workers))
+    first = timed_call(step)  # the workers' start and first batch
+    for _ in range(size(20, 2)):
+        step()
+    bench(benchmark, step, rounds=8, warmup=0)
+    benchmark.extra_info["workers"] = workers
     _record(benchmark, cfg, GPU_BATCH, DEVICE, role="reference", first_step_s=first)
 
 

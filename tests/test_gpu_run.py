@@ -232,3 +232,19 @@ def test_render_puts_predicted_beside_measured():
     table = render.render({"benchmarks": [b]})
     assert "| pretrain_step_fast_gpu[compiled] | 1,000 | 820 | 82% |" in table
     assert "predicted 1,000/s (measured 82% of it)" in table
+
+
+def test_step_speed_up_is_against_the_worker_pipeline_and_the_in_step_strawman():
+    """Issue 21: the training steps' 1.0x is the reference as it runs (augmentation in DataLoader
+    workers, role "reference"); the in-step strawman gets its own column."""
+    data = {
+        "benchmarks": [
+            _bench("test_step_reference_style_gpu", "g", median=1.0, mean=1.0, items=82, role="reference-in-step"),
+            _bench("test_step_reference_pipeline_gpu", "g", median=0.25, mean=0.25, items=82, role="reference"),
+            _bench("test_step_fast_gpu[compiled]", "g", median=0.1, mean=0.1, items=82),
+        ]
+    }
+    table = render.render(data)
+    assert "| case | median (ms) | throughput (/s) | vs reference | vs in-step reference | figures |" in table
+    assert "| step_fast_gpu[compiled] | 100.00 | 820 | 2.5x | 10.0x |" in table
+    assert "| step_reference_pipeline_gpu | 250.00 | 328 | 1.0x | 4.0x |" in table
