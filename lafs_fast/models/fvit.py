@@ -169,10 +169,17 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """x: (B, N, dim) -> (B, N, dim); with ``seqlens``, x is a packed row (1, sum(seqlens), dim);
         ``cls_only`` (unpacked only): -> (B, 1, dim), the last block computing the CLS row alone."""
-        last = len(self.layers) - 1
-        for i, block in enumerate(self.layers):
-            x = block(x, backend, cls_only=True) if cls_only and i == last else block(x, backend, seqlens)
-        return x
+        *blocks, last = self.layers
+        for block in blocks:
+            x = block(x, backend, seqlens)
+        if not cls_only:
+            return last(x, backend, seqlens)
+        # ``forward``, not the call: under regional compilation (train.compile) the CLS-only block
+        # runs eager. Compiled, it traced a graph of its own per token length and grad mode (6
+        # graphs instead of 3 for a pre-training step, the cold compile 2x: issue 21 item 5); eager,
+        # it costs ~25 small launches once per forward, its heavy part (keys and values of every
+        # token) one matmul either way.
+        return last.forward(x, backend, cls_only=True)
 
 
 def image_grid_tokens(images: torch.Tensor, patch_size: int) -> torch.Tensor:
