@@ -7,9 +7,16 @@ Each function is self-contained (others may add baselines to this file):
 - ``torchvision_views_per_sample``: the LAFS view recipe with torchvision v2 transforms applied one
   image and one view at a time (the only way torchvision draws per-sample parameters), producing
   the clean and augmented copy of each view with shared geometry.
+- ``reference_lafs_tokens`` = the views above, then ``reference_tokens_from_views`` (per-view
+  landmark draws, a ``grid_sample`` per landmark), all inside the step: the in-step strawman.
+- ``WorkerAugmented`` + ``worker_loader``: the reference as it runs, the per-sample augmentation in
+  DataLoader worker processes, overlapped with the training step (issue 21: the honest baseline).
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +25,10 @@ __all__ = [
     "reference_patch_loop",
     "torchvision_views_per_sample",
     "reference_lafs_tokens",
+    "reference_tokens_from_views",
+    "WorkerAugmented",
+    "worker_loader",
+    "reference_workers",
     "reference_part_fvit_forward",
     "synced",
 ]
@@ -125,7 +136,28 @@ def reference_lafs_tokens(
         [global tokens (G*B, K, 3*P*P), local tokens ((V-G)*B, local_tokens, 3*P*P)] view-major.
     """
     _, aug = torchvision_views_per_sample(images, specs, images.shape[1], bicubic=True)
-    aug = aug.to(device)
+    return reference_tokens_from_views(aug.to(device), coords, n_global, local_tokens, sigma, generator, out_dtype)
+
+
+def reference_tokens_from_views(
+    aug: torch.Tensor,
+    coords: torch.Tensor,
+    n_global: int,
+    local_tokens: int,
+    sigma: float,
+    generator: torch.Generator,
+    out_dtype: torch.dtype = torch.float32,
+) -> list[torch.Tensor]:
+    """The device half of :func:`reference_lafs_tokens`: per view the perturbation and shuffle drawn
+    with torch (CPU ``generator``) and patches cut with one grid_sample per landmark.
+
+    Args:
+        aug: (B, V, 3, S, S) float32 views in [-1, 1], on the step's device.
+        coords, n_global, local_tokens, sigma, generator, out_dtype: as :func:`reference_lafs_tokens`.
+    Returns:
+        [global tokens (G*B, K, 3*P*P), local tokens ((V-G)*B, local_tokens, 3*P*P)] view-major.
+    """
+    device = aug.device
     b, v = aug.shape[:2]
     out_g, out_l = [], []
     for j in range(v):
@@ -169,3 +201,40 @@ def synced(fn):
         return out
 
     return run
+
+
+class WorkerAugmented(torch.utils.data.Dataset):
+    """``fn(i)`` for i in [0, length): a per-sample CPU augmentation run where the reference runs it,
+    in DataLoader worker processes (``fn`` reaches them by fork; no pickling)."""
+
+    def __init__(self, fn: Callable[[int], torch.Tensor], length: int) -> None:
+        self.fn, self.length = fn, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.fn(i)
+
+
+def reference_workers() -> int:
+    """DataLoader workers of the reference-style pipeline: 10 (DINO's default), at most the cores
+    less two (the main process and the GPU's feeder), at least 1."""
+    return max(1, min(10, (os.cpu_count() or 2) - 2))
+
+
+def worker_loader(fn: Callable[[int], torch.Tensor], batch: int, steps: int, workers: int) -> Iterator[torch.Tensor]:
+    """Batches of ``fn(i)`` from ``workers`` DataLoader processes, pinned on CUDA, prefetching 2
+    batches a worker: while the step runs on the GPU the workers make the next batches (the
+    reference's overlap). An endless iterator of ``steps`` batches, then again."""
+    loader = torch.utils.data.DataLoader(
+        WorkerAugmented(fn, batch * steps),
+        batch_size=batch,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=True,
+        prefetch_factor=2,
+        multiprocessing_context="fork",
+    )
+    while True:
+        yield from loader

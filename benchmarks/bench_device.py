@@ -40,6 +40,7 @@ __all__ = [
     "ceilings",
     "datasheet_bf16_flops",
     "record_ceilings",
+    "record_mfu",
 ]
 
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
@@ -124,3 +125,16 @@ def bench(benchmark, fn: Callable[[], object], rounds: int, warmup: int = 1):
     """Time ``fn`` for ``rounds`` rounds after ``warmup`` untimed calls (one round in the dry run,
     where only the plumbing counts and an interpreted Triton call takes seconds). Returns fn's result."""
     return benchmark.pedantic(fn, rounds=size(rounds, 1), iterations=1, warmup_rounds=size(warmup, 0))
+
+
+def record_mfu(benchmark, flops: float) -> None:
+    """A FLOP-bound case's achieved rate (``TFLOPs``) and MFU against the measured bf16 matmul rate
+    and the datasheet peak (where known), from ``flops`` per call and the median call time."""
+    c = record_ceilings(benchmark)
+    if not benchmark.stats:  # None under --benchmark-disable
+        return
+    achieved = flops / benchmark.stats.stats.median
+    benchmark.extra_info.update(flops_per_call=flops, TFLOPs=round(achieved / 1e12, 2))
+    benchmark.extra_info["mfu_measured"] = achieved / (c["matmul_TFLOPs"] * 1e12)
+    if "datasheet_TFLOPs" in c:
+        benchmark.extra_info["mfu_datasheet"] = achieved / (c["datasheet_TFLOPs"] * 1e12)

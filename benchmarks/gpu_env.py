@@ -36,6 +36,16 @@ def _run(cmd: list[str], timeout: float = 60) -> tuple[int, str]:
         return -1, f"{type(exc).__name__}: {exc}"
 
 
+def commit() -> str:
+    """The tree's commit: ``LAFS_COMMIT`` (gpu_run.sh's COMMIT or first argument; the device copy of the
+    tree has no .git, so the caller writes the hash into the command), else ``git rev-parse HEAD``
+    where a .git exists, else ""."""
+    given = os.environ.get("LAFS_COMMIT", "").strip()
+    if given:
+        return given
+    return _run(["git", "rev-parse", "HEAD"])[1] if Path(".git").exists() else ""
+
+
 def collect() -> dict[str, object]:
     env: dict[str, object] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -52,7 +62,7 @@ def collect() -> dict[str, object]:
                 "TRITON_CACHE_DIR",
             )
         },
-        "git_commit": _run(["git", "rev-parse", "HEAD"])[1] if Path(".git").exists() else "",
+        "git_commit": commit(),
     }
     versions = {}
     for name in PACKAGES:

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# The staged, time-boxed GPU check: stages in order of value, each under `timeout` and inside one
-# global deadline, each leaving its line in $OUT/results.jsonl and its figures merged into
-# $OUT/bench.json at once, so a call that is cut still returns what it measured. docs/gpu.md says
-# how to run it, read it and commit a run.
+# The staged, time-boxed GPU check, made for ONE call: the lent machine is given back about 30 s
+# after a call, so a second call most likely starts a cold machine. Stages in order of value, each
+# under `timeout` and inside one global deadline (BUDGET_S, default 540 for a call timeout of 590),
+# each leaving its line in $OUT/results.jsonl and its figures merged into $OUT/bench.json at once,
+# so a call that is cut still returns what it measured. docs/gpu.md says how to run, read and commit it.
 #
-#   bash benchmarks/gpu_run.sh                                  # first call: every stage, BUDGET_S=420
-#   BUDGET_S=200 STAGES='attention finetune smoke' bash benchmarks/gpu_run.sh     # a second call
+#   COMMIT=<40 hex> bash benchmarks/gpu_run.sh                  # the one call (docs/gpu.md); or
+#   bash benchmarks/gpu_run.sh <40 hex>                         # the commit as the first argument
 #   OUT=/tmp/dry LAFS_GPU_DRY_RUN=1 bash benchmarks/gpu_run.sh  # every stage's plumbing on the CPU
 #
-# Stages: env parity kernels pre_ref pre_eager pre_compiled attention finetune smoke (= smoke_pretrain
+# Stages: env pre_eager pre_compiled finetune reference parity kernels attention smoke (= smoke_pretrain
 # smoke_resume smoke_landmarks smoke_finetune smoke_eval); `data` (loader throughput) on request only.
-# `env` always runs (it is the run's record). $OUT holds at most 6 files: run.log results.jsonl
-# bench.json env.json parity.xml table.md (the device tool returns 8 at most).
+# The headline steps first (stage 1 eager, then compiled; stage 2 eager and compiled), then the
+# reference-style baselines (in-step and worker-overlapped), then the checks. `env` always runs (it
+# is the run's record, with the commit and the performance model's prediction for this device).
+# $OUT holds at most 6 files: run.log results.jsonl bench.json env.json parity.xml table.md.
 #
-# Environment: OUT (default out), BUDGET_S (420), STAGES, PYTHON (python3), LAFS_GPU_DRY_RUN (0),
+# Environment: OUT (default out), BUDGET_S (540), COMMIT (the tree's commit: the device copy has no
+# .git, so the caller writes it in), STAGES, PYTHON (python3), LAFS_GPU_DRY_RUN (0),
 # XF_STAGES (stages that see the carried xformers; default 'env parity attention').
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -21,9 +25,10 @@ export OUT="${OUT:-out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 DRY="${LAFS_GPU_DRY_RUN:-0}"
-BUDGET_S="${BUDGET_S:-420}"
+BUDGET_S="${BUDGET_S:-540}"
+export LAFS_COMMIT="${COMMIT:-${1:-}}"  # gpu_env.py records it (git rev-parse where a .git exists)
 DEADLINE=$((SECONDS + BUDGET_S))
-ALL="env parity kernels pre_ref pre_eager pre_compiled attention finetune smoke"
+ALL="env pre_eager pre_compiled finetune reference parity kernels attention smoke"
 STAGES="${STAGES:-$ALL}"
 [[ " $STAGES " == *" env "* ]] || STAGES="env $STAGES"
 XF_STAGES="${XF_STAGES:-env parity attention}"
@@ -34,8 +39,8 @@ B=$(mktemp -d /tmp/lafs_gpu_run.XXXXXX)  # per-stage benchmark JSONs and logs, m
 trap 'rm -rf "$B"' EXIT
 
 export LAFS_GPU_DRY_RUN="$DRY" PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
-export LAFS_GPU_RUN_CMD="STAGES='$STAGES' BUDGET_S=$BUDGET_S LAFS_GPU_DRY_RUN=$DRY bash benchmarks/gpu_run.sh"
-# compiler caches outside the tree: a second call on the still-warm machine reuses them
+export LAFS_GPU_RUN_CMD="COMMIT=$LAFS_COMMIT STAGES='$STAGES' BUDGET_S=$BUDGET_S LAFS_GPU_DRY_RUN=$DRY bash benchmarks/gpu_run.sh"
+# compiler caches outside the tree (a rerun on a machine still warm would reuse them; plan for none)
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/lafs_inductor}" TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/lafs_triton}"
 if [[ $DRY == 1 ]]; then
   export TRITON_INTERPRET=1 OMP_NUM_THREADS=1  # kernels interpreted; CI has 2 cores
@@ -103,7 +108,10 @@ run_stage() {  # run_stage NAME MAX_S MIN_S command...   (skipped when fewer tha
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=10 -o addopts="")
 bench() {  # bench NAME MAX_S MIN_S FILE -k EXPR  : one pytest-benchmark session, its JSON in $B
   local name=$1 max=$2 min=$3 file=$4; shift 4
-  run_stage "$name" "$max" "$min" env TORCH_LOGS="${TORCH_LOGS:-recompiles,graph_breaks}" "${PYTEST[@]}" \
+  # LAFS_BENCH_CASES: benchmarks/conftest.py appends each timed case there as it ends, the fallback
+  # render.py --merge reads when pytest-benchmark wrote no JSON (a cut session, a changed private API)
+  run_stage "$name" "$max" "$min" env TORCH_LOGS="${TORCH_LOGS:-recompiles,graph_breaks}" \
+    LAFS_BENCH_CASES="$B/$name.cases.jsonl" "${PYTEST[@]}" \
     --benchmark-json="$B/$name.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name "$file" "$@"
 }
 
@@ -140,25 +148,28 @@ for s in $STAGES; do
     case $st in
       env)  # versions, device, driver, `lafs-fast info --json` (backends; whether xformers' kernels loaded)
         # shellcheck disable=SC2016  # expanded by the inner bash
-        run_stage env 90 20 bash -c '"$0" benchmarks/gpu_env.py "$OUT/env.json" || exit; [[ $1 == 1 ]] && exit
+        # + the performance model's predicted table for this device (datasheets and measured ceilings)
+        run_stage env 60 20 bash -c '"$0" benchmarks/gpu_env.py "$OUT/env.json" || exit
+          "$0" benchmarks/perf_model.py --measured $([[ $1 == 1 ]] && echo "model.depth=1") || exit; [[ $1 == 1 ]] && exit
           nvidia-smi 2>&1 | head -20; XFORMERS_MORE_DETAILS=1 "$0" -m xformers.info 2>&1 |
           grep -E "memory_efficient_attention[.]|xFormers|Error|cannot open|built for" | head -30; exit 0' "$PY" "$DRY" ;;
+      pre_eager)  # the headline: one stage-1 step at the reference preset (82 images x 10 views), eager
+        bench pre_eager 75 30 benchmarks/test_bench_pretrain.py -k "fast_gpu and eager" ;;
+      pre_compiled)  # the cold compile of the fViT (student and teacher) is most of this stage
+        bench pre_compiled 210 90 benchmarks/test_bench_pretrain.py -k "fast_gpu and compiled" ;;
+      finetune)  # one stage-2 step at the reference preset (200 images, 10,000 classes): eager, then compiled
+        bench finetune 180 45 benchmarks/test_bench_finetune.py -k "fast_gpu" ;;
+      reference)  # the baselines: reference style in the step (strawman) and with DataLoader workers (honest)
+        bench reference 120 30 benchmarks/test_bench_pretrain.py benchmarks/test_bench_finetune.py \
+          -k "reference_style_gpu or reference_pipeline_gpu" ;;
       parity)  # the CUDA / xformers / nvJPEG tests only: compiled kernels against their twins
-        run_stage parity 150 40 "${PYTEST[@]}" --junitxml="$OUT/parity.xml" -k "cuda or xformers or gpu_paths" \
+        run_stage parity 120 40 "${PYTEST[@]}" --junitxml="$OUT/parity.xml" -k "cuda or xformers or gpu_paths" \
           tests/test_kernels_patch.py tests/test_kernels_augment.py tests/test_detector_landmarks.py \
           tests/test_models.py tests/test_view_packing.py tests/test_data_loaders.py ;;
       kernels)  # device ceilings; sampler: loop / twin / compiled twin / Triton; views: torchvision / twin / Triton
-        bench kernels 150 40 benchmarks/test_bench_device.py benchmarks/test_bench_kernels.py -k "_gpu or device" ;;
-      pre_ref)  # stage-1 step, reference style (CPU torchvision views, grid_sample loop, math attention, fp16)
-        bench pre_ref 90 30 benchmarks/test_bench_pretrain.py -k "reference_style_gpu" ;;
-      pre_eager)
-        bench pre_eager 90 30 benchmarks/test_bench_pretrain.py -k "fast_gpu and eager" ;;
-      pre_compiled)  # the cold compile of the fViT (student and teacher) is most of this stage
-        bench pre_compiled 300 90 benchmarks/test_bench_pretrain.py -k "fast_gpu and compiled" ;;
+        bench kernels 120 40 benchmarks/test_bench_device.py benchmarks/test_bench_kernels.py -k "_gpu or device" ;;
       attention)
-        bench attention 90 20 benchmarks/test_bench_attention.py -k "_gpu" ;;
-      finetune)  # stage-2 step: reference style + compiled fast path
-        bench finetune 240 90 benchmarks/test_bench_finetune.py -k "_gpu" ;;
+        bench attention 60 20 benchmarks/test_bench_attention.py -k "_gpu" ;;
       data)  # loader throughput (nvJPEG, DALI, PIL workers); on request only
         bench data 120 40 benchmarks/test_bench_data.py -k "gpu" ;;
       smoke_pretrain)  # the README's first command on the device: bf16 views, k-NN check, checkpoints

@@ -32,18 +32,40 @@ from pathlib import Path
 # ------------------------------------------------------------------------------------------ loading
 
 
-def merge(stage_dir: Path, out: Path) -> int:
-    """Every ``*.json`` of ``stage_dir`` (one pytest-benchmark session each) -> ``out``. Returns the count."""
-    merged: dict | None = None
-    for f in sorted(glob.glob(str(stage_dir / "*.json"))):
+def _stage_cases(stage_dir: Path, stem: str) -> dict | None:
+    """A stage's pytest-benchmark JSON, or, when it is missing, torn or empty, the cases
+    benchmarks/conftest.py appended to ``<stem>.cases.jsonl`` as each ended (the fallback)."""
+    try:
+        d = json.loads((stage_dir / f"{stem}.json").read_text())
+        if d.get("benchmarks"):
+            return d
+    except (OSError, json.JSONDecodeError):
+        d = None  # a session killed while writing, or no JSON written at all
+    cases = stage_dir / f"{stem}.cases.jsonl"
+    if not cases.is_file():
+        return d
+    rows = []
+    for line in cases.read_text().splitlines():
         try:
-            d = json.loads(Path(f).read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # a session killed while writing: its figures are lost, the others stay
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the line being written when the stage was killed
+    return {"benchmarks": rows}
+
+
+def merge(stage_dir: Path, out: Path) -> int:
+    """Every stage of ``stage_dir`` (``<stage>.json`` from one pytest-benchmark session each, else its
+    ``<stage>.cases.jsonl``) -> ``out``, each benchmark tagged with its stage. Returns the count."""
+    merged: dict | None = None
+    stems = {Path(f).name.split(".")[0] for f in glob.glob(str(stage_dir / "*.json*"))}
+    for stem in sorted(stems):
+        d = _stage_cases(stage_dir, stem)
+        if d is None:
+            continue
         if merged is None:
             merged = dict(d, benchmarks=[])
         for b in d.get("benchmarks", []):
-            b.setdefault("extra_info", {})["stage"] = Path(f).stem
+            b.setdefault("extra_info", {})["stage"] = stem
             merged["benchmarks"].append(b)
     if merged is None:
         return 0
@@ -73,6 +95,7 @@ def _record(env: dict, info: dict, command: str, date: str) -> dict:
         "xformers_kernels": env.get("xformers_kernels"),
         "numpy": versions.get("numpy"),
         "python": env.get("python") or info.get("python"),
+        "commit": env.get("git_commit") or None,
         "date": env.get("date") or date,
         "command": env.get("command") or command,
         "dry_run": env.get("dry_run", False),
@@ -167,6 +190,10 @@ def _figures(e: dict) -> str:
     ]
     if mfu:
         out.append("MFU " + " / ".join(mfu))
+    if "predicted_per_s" in e:
+        out.append(
+            f"predicted {e['predicted_per_s']:,.0f}/s (measured {100 * e['measured_over_predicted']:.0f}% of it)"
+        )
     if e.get("compile_s", 0) >= 0.5:
         out.append(f"first step {e['first_step_s']:.1f} s (compile ~{e['compile_s']:.1f} s)")
     return "; ".join(out)
@@ -180,6 +207,23 @@ def _stage_status(s: dict) -> str:
     if s.get("rc") == 0:
         return "ok"
     return f"failed (rc {s.get('rc')})"
+
+
+def _predicted_table(benchmarks: list[dict]) -> list[str]:
+    """The rows benchmarks/perf_model.py made a prediction for (from the measured matmul rate and
+    copy bandwidth of the device), predicted and measured side by side."""
+    rows = [b for b in benchmarks if "predicted_per_s" in b.get("extra_info", {})]
+    if not rows:
+        return []
+    out = ["", "**Predicted (benchmarks/perf_model.py, measured ceilings) and measured**", ""]
+    out += ["| case | predicted /s | measured /s | measured / predicted |", "| --- | ---: | ---: | ---: |"]
+    for b in rows:
+        e = b["extra_info"]
+        out.append(
+            f"| {re.sub(r'^test_', '', b['name'])} | {e['predicted_per_s']:,.0f} | {_throughput(b):,.0f} | "
+            f"{100 * e['measured_over_predicted']:.0f}% |"
+        )
+    return out
 
 
 def render(data: dict) -> str:
@@ -196,6 +240,8 @@ def render(data: dict) -> str:
     out = [head]
     if rec.get("command"):
         out.append(f"Command: `{rec['command']}`")
+    if rec.get("commit"):
+        out.append(f"Commit: {rec['commit']}")
     if rec.get("dry_run"):
         out.append("**Dry run on the CPU at toy sizes: the figures check the plumbing, they are not speeds.**")
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -211,25 +257,44 @@ def render(data: dict) -> str:
             out.append(
                 f"| {s['stage']} | {_stage_status(s)} | {s.get('seconds', 0)} | {n or '-'} | {s.get('summary', '')} |"
             )
+    out += _predicted_table(data.get("benchmarks", []))
     for group, items in sorted(groups.items()):
-        ref = next((b for b in items if _is_reference(b)), None)
-        stage = {b.get("extra_info", {}).get("stage") for b in items} - {None}
-        label = f" (stage {', '.join(sorted(stage))})" if stage else ""
-        out += [
-            "",
-            f"**{group}**{label}",
-            "",
-            "| case | median (ms) | throughput (/s) | vs reference | figures |",
-            "| --- | ---: | ---: | ---: | --- |",
-        ]
-        for b in sorted(items, key=lambda b: _throughput(b)):
-            speed = f"{_throughput(b) / _throughput(ref):.1f}x" if ref is not None else "-"
-            name = re.sub(r"^test_", "", b["name"])
-            out.append(
-                f"| {name} | {_median(b) * 1e3:.2f} | {_throughput(b):,.0f} | {speed} | "
-                f"{_figures(b.get('extra_info', {}))} |"
-            )
+        out += _group_table(group, items)
     return "\n".join(out) + "\n"
+
+
+def _role(b: dict) -> str:
+    return b.get("extra_info", {}).get("role", "")
+
+
+def _group_table(group: str, items: list[dict]) -> list[str]:
+    """One group: its cases by throughput, the speed-up over the group's reference (role
+    "reference": for the training steps the honest pipeline, augmentation in DataLoader workers)
+    and, where the group has one, over the in-step strawman (role "reference-in-step")."""
+    ref = next((b for b in items if _role(b) == "reference"), None) or next(
+        (b for b in items if _is_reference(b)), None
+    )
+    instep = next((b for b in items if _role(b) == "reference-in-step"), None)
+    stage = {b.get("extra_info", {}).get("stage") for b in items} - {None}
+    label = f" (stage {', '.join(sorted(stage))})" if stage else ""
+    extra_head, extra_rule = (" vs in-step reference |", " ---: |") if instep is not None else ("", "")
+    out = [
+        "",
+        f"**{group}**{label}",
+        "",
+        f"| case | median (ms) | throughput (/s) | vs reference |{extra_head} figures |",
+        f"| --- | ---: | ---: | ---: |{extra_rule} --- |",
+    ]
+    for b in sorted(items, key=lambda b: _throughput(b)):
+        speed = f"{_throughput(b) / _throughput(ref):.1f}x" if ref is not None else "-"
+        if instep is not None:
+            speed += f" | {_throughput(b) / _throughput(instep):.1f}x"
+        name = re.sub(r"^test_", "", b["name"])
+        out.append(
+            f"| {name} | {_median(b) * 1e3:.2f} | {_throughput(b):,.0f} | {speed} | "
+            f"{_figures(b.get('extra_info', {}))} |"
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

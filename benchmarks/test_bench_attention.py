@@ -2,7 +2,8 @@
 
 Shapes of the fViT at the reference size: head dim 64, 11 heads; 197 tokens (a dense view + CLS)
 and 37 tokens (a sparse view + CLS). The reference's dim**-0.5 scale is passed to every backend.
-CPU cases run a small batch; GPU cases (bf16, batch 256) skip without CUDA, and the xformers case
+CPU cases run a small batch; GPU cases (bf16, batch 256; TFLOP/s and MFU recorded, from
+:func:`fwd_bwd_flops`) skip without CUDA, and the xformers case
 also without a working xformers (its CUDA kernels loaded, not the fallback). ``LAFS_GPU_DRY_RUN=1``:
 the GPU cases on the CPU at batch 2 (plumbing only). Each case is called before timing (kernel
 loads, cuBLAS / flash handles outside the timed rounds).
@@ -14,9 +15,9 @@ import pytest
 import torch
 
 try:
-    from benchmarks.bench_device import DEVICE, bench, gpu, size
+    from benchmarks.bench_device import DEVICE, bench, gpu, record_mfu, size
 except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
-    from bench_device import DEVICE, bench, gpu, size
+    from bench_device import DEVICE, bench, gpu, record_mfu, size
 from lafs_fast.models.attention import attention, xformers_status
 
 HEADS, HEAD_DIM, SCALE = 11, 64, 768**-0.5
@@ -28,6 +29,13 @@ def _qkv(batch: int, tokens: int, device: str, dtype: torch.dtype) -> list[torch
         torch.randn(batch, tokens, HEADS, HEAD_DIM, generator=g, device=device, dtype=dtype).requires_grad_(True)
         for _ in range(3)
     ]
+
+
+def fwd_bwd_flops(batch: int, tokens: int) -> float:
+    """Attention forward + backward FLOPs: the two products (q k^T, then x v), 4 B H N^2 Dh forward,
+    backward 2x forward (as benchmarks/perf_model.py counts; a flash backward also recomputes the
+    scores, not counted: model FLOPs)."""
+    return 3.0 * 4 * batch * HEADS * tokens * tokens * HEAD_DIM
 
 
 def _fwd_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str):
@@ -66,6 +74,7 @@ def test_attention_gpu(benchmark, backend, tokens):
     benchmark.group = f"attention fwd+bwd, {DEVICE.type.upper()} bf16, {batch} x {tokens} tokens"
     benchmark.extra_info.update(items=batch, role="reference" if backend == "math" else "")
     bench(benchmark, _fwd_bwd(q, k, v, backend), rounds=20)
+    record_mfu(benchmark, fwd_bwd_flops(batch, tokens))
 
 
 # -- multi-crop: one student step's attention over 2 dense + 8 sparse views per image, either one
@@ -117,3 +126,4 @@ def test_multicrop_attention_gpu(benchmark, backend, packed):
     # one reference per group: SDPA per length (what runs where xformers cannot)
     benchmark.extra_info.update(items=images, role="reference" if (backend, packed) == ("sdpa", False) else "")
     bench(benchmark, _multicrop_step(images, DEVICE.type, torch.bfloat16, backend, packed), rounds=20)
+    record_mfu(benchmark, fwd_bwd_flops(2 * images, 197) + fwd_bwd_flops(8 * images, 37))

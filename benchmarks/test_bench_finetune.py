@@ -17,8 +17,9 @@ regulariser (frozen copy of the CNN, lambda 1000 as in epoch 0), backward, AdamW
 
 GPU figures record images/s on the median step and MFU against the device's dense bf16 peak, the
 datasheet's and the measured matmul rate (``benchmarks/bench_device.py``), with the model FLOPs
-counted by ``torch.utils.flop_counter`` on one image (forward x 3 for the trainable model + the
-frozen CNN's forward); the first step (the compile) is recorded apart. Nothing is asserted about
+of ``benchmarks/perf_model.py`` (counted from the modules, attention included; forward x 3 for the
+trainable model + the frozen CNN's forward) and its predicted images/s beside the measured; the
+first step (the compile) is recorded apart. Nothing is asserted about
 speed; results are recorded (gpu_run.sh, render.py). ``LAFS_GPU_DRY_RUN=1``: the GPU cases on the
 CPU with a toy model (plumbing only).
 """
@@ -30,11 +31,13 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from benchmarks.baselines import reference_part_fvit_forward, synced
+    from benchmarks.baselines import reference_part_fvit_forward, reference_workers, synced, worker_loader
     from benchmarks.bench_device import COMPILE_BACKEND, DEVICE, DRY, bench, gpu, record_ceilings, size, timed_call
+    from benchmarks.perf_model import annotate, step_model
 except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
-    from baselines import reference_part_fvit_forward, synced
+    from baselines import reference_part_fvit_forward, reference_workers, synced, worker_loader
     from bench_device import COMPILE_BACKEND, DEVICE, DRY, bench, gpu, record_ceilings, size, timed_call
+    from perf_model import annotate, step_model
 from lafs_fast.config import Config, load_config
 from lafs_fast.data import SyntheticFaces
 from lafs_fast.launch import DistInfo
@@ -60,28 +63,6 @@ def _stage(cfg: Config, num_classes: int, device: torch.device, tmp_path, augmen
         torch.save(model_file(cfg.model, build_backbone(cfg.model), landmark_cnn=build_landmark_cnn(cfg.model)), src)
     cfg2, model, ref = build_supervised_model(cfg, num_classes, 2, init=str(src))
     return SupervisedStage(cfg2, model, num_classes, 2, device, ref_landmarks=ref, augment=augment)
-
-
-def step_flops(stage: SupervisedStage) -> float:
-    """Model FLOPs of one training step per image: 3 x forward of the Part fViT + head, + the frozen
-    CNN's forward (flop_counter on one image on the CPU; the sampler's gathers are not FLOPs)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = stage.model
-    dev = next(model.parameters()).device
-    x = torch.zeros(1, 3, 112, 112)
-    y = torch.zeros(1, dtype=torch.long)
-    model.cpu()
-    try:
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            model(x, y)
-        train = fc.get_total_flops()
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            model.landmark_cnn(x)
-        cnn = fc.get_total_flops()
-    finally:
-        model.to(dev)
-    return 3.0 * train + cnn
 
 
 def _fast_step(
@@ -121,10 +102,24 @@ def _fast_step(
     return step
 
 
-def _reference_step(stage: SupervisedStage, device: torch.device, images_cpu: torch.Tensor, labels: torch.Tensor):
+def _reference_images(stage: SupervisedStage, images_cpu: torch.Tensor, workers: int):
+    """``images(step)``: the per-sample PIL / timm augmentation of the batch, in the step (``workers``
+    0: the strawman) or made by ``workers`` DataLoader processes while the steps run (the reference)."""
+    aug = FaceAugment(stage.cfg, "cpu")
+    if not workers:
+        return lambda step: aug(images_cpu, step)
+    b = images_cpu.shape[0]
+    batches = worker_loader(lambda i: aug(images_cpu[i % b][None], i)[0], b, steps=64, workers=workers)
+    return lambda step: next(batches)
+
+
+def _reference_step(
+    stage: SupervisedStage, device: torch.device, images_cpu: torch.Tensor, labels: torch.Tensor, workers: int = 0
+):
+    """The reference-style step; ``workers`` > 0: its augmentation in DataLoader workers."""
     model, ref = stage.model, stage.ref
     model.backbone.set_attention("math")
-    aug = FaceAugment(stage.cfg, "cpu")
+    images_of = _reference_images(stage, images_cpu, workers)
     opt = torch.optim.AdamW(supervised_param_groups(model, stage.cfg), lr=1e-4, foreach=False)
     fp16 = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
@@ -132,7 +127,7 @@ def _reference_step(stage: SupervisedStage, device: torch.device, images_cpu: to
 
     def step():
         count[0] += 1
-        x = aug(images_cpu, count[0]).to(device)  # per-sample PIL / timm on the CPU
+        x = images_of(count[0]).to(device, non_blocking=True)  # per-sample PIL / timm on the CPU
         x, targets = apply_mixup(stage.mixup, x, labels, count[0])
         with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
             logits, coords = reference_part_fvit_forward(model.landmark_cnn, model.backbone, model.head, x, targets)
@@ -155,11 +150,14 @@ def _record(
     batch: int,
     device: torch.device,
     role: str = "",
-    flops: float | None = None,
+    gpu_case: bool = False,
     first_step_s: float | None = None,
+    compiled: bool | None = None,
 ) -> None:
-    """images/s on the median step; with ``flops`` also MFU against the measured bf16 matmul peak
-    and the datasheet's, and the first step's time (compile included) apart."""
+    """images/s on the median step; a GPU case also MFU against the measured bf16 matmul peak and
+    the datasheet's (FLOPs from benchmarks/perf_model.py, attention included), the performance
+    model's prediction from the measured ceilings beside it (fast cases: ``compiled`` given), and
+    the first step's time (compile included) apart."""
     benchmark.extra_info.update(
         items=batch, unit="images", preset_dim=stage.cfg.model.dim, batch=batch, augment=stage.augment.mode
     )
@@ -169,9 +167,13 @@ def _record(
     if not median:
         return
     benchmark.extra_info["images_per_s"] = batch / median
-    if flops is not None:
+    if gpu_case:
         c = record_ceilings(benchmark)
+        model = step_model(2, stage.cfg, batch, GPU_CLASSES)
+        flops = model.flops()
         benchmark.extra_info["flops_per_sample"] = flops
+        if compiled is not None:
+            annotate(benchmark.extra_info, model, compiled, median)
         benchmark.extra_info["mfu_measured"] = flops * batch / median / (c["matmul_TFLOPs"] * 1e12)
         if "datasheet_TFLOPs" in c:
             benchmark.extra_info["mfu_datasheet"] = flops * batch / median / (c["datasheet_TFLOPs"] * 1e12)
@@ -237,24 +239,42 @@ def test_finetune_step_reference_style_gpu(benchmark, gpu_setup):
     cfg, images, labels, tmp = gpu_setup
     benchmark.group = _gpu_group()
     stage = _stage(cfg, GPU_CLASSES, DEVICE, tmp, "cpu")
-    flops = step_flops(stage)
     step = synced(_reference_step(stage, DEVICE, images.cpu(), labels))
     first = timed_call(step)
     loss = bench(benchmark, step, rounds=3, warmup=0)
     assert torch.isfinite(loss)
-    _record(benchmark, stage, GPU_BATCH, DEVICE, role="reference", flops=flops, first_step_s=first)
+    _record(benchmark, stage, GPU_BATCH, DEVICE, role="reference-in-step", gpu_case=True, first_step_s=first)
 
 
 @gpu
-def test_finetune_step_fast_gpu(benchmark, gpu_setup):
+def test_finetune_step_reference_pipeline_gpu(benchmark, gpu_setup):
+    """The honest baseline (the group's 1.0x): the augmentation in DataLoader workers overlapped with
+    the step, timed after the workers' start-up burst is drained (see the stage-1 case)."""
+    cfg, images, labels, tmp = gpu_setup
+    benchmark.group = _gpu_group()
+    stage = _stage(cfg, GPU_CLASSES, DEVICE, tmp, "cpu")
+    workers = size(reference_workers(), 1)
+    step = synced(_reference_step(stage, DEVICE, images.cpu(), labels, workers=workers))
+    first = timed_call(step)
+    for _ in range(size(20, 2)):
+        step()
+    loss = bench(benchmark, step, rounds=8, warmup=0)
+    assert torch.isfinite(loss)
+    benchmark.extra_info["workers"] = workers
+    _record(benchmark, stage, GPU_BATCH, DEVICE, role="reference", gpu_case=True, first_step_s=first)
+
+
+@gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_finetune_step_fast_gpu(benchmark, gpu_setup, compiled):
+    """Eager first (gpu_run.sh's `finetune` stage keeps it if the compiled case is cut)."""
     cfg, images, labels, tmp = gpu_setup
     benchmark.group = _gpu_group()
     stage = _stage(cfg, GPU_CLASSES, DEVICE, tmp, "gpu")
-    flops = step_flops(stage)
-    step = synced(_fast_step(stage, DEVICE, images, labels, compile_=True, bf16=True))
-    first = timed_call(step)  # the fViT's compile, Triton kernels, allocator warm-up
+    step = synced(_fast_step(stage, DEVICE, images, labels, compile_=compiled, bf16=True))
+    first = timed_call(step)  # the compile (fViT blocks, landmark CNN trunks), Triton kernels, allocator warm-up
     for _ in range(size(2, 0)):  # autotune and allocator settle outside the timing
         step()
     loss = bench(benchmark, step, rounds=10, warmup=1)
     assert torch.isfinite(loss)
-    _record(benchmark, stage, GPU_BATCH, DEVICE, flops=flops, first_step_s=first)
+    _record(benchmark, stage, GPU_BATCH, DEVICE, gpu_case=True, first_step_s=first, compiled=compiled)

@@ -13,7 +13,8 @@ forward/backward on all ten, DINO loss, per-parameter clipping, AdamW, EMA teach
   AdamW (``benchmarks/baselines.py``).
 
 Landmarks: the 14 x 14 grid in both paths (the frozen landmark CNN costs the same in both). GPU
-figures record samples/s on the median step, MFU = model FLOPs (:func:`step_flops`) x samples/s
+figures record samples/s on the median step, MFU = model FLOPs (``benchmarks/perf_model.py``,
+counted from the modules, attention included) x samples/s
 over the device's dense bf16 peak, both the datasheet's and the measured matmul rate
 (``benchmarks/bench_device.py``), and the first step's time apart (``first_step_s``; compile
 included for the compiled case, ``compile_s`` = first step - median step). Nothing is asserted
@@ -27,11 +28,27 @@ import pytest
 import torch
 
 try:
-    from benchmarks.baselines import reference_lafs_tokens, synced
+    from benchmarks.baselines import (
+        reference_lafs_tokens,
+        reference_tokens_from_views,
+        reference_workers,
+        synced,
+        torchvision_views_per_sample,
+        worker_loader,
+    )
     from benchmarks.bench_device import COMPILE_BACKEND, DEVICE, DRY, bench, gpu, record_ceilings, size, timed_call
+    from benchmarks.perf_model import annotate, step_model
 except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
-    from baselines import reference_lafs_tokens, synced
+    from baselines import (
+        reference_lafs_tokens,
+        reference_tokens_from_views,
+        reference_workers,
+        synced,
+        torchvision_views_per_sample,
+        worker_loader,
+    )
     from bench_device import COMPILE_BACKEND, DEVICE, DRY, bench, gpu, record_ceilings, size, timed_call
+    from perf_model import annotate, step_model
 from lafs_fast.config import Config, load_config
 from lafs_fast.data import SyntheticFaces
 from lafs_fast.launch import DistInfo
@@ -50,25 +67,6 @@ TOY_MODEL = [
     "dino.hidden_dim=32",
     "dino.bottleneck_dim=16",
 ]
-
-
-def step_flops(cfg: Config) -> float:
-    """Model FLOPs of one pre-training step per source image (matmuls only, 2 per MAC; backward = 2x
-    forward for the student, forward only for the teacher)."""
-    m, d, v = cfg.model, cfg.dino, cfg.views
-    inner = m.heads * m.head_dim
-
-    def backbone(n_tokens: int) -> float:  # one view of n tokens (+ CLS)
-        n = n_tokens + 1
-        per_layer = n * (m.dim * 3 * inner + inner * m.dim + 2 * m.dim * m.mlp_dim) + 2 * n * n * inner
-        return 2.0 * (n_tokens * 3 * m.patch_size**2 * m.dim + m.depth * per_layer)
-
-    head = 2.0 * (
-        m.dim * d.hidden_dim + d.hidden_dim**2 + d.hidden_dim * d.bottleneck_dim + d.bottleneck_dim * d.out_dim
-    )
-    student = v.n_global * (backbone(v.global_tokens) + head) + v.n_local * (backbone(v.local_tokens) + head)
-    teacher = v.n_global * (backbone(v.global_tokens) + head)
-    return 3.0 * student + teacher
 
 
 def _fast_step(cfg: Config, device: torch.device, images: torch.Tensor, compile_: bool, bf16: bool | None = None):
@@ -98,7 +96,30 @@ def _fast_step(cfg: Config, device: torch.device, images: torch.Tensor, compile_
     return step
 
 
-def _reference_step(cfg: Config, device: torch.device, images_cpu: torch.Tensor):
+def _reference_crops(cfg: Config, stage: DinoStage, device: torch.device, images_cpu: torch.Tensor, workers: int):
+    """The reference's tokens for one step: the torchvision views in the step (``workers`` 0: the
+    strawman) or made by ``workers`` DataLoader processes while the steps run (the reference as it
+    runs); the per-landmark grid_sample loop on ``device`` either way."""
+    specs = stage.views.global_specs + stage.views.local_specs
+    grid = grid_landmarks()
+    gen = torch.Generator().manual_seed(0)
+    v, b, s = cfg.views, images_cpu.shape[0], images_cpu.shape[1]
+    if not workers:
+        return lambda: reference_lafs_tokens(
+            images_cpu, specs, grid, v.n_global, v.local_tokens, v.perturb_sigma, gen, device
+        )
+
+    def views(i: int) -> torch.Tensor:  # in a worker: one image's V augmented views (V, 3, S, S)
+        return torchvision_views_per_sample(images_cpu[i % b][None], specs, s, bicubic=True)[1][0]
+
+    batches = worker_loader(views, b, steps=64, workers=workers)
+    return lambda: reference_tokens_from_views(
+        next(batches).to(device, non_blocking=True), grid, v.n_global, v.local_tokens, v.perturb_sigma, gen
+    )
+
+
+def _reference_step(cfg: Config, device: torch.device, images_cpu: torch.Tensor, workers: int = 0):
+    """The reference-style step; ``workers`` > 0: its views from DataLoader workers (:func:`_reference_crops`)."""
     torch.manual_seed(0)
     stage = DinoStage(cfg, device)
     for mb in (stage.model.backbone, stage.teacher.backbone):
@@ -106,13 +127,10 @@ def _reference_step(cfg: Config, device: torch.device, images_cpu: torch.Tensor)
     opt = torch.optim.AdamW(param_groups(stage.model), lr=1e-4, foreach=False)
     fp16 = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-    specs = stage.views.global_specs + stage.views.local_specs
-    grid = grid_landmarks()
-    gen = torch.Generator().manual_seed(0)
-    v = cfg.views
+    crops_fn = _reference_crops(cfg, stage, device, images_cpu, workers)
 
     def step():
-        crops = reference_lafs_tokens(images_cpu, specs, grid, v.n_global, v.local_tokens, v.perturb_sigma, gen, device)
+        crops = crops_fn()
         with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
             with torch.no_grad():
                 t = stage.teacher([crops[0]])
@@ -138,10 +156,18 @@ def _reference_step(cfg: Config, device: torch.device, images_cpu: torch.Tensor)
 
 
 def _record(
-    benchmark, cfg: Config, batch: int, device: torch.device, role: str = "", first_step_s: float | None = None
+    benchmark,
+    cfg: Config,
+    batch: int,
+    device: torch.device,
+    role: str = "",
+    first_step_s: float | None = None,
+    compiled: bool | None = None,
 ) -> None:
     """samples/s on the median step; on the GPU cases also MFU against the datasheet and the
-    measured bf16 matmul peak, and the first step's time (compile included) apart."""
+    measured bf16 matmul peak (FLOPs from benchmarks/perf_model.py, attention included), the
+    performance model's prediction from the measured ceilings beside it (fast cases: ``compiled``
+    given), and the first step's time (compile included) apart."""
     benchmark.extra_info.update(items=batch, unit="samples", preset_dim=cfg.model.dim, batch=batch)
     if role:
         benchmark.extra_info["role"] = role
@@ -151,8 +177,11 @@ def _record(
     benchmark.extra_info["samples_per_s"] = batch / median
     if device == DEVICE and (device.type == "cuda" or DRY):
         c = record_ceilings(benchmark)
-        flops = step_flops(cfg)
+        model = step_model(1, cfg, batch)
+        flops = model.flops()
         benchmark.extra_info["flops_per_sample"] = flops
+        if compiled is not None:
+            annotate(benchmark.extra_info, model, compiled, median)
         achieved = flops * batch / median
         benchmark.extra_info["mfu_measured"] = achieved / (c["matmul_TFLOPs"] * 1e12)
         if "datasheet_TFLOPs" in c:
@@ -213,11 +242,30 @@ def _gpu_group(cfg: Config) -> str:
 
 @gpu
 def test_pretrain_step_reference_style_gpu(benchmark, gpu_setup):
+    """The strawman: torchvision views inside the timed step (role ``reference-in-step``)."""
     cfg, images = gpu_setup
     benchmark.group = _gpu_group(cfg)
     step = synced(_reference_step(cfg, DEVICE, images.cpu()))
     first = timed_call(step)
     bench(benchmark, step, rounds=2, warmup=0)
+    _record(benchmark, cfg, GPU_BATCH, DEVICE, role="reference-in-step", first_step_s=first)
+
+
+@gpu
+def test_pretrain_step_reference_pipeline_gpu(benchmark, gpu_setup):
+    """The honest baseline (the group's 1.0x): the reference as it runs, its views made by DataLoader
+    workers overlapped with the step. Untimed steps first drain what the workers made while they
+    started (2 batches a worker), so the timed rounds see the steady state: the slower of the step
+    and the workers' rate."""
+    cfg, images = gpu_setup
+    benchmark.group = _gpu_group(cfg)
+    workers = size(reference_workers(), 1)  # 10 on the GPU machine's 16 cores
+    step = synced(_reference_step(cfg, DEVICE, images.cpu(), workers=workers))
+    first = timed_call(step)  # the workers' start and first batch
+    for _ in range(size(20, 2)):
+        step()
+    bench(benchmark, step, rounds=8, warmup=0)
+    benchmark.extra_info["workers"] = workers
     _record(benchmark, cfg, GPU_BATCH, DEVICE, role="reference", first_step_s=first)
 
 
@@ -232,4 +280,4 @@ def test_pretrain_step_fast_gpu(benchmark, gpu_setup, compiled):
         step()
     loss = bench(benchmark, step, rounds=10)
     assert torch.isfinite(loss)
-    _record(benchmark, cfg, GPU_BATCH, DEVICE, first_step_s=first)
+    _record(benchmark, cfg, GPU_BATCH, DEVICE, first_step_s=first, compiled=compiled)

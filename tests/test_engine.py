@@ -145,6 +145,33 @@ def test_per_parameter_clipping(gen):
     assert torch.equal(b.grad, gb)  # under the threshold: untouched
 
 
+def _clip_per_parameter(params, clip):
+    """The engine's clipping before issue 21: the factor of each parameter as its own small kernels."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch._foreach_norm(grads, 2.0)
+    torch._foreach_mul_(grads, [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms])
+    return torch.stack(norms)
+
+
+def test_multi_tensor_clipping_is_bitwise_the_per_parameter_loop(gen):
+    """Issue 21: the factors as one vector give the same bits as one per parameter (fp32 and bf16
+    grads, some above the threshold, some under, an empty list entry skipped)."""
+    shapes = [(7, 5), (5,), (3, 4, 2), (1,), (64,)]
+    for dtype in (torch.float32, torch.bfloat16):
+        ps, qs = [], []
+        for i, shape in enumerate(shapes):
+            g = (torch.randn(shape, generator=gen) * (10.0 if i % 2 else 0.1)).to(dtype)
+            p, q = nn.Parameter(torch.zeros(shape, dtype=dtype)), nn.Parameter(torch.zeros(shape, dtype=dtype))
+            p.grad, q.grad = g.clone(), g.clone()
+            ps.append(p), qs.append(q)
+        ps.append(nn.Parameter(torch.zeros(2)))  # no grad: skipped by both
+        qs.append(nn.Parameter(torch.zeros(2)))
+        n_new, n_old = clip_gradients(ps, 3.0), _clip_per_parameter(qs, 3.0)
+        assert torch.equal(n_new, n_old)
+        for p, q in zip(ps, qs):
+            assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
+
+
 def test_schedules_reach_the_optimizer(tmp_path):
     cfg = _cfg(tmp_path, "train.max_steps=4")
     eng = _engine(cfg)

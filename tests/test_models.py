@@ -230,3 +230,117 @@ def test_set_margin_equals_a_head_built_with_that_margin(gen):
     sharded = ShardedMarginHead(16, 3, "arcface", m=0.5)
     sharded.set_margin(0.2)
     assert sharded.margin.m == 0.2 and sharded.margin.sin_m == pytest.approx(math.sin(0.2))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_cls_only_last_block_equals_every_row(gen, backend):
+    """Issue 21: the last block computes the CLS row alone (keys and values of every token, the query
+    of CLS). Same embeddings and gradients as computing every row: in eval mode with dropout on,
+    and in training with drop-path on and dropout 0 (drop-path draws one number per sample in both
+    paths, so the random stream is the same)."""
+    for train in (False, True):
+        torch.manual_seed(0)
+        drop = 0.0 if train else 0.1
+        fast = FViT(dim=48, depth=3, heads=3, head_dim=16, mlp_dim=96, dropout=drop, drop_path=0.3, attention=backend)
+        full = FViT(dim=48, depth=3, heads=3, head_dim=16, mlp_dim=96, dropout=drop, drop_path=0.3, attention=backend)
+        full.load_state_dict(fast.state_dict())
+        full.cls_only_last_block = False
+        fast.train(train), full.train(train)
+        for n in (196, 36):
+            tokens = torch.randn(4, n, 192, generator=gen)
+            torch.manual_seed(1)
+            a = fast(tokens)
+            torch.manual_seed(1)
+            b = full(tokens)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            g = torch.randn_like(a)
+            ga = torch.autograd.grad(a, list(fast.parameters()), g, allow_unused=True)
+            gb = torch.autograd.grad(b, list(full.parameters()), g, allow_unused=True)
+            for x, y in zip(ga, gb):
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_cls_only_last_block_flops(gen):
+    """The FLOPs it saves, counted by torch's FLOP counter: the last block's q projection, attention
+    rows, output projection and MLP of the N - 1 non-CLS tokens (about 80% of one block of 12)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vit = FViT(dim=48, depth=3, heads=3, head_dim=16, mlp_dim=96, attention="math").eval()
+    tokens = torch.randn(1, 196, 192, generator=gen)
+    counts = []
+    for cls_only in (False, True):
+        vit.cls_only_last_block = cls_only
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            vit(tokens)
+        counts.append(fc.get_total_flops())
+    n, d, inner, m = 197, 48, 48, 96
+    block = 2 * (n * (d * 3 * inner + inner * d + 2 * d * m) + 2 * n * n * inner)
+    last = 2 * (n * d * 2 * inner + d * inner + 2 * n * inner + inner * d + 2 * d * m)
+    assert counts[0] - counts[1] == block - last
+
+
+def _trained_looking_cnn(gen) -> LandmarkCNN:
+    """A landmark CNN whose BatchNorms hold non-trivial running statistics and affine parameters."""
+    torch.manual_seed(0)
+    cnn = LandmarkCNN()
+    with torch.no_grad():
+        for m in cnn.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0, 0.1, generator=gen)
+    return cnn.eval()
+
+
+def test_folded_batchnorm_gives_the_same_landmarks(gen):
+    """Issue 21: the frozen reference CNN with its BatchNorms folded into the convolutions (46
+    pairs: one kernel and one activation pass less each) predicts the same coordinates up to fp32
+    rounding; the original is untouched and keeps its state-dict keys."""
+    from lafs_fast.models.landmark_cnn import fold_batchnorm
+
+    cnn = _trained_looking_cnn(gen)
+    keys = list(cnn.state_dict())
+    folded = fold_batchnorm(cnn)
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert bns == 0 and sum(isinstance(m, torch.nn.BatchNorm2d) for m in cnn.modules()) == 46
+    assert list(cnn.state_dict()) == keys and not any(p.requires_grad for p in folded.parameters())
+    x = torch.rand(4, 3, 112, 112, generator=gen) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), cnn(x), rtol=0, atol=2e-3)  # px of 111
+
+
+def test_channels_last_landmark_cnn_is_the_same_function(gen):
+    """Issue 21: NHWC weights and inputs (the GPU's fast layout) give the same coordinates and
+    gradients as NCHW, in training mode (batch statistics) with dropout off."""
+    a = LandmarkCNN(dropout=0.0).train()
+    b = LandmarkCNN(dropout=0.0).train()
+    b.load_state_dict(a.state_dict())
+    b.to_channels_last()
+    assert b.stn.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(4, 3, 112, 112, generator=gen) * 2 - 1
+    ya, yb = a(x), b(x)
+    torch.testing.assert_close(yb, ya, rtol=0, atol=2e-3)
+    g = torch.randn_like(ya)
+    ga = torch.autograd.grad(ya, list(a.parameters()), g)
+    gb = torch.autograd.grad(yb, list(b.parameters()), g)
+    scale = max(float(u.abs().max()) for u in ga)  # some BN biases have a gradient of 0 up to rounding
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(v, u, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_compiled_landmark_trunk_is_one_graph_and_the_same_function(gen):
+    """Issue 21: ``compile_blocks`` compiles the trunk as one graph (no graph break: fullgraph) in
+    NHWC, and the head stays eager; the same coordinates as the eager CNN. AOT-eager backend: the
+    trace and the autograd graph are checked, Inductor's codegen is tests/test_compile.py's."""
+    eager = LandmarkCNN(dropout=0.0).eval()
+    compiled = LandmarkCNN(dropout=0.0).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.to_channels_last().compile_blocks(backend="aot_eager", fullgraph=True, dynamic=False)
+    x = torch.rand(2, 3, 112, 112, generator=gen) * 2 - 1
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), eager(x), rtol=0, atol=2e-3)
+        assert compiled.stn._compiled_call_impl is not None and compiled.output_layer._compiled_call_impl is None
+    finally:
+        torch._dynamo.reset()

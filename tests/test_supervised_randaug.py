@@ -67,3 +67,14 @@ def test_skipped_images_are_untouched_and_draws_are_seeded():
     changed = (a - x).abs().flatten(1).amax(dim=1) > 0
     assert changed.sum() >= 4  # two ops at p = 1: (almost) every image changes
     assert torch.equal(rand_augment(x, torch.Generator().manual_seed(4), p=0.0), x)
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_drawn_ops_equal_every_op_with_a_select(p):
+    """Issue 21: each op computed on the images that drew it alone gives the same batch as every op
+    on every image and a select (same draws: the same CPU generator stream), to the bit."""
+    x = SyntheticFaces(16, 1, seed=5).batch(range(16))[0].permute(0, 3, 1, 2).float()
+    for seed in range(4):
+        fast = rand_augment(x, torch.Generator().manual_seed(seed), magnitude=3.0, p=p)
+        slow = rand_augment(x, torch.Generator().manual_seed(seed), magnitude=3.0, p=p, all_ops=True)
+        assert torch.equal(fast, slow), (seed, float((fast - slow).abs().max()))

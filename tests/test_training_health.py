@@ -99,3 +99,24 @@ def test_a_run_logs_health_and_warns_once(tmp_path, capsys, monkeypatch):
     assert all(math.isfinite(r[k]) for r in recs for k in HEALTH_KEYS)
     assert all(0 <= r["teacher_entropy"] <= math.log(64) + 1e-4 for r in recs)
     assert capsys.readouterr().out.count("COLLAPSE since step 1") == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_health_shares_the_loss_softmax_bit_for_bit(gen, dtype):
+    """Issue 21: the loss returns its targets and the health metrics read them, one softmax over the
+    K prototypes a step instead of two: same loss, same centre update, same metrics, to the bit,
+    as the two computed apart (bf16 teacher outputs as on the GPU; the centre non-zero)."""
+    student = torch.randn(V * B, K, generator=gen).to(dtype)
+    teacher = (torch.randn(G * B, K, generator=gen) * 3).to(dtype)
+    emb = torch.randn(G * B, 16, generator=gen)
+    start = torch.randn(1, K, generator=gen)
+    old, new = DINOLoss(K, V, G), DINOLoss(K, V, G)
+    old.center.copy_(start), new.center.copy_(start)
+    centre = old.center.clone()
+    ref_q = F.softmax((teacher.float() - centre) / 0.05, dim=-1)  # the targets as computed before
+    ref_loss = old(student, teacher, 0.05)
+    ref = dino_health(teacher, centre, 0.05, ref_loss, emb)
+    loss, q = new(student, teacher, 0.05, return_targets=True)
+    assert torch.equal(q, ref_q) and torch.equal(loss, ref_loss) and torch.equal(new.center, old.center)
+    got = dino_health(teacher, centre, 0.05, loss, emb, q=q)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath
 
 from lafs_fast.models.attention import attention, resolve_attention, seqlen_runs
@@ -49,6 +50,18 @@ class Attention(nn.Module):
         q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, self.head_dim).unbind(2)
         out = attention(q, k, v, self.scale, backend, seqlens)
         return self.to_out(out.reshape(b, n, self.heads * self.head_dim))
+
+    def forward_cls(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        """The CLS row of :meth:`forward` alone: x (B, N, dim) -> (B, 1, dim). Keys and values of all
+        N tokens, the query of the first: the q projection, attention and output projection of the
+        other N - 1 rows are skipped (the last block, whose other rows nothing reads)."""
+        b, n, _ = x.shape
+        inner = self.heads * self.head_dim
+        w = self.to_qkv.weight  # (3 * inner, dim): q, k, v in that order
+        q = F.linear(x[:, :1], w[:inner]).view(b, 1, self.heads, self.head_dim)
+        k, v = F.linear(x, w[inner:]).view(b, n, 2, self.heads, self.head_dim).unbind(2)
+        out = attention(q, k, v, self.scale, backend)
+        return self.to_out(out.reshape(b, 1, inner))
 
 
 class FeedForward(nn.Module):
@@ -114,8 +127,16 @@ class Block(nn.ModuleList):
     reference's ``layers.N.0`` / ``layers.N.1`` names) with a forward, so that it is the unit of
     regional compilation (:meth:`FViT.compile_blocks`)."""
 
-    def forward(self, x: torch.Tensor, backend: str, seqlens: tuple[int, ...] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, backend: str, seqlens: tuple[int, ...] | None = None, cls_only: bool = False
+    ) -> torch.Tensor:
+        """x (B, N, dim) -> (B, N, dim); ``cls_only``: -> (B, 1, dim), the CLS row alone (the last
+        block of a forward that reads only CLS: every other row's query, attention, output
+        projection, MLP and residuals are skipped; keys and values still see every token)."""
         attn, ff = self
+        if cls_only:
+            y = attn.fn.fn.forward_cls(attn.fn.norm(x), backend)
+            return ff(x[:, :1] + attn.drop_path(y), backend)
         return ff(attn(x, backend, seqlens), backend, seqlens)
 
 
@@ -143,11 +164,22 @@ class Transformer(nn.Module):
             for _ in range(depth)
         )
 
-    def forward(self, x: torch.Tensor, backend: str, seqlens: tuple[int, ...] | None = None) -> torch.Tensor:
-        """x: (B, N, dim) -> (B, N, dim); with ``seqlens``, x is a packed row (1, sum(seqlens), dim)."""
-        for block in self.layers:
+    def forward(
+        self, x: torch.Tensor, backend: str, seqlens: tuple[int, ...] | None = None, cls_only: bool = False
+    ) -> torch.Tensor:
+        """x: (B, N, dim) -> (B, N, dim); with ``seqlens``, x is a packed row (1, sum(seqlens), dim);
+        ``cls_only`` (unpacked only): -> (B, 1, dim), the last block computing the CLS row alone."""
+        *blocks, last = self.layers
+        for block in blocks:
             x = block(x, backend, seqlens)
-        return x
+        if not cls_only:
+            return last(x, backend, seqlens)
+        # ``forward``, not the call: under regional compilation (train.compile) the CLS-only block
+        # runs eager. Compiled, it traced a graph of its own per token length and grad mode (6
+        # graphs instead of 3 for a pre-training step, the cold compile 2x: issue 21 item 5); eager,
+        # it costs ~25 small launches once per forward, its heavy part (keys and values of every
+        # token) one matmul either way.
+        return last.forward(x, backend, cls_only=True)
 
 
 def image_grid_tokens(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -173,6 +205,8 @@ class FViT(nn.Module):
         attn_scale: "dim" (reference quirk, dim**-0.5) or "head_dim".
         attention: "auto" | "xformers" | "sdpa" | "math".
         token_init_std: CLS / position init std (reference N(0, 1)).
+        cls_only_last_block: :meth:`forward` runs the last block for the CLS row only (default; the
+            other rows of its output are never read). False: every row, as ``forward_features``.
     """
 
     def __init__(
@@ -191,6 +225,7 @@ class FViT(nn.Module):
         attn_scale: str = "dim",
         attention: str = "auto",
         token_init_std: float = 1.0,
+        cls_only_last_block: bool = True,
     ) -> None:
         super().__init__()
         if attn_scale not in ("dim", "head_dim"):
@@ -199,6 +234,7 @@ class FViT(nn.Module):
         self.dim, self.patch_size, self.num_patches = dim, patch_size, num_patches
         self.token_dim = 3 * patch_size * patch_size
         self.attention_backend = attention
+        self.cls_only_last_block = cls_only_last_block
         self._resolved: dict[str, str] = {}
         scale = (dim if attn_scale == "dim" else head_dim) ** -0.5
         self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim) * token_init_std)
@@ -305,4 +341,15 @@ class FViT(nn.Module):
                 if coords is not None
                 else image_grid_tokens(x, self.patch_size)
             )
-        return self.mlp_head(self.forward_features(x)[:, 0])
+        return self.mlp_head(self.forward_cls(x))
+
+    def forward_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, 3*P*P) -> the CLS output (B, dim) before the final norm: ``forward_features(
+        tokens)[:, 0]`` with the last block computing the CLS row alone (``cls_only_last_block``,
+        about 1/depth of the FLOPs and activation bytes saved). In eval mode, and in training with
+        ``dropout`` 0, the same numbers up to matmul rounding (tests/test_models.py); in training with
+        dropout the CLS row draws its own dropout mask (same distribution, a shorter random stream)."""
+        if not self.cls_only_last_block:
+            return self.forward_features(tokens)[:, 0]
+        x = self.dropout(self.embed(tokens))
+        return self.transformer(x, self.attention_for(x.device), cls_only=True)[:, 0]

@@ -10,11 +10,13 @@ numbers to [0, image_size - 1] -> (B, 196, 2). No sigmoid, no clamp (the referen
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MobileNetV3Trunk", "LandmarkCNN", "minmax_coords", "MOBILENETV3_LARGE"]
+__all__ = ["MobileNetV3Trunk", "LandmarkCNN", "minmax_coords", "fold_batchnorm", "MOBILENETV3_LARGE"]
 
 # (kernel, expansion, out, squeeze-excite, nonlinearity, stride): the reference's table.
 MOBILENETV3_LARGE: tuple[tuple[int, int, int, bool, str, int], ...] = (
@@ -149,6 +151,18 @@ class LandmarkCNN(nn.Module):
             raise ValueError(f"unknown landmark CNN {backbone!r}: use 'mobilenetv3' or 'timm:<model name>'")
         self.num_points, self.extent = num_points, float(image_size - 1)
         self.output_layer = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.stn.out_channels, 2 * num_points))
+        self.memory_format = torch.contiguous_format
+
+    def to_channels_last(self) -> LandmarkCNN:
+        """Weights and inputs in NHWC (``torch.channels_last``), the layout cuDNN's depthwise and 1x1
+        convolutions run fastest in on a GPU; the same function (tests/test_models.py). Returns self."""
+        self.memory_format = torch.channels_last
+        return self.to(memory_format=torch.channels_last)
+
+    def compile_blocks(self, **kwargs) -> None:
+        """``train.compile``: the trunk compiled as one graph (convolutions, folded activations,
+        squeeze-excite and residuals fused between the convolutions); the head stays eager."""
+        self.stn.compile(**kwargs)
 
     @torch.no_grad()
     def start_at(self, points: torch.Tensor) -> None:
@@ -164,5 +178,24 @@ class LandmarkCNN(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"landmark CNN takes images (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
-        feats = self.stn(images).mean(dim=(-2, -1))
+        feats = self.stn(images.contiguous(memory_format=self.memory_format)).mean(dim=(-2, -1))
         return minmax_coords(self.output_layer(feats), self.extent)
+
+
+@torch.no_grad()
+def fold_batchnorm(cnn: nn.Module) -> nn.Module:
+    """A frozen inference copy of ``cnn`` with every BatchNorm that follows a convolution folded
+    into it (weights scaled by gamma / sqrt(var + eps), the shift as the convolution's bias) and
+    replaced by an identity: one kernel and one pass over the activations less per pair. Valid for
+    eval mode only (running statistics); ``cnn`` is left untouched. The landmark regulariser's
+    frozen reference CNN (stage 2) runs this copy: the same coordinates up to float rounding
+    (tests/test_models.py)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    out = copy.deepcopy(cnn).eval().requires_grad_(False)
+    for seq in [m for m in out.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
+                seq[i] = fuse_conv_bn_eval(seq[i], seq[i + 1])
+                seq[i + 1] = nn.Identity()
+    return out.requires_grad_(False)

@@ -143,18 +143,28 @@ class DINOLoss(nn.Module):
         """The teacher's targets q (G*B, K) fp32, no gradient: centred softmax or Sinkhorn-Knopp."""
         if self.centering == "sinkhorn":
             return sinkhorn_knopp(teacher_out, teacher_temp)
-        return F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach()
+        # a bf16 teacher_out minus the fp32 centre is computed in fp32 (exact upcast): no .float() copy first
+        return F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).detach()
 
-    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    def forward(
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float, return_targets: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """-> loss (), and with ``return_targets`` also the targets q (G*B, K) fp32 it used: the
+        centred softmax that the health metrics read too (:func:`lafs_fast.train.health.dino_health`'s
+        ``q``), computed once per step over the K prototypes instead of twice."""
         # fp32 throughout, as the spec computes it: under bf16 autocast the einsum below would run as a
         # bf16 bmm (3 significant digits on a sum over 100k prototypes)
         with torch.autocast(student_out.device.type, enabled=False):
-            return self._loss(student_out, teacher_out, teacher_temp)
+            loss, q = self._loss(student_out, teacher_out, teacher_temp)
+        return (loss, q) if return_targets else loss
 
-    def _loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    def _loss(
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         v, g = self.n_views, self.n_global
         logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).view(v, -1, student_out.shape[-1])
-        q = self.targets(teacher_out, teacher_temp).view(g, -1, teacher_out.shape[-1])
+        targets = self.targets(teacher_out, teacher_temp)
+        q = targets.view(g, -1, teacher_out.shape[-1])
         b = q.shape[1]
         # cross[i, j] = mean_b sum_k -q_i log p_j: every (teacher view, student view) pair at once
         cross = -torch.einsum("gbk,vbk->gv", q, logp) / b
@@ -162,7 +172,7 @@ class DINOLoss(nn.Module):
         off_diagonal = ~torch.eye(g, v, dtype=torch.bool, device=cross.device)
         loss = torch.where(off_diagonal, cross, 0.0).sum() / (g * v - g)
         self.update_center(teacher_out)
-        return loss
+        return loss, targets
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
@@ -278,8 +288,10 @@ class DinoStage(Stage):
         student_out, student_emb = model(vb.crops(), return_features=True)
         center = self.loss_fn.center.clone()  # the loss updates it in place after use
         teacher_temp = ctx.values["teacher_temp"]
-        loss = self.loss_fn(student_out, teacher_out, teacher_temp)
-        health = dino_health(teacher_out, center, teacher_temp, loss, teacher_emb)
+        loss, q = self.loss_fn(student_out, teacher_out, teacher_temp, return_targets=True)
+        # the centred softmax is the loss's own targets (computed once); Sinkhorn targets are not it
+        shared = q if self.loss_fn.centering == "center" else None
+        health = dino_health(teacher_out, center, teacher_temp, loss, teacher_emb, q=shared)
         if koleo_weight > 0:  # DINOv2: per global view, over that view's batch
             g, b = self.cfg.views.n_global, teacher_out.shape[0] // self.cfg.views.n_global
             koleo = sum(koleo_loss(student_emb[i * b : (i + 1) * b]) for i in range(g))

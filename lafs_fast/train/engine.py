@@ -155,14 +155,19 @@ def param_groups(
 @torch.no_grad()
 def clip_gradients(params: list[torch.Tensor], clip: float) -> torch.Tensor | None:
     """Per-parameter clip: each gradient whose 2-norm exceeds ``clip`` is scaled by
-    ``clip / (norm + 1e-6)`` (DINO's ``clip_gradients``), without a host sync. Returns the norms."""
+    ``clip / (norm + 1e-6)`` (DINO's ``clip_gradients``), without a host sync. Returns the norms.
+
+    Multi-tensor: the norms in one ``_foreach_norm``, the factors as one vector (4 small kernels
+    for every parameter at once, the same arithmetic as per parameter), the scaling in one
+    ``_foreach_mul_``; a few launches per step instead of 4 per parameter (580 at the reference
+    preset: tests/test_engine.py checks the numbers against the per-parameter loop)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or clip <= 0:
         return None
-    norms = torch._foreach_norm(grads, 2.0)
-    coefs = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
-    torch._foreach_mul_(grads, coefs)
-    return torch.stack(norms)
+    norms = torch.stack(torch._foreach_norm(grads, 2.0))
+    coefs = torch.clamp(clip / (norms + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, list(coefs.unbind(0)))
+    return norms
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,7 +42,12 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def dino_health(
-    teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float, loss: torch.Tensor, embeddings: torch.Tensor
+    teacher_out: torch.Tensor,
+    center: torch.Tensor,
+    teacher_temp: float,
+    loss: torch.Tensor,
+    embeddings: torch.Tensor,
+    q: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Health metrics of one step, all () fp32 device tensors.
 
@@ -53,6 +58,9 @@ def dino_health(
         loss: () the DINO loss of the step: the mean over (teacher view i, student view j != i) pairs
             of the cross-entropy ``H(q_i, p_j)``.
         embeddings: (G*B, D) the teacher backbone's CLS embeddings of the same views.
+        q: (G*B, K) fp32 ``softmax((teacher_out - center) / teacher_temp)`` where the caller has it
+            already (the DINO loss's targets: one softmax over the K prototypes a step, not two);
+            None computes it here.
 
     Returns ``teacher_entropy`` (mean per-sample H(q), nats), ``teacher_batch_entropy`` (H of the
     batch-mean q), ``kl`` (mean student-teacher KL(q_i || p_j) over the loss's pairs: cross-entropy
@@ -62,7 +70,8 @@ def dino_health(
     Jensen it is at most sqrt(1 - ||batch mean||^2) (samples spread evenly over the sphere's
     directions), 0 when every sample has the same embedding).
     """
-    q = F.softmax((teacher_out.float() - center.float()) / teacher_temp, dim=-1)
+    if q is None:
+        q = F.softmax((teacher_out.float() - center.float()) / teacher_temp, dim=-1)
     h = _entropy(q).mean()
     e = F.normalize(embeddings.float(), dim=-1)
     return {

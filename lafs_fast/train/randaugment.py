@@ -23,15 +23,18 @@ TranslateXRel/YRel +-0.45 m/10 of the side
 Geometric ops use bilinear resampling with fill 128 (timm's default fill). Differences from PIL,
 documented rather than hidden: values stay float between ops (PIL rounds to uint8 after each), and
 the geometric ops resample bilinearly where timm picks bilinear or bicubic at random.
-All draws come from one ``torch.Generator`` on the images' device: reproducible by seed.
+All draws are reproducible by seed; they are made on the host (:func:`rand_augment`) so that each op
+runs only on the images that drew it (:func:`apply_drawn_ops`; :func:`apply_ops`, every op on every
+image and a select, is its oracle).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OPS", "rand_augment", "apply_ops"]
+__all__ = ["OPS", "rand_augment", "apply_ops", "apply_drawn_ops"]
 
 OPS = (
     "AutoContrast",
@@ -136,23 +139,18 @@ def _affine(x: torch.Tensor, op: torch.Tensor, level: torch.Tensor) -> torch.Ten
     return out.to(x.dtype)
 
 
-def apply_ops(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """One RandAugment layer with given draws.
-
-    Args:
-        x: (B, 3, H, W) float in [0, 255].
-        op: (B,) int64 index into :data:`OPS`, -1 = leave the image alone.
-        m: (B,) magnitude in [0, 10]; sign: (B,) +-1 for the signed ops.
-    Returns:
-        (B, 3, H, W) float in [0, 255].
-    """
-    name = {n: i for i, n in enumerate(OPS)}
+def _args(m: torch.Tensor, sign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(level, factor, posterize divisor (B, 1, 1, 1)) of magnitudes m and signs: timm's level functions."""
     level = m / 10.0 * sign
     factor = (1.0 + 0.9 * level).clamp(min=0.1)  # timm's _enhance_increasing_level_to_arg
     bits = (4 - (m / 10.0 * 4).floor()).clamp(min=1)
-    div = torch.pow(2.0, 8 - bits).view(-1, 1, 1, 1)
+    return level, factor, torch.pow(2.0, 8 - bits).view(-1, 1, 1, 1)
+
+
+def _pointwise_ops(x: torch.Tensor, factor: torch.Tensor, div: torch.Tensor) -> dict:
+    """The non-geometric ops of :data:`OPS` on every image of x, each a thunk (run when called)."""
     grey = _grey(x)
-    cand = {
+    return {
         "AutoContrast": lambda: _autocontrast(x),
         "Equalize": lambda: _equalize(x),
         "Invert": lambda: 255.0 - x,
@@ -162,15 +160,64 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, sign: torch.Te
         "BrightnessIncreasing": lambda: _blend(torch.zeros_like(x), x, factor),
         "SharpnessIncreasing": lambda: _blend(_smooth(x), x, factor),
     }
-    # Every op runs on the whole batch and a select keeps the drawn one: asking the device which
-    # ops were drawn would be a host sync per op and layer, inside the training step.
+
+
+def apply_ops(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """One RandAugment layer with given draws, every op evaluated on every image and a select keeping
+    the drawn one (the oracle of :func:`apply_drawn_ops`, which computes only what was drawn).
+
+    Args:
+        x: (B, 3, H, W) float in [0, 255].
+        op: (B,) int64 index into :data:`OPS`, -1 = leave the image alone.
+        m: (B,) magnitude in [0, 10]; sign: (B,) +-1 for the signed ops.
+    Returns:
+        (B, 3, H, W) float in [0, 255].
+    """
+    name = {n: i for i, n in enumerate(OPS)}
+    level, factor, div = _args(m, sign)
     out = x
-    for n, fn in cand.items():
+    for n, fn in _pointwise_ops(x, factor, div).items():
         out = torch.where((op == name[n]).view(-1, 1, 1, 1), fn(), out)
     geo = torch.zeros_like(op, dtype=torch.bool)
     for n in _GEOMETRIC:
         geo |= op == name[n]
     return torch.where(geo.view(-1, 1, 1, 1), _affine(x, op, level), out)
+
+
+def apply_drawn_ops(x: torch.Tensor, op: np.ndarray, m: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_ops` computing only what was drawn: each op runs on the images that drew it
+    (gathered, transformed, scattered back), the images that skip the layer are copied once.
+    The op draws are on the host (``op``), so the sub-batches' sizes are known without a host sync;
+    each image's arithmetic is :func:`apply_ops`' (every op acts per image), so the output is the same
+    (tests/test_supervised_randaug.py). About 1/13 of the all-ops work at the reference's p = 0.5.
+
+    Args:
+        x: (B, 3, H, W) float in [0, 255] on any device.
+        op: (B,) int64 numpy array, index into :data:`OPS` or -1.
+        m, sign: (B,) float on x's device.
+    """
+    out = x.clone()
+    geo = np.isin(op, [OPS.index(n) for n in _GEOMETRIC])
+    groups = [(n, op == i) for i, n in enumerate(OPS) if n not in _GEOMETRIC] + [("geometric", geo)]
+    for n, sel in groups:
+        if not sel.any():
+            continue
+        idx = _to_device(torch.from_numpy(np.flatnonzero(sel)), x.device)
+        xs, ms, ss = x.index_select(0, idx), m.index_select(0, idx), sign.index_select(0, idx)
+        level, factor, div = _args(ms, ss)
+        if n == "geometric":
+            y = _affine(xs, _to_device(torch.from_numpy(op[sel]), x.device), level)
+        else:
+            y = _pointwise_ops(xs, factor, div)[n]()
+        out.index_copy_(0, idx, y)
+    return out
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without a host sync (pinned, non-blocking on CUDA)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def rand_augment(
@@ -180,24 +227,35 @@ def rand_augment(
     std: float = 0.5,
     num_layers: int = 2,
     p: float = 0.5,
+    all_ops: bool = False,
 ) -> torch.Tensor:
     """Face RandAugment of a batch.
 
     Args:
         x: (B, 3, H, W) float in [0, 255] (RGB), on any device.
-        generator: a torch.Generator on ``x``'s device (advanced).
+        generator: a torch.Generator (advanced). The draws (op, apply, magnitude, sign) are made on
+            the host so that each op runs only on the images that drew it: from ``generator`` itself
+            when it is a CPU generator (the CPU path: the same numbers as before issue 21), else
+            from a CPU generator seeded with ``generator.initial_seed()`` (one small pinned copy to
+            the device per layer, no host sync).
         magnitude, std: per-op magnitude ~ N(magnitude, std) clipped to [0, 10].
         num_layers: ops per image; p: probability each is applied.
+        all_ops: every op on every image and a select (:func:`apply_ops`, the oracle).
     Returns:
         (B, 3, H, W) float in [0, 255].
     """
     b = x.shape[0]
     dev = x.device
+    host = generator if generator.device.type == "cpu" else torch.Generator().manual_seed(generator.initial_seed())
     for _ in range(num_layers):
-        op = torch.randint(0, len(OPS), (b,), generator=generator, device=dev)
-        u = torch.rand((b, 2), generator=generator, device=dev)
-        m = (magnitude + std * torch.randn((b,), generator=generator, device=dev)).clamp(0, 10)
+        op = torch.randint(0, len(OPS), (b,), generator=host)
+        u = torch.rand((b, 2), generator=host)
+        m = (magnitude + std * torch.randn((b,), generator=host)).clamp(0, 10)
         op = torch.where(u[:, 0] < p, op, torch.full_like(op, -1))  # -1: this image skips the layer
         sign = torch.where(u[:, 1] < 0.5, -1.0, 1.0)
-        x = apply_ops(x, op, m, sign)
+        if all_ops:
+            x = apply_ops(x, op.to(dev), m.to(dev), sign.to(dev))
+        else:
+            ms = _to_device(torch.stack((m, sign)), dev)
+            x = apply_drawn_ops(x, op.numpy(), ms[0], ms[1])
     return x

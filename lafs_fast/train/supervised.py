@@ -63,6 +63,7 @@ from lafs_fast.config import Config
 from lafs_fast.io import atomic_save
 from lafs_fast.models import LandmarkCNN, PartFViT
 from lafs_fast.models.checkpoints import model_file
+from lafs_fast.models.landmark_cnn import fold_batchnorm
 from lafs_fast.models.sharded_head import ShardedMarginHead
 from lafs_fast.train.engine import Plan, Stage, StepContext, cosine_schedule
 from lafs_fast.train.supervised_augment import FaceAugment, apply_mixup, build_mixup
@@ -141,6 +142,9 @@ class SupervisedStage(Stage):
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, names)
         self.ref = ref_landmarks.to(device).eval() if ref_landmarks is not None else None
         self.reg_on = stage == 2 and cfg.finetune.landmark_reg and self.ref is not None
+        if device.type == "cuda" and isinstance(model.landmark_cnn, LandmarkCNN):
+            model.landmark_cnn.to_channels_last()  # NHWC: cuDNN's fast layout for depthwise / 1x1 convolutions
+        self._ref_fast = self._fold_ref()
         mode = augment or cfg.finetune.augment
         if mode == "auto":  # per-sample PIL would starve a GPU; the CPU keeps the reference semantics
             mode = "gpu" if device.type == "cuda" else "cpu"
@@ -198,7 +202,8 @@ class SupervisedStage(Stage):
         lam = ctx.values.get("landmark_lambda", 0.0)
         if self.reg_on and lam > 0:
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                ref = self.ref(x.float()).float()  # fp32: the min-max of 392 numbers loses pixels in bf16
+                # fp32: the min-max of 392 numbers loses pixels in bf16. The frozen copy's BatchNorms folded
+                ref = self._ref_fast(x.float()).float()
             extent = float(self.cfg.model.image_size - 1)
             mse = F.mse_loss(coords.float() / extent, ref / extent)
             loss = loss + lam * mse
@@ -264,14 +269,28 @@ class SupervisedStage(Stage):
             state["ref_landmarks"] = {k: v.detach().cpu() for k, v in self.ref.state_dict().items()}
         return state
 
+    def _fold_ref(self) -> nn.Module | None:
+        """The frozen reference CNN as it runs: BatchNorms folded into the convolutions
+        (:func:`~lafs_fast.models.landmark_cnn.fold_batchnorm`; eval mode, so the same function up to
+        rounding), NHWC on CUDA. ``self.ref`` (unfolded) is what checkpoints hold."""
+        if self.ref is None:
+            return None
+        fast = fold_batchnorm(self.ref)
+        if self.device.type == "cuda" and isinstance(fast, LandmarkCNN):
+            fast.to_channels_last()
+        return fast
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.ref is not None and "ref_landmarks" in state:
             self.ref.load_state_dict(state["ref_landmarks"])
+            self._ref_fast = self._fold_ref()
         v = state.get("val", {})
         self.val.best, self.val.best_step = float(v.get("best", -1.0)), int(v.get("best_step", -1))
 
     def compile_targets(self) -> list[nn.Module]:
-        return [self.model.backbone]
+        """The fViT (regional: per block) and the landmark CNNs' trunks (trainable and frozen copy)."""
+        targets: list[nn.Module] = [self.model.backbone, self.model.landmark_cnn]
+        return targets + ([self._ref_fast] if self._ref_fast is not None else [])
 
     def sharded_parameters(self) -> dict[str, tuple[nn.Parameter, int, int]]:
         """The sharded head's class centres: this rank's rows [start, end) (see Stage.sharded_parameters)."""
