@@ -77,6 +77,8 @@ def test_viz_curves_from_jsonl(tmp_path, capsys):
     assert "loss, lr, epoch over step" in capsys.readouterr().out
     _png(out)
     assert run_command(viz, ["curves", str(log), "--keys", "loss", "--out", str(out)]) == 0
+    with pytest.raises(ValueError, match="--keys los: not in the metrics logs; their numeric keys: loss, lr, epoch"):
+        run_command(viz, ["curves", str(log), "--keys", "loss", "los", "--out", str(out)])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"loss": 1}\n')
     with pytest.raises(ValueError, match='line 1 has no numeric "step"'):

@@ -121,16 +121,18 @@ def plot_curves(
 ) -> list[str]:
     """logs: [(run name, records)] -> PNG with one panel per metric (x = step); returns the metrics drawn."""
     plt = _plt()
-    if keys is None:
-        seen: dict[str, None] = {}
-        for _, recs in logs:
-            for r in recs:
-                for k, v in r.items():
-                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                        seen.setdefault(k)
-        keys = list(seen)
-    if not keys:
+    seen: dict[str, None] = {}
+    for _, recs in logs:
+        for r in recs:
+            for k, v in r.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    seen.setdefault(k)
+    if not seen:
         raise ValueError('the metrics logs hold no numeric metric besides "step"')
+    unknown = [k for k in keys or () if k not in seen]
+    if unknown:  # a typo would draw an empty panel and look like a metric that never moved
+        raise ValueError(f"--keys {' '.join(unknown)}: not in the metrics logs; their numeric keys: {', '.join(seen)}")
+    keys = list(seen) if keys is None else list(keys)
     n = len(keys)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
