@@ -50,6 +50,8 @@ class Range:
     hi_open: bool = False
 
     def holds(self, v: float) -> bool:
+        if v != v:  # NaN: every comparison below is False, so it would pass both bounds
+            return False
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return False
         return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))

@@ -67,6 +67,10 @@ def test_round_trip_dict():
         ("views.n_global=0", r"'views.n_global' must be > 0"),
         ("views.n_local=-1", r"'views.n_local' must be >= 0"),
         ("views.hue=0.7", r"'views.hue' must be in \[0, 0.5\]"),
+        # NaN compares False with both bounds (issue 25: it passed every range check and trained)
+        ("optim.lr=nan", r"'optim.lr' must be >= 0, got nan"),
+        ("model.dropout=nan", r"'model.dropout' must be in \[0, 1\], got nan"),
+        ("views.flip_p=nan", r"'views.flip_p' must be in \[0, 1\], got nan"),
         ("dim=3", "must be 'section.key'"),
         ("model.dim", "must look like section.key=value"),
     ],
