@@ -76,6 +76,12 @@ def test_damaged_files_give_one_sentence(tmp_path):
     (tmp_path / "odd.bin").write_bytes(pickle.dumps(([b"a", b"b", b"c"], [True])))
     with pytest.raises(ValueError, match="need exactly 2 per pair"):
         load_bin(tmp_path / "odd.bin")
+    for name, issame in (("nan", [float("nan")]), ("two", [2]), ("word", ["yes"])):  # NaN became True
+        (tmp_path / f"{name}.bin").write_bytes(pickle.dumps(([b"a", b"b"], issame)))
+        with pytest.raises(ValueError, match="values other than true / false"):
+            load_bin(tmp_path / f"{name}.bin")
+    (tmp_path / "ints.bin").write_bytes(pickle.dumps(([b"a", b"b", b"c", b"d"], np.array([1, 0]))))
+    assert load_bin(tmp_path / "ints.bin").issame.tolist() == [True, False]
     (tmp_path / "dict.bin").write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(ValueError, match="does not hold"):
         load_bin(tmp_path / "dict.bin")

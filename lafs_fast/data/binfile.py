@@ -208,10 +208,7 @@ def load_bin(path: str | Path) -> BinSet:
     if not isinstance(bins, list):
         raise ValueError(f"{path}: the image list is a {type(bins).__name__}; not a verification .bin")
     images = [_as_bytes(b, i, path) for i, b in enumerate(bins)]
-    try:
-        same = np.asarray(issame, dtype=bool).reshape(-1)
-    except (TypeError, ValueError):
-        raise ValueError(f"{path}: the is-same list is not booleans; not a verification .bin") from None
+    same = _is_same(issame, path)
     if len(images) != 2 * same.shape[0]:
         raise ValueError(
             f"{path}: {len(images)} images for {same.shape[0]} pairs (need exactly 2 per pair); the file is damaged"
@@ -219,6 +216,19 @@ def load_bin(path: str | Path) -> BinSet:
     if same.shape[0] == 0:
         raise ValueError(f"{path} holds no pairs")
     return BinSet(path.stem, images, same)
+
+
+def _is_same(issame: object, path: Path) -> np.ndarray:
+    """The (P,) bool labels of a .bin: every value must be true / false (or 0 / 1); a NaN or any other
+    value would otherwise turn into True and score a pair as genuine."""
+    try:
+        raw = np.asarray(issame).reshape(-1)
+        ok = raw.dtype.kind in "biuf" and bool(np.all((raw == 0) | (raw == 1)))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{path}: the is-same list holds values other than true / false; the file is damaged")
+    return raw.astype(bool)
 
 
 def write_bin(path: str | Path, images: Sequence[bytes], issame: Sequence[bool]) -> None:
