@@ -2,14 +2,18 @@
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
-try:
-    import benchmarks.bench_device  # noqa: F401  (LAFS_GPU_DRY_RUN -> TRITON_INTERPRET before lafs_fast loads)
-except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
-    import bench_device  # noqa: F401
+# `pytest benchmarks/...` puts benchmarks/ on sys.path, not the repo root: add it once here (this file loads
+# before every benchmark module), so they all import `benchmarks.<module>` under one name
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
+import benchmarks.bench_device  # noqa: E402, F401  (LAFS_GPU_DRY_RUN -> TRITON_INTERPRET before lafs_fast loads)
 from lafs_fast._torchvision_fix import ensure_torchvision  # noqa: E402
 
 ensure_torchvision()  # the reference-style baselines import torchvision (CPU torch + PyPI's CUDA torchvision)

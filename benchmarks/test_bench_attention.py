@@ -14,10 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-try:
-    from benchmarks.bench_device import DEVICE, bench, gpu, record_mfu, size
-except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
-    from bench_device import DEVICE, bench, gpu, record_mfu, size
+from benchmarks.bench_device import DEVICE, bench, gpu, record_mfu, size
 from lafs_fast.models.attention import attention, xformers_status
 
 HEADS, HEAD_DIM, SCALE = 11, 64, 768**-0.5

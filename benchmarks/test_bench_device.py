@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from benchmarks.bench_device import DEVICE, bench, gpu, record_ceilings, size, sync
-except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
-    from bench_device import DEVICE, bench, gpu, record_ceilings, size, sync
+from benchmarks.bench_device import DEVICE, bench, gpu, record_ceilings, size, sync
 
 GROUP = "device ceilings"
 

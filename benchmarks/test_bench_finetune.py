@@ -30,14 +30,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    from benchmarks.baselines import reference_part_fvit_forward, reference_workers, synced, worker_loader
-    from benchmarks.bench_device import COMPILE_BACKEND, DEVICE, DRY, bench, gpu, record_ceilings, size, timed_call
-    from benchmarks.perf_model import annotate, step_model
-except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
-    from baselines import reference_part_fvit_forward, reference_workers, synced, worker_loader
-    from bench_device import COMPILE_BACKEND, DEVICE, DRY, bench, gpu, record_ceilings, size, timed_call
-    from perf_model import annotate, step_model
+from benchmarks.baselines import reference_part_fvit_forward, reference_workers, synced, worker_loader
+from benchmarks.bench_device import COMPILE_BACKEND, DEVICE, DRY, bench, gpu, record_ceilings, size, timed_call
+from benchmarks.perf_model import annotate, step_model
 from lafs_fast.config import Config, load_config
 from lafs_fast.data import SyntheticFaces
 from lafs_fast.launch import DistInfo

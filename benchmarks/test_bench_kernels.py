@@ -19,14 +19,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-try:
-    from benchmarks.baselines import reference_patch_loop, synced, torchvision_views_per_sample
-    from benchmarks.bench_device import COMPILE_BACKEND, DEVICE, bench, gpu, record_ceilings, size, timed_call
-    from benchmarks.perf_model import view_read_px
-except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
-    from baselines import reference_patch_loop, synced, torchvision_views_per_sample
-    from bench_device import COMPILE_BACKEND, DEVICE, bench, gpu, record_ceilings, size, timed_call
-    from perf_model import view_read_px
+from benchmarks.baselines import reference_patch_loop, synced, torchvision_views_per_sample
+from benchmarks.bench_device import COMPILE_BACKEND, DEVICE, bench, gpu, record_ceilings, size, timed_call
+from benchmarks.perf_model import view_read_px
 from lafs_fast.augment import augment_views
 from lafs_fast.kernels.augment import lafs_view_specs
 from lafs_fast.kernels.patch_sampling import sample_patches_torch

@@ -27,28 +27,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-try:
-    from benchmarks.baselines import (
-        reference_lafs_tokens,
-        reference_tokens_from_views,
-        reference_workers,
-        synced,
-        torchvision_views_per_sample,
-        worker_loader,
-    )
-    from benchmarks.bench_device import COMPILE_BACKEND, DEVICE, DRY, bench, gpu, record_ceilings, size, timed_call
-    from benchmarks.perf_model import annotate, step_model
-except ImportError:  # run as `pytest benchmarks/...` without the repo root on sys.path
-    from baselines import (
-        reference_lafs_tokens,
-        reference_tokens_from_views,
-        reference_workers,
-        synced,
-        torchvision_views_per_sample,
-        worker_loader,
-    )
-    from bench_device import COMPILE_BACKEND, DEVICE, DRY, bench, gpu, record_ceilings, size, timed_call
-    from perf_model import annotate, step_model
+from benchmarks.baselines import (
+    reference_lafs_tokens,
+    reference_tokens_from_views,
+    reference_workers,
+    synced,
+    torchvision_views_per_sample,
+    worker_loader,
+)
+from benchmarks.bench_device import COMPILE_BACKEND, DEVICE, DRY, bench, gpu, record_ceilings, size, timed_call
+from benchmarks.perf_model import annotate, step_model
 from lafs_fast.config import Config, load_config
 from lafs_fast.data import SyntheticFaces
 from lafs_fast.launch import DistInfo
