@@ -65,14 +65,19 @@ class DINOHead(nn.Module):
         return self.last_layer(x)
 
 
+def check_targets(label: torch.Tensor, num_classes: int) -> None:
+    """Raise unless ``label`` is (B,) class indices or (B, num_classes) soft targets (mixup)."""
+    if label.dim() == 2 and label.shape[1] != num_classes:
+        raise ValueError(f"soft targets have {label.shape[1]} classes, the head has {num_classes}")
+    if label.dim() not in (1, 2):
+        raise ValueError(f"labels must be (B,) class indices or (B, C) soft targets, got {tuple(label.shape)}")
+
+
 def one_hot_targets(label: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
     """label (B,) int -> (B, C) one-hot; a (B, C) soft target (mixup) passes through."""
+    check_targets(label, num_classes)
     if label.dim() == 2:
-        if label.shape[1] != num_classes:
-            raise ValueError(f"soft targets have {label.shape[1]} classes, the head has {num_classes}")
         return label.to(dtype)
-    if label.dim() != 1:
-        raise ValueError(f"labels must be (B,) class indices or (B, C) soft targets, got {tuple(label.shape)}")
     # scatter, not F.one_hot: one_hot reads the largest label back to the host to check it (a sync per step)
     return torch.zeros(label.shape[0], num_classes, dtype=dtype, device=label.device).scatter_(
         1, label.long()[:, None], 1.0
@@ -162,6 +167,6 @@ class SoftmaxHead(MarginHead):
     def forward(
         self, emb: torch.Tensor, label: torch.Tensor, return_cosine: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        one_hot_targets(label, self.num_classes, torch.float32)  # validates the labels as the margin heads do
+        check_targets(label, self.num_classes)  # the margin heads' check, without building their (B, C) one-hot
         logits = F.linear(emb.float(), self.weight.float())
         return (logits, self.cosine(emb).detach()) if return_cosine else logits
