@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lafs_fast.cli import main as lafs_main
+from lafs_fast.config import load_config
 from lafs_fast.eval.embedder import Embedder
 from lafs_fast.eval.loading import load_eval_model
 from lafs_fast.io import atomic_save, safe_load
@@ -101,3 +102,18 @@ def test_onnx_parity_counts_nan_as_failure(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="NaN or infinite embeddings") as exc:
         export_onnx(_poisoned_model(tmp_path), out, exporter="torchscript")
     assert one_sentence(str(exc.value)) and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("optim.lr=inf", r"'optim.lr' must be >= 0, got inf"),
+        ("optim.clip_grad=inf", r"'optim.clip_grad' must be >= 0, got inf"),
+        ("views.perturb_sigma=inf", r"'views.perturb_sigma' must be >= 0, got inf"),
+        ("model.ln_eps=-inf", r"'model.ln_eps' must be > 0, got -inf"),
+        ("optim.lr=nan", r"'optim.lr' must be >= 0, got nan"),
+    ],
+)
+def test_range_table_rejects_inf_and_nan(override: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        load_config("small", overrides=[override])
