@@ -7,16 +7,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from lafs_fast.cli import main as lafs_main
 from lafs_fast.config import load_config
+from lafs_fast.data.recordio import RecordIOReader
 from lafs_fast.eval.embedder import Embedder
 from lafs_fast.eval.loading import load_eval_model
 from lafs_fast.io import atomic_save, safe_load
 from lafs_fast.models.checkpoints import TRAIN_FORMAT, load_model
 from lafs_fast.train.checkpointing import load_checkpoint
+from tests.test_data_recordio import raw_record, write_raw
 from tests.test_eval_util import faces, tiny_model_file
 
 NAN_KEY = "transformer.layers.0.0.fn.fn.to_qkv.weight"
@@ -117,3 +120,20 @@ def test_onnx_parity_counts_nan_as_failure(tmp_path: Path) -> None:
 def test_range_table_rejects_inf_and_nan(override: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         load_config("small", overrides=[override])
+
+
+def test_corrupt_header_flag_is_a_corrupt_record_not_a_label(tmp_path: Path) -> None:
+    """flag 2^30: 4 * flag wrapped to 0 in uint32, so the image's first bytes (here float 2^24) were
+    read as the label and the range check blamed num_classes; it is a record too short for its flag."""
+    recs = {
+        1: raw_record(0, 0.0, 1, 0, [], b"img-one"),
+        2: raw_record(1 << 30, 1.0, 2, 0, [], b"\x00\x00\x80\x4bimage-two"),
+        3: raw_record(0, 1.0, 3, 0, [], b"i3"),
+    }
+    with RecordIOReader(write_raw(tmp_path / "d", recs, [1, 2, 3], "2,112,112\n")) as r:
+        labels, bad = r.scan_labels()
+        assert np.isnan(labels[1]) and labels[[0, 2]].tolist() == [0.0, 1.0]
+        assert bad == {2: "a record payload declares 1073741824 labels but holds only 13 bytes after its header"}
+        r.check_labels()  # the corrupt record is the loaders' to skip, not a num_classes problem
+        with pytest.raises(ValueError, match="key 2 .* is corrupt"):
+            r.record(2)

@@ -434,8 +434,11 @@ class RecordIOReader:
             i = np.flatnonzero(f)
             if i.size:
                 o = offs[i]
-                magic, lrec, flag = u32(o), u32(o + 4), u32(o + 8)
-                length = lrec & _LEN_MASK
+                magic, lrec = u32(o), u32(o + 4)
+                # int64: 4 * flag in uint32 wraps (a corrupt flag 2^30 looked like 0 extra labels and the
+                # image's first bytes were read as its label); the format's flag is a uint32 count of labels
+                flag = u32(o + 8).astype(np.int64)
+                length = (lrec & _LEN_MASK).astype(np.int64)
                 ok = (
                     (magic == MAGIC)
                     & ((lrec >> 29) == 0)
