@@ -1,0 +1,97 @@
+"""No file written through a link (issue 25 item 1): each probe plants a link where lafs-fast writes
+(the run lock, the write probe, the run's files and ``tb/``, ``data build``'s temporaries, a default
+``--out``) pointing at a victim file or folder, and asserts the victim is untouched and any refusal
+is one sentence. A shared cluster's scratch folder is where such a link gets planted."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lafs_fast.launch import DistInfo
+from lafs_fast.train.engine import Engine
+from lafs_fast.train.run_folder import LOCK_NAME, RunLock, run_files
+from tests.test_engine import Regression, TensorLoader, _cfg, _engine
+
+SECRET = b"the victim's own bytes\n"
+
+
+def victim_file(tmp_path: Path) -> Path:
+    v = tmp_path / "victim.txt"
+    v.write_bytes(SECRET)
+    return v
+
+
+def victim_folder(tmp_path: Path) -> Path:
+    v = tmp_path / "victim"
+    v.mkdir()
+    (v / "keep.txt").write_bytes(SECRET)
+    return v
+
+
+def one_sentence(text: str) -> bool:
+    return "\n" not in text.strip() and "Traceback" not in text
+
+
+def assert_untouched(victim: Path) -> None:
+    if victim.is_dir():
+        assert sorted(p.name for p in victim.iterdir()) == ["keep.txt"]
+        assert (victim / "keep.txt").read_bytes() == SECRET
+    else:
+        assert victim.read_bytes() == SECRET
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_a_run_lock_that_is_a_link_is_refused(tmp_path: Path, link: str) -> None:
+    """It received "pid N, since ..." (the victim truncated and overwritten)."""
+    victim, out = victim_file(tmp_path), tmp_path / "run"
+    out.mkdir()
+    (os.symlink if link == "symlink" else os.link)(victim, out / LOCK_NAME)
+    with pytest.raises(FileExistsError, match=rf"the run lock .*{LOCK_NAME} is a .*delete it and run again") as exc:
+        _engine(_cfg(out, "train.max_steps=1"))
+    assert one_sentence(str(exc.value))
+    assert_untouched(victim)
+    assert run_files(out) == []  # nothing written either
+
+
+def test_a_dangling_lock_link_creates_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink(tmp_path / "made-by-us", out / LOCK_NAME)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        RunLock(out)
+    assert not (tmp_path / "made-by-us").exists()
+
+
+def test_overwrite_with_tb_a_link_checks_before_it_deletes(tmp_path: Path) -> None:
+    """``--overwrite`` failed in rmtree on ``tb`` after the old run's files were already deleted."""
+    out = tmp_path / "run"
+    _engine(_cfg(out, "train.max_steps=2")).fit()
+    victim = victim_folder(tmp_path)
+    if (out / "tb").is_dir():
+        import shutil
+
+        shutil.rmtree(out / "tb")
+    os.symlink(victim, out / "tb")
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(FileExistsError, match=r"run/tb is a symbolic link \(to .*victim\).*delete the link") as exc:
+        Engine(_cfg(out, "train.max_steps=2"), Regression(), TensorLoader(24, 4), DistInfo(), out, overwrite=True)
+    assert one_sentence(str(exc.value))
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing of the old run deleted
+    assert_untouched(victim)
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "train.log"])
+def test_resume_refuses_a_run_file_that_is_a_link(tmp_path: Path, name: str) -> None:
+    """``--resume`` appended the run's records and log lines to wherever the link pointed."""
+    out = tmp_path / "run"
+    _engine(_cfg(out, "train.max_steps=2")).fit()
+    victim = victim_file(tmp_path)
+    (out / name).unlink(missing_ok=True)
+    os.symlink(victim, out / name)
+    with pytest.raises(FileExistsError, match=rf"{name} is a symbolic link") as exc:
+        _engine(_cfg(out, "train.max_steps=3"), resume="auto")
+    assert one_sentence(str(exc.value))
+    assert_untouched(victim)
