@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lafs_fast.io import check_writable_dir
 from lafs_fast.launch import DistInfo
 from lafs_fast.train.engine import Engine
 from lafs_fast.train.run_folder import LOCK_NAME, RunLock, run_files
@@ -63,6 +64,16 @@ def test_a_dangling_lock_link_creates_nothing(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="symbolic link"):
         RunLock(out)
     assert not (tmp_path / "made-by-us").exists()
+
+
+def test_the_write_probe_never_opens_a_planted_name(tmp_path: Path) -> None:
+    """A fixed ``.write-test`` planted as a link was truncated to 0 bytes."""
+    victim, out = victim_file(tmp_path), tmp_path / "out"
+    out.mkdir()
+    os.symlink(victim, out / ".write-test")
+    assert check_writable_dir(out) == out
+    assert_untouched(victim)
+    assert sorted(p.name for p in out.iterdir()) == [".write-test"]  # the probe left nothing of its own
 
 
 def test_overwrite_with_tb_a_link_checks_before_it_deletes(tmp_path: Path) -> None:
