@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lafs_fast.io import check_writable_dir
+from lafs_fast.data.recordio import RecordIOError, RecordIOReader, finish_swap
+from lafs_fast.data.recordio_writer import write_identity_dataset
+from lafs_fast.io import _umask, check_writable_dir
 from lafs_fast.launch import DistInfo
 from lafs_fast.train.engine import Engine
 from lafs_fast.train.run_folder import LOCK_NAME, RunLock, run_files
@@ -106,3 +108,36 @@ def test_resume_refuses_a_run_file_that_is_a_link(tmp_path: Path, name: str) -> 
         _engine(_cfg(out, "train.max_steps=3"), resume="auto")
     assert one_sentence(str(exc.value))
     assert_untouched(victim)
+
+
+def test_data_build_temporaries_are_not_guessable(tmp_path: Path) -> None:
+    """``train.rec.tmp<pid>`` planted as a link received the rec; now every temporary is made by
+    mkstemp (O_EXCL | O_NOFOLLOW), the planted links are left alone, and the files get the usual mode."""
+    victim, out = victim_file(tmp_path), tmp_path / "ds"
+    out.mkdir()
+    planted = [
+        f"{n}.tmp{os.getpid()}" for n in ("train.rec", "train.idx", "property", "lafs_fast.json", "train.rec.swap")
+    ]
+    for n in planted:
+        os.symlink(victim, out / n)
+    write_identity_dataset(out, [[b"a" * 40, b"b" * 40], [b"c" * 40]], height=112, width=112)
+    assert_untouched(victim)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*planted, "train.rec", "train.idx", "property", "lafs_fast.json"]
+    )
+    assert (out / "train.rec").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    with RecordIOReader(out) as r:
+        assert r.num_images == 3 and r.num_classes == 2
+
+
+def test_a_planted_swap_marker_renames_nothing(tmp_path: Path) -> None:
+    """The swap marker's renames are done by every reader: a planted one could move any file into
+    the dataset's place (or out of the folder)."""
+    victim, out = victim_file(tmp_path), tmp_path / "ds"
+    write_identity_dataset(out, [[b"a" * 40]], height=112, width=112)
+    for line in ("../victim.txt\ttrain.rec", "train.rec.tmp1\t../victim.txt", "x\ty\tz"):
+        (out / "train.rec.swap").write_text(line + "\n")
+        with pytest.raises(RecordIOError, match="lists renames no `lafs-fast data build` makes") as exc:
+            finish_swap(out / "train.rec")
+        assert one_sentence(str(exc.value))
+        assert_untouched(victim)

@@ -548,9 +548,15 @@ def finish_swap(rec: str | os.PathLike) -> bool:
         lines = marker.read_text().splitlines()
     except FileNotFoundError:
         return False
+    finals = {rec.name, rec.with_suffix(".idx").name, "property", META_NAME}
+    pairs = [line.split("\t") for line in lines]
+    # only the renames a build makes: a planted marker must not rename other files, or out of the folder
+    if not all(len(p) == 2 and p[1] in finals and p[0].startswith(p[1] + ".tmp") and "/" not in p[0] for p in pairs):
+        raise RecordIOError(
+            f"{marker} lists renames no `lafs-fast data build` makes; delete it and rebuild if in doubt"
+        )
     try:
-        for line in lines:
-            tmp, final = line.split("\t")
+        for tmp, final in pairs:
             with contextlib.suppress(FileNotFoundError):  # renamed already (before a kill, or by a concurrent reader)
                 os.replace(rec.parent / tmp, rec.parent / final)
         marker.unlink(missing_ok=True)
