@@ -5,6 +5,7 @@ is one sentence. A shared cluster's scratch folder is where such a link gets pla
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from lafs_fast.data.recordio import RecordIOError, RecordIOReader, finish_swap
 from lafs_fast.data.recordio_writer import write_identity_dataset
 from lafs_fast.io import _umask, check_writable_dir
 from lafs_fast.launch import DistInfo
+from lafs_fast.train import pretrain
 from lafs_fast.train.engine import Engine
 from lafs_fast.train.run_folder import LOCK_NAME, RunLock, run_files
 from tests.test_engine import Regression, TensorLoader, _cfg, _engine
@@ -141,3 +143,19 @@ def test_a_planted_swap_marker_renames_nothing(tmp_path: Path) -> None:
             finish_swap(out / "train.rec")
         assert one_sentence(str(exc.value))
         assert_untouched(victim)
+
+
+def test_a_default_out_that_is_a_link_is_refused_unless_named(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    pretrain.add_arguments(parser)
+    default = Path(pretrain.resolve_config(parser.parse_args([])).train.out_dir)
+    victim = victim_folder(tmp_path)
+    default.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(victim, default)
+    with pytest.raises(FileExistsError, match=rf"the default output folder {default} is a symbolic link") as exc:
+        pretrain.resolve_config(parser.parse_args([]))
+    assert one_sentence(str(exc.value)) and f"pass --out {default}" in str(exc.value)
+    for named in (["--out", str(default)], [f"train.out_dir={default}"]):  # the user named the link: theirs
+        assert pretrain.resolve_config(parser.parse_args(named)).train.out_dir == str(default)
+    assert_untouched(victim)
