@@ -50,7 +50,7 @@ class Range:
     hi_open: bool = False
 
     def holds(self, v: float) -> bool:
-        if v != v:  # NaN: every comparison below is False, so it would pass both bounds
+        if not math.isfinite(v):  # NaN compares False with both bounds; inf passes an open-ended range
             return False
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return False

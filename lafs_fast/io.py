@@ -154,9 +154,10 @@ def check_writable_dir(path: str | Path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # a fresh name made with O_EXCL | O_NOFOLLOW: a fixed one planted as a link truncated its target
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise PermissionError(
             f"output folder {path} is not writable ({(exc.strerror or str(exc)).lower()}); choose another with --out"

@@ -14,6 +14,7 @@ is checked with onnxruntime on random faces before the file is kept.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,8 @@ def _require_onnx() -> None:
 def onnx_parity(
     model: PartFViT | FViT, onnx_path: str | Path, batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0
 ) -> float:
-    """Max |PyTorch - onnxruntime| over random faces (float32, several batch sizes)."""
+    """Max |PyTorch - onnxruntime| over random faces (float32, several batch sizes); ``inf`` when
+    either output holds a NaN or an infinity (NaN compares False, so ``max`` skipped it: parity 0)."""
     import onnxruntime as ort
 
     ref_model = ExportWrapper(model)
@@ -64,6 +66,8 @@ def onnx_parity(
         with torch.no_grad():
             ref = ref_model(x).numpy()
         got = sess.run(["embedding"], {"images": x.numpy()})[0]
+        if not (np.isfinite(got).all() and np.isfinite(ref).all()):
+            return math.inf
         worst = max(worst, float(np.abs(got - ref).max()))
     return worst
 
@@ -104,6 +108,11 @@ def export_onnx(
             torch.onnx.export(wrapper, (x,), tmp, **names, dynamo=exporter == "dynamo", **batch)
         if check:
             diff = onnx_parity(model, tmp)
+            if diff == math.inf:
+                raise ValueError(
+                    f"the model or its exported graph gives NaN or infinite embeddings on random faces; not writing "
+                    f"{out}"
+                )
             if not diff <= atol:
                 raise ValueError(f"the exported graph differs from PyTorch by {diff:.3g} (> {atol}); not writing {out}")
 

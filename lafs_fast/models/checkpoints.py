@@ -13,7 +13,8 @@ lafs-fast model file (what ``lafs-fast checkpoint import`` writes and ``load_mod
      "backbone": sd, "landmark_cnn": sd | None, "margin_head": sd | None, "dino_head": sd | None}
 
 Every load uses ``torch.load(weights_only=True)``; missing, unexpected or mis-shaped keys are
-reported together in one ValueError.
+reported together in one ValueError, and a NaN or infinite weight is refused naming its tensor (a
+model with one would embed every face as NaN and score 50 % without a word).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "split_reference",
     "infer_model_config",
     "load_into",
+    "check_finite",
     "import_checkpoint",
     "export_reference",
     "load_model",
@@ -147,8 +149,28 @@ def infer_model_config(backbone_sd: dict[str, torch.Tensor], head_dim: int = 64)
     )
 
 
+def check_finite(tensors: Any, what: str, prefix: str = "") -> None:
+    """ValueError naming the first floating-point tensor of ``tensors`` (a tensor, or dicts / lists of
+    them at any depth, e.g. a state dict or a whole checkpoint) that holds a NaN or an infinity."""
+    if isinstance(tensors, torch.Tensor):
+        if tensors.is_floating_point():
+            bad = int((~torch.isfinite(tensors)).sum())
+            if bad:
+                raise ValueError(
+                    f"{what}: tensor {prefix or '(top level)'} holds {bad} NaN or infinite value(s) of "
+                    f"{tensors.numel()}; the file is damaged or came from a diverged run, use an earlier checkpoint"
+                )
+    elif isinstance(tensors, dict):
+        for k, v in tensors.items():
+            check_finite(v, what, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tensors, (list, tuple)):
+        for i, v in enumerate(tensors):
+            check_finite(v, what, f"{prefix}[{i}]")
+
+
 def load_into(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
-    """Strict load with one readable message listing every missing / unexpected / mis-shaped key."""
+    """Strict load with one readable message listing every missing / unexpected / mis-shaped key;
+    a non-finite weight is refused naming its tensor (:func:`check_finite`)."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -168,6 +190,7 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None
         if shapes:
             bits.append(f"shape mismatch {len(shapes)}: {cut(shapes)}")
         raise ValueError(f"{what} does not match this architecture: " + "; ".join(bits))
+    check_finite(sd, what)
     module.load_state_dict(sd, strict=True)
 
 
@@ -380,4 +403,7 @@ def run(args: argparse.Namespace) -> int:
                 f"  backbone tensors {len(parts['backbone'])}; landmark CNN: {parts['landmark_cnn'] is not None}; "
                 f"margin head: {parts['margin_head'] is not None}; DINO head: {parts['dino_head'] is not None}"
             )
+            obj = parts
+        for part in ("backbone", "landmark_cnn", "margin_head", "dino_head"):  # after the summary: say what is wrong
+            check_finite(obj.get(part), f"{args.src}: {part}")
     return 0

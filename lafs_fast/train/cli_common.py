@@ -150,7 +150,19 @@ def resolve_training_config(
     }
     flags.update(extra or {})
     overrides = [*(args.overrides or []), *(f"{k}={v}" for k, v in flags.items())]
-    return load_config(preset, args.config, overrides, defaults=stage_defaults(preset))
+    cfg = load_config(preset, args.config, overrides, defaults=stage_defaults(preset))
+    out = Path(cfg.train.out_dir)
+    # a default folder the user never named, planted as a link, would receive (and --overwrite delete) a run
+    if (
+        out.is_symlink()
+        and not any(o.startswith("train.out_dir=") for o in overrides)
+        and cfg.train.out_dir == load_config(preset, None, [], defaults=stage_defaults(preset)).train.out_dir
+    ):
+        raise FileExistsError(
+            f"the default output folder {out} is a symbolic link (to {os.readlink(out)}); pass --out {out} to "
+            "write there, or choose another --out"
+        )
+    return cfg
 
 
 def data_source(cfg: Config) -> str:

@@ -59,7 +59,7 @@ from lafs_fast.io import atomic_write_bytes
 from lafs_fast.launch import DistInfo, resolve_precision
 from lafs_fast.logs import log_to_file
 from lafs_fast.train import checkpointing
-from lafs_fast.train.run_folder import MetricsLog, RunLock, check_run_folder
+from lafs_fast.train.run_folder import MetricsLog, RunLock, check_no_links, check_run_folder
 
 __all__ = [
     "Stage",
@@ -388,6 +388,7 @@ class Engine:
         """Rank 0: lock ``out_dir`` (another run's files refused or, with ``overwrite``, deleted) and
         send the run's lines to its train.log."""
         self._lock = RunLock(self.out_dir)
+        check_no_links(self.out_dir)  # a planted link to a victim: refused before anything is written or deleted
         old = self._lock.replace_old_run() if resume is None and overwrite else []
         check_run_folder(self.out_dir, None if resume is None else str(resume))
         log_to_file(self.out_dir / "train.log")  # what the run says, also in the folder (logs.py)
