@@ -133,3 +133,20 @@ def test_orl_end_to_end(orl_dir: Path, tmp_path: Path, capsys) -> None:
     if "dali" in folder:
         diff = (folder["pil"].int() - folder["dali"].int()).abs()
         assert diff.max() <= 2 and diff.float().mean() < 0.1
+
+
+def test_missing_align_extra_is_one_sentence(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Without face-alignment (the [align] extra) `data align` and `data landmarks` end with one
+    sentence naming the extra, exit 2, not an ImportError traceback."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "face_alignment" or m.startswith("face_alignment.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "face_alignment", None)  # `import face_alignment` now raises ImportError
+    raw = _folder(tmp_path / "raw", {"alice": 1})
+    write_identity_dataset(tmp_path / "ds", [[(raw / "alice" / "0.png").read_bytes()]], height=40, width=30)
+    assert main(["data", "align", str(raw), str(tmp_path / "out")]) == 2
+    assert main(["data", "landmarks", str(tmp_path / "ds")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("pip install 'lafs-fast[align]'" in line for line in err), err
+    assert not (tmp_path / "out").exists()
