@@ -34,6 +34,11 @@ def _add_build(p: argparse.ArgumentParser) -> None:
         help="resize every image to SIZE x SIZE (default: keep; the loaders resize to 112)",
     )
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    p.add_argument(
+        "--keep-jpeg",
+        action="store_true",
+        help="store a JPEG that needs no resize byte for byte (checked by a full decode) instead of re-encoding it",
+    )
     p.add_argument("--workers", type=int, default=None, help="encode threads (default: cores, at most 16)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing train.rec in OUT")
 
@@ -42,12 +47,20 @@ def _run_build(args: argparse.Namespace) -> int:
     from lafs_fast.data.folder import build_rec
 
     rep = build_rec(
-        args.src, args.out, size=args.size, quality=args.quality, workers=args.workers, overwrite=args.overwrite
+        args.src,
+        args.out,
+        size=args.size,
+        quality=args.quality,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        keep_jpeg=args.keep_jpeg,
     )
     print(
         f"wrote {args.out}/train.rec: {rep['identities']} identities, {rep['images']} images, "
         f"{rep['height']}x{rep['width']}"
     )
+    if args.keep_jpeg:
+        print(f"{rep['kept_jpeg']} JPEG(s) stored as they were, {rep['images'] - rep['kept_jpeg']} re-encoded")
     for path, why in rep["skipped"]:
         print(f"skipped unreadable image {path}: {why}")
     for name in rep["empty_identities"]:
