@@ -165,3 +165,15 @@ def test_onnx_metadata_that_disagrees_is_refused_and_none_is_a_warning(tmp_path,
         got = _embed(tmp_path / "foreign.onnx", folder, out)
     assert "carries no lafs-fast metadata" in caplog.text and "x/255*2-1" in caplog.text
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_onnx_device_picks_the_provider_or_refuses():
+    """auto runs on CUDA only where onnxruntime has it; an explicit cuda without it is refused."""
+    from lafs_fast.eval.onnx_model import _providers
+
+    cpu_only, both = ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert _providers("auto", cpu_only) == ["CPUExecutionProvider"] == _providers("cpu", both)
+    assert _providers("cuda:1", both) == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert _providers("auto", both)[0] == ("CUDAExecutionProvider", {"device_id": 0})
+    with pytest.raises(ValueError, match="cannot run on cuda .*--device cpu or install onnxruntime-gpu"):
+        _providers("cuda", cpu_only)

@@ -69,13 +69,13 @@ def make_embedder(args: argparse.Namespace, flip: bool = True):
     from lafs_fast.eval.embedder import Embedder
     from lafs_fast.eval.loading import load_eval_model
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(args.model).lower().endswith(".onnx"):  # run by onnxruntime, its metadata checked (onnx_model.py)
         from lafs_fast.eval.onnx_model import OnnxEmbedder
 
-        return OnnxEmbedder(args.model, device, args.dtype, args.batch_size, flip, args.input_norm)
+        return OnnxEmbedder(args.model, args.device, args.dtype, args.batch_size, flip, args.input_norm)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     model, kind = load_eval_model(args.model, args.head_dim)
     emb = Embedder(
         model,

@@ -107,13 +107,30 @@ def check_metadata(meta: dict[str, str], path: str | Path, input_norm: str) -> b
     return True
 
 
+def _providers(device: str, available: list[str]) -> list:
+    """onnxruntime providers for ``device``: ``auto`` takes CUDA where this onnxruntime has it (else
+    the CPU); an explicit ``cuda[:N]`` without it is refused rather than run on the CPU unasked."""
+    if device == "auto":
+        device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if dev.type != "cuda" or "CUDAExecutionProvider" not in available:
+        raise ValueError(
+            f"onnxruntime here cannot run on {device} (providers: {', '.join(available)}); "
+            "use --device cpu or install onnxruntime-gpu"
+        )
+    return [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
+
+
 class OnnxEmbedder(Embedder):
     """An :class:`Embedder` whose forward pass is an ONNX graph run by onnxruntime: the same
     decoding, normalisation, batching and flip-sum as a PyTorch model, float32.
 
     The graph's first input must be float32 (B, 3, S, S) and its first output (B, dim). ``S`` and
     ``dim`` come from the metadata (checked against the graph's static shapes), or from the graph
-    alone for a foreign file (S = 112 where the graph leaves it open).
+    alone for a foreign file (S = 112 where the graph leaves it open). ``device``: ``auto``, ``cpu``
+    or ``cuda[:N]``, the onnxruntime provider (:func:`_providers`); ``dtype`` must be auto or fp32.
     """
 
     def __init__(
@@ -137,8 +154,7 @@ class OnnxEmbedder(Embedder):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"ONNX model {path} does not exist")
-        want_cuda = torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+        providers = _providers(device, ort.get_available_providers())
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
