@@ -165,6 +165,16 @@ def test_onnx_metadata_that_disagrees_is_refused_and_none_is_a_warning(tmp_path,
         got = _embed(tmp_path / "foreign.onnx", folder, out)
     assert "carries no lafs-fast metadata" in caplog.text and "x/255*2-1" in caplog.text
     np.testing.assert_allclose(got, want, atol=1e-6)
+    # a foreign graph lafs-fast cannot feed (uint8 input) is refused in one sentence too
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, ["B", 3, 112, 112])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", 3, 112, 112])
+    cast = onnx.helper.make_node("Cast", ["x"], ["y"], to=onnx.TensorProto.FLOAT)
+    graph = onnx.helper.make_graph([cast], "u8", [x], [y])
+    onnx.save(
+        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), str(tmp_path / "u8.onnx")
+    )
+    with pytest.raises(ValueError, match=r"takes tensor\(uint8\) .*not float32 images"):
+        _embed(tmp_path / "u8.onnx", folder, out)
 
 
 def test_onnx_device_picks_the_provider_or_refuses():

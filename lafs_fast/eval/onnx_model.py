@@ -185,8 +185,11 @@ class OnnxEmbedder(Embedder):
     def _shapes(self, path: Path, meta: dict[str, str]) -> tuple[int, int]:
         """(input size S, embedding dim) from the metadata and the graph's static shapes, checked."""
         shape_in, shape_out = self.session.get_inputs()[0].shape, self.session.get_outputs()[0].shape
-        if len(shape_in) != 4 or (isinstance(shape_in[1], int) and shape_in[1] != 3):
-            raise ValueError(f"{path} takes input {shape_in}, not images (B, 3, S, S); lafs-fast cannot feed it")
+        kind_in = self.session.get_inputs()[0].type
+        if len(shape_in) != 4 or (isinstance(shape_in[1], int) and shape_in[1] != 3) or kind_in != "tensor(float)":
+            raise ValueError(
+                f"{path} takes {kind_in} {shape_in}, not float32 images (B, 3, S, S); lafs-fast cannot feed it"
+            )
         static = [d for d in shape_in[2:] if isinstance(d, int)]
         size = int(meta.get(PREFIX + "input_size", static[0] if static else 112))
         if any(d != size for d in static):
