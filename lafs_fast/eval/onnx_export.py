@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from lafs_fast.eval.onnx_model import onnx_metadata, stamp_metadata
 from lafs_fast.io import atomic_write
 from lafs_fast.models.fvit import FViT
 from lafs_fast.models.part_fvit import PartFViT
@@ -85,7 +86,8 @@ def export_onnx(
 ) -> dict:
     """Export ``model`` to ``out`` (atomically) with ``exporter`` (module doc); with ``check``, refuse
     a graph whose outputs differ from PyTorch's by more than ``atol``.
-    Returns {"path", "max_abs_diff", "opset", "exporter"}."""
+    The file carries lafs-fast's metadata (``onnx_model.py``: RGB, ``x/255*2-1``, 112, no flip-sum,
+    dim, version). Returns {"path", "max_abs_diff", "opset", "exporter", "metadata"}."""
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown ONNX exporter {exporter!r}; choose dynamo or torchscript")
     _require_onnx()
@@ -94,6 +96,7 @@ def export_onnx(
     out = Path(out)
     wrapper = ExportWrapper(model)
     x = torch.rand(2, 3, 112, 112) * 2 - 1
+    meta = onnx_metadata(model, image_size=x.shape[-1])
     diff = float("nan")
 
     def write(tmp: str) -> None:  # export, then check the file before it replaces ``out``
@@ -106,6 +109,7 @@ def export_onnx(
             else:
                 batch = {"dynamic_axes": {"images": {0: "batch"}, "embedding": {0: "batch"}}}
             torch.onnx.export(wrapper, (x,), tmp, **names, dynamo=exporter == "dynamo", **batch)
+        stamp_metadata(tmp, meta)  # before the parity check: the checked file is the one kept
         if check:
             diff = onnx_parity(model, tmp)
             if diff == math.inf:
@@ -117,4 +121,4 @@ def export_onnx(
                 raise ValueError(f"the exported graph differs from PyTorch by {diff:.3g} (> {atol}); not writing {out}")
 
     atomic_write(out, write)
-    return {"path": str(out), "max_abs_diff": diff, "opset": opset, "exporter": exporter}
+    return {"path": str(out), "max_abs_diff": diff, "opset": opset, "exporter": exporter, "metadata": meta}
