@@ -12,7 +12,7 @@ import yaml
 from lafs_fast.cli import main
 from lafs_fast.config import Config, config_from_dict, config_yaml
 from lafs_fast.train import cli_common, pretrain
-from tests import TINY_PRETRAIN
+from tests import CPU, TINY_PRETRAIN
 
 STAGES = ("pretrain", "finetune", "train-landmarks")
 
@@ -70,10 +70,20 @@ def test_config_show_small_has_the_stage_defaults(capsys):
 
 
 def test_a_real_run_writes_what_config_show_printed(tmp_path, capsys):
-    argv = ["--out", str(tmp_path), "--no-knn", "--no-progress", "--max-steps", "1", *TINY_PRETRAIN]
+    """One real run of each kind; fine-tuning from its teacher takes the teacher's architecture, not the
+    preset's, and `config show` with the same --init says so."""
+    pre = tmp_path / "pre"
+    argv = ["--out", str(pre), "--no-knn", "--no-progress", "--max-steps", "1", *TINY_PRETRAIN]
     shown = _show(capsys, "pretrain", *argv)
     assert main(["pretrain", *argv]) == 0
-    assert (tmp_path / "config.yaml").read_text() == shown
+    assert (pre / "config.yaml").read_text() == shown
+    fine = tmp_path / "fine"
+    argv = ["--init", str(pre / "teacher.pt"), "--preset", "small", "--out", str(fine), "--no-check", "--no-progress"]
+    argv += ["--max-steps", "1", "--batch-size", "2", "--data", "synthetic:3x2", *CPU]
+    shown = _show(capsys, "finetune", *argv)
+    assert yaml.safe_load(shown)["model"]["dim"] == 32  # the teacher's, not the small preset's 192
+    assert main(["finetune", *argv]) == 0
+    assert (fine / "config.yaml").read_text() == shown
 
 
 def test_config_show_without_a_stage_says_the_form(capsys):
