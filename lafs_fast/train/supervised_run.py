@@ -249,6 +249,7 @@ def run(args: argparse.Namespace, stage: int) -> int:
         "check": cli_common.check_enabled(cfg, args.check, args.knn_data),
         "knn_data": args.knn_data,
         "progress": not args.no_progress,
+        "memory_check": args.memory_check,
     }
     return cli_common.launch_training(
         PROG[stage],
@@ -258,6 +259,7 @@ def run(args: argparse.Namespace, stage: int) -> int:
         digest_what="shared parameters",
         resume=args.resume,
         overwrite=args.overwrite,
+        memory_check=args.memory_check,
     )
 
 
