@@ -123,3 +123,13 @@ def test_a_slow_cpu_step_is_one_warning_line(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records]
     seconds = est.flops / (50e9 * memory_guard.CPU_EFFICIENCY)
     assert len(lines) == 1 and f"roughly {seconds:,.0f} s (a rough estimate" in lines[0], lines
+
+
+def test_available_memory_reads_the_device(monkeypatch):
+    free, what = memory_guard.available_memory(torch.device("cpu"))
+    assert free > 0 and what.startswith("RAM")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (7 * GB, 80 * GB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    assert memory_guard.available_memory(torch.device("cuda", 0)) == (7 * GB, "free on NVIDIA H100")
+    with pytest.raises(ValueError, match="but only 7.0 GB is free on NVIDIA H100"):
+        check_memory(load_config("reference"), "pretrain", torch.device("cuda", 0), "bf16")

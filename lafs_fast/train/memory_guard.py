@@ -4,7 +4,8 @@ model is built or compiled.
 
 The estimate (bytes, one training process; :func:`estimate`):
 
-- **runtime**: Python, torch and the libraries, ``RUNTIME_BYTES``; on the CPU each data-loader worker
+- **runtime**: Python, torch and the libraries, ``RUNTIME_BYTES`` (the supervised stages' augmentation
+  adds a little); on the CPU each data-loader worker
   process adds ``WORKER_BYTES``; ``train.compile`` adds ``COMPILE_BYTES`` (inductor's compile
   workers and graphs); on CUDA the context adds ``CUDA_CONTEXT_BYTES``.
 - **weights**: trainable parameters x 16 bytes (fp32 weight, gradient, AdamW's two moments), frozen
@@ -21,9 +22,10 @@ The estimate (bytes, one training process; :func:`estimate`):
   four (batch, classes) tensors.
 - **inputs**: the batch's images and view tokens, a few copies.
 
-Calibrated against the peak RSS of two small-preset pre-training runs on the CPU (docs/performance.md,
-"The memory guard": 0.91 GB measured / 0.97 GB estimated at batch 16, 2.28 / 2.45 GB at batch 64;
-the activations' slope, 29 MB per image measured, 29.7 MB estimated). It is meant
+Calibrated against the peak RSS of small-preset runs on the CPU at two batch sizes each
+(``benchmarks/peak_memory.py``; docs/performance.md, "The memory guard"): pre-training's slope, 28
+MB per image measured, is the activation count's 29.7 MB unchanged; fine-tuning's 22 MB per image
+set the landmark CNN's share (13 MB) and the intercepts set the runtimes. It is meant
 to tell a run that fits from one that is several times too large (the reference preset on a laptop:
 about 40 GB for pre-training at batch 82), not to predict the last hundred megabytes; the refusal
 says how to force the run anyway (``--no-memory-check``).
@@ -50,11 +52,12 @@ log = logging.getLogger(__name__)
 __all__ = ["Estimate", "estimate", "available_memory", "check_memory", "guard_process", "step_flops", "GB"]
 
 GB = 1024**3
-RUNTIME_BYTES = int(0.45 * GB)  # measured: the intercept of the two small-preset runs of docs/performance.md
+# measured (docs/performance.md, "The memory guard"): the intercepts of peak RSS against the batch
+RUNTIME_BYTES = {"pretrain": int(0.45 * GB), "supervised": int(0.6 * GB)}
 WORKER_BYTES = int(0.12 * GB)  # a PIL decode worker (rec / image-folder data on the CPU), not measured
 COMPILE_BYTES = int(1.0 * GB)
 CUDA_CONTEXT_BYTES = int(0.6 * GB)
-LANDMARK_CNN_BYTES_PER_IMAGE = 6 * 1024**2  # MobileNetV3 at 112 x 112, fp32, what backward keeps
+LANDMARK_CNN_BYTES_PER_IMAGE = 13 * 1024**2  # measured: MobileNetV3 at 112 x 112, fp32, what backward keeps
 LANDMARK_CNN_MACS = 60e6  # its multiply-adds per 112 x 112 image
 LANDMARK_CNN_PARAMS = 2_872_928  # model.landmark_cnn=mobilenetv3 (a timm:<name> CNN is counted alike)
 CPU_EFFICIENCY = 0.33  # measured: a small-preset pre-training step's matmul FLOP/s over a bare matmul's
@@ -156,7 +159,8 @@ def estimate(cfg: Config, stage: str, num_classes: int = 0, device: str = "cpu",
     """One process's peak memory for ``cfg`` (``stage``: "pretrain", "train-landmarks" or "finetune";
     ``num_classes``: the supervised head's, 0 for pre-training) on a ``device`` type in ``precision``."""
     trainable, frozen = _parameters(cfg, stage, num_classes)
-    runtime = RUNTIME_BYTES + (COMPILE_BYTES if cfg.train.compile else 0)
+    runtime = RUNTIME_BYTES["pretrain" if stage == "pretrain" else "supervised"]
+    runtime += COMPILE_BYTES if cfg.train.compile else 0
     synthetic = not cfg.data.path or cfg.data.path.startswith("synthetic")  # rendered in-process, no workers
     runtime += CUDA_CONTEXT_BYTES if device == "cuda" else 0 if synthetic else WORKER_BYTES * cfg.data.workers
     s = cfg.model.image_size
