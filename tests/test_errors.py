@@ -57,11 +57,11 @@ def test_overrides_may_stand_on_both_sides_of_a_flag():
     pretrain.add_arguments(p)
     args = parse_command_line(p, ["--out", "R", "a.b=1", "--max-steps", "2", "c.d=2"])
     assert args.overrides == ["a.b=1", "c.d=2"] and args.max_steps == 2 and args.out == "R"
-    from lafs_fast import config
+    from lafs_fast.train import config_show
 
     top = argparse.ArgumentParser()
-    config.add_arguments(top)
-    args = parse_command_line(top, ["show", "model.dim=64", "--preset", "small", "optim.lr=0.1"])
+    config_show.add_arguments(top)
+    args = parse_command_line(top, ["show", "pretrain", "model.dim=64", "--preset", "small", "optim.lr=0.1"])
     assert args.overrides == ["model.dim=64", "optim.lr=0.1"] and args.preset == "small"
 
 

@@ -83,6 +83,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "its checkpoints and logs (without it such an --out is refused)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-memory-check",
+        dest="memory_check",
+        action="store_false",
+        help="run even when the estimated peak memory exceeds what the device has free (by default such a run is "
+        "refused before any model is built; lafs_fast/train/memory_guard.py)",
+    )
 
 
 def add_check_arguments(parser: argparse.ArgumentParser, flag: str) -> None:
@@ -180,23 +187,44 @@ def launch_training(
     *,
     resume: str | None = None,
     overwrite: bool = False,
+    memory_check: bool = True,
 ) -> int:
     """Run ``worker(*worker_args)`` in ``train.gpus`` processes (one when under torchrun, which made
     them) and return the command's exit code: a non-finite loss or a failed rank is one line on stderr
     and 1; with several ranks, each rank's step count and parameter digest (``worker`` returns
-    ``{"steps", "digest"}``) are printed and ranks that disagree are an error."""
+    ``{"steps", "digest"}``) are printed and ranks that disagree are an error. ``memory_check``: a run
+    whose estimated peak memory exceeds what its device has free is refused before any model is built
+    (lafs_fast/train/memory_guard.py)."""
     from lafs_fast.launch import RankFailed, launch, under_torchrun
-    from lafs_fast.train.engine import NonFiniteLoss, Preempted
     from lafs_fast.train.run_folder import check_run_folder
 
     if not under_torchrun() or os.environ.get("RANK") == "0":  # rank 0 writes; another node's check would race
         check_run_folder(cfg.train.out_dir, resume, overwrite)  # before any work (the engine checks again, locked)
     nprocs = _process_count(cfg)
+    if memory_check:
+        _check_cpu_memory(prog, cfg, nprocs)
+    from lafs_fast.train.engine import NonFiniteLoss, Preempted  # loads torch's compiler: after the check
+
     try:
         results = launch(worker, worker_args, nprocs)
     except (NonFiniteLoss, Preempted, RankFailed) as exc:
         return _failure_exit(prog, exc)
     return _report_ranks(prog, results, digest_what)
+
+
+def _check_cpu_memory(prog: str, cfg: Config, nprocs: int) -> None:
+    """A CPU run's memory guard, before the engine's imports load torch's compiler (seconds, not tens);
+    the processes of this machine share its RAM. A GPU run checks in each worker, on its GPU (a CUDA
+    context made here would stay on GPU 0 for the whole job)."""
+    import torch
+
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        return
+    from lafs_fast.train.memory_guard import guard_process
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", nprocs))
+    rank0 = os.environ.get("RANK", "0") == "0"
+    guard_process(cfg, prog, torch.device("cpu"), data_source(cfg), processes=local, warn=rank0)
 
 
 def _process_count(cfg: Config) -> int:
@@ -344,6 +372,10 @@ def run_job(job_cls: type[TrainingJob], cfg_dict: dict[str, Any], opts: dict[str
     cfg = config_from_dict(cfg_dict)
     with training_process(cfg) as info:
         job = job_cls(cfg, opts, info, resolve_precision(cfg.train.precision, info.device), *args)
+        if opts.get("memory_check", True) and info.device.type == "cuda":  # its GPU, before any model is built
+            from lafs_fast.train.memory_guard import guard_process
+
+            guard_process(job.cfg, job.prog, info.device, data_source(job.cfg), warn=info.is_main)
         loader = job.setup()
         torch.manual_seed(job.cfg.train.seed + 1_000 * info.rank)  # dropout / drop-path streams differ per rank
         for line in job.describe(loader):

@@ -51,10 +51,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import yaml
 from tqdm import tqdm
 
-from lafs_fast.config import Config, config_to_dict
+from lafs_fast.config import Config, config_yaml
 from lafs_fast.io import atomic_write_bytes
 from lafs_fast.launch import DistInfo, resolve_precision
 from lafs_fast.logs import log_to_file
@@ -380,9 +379,7 @@ class Engine:
         if resume is not None:
             checkpointing.resume(self, resume)
         if dist.is_main:
-            atomic_write_bytes(
-                yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode(), self.out_dir / "config.yaml"
-            )
+            atomic_write_bytes(config_yaml(cfg).encode(), self.out_dir / "config.yaml")  # = `config show`
 
     def _claim_folder(self, resume: str | Path | None, overwrite: bool) -> None:
         """Rank 0: lock ``out_dir`` (another run's files refused or, with ``overwrite``, deleted) and

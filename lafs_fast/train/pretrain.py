@@ -164,9 +164,16 @@ def run(args: argparse.Namespace) -> int:
         "knn": knn,
         "knn_data": args.knn_data,
         "progress": not args.no_progress,
+        "memory_check": args.memory_check,
     }
     return launch_training(
-        "pretrain", train_worker, (config_to_dict(cfg), opts), cfg, resume=args.resume, overwrite=args.overwrite
+        "pretrain",
+        train_worker,
+        (config_to_dict(cfg), opts),
+        cfg,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        memory_check=args.memory_check,
     )
 
 

@@ -147,11 +147,15 @@ _STAGE_FLAGS = (
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """Preset (small without --data, else reference) <- stage defaults <- --config <- key=value <- flags."""
+    """Preset (small without --data, else reference) <- stage defaults <- --config <- key=value <- flags,
+    then the fViT architecture of ``--init``'s weights (what the run builds and writes to config.yaml)."""
     extra = {}
     if args.head == "arcface" and not any(str(o).startswith("finetune.margin=") for o in args.overrides or []):
         extra["finetune.margin"] = 0.5  # ArcFace's usual margin unless given
-    return cli_common.resolve_training_config(args, _STAGE_FLAGS, stage_defaults, extra)
+    cfg = cli_common.resolve_training_config(args, _STAGE_FLAGS, stage_defaults, extra)
+    from lafs_fast.train.supervised_model import init_architecture
+
+    return init_architecture(cfg)  # the shape of --init's weights, as the worker builds it
 
 
 def parse_subset(spec: str) -> dict[str, Any]:
@@ -245,6 +249,7 @@ def run(args: argparse.Namespace, stage: int) -> int:
         "check": cli_common.check_enabled(cfg, args.check, args.knn_data),
         "knn_data": args.knn_data,
         "progress": not args.no_progress,
+        "memory_check": args.memory_check,
     }
     return cli_common.launch_training(
         PROG[stage],
@@ -254,6 +259,7 @@ def run(args: argparse.Namespace, stage: int) -> int:
         digest_what="shared parameters",
         resume=args.resume,
         overwrite=args.overwrite,
+        memory_check=args.memory_check,
     )
 
 
