@@ -141,7 +141,7 @@ def test_pretrain_checks_and_teacher_snapshots_during_the_run(tmp_path):
     """`--knn-every 2 --save-teacher-every 1epochs` on 6 steps (3 an epoch): the k-NN check at step 0
     (before), 2, 4 and 6 (after) in metrics.jsonl and TensorBoard; teacher-00000003.pt and
     teacher-00000006.pt, model files, the last the same weights as teacher.pt; they belong to the run
-    (a new run into the folder is refused, --overwrite deletes them)."""
+    (a new run into the folder is refused, --overwrite deletes them); none of it changes what trains."""
     out = tmp_path / "run"
     argv = ["--out", str(out), "--no-progress", "--knn-every", "2", "--save-teacher-every", "1epochs", *TINY_PRETRAIN]
     assert pretrain.main(argv) == 0
@@ -160,6 +160,10 @@ def test_pretrain_checks_and_teacher_snapshots_during_the_run(tmp_path):
     assert not all(torch.equal(first[k], v) for k, v in final["backbone"].items())  # an earlier teacher
     assert load_model(out / snaps[0]).dim == 32
     assert set(snaps) <= {p.name for p in run_files(out)}  # --overwrite deletes them, a new run is refused
+    plain = tmp_path / "plain"  # the same run without the periodic checks and snapshots trains the same weights
+    assert pretrain.main(["--out", str(plain), "--no-progress", *TINY_PRETRAIN]) == 0
+    again = torch.load(plain / "teacher.pt", weights_only=True)["backbone"]
+    assert all(torch.equal(again[k], v) for k, v in final["backbone"].items())
 
 
 def test_period_flags_are_parsed_or_refused_in_one_sentence(tmp_path, capsys):
