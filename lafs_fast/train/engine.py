@@ -562,8 +562,8 @@ class Engine:
             self._preempt(window, epoch, epoch_end)
 
     def _run_periodic(self) -> None:
-        """Rank 0: the checks due after this step (:meth:`every`); their time counts in the step's, as
-        the validation inside a supervised step does."""
+        """Rank 0: the checks due after this step (:meth:`every`); their time counts in the next log
+        line's speed and ETA (they are part of what the run takes)."""
         if self.dist.is_main:
             for n, fn in self._periodic:
                 if self.step % n == 0:
