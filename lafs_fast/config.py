@@ -320,6 +320,11 @@ class TrainConfig:
         "several processes: a collective that waits longer than this ends the job (a hung or stopped rank)",
         rng=POSITIVE,
     )
+    wandb: bool = doc(
+        False,
+        "also log metrics.jsonl's records to Weights & Biases (pip install 'lafs-fast[wandb]'; project "
+        "$WANDB_PROJECT or lafs-fast, run named after --out; WANDB_MODE=offline keeps it on disk)",
+    )
 
 
 @dataclass

@@ -55,6 +55,7 @@ RESUME_MAY_DIFFER = frozenset(
         "train.compile",
         "train.device",
         "train.dist_timeout_s",
+        "train.wandb",
         "data.workers",
         "data.loader",
         "model.attention",

@@ -42,6 +42,7 @@ COMMON_FLAGS: tuple[tuple[str, str], ...] = (
     ("max_steps", "train.max_steps"),
     ("seed", "train.seed"),
     ("compile", "train.compile"),
+    ("wandb", "train.wandb"),
 )
 
 
@@ -82,7 +83,17 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="start a new run in an --out that holds an older one, deleting "
         "its checkpoints and logs (without it such an --out is refused)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (the log line every train.log_every steps stays: step, loss, lr, speed, ETA, memory)",
+    )
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        default=None,
+        help="also log the metrics to Weights & Biases (train.wandb; WANDB_MODE=offline keeps the run on disk)",
+    )
     parser.add_argument(
         "--no-memory-check",
         dest="memory_check",
@@ -326,6 +337,8 @@ class TrainingJob:
     def __init__(self, cfg: Config, opts: dict[str, Any], info: Any, precision: str) -> None:
         self.cfg, self.opts, self.info, self.precision = cfg, opts, info, precision
         self.stage: Any = None
+        self.engine: Any = None  # the run's Engine, once made (its log_record takes the checks' figures)
+        self.faces: Any = None  # the k-NN check's faces (rank 0, check on)
 
     def setup(self) -> Any:
         """This job's loader; sets ``self.stage`` (and may refine ``self.cfg``, e.g. the architecture
@@ -368,6 +381,7 @@ def run_job(job_cls: type[TrainingJob], cfg_dict: dict[str, Any], opts: dict[str
     from lafs_fast.config import config_from_dict
     from lafs_fast.launch import resolve_precision
     from lafs_fast.train.engine import Engine, barrier
+    from lafs_fast.train.progress import check_record
 
     cfg = config_from_dict(cfg_dict)
     with training_process(cfg) as info:
@@ -394,9 +408,12 @@ def run_job(job_cls: type[TrainingJob], cfg_dict: dict[str, Any], opts: dict[str
             overwrite=opts.get("overwrite", False),
             precision=job.precision,
         )  # claims the run folder before anything is written there
+        job.engine = engine
+        if before is not None:  # the check before training, on the curves at step 0
+            engine.log_record(check_record(before), step=0)
         job.before_fit(engine)
         log.info(plan_line(job.prog, engine, job.cfg))
-        result = engine.fit()
+        result = engine.fit(keep_metrics_open=True)  # what is measured after the run joins the curves
         summary: dict[str, Any] = {
             "rank": info.rank,
             "steps": result.steps,
@@ -411,6 +428,7 @@ def run_job(job_cls: type[TrainingJob], cfg_dict: dict[str, Any], opts: dict[str
             if faces is not None:
                 summary.update(_check_after(job, faces, before))
             write_summary(out, summary)
+        engine.metrics.close()
         barrier(info)
         return summary
 
@@ -420,6 +438,7 @@ def _check_before(job: TrainingJob) -> tuple[Any, dict[str, float] | None]:
     from lafs_fast.eval.knn import format_check
 
     faces = job.check_faces() if job.opts.get(job.check_opt) and job.info.is_main else None
+    job.faces = faces
     if faces is None or job.opts.get("resume"):
         return faces, None
     before = job.check(faces)
@@ -430,8 +449,10 @@ def _check_before(job: TrainingJob) -> tuple[Any, dict[str, float] | None]:
 def _check_after(job: TrainingJob, faces: Any, before: dict[str, float] | None) -> dict[str, Any]:
     """The check after training, beside the one before and the raw-pixel floor; their summary keys."""
     from lafs_fast.eval.knn import pixel_floor, report_lines
+    from lafs_fast.train.progress import check_record
 
     after = job.check(faces)
+    job.engine.log_record(check_record(after))  # at the step reached
     floor = pixel_floor(faces)
     for line in report_lines(before, after, faces, floor):
         log.info(f"[{job.prog}] {line}")

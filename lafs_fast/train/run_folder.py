@@ -13,7 +13,8 @@
   happens): the lock is opened with ``O_NOFOLLOW`` and must be a plain file of one name, and
   :func:`check_no_links` refuses a run file or ``tb/`` that is a symbolic link before anything is
   written or deleted (``--overwrite`` included). ``--out`` itself may be a link: the user named it.
-- :class:`MetricsLog`: the run's ``metrics.jsonl`` (and TensorBoard's ``tb/`` when it is installed).
+- :class:`MetricsLog`: the run's ``metrics.jsonl`` (and TensorBoard's ``tb/`` when it is installed,
+  W&B with ``train.wandb``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import stat
@@ -30,6 +32,8 @@ from pathlib import Path
 from lafs_fast.io import remove_stale_temporaries
 
 __all__ = ["RUN_FILES", "RunLock", "MetricsLog", "check_no_links", "check_run_folder", "run_files"]
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lafs-fast.lock"
 # what a run writes (checkpoints by pattern); a folder holding any of these holds a run
@@ -46,14 +50,14 @@ RUN_FILES = (
 
 
 def run_files(out_dir: str | Path) -> list[Path]:
-    """The files (and the TensorBoard folder) of a run in ``out_dir``, checkpoints first."""
+    """The files (and the TensorBoard / W&B folders) of a run in ``out_dir``, checkpoints first."""
     d = Path(out_dir)
     if not d.is_dir():
         return []
     found = sorted(p for p in d.iterdir() if p.name.startswith("ckpt-") and p.suffix in (".pt", ".keep"))
     found += [d / n for n in RUN_FILES if (d / n).exists()]
-    if (d / "tb").is_dir():
-        found.append(d / "tb")
+    found += sorted(d.glob("teacher-*.pt"))  # pretrain --save-teacher-every
+    found += [d / n for n in ("tb", "wandb") if (d / n).is_dir()]
     return found
 
 
@@ -169,13 +173,21 @@ def _no_follow(path: str, flags: int) -> int:
 
 
 class MetricsLog:
-    """The step records of a run: one JSON line each in ``out_dir/metrics.jsonl``, and TensorBoard
-    scalars in ``out_dir/tb`` when tensorboard is installed. Only a process with ``write`` (rank 0)
-    writes anything."""
+    """The run's records: one JSON line each in ``out_dir/metrics.jsonl``, the same keys as TensorBoard
+    scalars in ``out_dir/tb`` when tensorboard is installed (``pip install 'lafs-fast[tensorboard]'``),
+    and in a W&B run with ``wandb_config`` (``train.wandb``: the run's config dict; W&B files in
+    ``out_dir/wandb``). Every record has a ``step``; step records also an ``epoch``. Only a process
+    with ``write`` (rank 0) writes anything."""
 
-    def __init__(self, out_dir: str | Path, write: bool) -> None:
+    def __init__(self, out_dir: str | Path, write: bool, wandb_config: dict | None = None) -> None:
         self.out_dir, self.write = Path(out_dir), write
         self._tb = None  # None: not opened yet; False: tensorboard missing
+        self._wandb_config = wandb_config
+        self._wandb = None  # the W&B run once opened
+        if write and wandb_config is not None:
+            from lafs_fast.errors import require_extra
+
+            require_extra("train.wandb", "wandb", "wandb")  # one sentence before the run, not after a step
 
     def add(self, record: dict[str, float]) -> None:
         if not self.write:
@@ -183,18 +195,44 @@ class MetricsLog:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a", opener=_no_follow) as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if k not in ("step", "epoch")}
+        step = int(record["step"])
         if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.out_dir / "tb"))
-            except Exception:  # tensorboard not installed: the JSONL log is the record
-                self._tb = False
+            self._tb = self._open_tensorboard()
         if self._tb:
-            for k, v in record.items():
-                if k not in ("step", "epoch"):
-                    self._tb.add_scalar(k, v, record["step"])
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb_config is not None:
+            if self._wandb is None:
+                self._wandb = self._open_wandb()
+            self._wandb.log(scalars, step=step)
+
+    def _open_tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception as exc:  # noqa: BLE001 - missing or broken: the JSONL log is the record; say so once
+            log.info(
+                f"TensorBoard is not available ({type(exc).__name__}): metrics.jsonl only "
+                "(pip install 'lafs-fast[tensorboard]')"
+            )
+            return False
+        return SummaryWriter(str(self.out_dir / "tb"))
+
+    def _open_wandb(self):
+        import wandb
+
+        return wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "lafs-fast"),
+            name=self.out_dir.resolve().name,
+            dir=str(self.out_dir),
+            config=self._wandb_config,
+        )
 
     def close(self) -> None:
+        """Flush and close TensorBoard's writer and finish the W&B run (idempotent)."""
         if self._tb:
             self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

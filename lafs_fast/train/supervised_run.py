@@ -367,7 +367,19 @@ class SupervisedJob(cli_common.TrainingJob):
 
     def before_fit(self, engine: Any) -> None:
         if self.val_sets and self.info.is_main and not self.opts.get("resume"):
-            self.val_before = self.stage.validate(0)  # the starting point (and best.pt until training beats it)
+            self.val_before = self.validate(0)  # the starting point (and best.pt until training beats it)
+        if self.val_sets and self.cfg.finetune.val_every > 0:
+            engine.every(self.cfg.finetune.val_every, self.validate)
+
+    def validate(self, step: int) -> dict[str, float]:
+        """The ``--val`` sets' accuracy (%) at ``step`` (rank 0), into metrics.jsonl as ``val/<set>``
+        (and ``val/mean`` with several sets)."""
+        acc = self.stage.validate(step)
+        record = {f"val/{name}": v for name, v in acc.items()}
+        if len(acc) > 1:
+            record["val/mean"] = round(sum(acc.values()) / len(acc), 3)
+        self.engine.log_record(record, step)
+        return acc
 
     def digest(self) -> str:
         return _shared_digest(self.model, self.stage.sharded)
@@ -396,7 +408,7 @@ class SupervisedJob(cli_common.TrainingJob):
         for line in lines:
             log.info(f"[{self.prog}] {line}")
         if self.val_sets:
-            acc = st.val.last if st.val.last_step == result.steps else st.validate(result.steps)
+            acc = st.val.last if st.val.last_step == result.steps else self.validate(result.steps)
             summary["verification"] = acc
             summary["verification_before"] = self.val_before
             summary["best"] = {"mean": st.val.best, "step": st.val.best_step}
