@@ -195,3 +195,43 @@ def test_checkpoint_cli(tmp_path):
         cmd + ["import", str(tmp_path / "missing.pth"), str(tmp_path / "o2.pt")], capture_output=True, text=True
     )
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def _small_model_file(path, gen, **model) -> torch.nn.Module:
+    """A lafs-fast model file of a small-preset-like Part fViT (attention scale by head dim)."""
+    from lafs_fast.config import ModelConfig
+    from lafs_fast.io import atomic_save
+    from lafs_fast.models.checkpoints import model_file
+    from lafs_fast.models.part_fvit import PartFViT, build_backbone, build_landmark_cnn
+
+    torch.manual_seed(gen.initial_seed())
+    m = ModelConfig(dim=48, depth=2, heads=3, head_dim=16, mlp_dim=64, attn_scale="head_dim", **model)
+    net = PartFViT(build_landmark_cnn(m), build_backbone(m))
+    randomise_bn(net)
+    atomic_save(model_file(m, net.backbone, net.landmark_cnn), path)
+    return net.eval()
+
+
+def test_export_folds_the_head_dim_attention_scale_exactly(tmp_path, gen):
+    """issue 26: the small preset's head_dim**-0.5 scale went out unchanged, and the reference's
+    dim**-0.5 gave embeddings up to 0.28 off; now the q weights carry sqrt(dim / head_dim)."""
+    net = _small_model_file(tmp_path / "small.pt", gen)
+    export_reference(tmp_path / "small.pt", tmp_path / "ref.pth", "part_fvit")
+    sd = torch.load(tmp_path / "ref.pth", weights_only=True)
+    own = net.backbone.state_dict()["transformer.layers.0.0.fn.fn.to_qkv.weight"]
+    torch.testing.assert_close(sd["transformer.layers.0.0.fn.fn.to_qkv.weight"][:48], own[:48] * 3**0.5)
+    ref = ViT_face_landmark_patch8(**SMALL)  # the reference's semantics: dim**-0.5
+    ref.load_state_dict(sd, strict=False)
+    x = torch.rand(2, 3, 112, 112, generator=gen) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(ref.eval()(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_what_the_reference_cannot_express(tmp_path, gen):
+    _small_model_file(tmp_path / "eps.pt", gen, ln_eps=1e-6)
+    with pytest.raises(ValueError, match=r"eps.pt: cannot export: the model's LayerNorm eps is 1e-06 .*model.ln_eps"):
+        export_reference(tmp_path / "eps.pt", tmp_path / "out.pth")
+    _small_model_file(tmp_path / "big.pt", gen, image_size=128, num_patches=196)
+    with pytest.raises(ValueError, match=r"cannot export: the reference scales landmarks to 0..111"):
+        export_reference(tmp_path / "big.pt", tmp_path / "out.pth")
+    assert not (tmp_path / "out.pth").exists()

@@ -289,3 +289,16 @@ def test_compat_classes_match_the_reference_classes(ref_vit, monkeypatch, one_th
         _same_outputs(ref, ours, images, random_coor=True)
         _same_outputs(ref, ours, images, return_land=True)
     assert ours.patch_size == 8
+
+
+def test_an_exported_small_model_gives_its_embeddings_in_the_reference_class(ref_vit, tmp_path, one_thread) -> None:
+    """The small preset scales attention by head_dim**-0.5; the reference by dim**-0.5: export folds it."""
+    from lafs_fast.models.checkpoints import export_reference
+    from tests.test_checkpoints import _small_model_file
+
+    net = _small_model_file(tmp_path / "small.pt", torch.Generator().manual_seed(8))
+    export_reference(tmp_path / "small.pt", tmp_path / "ref.pth", "part_fvit")
+    ref = _reference_model(ref_vit, torch.load(tmp_path / "ref.pth", weights_only=True), FINETUNE_SIZES, with_land=True)
+    x = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), net(x), rtol=1e-5, atol=1e-5)
