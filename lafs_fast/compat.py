@@ -232,31 +232,43 @@ class face_landmark_4simmin_glo_loc(LandmarkCNN):  # noqa: N801 - the reference'
     ``(theta, x)`` without sampling. Random numbers come from the default CPU generator, in the
     reference's order. ``keep_num`` and ``patch_shape`` are ignored, as the reference ignores them.
 
+    Constructor: ``image_size``, ``patch_size``, ``dim``, ``num_patches``, ``channels`` are used; the
+    reference's other keywords (:attr:`IGNORED`) are accepted and ignored, as the reference ignores them.
     The reference's unused tensors (``pos_embedding``, ``patch_to_embedding``, ``cls_token``,
     ``mask_token``, ``global_token``) are kept, in its order, so its state dicts load strictly and
     the same seed draws the same weights; ``global_token`` still runs (its dropout draws).
     """
 
+    # Keywords the reference's constructor takes and never reads (its ViT keywords, no ViT is built).
+    IGNORED = frozenset(
+        {
+            "loss_type",
+            "GPU_ID",
+            "num_class",
+            "depth",
+            "heads",
+            "mlp_dim",
+            "pool",
+            "dim_head",
+            "dropout",
+            "emb_dropout",
+            "fp16",
+        }
+    )
+
     def __init__(
         self,
         *,
-        loss_type: str,
-        GPU_ID=None,
-        num_class: int,
         image_size: int,
         patch_size: int,
         dim: int,
-        depth: int,
-        heads: int,
-        mlp_dim: int,
-        pool: str = "cls",
         num_patches: int | None = None,
         channels: int = 3,
-        dim_head: int = 64,
-        dropout: float = 0.0,
-        emb_dropout: float = 0.0,
-        fp16: bool = True,
+        **ignored,
     ) -> None:
+        unknown = sorted(set(ignored) - self.IGNORED)
+        if unknown:
+            raise TypeError(f"face_landmark_4simmin_glo_loc got unexpected keyword arguments {', '.join(unknown)}")
         if num_patches is None:
             num_patches = (image_size // patch_size) ** 2
         row = int(math.sqrt(num_patches))

@@ -257,6 +257,20 @@ def _same_outputs(ref, ours, *args, **kwargs) -> None:
         torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-5)
 
 
+def test_compat_takes_the_reference_keywords(ref_vit) -> None:
+    import inspect
+
+    def names(f) -> set[str]:
+        return {p.name for p in inspect.signature(f).parameters.values() if p.kind is not p.VAR_KEYWORD} - {"self"}
+
+    for cls in (compat.ViT_face_landmark_patch8, compat.face_landmark_4simmin_glo_loc):
+        ref_cls = getattr(ref_vit, cls.__name__)
+        assert names(cls.forward) >= names(ref_cls.forward)
+        assert names(cls.__init__) | getattr(cls, "IGNORED", set()) >= names(ref_cls.__init__)
+    with pytest.raises(TypeError, match="unexpected keyword arguments with_land"):
+        compat.face_landmark_4simmin_glo_loc(**LANDMARK, with_land=True)
+
+
 def test_compat_classes_match_the_reference_classes(ref_vit, monkeypatch, one_thread) -> None:
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # the reference's .cuda() calls
     g = torch.Generator().manual_seed(2)
