@@ -47,11 +47,10 @@ _REF_MODULES = ("face_pre_pro", "utils", "util", "vision_transformer", "image_it
 
 
 def _faces(n: int) -> list[np.ndarray]:
-    """n smooth random 112 x 112 RGB images (uint8): upsampled noise, so crops and blurs matter."""
-    g = torch.Generator().manual_seed(0)
-    small = torch.rand(n, 3, 14, 14, generator=g)
-    big = torch.nn.functional.interpolate(small, size=112, mode="bilinear", align_corners=False)
-    return [(im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for im in big]
+    """n random 112 x 112 RGB images (uint8) of 8 x 8 blocks (integer ops: the same bytes whatever the
+    thread count), so crops, flips and blurs change what the models see."""
+    small = np.random.default_rng(0).integers(0, 256, (n, 14, 14, 3), dtype=np.uint8)
+    return list(small.repeat(8, axis=1).repeat(8, axis=2))
 
 
 def _png(a: np.ndarray) -> bytes:
