@@ -197,18 +197,19 @@ def test_checkpoint_cli(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
-def _small_model_file(path, gen, **model) -> torch.nn.Module:
+def _small_model_file(path, gen, head: str | None = None, **model) -> torch.nn.Module:
     """A lafs-fast model file of a small-preset-like Part fViT (attention scale by head dim)."""
     from lafs_fast.config import ModelConfig
     from lafs_fast.io import atomic_save
     from lafs_fast.models.checkpoints import model_file
-    from lafs_fast.models.part_fvit import PartFViT, build_backbone, build_landmark_cnn
+    from lafs_fast.models.part_fvit import PartFViT, build_backbone, build_landmark_cnn, build_margin_head
 
     torch.manual_seed(gen.initial_seed())
     m = ModelConfig(dim=48, depth=2, heads=3, head_dim=16, mlp_dim=64, attn_scale="head_dim", **model)
-    net = PartFViT(build_landmark_cnn(m), build_backbone(m))
+    margin = None if head is None else build_margin_head(head, 48, 5)
+    net = PartFViT(build_landmark_cnn(m), build_backbone(m), margin)
     randomise_bn(net)
-    atomic_save(model_file(m, net.backbone, net.landmark_cnn), path)
+    atomic_save(model_file(m, net.backbone, net.landmark_cnn, margin), path)
     return net.eval()
 
 
@@ -234,4 +235,11 @@ def test_export_refuses_what_the_reference_cannot_express(tmp_path, gen):
     _small_model_file(tmp_path / "big.pt", gen, image_size=128, num_patches=196)
     with pytest.raises(ValueError, match=r"cannot export: the reference scales landmarks to 0..111"):
         export_reference(tmp_path / "big.pt", tmp_path / "out.pth")
+    _small_model_file(tmp_path / "softmax.pt", gen, head="softmax")
+    with pytest.raises(ValueError, match=r"its margin head is a plain softmax classifier .*--format ssl"):
+        export_reference(tmp_path / "softmax.pt", tmp_path / "out.pth")
     assert not (tmp_path / "out.pth").exists()
+    export_reference(tmp_path / "softmax.pt", tmp_path / "out.pth", "ssl")  # the backbone and landmarks go out
+    _small_model_file(tmp_path / "cosface.pt", gen, head="cosface")
+    export_reference(tmp_path / "cosface.pt", tmp_path / "cos.pth")
+    assert torch.load(tmp_path / "cos.pth", weights_only=True)["loss.weight"].shape == (5, 48)

@@ -10,7 +10,8 @@ lafs-fast model file (what ``lafs-fast checkpoint import`` writes and ``load_mod
 
     {"format": "lafs-fast-model", "version": 1, "source": str, "model": {ModelConfig fields},
      "num_classes": int | None, "dino_out_dim": int | None,
-     "backbone": sd, "landmark_cnn": sd | None, "margin_head": sd | None, "dino_head": sd | None}
+     "backbone": sd, "landmark_cnn": sd | None, "margin_head": sd | None, "dino_head": sd | None,
+     "margin_head_kind": "CosFace" | "ArcFace" | "SoftmaxHead" | None (absent in older files)}
 
 Every load uses ``torch.load(weights_only=True)``; missing, unexpected or mis-shaped keys are
 reported together in one ValueError.
@@ -195,6 +196,7 @@ def model_file(
         "backbone": sd(backbone),
         "landmark_cnn": sd(landmark_cnn),
         "margin_head": sd(margin_head),
+        "margin_head_kind": None if margin_head is None else type(margin_head).__name__,
         "dino_head": sd(dino_head),
     }
 
@@ -304,6 +306,11 @@ def export_reference(src: str | Path, dst: str | Path, fmt: str = "part_fvit") -
         backbone = reference_backbone(f["model"], f["backbone"], f["landmark_cnn"] is not None)
     except ValueError as exc:
         raise ValueError(f"{src}: {exc}") from None
+    if fmt == "part_fvit" and f["margin_head"] is not None and f.get("margin_head_kind") == "SoftmaxHead":
+        raise ValueError(
+            f"cannot export {src} as part_fvit: its margin head is a plain softmax classifier (the small preset's), "
+            "which the reference would read as CosFace / ArcFace centres; export with --format ssl (no margin head)"
+        )
     if fmt == "part_fvit":
         out = backbone
         if f["landmark_cnn"] is not None:
