@@ -179,6 +179,11 @@ def test_lafs_train_runs_on_compat_with_the_same_losses(data: Path, tmp_path: Pa
         ]  # fmt: skip
 
     ref_out, ours_out = _same_losses("lafs_train.py", STAGE1_SIZES, args, tmp_path)
+    # the command line, on the reference's own file
+    from lafs_fast.cli import main
+
+    cmd = ["checkpoint", "import", str(ref_out / "checkpoint.pth"), str(ref_out / "cli.pt"), "--head-dim", "32"]
+    assert main(cmd) == 0 and (ref_out / "cli.pt").is_file()
     # every file it writes imports (numpy scalars and argparse.Namespace inside), same embeddings
     tokens = torch.randn(2, 196, 192, generator=torch.Generator().manual_seed(3))
     for out in (ref_out, ours_out):
