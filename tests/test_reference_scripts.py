@@ -144,8 +144,9 @@ def ref_vit() -> Iterator[types.ModuleType]:
     """The reference's face_pre_pro.ViT_face, imported in this process (stand-ins and sys.modules restored after)."""
     stashed = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] in _REF_MODULES}
     saved = dict(sys.modules)
-    path = list(sys.path)
+    path, bytecode = list(sys.path), sys.dont_write_bytecode
     sys.path.insert(0, str(REF_DIR))
+    sys.dont_write_bytecode = True  # leave no __pycache__ in the shared folder
     rs.install_stand_ins()
     try:
         with warnings.catch_warnings():
@@ -153,6 +154,7 @@ def ref_vit() -> Iterator[types.ModuleType]:
             mod = importlib.import_module("face_pre_pro.ViT_face")
     finally:
         sys.path[:] = path
+        sys.dont_write_bytecode = bytecode
     yield mod
     for k in [k for k in sys.modules if k not in saved]:
         del sys.modules[k]
