@@ -123,27 +123,46 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return stale
 
 
+# torch's wording: "Unsupported global: GLOBAL argparse.Namespace was not an allowed global ..." (older:
+# "... GLOBAL x.y ..."): the name after the GLOBAL opcode, never the opcode itself; a type built from an
+# allowed global: "Can only build Tensor, ... allowlisted via `add_safe_globals`, but got <class 'x.y'>"
 _GLOBAL_RE = re.compile(
-    r"GLOBAL ([\w.]+)|Unsupported global: ([\w.]+)|global ['\"]?([\w.]+)['\"]? (?:was|is) not an allowed"
+    r"Unsupported global: (?:GLOBAL )?([\w.]+)|GLOBAL ([\w.]+)|global ['\"]?([\w.]+)['\"]? (?:was|is) not an allowed"
+    r"|allowlisted via `add_safe_globals`, but got <class '([\w.]+)'>"
 )
 
 
+def _reference_globals() -> list:
+    """The only Python globals a checkpoint may name besides torch's own: the reference's
+    ``lafs_train.py`` saves its ``argparse.Namespace`` and an optimizer state whose lr / weight decay
+    are numpy float64 scalars (the scalar reconstructor, ``numpy.dtype`` and its float64 class)."""
+    import argparse
+
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 / numpy 1
+    return [argparse.Namespace, core.multiarray.scalar, np.dtype, np.dtypes.Float64DType]
+
+
 def safe_load(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` on the CPU, with one readable sentence on failure; a file
-    that asks for a Python global a checkpoint never holds is refused naming that global."""
+    """``torch.load(weights_only=True)`` on the CPU (tensors, plain Python values and
+    :func:`_reference_globals`), with one readable sentence on failure; a file that asks for any other
+    Python global is refused naming that global."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_reference_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
         m = _GLOBAL_RE.search(text)
-        if m and ("weights_only" in text or "Unsupported global" in text or "allowed global" in text):
+        if m and ("weights_only" in text or "Unsupported global" in text or "allowlisted" in text):
             name = next(g for g in m.groups() if g)
             raise ValueError(
-                f"refusing to load {path}: it asks for the Python global {name}, which a checkpoint never holds "
-                "(a tampered or foreign file); it was not loaded"
+                f"refusing to load {path}: it asks for the Python global {name}, which lafs-fast does not load "
+                "from a checkpoint (only tensors, plain Python values, argparse.Namespace and numpy float64 "
+                "scalars); it was not loaded"
             ) from None
         first = text.strip().splitlines()[0] if text.strip() else ""
         raise ValueError(f"{path} is not a loadable PyTorch checkpoint ({type(exc).__name__}: {first})") from None

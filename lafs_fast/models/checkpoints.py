@@ -10,7 +10,8 @@ lafs-fast model file (what ``lafs-fast checkpoint import`` writes and ``load_mod
 
     {"format": "lafs-fast-model", "version": 1, "source": str, "model": {ModelConfig fields},
      "num_classes": int | None, "dino_out_dim": int | None,
-     "backbone": sd, "landmark_cnn": sd | None, "margin_head": sd | None, "dino_head": sd | None}
+     "backbone": sd, "landmark_cnn": sd | None, "margin_head": sd | None, "dino_head": sd | None,
+     "margin_head_kind": "CosFace" | "ArcFace" | "SoftmaxHead" | None (absent in older files)}
 
 Every load uses ``torch.load(weights_only=True)``; missing, unexpected or mis-shaped keys are
 reported together in one ValueError, and a NaN or infinite weight is refused naming its tensor (a
@@ -46,6 +47,7 @@ __all__ = [
     "check_finite",
     "import_checkpoint",
     "export_reference",
+    "reference_backbone",
     "load_model",
     "model_file",
     "read_model_file",
@@ -217,6 +219,7 @@ def model_file(
         "backbone": sd(backbone),
         "landmark_cnn": sd(landmark_cnn),
         "margin_head": sd(margin_head),
+        "margin_head_kind": None if margin_head is None else type(margin_head).__name__,
         "dino_head": sd(dino_head),
     }
 
@@ -275,25 +278,75 @@ def import_checkpoint(src: str | Path, dst: str | Path, which: str = "teacher", 
     }
 
 
+def reference_backbone(model: dict[str, Any], backbone: dict[str, torch.Tensor], landmarks: bool) -> dict:
+    """The backbone state dict as the reference's class computes with it, or a ValueError naming the
+    setting it cannot express. ``model``: the model file's ModelConfig fields.
+
+    - ``attn_scale="head_dim"`` (the small preset) is folded exactly into the weights: the q rows of
+      every ``to_qkv`` times sqrt(dim / head_dim), so the reference's dim**-0.5 gives the same scores;
+    - a LayerNorm eps other than 1e-5, a timm landmark CNN, and a landmark model whose image size or
+      landmark count the reference's hard-coded 0..111 scaling and ``keep_num`` rule would change, are
+      refused;
+    - training-only settings (dropout, drop-path, token_init_std, landmark_start) and head_dim (the
+      reference's ``dim_head`` keyword) need nothing here.
+    """
+    model = {**dataclasses.asdict(ModelConfig()), **model}  # a file from before a field existed: its default
+    if model["ln_eps"] != 1e-5:
+        raise ValueError(
+            f"cannot export: the model's LayerNorm eps is {model['ln_eps']:g} and the reference's nn.LayerNorm "
+            "uses 1e-5; export a model trained with model.ln_eps=1e-5"
+        )
+    if landmarks and model["landmark_cnn"] != "mobilenetv3":
+        raise ValueError(
+            f"cannot export: the landmark CNN is {model['landmark_cnn']!r} and the reference's is its MobileNetV3 "
+            "layout; export a model trained with model.landmark_cnn=mobilenetv3"
+        )
+    p, n = model["patch_size"], model["num_patches"]
+    if landmarks and (model["image_size"] != 112 or (n not in (144, 196) and n != (112 // p) ** 2)):
+        raise ValueError(
+            f"cannot export: the reference scales landmarks to 0..111 and samples (112 // P)**2 of them, which "
+            f"does not fit image_size {model['image_size']} with {n} landmarks of {p} px; export a 112-px model"
+        )
+    if model["attn_scale"] == "dim":
+        return dict(backbone)
+    fold = (model["dim"] / model["head_dim"]) ** 0.5  # head_dim**-0.5 == dim**-0.5 * fold
+    inner = model["heads"] * model["head_dim"]
+    out = dict(backbone)
+    for k, w in backbone.items():
+        if k.endswith(".to_qkv.weight"):
+            out[k] = torch.cat([w[:inner] * fold, w[inner:]])
+    return out
+
+
 def export_reference(src: str | Path, dst: str | Path, fmt: str = "part_fvit") -> None:
     """lafs-fast model file -> reference layout: 'part_fvit' (flat state dict) or 'ssl' (teacher dict
-    with ``backbone.`` / ``head.`` prefixes, the part the reference's fine-tuning reads)."""
+    with ``backbone.`` / ``head.`` prefixes, the part the reference's fine-tuning reads). Settings the
+    reference cannot express are converted exactly or refused (:func:`reference_backbone`)."""
     f = read_model_file(src)
+    if fmt not in ("part_fvit", "ssl"):
+        raise ValueError(f"unknown export format {fmt!r}; choose part_fvit or ssl")
+    try:
+        backbone = reference_backbone(f["model"], f["backbone"], f["landmark_cnn"] is not None)
+    except ValueError as exc:
+        raise ValueError(f"{src}: {exc}") from None
+    if fmt == "part_fvit" and f["margin_head"] is not None and f.get("margin_head_kind") == "SoftmaxHead":
+        raise ValueError(
+            f"cannot export {src} as part_fvit: its margin head is a plain softmax classifier (the small preset's), "
+            "which the reference would read as CosFace / ArcFace centres; export with --format ssl (no margin head)"
+        )
     if fmt == "part_fvit":
-        out = dict(f["backbone"])
+        out = backbone
         if f["landmark_cnn"] is not None:
             out.update(f["landmark_cnn"])
         if f["margin_head"] is not None:
             out.update({f"loss.{k}": v for k, v in f["margin_head"].items()})
-    elif fmt == "ssl":
-        teacher = {f"backbone.{k}": v for k, v in f["backbone"].items()}
+    else:
+        teacher = {f"backbone.{k}": v for k, v in backbone.items()}
         if f["landmark_cnn"] is not None:
             teacher.update({f"backbone.{k}": v for k, v in f["landmark_cnn"].items()})
         if f["dino_head"] is not None:
             teacher.update({f"head.{k}": v for k, v in f["dino_head"].items()})
         out = {"teacher": teacher}
-    else:
-        raise ValueError(f"unknown export format {fmt!r}; choose part_fvit or ssl")
     atomic_save(out, dst)
 
 
