@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-__all__ = ["PACKAGE_LOGGER", "start_run_logging", "log_to_file", "stop_run_logging"]
+__all__ = ["PACKAGE_LOGGER", "start_run_logging", "log_to_file", "log_to_file_only", "stop_run_logging"]
 
 PACKAGE_LOGGER = "lafs_fast"
 
@@ -112,6 +112,16 @@ def log_to_file(path: str | Path) -> None:
     for record in early[0].records:
         handler.handle(record)
     log.addHandler(handler)
+
+
+def log_to_file_only(text: str, level: int = logging.ERROR) -> None:
+    """Write ``text`` to the run's ``train.log`` alone (rank 0, once the file is open): the line that
+    ends a run, which the command also prints on the terminal in its own words (said there once)."""
+    log = _package()
+    record = log.makeRecord(log.name, level, __file__, 0, text, None, None)
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
 
 
 def stop_run_logging() -> None:

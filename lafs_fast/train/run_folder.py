@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
 from pathlib import Path
 
-from lafs_fast.io import remove_stale_temporaries
+from lafs_fast.io import atomic_write_bytes, remove_stale_temporaries
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RUN_FILES", "RunLock", "MetricsLog", "check_run_folder", "run_files"]
 
@@ -62,6 +65,24 @@ def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool = 
             f"{out_dir} already holds a run ({names}); continue it with --resume, replace it with --overwrite, "
             "or choose another --out"
         )
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` to ``path`` whole or not at all: a write that a full disk (or a file-size limit)
+    cuts short is taken back, so the log never ends in half a JSON line; the error names ``path``."""
+    data = line.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(fd, data[done:])
+        except OSError as exc:
+            os.ftruncate(fd, size)
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+    finally:
+        os.close(fd)
 
 
 class RunLock:
@@ -134,8 +155,7 @@ class MetricsLog:
         if not self.write:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.out_dir / "metrics.jsonl", json.dumps(record) + "\n")
         if self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -147,6 +167,32 @@ class MetricsLog:
             for k, v in record.items():
                 if k not in ("step", "epoch"):
                     self._tb.add_scalar(k, v, record["step"])
+
+    def cut_back(self, step: int) -> None:
+        """``--resume`` from ``step``: drop the records after it (a killed run logged steps past its last
+        checkpoint; the resumed run logs them again) and a torn last line (a write the kill or a full
+        disk cut short), each said in one line."""
+        path = self.out_dir / "metrics.jsonl"
+        if not self.write or not path.is_file():
+            return
+        lines = path.read_bytes().splitlines(keepends=True)
+        kept, torn, later = [], 0, 0
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # UnicodeDecodeError included
+                torn += 1
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)) and rec["step"] > step:
+                later += 1
+            else:
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
+        if torn or later:
+            atomic_write_bytes(b"".join(kept), path)
+        if torn:
+            log.warning("%s: dropped %d line(s) that are not whole JSON records (a write cut short)", path, torn)
+        if later:
+            log.info("%s: dropped the %d record(s) after step %d, which this run logs again", path, later, step)
 
     def close(self) -> None:
         if self._tb:

@@ -1,0 +1,229 @@
+"""Issue 25 items 4 and 5: one sentence for every fault of the machine at a path the user chose (a
+name too long, a full disk, a read-only mount), and records that tell the truth (metrics.jsonl cut
+back on --resume, a torn line dropped, train.log holding how a run ended, --resume's value)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lafs_fast.errors import is_user_error, parse_command_line, run_command, user_message
+from tests import TINY_PRETRAIN
+from tests.test_engine import _cfg, _engine
+
+LONG = "x" * 300  # one path component over the 255-byte limit of every common file system
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    from lafs_fast.cli import main
+
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["data", "build", "{orl}", "{tmp}/" + LONG],
+        ["data", "verify", "{tmp}/" + LONG + ".rec"],
+        ["embed", "{orl}/s1", "--model", "{tmp}/m.pt", "--out", "{tmp}/" + LONG + ".npz"],
+        ["eval", "{tmp}/m.pt", "{tmp}/" + LONG + ".bin"],
+        ["pretrain", "--config", "{tmp}/" + LONG + ".yaml", "--out", "{tmp}/r"],
+        ["pretrain", "--data", "{tmp}/" + LONG, "--out", "{tmp}/r"],
+    ],
+    ids=["data-build", "data-verify", "embed-out", "eval", "config", "data"],
+)
+def test_a_name_over_the_limit_is_one_sentence(argv, tmp_path, orl_dir, capsys):
+    import shutil
+
+    for who in ("s1", "s2"):  # two identities of one face each
+        (tmp_path / "src" / who).mkdir(parents=True)
+        shutil.copy(orl_dir / who / "1.pgm", tmp_path / "src" / who)
+    rc, err = _cli([a.format(tmp=tmp_path, orl=tmp_path / "src") for a in argv], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "too long for the file system" in err, err
+    assert "Traceback" not in err and "Errno" not in err
+
+
+@pytest.mark.parametrize(
+    "no, words",
+    [
+        (errno.ENOSPC, "the disk is full"),
+        (errno.EDQUOT, "quota"),
+        (errno.EROFS, "read-only"),
+        (errno.EFBIG, "ulimit -f"),
+        (errno.ENAMETOOLONG, "too long"),
+    ],
+)
+def test_the_machine_refusing_a_path_is_one_sentence_and_exit_2(no, words, capsys):
+    """A full disk at the run lock, data build into a read-only mount: plain OSErrors, not in the
+    user-error classes, each ended in a traceback."""
+    import argparse
+    import os
+
+    def run(args):
+        raise OSError(no, os.strerror(no), "/runs/a/.lafs-fast.lock")
+
+    assert run_command("lafs-fast x", argparse.ArgumentParser(), run, []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "/runs/a/.lafs-fast.lock" in err, err
+    assert is_user_error(OSError(no, "x")) and words in user_message(OSError(no, os.strerror(no)))
+    with pytest.raises(OSError):  # other OSErrors (a bug, a broken disk) keep their traceback
+        run_command(
+            "lafs-fast x", argparse.ArgumentParser(), lambda a: (_ for _ in ()).throw(OSError(errno.EIO, "io")), []
+        )
+
+
+def test_a_torn_iostream_write_reads_as_the_full_disk(tmp_path, monkeypatch):
+    from lafs_fast.io import atomic_save
+
+    def full(obj, f):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(ValueError, match=r"cannot write .*ckpt.pt: the disk is full"):
+        atomic_save({"a": 1}, tmp_path / "ckpt.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_refuses_a_nan_far(capsys):
+    with pytest.raises(SystemExit) as e:
+        _cli(["eval", "m.pt", "x.bin", "--far", "nan"], capsys)
+    assert e.value.code == 2 and "argument --far: must be in (0, 1], got nan" in capsys.readouterr().err
+
+
+def test_a_refused_pickle_gives_no_advice_to_load_it(tmp_path):
+    """A pre-zip pickle: torch's refusal begins with "Re-running torch.load with weights_only set to
+    False will likely succeed", which safe_load relayed; a REDUCE of eval was named "GLOBAL"."""
+    import pickle
+
+    from lafs_fast.io import safe_load
+
+    class Evil:
+        def __reduce__(self):
+            return (eval, ("1",))
+
+    legacy = tmp_path / "legacy.pt"
+    legacy.write_bytes(pickle.dumps({"a": Evil()}))
+    with pytest.raises(ValueError) as e:
+        safe_load(legacy)
+    msg = str(e.value)
+    assert "not a loadable PyTorch checkpoint" in msg and "weights_only" not in msg and "\n" not in msg, msg
+    torch.save({"a": Evil()}, tmp_path / "zip.pt")
+    with pytest.raises(ValueError, match="the Python global eval,"):
+        safe_load(tmp_path / "zip.pt")
+
+
+# --------------------------------------------------------------------------------------------- records
+
+
+def test_a_metrics_line_is_whole_or_absent_on_a_full_disk(tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: the write that crosses it is cut short; the line it
+    began is taken back, and the error is the one sentence."""
+    script = textwrap.dedent(
+        f"""
+        import resource
+        from pathlib import Path
+        from lafs_fast.errors import user_message
+        from lafs_fast.train.run_folder import append_line
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+        path = Path({str(tmp_path / "metrics.jsonl")!r})
+        try:
+            for step in range(1, 1000):
+                append_line(path, '{{"step": %d, "loss": 0.123456789}}\\n' % step)
+        except OSError as exc:
+            print(user_message(exc))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "metrics.jsonl" in out.stdout and "ulimit -f" in out.stdout, out.stdout
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and [json.loads(x)["step"] for x in text.splitlines()] == list(
+        range(1, len(text.splitlines()) + 1)
+    )
+
+
+def test_resume_cuts_the_metrics_log_back_to_its_step(tmp_path, capsys):
+    """kill -9 after step 3 with the last checkpoint at step 2: the resumed run logged step 3 again."""
+    _engine(_cfg(tmp_path, "train.max_steps=3", "train.ckpt_every_steps=2")).fit()
+    (tmp_path / "ckpt-00000003.pt").unlink()  # the kill came before the final checkpoint
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # and cut a line short
+    _engine(_cfg(tmp_path, "train.max_steps=4", "train.ckpt_every_steps=2"), resume="auto").fit()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    out = capsys.readouterr()
+    assert "after step 2" in out.out and "not whole JSON" in out.err
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"holds no checkpoint to continue; start a new run without --resume"):
+        _engine(_cfg(tmp_path, "train.max_steps=1"), resume="auto")
+
+
+def test_an_override_after_resume_is_an_override():
+    import argparse
+
+    from lafs_fast.train import pretrain
+
+    p = argparse.ArgumentParser()
+    pretrain.add_arguments(p)
+    args = parse_command_line(p, ["--out", "R", "--resume", "optim.lr=1", "--max-steps", "2"])
+    assert (args.resume, args.overrides) == ("auto", ["optim.lr=1"])
+    args = parse_command_line(p, ["--out", "R", "--resume", "R/ckpt-00000002.pt"])
+    assert args.resume == "R/ckpt-00000002.pt"
+
+
+def test_viz_drops_a_torn_last_line_with_a_warning(tmp_path, capsys):
+    from lafs_fast.eval.viz import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    assert "dropped its last line" in capsys.readouterr().err
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.5}\n')  # not at the end: not a cut-short write
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        read_metrics(path)
+
+
+def test_embed_refuses_to_write_over_its_model(tmp_path, capsys):
+    model = tmp_path / "m.npz"
+    model.write_bytes(b"the model")
+    (tmp_path / "faces").mkdir()
+    rc, err = _cli(["embed", str(tmp_path / "faces"), "--model", str(model), "--out", str(model)], capsys)
+    assert rc == 2 and "is the --model file" in err and model.read_bytes() == b"the model"
+
+
+def test_a_folder_source_is_not_sent_to_data_verify():
+    from lafs_fast.data.base import read_items
+    from lafs_fast.data.recordio import RecordIOError
+
+    class Folder:
+        kind, path = "folder", "/faces"
+
+        def item(self, p):
+            raise OSError("cannot identify image file")
+
+        def name(self, p):
+            return f"/faces/{p}.jpg"
+
+    with pytest.raises(RecordIOError) as e:
+        read_items(Folder(), [0], iter(range(1, 1000)))
+    assert "data verify" not in str(e.value) and "image files named in the warnings" in str(e.value)
+
+
+def test_train_log_holds_how_the_run_ended(tmp_path):
+    from lafs_fast.config import config_to_dict, load_config
+    from lafs_fast.train import pretrain
+
+    (tmp_path / "train.log").write_text("")  # an earlier run's folder without checkpoints
+    cfg = load_config("small", None, [*TINY_PRETRAIN, f"train.out_dir={tmp_path}", "train.max_steps=1"])
+    with pytest.raises(FileNotFoundError):
+        pretrain.train_worker(config_to_dict(cfg), {"knn": False, "progress": False, "resume": "auto"})
+    assert "error: --resume: " in (tmp_path / "train.log").read_text()
