@@ -227,3 +227,34 @@ def test_train_log_holds_how_the_run_ended(tmp_path):
     with pytest.raises(FileNotFoundError):
         pretrain.train_worker(config_to_dict(cfg), {"knn": False, "progress": False, "resume": "auto"})
     assert "error: --resume: " in (tmp_path / "train.log").read_text()
+
+
+def test_a_build_clears_what_a_killed_build_left_and_refuses_a_concurrent_one(tmp_path):
+    """A killed `data build` left its 25 MB temporary behind for good; two builds at once into one
+    folder would swap each other's files."""
+    import fcntl
+    import os
+
+    from lafs_fast.data.recordio import IRHeader
+    from lafs_fast.data.recordio_writer import RecordIOWriter
+
+    out = tmp_path / "ds"
+    out.mkdir()
+    left = [out / "train.rec.tmp999999999", out / "train.idx.tmp999999999", out / ".lafs-abcd1234.tmp"]
+    for p in left:
+        p.write_bytes(b"x" * 100)
+    keep = out / "notes.tmp1"  # not one of a build's names
+    keep.write_text("mine")
+    with RecordIOWriter(out) as w:
+        w.write(1, IRHeader(0, 0.0, 1, 0), b"img")
+    assert not any(p.exists() for p in left) and keep.exists() and (out / "train.rec").is_file()
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another build holds the folder
+    try:
+        with pytest.raises(FileExistsError, match="another process is writing a dataset into"):
+            RecordIOWriter(out, overwrite=True)
+    finally:
+        os.close(fd)
+    with pytest.raises(FileExistsError, match="already exists"):
+        RecordIOWriter(out)
+    RecordIOWriter(out, overwrite=True).abort()  # the refusal above let go of the folder

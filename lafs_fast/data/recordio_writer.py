@@ -5,16 +5,50 @@ reference's readers expect) and :func:`write_identity_dataset`."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 from array import array
 from pathlib import Path
 
 import numpy as np
 
 from lafs_fast.data.recordio import META_NAME, IRHeader, encode_record, finish_swap, pack, rec_paths, swap_marker
+from lafs_fast.io import remove_stale_temporaries
 
 __all__ = ["RecordIOWriter", "IdentityRecWriter", "write_identity_dataset"]
+
+
+def lock_build_folder(folder: Path) -> int:
+    """An exclusive ``flock`` on the output folder itself (no lock file to leave or to plant a link
+    at) for one writer's life; another build into the same folder is refused in one sentence. The
+    kernel drops it when the process dies. Returns the descriptor to close."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FileExistsError(f"another process is writing a dataset into {folder}; wait for it to end") from None
+    return fd
+
+
+_OLD_TEMP_RE = re.compile(r"\.tmp(\d+)$")  # <output name>.tmp<pid>: the temporaries of a build that was killed
+
+
+def remove_leftovers(rec_path: Path) -> list[Path]:
+    """Delete what a killed build left beside ``rec_path`` (its temporaries, named ``.lafs-XXXXXXXX.tmp``
+    or ``<output>.tmp<pid>``); call only under :func:`lock_build_folder`. Returns what was deleted."""
+    folder = rec_path.parent
+    outputs = {p.name for p in (*rec_paths(rec_path), swap_marker(rec_path))} | {META_NAME}
+    old = [
+        p
+        for p in folder.iterdir()
+        if (m := _OLD_TEMP_RE.search(p.name)) and p.name[: m.start()] in outputs and int(m.group(1)) != os.getpid()
+    ]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old + remove_stale_temporaries(folder)
 
 
 class RecordIOWriter:
@@ -31,13 +65,19 @@ class RecordIOWriter:
             out if str(out).endswith(".rec") else Path(out) / "train.rec"
         )
         self.rec_path.parent.mkdir(parents=True, exist_ok=True)
-        finish_swap(self.rec_path)
-        if self.rec_path.exists() and not overwrite:
-            raise FileExistsError(f"{self.rec_path} already exists; choose another output or pass --overwrite")
-        suffix = f".tmp{os.getpid()}"
-        self._tmp_rec = self.rec_path.with_name(self.rec_path.name + suffix)
-        self._tmp_idx = self.idx_path.with_name(self.idx_path.name + suffix)
-        self._rec = open(self._tmp_rec, "wb")  # noqa: SIM115 - written record by record, closed by close()
+        self._folder_lock = lock_build_folder(self.rec_path.parent)  # held until close() or abort()
+        try:
+            finish_swap(self.rec_path)
+            remove_leftovers(self.rec_path)
+            if self.rec_path.exists() and not overwrite:
+                raise FileExistsError(f"{self.rec_path} already exists; choose another output or pass --overwrite")
+            suffix = f".tmp{os.getpid()}"
+            self._tmp_rec = self.rec_path.with_name(self.rec_path.name + suffix)
+            self._tmp_idx = self.idx_path.with_name(self.idx_path.name + suffix)
+            self._rec = open(self._tmp_rec, "wb")  # noqa: SIM115 - written record by record, closed by close()
+        except BaseException:
+            self._unlock()
+            raise
         # 16 bytes a record (a list of tuples and a set of keys cost ~200: 1 GB at WebFace4M scale)
         self._keys, self._offsets = array("q"), array("q")
         self._extra: dict[Path, str] = {}
@@ -104,14 +144,21 @@ class RecordIOWriter:
                 p.unlink(missing_ok=True)
             raise
         finish_swap(self.rec_path)
+        self._unlock()
 
     def abort(self) -> None:
         """Delete the temporaries (before the swap began); nothing is left behind."""
         self._rec.close()
+        self._unlock()
         if swap_marker(self.rec_path).is_file():
             return  # the new dataset is committed: finish_swap completes it
         for p in (self._tmp_rec, self._tmp_idx):
             p.unlink(missing_ok=True)
+
+    def _unlock(self) -> None:
+        if self._folder_lock >= 0:
+            os.close(self._folder_lock)
+            self._folder_lock = -1
 
     def __enter__(self) -> RecordIOWriter:
         return self
