@@ -258,3 +258,107 @@ def test_a_build_clears_what_a_killed_build_left_and_refuses_a_concurrent_one(tm
     with pytest.raises(FileExistsError, match="already exists"):
         RecordIOWriter(out)
     RecordIOWriter(out, overwrite=True).abort()  # the refusal above let go of the folder
+
+
+# --------------------------------------------------------------------------------------------- SIGTERM
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_during_the_first_step_stops_at_once(tmp_path):
+    """Issue 24: a first step that compiles for minutes ignored SIGTERM until it ended (the flag is
+    read between steps); now the run stops at once, with nothing new to save."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from lafs_fast.train.engine import Preempted
+    from tests.test_engine import Regression
+
+    class Slow(Regression):
+        def forward_loss(self, model, batch, ctx):
+            if ctx.step == 0:
+                time.sleep(30)  # a compile
+            return super().forward_loss(model, batch, ctx)
+
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    t0 = time.time()
+    with pytest.raises(Preempted, match=r"during step 1, the first of this run, before it ended; nothing was saved"):
+        _engine(_cfg(tmp_path, "train.max_steps=2"), stage=Slow()).fit()
+    assert time.time() - t0 < 10 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+@pytest.mark.timeout(200)
+def test_sigterm_to_a_two_rank_job_is_exit_143_with_the_step_saved(tmp_path):
+    """The launcher raised torch's SignalException: exit 1 with a traceback, though the workers had
+    saved the step reached."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from lafs_fast.train.checkpointing import list_checkpoints, load_checkpoint
+    from tests.test_pretrain_dist import TINY
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lafs_fast.train.pretrain", "--device", "cpu", "--gpus", "2", "--no-knn"]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(
+        [*cmd, "--no-progress", "--out", str(out), *TINY, "optim.epochs=500"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=root,
+        env=env,
+    )
+    metrics, t0 = out / "metrics.jsonl", time.time()
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() - t0 < 150:
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and err.strip().count("\n") == 0 and "Traceback" not in err, err
+    step = int(err.split("stopped by SIGTERM at step ")[1].split()[0])
+    assert load_checkpoint(list_checkpoints(out)[-1])["step"] == step
+    assert "stopped: stopped by SIGTERM at step" in (out / "train.log").read_text()
+
+
+_ONE_RANK = """
+import torch.distributed as dist
+from lafs_fast.launch import RankFailed, init_distributed, launch
+
+
+def worker(_):
+    info = init_distributed("cpu", timeout_s=60)
+    if info.rank == 1:
+        import time
+
+        time.sleep(1)  # rank 0 waits in the barrier, and loses its peer
+        raise ValueError("rank 1 alone is wrong")
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    try:
+        launch(worker, (0,), 2)
+    except RankFailed as e:
+        print("FAILED", e.user_error, e)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_only_the_rank_that_failed_speaks(tmp_path):
+    """Rank 0 lost its peer in a collective and printed a 40-line traceback before rank 1's one
+    sentence; the launcher also read only the first failure's record and blamed a silent death."""
+    import os
+    from pathlib import Path
+
+    script = tmp_path / "one_rank.py"
+    script.write_text(_ONE_RANK)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100, cwd=root, env=env)
+    assert "FAILED True rank 1 of 2: rank 1 alone is wrong" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]

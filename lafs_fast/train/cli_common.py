@@ -263,9 +263,20 @@ def training_process(cfg: Config) -> Iterator[Any]:
 
     from lafs_fast.launch import init_distributed, shutdown
     from lafs_fast.logs import log_to_file_only, start_run_logging, stop_run_logging
+    from lafs_fast.train.engine import stop_on_sigterm
 
-    info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    start_run_logging(info.rank)
+    # SIGTERM while setting up (building, loading, the check before) stops at once, exit 143; the
+    # engine's own handler takes over while training (a checkpoint of the step reached)
+    restore = stop_on_sigterm(
+        "stopped by SIGTERM outside the training steps (setting up, or writing the results after them); no step "
+        "was lost: --resume continues from the last checkpoint, if there is one"
+    )
+    try:
+        info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+        start_run_logging(info.rank)
+    except BaseException:
+        restore()
+        raise
     try:
         torch.manual_seed(cfg.train.seed)
         yield info
@@ -273,6 +284,7 @@ def training_process(cfg: Config) -> Iterator[Any]:
         log_to_file_only(ending_line(exc))
         raise
     finally:
+        restore()
         stop_run_logging()
         shutdown()
 

@@ -69,6 +69,7 @@ __all__ = [
     "FitResult",
     "NonFiniteLoss",
     "Preempted",
+    "stop_on_sigterm",
     "compile_stage",
     "cosine_schedule",
     "linear_then_constant",
@@ -88,13 +89,29 @@ class Preempted(RuntimeError):
     had reached and stopped; ``--resume`` continues it."""
 
 
-def _sigterm_handler(flag: list[bool]) -> Callable[[], None]:
-    """Until the returned function is called, SIGTERM sets ``flag[0]`` instead of killing the process
-    (main thread only: handlers can be installed nowhere else; a library caller's thread is left alone)."""
+def _sigterm_handler(flag: list[bool], first_step: Callable[[], str]) -> Callable[[], None]:
+    """Until the returned function is called, SIGTERM sets ``flag[0]`` instead of killing the process;
+    while ``flag[1]`` (no step of this run has ended: a first step can compile for minutes) it raises
+    :class:`Preempted` at once instead, with ``first_step()``'s words (nothing new to save yet). Main
+    thread only: handlers can be installed nowhere else; a library caller's thread is left alone."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.__setitem__(0, True))
+
+    def on_term(signum: int, frame: Any) -> None:
+        flag[0] = True
+        if flag[1]:
+            flag[1] = False  # once: the unwinding must not be interrupted by a second SIGTERM
+            raise Preempted(first_step())
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def stop_on_sigterm(text: str) -> Callable[[], None]:
+    """Until the returned function is called, SIGTERM raises :class:`Preempted` with ``text``: a
+    command stops at once, exit 143, instead of being killed without a word. Main thread only (see
+    :func:`_sigterm_handler`)."""
+    return _sigterm_handler([False, True], lambda: text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,8 +497,8 @@ class Engine:
         bar = tqdm(total=stop, initial=self.step, **look)
         self.model.train()
         window = _Window(bar, saved_at=self.step)
-        term = [False]  # set by SIGTERM while training (see _sigterm_handler)
-        restore = _sigterm_handler(term)
+        term = [False, True]  # [SIGTERM seen, no step ended yet] (see _sigterm_handler)
+        restore = _sigterm_handler(term, self._first_step_stopped)
         try:
             while self.step < stop:
                 epoch = self.step // plan.steps_per_epoch
@@ -509,6 +526,7 @@ class Engine:
         window.unchecked = (self.step, epoch, record)
         window.samples += record.pop("_samples")
         self.step += 1
+        term[1] = False  # a step ended: from now on SIGTERM stops at a step with a checkpoint of it
         window.bar.update(1)
         now = time.perf_counter()
         rate = window.samples * plan.world_size / max(now - window.since, 1e-9)
@@ -529,6 +547,15 @@ class Engine:
             window.saved_at = self.step
         if self._stop_requested(term, log_now or due):
             self._preempt(window, epoch, epoch_end)
+
+    def _first_step_stopped(self) -> str:
+        """What SIGTERM during the run's first step (or its compile) says: nothing new to save."""
+        then = (
+            f"the last checkpoint, {self.last_checkpoint}, holds step {self.step}; continue with --resume"
+            if self.last_checkpoint
+            else "nothing was saved; run the command again"
+        )
+        return f"stopped by SIGTERM during step {self.step + 1}, the first of this run, before it ended; {then}"
 
     def _checkpoint_due(self, epoch_end: bool) -> bool:
         """Whether the step just done ends with a checkpoint (``train.ckpt_every_epochs`` / ``_steps``)."""
