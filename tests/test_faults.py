@@ -362,3 +362,41 @@ def test_only_the_rank_that_failed_speaks(tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100, cwd=root, env=env)
     assert "FAILED True rank 1 of 2: rank 1 alone is wrong" in r.stdout, r.stdout + r.stderr[-2000:]
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+_BAD_MODELS = {
+    "no-model": {"backbone": {}},
+    "model-a-string": {"model": "x", "backbone": {}},
+    "unknown-setting": {"model": {"foo": 1}, "backbone": {}},
+    "negative-dim": {"model": {"dim": -3}, "backbone": {}},
+    "backbone-none": {"model": {"dim": 32}, "backbone": None},
+    "backbone-a-list": {"model": {"dim": 32}, "backbone": [1]},
+    "landmarks-a-string": {"model": {"dim": 32}, "backbone": {}, "landmark_cnn": "x"},
+    "head-without-weight": {"model": {"dim": 32}, "backbone": {}, "landmark_cnn": {}, "margin_head": {}},
+}
+
+
+@pytest.mark.parametrize("name", list(_BAD_MODELS))
+def test_a_malformed_model_file_is_one_sentence(name, tmp_path, capsys):
+    """KeyError, TypeError or AttributeError in checkpoint show, eval and embed before."""
+    from lafs_fast.eval.loading import load_eval_model
+    from lafs_fast.models.checkpoints import FORMAT
+
+    path = tmp_path / f"{name}.pt"
+    torch.save({"format": FORMAT, **_BAD_MODELS[name]}, path)
+    with pytest.raises(ValueError, match=rf"{name}.pt is a malformed lafs-fast model file: "):
+        load_eval_model(path)  # what eval and embed load with
+    for argv in (
+        ["checkpoint", "show", str(path)],
+        ["embed", str(tmp_path), "--model", str(path), "--out", str(tmp_path / "e.npz")],
+    ):
+        rc, err = _cli(argv, capsys)
+        assert rc == 2 and err.count("\n") == 1 and "malformed lafs-fast model file" in err, err
+
+
+def test_a_reference_file_with_a_scalar_tensor_is_one_sentence(tmp_path):
+    from lafs_fast.eval.loading import load_eval_model
+
+    torch.save({"cls_token": torch.tensor(1.0), "pos_embedding": torch.zeros(1)}, tmp_path / "ref.pt")
+    with pytest.raises(ValueError, match="ref.pt: checkpoint from another architecture"):
+        load_eval_model(tmp_path / "ref.pt")
