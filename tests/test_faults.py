@@ -400,3 +400,25 @@ def test_a_reference_file_with_a_scalar_tensor_is_one_sentence(tmp_path):
     torch.save({"cls_token": torch.tensor(1.0), "pos_embedding": torch.zeros(1)}, tmp_path / "ref.pt")
     with pytest.raises(ValueError, match="ref.pt: checkpoint from another architecture"):
         load_eval_model(tmp_path / "ref.pt")
+
+
+def test_a_stage_that_fails_on_nan_weights_is_the_non_finite_stop(tmp_path):
+    """finetune optim.lr=1e30: the landmark CNN's weights went NaN and the sampler's "coords contain
+    NaN or inf" ended the run instead of the non-finite-loss stop naming the step."""
+    from lafs_fast.train.engine import NonFiniteLoss
+    from tests.test_engine import Regression
+
+    class Blows(Regression):
+        def forward_loss(self, model, batch, ctx):
+            w = self.model[0].weight
+            torch._assert_async(torch.isfinite(w).all(), "coords contain NaN or inf: check the landmark network")
+            return super().forward_loss(model, batch, ctx)
+
+        def after_optimizer_step(self, model, ctx):
+            super().after_optimizer_step(model, ctx)
+            if ctx.step == 1:
+                with torch.no_grad():
+                    self.model[0].weight.fill_(float("nan"))  # what lr=1e30 does in one update
+
+    with pytest.raises(NonFiniteLoss, match=r"parameters became non-finite before step 3 \(epoch 0\)"):
+        _engine(_cfg(tmp_path, "train.max_steps=4"), stage=Blows()).fit()

@@ -585,6 +585,15 @@ class Engine:
         dist.all_reduce(flag)
         return bool(flag.item() > 0)
 
+    def _stop_if_non_finite(self, step: int, epoch: int) -> None:
+        """A step that failed inside the stage because the last update made the parameters NaN or inf
+        (lr far too high) is the non-finite stop, not the stage's own complaint about its inputs."""
+        if not checkpointing.all_finite(self.stage):
+            raise NonFiniteLoss(
+                f"parameters became non-finite before step {step + 1} (epoch {epoch}); stopped, nothing saved after "
+                f"it; last good checkpoint: {self.last_checkpoint or 'none'}"
+            ) from None
+
     def _check_loss(self, step: int, epoch: int, record: dict[str, Any]) -> float:
         """Bring ``record``'s device values to the host (the one sync of a step); NonFiniteLoss
         naming ``step`` when its loss is not finite. Returns the loss."""
@@ -621,8 +630,12 @@ class Engine:
             ctx = StepContext(step, epoch, micro, self._seed(step, micro), values, self.dist, self._autocast)
             sync = micro == plan.accumulation - 1 or not isinstance(self.model, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                with self._autocast():
-                    loss, metrics = self.stage.forward_loss(self.model, batch, ctx)
+                try:
+                    with self._autocast():
+                        loss, metrics = self.stage.forward_loss(self.model, batch, ctx)
+                except RuntimeError:  # e.g. the sampler refusing NaN landmarks: the weights, not the data
+                    self._stop_if_non_finite(step, epoch)
+                    raise
                 (loss / plan.accumulation).backward()
             total_loss = total_loss + loss.detach().float() / plan.accumulation  # NaN / inf in any micro-batch stays
             for k, v in metrics.items():
