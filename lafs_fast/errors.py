@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["USER_ERRORS", "is_user_error", "user_message"]
+__all__ = ["USER_ERRORS", "is_user_error", "user_message", "check_fits_memory"]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
@@ -143,3 +143,20 @@ def require_extra(feature: str, extra: str, *modules: str) -> None:
                 f"{feature} needs {name.split('.')[0]}, which is not installed ({type(exc).__name__}); "
                 f"pip install 'lafs-fast[{extra}]'"
             ) from None
+
+
+def machine_memory() -> int:
+    """This machine's RAM in bytes (what any one process could ever hold, before swap)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits_memory(nbytes: float, what: str, fix: str) -> None:
+    """Refuse in one sentence (ValueError) what needs more than the machine's whole memory: a size
+    read from a file or a setting (a ``property`` claiming 10^12 classes, ``--epochs 10^9``,
+    ``model.dim=10^9``) ended in an allocator traceback, or ran for minutes first and swapped."""
+    total = machine_memory()
+    if nbytes > total:
+        raise ValueError(
+            f"{what} would need {nbytes / 2**30:,.0f} GiB, more than this machine's {total / 2**30:,.0f} GiB "
+            f"of memory; {fix}"
+        )

@@ -422,3 +422,21 @@ def test_a_stage_that_fails_on_nan_weights_is_the_non_finite_stop(tmp_path):
 
     with pytest.raises(NonFiniteLoss, match=r"parameters became non-finite before step 3 \(epoch 0\)"):
         _engine(_cfg(tmp_path, "train.max_steps=4"), stage=Blows()).fit()
+
+
+def test_sizes_no_machine_can_hold_are_one_sentence(tmp_path):
+    """A property claiming 10^12 classes, --epochs 10^9, model.dim=10^9: an allocator traceback, or
+    minutes at 24 GB RSS before the first step."""
+    from lafs_fast.config import load_config
+    from lafs_fast.models.part_fvit import build_backbone
+    from lafs_fast.train.supervised_model import _margin_head
+
+    with pytest.raises(ValueError, match=r"the per-step schedules of 1,000,000,000,000 epochs x 6 steps would need"):
+        _engine(_cfg(tmp_path, "optim.epochs=1000000000000"))
+    cfg = load_config("small", None, ["model.dim=10000000000"])
+    with pytest.raises(ValueError, match=r"a backbone of .* G parameters \(model.dim=10000000000.*lower model.dim"):
+        build_backbone(cfg.model)
+    cfg = load_config("small", None, [])
+    with pytest.raises(ValueError, match=r"a margin head of 1,000,000,000,000 classes .*property file"):
+        _margin_head(cfg, 10**12)
+    assert _margin_head(cfg, 10).weight.shape[0] == 10

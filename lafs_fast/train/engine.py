@@ -55,6 +55,7 @@ import yaml
 from tqdm import tqdm
 
 from lafs_fast.config import Config, config_to_dict
+from lafs_fast.errors import check_fits_memory
 from lafs_fast.io import atomic_write_bytes
 from lafs_fast.launch import DistInfo, resolve_precision
 from lafs_fast.logs import log_to_file
@@ -376,6 +377,11 @@ class Engine:
                 "accumulation or the batch size"
             )
         self.plan = Plan(o.epochs, steps_per_epoch, o.accumulation, o.batch_size, dist.world_size)
+        check_fits_memory(  # the per-step schedules: a float64 per step for lr, weight decay and ~6 of the stage
+            8.0 * 8 * self.plan.total_steps,
+            f"the per-step schedules of {o.epochs:,} epochs x {steps_per_epoch:,} steps",
+            "lower optim.epochs (--epochs)",
+        )
         self.precision = precision or resolve_precision(cfg.train.precision, self.device)
         self.progress = progress and dist.is_main
         self.schedules = self._build_schedules()
