@@ -440,3 +440,69 @@ def test_sizes_no_machine_can_hold_are_one_sentence(tmp_path):
     with pytest.raises(ValueError, match=r"a margin head of 1,000,000,000,000 classes .*property file"):
         _margin_head(cfg, 10**12)
     assert _margin_head(cfg, 10).weight.shape[0] == 10
+
+
+def _jpeg(w: int, h: int, claim: tuple[int, int] | None = None) -> bytes:
+    """A w x h JPEG; ``claim``: the (w, h) its header states instead (a 144-megapixel bomb in a few KB)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    if claim is not None:
+        at = data.index(b"\xff\xc0")  # SOF0: length (2), precision (1), height (2), width (2)
+        data[at + 5 : at + 9] = claim[1].to_bytes(2, "big") + claim[0].to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "odd, reason",
+    [((128, 128, None), "128 x 128, not the 112 x 112"), ((112, 112, (12000, 12000)), "144 megapixels")],
+    ids=["128-in-112", "144-megapixels"],
+)
+def test_an_oversized_image_is_a_corrupt_record_everywhere(odd, reason, tmp_path, caplog):
+    """data verify accepted it; the default loader crashed (DALI: tensors not the same shape)."""
+    from lafs_fast.data import make_loader
+    from lafs_fast.data.folder import build_rec
+    from lafs_fast.data.recordio_writer import write_identity_dataset
+    from lafs_fast.data.tools import verify_rec
+
+    w, h, claim = odd
+    faces = [[_jpeg(112, 112) for _ in range(4)] for _ in range(2)]
+    faces[1][2] = _jpeg(w, h, claim)
+    write_identity_dataset(tmp_path / "rec", faces, height=112, width=112)
+    corrupt = verify_rec(tmp_path / "rec", progress=False)["corrupt"]
+    assert [k for k, _, _ in corrupt] == [7] and reason in corrupt[0][2]
+    for backend in ("pil", "dali"):
+        loader = make_loader(
+            str(tmp_path / "rec"), 4, shuffle=False, backend=backend, max_bad_fraction=0.5, device=torch.device("cpu")
+        )
+        assert all(images.shape[0] == 4 for images, _ in loader)
+        assert any("skipped a corrupt record" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
+        caplog.clear()
+    src = tmp_path / "src"
+    for who, data in (("a", _jpeg(112, 112)), ("b", _jpeg(w, h, claim))):
+        (src / who).mkdir(parents=True)
+        (src / who / "1.jpg").write_bytes(data)
+    if claim is not None:  # data build decodes (and resizes) any size under the pixel cap
+        report = build_rec(src, tmp_path / "built", progress=False)
+        assert len(report["skipped"]) == 1 and reason in report["skipped"][0][1]
+
+
+def test_the_jpeg_header_walk_agrees_with_pil(orl_dir):
+    import io
+
+    from PIL import Image
+
+    from lafs_fast.data.recordio import _jpeg_size
+
+    for w, h, progressive in ((112, 112, False), (128, 96, True), (7, 300, False)):
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (9, 99, 199)).save(buf, "JPEG", progressive=progressive)
+        data = buf.getvalue()
+        assert _jpeg_size(data) == _jpeg_size(memoryview(data)) == Image.open(buf).size == (w, h)
+    assert _jpeg_size((orl_dir / "s1" / "1.pgm").read_bytes()) is None  # not a JPEG: PIL reads it
+    assert _jpeg_size(b"\xff\xd8\xff") is None  # cut short
