@@ -16,6 +16,7 @@ terminal handler back (a later run in the same process gets its own file).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -50,6 +51,28 @@ class _RunConsole(_Console):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return (self.rank == 0 or record.levelno >= logging.WARNING) and super().filter(record)
+
+
+class _RunFile(logging.FileHandler):
+    """train.log. A write that fails (a full disk) must not print logging's traceback on every later
+    line: the file is given up with one warning on the terminal, and the run goes on (what it saves
+    then fails in one sentence if the disk is still full)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        import sys
+
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)
+            return
+        _package().removeHandler(self)
+        with contextlib.suppress(OSError):
+            self.close()
+        _package().warning(
+            "%s: cannot write (%s); from here on the run's lines go to the terminal only",
+            self.baseFilename,
+            (exc.strerror or str(exc)).lower(),
+        )
 
 
 class _Early(logging.Handler):
@@ -107,7 +130,7 @@ def log_to_file(path: str | Path) -> None:
         return  # not rank 0, or no run logging (a library caller's engine)
     for h in early:
         log.removeHandler(h)
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler = _RunFile(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     for record in early[0].records:
         handler.handle(record)

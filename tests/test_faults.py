@@ -506,3 +506,64 @@ def test_the_jpeg_header_walk_agrees_with_pil(orl_dir):
         assert _jpeg_size(data) == _jpeg_size(memoryview(data)) == Image.open(buf).size == (w, h)
     assert _jpeg_size((orl_dir / "s1" / "1.pgm").read_bytes()) is None  # not a JPEG: PIL reads it
     assert _jpeg_size(b"\xff\xd8\xff") is None  # cut short
+
+
+@pytest.mark.parametrize("limit, where", [(0, ".lafs-fast.lock"), (4000, "ckpt-00000002.pt")], ids=["lock", "ckpt"])
+def test_a_full_disk_during_a_run_is_one_sentence(limit, where, tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: at the run lock (a traceback before) and at the first
+    checkpoint; the metrics log keeps whole lines only."""
+    import os
+    import resource
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--no-knn", "--no-progress", *TINY_PRETRAIN, "train.ckpt_every_steps=2"]
+    r = subprocess.run(
+        [sys.executable, "-m", "lafs_fast.train.pretrain", *argv, "--max-steps", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    err = r.stderr.strip()
+    assert r.returncode == 2 and err.count("\n") == 0 and where in err and "Traceback" not in err, err
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        assert metrics.read_text().endswith("\n")
+        assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+
+
+def test_a_train_log_the_disk_refuses_is_given_up_with_one_warning(tmp_path, capsys):
+    """logging printed '--- Logging error ---' and a traceback for every line after the disk filled."""
+    import logging
+
+    from lafs_fast.logs import log_to_file, start_run_logging, stop_run_logging
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    log = start_run_logging(0)
+    try:
+        log_to_file(tmp_path / "train.log")
+        logging.getLogger("lafs_fast.x").info("before")
+        handler = next(h for h in log.handlers if isinstance(h, logging.FileHandler))
+        handler.stream = Full()
+        for i in range(3):
+            logging.getLogger("lafs_fast.x").info("line %d", i)
+        assert not any(isinstance(h, logging.FileHandler) for h in log.handlers)
+    finally:
+        stop_run_logging()
+    err = capsys.readouterr().err
+    assert "Logging error" not in err and "Traceback" not in err
+    assert err.count("cannot write (no space left on device); from here on") == 1, err
+    assert "before" in (tmp_path / "train.log").read_text()

@@ -113,8 +113,13 @@ class RunLock:
                 f"another lafs-fast run ({holder}) is writing to {self.path.parent}; wait for it to end "
                 "or choose another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        except OSError as exc:  # a full disk: one sentence naming the lock (errors.USER_ERRNOS)
+            os.close(fd)
+            self._released = True
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         RunLock._held[self.path] = [fd, 1]
         remove_stale_temporaries(self.path.parent)
 
