@@ -90,6 +90,26 @@ def _package() -> logging.Logger:
     return logging.getLogger(PACKAGE_LOGGER)
 
 
+class _Forward(logging.Handler):
+    """Python's warnings (torch's, numpy's) during a run, handed to the package logger: on the
+    terminal as before, and in train.log too, which holds everything the run printed."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg, record.args = str(record.getMessage()).rstrip(), None
+        _package().handle(record)
+
+
+def _capture_warnings(on: bool) -> None:
+    """Route ``warnings.warn`` through the package logger during a run (``on``), or stop doing so."""
+    pw = logging.getLogger("py.warnings")
+    for h in [h for h in pw.handlers if isinstance(h, _Forward)]:
+        pw.removeHandler(h)
+    logging.captureWarnings(on)
+    if on:
+        pw.propagate = False
+        pw.addHandler(_Forward())
+
+
 def _clear(log: logging.Logger) -> None:
     for h in [h for h in log.handlers if isinstance(h, (_Console, _Early, logging.FileHandler))]:
         log.removeHandler(h)
@@ -119,6 +139,7 @@ def start_run_logging(rank: int = 0) -> logging.Logger:
     log.addHandler(console)
     if rank == 0:
         log.addHandler(_Early())
+    _capture_warnings(True)
     return log
 
 
@@ -149,6 +170,7 @@ def log_to_file_only(text: str, level: int = logging.ERROR) -> None:
 
 def stop_run_logging() -> None:
     """Close the run's handlers (``train.log``) and go back to the plain terminal handler."""
+    _capture_warnings(False)
     _plain_console()
 
 

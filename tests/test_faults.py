@@ -567,3 +567,22 @@ def test_a_train_log_the_disk_refuses_is_given_up_with_one_warning(tmp_path, cap
     assert "Logging error" not in err and "Traceback" not in err
     assert err.count("cannot write (no space left on device); from here on") == 1, err
     assert "before" in (tmp_path / "train.log").read_text()
+
+
+def test_train_log_holds_python_warnings_said_during_a_run(tmp_path, capsys):
+    import warnings
+
+    from lafs_fast.logs import log_to_file, start_run_logging, stop_run_logging
+
+    start_run_logging(0)
+    try:
+        log_to_file(tmp_path / "train.log")
+        warnings.warn("a library's complaint", UserWarning, stacklevel=1)
+    finally:
+        stop_run_logging()
+    assert "UserWarning: a library's complaint" in (tmp_path / "train.log").read_text()
+    assert "a library's complaint" in capsys.readouterr().err  # still on the terminal, once
+    with warnings.catch_warnings(record=True) as seen:  # after the run: Python's own handling again
+        warnings.simplefilter("always")
+        warnings.warn("later", UserWarning, stacklevel=1)
+    assert len(seen) == 1
