@@ -586,3 +586,58 @@ def test_train_log_holds_python_warnings_said_during_a_run(tmp_path, capsys):
         warnings.simplefilter("always")
         warnings.warn("later", UserWarning, stacklevel=1)
     assert len(seen) == 1
+
+
+def _mount_tmpfs(where, options: str) -> None:
+    """A small tmpfs at ``where`` (a real full disk / read-only mount), or skip where root may not mount."""
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
+
+
+@pytest.fixture
+def small_disks(tmp_path):
+    """(a 256 KB tmpfs, a read-only tmpfs); unmounted after the test."""
+    full, ro = tmp_path / "full", tmp_path / "ro"
+    _mount_tmpfs(full, "size=256k")
+    try:
+        _mount_tmpfs(ro, "size=64k,ro")
+    except BaseException:
+        subprocess.run(["umount", str(full)], check=False)
+        raise
+    yield full, ro
+    for m in (full, ro):
+        subprocess.run(["umount", str(m)], check=False)
+
+
+def test_data_build_onto_a_full_or_read_only_disk_is_one_sentence(small_disks, orl_dir, capsys):
+    """A traceback each before; the full disk also left its 256 KB temporary behind."""
+    full, ro = small_disks
+    for out, words in ((ro / "ds", "the file system is read-only"), (full / "ds", "the disk is full")):
+        rc, err = _cli(["data", "build", str(orl_dir), str(out), "--size", "112"], capsys)
+        last = err.strip().splitlines()[-1]  # after the progress bar
+        assert rc == 2 and last.startswith("lafs-fast data: error: ") and words in last and "Traceback" not in err, err
+    assert "ds/train.rec" in err and list((full / "ds").iterdir()) == []
+
+
+def test_a_run_onto_a_full_disk_keeps_whole_records(small_disks):
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = small_disks[0] / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "lafs_fast.train.pretrain", "--out", str(out), "--no-knn", "--no-progress"]
+        + [*TINY_PRETRAIN, "optim.epochs=30", "--max-steps", "60"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+    )
+    err = r.stderr.strip()
+    assert r.returncode == 2 and err.count("\n") == 0 and "the disk is full" in err, err
+    text = (out / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and all(json.loads(x)["step"] for x in text.splitlines())
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

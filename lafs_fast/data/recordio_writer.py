@@ -5,6 +5,7 @@ reference's readers expect) and :func:`write_identity_dataset`."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -86,7 +87,10 @@ class RecordIOWriter:
         """Append one record (payload from :func:`pack`) under ``key``; returns its offset. A key
         written twice is refused at :meth:`close` (before anything is renamed)."""
         offset = self._rec.tell()
-        self._rec.write(encode_record(payload))
+        try:
+            self._rec.write(encode_record(payload))
+        except OSError as exc:  # a full disk: the sentence names the dataset, not its temporary
+            raise OSError(exc.errno, exc.strerror, str(self.rec_path)) from None
         self._keys.append(int(key))
         self._offsets.append(offset)
         return offset
@@ -104,8 +108,11 @@ class RecordIOWriter:
         """Flush every output under its temporary name, then swap them all into place through a
         marker (:func:`finish_swap`): a kill between two renames never pairs a new .rec with an old
         .idx, because the next reader (or build) completes the swap first."""
-        self._rec.flush()
-        os.fsync(self._rec.fileno())
+        try:
+            self._rec.flush()
+            os.fsync(self._rec.fileno())
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.rec_path)) from None
         self._rec.close()
         keys, offsets = np.frombuffer(self._keys, dtype=np.int64), np.frombuffer(self._offsets, dtype=np.int64)
         order = np.argsort(keys, kind="stable")
@@ -148,7 +155,8 @@ class RecordIOWriter:
 
     def abort(self) -> None:
         """Delete the temporaries (before the swap began); nothing is left behind."""
-        self._rec.close()
+        with contextlib.suppress(OSError):  # its buffer cannot be written (a full disk): the file goes anyway
+            self._rec.close()
         self._unlock()
         if swap_marker(self.rec_path).is_file():
             return  # the new dataset is committed: finish_swap completes it
