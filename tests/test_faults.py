@@ -641,3 +641,21 @@ def test_a_run_onto_a_full_disk_keeps_whole_records(small_disks):
     text = (out / "metrics.jsonl").read_text()
     assert text.endswith("\n") and all(json.loads(x)["step"] for x in text.splitlines())
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_sigterm_while_a_command_sets_up_is_one_line_and_exit_143(tmp_path):
+    """Before the engine's handler (building the model, reading the data, the check before), SIGTERM
+    killed the process without a word; training_process now stops it as Preempted (exit 143)."""
+    import os
+    import signal
+
+    from lafs_fast.config import load_config
+    from lafs_fast.train.cli_common import training_process
+    from lafs_fast.train.engine import Preempted
+
+    cfg = load_config("small", None, [*TINY_PRETRAIN, f"train.out_dir={tmp_path}"])
+    with pytest.raises(Preempted, match="stopped by SIGTERM outside the training steps"), training_process(cfg):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between bytecodes
+            pass
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
