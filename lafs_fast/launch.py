@@ -280,8 +280,11 @@ def _rank_failure(recorded: dict[int, dict[str, Any]], failures: dict[int, Any],
     user's mistake; else a rank that died without a word, killed: its peers then fail in a
     collective; else the first recorded)."""
     users = [r for r, rec in recorded.items() if rec["user_error"]]
-    causes = [r for r, rec in recorded.items() if not rec.get("peer_lost")]
+    # a rank the agent stopped with SIGTERM because another failed (Preempted) is a consequence too
+    causes = [r for r, rec in recorded.items() if not rec.get("peer_lost") and rec["type"] != "Preempted"]
     silent = [r for r in range(nprocs) if r not in recorded]
+    if not causes and not silent:  # every rank stopped by SIGTERM (torchrun's agent passed one on)
+        causes = [r for r, rec in recorded.items() if rec["type"] == "Preempted"]
     if not users and not causes and silent:
         return RankFailed(
             f"rank {min(silent)} of {nprocs} failed: it stopped answering without reporting an error (killed, hung "

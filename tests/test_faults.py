@@ -659,3 +659,17 @@ def test_sigterm_while_a_command_sets_up_is_one_line_and_exit_143(tmp_path):
         for _ in range(1000):  # the handler runs between bytecodes
             pass
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_rank_stopped_because_another_failed_is_not_blamed():
+    """The agent sends SIGTERM to the ranks still running when one fails; they record Preempted, which
+    must not hide the rank that failed (killed without a word, or a bug)."""
+    from lafs_fast.launch import _rank_failure
+
+    stopped = {"type": "Preempted", "user_error": False, "message": "stopped by SIGTERM at step 3", "peer_lost": False}
+    bug = {"type": "RuntimeError", "user_error": False, "message": "boom", "peer_lost": False}
+    assert "rank 1 of 2 failed: it stopped answering" in str(_rank_failure({0: stopped}, {0: None, 1: None}, 2))
+    e = _rank_failure({0: stopped, 1: bug}, {0: None, 1: None}, 2)
+    assert (e.rank, e.error_type) == (1, "RuntimeError")
+    e = _rank_failure({0: stopped, 1: stopped}, {0: None, 1: None}, 2)  # a scheduler stopped them all
+    assert (e.rank, e.error_type) == (0, "Preempted")
