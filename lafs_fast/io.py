@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,11 @@ def _write_failed(path: Path, exc: BaseException) -> Exception:
             f"cannot write {path}: the name is too long for the file system "
             f"({len(path.name.encode())} bytes; at most 255); choose a shorter name"
         )
-    if no in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in text or "failed writing" in text:
+    # torch.save's zip writer says a full disk as "unexpected pos", "failed writing" or, from its C++
+    # stream, "basic_ios::clear: iostream error"
+    if no in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or any(
+        s in text for s in ("unexpected pos", "failed writing", "iostream error")
+    ):
         try:
             free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MB free"
         except OSError:
@@ -130,6 +135,7 @@ _GLOBAL_RE = re.compile(
     r"Unsupported global: (?:GLOBAL )?([\w.]+)|GLOBAL ([\w.]+)|global ['\"]?([\w.]+)['\"]? (?:was|is) not an allowed"
     r"|allowlisted via `add_safe_globals`, but got <class '([\w.]+)'>"
 )
+_UNPICKLER_RE = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")  # torch's reason, without its advice to load anyway
 
 
 def _reference_globals() -> list:
@@ -152,7 +158,9 @@ def safe_load(path: str | Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        with torch.serialization.safe_globals(_reference_globals()):
+        with torch.serialization.safe_globals(_reference_globals()), warnings.catch_warnings():
+            # torch's note on an unusual pickle protocol: the refusal below says it
+            warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
@@ -163,6 +171,12 @@ def safe_load(path: str | Path) -> Any:
                 f"refusing to load {path}: it asks for the Python global {name}, which lafs-fast does not load "
                 "from a checkpoint (only tensors, plain Python values, argparse.Namespace and numpy float64 "
                 "scalars); it was not loaded"
+            ) from None
+        reason = _UNPICKLER_RE.search(text)
+        if reason or "weights_only" in text:  # junk or a foreign pickle; never relay torch's advice to load it anyway
+            why = reason.group(1).strip().rstrip(".") if reason else "refused by the safe unpickler"
+            raise ValueError(
+                f"{path} is not a loadable PyTorch checkpoint ({type(exc).__name__}: {why}); it was not loaded"
             ) from None
         first = text.strip().splitlines()[0] if text.strip() else ""
         raise ValueError(f"{path} is not a loadable PyTorch checkpoint ({type(exc).__name__}: {first})") from None

@@ -91,13 +91,14 @@ def _worker_entry(fn: Callable[..., Any], *args: Any) -> Any:
             }
             with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
                 json.dump(record, f)
-            if not record["user_error"] and type(exc).__name__ not in (
-                "NonFiniteLoss",
-                "Preempted",
+            if (
+                not record["user_error"]
+                and not record["peer_lost"]  # a consequence of another rank's failure, which that rank says
+                and type(exc).__name__ not in ("NonFiniteLoss", "Preempted")
             ):  # a bug: keep its traceback
                 traceback.print_exc(file=sys.stderr)
             sys.stderr.flush()
-            os._exit(3)
+            os._exit(143 if record["type"] == "Preempted" else 3)  # 128 + SIGTERM on every rank, as schedulers expect
         raise
 
 
@@ -192,6 +193,7 @@ def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1) -> dict[in
     """
     if under_torchrun() or nprocs <= 1:
         return {int(os.environ.get("RANK", 0)): fn(*args)}
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -208,13 +210,18 @@ def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1) -> dict[in
         start_method="spawn",
     )
     # The workers must not think they are the launcher's parent: they read RANK etc. from the agent.
-    import json
     import logging
     import tempfile
 
-    elastic_log = logging.getLogger("torch.distributed.elastic")
-    level = elastic_log.level
-    elastic_log.setLevel(logging.CRITICAL)  # its per-failure report repeats what RankFailed says in one line
+    # the agent's per-failure report and its "Received 15 death signal" repeat what RankFailed says in
+    # one line; torch gives some of its loggers their own level, so each is quietened (and put back)
+    prefix = "torch.distributed.elastic"
+    elastic_logs = [logging.getLogger(prefix)] + [
+        logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith(prefix + ".")
+    ]
+    levels = [g.level for g in elastic_logs]
+    for g in elastic_logs:
+        g.setLevel(logging.CRITICAL)
     # a worker that ends with os._exit (its error already written) leaves a semaphore that
     # multiprocessing's resource tracker would report at exit: not news (the tracker inherits this)
     quiet = "ignore:resource_tracker:UserWarning"
@@ -225,38 +232,73 @@ def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1) -> dict[in
         try:
             return elastic_launch(config, _worker_entry)(fn, *args)
         except ChildFailedError as exc:
-            failures = exc.failures
-            recorded = {}
-            for rank in failures:
-                path = os.path.join(errors, f"rank{rank}.json")
-                if os.path.isfile(path):
-                    with open(path) as f:
-                        recorded[rank] = json.load(f)
-            # the cause, not a rank that failed because of it: a user's mistake; else a rank that died
-            # without a word (killed: its peers then fail in a collective); else the first recorded
-            users = [r for r, rec in recorded.items() if rec["user_error"]]
-            causes = [r for r, rec in recorded.items() if not rec.get("peer_lost")]
-            silent = [r for r in range(nprocs) if r not in recorded]
-            if not users and not causes and silent:
-                raise RankFailed(
-                    f"rank {min(silent)} of {nprocs} failed: it stopped answering without reporting an error (killed, "
-                    "hung "
-                    "or out of memory?) and the other ranks lost it or timed out waiting; the job was stopped",
-                    min(silent),
-                ) from None
-            first = min(users) if users else min(causes) if causes else min(recorded) if recorded else min(failures)
-            rec = recorded.get(first)
-            if rec is not None:
-                raise RankFailed(
-                    f"rank {first} of {nprocs}: {rec['message']}", first, rec["type"], rec["user_error"], rec["message"]
-                ) from None
-            f = failures[first]
-            why = f"exit code {f.exitcode}" if f.exitcode is not None else "an error"
-            if f.exitcode is not None and f.exitcode < 0:
-                why = f"signal {-f.exitcode}"
-            raise RankFailed(
-                f"rank {first} of {nprocs} failed with {why}; the other ranks were stopped", first
-            ) from None
+            raise _rank_failure(_recorded(errors, nprocs), exc.failures, nprocs) from None
+        except SignalException as exc:  # the agent got SIGTERM (a scheduler): it stopped the workers first
+            raise _signalled(_recorded(errors, nprocs), exc.sigval) from None
         finally:
             os.environ.pop(_ERROR_DIR_ENV, None)
-            elastic_log.setLevel(level)
+            for g, lvl in zip(elastic_logs, levels):
+                g.setLevel(lvl)
+
+
+def _recorded(errors: str, nprocs: int) -> dict[int, dict[str, Any]]:
+    """The error records the failed workers wrote (``_worker_entry``), by rank."""
+    import json
+
+    recorded = {}
+    for rank in range(nprocs):
+        path = os.path.join(errors, f"rank{rank}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                recorded[rank] = json.load(f)
+    return recorded
+
+
+def _signalled(recorded: dict[int, dict[str, Any]], sigval: Any) -> BaseException:
+    """The launcher was sent ``sigval``: SIGTERM is the workers' own stop (each wrote the checkpoint
+    of the step reached and recorded Preempted; exit 143), SIGINT is Ctrl-C."""
+    import signal
+
+    if sigval == signal.SIGINT:
+        return KeyboardInterrupt()
+    stopped = sorted(r for r, rec in recorded.items() if rec["type"] == "Preempted")
+    if stopped:
+        return RankFailed(
+            f"rank {stopped[0]}: {recorded[stopped[0]]['message']}",
+            stopped[0],
+            "Preempted",
+            False,
+            recorded[stopped[0]]["message"],
+        )
+    name = signal.Signals(sigval).name if sigval in signal.Signals._value2member_map_ else f"signal {sigval}"
+    text = f"stopped by {name} before any rank reached a step it could save; run the command again (or --resume)"
+    return RankFailed(text, 0, "Preempted", False, text)
+
+
+def _rank_failure(recorded: dict[int, dict[str, Any]], failures: dict[int, Any], nprocs: int) -> RankFailed:
+    """One RankFailed for the workers that failed: the cause, not a rank that failed because of it (a
+    user's mistake; else a rank that died without a word, killed: its peers then fail in a
+    collective; else the first recorded)."""
+    users = [r for r, rec in recorded.items() if rec["user_error"]]
+    # a rank the agent stopped with SIGTERM because another failed (Preempted) is a consequence too
+    causes = [r for r, rec in recorded.items() if not rec.get("peer_lost") and rec["type"] != "Preempted"]
+    silent = [r for r in range(nprocs) if r not in recorded]
+    if not causes and not silent:  # every rank stopped by SIGTERM (torchrun's agent passed one on)
+        causes = [r for r, rec in recorded.items() if rec["type"] == "Preempted"]
+    if not users and not causes and silent:
+        return RankFailed(
+            f"rank {min(silent)} of {nprocs} failed: it stopped answering without reporting an error (killed, hung "
+            "or out of memory?) and the other ranks lost it or timed out waiting; the job was stopped",
+            min(silent),
+        )
+    first = min(users) if users else min(causes) if causes else min(recorded) if recorded else min(failures)
+    rec = recorded.get(first)
+    if rec is not None:
+        return RankFailed(
+            f"rank {first} of {nprocs}: {rec['message']}", first, rec["type"], rec["user_error"], rec["message"]
+        )
+    f = failures[first]
+    why = f"exit code {f.exitcode}" if f.exitcode is not None else "an error"
+    if f.exitcode is not None and f.exitcode < 0:
+        why = f"signal {-f.exitcode}"
+    return RankFailed(f"rank {first} of {nprocs} failed with {why}; the other ranks were stopped", first)

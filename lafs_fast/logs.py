@@ -16,11 +16,12 @@ terminal handler back (a later run in the same process gets its own file).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
-__all__ = ["PACKAGE_LOGGER", "start_run_logging", "log_to_file", "stop_run_logging"]
+__all__ = ["PACKAGE_LOGGER", "start_run_logging", "log_to_file", "log_to_file_only", "stop_run_logging"]
 
 PACKAGE_LOGGER = "lafs_fast"
 
@@ -52,6 +53,28 @@ class _RunConsole(_Console):
         return (self.rank == 0 or record.levelno >= logging.WARNING) and super().filter(record)
 
 
+class _RunFile(logging.FileHandler):
+    """train.log. A write that fails (a full disk) must not print logging's traceback on every later
+    line: the file is given up with one warning on the terminal, and the run goes on (what it saves
+    then fails in one sentence if the disk is still full)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        import sys
+
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)
+            return
+        _package().removeHandler(self)
+        with contextlib.suppress(OSError):
+            self.close()
+        _package().warning(
+            "%s: cannot write (%s); from here on the run's lines go to the terminal only",
+            self.baseFilename,
+            (exc.strerror or str(exc)).lower(),
+        )
+
+
 class _Early(logging.Handler):
     """Keeps what is said before the log file exists."""
 
@@ -65,6 +88,26 @@ class _Early(logging.Handler):
 
 def _package() -> logging.Logger:
     return logging.getLogger(PACKAGE_LOGGER)
+
+
+class _Forward(logging.Handler):
+    """Python's warnings (torch's, numpy's) during a run, handed to the package logger: on the
+    terminal as before, and in train.log too, which holds everything the run printed."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg, record.args = str(record.getMessage()).rstrip(), None
+        _package().handle(record)
+
+
+def _capture_warnings(on: bool) -> None:
+    """Route ``warnings.warn`` through the package logger during a run (``on``), or stop doing so."""
+    pw = logging.getLogger("py.warnings")
+    for h in [h for h in pw.handlers if isinstance(h, _Forward)]:
+        pw.removeHandler(h)
+    logging.captureWarnings(on)
+    if on:
+        pw.propagate = False
+        pw.addHandler(_Forward())
 
 
 def _clear(log: logging.Logger) -> None:
@@ -96,6 +139,7 @@ def start_run_logging(rank: int = 0) -> logging.Logger:
     log.addHandler(console)
     if rank == 0:
         log.addHandler(_Early())
+    _capture_warnings(True)
     return log
 
 
@@ -107,15 +151,26 @@ def log_to_file(path: str | Path) -> None:
         return  # not rank 0, or no run logging (a library caller's engine)
     for h in early:
         log.removeHandler(h)
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler = _RunFile(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     for record in early[0].records:
         handler.handle(record)
     log.addHandler(handler)
 
 
+def log_to_file_only(text: str, level: int = logging.ERROR) -> None:
+    """Write ``text`` to the run's ``train.log`` alone (rank 0, once the file is open): the line that
+    ends a run, which the command also prints on the terminal in its own words (said there once)."""
+    log = _package()
+    record = log.makeRecord(log.name, level, __file__, 0, text, None, None)
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
 def stop_run_logging() -> None:
     """Close the run's handlers (``train.log``) and go back to the plain terminal handler."""
+    _capture_warnings(False)
     _plain_console()
 
 

@@ -77,10 +77,12 @@ def read_items(
                 bad.append((p, source.name(p), f"{type(e).__name__}: {e}"))
             p = next(stream)
         else:
-            raise RecordIOError(
-                f"{MAX_REFILL_TRIES} records of {source.path} in a row could not be read; "
+            fix = (  # data verify reads recs only: for a folder, the files named in the warnings
                 f"run `lafs-fast data verify {source.path}` to see what is wrong with it"
+                if getattr(source, "kind", "") == "rec"
+                else "check the image files named in the warnings"
             )
+            raise RecordIOError(f"{MAX_REFILL_TRIES} records of {source.path} in a row could not be read; {fix}")
     return items, bad
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from lafs_fast.data.recordio import check_image_header
 from lafs_fast.data.recordio_writer import IdentityRecWriter
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pnm", ".tif", ".tiff", ".webp", ".gif"}
@@ -89,8 +90,9 @@ def list_folder(root: str | os.PathLike, *, keep: bool = True) -> FolderListing:
 
 def load_rgb(data: bytes | Path, size: int | None = None) -> Image.Image:
     """Decode (bytes or a path) to an RGB PIL image, resized to ``size`` x ``size`` when given and different."""
-    im = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data)
-    im = im.convert("RGB")
+    raw = data if isinstance(data, (bytes, bytearray, memoryview)) else Path(data).read_bytes()
+    check_image_header(raw)  # the pixel cap, read from the header before decoding
+    im = Image.open(io.BytesIO(raw)).convert("RGB")
     if size is not None and im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)
     return im

@@ -5,8 +5,11 @@ reference's readers expect) and :func:`write_identity_dataset`."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
 import tempfile
 from array import array
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lafs_fast.data.recordio import META_NAME, IRHeader, encode_record, finish_swap, pack, rec_paths, swap_marker
-from lafs_fast.io import _umask
+from lafs_fast.io import _umask, remove_stale_temporaries
 
 __all__ = ["RecordIOWriter", "IdentityRecWriter", "write_identity_dataset"]
 
@@ -42,6 +45,39 @@ def _write_text_beside(path: Path, chunks, made: list[Path]) -> Path:
     return tmp
 
 
+def lock_build_folder(folder: Path) -> int:
+    """An exclusive ``flock`` on the output folder itself (no lock file to leave or to plant a link
+    at) for one writer's life; another build into the same folder is refused in one sentence. The
+    kernel drops it when the process dies. Returns the descriptor to close."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FileExistsError(f"another process is writing a dataset into {folder}; wait for it to end") from None
+    return fd
+
+
+# <output name>.tmp<random> (mkstemp, _temp_beside) or .tmp<pid> (before): the temporaries of a killed build
+_OLD_TEMP_RE = re.compile(r"\.tmp(\w+)$")
+
+
+def remove_leftovers(rec_path: Path) -> list[Path]:
+    """Delete what a killed build left beside ``rec_path`` (its temporaries, named ``.lafs-XXXXXXXX.tmp``,
+    ``<output>.tmp<random>`` or an older build's ``<output>.tmp<pid>``); call only under
+    :func:`lock_build_folder`. Returns what was deleted."""
+    folder = rec_path.parent
+    outputs = {p.name for p in (*rec_paths(rec_path), swap_marker(rec_path))} | {META_NAME}
+    old = [
+        p
+        for p in folder.iterdir()
+        if (m := _OLD_TEMP_RE.search(p.name)) and p.name[: m.start()] in outputs
+    ]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old + remove_stale_temporaries(folder)
+
+
 class RecordIOWriter:
     """Writes ``.rec`` + ``.idx`` (+ ``property`` and our ``lafs_fast.json``) atomically.
 
@@ -56,11 +92,17 @@ class RecordIOWriter:
             out if str(out).endswith(".rec") else Path(out) / "train.rec"
         )
         self.rec_path.parent.mkdir(parents=True, exist_ok=True)
-        finish_swap(self.rec_path)
-        if self.rec_path.exists() and not overwrite:
-            raise FileExistsError(f"{self.rec_path} already exists; choose another output or pass --overwrite")
-        fd, self._tmp_rec = _temp_beside(self.rec_path)
-        self._rec = os.fdopen(fd, "wb")  # written record by record, closed by close()
+        self._folder_lock = lock_build_folder(self.rec_path.parent)  # held until close() or abort()
+        try:
+            finish_swap(self.rec_path)
+            remove_leftovers(self.rec_path)  # under the lock: no other build is writing here
+            if self.rec_path.exists() and not overwrite:
+                raise FileExistsError(f"{self.rec_path} already exists; choose another output or pass --overwrite")
+            fd, self._tmp_rec = _temp_beside(self.rec_path)
+            self._rec = os.fdopen(fd, "wb")  # written record by record, closed by close()
+        except BaseException:
+            self._unlock()
+            raise
         # 16 bytes a record (a list of tuples and a set of keys cost ~200: 1 GB at WebFace4M scale)
         self._keys, self._offsets = array("q"), array("q")
         self._extra: dict[Path, str] = {}
@@ -69,7 +111,10 @@ class RecordIOWriter:
         """Append one record (payload from :func:`pack`) under ``key``; returns its offset. A key
         written twice is refused at :meth:`close` (before anything is renamed)."""
         offset = self._rec.tell()
-        self._rec.write(encode_record(payload))
+        try:
+            self._rec.write(encode_record(payload))
+        except OSError as exc:  # a full disk: the sentence names the dataset, not its temporary
+            raise OSError(exc.errno, exc.strerror, str(self.rec_path)) from None
         self._keys.append(int(key))
         self._offsets.append(offset)
         return offset
@@ -87,8 +132,11 @@ class RecordIOWriter:
         """Flush every output under its temporary name, then swap them all into place through a
         marker (:func:`finish_swap`): a kill between two renames never pairs a new .rec with an old
         .idx, because the next reader (or build) completes the swap first."""
-        self._rec.flush()
-        os.fsync(self._rec.fileno())
+        try:
+            self._rec.flush()
+            os.fsync(self._rec.fileno())
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.rec_path)) from None
         self._rec.close()
         keys, offsets = np.frombuffer(self._keys, dtype=np.int64), np.frombuffer(self._offsets, dtype=np.int64)
         order = np.argsort(keys, kind="stable")
@@ -117,13 +165,21 @@ class RecordIOWriter:
                 p.unlink(missing_ok=True)
             raise
         finish_swap(self.rec_path)
+        self._unlock()
 
     def abort(self) -> None:
         """Delete the temporaries (before the swap began); nothing is left behind."""
-        self._rec.close()
+        with contextlib.suppress(OSError):  # its buffer cannot be written (a full disk): the file goes anyway
+            self._rec.close()
+        self._unlock()
         if swap_marker(self.rec_path).is_file():
             return  # the new dataset is committed: finish_swap completes it
         self._tmp_rec.unlink(missing_ok=True)
+
+    def _unlock(self) -> None:
+        if self._folder_lock >= 0:
+            os.close(self._folder_lock)
+            self._folder_lock = -1
 
     def __enter__(self) -> RecordIOWriter:
         return self

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lafs_fast.data.recordio import CorruptRecordError, RecordIOReader, first_label, read_meta
+from lafs_fast.data.recordio import CorruptRecordError, RecordIOReader, check_image_header, first_label, read_meta
 from lafs_fast.data.synthetic import SyntheticFaces, parse_spec
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,10 @@ class RecSource:
             raise CorruptRecordError(
                 f"{self.path} key {k} (offset {self.reader.offset(k)}) is corrupt: its label is {label}"
             )
+        try:
+            check_image_header(data, (self.height, self.width))
+        except (OSError, ValueError) as exc:  # the image, not the framing: skipped and named as corrupt
+            raise CorruptRecordError(f"{self.name(i)} is corrupt: {exc}") from None
         return data, int(label)
 
     def check_labels(self, num_classes: int) -> None:
@@ -102,10 +106,12 @@ class FolderSource:
         return len(self.paths)
 
     def item(self, i: int) -> tuple[bytes, int]:
-        return self.paths[i].read_bytes(), int(self.labels[i])
+        return self.get(i), int(self.labels[i])
 
     def get(self, i: int) -> bytes:
-        return self.paths[i].read_bytes()
+        data = self.paths[i].read_bytes()
+        check_image_header(data)  # the pixel cap before any decode (the loaders resize any other size)
+        return data
 
     def name(self, i: int) -> str:
         return str(self.paths[i])

@@ -15,6 +15,7 @@ from lafs_fast.data.recordio import (
     CorruptRecordError,
     RecordIOError,
     RecordIOReader,
+    check_image_header,
     first_label,
     read_meta,
 )
@@ -76,6 +77,7 @@ def _check(r: RecordIOReader, key: int) -> str | None:
         header, data = r.record(key)
         if not np.isfinite(first_label(header)):
             return f"its label is {first_label(header)}"
+        check_image_header(data, (r.property.height, r.property.width))  # before decoding: size and pixel cap
         with Image.open(io.BytesIO(data)) as im:
             im.load()
         return None

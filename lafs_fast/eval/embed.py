@@ -117,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
     for out in (args.out, args.export_onnx):  # before any work: learning it after embedding everything wastes the run
         if out is not None:
             check_output_file(out)
+            if Path(args.model).exists() and Path(out).resolve() == Path(args.model).resolve():
+                raise FileExistsError(
+                    f"--out {out} is the --model file, which writing there would replace; choose another --out"
+                )
     if args.export_onnx:
         from lafs_fast.eval.loading import load_eval_model
         from lafs_fast.eval.onnx_export import export_onnx

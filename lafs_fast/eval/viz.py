@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from lafs_fast.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 __all__ = ["draw_landmarks", "plot_roc", "plot_curves", "read_metrics", "add_arguments", "run"]
 
@@ -99,12 +102,16 @@ def read_metrics(path: str | Path) -> list[dict]:
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a text file; a metrics log holds one JSON object per line") from None
     recs = []
-    for i, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
+            if i == len(lines) and not text.endswith("\n"):  # a write cut short (a kill, a full disk): the rest holds
+                log.warning("%s: dropped its last line, which is not whole JSON (a write cut short)", path)
+                continue
             raise ValueError(f"{path} line {i} is not JSON; a metrics log holds one JSON object per line") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
             raise ValueError(

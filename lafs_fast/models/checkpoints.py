@@ -72,14 +72,54 @@ def _strip(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, 
     return out
 
 
+def _is_state_dict(sd: Any) -> bool:
+    return isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())
+
+
+def model_config_of(model: Any) -> ModelConfig:
+    """The ``model`` entry of a lafs-fast model file as a ModelConfig, checked as a config is (types,
+    ranges; ValueError naming the key) instead of a KeyError or TypeError later."""
+    from lafs_fast.config import Config, apply_overrides
+
+    if not isinstance(model, dict) or not all(isinstance(k, str) for k in model):
+        raise ValueError("malformed lafs-fast model file: its 'model' entry is not a mapping of model.* settings")
+    try:
+        mcfg = apply_overrides(Config(), {f"model.{k}": v for k, v in model.items()}).model
+    except ValueError as exc:
+        raise ValueError(f"malformed lafs-fast model file: {exc}") from None
+    for f in dataclasses.fields(mcfg):  # the ranges of the config table (a negative dim, NaN dropout)
+        rng, value = f.metadata.get("range"), getattr(mcfg, f.name)
+        if rng is not None and not rng.holds(value):
+            raise ValueError(f"malformed lafs-fast model file: its model.{f.name} must be {rng}, got {value!r}")
+    return mcfg
+
+
+def check_model_file(obj: dict[str, Any]) -> None:
+    """The structure of a lafs-fast model file (a file of another origin or a damaged one): ValueError
+    naming the entry that is wrong."""
+    model_config_of(obj.get("model"))
+    for part in ("backbone", "landmark_cnn", "margin_head", "dino_head"):
+        sd = obj.get(part)
+        if (sd is not None or part == "backbone") and not _is_state_dict(sd):
+            raise ValueError(f"malformed lafs-fast model file: its {part!r} entry is not a state dict of tensors")
+    w = (obj.get("margin_head") or {}).get("weight")
+    if obj.get("margin_head") is not None and (w is None or w.ndim != 2):
+        raise ValueError("malformed lafs-fast model file: its margin head has no (classes, dim) 'weight'")
+    dino = obj.get("dino_head")
+    if dino is not None and not {"mlp.0.weight", "last_layer.weight_v"} <= set(dino):
+        raise ValueError("malformed lafs-fast model file: its DINO head lacks 'mlp.0.weight' or 'last_layer.weight_v'")
+
+
 def detect_format(obj: Any) -> str:
-    """'lafs-fast', 'reference-ssl' or 'reference-part-fvit' (ValueError otherwise)."""
+    """'lafs-fast', 'reference-ssl' or 'reference-part-fvit' (ValueError otherwise, also for a lafs-fast
+    model file whose entries are malformed)."""
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        check_model_file(obj)
         return "lafs-fast"
     if (
         isinstance(obj, dict)
         and ("teacher" in obj or "student" in obj)
-        and isinstance(obj.get("teacher", obj.get("student")), dict)
+        and _is_state_dict(obj.get("teacher", obj.get("student")))
     ):
         return "reference-ssl"
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -134,7 +174,7 @@ def infer_model_config(backbone_sd: dict[str, torch.Tensor], head_dim: int = 64)
         depth = 1 + max(int(k.split(".")[2]) for k in backbone_sd if k.startswith("transformer.layers."))
         inner = backbone_sd["transformer.layers.0.0.fn.fn.to_qkv.weight"].shape[0] // 3
         mlp_dim = backbone_sd["transformer.layers.0.1.fn.fn.net.0.weight"].shape[0]
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, IndexError) as exc:  # IndexError: a tensor of too few dimensions
         raise ValueError(f"checkpoint from another architecture: no fViT backbone tensor {exc}") from None
     if inner % head_dim:
         raise ValueError(f"attention width {inner} is not a multiple of head_dim {head_dim}: pass the right --head-dim")
@@ -372,7 +412,7 @@ def model_from_object(obj: Any, what: str, head_dim: int = 64, margin_head: bool
     if fmt != "lafs-fast":
         parts = split_reference(obj)
         obj = {"model": dataclasses.asdict(infer_model_config(parts["backbone"], head_dim)), **parts}
-    mcfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in obj["model"].items()})
+    mcfg = model_config_of(obj["model"])
     backbone = build_backbone(mcfg)
     load_into(backbone, obj["backbone"], f"{what}: backbone")
     if obj.get("landmark_cnn") is None:
@@ -392,10 +432,17 @@ def load_model_and_kind(path: str | Path, head_dim: int = 64, margin_head: bool 
     try:
         return model_from_object(safe_load(path), str(path), head_dim, margin_head)
     except ValueError as exc:
-        msg = str(exc)
-        if msg.startswith("not a recognised checkpoint"):
-            raise ValueError(f"{path} is {msg}") from None
-        raise
+        raise named(path, exc) from None
+
+
+def named(path: str | Path, exc: ValueError) -> ValueError:
+    """``exc``'s sentence about a loaded object, naming the file ``path`` it came from."""
+    msg = str(exc)
+    if str(path) in msg:
+        return exc
+    if msg.startswith(("not a recognised checkpoint", "malformed")):
+        return ValueError(f"{path} is {'a ' if msg.startswith('malformed') else ''}{msg}")
+    return ValueError(f"{path}: {msg}")
 
 
 def load_model(path: str | Path, num_classes_head: bool = True) -> PartFViT | FViT:
@@ -439,7 +486,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"exported {args.src} -> {args.dst} ({args.format})")
     else:
         obj = safe_load(args.src)
-        kind = detect_format(obj)
+        try:
+            kind = detect_format(obj)
+        except ValueError as exc:
+            raise named(args.src, exc) from None
         print(f"{args.src}: {kind}")
         if kind == "lafs-fast":
             m = obj["model"]

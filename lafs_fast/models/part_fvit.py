@@ -70,7 +70,17 @@ class PartFViT(nn.Module):
 
 
 def build_backbone(m) -> FViT:
-    """FViT from a ``ModelConfig``."""
+    """FViT from a ``ModelConfig`` (refused in one sentence when its weights alone cannot fit the machine)."""
+    from lafs_fast.errors import check_fits_memory
+
+    inner = m.heads * m.head_dim
+    block = m.dim * 3 * inner + inner * m.dim + 2 * m.dim * m.mlp_dim  # qkv, out, MLP (biases and norms aside)
+    params = m.depth * block + (m.num_patches + 1 + 3 * m.patch_size**2) * m.dim
+    check_fits_memory(
+        4.0 * params,
+        f"a backbone of {params / 1e9:,.1f} G parameters (model.dim={m.dim}, depth={m.depth}, mlp_dim={m.mlp_dim})",
+        "lower model.dim, model.depth or model.mlp_dim",
+    )
     return FViT.from_config(m)
 
 

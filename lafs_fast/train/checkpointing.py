@@ -241,8 +241,14 @@ def resume(engine: Any, where: str | Path) -> None:
 
 def _load_latest(engine: Any) -> None:
     """``--resume`` alone: the newest checkpoint of ``out_dir`` that loads (a truncated newest one,
-    e.g. from a full disk, is named and the previous one taken); nothing when there is none."""
+    e.g. from a full disk, is named and the previous one taken); refused when there is none (starting
+    afresh would append a new run's records to the old run's logs)."""
     ckpts = list_checkpoints(engine.out_dir)
+    if not ckpts:
+        raise FileNotFoundError(
+            f"--resume: {engine.out_dir} holds no checkpoint to continue; start a new run without --resume "
+            "(with --overwrite if the folder holds an older run)"
+        )
     for i, path in enumerate(reversed(ckpts)):
         try:
             ck = load_checkpoint(path)
@@ -331,4 +337,5 @@ def load(engine: Any, path: Path, ck: dict[str, Any] | None = None) -> None:
             torch.cuda.set_rng_state(rng["cuda"], engine.device)
     engine.step = int(ck["step"])
     engine.last_checkpoint = path
+    engine.metrics.cut_back(engine.step)  # rank 0: no step logged twice after a kill and --resume
     engine._log_line(f"resumed from {path} at step {engine.step} (epoch {engine.step // engine.plan.steps_per_epoch})")

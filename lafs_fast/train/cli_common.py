@@ -75,7 +75,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the fViT")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument(
-        "--resume", nargs="?", const="auto", help="continue from a checkpoint (no value: the latest in --out)"
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="CKPT",
+        help="continue from a checkpoint (no value, or auto: the latest in --out, refused when there is none; a "
+        "key=value after it is an override)",
     )
     parser.add_argument(
         "--overwrite",
@@ -308,16 +313,45 @@ def training_process(cfg: Config) -> Iterator[Any]:
     import torch
 
     from lafs_fast.launch import init_distributed, shutdown
-    from lafs_fast.logs import start_run_logging, stop_run_logging
+    from lafs_fast.logs import log_to_file_only, start_run_logging, stop_run_logging
+    from lafs_fast.train.engine import stop_on_sigterm
 
-    info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    start_run_logging(info.rank)
+    # SIGTERM while setting up (building, loading, the check before) stops at once, exit 143; the
+    # engine's own handler takes over while training (a checkpoint of the step reached)
+    restore = stop_on_sigterm(
+        "stopped by SIGTERM outside the training steps (setting up, or writing the results after them); no step "
+        "was lost: --resume continues from the last checkpoint, if there is one"
+    )
+    try:
+        info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+        start_run_logging(info.rank)
+    except BaseException:
+        restore()
+        raise
     try:
         torch.manual_seed(cfg.train.seed)
         yield info
+    except BaseException as exc:  # train.log holds how the run ended, as the terminal does
+        log_to_file_only(ending_line(exc))
+        raise
     finally:
+        restore()
         stop_run_logging()
         shutdown()
+
+
+def ending_line(exc: BaseException) -> str:
+    """How a run that raised ``exc`` ended, as one line for train.log (a bug's traceback follows)."""
+    import traceback
+
+    from lafs_fast.errors import is_user_error, user_message
+
+    kind = type(exc).__name__
+    if is_user_error(exc):
+        return f"error: {user_message(exc)}"
+    if kind in ("NonFiniteLoss", "Preempted", "KeyboardInterrupt", "SystemExit"):
+        return f"stopped: {exc or kind}"
+    return f"error: {kind}: {exc}\n{''.join(traceback.format_exception(exc)).rstrip()}"
 
 
 class TrainingJob:

@@ -58,6 +58,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from lafs_fast.config import Config, config_to_dict, config_yaml
+from lafs_fast.errors import check_fits_memory
 from lafs_fast.io import atomic_write_bytes
 from lafs_fast.launch import DistInfo, resolve_precision
 from lafs_fast.logs import log_to_file
@@ -73,6 +74,7 @@ __all__ = [
     "FitResult",
     "NonFiniteLoss",
     "Preempted",
+    "stop_on_sigterm",
     "compile_stage",
     "cosine_schedule",
     "linear_then_constant",
@@ -92,13 +94,29 @@ class Preempted(RuntimeError):
     had reached and stopped; ``--resume`` continues it."""
 
 
-def _sigterm_handler(flag: list[bool]) -> Callable[[], None]:
-    """Until the returned function is called, SIGTERM sets ``flag[0]`` instead of killing the process
-    (main thread only: handlers can be installed nowhere else; a library caller's thread is left alone)."""
+def _sigterm_handler(flag: list[bool], first_step: Callable[[], str]) -> Callable[[], None]:
+    """Until the returned function is called, SIGTERM sets ``flag[0]`` instead of killing the process;
+    while ``flag[1]`` (no step of this run has ended: a first step can compile for minutes) it raises
+    :class:`Preempted` at once instead, with ``first_step()``'s words (nothing new to save yet). Main
+    thread only: handlers can be installed nowhere else; a library caller's thread is left alone."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.__setitem__(0, True))
+
+    def on_term(signum: int, frame: Any) -> None:
+        flag[0] = True
+        if flag[1]:
+            flag[1] = False  # once: the unwinding must not be interrupted by a second SIGTERM
+            raise Preempted(first_step())
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def stop_on_sigterm(text: str) -> Callable[[], None]:
+    """Until the returned function is called, SIGTERM raises :class:`Preempted` with ``text``: a
+    command stops at once, exit 143, instead of being killed without a word. Main thread only (see
+    :func:`_sigterm_handler`)."""
+    return _sigterm_handler([False, True], lambda: text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,6 +382,11 @@ class Engine:
                 "accumulation or the batch size"
             )
         self.plan = Plan(o.epochs, steps_per_epoch, o.accumulation, o.batch_size, dist.world_size)
+        check_fits_memory(  # the per-step schedules: a float64 per step for lr, weight decay and ~6 of the stage
+            8.0 * 8 * self.plan.total_steps,
+            f"the per-step schedules of {o.epochs:,} epochs x {steps_per_epoch:,} steps",
+            "lower optim.epochs (--epochs)",
+        )
         self.precision = precision or resolve_precision(cfg.train.precision, self.device)
         self.progress = progress and dist.is_main
         self.schedules = self._build_schedules()
@@ -502,8 +525,8 @@ class Engine:
         self.model.train()
         self._meter = ProgressMeter(self.stage.progress_keys, stop, plan.epochs, self.device)
         window = _Window(bar, saved_at=self.step, meter=self._meter)
-        term = [False]  # set by SIGTERM while training (see _sigterm_handler)
-        restore = _sigterm_handler(term)
+        term = [False, True]  # [SIGTERM seen, no step ended yet] (see _sigterm_handler)
+        restore = _sigterm_handler(term, self._first_step_stopped)
         try:
             while self.step < stop:
                 epoch = self.step // plan.steps_per_epoch
@@ -536,6 +559,7 @@ class Engine:
         window.samples += record.pop("_samples")
         window.meter.add_step(record.pop("_data_wait"))
         self.step += 1
+        term[1] = False  # a step ended: from now on SIGTERM stops at a step with a checkpoint of it
         window.bar.update(1)
         now = time.perf_counter()
         rate = window.samples * plan.world_size / max(now - window.since, 1e-9)
@@ -567,6 +591,15 @@ class Engine:
                 if self.step % n == 0:
                     fn(self.step)
 
+    def _first_step_stopped(self) -> str:
+        """What SIGTERM during the run's first step (or its compile) says: nothing new to save."""
+        then = (
+            f"the last checkpoint, {self.last_checkpoint}, holds step {self.step}; continue with --resume"
+            if self.last_checkpoint
+            else "nothing was saved; run the command again"
+        )
+        return f"stopped by SIGTERM during step {self.step + 1}, the first of this run, before it ended; {then}"
+
     def _checkpoint_due(self, epoch_end: bool) -> bool:
         """Whether the step just done ends with a checkpoint (``train.ckpt_every_epochs`` / ``_steps``)."""
         cfg, step = self.cfg.train, self.step
@@ -594,6 +627,15 @@ class Engine:
         flag = torch.tensor([1.0 if term[0] else 0.0], device=self.device)
         dist.all_reduce(flag)
         return bool(flag.item() > 0)
+
+    def _stop_if_non_finite(self, step: int, epoch: int) -> None:
+        """A step that failed inside the stage because the last update made the parameters NaN or inf
+        (lr far too high) is the non-finite stop, not the stage's own complaint about its inputs."""
+        if not checkpointing.all_finite(self.stage):
+            raise NonFiniteLoss(
+                f"parameters became non-finite before step {step + 1} (epoch {epoch}); stopped, nothing saved after "
+                f"it; last good checkpoint: {self.last_checkpoint or 'none'}"
+            ) from None
 
     def _check_loss(self, step: int, epoch: int, record: dict[str, Any]) -> float:
         """Bring ``record``'s device values to the host (the one sync of a step); NonFiniteLoss
@@ -635,8 +677,12 @@ class Engine:
             ctx = StepContext(step, epoch, micro, self._seed(step, micro), values, self.dist, self._autocast)
             sync = micro == plan.accumulation - 1 or not isinstance(self.model, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                with self._autocast():
-                    loss, metrics = self.stage.forward_loss(self.model, batch, ctx)
+                try:
+                    with self._autocast():
+                        loss, metrics = self.stage.forward_loss(self.model, batch, ctx)
+                except RuntimeError:  # e.g. the sampler refusing NaN landmarks: the weights, not the data
+                    self._stop_if_non_finite(step, epoch)
+                    raise
                 (loss / plan.accumulation).backward()
             total_loss = total_loss + loss.detach().float() / plan.accumulation  # NaN / inf in any micro-batch stays
             for k, v in metrics.items():

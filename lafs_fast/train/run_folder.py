@@ -29,7 +29,7 @@ import stat
 import time
 from pathlib import Path
 
-from lafs_fast.io import remove_stale_temporaries
+from lafs_fast.io import atomic_write_bytes, remove_stale_temporaries
 
 __all__ = ["RUN_FILES", "RunLock", "MetricsLog", "check_no_links", "check_run_folder", "run_files"]
 
@@ -109,6 +109,25 @@ def _open_lock(path: Path) -> int:
     )
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` to ``path`` whole or not at all: a write that a full disk (or a file-size limit)
+    cuts short is taken back, so the log never ends in half a JSON line; the error names ``path``.
+    Never through a link (``O_NOFOLLOW``: ELOOP)."""
+    data = line.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(fd, data[done:])
+        except OSError as exc:
+            os.ftruncate(fd, size)
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     """Exclusive lock of a run folder for this process's life (or until every holder :meth:`release`s).
 
@@ -137,8 +156,13 @@ class RunLock:
                 f"another lafs-fast run ({holder}) is writing to {self.path.parent}; wait for it to end "
                 "or choose another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        except OSError as exc:  # a full disk: one sentence naming the lock (errors.USER_ERRNOS)
+            os.close(fd)
+            self._released = True
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         RunLock._held[self.path] = [fd, 1]
         remove_stale_temporaries(self.path.parent)
 
@@ -167,11 +191,6 @@ class RunLock:
         self.release()
 
 
-def _no_follow(path: str, flags: int) -> int:
-    """``open(..., opener=_no_follow)``: the file, never a link's target (ELOOP for a link)."""
-    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
-
-
 class MetricsLog:
     """The run's records: one JSON line each in ``out_dir/metrics.jsonl``, the same keys as TensorBoard
     scalars in ``out_dir/tb`` when tensorboard is installed (``pip install 'lafs-fast[tensorboard]'``),
@@ -193,8 +212,7 @@ class MetricsLog:
         if not self.write:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a", opener=_no_follow) as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.out_dir / "metrics.jsonl", json.dumps(record) + "\n")
         scalars = {k: v for k, v in record.items() if k not in ("step", "epoch")}
         step = int(record["step"])
         if self._tb is None:
@@ -227,6 +245,32 @@ class MetricsLog:
             dir=str(self.out_dir),
             config=self._wandb_config,
         )
+
+    def cut_back(self, step: int) -> None:
+        """``--resume`` from ``step``: drop the records after it (a killed run logged steps past its last
+        checkpoint; the resumed run logs them again) and a torn last line (a write the kill or a full
+        disk cut short), each said in one line."""
+        path = self.out_dir / "metrics.jsonl"
+        if not self.write or not path.is_file():
+            return
+        lines = path.read_bytes().splitlines(keepends=True)
+        kept, torn, later = [], 0, 0
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # UnicodeDecodeError included
+                torn += 1
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)) and rec["step"] > step:
+                later += 1
+            else:
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
+        if torn or later:
+            atomic_write_bytes(b"".join(kept), path)
+        if torn:
+            log.warning("%s: dropped %d line(s) that are not whole JSON records (a write cut short)", path, torn)
+        if later:
+            log.info("%s: dropped the %d record(s) after step %d, which this run logs again", path, later, step)
 
     def close(self) -> None:
         """Flush and close TensorBoard's writer and finish the W&B run (idempotent)."""

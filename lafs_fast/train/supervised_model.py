@@ -165,7 +165,20 @@ def _landmark_weights(landmarks: str) -> Any:
 
 
 def _margin_head(cfg: Config, num_classes: int) -> nn.Module:
+    """The margin head of ``num_classes`` rows (this rank's share when sharded), refused in one
+    sentence when its weights, gradients and optimiser moments cannot fit the machine."""
+    from lafs_fast.errors import check_fits_memory
+
     f = cfg.finetune
+    import os
+
+    ranks = int(os.environ.get("WORLD_SIZE", cfg.train.gpus))  # torchrun's job, or --gpus N
+    rows = -(-num_classes // max(ranks, 1)) if f.shard_classes else num_classes
+    check_fits_memory(
+        16.0 * rows * cfg.model.dim,  # fp32 weights, gradients and two AdamW moments
+        f"a margin head of {num_classes:,} classes x {cfg.model.dim} (the data's class count)",
+        "check the class count in the data's property file, or shard the head over more GPUs",
+    )
     if f.shard_classes:
         return ShardedMarginHead(cfg.model.dim, num_classes, f.head, f.scale, f.margin, f.sample_rate)
     return build_margin_head(f.head, cfg.model.dim, num_classes, f.scale, f.margin)
