@@ -68,11 +68,7 @@ def remove_leftovers(rec_path: Path) -> list[Path]:
     :func:`lock_build_folder`. Returns what was deleted."""
     folder = rec_path.parent
     outputs = {p.name for p in (*rec_paths(rec_path), swap_marker(rec_path))} | {META_NAME}
-    old = [
-        p
-        for p in folder.iterdir()
-        if (m := _OLD_TEMP_RE.search(p.name)) and p.name[: m.start()] in outputs
-    ]
+    old = [p for p in folder.iterdir() if (m := _OLD_TEMP_RE.search(p.name)) and p.name[: m.start()] in outputs]
     for p in old:
         p.unlink(missing_ok=True)
     return old + remove_stale_temporaries(folder)
