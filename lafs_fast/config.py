@@ -526,7 +526,7 @@ def _read_yaml(path: Path) -> Any:
         elif isinstance(exc, yaml.MarkedYAMLError) and mark is not None:  # its str() spans several lines
             why = f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
         else:
-            why = str(exc).split(";")[0].strip()  # e.g. more digits than Python converts
+            why = " ".join(str(exc).split(";")[0].split())  # one line (a reader error spans two)
         raise ValueError(f"config file {path} is not valid YAML: {why}") from None
 
 
