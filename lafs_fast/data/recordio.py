@@ -273,8 +273,14 @@ class RecordIOReader:
                         f"{self.idx_path} line {lineno} is not `key<TAB>offset`: {line.strip()[:60]!r}; rebuild the "
                         "index"
                     )
-                keys.append(int(fields[0]))
-                offsets.append(int(fields[1]))
+                key, offset = int(fields[0]), int(fields[1])
+                if not (-(2**63) <= key < 2**63 and offset < 2**63):  # numpy's int64 below
+                    raise RecordIOError(
+                        f"{self.idx_path} line {lineno} holds a number past 64 bits: {line.strip()[:60]!r}; rebuild "
+                        "the index"
+                    )
+                keys.append(key)
+                offsets.append(offset)
         if not keys:
             raise RecordIOError(f"{self.idx_path} is empty; rebuild the index")
         return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
@@ -318,7 +324,8 @@ class RecordIOReader:
             c = self.header0[1] - self.header0[0]
         else:
             labels = self.scan_labels()[0]  # damaged records (NaN) are the loaders' business, not the count's
-            c = int(np.nanmax(labels)) + 1 if np.isfinite(labels).any() else 0
+            finite = labels[np.isfinite(labels)]  # an infinite label is a damaged record too
+            c = int(finite.max()) + 1 if finite.size else 0
         h = w = 112
         if len(self.image_keys):
             import io
