@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,7 @@ class LandmarkSidecar:
             z = load_sidecar_arrays(path)
             keys, points = np.asarray(z["keys"], dtype=np.int64), np.asarray(z["points"], dtype=np.float32)
             detector = str(z["detector"]) if "detector" in z else "unknown"
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # zlib: bad deflate
             raise ValueError(
                 f"{path} is not a landmark sidecar ({type(exc).__name__}: {exc}); remake it with `lafs-fast data "
                 "landmarks REC`"

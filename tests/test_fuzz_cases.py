@@ -2,11 +2,16 @@
 before its fix each raised something other than a one-sentence user error. These run without
 hypothesis."""
 
+import io
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from lafs_fast.config import load_config
 from lafs_fast.data.recordio import RecordIOError, RecordIOReader
+from lafs_fast.dense_landmarks import LandmarkSidecar
 
 # two plain records (IRHeader flag 0), labels 0.0 and +inf, at offsets 0 and 32
 _REC_INF_LABEL = (
@@ -34,3 +39,48 @@ def test_idx_number_past_64_bits(tmp_path):
     (OverflowError: Python int too large to convert to C long)."""
     with pytest.raises(RecordIOError, match=r"train.idx line 1 holds a number past 64 bits: '0\\t9223372036854775808'"):
         RecordIOReader(_rec(tmp_path, _REC_INF_LABEL, b"0\t9223372036854775808\n\n"))
+
+
+def _npz(path: Path, compression: int, old: bytes, new: bytes) -> Path:
+    """A two-member sidecar .npz whose ``keys.npy`` header has ``old`` replaced by ``new``."""
+    members = {}
+    for name, a in (("keys", np.arange(3)), ("points", np.zeros((3, 5, 2), np.float32))):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        members[name] = buf.getvalue()
+    members["keys"] = members["keys"].replace(old, new, 1)
+    with zipfile.ZipFile(path, "w", compression) as z:
+        for name, data in members.items():
+            z.writestr(f"{name}.npy", data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("compression", "old", "new", "found"),
+    [
+        (zipfile.ZIP_STORED, b"{'de", bytes(4), "header is damaged \\(TokenError\\)"),  # numpy tokenizes the header
+        (zipfile.ZIP_DEFLATED, b"), }", b"),  ", "header is damaged \\(TokenError\\)"),  # an unclosed brace
+        (zipfile.ZIP_DEFLATED, None, None, "error: Error -3 while decompressing data: invalid block type"),  # zlib.error
+    ],
+)
+def test_sidecar_with_a_damaged_member(tmp_path, compression, old, new, found):
+    """numpy parses an .npy header as a Python literal, and zipfile leaves a damaged deflate stream
+    to zlib: a damaged header raised tokenize.TokenError, damaged compressed data zlib.error, out of
+    LandmarkSidecar.load instead of its one sentence."""
+    path = tmp_path / "s.landmarks.npz"
+    if old is None:  # the first member's deflate stream starts with a block of the reserved type 3
+        data = bytearray(_npz(path, compression, b"", b"").read_bytes())
+        data[30 + len("keys.npy")] = 0b111  # BFINAL 1, BTYPE 11
+        path.write_bytes(bytes(data))
+    else:
+        _npz(path, compression, old, new)
+    with pytest.raises(ValueError, match=f"is not a landmark sidecar .*{found}"):
+        LandmarkSidecar.load(path)
+
+
+def test_yaml_with_a_control_character_is_one_line(tmp_path):
+    """yaml's reader error spans two lines ("... not allowed" then "in <unicode string>, position 0")."""
+    (tmp_path / "c.yaml").write_bytes(b"\x1f")
+    with pytest.raises(ValueError, match="not valid YAML: unacceptable character #x001f") as e:
+        load_config("small", tmp_path / "c.yaml")
+    assert "\n" not in str(e.value)

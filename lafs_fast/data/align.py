@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import os
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -403,7 +404,10 @@ def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:  # (binary file at
     }.get(np.lib.format.read_magic(f))
     if read_header is None:
         raise ValueError("a member is not a .npy of format 1.0 or 2.0")
-    return read_header(f)
+    try:
+        return read_header(f)
+    except (SyntaxError, tokenize.TokenError) as exc:  # numpy parses the header as a Python literal
+        raise ValueError(f"a member's .npy header is damaged ({type(exc).__name__})") from None
 
 
 def load_sidecar_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
