@@ -77,11 +77,15 @@ def bounded() -> Iterator[None]:
     def expired(signum: int, frame: Any) -> None:
         raise TimeoutError(f"an example ran over {SECONDS} s")
 
-    size = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+    statm = Path("/proc/self/statm")  # Linux; elsewhere only the alarm applies
+    size = int(statm.read_text().split()[0]) * resource.getpagesize() if statm.exists() else None
     old_limit = resource.getrlimit(resource.RLIMIT_AS)
     old_handler = signal.signal(signal.SIGALRM, expired)
     old_timer = signal.setitimer(signal.ITIMER_REAL, SECONDS)[0]
-    resource.setrlimit(resource.RLIMIT_AS, (size + EXTRA_BYTES, old_limit[1]))
+    if size is not None:
+        hard = old_limit[1]
+        soft = size + EXTRA_BYTES if hard == resource.RLIM_INFINITY else min(size + EXTRA_BYTES, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     try:
         yield
     finally:
@@ -103,6 +107,24 @@ def holds(parse: Callable[[], Any]) -> Any:
             return exc
 
 
+# 32-bit edge values; then the float32 bit patterns of 1e9, 2^31, +inf and NaN (a label or an identity
+# range past what a rec holds)
+_EDGE_WORDS = [
+    0,
+    1,
+    2,
+    0x7FFFFFFF,
+    0x80000000,
+    0xFFFFFFFF,
+    1 << 29,
+    1 << 30,
+    0x4E6E6B28,
+    0x4F000000,
+    0x7F800000,
+    0x7FC00000,
+]
+
+
 @st.composite
 def mutated(draw: st.DrawFn, base: bytes) -> bytes:
     """``base`` with a few random edits: bytes overwritten, a slice cut out or inserted, a cut end."""
@@ -113,7 +135,7 @@ def mutated(draw: st.DrawFn, base: bytes) -> bytes:
         if kind == "set" and data:
             data[at] = draw(st.integers(0, 255))
         elif kind == "word" and len(data) >= 4:  # a 32-bit field set to an edge value
-            word = draw(st.sampled_from([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 1 << 29, 1 << 30]))
+            word = draw(st.sampled_from(_EDGE_WORDS))
             data[at : at + 4] = word.to_bytes(4, "little")
         elif kind == "delete":
             del data[at : at + draw(st.integers(1, 16))]
@@ -152,6 +174,12 @@ def rec_files(draw: st.DrawFn) -> tuple[bytes, bytes, bytes]:
         first = n + 1
         payloads.insert(0, (0, pack(IRHeader(0, [first, first + n], 0, 0))))
         payloads += [(first + i, pack(IRHeader(0, [i + 1, i + 2], 0, 0))) for i in range(n)]
+    for _ in range(draw(st.integers(0, 2))):  # an IRHeader field (flag, label, extra labels) set to an edge value
+        j = draw(st.integers(0, len(payloads) - 1))
+        at, word = draw(st.sampled_from([0, 4, 24, 28])), draw(st.sampled_from(_EDGE_WORDS)).to_bytes(4, "little")
+        key, payload = payloads[j]
+        if at + 4 <= len(payload):
+            payloads[j] = (key, payload[:at] + word + payload[at + 4 :])
     rec, idx = bytearray(), []
     for key, payload in payloads:
         idx.append(f"{key}\t{len(rec)}\n")
@@ -181,6 +209,7 @@ def _read_everything(folder: Path) -> None:
             try:
                 exact = first_label(r.record(int(key))[0])
             except CorruptRecordError:
+                assert int(key) in bad, f"key {int(key)}: the exact reader refuses it, the scan read label {labels[i]}"
                 continue
             assert int(key) in bad or labels[i] == exact or (np.isnan(labels[i]) and np.isnan(exact)), (
                 f"key {int(key)}: the vectorised scan read label {labels[i]}, the record says {exact}"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lafs_fast.config import load_config
-from lafs_fast.data.recordio import RecordIOError, RecordIOReader
+from lafs_fast.data.recordio import IRHeader, RecordIOError, RecordIOReader, encode_record, pack
 from lafs_fast.dense_landmarks import LandmarkSidecar
 
 # two plain records (IRHeader flag 0), labels 0.0 and +inf, at offsets 0 and 32
@@ -60,7 +60,12 @@ def _npz(path: Path, compression: int, old: bytes, new: bytes) -> Path:
     [
         (zipfile.ZIP_STORED, b"{'de", bytes(4), "header is damaged \\(TokenError\\)"),  # numpy tokenizes the header
         (zipfile.ZIP_DEFLATED, b"), }", b"),  ", "header is damaged \\(TokenError\\)"),  # an unclosed brace
-        (zipfile.ZIP_DEFLATED, None, None, "error: Error -3 while decompressing data: invalid block type"),  # zlib.error
+        (
+            zipfile.ZIP_DEFLATED,
+            None,
+            None,
+            "error: Error -3 while decompressing data: invalid block type",
+        ),  # zlib.error
     ],
 )
 def test_sidecar_with_a_damaged_member(tmp_path, compression, old, new, found):
@@ -84,3 +89,33 @@ def test_yaml_with_a_control_character_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="not valid YAML: unacceptable character #x001f") as e:
         load_config("small", tmp_path / "c.yaml")
     assert "\n" not in str(e.value)
+
+
+def _insightface_rec(folder: Path, header: list[float], identity: list[float]) -> Path:
+    """Record 0 the header ``[first identity record, end)``, image record 1 (label 0), identity
+    record 2 holding ``identity`` as its ``[start, end)`` image keys."""
+    records = [
+        (0, pack(IRHeader(0, header, 0, 0))),
+        (1, pack(IRHeader(0, 0.0, 1, 0), b"\xff\xd8")),
+        (2, pack(IRHeader(0, identity, 0, 0))),
+    ]
+    rec, idx = bytearray(), ""
+    for key, payload in records:
+        idx += f"{key}\t{len(rec)}\n"
+        rec += encode_record(payload)
+    (folder / "property").write_text("1,112,112\n")
+    return _rec(folder, bytes(rec), idx.encode())
+
+
+def test_infinite_identity_range_in_the_header(tmp_path):
+    """A header record whose range starts at +inf: int(inf) raised OverflowError opening the rec."""
+    with pytest.raises(RecordIOError, match=r"key 0 should hold a \[start, end\) range of record keys .*\[inf, 3.0\]"):
+        RecordIOReader(_insightface_rec(tmp_path, [float("inf"), 3.0], [1.0, 2.0]))
+
+
+def test_identity_range_of_a_billion_keys(tmp_path):
+    """An identity record claiming keys [1, 1e9): identities() allocated np.arange of 8 GB."""
+    r = RecordIOReader(_insightface_rec(tmp_path, [2.0, 3.0], [1.0, 1e9]))
+    with pytest.raises(RecordIOError, match=r"key 2 should hold a \[start, end\) range .*\[1.0, 1000000000.0\]"):
+        list(r.identities())
+    r.close()
