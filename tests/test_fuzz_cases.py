@@ -119,3 +119,19 @@ def test_identity_range_of_a_billion_keys(tmp_path):
     with pytest.raises(RecordIOError, match=r"key 2 should hold a \[start, end\) range .*\[1.0, 1000000000.0\]"):
         list(r.identities())
     r.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="IRHeader flag overflow (issue 25 item 3), fixed on another branch: remove this mark when it lands",
+)
+def test_flag_past_uint32_in_the_label_scan(tmp_path):
+    """Found by LAFS_TEST_FUZZ=1: an IRHeader flag of 2^31 - 1 in a 24-byte payload. The exact
+    reader refuses the record (it would need 8 GB of labels); the vectorised scan computed 4 * flag
+    in uint32, which wrapped, and read a label from the next record's bytes."""
+    payload = pack(IRHeader(0, 0.0, 1, 0))
+    payload = (0x7FFFFFFF).to_bytes(4, "little") + payload[4:]
+    rec = encode_record(payload) + encode_record(pack(IRHeader(0, 1.0, 2, 0)))
+    with RecordIOReader(_rec(tmp_path, rec, b"1\t0\n2\t32\n")) as r:
+        labels, bad = r.scan_labels()
+        assert 1 in bad and np.isnan(labels[0])
