@@ -439,9 +439,12 @@ def test_checkpoint_loader(data: bytes) -> None:
         holds(lambda: safe_load(Path(tmp) / "m.pt"))
 
 
-def test_the_bounds_catch_what_they_promise() -> None:
-    """The harness itself: a huge allocation and a hang both fail the property."""
+def test_the_bounds_catch_what_they_promise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The harness itself: a huge allocation, a hang and a message of several lines fail the property."""
     with pytest.raises(MemoryError):
         holds(lambda: bytearray(2 * EXTRA_BYTES))
+    monkeypatch.setattr(f"{__name__}.SECONDS", 0.2)
+    with pytest.raises(TimeoutError):
+        holds(lambda: any(False for _ in iter(int, 1)))  # a loop that never ends, in constant memory
     with pytest.raises(AssertionError, match="several lines"):
         holds(lambda: (_ for _ in ()).throw(ValueError("one\ntwo")))
