@@ -160,8 +160,13 @@ def check_unpacked_size(path: str | Path, what: str = "checkpoint", *, stored_to
                 for info in zf.infolist()
                 if stored_too or info.compress_type != zipfile.ZIP_STORED
             )
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+    except (zipfile.BadZipFile, OSError):  # not a zip (a legacy checkpoint), or unreadable: its reader says
         return
+    except (NotImplementedError, ValueError, EOFError) as exc:  # a zip whose sizes cannot be read: unchecked
+        raise ValueError(
+            f"refusing to load {what} {path}: its zip directory cannot be read ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())}), so its unpacked size cannot be checked; it is damaged or crafted"
+        ) from None
     env = os.environ.get(MAX_LOAD_ENV, "").strip()
     if env:
         try:

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lafs_fast.config import load_config
+from lafs_fast.data.binfile import load_bin
 from lafs_fast.data.recordio import IRHeader, RecordIOError, RecordIOReader, encode_record, pack
 from lafs_fast.dense_landmarks import LandmarkSidecar
+from lafs_fast.io import safe_load
 
 # two plain records (IRHeader flag 0), labels 0.0 and +inf, at offsets 0 and 32
 _REC_INF_LABEL = (
@@ -135,3 +138,49 @@ def test_flag_past_uint32_in_the_label_scan(tmp_path):
     with RecordIOReader(_rec(tmp_path, rec, b"1\t0\n2\t32\n")) as r:
         labels, bad = r.scan_labels()
         assert 1 in bad and np.isnan(labels[0])
+
+
+def test_bin_error_text_with_a_newline_is_one_line(tmp_path):
+    """Found by LAFS_TEST_FUZZ=1: numpy's scalar() fed the string '\\x01\\n' raised a ValueError
+    quoting it, and load_bin's sentence carried the newline into a second line."""
+    data = (
+        b"\x80\x00]q\x00J\x00\x00\x00\x00J\x00\x00\x00\x00cnumpy.core.multiarray\nscalar\nq\x00cnumpy\ndtype\nq\x00X"
+        b"\x02\x00\x00\x00\x00\x00K\x00q\x00q\x00q\x00X\x00\x00\x00\x00q\x00J\x00\x00\x00\x00J\x00\x00\x00\x00K\x00q"
+        b"\x00c_codecs\nencode\nq\x00X\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00q\x00X\x06\x00\x00\x00\x00\x00"
+        b"\x00\x00\x00\x00F\x01\n"
+    )
+    (tmp_path / "x.bin").write_bytes(data)
+    with pytest.raises(ValueError, match="is not a readable verification .bin") as e:
+        load_bin(tmp_path / "x.bin")
+    assert "\n" not in str(e.value)
+
+
+def _set_zip_field(data: bytes, signature: bytes, at: int, value: int) -> bytes:
+    """``data`` with the 2-byte field ``at`` bytes into every zip header starting with ``signature`` set."""
+    out, start = bytearray(data), 0
+    while (start := out.find(signature, start)) >= 0:
+        out[start + at : start + at + 2] = value.to_bytes(2, "little")
+        start += 4
+    return bytes(out)
+
+
+def test_checkpoint_of_a_zip_version_zipfile_cannot_read(tmp_path):
+    """Found by LAFS_TEST_FUZZ=1: a central directory asking for zip version 6.4 made zipfile raise
+    NotImplementedError in the unpacked-size check; such a file is refused, unchecked sizes unread."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(3)}, buf)
+    (tmp_path / "m.pt").write_bytes(_set_zip_field(buf.getvalue(), b"PK\x01\x02", 6, 64))
+    with pytest.raises(
+        ValueError, match=r"its zip directory cannot be read \(NotImplementedError: zip file version 6.4"
+    ):
+        safe_load(tmp_path / "m.pt")
+
+
+def test_sidecar_with_an_unknown_compression_method(tmp_path):
+    """Found by LAFS_TEST_FUZZ=1: zipfile raises NotImplementedError opening a member of a method it
+    lacks (here 99, in both headers), which escaped LandmarkSidecar.load."""
+    path = _npz(tmp_path / "s.landmarks.npz", zipfile.ZIP_STORED, b"", b"")
+    data = _set_zip_field(path.read_bytes(), b"PK\x03\x04", 8, 99)
+    path.write_bytes(_set_zip_field(data, b"PK\x01\x02", 10, 99))
+    with pytest.raises(ValueError, match="is not a landmark sidecar .*NotImplementedError: That compression method"):
+        LandmarkSidecar.load(path)

@@ -234,7 +234,8 @@ def load_bin(path: str | Path) -> BinSet:
     except UnsafePickleError as exc:
         raise UnsafePickleError(f"{path}: {exc}") from None
     except Exception as exc:  # truncated / not a pickle
-        raise ValueError(f"{path} is not a readable verification .bin ({type(exc).__name__}: {exc})") from None
+        why = " ".join(str(exc).split())  # one line, whatever the pickle's strings held
+        raise ValueError(f"{path} is not a readable verification .bin ({type(exc).__name__}: {why})") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise ValueError(f"{path} does not hold (images, issame): not a verification .bin")
     bins, issame = obj
