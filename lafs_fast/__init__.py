@@ -4,6 +4,7 @@ Drop-in fast modules::
 
     from lafs_fast import sample_patches, FViT, LandmarkCNN, PartFViT, DINOHead, CosFace, ArcFace
     from lafs_fast.compat import ViT_face_landmark_patch8, extract_patches_pytorch_gridsample
+    from lafs_fast.compat import face_landmark_4simmin_glo_loc
 """
 
 import importlib.abc as _abc

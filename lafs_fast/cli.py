@@ -41,7 +41,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "checkpoint": ("lafs_fast.models.checkpoints", "import / export reference (Part fViT, LAFS SSL) checkpoints"),
     "viz": ("lafs_fast.eval.viz", "PNGs: learned landmarks on faces, ROC curves, training curves from a metrics log"),
-    "config": ("lafs_fast.config", "print the resolved configuration of a preset with overrides"),
+    "config": (
+        "lafs_fast.train.config_show",
+        "show STAGE [options]: the config a training command would run with (its config.yaml); --help-keys",
+    ),
     "info": ("lafs_fast.info", "versions, devices, and the backend each fast module picks and why"),
 }
 

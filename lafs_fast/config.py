@@ -6,7 +6,8 @@ One config tree serves every stage::
 
 Presets: ``reference`` (every value of docs/method.md; the dataclass defaults) and ``small`` (fast on
 a CPU). Unknown keys and values of the wrong type or outside a field's choices are rejected with the
-key's name (ValueError). ``lafs-fast config show --preset P k=v ...`` prints the resolved tree.
+key's name (ValueError). ``lafs-fast config show STAGE --preset P k=v ...`` (lafs_fast.train.config_show)
+prints the tree that stage's run resolves, and ``--help-keys`` every key with its help text.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ __all__ = [
     "apply_overrides",
     "config_to_dict",
     "config_from_dict",
+    "config_yaml",
+    "keys_help",
 ]
 
 
@@ -50,7 +53,7 @@ class Range:
     hi_open: bool = False
 
     def holds(self, v: float) -> bool:
-        if v != v:  # NaN: every comparison below is False, so it would pass both bounds
+        if not math.isfinite(v):  # NaN compares False with both bounds; inf passes an open-ended range
             return False
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return False
@@ -317,6 +320,11 @@ class TrainConfig:
         "several processes: a collective that waits longer than this ends the job (a hung or stopped rank)",
         rng=POSITIVE,
     )
+    wandb: bool = doc(
+        False,
+        "also log metrics.jsonl's records to Weights & Biases (pip install 'lafs-fast[wandb]'; project "
+        "$WANDB_PROJECT or lafs-fast, run named after --out; WANDB_MODE=offline keeps it on disk)",
+    )
 
 
 @dataclass
@@ -571,7 +579,37 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     return cfg
 
 
-# ---------------------------------------------------------------- CLI: lafs-fast config
+# ---------------------------------------------------------------- the keys, as text
+
+
+def config_yaml(cfg: Config) -> str:
+    """The YAML text of ``cfg``: what a run writes to its ``config.yaml`` and ``lafs-fast config show``
+    prints (one function, so the two cannot drift apart)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def keys_help() -> str:
+    """Every key, one line each: ``section.key  (type, default D[, range R | one of a/b])  help text``
+    under its section's description (``lafs-fast config show --help-keys``)."""
+    lines = [
+        "Every config key (set with section.key=value or a --config YAML). Defaults are the reference preset's; "
+        "`lafs-fast config show STAGE --preset P` prints the values a stage's run uses with a preset.",
+    ]
+    for section in _sections():
+        cls = type(getattr(Config(), section))
+        lines.append(f"{section}: {(cls.__doc__ or '').strip().splitlines()[0]}" if cls.__doc__ else f"{section}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            facts = [getattr(hints[f.name], "__name__", str(hints[f.name])), f"default {default!r}"]
+            if f.metadata.get("range") is not None:
+                facts.append(f"range {f.metadata['range']}")
+            if f.metadata.get("choices"):
+                facts.append(f"one of {'/'.join(map(str, f.metadata['choices']))}")
+            help_ = f.metadata.get("help", "")
+            lines.append(f"  {key}  ({', '.join(facts)})" + (f"  {help_}" if help_ else ""))
+    return "\n".join(lines) + "\n"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -583,19 +621,3 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="YAML", help="a YAML file of sections (model:, optim:, ...) applied on the preset"
     )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides applied last")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.preset, args.config, args.overrides)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    show = sub.add_parser("show", help="print the resolved config as YAML")
-    add_config_arguments(show)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-    return 0

@@ -188,29 +188,48 @@ def check_unpacked_size(path: str | Path, what: str = "checkpoint", *, stored_to
         )
 
 
+# torch's wording: "Unsupported global: GLOBAL argparse.Namespace was not an allowed global ..." (older:
+# "... GLOBAL x.y ..."): the name after the GLOBAL opcode, never the opcode itself; a type built from an
+# allowed global: "Can only build Tensor, ... allowlisted via `add_safe_globals`, but got <class 'x.y'>"
 _GLOBAL_RE = re.compile(
-    r"GLOBAL ([\w.]+)|Unsupported global: ([\w.]+)|global ['\"]?([\w.]+)['\"]? (?:was|is) not an allowed"
+    r"Unsupported global: (?:GLOBAL )?([\w.]+)|GLOBAL ([\w.]+)|global ['\"]?([\w.]+)['\"]? (?:was|is) not an allowed"
+    r"|allowlisted via `add_safe_globals`, but got <class '([\w.]+)'>"
 )
 
 
+def _reference_globals() -> list:
+    """The only Python globals a checkpoint may name besides torch's own: the reference's
+    ``lafs_train.py`` saves its ``argparse.Namespace`` and an optimizer state whose lr / weight decay
+    are numpy float64 scalars (the scalar reconstructor, ``numpy.dtype`` and its float64 class)."""
+    import argparse
+
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 / numpy 1
+    return [argparse.Namespace, core.multiarray.scalar, np.dtype, np.dtypes.Float64DType]
+
+
 def safe_load(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` on the CPU, with one readable sentence on failure; a file
-    that asks for a Python global a checkpoint never holds is refused naming that global, one that
-    would unpack to more than :func:`check_unpacked_size` allows is refused before it is read."""
+    """``torch.load(weights_only=True)`` on the CPU (tensors, plain Python values and
+    :func:`_reference_globals`), with one readable sentence on failure; a file that asks for any other
+    Python global is refused naming that global, one that would unpack to more than
+    :func:`check_unpacked_size` allows is refused before it is read."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     check_unpacked_size(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_reference_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
         m = _GLOBAL_RE.search(text)
-        if m and ("weights_only" in text or "Unsupported global" in text or "allowed global" in text):
+        if m and ("weights_only" in text or "Unsupported global" in text or "allowlisted" in text):
             name = next(g for g in m.groups() if g)
             raise ValueError(
-                f"refusing to load {path}: it asks for the Python global {name}, which a checkpoint never holds "
-                "(a tampered or foreign file); it was not loaded"
+                f"refusing to load {path}: it asks for the Python global {name}, which lafs-fast does not load "
+                "from a checkpoint (only tensors, plain Python values, argparse.Namespace and numpy float64 "
+                "scalars); it was not loaded"
             ) from None
         first = text.strip().splitlines()[0] if text.strip() else ""
         raise ValueError(f"{path} is not a loadable PyTorch checkpoint ({type(exc).__name__}: {first})") from None
@@ -221,9 +240,10 @@ def check_writable_dir(path: str | Path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # a fresh name made with O_EXCL | O_NOFOLLOW: a fixed one planted as a link truncated its target
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise PermissionError(
             f"output folder {path} is not writable ({(exc.strerror or str(exc)).lower()}); choose another with --out"

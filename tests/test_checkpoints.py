@@ -101,7 +101,7 @@ def test_reference_state_dict_keys():
 
 def test_compat_model_matches_reference_forward(gen):
     torch.manual_seed(gen.initial_seed())
-    model = ViT_face_landmark_patch8(**SMALL)
+    model = ViT_face_landmark_patch8(**SMALL, scale_input=True)  # 0..255 in, as reference_forward takes
     randomise_bn(model)
     model.eval()
     x = torch.rand(2, 3, 112, 112, generator=gen) * 255
@@ -128,7 +128,7 @@ def test_import_reference_part_fvit_gives_same_embeddings(tmp_path, gen):
     assert summary["landmark_cnn"] and summary["num_classes"] == 7 and summary["dim"] == 48
     ours = load_model(tmp_path / "ours.pt")
     x = torch.rand(2, 3, 112, 112, generator=gen) * 255
-    torch.testing.assert_close(ours(x / 255 * 2 - 1), ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(x / 255 * 2 - 1), ref(x / 255 * 2 - 1), rtol=1e-5, atol=1e-5)
     # export back: the reference's keys, the same tensors
     export_reference(tmp_path / "ours.pt", tmp_path / "back.pth", "part_fvit")
     back = torch.load(tmp_path / "back.pth", weights_only=True)
@@ -195,3 +195,51 @@ def test_checkpoint_cli(tmp_path):
         cmd + ["import", str(tmp_path / "missing.pth"), str(tmp_path / "o2.pt")], capture_output=True, text=True
     )
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def _small_model_file(path, gen, head: str | None = None, **model) -> torch.nn.Module:
+    """A lafs-fast model file of a small-preset-like Part fViT (attention scale by head dim)."""
+    from lafs_fast.config import ModelConfig
+    from lafs_fast.io import atomic_save
+    from lafs_fast.models.checkpoints import model_file
+    from lafs_fast.models.part_fvit import PartFViT, build_backbone, build_landmark_cnn, build_margin_head
+
+    torch.manual_seed(gen.initial_seed())
+    m = ModelConfig(dim=48, depth=2, heads=3, head_dim=16, mlp_dim=64, attn_scale="head_dim", **model)
+    margin = None if head is None else build_margin_head(head, 48, 5)
+    net = PartFViT(build_landmark_cnn(m), build_backbone(m), margin)
+    randomise_bn(net)
+    atomic_save(model_file(m, net.backbone, net.landmark_cnn, margin), path)
+    return net.eval()
+
+
+def test_export_folds_the_head_dim_attention_scale_exactly(tmp_path, gen):
+    """issue 26: the small preset's head_dim**-0.5 scale went out unchanged, and the reference's
+    dim**-0.5 gave embeddings up to 0.28 off; now the q weights carry sqrt(dim / head_dim)."""
+    net = _small_model_file(tmp_path / "small.pt", gen)
+    export_reference(tmp_path / "small.pt", tmp_path / "ref.pth", "part_fvit")
+    sd = torch.load(tmp_path / "ref.pth", weights_only=True)
+    own = net.backbone.state_dict()["transformer.layers.0.0.fn.fn.to_qkv.weight"]
+    torch.testing.assert_close(sd["transformer.layers.0.0.fn.fn.to_qkv.weight"][:48], own[:48] * 3**0.5)
+    ref = ViT_face_landmark_patch8(**SMALL)  # the reference's semantics: dim**-0.5
+    ref.load_state_dict(sd, strict=False)
+    x = torch.rand(2, 3, 112, 112, generator=gen) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(ref.eval()(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_what_the_reference_cannot_express(tmp_path, gen):
+    _small_model_file(tmp_path / "eps.pt", gen, ln_eps=1e-6)
+    with pytest.raises(ValueError, match=r"eps.pt: cannot export: the model's LayerNorm eps is 1e-06 .*model.ln_eps"):
+        export_reference(tmp_path / "eps.pt", tmp_path / "out.pth")
+    _small_model_file(tmp_path / "big.pt", gen, image_size=128, num_patches=196)
+    with pytest.raises(ValueError, match=r"cannot export: the reference scales landmarks to 0..111"):
+        export_reference(tmp_path / "big.pt", tmp_path / "out.pth")
+    _small_model_file(tmp_path / "softmax.pt", gen, head="softmax")
+    with pytest.raises(ValueError, match=r"its margin head is a plain softmax classifier .*--format ssl"):
+        export_reference(tmp_path / "softmax.pt", tmp_path / "out.pth")
+    assert not (tmp_path / "out.pth").exists()
+    export_reference(tmp_path / "softmax.pt", tmp_path / "out.pth", "ssl")  # the backbone and landmarks go out
+    _small_model_file(tmp_path / "cosface.pt", gen, head="cosface")
+    export_reference(tmp_path / "cosface.pt", tmp_path / "cos.pth")
+    assert torch.load(tmp_path / "cos.pth", weights_only=True)["loss.weight"].shape == (5, 48)

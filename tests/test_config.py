@@ -101,13 +101,15 @@ def test_bad_yaml_and_preset(tmp_path):
 
 def test_config_show_cli():
     r = subprocess.run(
-        [sys.executable, "-m", "lafs_fast.cli", "config", "show", "--preset", "small", "model.dim=200"],
+        [sys.executable, "-m", "lafs_fast.cli", "config", "show", "pretrain", "--preset", "small", "model.dim=200"],
         capture_output=True,
         text=True,
     )
     assert r.returncode == 0, r.stderr
     assert yaml.safe_load(r.stdout)["model"]["dim"] == 200
     r = subprocess.run(
-        [sys.executable, "-m", "lafs_fast.cli", "config", "show", "model.dimm=2"], capture_output=True, text=True
+        [sys.executable, "-m", "lafs_fast.cli", "config", "show", "finetune", "model.dimm=2"],
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 2 and "unknown config key 'model.dimm'" in r.stderr and "Traceback" not in r.stderr

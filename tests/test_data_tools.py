@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,50 @@ def test_orl_end_to_end(orl_dir: Path, tmp_path: Path, capsys) -> None:
     if "dali" in folder:
         diff = (folder["pil"].int() - folder["dali"].int()).abs()
         assert diff.max() <= 2 and diff.float().mean() < 0.1
+
+
+def test_missing_align_extra_is_one_sentence(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Without face-alignment (the [align] extra) `data align` and `data landmarks` end with one
+    sentence naming the extra, exit 2, not an ImportError traceback."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "face_alignment" or m.startswith("face_alignment.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "face_alignment", None)  # `import face_alignment` now raises ImportError
+    raw = _folder(tmp_path / "raw", {"alice": 1})
+    write_identity_dataset(tmp_path / "ds", [[(raw / "alice" / "0.png").read_bytes()]], height=40, width=30)
+    assert main(["data", "align", str(raw), str(tmp_path / "out")]) == 2
+    assert main(["data", "landmarks", str(tmp_path / "ds")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("pip install 'lafs-fast[align]'" in line for line in err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_keep_jpeg_stores_fitting_jpegs_byte_for_byte(tmp_path: Path, capsys) -> None:
+    """--keep-jpeg: a JPEG whose size fits goes into the rec unchanged; a PNG, a JPEG that needs a
+    resize and a CMYK JPEG are re-encoded; a truncated JPEG is still skipped. Without the flag every
+    image is re-encoded."""
+    rng = np.random.default_rng(1)
+    src = tmp_path / "src"
+    for name in ("a", "b"):
+        (src / name).mkdir(parents=True)
+    arr = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(src / "a" / "0.jpg", quality=70)
+    Image.fromarray(arr[..., 0]).save(src / "a" / "1.jpg", quality=70)  # grey: kept too
+    Image.fromarray(arr).save(src / "a" / "2.png")
+    Image.fromarray(arr).convert("CMYK").save(src / "b" / "0.jpg")
+    Image.fromarray(rng.integers(0, 255, (50, 40, 3), dtype=np.uint8)).save(src / "b" / "1.jpg")  # needs --size 40
+    (src / "b" / "2.jpg").write_bytes((src / "a" / "0.jpg").read_bytes()[:300])  # truncated
+    files = [src / "a" / "0.jpg", src / "a" / "1.jpg", src / "a" / "2.png", src / "b" / "0.jpg", src / "b" / "1.jpg"]
+    stored = {}
+    for flag in ([], ["--keep-jpeg"]):
+        out = tmp_path / f"out{len(flag)}"
+        assert main(["data", "build", str(src), str(out), "--size", "40", *flag]) == 0
+        r = RecordIOReader(out)
+        stored[bool(flag)] = [r.image(int(k)) for k in r.image_keys]
+    out = capsys.readouterr().out
+    assert "2 JPEG(s) stored as they were, 3 re-encoded" in out and out.count("skipped unreadable image") == 2
+    same = [a == f.read_bytes() for a, f in zip(stored[True], files)]
+    assert same == [True, True, False, False, False]
+    assert not any(a == f.read_bytes() for a, f in zip(stored[False], files))
+    assert all(Image.open(io.BytesIO(d)).size == (40, 40) for d in stored[True])

@@ -308,7 +308,7 @@ def test_a_new_run_into_an_old_runs_folder_is_refused_or_replaced(tmp_path):
     _engine(_cfg(tmp_path, "train.max_steps=4")).fit()
     with pytest.raises(
         FileExistsError,
-        match=r"already holds a run \(ckpt-00000004.pt, metrics.jsonl, config.yaml\); "
+        match=r"already holds a run \(ckpt-00000004.pt, metrics.jsonl, config.yaml( and 1 more)?\); "  # + tb/
         r"continue it with --resume, replace it with --overwrite",
     ):
         _engine(_cfg(tmp_path, "train.max_steps=2"))

@@ -57,11 +57,11 @@ def test_overrides_may_stand_on_both_sides_of_a_flag():
     pretrain.add_arguments(p)
     args = parse_command_line(p, ["--out", "R", "a.b=1", "--max-steps", "2", "c.d=2"])
     assert args.overrides == ["a.b=1", "c.d=2"] and args.max_steps == 2 and args.out == "R"
-    from lafs_fast import config
+    from lafs_fast.train import config_show
 
     top = argparse.ArgumentParser()
-    config.add_arguments(top)
-    args = parse_command_line(top, ["show", "model.dim=64", "--preset", "small", "optim.lr=0.1"])
+    config_show.add_arguments(top)
+    args = parse_command_line(top, ["show", "pretrain", "model.dim=64", "--preset", "small", "optim.lr=0.1"])
     assert args.overrides == ["model.dim=64", "optim.lr=0.1"] and args.preset == "small"
 
 
@@ -110,3 +110,23 @@ def test_embed_checks_its_output_before_any_work(tmp_path, capsys):
         == 2
     )
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_the_reference_ssl_checkpoint_globals_load_and_nothing_else(tmp_path):
+    """lafs_train.py saves its argparse.Namespace and numpy float64 lr / weight decay (issue 26)."""
+    import argparse
+    import datetime
+
+    import numpy as np
+
+    ok = tmp_path / "checkpoint.pth"
+    torch.save({"args": argparse.Namespace(lr=5e-4), "optimizer": {"param_groups": [{"lr": np.float64(1e-3)}]}}, ok)
+    obj = safe_load(ok)
+    assert obj["args"].lr == 5e-4 and obj["optimizer"]["param_groups"][0]["lr"] == np.float64(1e-3)
+    for value, name in ((datetime.date(2024, 1, 1), "datetime.date"), (np.int64(3), "numpy.dtypes.Int64DType")):
+        bad = tmp_path / "other.pth"
+        torch.save({"x": value}, bad)
+        with pytest.raises(ValueError) as e:
+            safe_load(bad)
+        msg = str(e.value)
+        assert f"the Python global {name}," in msg and "GLOBAL" not in msg and "tampered" not in msg, msg

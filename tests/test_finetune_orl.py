@@ -66,7 +66,11 @@ def test_orl_loss_falls_and_held_out_verification_rises(orl_dir, tmp_path):
         defaults=supervised_run.stage_defaults("small"),
     )
     res = supervised_run.train_worker(config_to_dict(cfg), 0, {"check": False, "progress": False})
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in records if "ce" in r]  # the step records (the validations are records too)
+    val = [(r["step"], r["val/orl_held"]) for r in records if "val/orl_held" in r]  # on the curves, with its step
+    assert [s for s, _ in val] == [0, 15, 30], val
+    assert val[0][1] == res["verification_before"]["orl_held"] and val[-1][1] == res["verification"]["orl_held"]
     first = sum(r["ce"] for r in rows[:5]) / 5
     last = sum(r["ce"] for r in rows[-5:]) / 5
     assert last < first, (first, last)

@@ -61,6 +61,8 @@ _BLOCKED = (
     "cv2",
     "pytest_benchmark",
     "triton",
+    "tensorboard",
+    "wandb",
 )
 _WITHOUT_EXTRAS = f"""
 import sys

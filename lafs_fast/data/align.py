@@ -72,6 +72,13 @@ def find_weights(names: tuple[str, ...], weights: str | os.PathLike | None = Non
     )
 
 
+def _require_face_alignment() -> None:
+    """face-alignment (the ``[align]`` extra) or one sentence naming it, not an ImportError traceback."""
+    from lafs_fast.errors import require_extra
+
+    require_extra("face detection and landmarks (data align, data landmarks)", "align", "face_alignment")
+
+
 class BlazeFaceKeypoints:
     """BlazeFace (face-alignment's network, local weights): boxes + 6 keypoints, batched.
 
@@ -91,6 +98,7 @@ class BlazeFaceKeypoints:
         min_score: float = 0.5,
         pick: str = "central",
     ) -> None:
+        _require_face_alignment()
         from face_alignment.detection.blazeface.net_blazeface import BlazeFace
 
         pth, anchors = find_weights(("blazeface.pth", "anchors.npy"), weights, "BlazeFace")
@@ -143,6 +151,7 @@ class FanLandmarks:
     def __init__(
         self, device: str = "cpu", weights: str | os.PathLike | None = None, random_init: bool = False
     ) -> None:
+        _require_face_alignment()
         from face_alignment.models import FAN
 
         self.net = FAN(4)

@@ -1,4 +1,4 @@
-"""``lafs-fast data SUBCOMMAND``: build, inspect, subset, verify, landmarks, align.
+"""``lafs-fast data SUBCOMMAND``: build, inspect, subset, verify, landmarks, align, make-bin, overlap.
 
 Each sub-command is an ``(add_arguments, run, help)`` triple in :data:`SUBCOMMANDS`; adding one
 (e.g. ``make-bin``) is two functions (here or imported from another module) and one line in the
@@ -34,6 +34,11 @@ def _add_build(p: argparse.ArgumentParser) -> None:
         help="resize every image to SIZE x SIZE (default: keep; the loaders resize to 112)",
     )
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    p.add_argument(
+        "--keep-jpeg",
+        action="store_true",
+        help="store a JPEG that needs no resize byte for byte (checked by a full decode) instead of re-encoding it",
+    )
     p.add_argument("--workers", type=int, default=None, help="encode threads (default: cores, at most 16)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing train.rec in OUT")
 
@@ -42,12 +47,20 @@ def _run_build(args: argparse.Namespace) -> int:
     from lafs_fast.data.folder import build_rec
 
     rep = build_rec(
-        args.src, args.out, size=args.size, quality=args.quality, workers=args.workers, overwrite=args.overwrite
+        args.src,
+        args.out,
+        size=args.size,
+        quality=args.quality,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        keep_jpeg=args.keep_jpeg,
     )
     print(
         f"wrote {args.out}/train.rec: {rep['identities']} identities, {rep['images']} images, "
         f"{rep['height']}x{rep['width']}"
     )
+    if args.keep_jpeg:
+        print(f"{rep['kept_jpeg']} JPEG(s) stored as they were, {rep['images'] - rep['kept_jpeg']} re-encoded")
     for path, why in rep["skipped"]:
         print(f"skipped unreadable image {path}: {why}")
     for name in rep["empty_identities"]:
@@ -203,6 +216,58 @@ def _run_make_bin(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# -- overlap (implemented in lafs_fast.data.overlap) ----------------------------------------------
+def _add_overlap(p: argparse.ArgumentParser) -> None:
+    p.add_argument("train", help="training set: a rec (or folder holding train.rec) or an image folder")
+    p.add_argument("eval", help="evaluation set: a verification .bin, an image folder or a rec")
+    p.add_argument(
+        "--max-distance",
+        type=int,
+        default=24,
+        help="perceptual-hash bits (of 255) two images may differ in and count as one photo (default 24)",
+    )
+    p.add_argument("--show", type=int, default=20, help="near-duplicate pairs to list (default 20; all with --json)")
+    p.add_argument("--fail-on-overlap", action="store_true", help="exit 1 when anything is shared (for CI)")
+    p.add_argument("--workers", type=int, default=None, help="decode threads (default: cores, at most 16)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _print_overlap(rep: dict, show: int) -> None:
+    """The text form of :func:`lafs_fast.data.overlap.find_overlap`'s report."""
+    for side in ("train", "eval"):
+        s = rep[side]
+        names = "yes" if s["names"] else "none"
+        print(f"{side}: {s['path']} ({s['kind']}, {s['images']} images, identity names: {names})")
+    shared = rep["shared_identities"]
+    if shared is None:
+        print("identities by name: not compared (a side carries no identity names)")
+    else:
+        listed = ", ".join(f"{d['name']} (train {d['train_images']}, eval {d['eval_images']})" for d in shared)
+        print(f"identities shared by name: {len(shared)}" + (f": {listed}" if shared else ""))
+    print(
+        f"near-duplicate images (perceptual hash, <= {rep['max_distance']} of {rep['hash_bits']} bits apart): "
+        f"{rep['eval_images_with_duplicate']} eval image(s) have one among {rep['train_images_with_duplicate']} "
+        "train image(s)"
+    )
+    for d in rep["near_duplicates"][: max(0, show)]:
+        print(f"  train {d['train']} ~ eval {d['eval']}: {d['distance']} bits")
+    for side, bad in rep["unreadable"].items():
+        if bad:
+            print(f"{len(bad)} unreadable {side} image(s) left out, first: {bad[0]}")
+    print("overlap found" if shared or rep["near_duplicates"] else "no overlap found")
+
+
+def _run_overlap(args: argparse.Namespace) -> int:
+    from lafs_fast.data.overlap import find_overlap
+
+    rep = find_overlap(args.train, args.eval, max_distance=args.max_distance, workers=args.workers)
+    if args.json:
+        print(json.dumps(rep, indent=1))
+    else:
+        _print_overlap(rep, args.show)
+    return 1 if args.fail_on_overlap and (rep["shared_identities"] or rep["near_duplicates"]) else 0
+
+
 # name -> (add_arguments, run, help). Add a sub-command with one line here.
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
     "build": (
@@ -219,6 +284,11 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable
         _add_make_bin,
         _run_make_bin,
         "verification .bin from pairs.txt or seeded balanced random pairs of an identity folder",
+    ),
+    "overlap": (
+        _add_overlap,
+        _run_overlap,
+        "identities (by name) and near-duplicate images (perceptual hash) a training and an evaluation set share",
     ),
 }
 

@@ -96,15 +96,25 @@ def load_rgb(data: bytes | Path, size: int | None = None) -> Image.Image:
     return im
 
 
-def _encode(path: Path, size: int | None, quality: int) -> tuple[bytes | None, tuple[int, int] | None, str | None]:
-    """-> (JPEG bytes, (h, w), None) or (None, None, reason)."""
+def _encode(
+    path: Path, size: int | None, quality: int, keep_jpeg: bool = False
+) -> tuple[bytes | None, tuple[int, int] | None, str | None, bool]:
+    """-> (JPEG bytes, (h, w), None, kept as is) or (None, None, reason, False). ``keep_jpeg``: a
+    JPEG (RGB or grey) whose size already fits is returned byte for byte (after a full decode, so a
+    corrupt one is still skipped): re-encoding would only lose quality and time."""
     try:
-        im = load_rgb(path, size)
+        data = path.read_bytes()
+        if keep_jpeg:
+            with Image.open(io.BytesIO(data)) as src:
+                if src.format == "JPEG" and src.mode in ("RGB", "L") and (size is None or src.size == (size, size)):
+                    src.load()
+                    return data, (src.height, src.width), None, True
+        im = load_rgb(data, size)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=quality)
-        return buf.getvalue(), (im.height, im.width), None
+        return buf.getvalue(), (im.height, im.width), None, False
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        return None, None, f"{type(e).__name__}: {e}"
+        return None, None, f"{type(e).__name__}: {e}", False
 
 
 def build_rec(
@@ -116,12 +126,15 @@ def build_rec(
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    keep_jpeg: bool = False,
 ) -> dict:
     """Folder -> ``out/train.rec``, ``train.idx``, ``property``, ``lafs_fast.json``.
 
     ``size``: resize every image to size x size (None keeps each image's size; the loaders resize
-    to 112 when it differs). Returns a report dict: identities, images, skipped (path, reason),
-    empty identities. Raises ValueError when nothing readable remains.
+    to 112 when it differs). ``keep_jpeg``: store a JPEG that needs no resize as it is (see
+    :func:`_encode`; counted in the report's ``kept_jpeg``), re-encode the rest. Returns a report
+    dict: identities, images, skipped (path, reason), empty identities. Raises ValueError when
+    nothing readable remains.
     """
     from tqdm import tqdm
 
@@ -131,6 +144,7 @@ def build_rec(
     skipped: list[tuple[str, str]] = []
     shapes: set[tuple[int, int]] = set()
     written: list[int] = []  # source identity index of each label
+    kept = 0  # JPEGs stored as they were (keep_jpeg)
     window = 64 * workers  # bounded look-ahead: encoded images stream to disk, memory stays flat
     iw = IdentityRecWriter(out, overwrite=overwrite)
     try:
@@ -145,8 +159,8 @@ def build_rec(
             ) as bar,
         ):
             while chunk := list(islice(items, window)):
-                for (path, ident), (data, shape, err) in zip(
-                    chunk, pool.map(lambda it: _encode(it[0], size, quality), chunk)
+                for (path, ident), (data, shape, err, as_is) in zip(
+                    chunk, pool.map(lambda it: _encode(it[0], size, quality, keep_jpeg), chunk)
                 ):
                     if data is None:
                         skipped.append((str(path), err))
@@ -154,6 +168,7 @@ def build_rec(
                         if iw.add(data, ident) == len(written):
                             written.append(ident)
                         shapes.add(shape)
+                        kept += as_is
                 bar.update(len(chunk))
         if not written:
             raise ValueError(f"no image under {src} could be decoded ({len(skipped)} tried); check the files")
@@ -170,6 +185,7 @@ def build_rec(
             "identities": [listing.identities[i] for i in written],
             "source": str(Path(src).resolve()),
             "mixed_sizes": len(shapes) > 1,
+            "kept_jpeg": kept,
         },
     )
     return {
@@ -177,6 +193,7 @@ def build_rec(
         "skipped": skipped,
         "empty_identities": listing.empty,
         "unreadable_identities": unreadable,
+        "kept_jpeg": kept,
         "height": h,
         "width": w,
     }

@@ -452,8 +452,11 @@ class RecordIOReader:
             i = np.flatnonzero(f)
             if i.size:
                 o = offs[i]
-                magic, lrec, flag = u32(o), u32(o + 4), u32(o + 8)
-                length = lrec & _LEN_MASK
+                magic, lrec = u32(o), u32(o + 4)
+                # int64: 4 * flag in uint32 wraps (a corrupt flag 2^30 looked like 0 extra labels and the
+                # image's first bytes were read as its label); the format's flag is a uint32 count of labels
+                flag = u32(o + 8).astype(np.int64)
+                length = (lrec & _LEN_MASK).astype(np.int64)
                 ok = (
                     (magic == MAGIC)
                     & ((lrec >> 29) == 0)
@@ -562,9 +565,15 @@ def finish_swap(rec: str | os.PathLike) -> bool:
         lines = marker.read_text().splitlines()
     except FileNotFoundError:
         return False
+    finals = {rec.name, rec.with_suffix(".idx").name, "property", META_NAME}
+    pairs = [line.split("\t") for line in lines]
+    # only the renames a build makes: a planted marker must not rename other files, or out of the folder
+    if not all(len(p) == 2 and p[1] in finals and p[0].startswith(p[1] + ".tmp") and "/" not in p[0] for p in pairs):
+        raise RecordIOError(
+            f"{marker} lists renames no `lafs-fast data build` makes; delete it and rebuild if in doubt"
+        )
     try:
-        for line in lines:
-            tmp, final = line.split("\t")
+        for tmp, final in pairs:
             with contextlib.suppress(FileNotFoundError):  # renamed already (before a kill, or by a concurrent reader)
                 os.replace(rec.parent / tmp, rec.parent / final)
         marker.unlink(missing_ok=True)

@@ -7,14 +7,39 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from array import array
 from pathlib import Path
 
 import numpy as np
 
 from lafs_fast.data.recordio import META_NAME, IRHeader, encode_record, finish_swap, pack, rec_paths, swap_marker
+from lafs_fast.io import _umask
 
 __all__ = ["RecordIOWriter", "IdentityRecWriter", "write_identity_dataset"]
+
+
+def _temp_beside(path: Path) -> tuple[int, Path]:
+    """``(descriptor, path)`` of a new empty temporary file beside ``path`` (``<name>.tmp<random>``),
+    made by ``mkstemp`` (``O_EXCL | O_NOFOLLOW``: a link planted under the old guessable
+    ``.tmp<pid>`` name received the rec) and written through that descriptor only, with the mode a
+    plain ``open`` gives, not mkstemp's 0600."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, Path(tmp)
+
+
+def _write_text_beside(path: Path, chunks, made: list[Path]) -> Path:
+    """Write ``chunks`` (strings) to a new temporary beside ``path``, fsync'ed; its path is appended
+    to ``made`` as soon as it exists (so a failure deletes it) and returned."""
+    fd, tmp = _temp_beside(path)
+    made.append(tmp)
+    with os.fdopen(fd, "w") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
 
 
 class RecordIOWriter:
@@ -34,10 +59,8 @@ class RecordIOWriter:
         finish_swap(self.rec_path)
         if self.rec_path.exists() and not overwrite:
             raise FileExistsError(f"{self.rec_path} already exists; choose another output or pass --overwrite")
-        suffix = f".tmp{os.getpid()}"
-        self._tmp_rec = self.rec_path.with_name(self.rec_path.name + suffix)
-        self._tmp_idx = self.idx_path.with_name(self.idx_path.name + suffix)
-        self._rec = open(self._tmp_rec, "wb")  # noqa: SIM115 - written record by record, closed by close()
+        fd, self._tmp_rec = _temp_beside(self.rec_path)
+        self._rec = os.fdopen(fd, "wb")  # written record by record, closed by close()
         # 16 bytes a record (a list of tuples and a set of keys cost ~200: 1 GB at WebFace4M scale)
         self._keys, self._offsets = array("q"), array("q")
         self._extra: dict[Path, str] = {}
@@ -73,34 +96,24 @@ class RecordIOWriter:
         if len(keys) > 1 and (np.diff(keys) == 0).any():
             self.abort()
             raise ValueError(f"key {int(keys[np.flatnonzero(np.diff(keys) == 0)[0]])} written twice to {self.rec_path}")
-        pending: dict[Path, str] = {}
-        swaps = [(self._tmp_rec, self.rec_path), (self._tmp_idx, self.idx_path)]
-        for path, text in self._extra.items():
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            pending[tmp] = text
-            swaps.append((tmp, path))
-        marker = swap_marker(self.rec_path)
-        tmp_marker = marker.with_name(marker.name + f".tmp{os.getpid()}")
+        made: list[Path] = []  # temporaries of this close, deleted if it fails before the commit
         try:
-            with open(self._tmp_idx, "w") as f:
-                for a in range(0, len(keys), 1 << 16):  # in slices: no string per record held for millions of records
-                    f.write(
-                        "".join(
-                            f"{k}\t{o}\n"
-                            for k, o in zip(keys[a : a + (1 << 16)].tolist(), offsets[a : a + (1 << 16)].tolist())
-                        )
-                    )
-                f.flush()
-                os.fsync(f.fileno())
-            for tmp, text in pending.items():
-                with open(tmp, "w") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
-            tmp_marker.write_text("".join(f"{a.name}\t{b.name}\n" for a, b in swaps))
+
+            def idx_lines():  # in slices: no string per record held for millions of records
+                for a in range(0, len(keys), 1 << 16):
+                    pairs = zip(keys[a : a + (1 << 16)].tolist(), offsets[a : a + (1 << 16)].tolist())
+                    yield "".join(f"{k}\t{o}\n" for k, o in pairs)
+
+            swaps = [
+                (self._tmp_rec, self.rec_path),
+                (_write_text_beside(self.idx_path, idx_lines(), made), self.idx_path),
+            ]
+            swaps += [(_write_text_beside(path, [text], made), path) for path, text in self._extra.items()]
+            marker = swap_marker(self.rec_path)
+            tmp_marker = _write_text_beside(marker, [f"{a.name}\t{b.name}\n" for a, b in swaps], made)
             os.replace(tmp_marker, marker)  # from here on the new dataset is committed
         except BaseException:  # not committed: the old dataset stays, the temporaries go
-            for p in (*(a for a, _ in swaps), tmp_marker):
+            for p in (self._tmp_rec, *made):
                 p.unlink(missing_ok=True)
             raise
         finish_swap(self.rec_path)
@@ -110,8 +123,7 @@ class RecordIOWriter:
         self._rec.close()
         if swap_marker(self.rec_path).is_file():
             return  # the new dataset is committed: finish_swap completes it
-        for p in (self._tmp_rec, self._tmp_idx):
-            p.unlink(missing_ok=True)
+        self._tmp_rec.unlink(missing_ok=True)
 
     def __enter__(self) -> RecordIOWriter:
         return self

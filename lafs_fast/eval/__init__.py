@@ -10,6 +10,6 @@ Modules (imported on use, so ``import lafs_fast.eval`` stays light):
 - ``embedder``: ``Embedder`` - flip-sum embeddings of uint8 faces with any model from ``loading.load_eval_model``;
 - ``verification``: ``evaluate_bin``, results table / JSON / scores files;
 - ``ijb``: IJB-B/C template verification from the release layout;
-- ``embed``: ``lafs-fast embed``; ``onnx_export``;
+- ``embed``: ``lafs-fast embed``; ``onnx_export``; ``onnx_model``: an .onnx file's metadata, ``OnnxEmbedder``;
 - ``viz``: ``lafs-fast viz`` (landmarks, ROC, training curves); ``cli``: ``lafs-fast eval``.
 """

@@ -62,12 +62,17 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def make_embedder(args: argparse.Namespace, flip: bool = True):
-    """Load ``args.model`` and wrap it in an Embedder per the shared options."""
+    """Load ``args.model`` and wrap it in an Embedder per the shared options (an ``.onnx`` file in
+    an OnnxEmbedder)."""
     import torch
 
     from lafs_fast.eval.embedder import Embedder
     from lafs_fast.eval.loading import load_eval_model
 
+    if str(args.model).lower().endswith(".onnx"):  # run by onnxruntime, its metadata checked (onnx_model.py)
+        from lafs_fast.eval.onnx_model import OnnxEmbedder
+
+        return OnnxEmbedder(args.model, args.device, args.dtype, args.batch_size, flip, args.input_norm)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,7 +92,7 @@ def make_embedder(args: argparse.Namespace, flip: bool = True):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__.split("\n\n")[0] if __doc__ else None
-    p.add_argument("model", help="model file (lafs-fast or reference checkpoint)")
+    p.add_argument("model", help="model file (lafs-fast or reference checkpoint, or an .onnx export)")
     p.add_argument("sets", nargs="+", help=".bin files, folders of .bin files, or IJB-B/C roots (meta/ + loose_crop/)")
     p.add_argument("--out", default=None, help="folder for results.json, results.txt and <set>_scores.npz")
     p.add_argument("--nfolds", type=_folds, default=10, help="folds of the .bin accuracy protocol (default 10)")

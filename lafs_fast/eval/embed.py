@@ -82,7 +82,7 @@ def embed_folder(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", nargs="?", default=None, help="folder of aligned faces (searched recursively)")
-    p.add_argument("--model", required=True, help="model file (lafs-fast or reference checkpoint)")
+    p.add_argument("--model", required=True, help="model file (lafs-fast or reference checkpoint, or an .onnx export)")
     p.add_argument("--out", default=None, help="output .npz (embeddings, paths[, landmarks])")
     p.add_argument("--landmarks", action="store_true", help="also store the landmark CNN's 196 points per face")
     p.add_argument("--raw", action="store_true", help="store the unnormalised flip sums instead of unit vectors")
@@ -109,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give a FOLDER to embed (with --out) or --export-onnx OUT.onnx")
     if args.folder is not None and args.out is None:
         raise ValueError("--out FILE.npz is required to embed a folder")
+    if str(args.model).lower().endswith(".onnx") and (args.export_onnx or args.landmarks):
+        raise ValueError(
+            f"{args.model} is already ONNX (embeddings only): pass the PyTorch model file for "
+            f"{'--export-onnx' if args.export_onnx else '--landmarks'}"
+        )
     for out in (args.out, args.export_onnx):  # before any work: learning it after embedding everything wastes the run
         if out is not None:
             check_output_file(out)
@@ -127,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             "in [-1, 1] (x/255*2-1) -> "
             f"embedding (B, dim); max |onnxruntime - PyTorch| = {rep['max_abs_diff']:.2e}"
         )
+        print("metadata: " + ", ".join(f"{k.removeprefix('lafs_fast.')}={v}" for k, v in rep["metadata"].items()))
     if args.folder is not None:
         emb = make_embedder(args, flip=not args.no_flip)
         print(f"model {args.model} ({emb.checkpoint_kind}): {emb.describe()}", file=sys.stderr)

@@ -67,6 +67,15 @@ def iter_batches(
             yield np.stack([f.result() for f in current])
 
 
+def _name(item: object) -> str:
+    """A short name of one item of :meth:`Embedder.embed_items` for a message (a path, or its index)."""
+    if isinstance(item, tuple) and item:  # (index, bytes) of a .bin, (name, landmarks) of IJB
+        item = item[0]
+    if isinstance(item, (int, np.integer)):
+        return f"face {int(item)}"
+    return str(item) if isinstance(item, (str, Path)) else type(item).__name__
+
+
 class Embedder:
     """Embeds uint8 faces with a model from ``lafs_fast.eval.loading.load_eval_model`` (or ``load_model``).
 
@@ -217,6 +226,13 @@ class Embedder:
                 pts.append(coords)
             else:
                 emb = self.embed_batch(batch)
+            bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+            if bad.size:  # a NaN embedding scores as a coin flip and is written without a word: stop here
+                raise ValueError(
+                    f"the model gives a NaN or infinite embedding for {bad.size} of {len(batch)} faces in a batch "
+                    f"(the first: {_name(items[i + int(bad[0])])}); its weights or the {self.dtype_name} compute "
+                    "overflow, try --dtype fp32 or an earlier checkpoint"
+                )
             out[i : i + len(batch)] = emb
             i += len(batch)
             bar.update(len(batch))

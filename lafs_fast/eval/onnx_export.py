@@ -14,12 +14,14 @@ is checked with onnxruntime on random faces before the file is kept.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from lafs_fast.eval.onnx_model import onnx_metadata, stamp_metadata
 from lafs_fast.io import atomic_write
 from lafs_fast.models.fvit import FViT
 from lafs_fast.models.part_fvit import PartFViT
@@ -52,7 +54,8 @@ def _require_onnx() -> None:
 def onnx_parity(
     model: PartFViT | FViT, onnx_path: str | Path, batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0
 ) -> float:
-    """Max |PyTorch - onnxruntime| over random faces (float32, several batch sizes)."""
+    """Max |PyTorch - onnxruntime| over random faces (float32, several batch sizes); ``inf`` when
+    either output holds a NaN or an infinity (NaN compares False, so ``max`` skipped it: parity 0)."""
     import onnxruntime as ort
 
     ref_model = ExportWrapper(model)
@@ -64,6 +67,8 @@ def onnx_parity(
         with torch.no_grad():
             ref = ref_model(x).numpy()
         got = sess.run(["embedding"], {"images": x.numpy()})[0]
+        if not (np.isfinite(got).all() and np.isfinite(ref).all()):
+            return math.inf
         worst = max(worst, float(np.abs(got - ref).max()))
     return worst
 
@@ -81,7 +86,8 @@ def export_onnx(
 ) -> dict:
     """Export ``model`` to ``out`` (atomically) with ``exporter`` (module doc); with ``check``, refuse
     a graph whose outputs differ from PyTorch's by more than ``atol``.
-    Returns {"path", "max_abs_diff", "opset", "exporter"}."""
+    The file carries lafs-fast's metadata (``onnx_model.py``: RGB, ``x/255*2-1``, 112, no flip-sum,
+    dim, version). Returns {"path", "max_abs_diff", "opset", "exporter", "metadata"}."""
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown ONNX exporter {exporter!r}; choose dynamo or torchscript")
     _require_onnx()
@@ -90,6 +96,7 @@ def export_onnx(
     out = Path(out)
     wrapper = ExportWrapper(model)
     x = torch.rand(2, 3, 112, 112) * 2 - 1
+    meta = onnx_metadata(model, image_size=x.shape[-1])
     diff = float("nan")
 
     def write(tmp: str) -> None:  # export, then check the file before it replaces ``out``
@@ -102,10 +109,16 @@ def export_onnx(
             else:
                 batch = {"dynamic_axes": {"images": {0: "batch"}, "embedding": {0: "batch"}}}
             torch.onnx.export(wrapper, (x,), tmp, **names, dynamo=exporter == "dynamo", **batch)
+        stamp_metadata(tmp, meta)  # before the parity check: the checked file is the one kept
         if check:
             diff = onnx_parity(model, tmp)
+            if diff == math.inf:
+                raise ValueError(
+                    f"the model or its exported graph gives NaN or infinite embeddings on random faces; not writing "
+                    f"{out}"
+                )
             if not diff <= atol:
                 raise ValueError(f"the exported graph differs from PyTorch by {diff:.3g} (> {atol}); not writing {out}")
 
     atomic_write(out, write)
-    return {"path": str(out), "max_abs_diff": diff, "opset": opset, "exporter": exporter}
+    return {"path": str(out), "max_abs_diff": diff, "opset": opset, "exporter": exporter, "metadata": meta}

@@ -10,10 +10,12 @@ lafs-fast model file (what ``lafs-fast checkpoint import`` writes and ``load_mod
 
     {"format": "lafs-fast-model", "version": 1, "source": str, "model": {ModelConfig fields},
      "num_classes": int | None, "dino_out_dim": int | None,
-     "backbone": sd, "landmark_cnn": sd | None, "margin_head": sd | None, "dino_head": sd | None}
+     "backbone": sd, "landmark_cnn": sd | None, "margin_head": sd | None, "dino_head": sd | None,
+     "margin_head_kind": "CosFace" | "ArcFace" | "SoftmaxHead" | None (absent in older files)}
 
 Every load uses ``torch.load(weights_only=True)``; missing, unexpected or mis-shaped keys are
-reported together in one ValueError.
+reported together in one ValueError, and a NaN or infinite weight is refused naming its tensor (a
+model with one would embed every face as NaN and score 50 % without a word).
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ __all__ = [
     "split_reference",
     "infer_model_config",
     "load_into",
+    "check_finite",
     "import_checkpoint",
     "export_reference",
+    "reference_backbone",
     "load_model",
     "model_file",
     "read_model_file",
@@ -147,8 +151,28 @@ def infer_model_config(backbone_sd: dict[str, torch.Tensor], head_dim: int = 64)
     )
 
 
+def check_finite(tensors: Any, what: str, prefix: str = "") -> None:
+    """ValueError naming the first floating-point tensor of ``tensors`` (a tensor, or dicts / lists of
+    them at any depth, e.g. a state dict or a whole checkpoint) that holds a NaN or an infinity."""
+    if isinstance(tensors, torch.Tensor):
+        if tensors.is_floating_point():
+            bad = int((~torch.isfinite(tensors)).sum())
+            if bad:
+                raise ValueError(
+                    f"{what}: tensor {prefix or '(top level)'} holds {bad} NaN or infinite value(s) of "
+                    f"{tensors.numel()}; the file is damaged or came from a diverged run, use an earlier checkpoint"
+                )
+    elif isinstance(tensors, dict):
+        for k, v in tensors.items():
+            check_finite(v, what, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tensors, (list, tuple)):
+        for i, v in enumerate(tensors):
+            check_finite(v, what, f"{prefix}[{i}]")
+
+
 def load_into(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
-    """Strict load with one readable message listing every missing / unexpected / mis-shaped key."""
+    """Strict load with one readable message listing every missing / unexpected / mis-shaped key;
+    a non-finite weight is refused naming its tensor (:func:`check_finite`)."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -168,6 +192,7 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None
         if shapes:
             bits.append(f"shape mismatch {len(shapes)}: {cut(shapes)}")
         raise ValueError(f"{what} does not match this architecture: " + "; ".join(bits))
+    check_finite(sd, what)
     module.load_state_dict(sd, strict=True)
 
 
@@ -194,6 +219,7 @@ def model_file(
         "backbone": sd(backbone),
         "landmark_cnn": sd(landmark_cnn),
         "margin_head": sd(margin_head),
+        "margin_head_kind": None if margin_head is None else type(margin_head).__name__,
         "dino_head": sd(dino_head),
     }
 
@@ -252,25 +278,75 @@ def import_checkpoint(src: str | Path, dst: str | Path, which: str = "teacher", 
     }
 
 
+def reference_backbone(model: dict[str, Any], backbone: dict[str, torch.Tensor], landmarks: bool) -> dict:
+    """The backbone state dict as the reference's class computes with it, or a ValueError naming the
+    setting it cannot express. ``model``: the model file's ModelConfig fields.
+
+    - ``attn_scale="head_dim"`` (the small preset) is folded exactly into the weights: the q rows of
+      every ``to_qkv`` times sqrt(dim / head_dim), so the reference's dim**-0.5 gives the same scores;
+    - a LayerNorm eps other than 1e-5, a timm landmark CNN, and a landmark model whose image size or
+      landmark count the reference's hard-coded 0..111 scaling and ``keep_num`` rule would change, are
+      refused;
+    - training-only settings (dropout, drop-path, token_init_std, landmark_start) and head_dim (the
+      reference's ``dim_head`` keyword) need nothing here.
+    """
+    model = {**dataclasses.asdict(ModelConfig()), **model}  # a file from before a field existed: its default
+    if model["ln_eps"] != 1e-5:
+        raise ValueError(
+            f"cannot export: the model's LayerNorm eps is {model['ln_eps']:g} and the reference's nn.LayerNorm "
+            "uses 1e-5; export a model trained with model.ln_eps=1e-5"
+        )
+    if landmarks and model["landmark_cnn"] != "mobilenetv3":
+        raise ValueError(
+            f"cannot export: the landmark CNN is {model['landmark_cnn']!r} and the reference's is its MobileNetV3 "
+            "layout; export a model trained with model.landmark_cnn=mobilenetv3"
+        )
+    p, n = model["patch_size"], model["num_patches"]
+    if landmarks and (model["image_size"] != 112 or (n not in (144, 196) and n != (112 // p) ** 2)):
+        raise ValueError(
+            f"cannot export: the reference scales landmarks to 0..111 and samples (112 // P)**2 of them, which "
+            f"does not fit image_size {model['image_size']} with {n} landmarks of {p} px; export a 112-px model"
+        )
+    if model["attn_scale"] == "dim":
+        return dict(backbone)
+    fold = (model["dim"] / model["head_dim"]) ** 0.5  # head_dim**-0.5 == dim**-0.5 * fold
+    inner = model["heads"] * model["head_dim"]
+    out = dict(backbone)
+    for k, w in backbone.items():
+        if k.endswith(".to_qkv.weight"):
+            out[k] = torch.cat([w[:inner] * fold, w[inner:]])
+    return out
+
+
 def export_reference(src: str | Path, dst: str | Path, fmt: str = "part_fvit") -> None:
     """lafs-fast model file -> reference layout: 'part_fvit' (flat state dict) or 'ssl' (teacher dict
-    with ``backbone.`` / ``head.`` prefixes, the part the reference's fine-tuning reads)."""
+    with ``backbone.`` / ``head.`` prefixes, the part the reference's fine-tuning reads). Settings the
+    reference cannot express are converted exactly or refused (:func:`reference_backbone`)."""
     f = read_model_file(src)
+    if fmt not in ("part_fvit", "ssl"):
+        raise ValueError(f"unknown export format {fmt!r}; choose part_fvit or ssl")
+    try:
+        backbone = reference_backbone(f["model"], f["backbone"], f["landmark_cnn"] is not None)
+    except ValueError as exc:
+        raise ValueError(f"{src}: {exc}") from None
+    if fmt == "part_fvit" and f["margin_head"] is not None and f.get("margin_head_kind") == "SoftmaxHead":
+        raise ValueError(
+            f"cannot export {src} as part_fvit: its margin head is a plain softmax classifier (the small preset's), "
+            "which the reference would read as CosFace / ArcFace centres; export with --format ssl (no margin head)"
+        )
     if fmt == "part_fvit":
-        out = dict(f["backbone"])
+        out = backbone
         if f["landmark_cnn"] is not None:
             out.update(f["landmark_cnn"])
         if f["margin_head"] is not None:
             out.update({f"loss.{k}": v for k, v in f["margin_head"].items()})
-    elif fmt == "ssl":
-        teacher = {f"backbone.{k}": v for k, v in f["backbone"].items()}
+    else:
+        teacher = {f"backbone.{k}": v for k, v in backbone.items()}
         if f["landmark_cnn"] is not None:
             teacher.update({f"backbone.{k}": v for k, v in f["landmark_cnn"].items()})
         if f["dino_head"] is not None:
             teacher.update({f"head.{k}": v for k, v in f["dino_head"].items()})
         out = {"teacher": teacher}
-    else:
-        raise ValueError(f"unknown export format {fmt!r}; choose part_fvit or ssl")
     atomic_save(out, dst)
 
 
@@ -380,4 +456,7 @@ def run(args: argparse.Namespace) -> int:
                 f"  backbone tensors {len(parts['backbone'])}; landmark CNN: {parts['landmark_cnn'] is not None}; "
                 f"margin head: {parts['margin_head'] is not None}; DINO head: {parts['dino_head'] is not None}"
             )
+            obj = parts
+        for part in ("backbone", "landmark_cnn", "margin_head", "dino_head"):  # after the summary: say what is wrong
+            check_finite(obj.get(part), f"{args.src}: {part}")
     return 0

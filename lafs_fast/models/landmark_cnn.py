@@ -90,7 +90,7 @@ class MobileNetV3Trunk(nn.Module):
 
     out_channels = 160
 
-    def __init__(self) -> None:
+    def __init__(self, reference_init: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = [
             nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), HardSwish())
@@ -100,6 +100,22 @@ class MobileNetV3Trunk(nn.Module):
             layers.append(Bottleneck(c, out, k, s, exp, se, nl))
             c = out
         self.features = nn.Sequential(*layers)
+        if reference_init:
+            self.reference_init()
+
+    @torch.no_grad()
+    def reference_init(self) -> None:
+        """Re-draw the weights as the reference's trunk does after building it (module order:
+        convolutions kaiming-normal fan-out, BatchNorm 1 / 0, linear layers N(0, 0.01)): with the same
+        seed before construction, the same initial weights as the reference's (lafs_fast.compat)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -136,15 +152,21 @@ class LandmarkCNN(nn.Module):
     """images (B, 3, S, S) in [-1, 1] -> coords (B, num_points, 2) px in [0, S - 1].
 
     State dict: ``stn.features.*`` (trunk) and ``output_layer.1.*`` (Linear(160, 2 * num_points)),
-    the reference's names.
+    the reference's names. ``reference_init``: the trunk's weights drawn as the reference draws them
+    (:meth:`MobileNetV3Trunk.reference_init`).
     """
 
     def __init__(
-        self, num_points: int = 196, image_size: int = 112, backbone: str = "mobilenetv3", dropout: float = 0.5
+        self,
+        num_points: int = 196,
+        image_size: int = 112,
+        backbone: str = "mobilenetv3",
+        dropout: float = 0.5,
+        reference_init: bool = False,
     ) -> None:
         super().__init__()
         if backbone == "mobilenetv3":
-            self.stn: nn.Module = MobileNetV3Trunk()
+            self.stn: nn.Module = MobileNetV3Trunk(reference_init)
         elif backbone.startswith("timm:"):
             self.stn = _TimmTrunk(backbone[5:])
         else:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from lafs_fast.config import config_to_dict
 from lafs_fast.io import atomic_save, safe_load
-from lafs_fast.models.checkpoints import TRAIN_FORMAT
+from lafs_fast.models.checkpoints import TRAIN_FORMAT, check_finite
 
 __all__ = [
     "RESUME_MAY_DIFFER",
@@ -55,6 +55,7 @@ RESUME_MAY_DIFFER = frozenset(
         "train.compile",
         "train.device",
         "train.dist_timeout_s",
+        "train.wandb",
         "data.workers",
         "data.loader",
         "model.attention",
@@ -84,6 +85,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{path} is not a lafs-fast training checkpoint (a model file cannot be resumed; use it with --init)"
         )
+    check_finite(obj.get("model"), f"{path}: model")  # a NaN weight resumed would train on as NaN
     return obj
 
 

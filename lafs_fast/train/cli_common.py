@@ -42,6 +42,7 @@ COMMON_FLAGS: tuple[tuple[str, str], ...] = (
     ("max_steps", "train.max_steps"),
     ("seed", "train.seed"),
     ("compile", "train.compile"),
+    ("wandb", "train.wandb"),
 )
 
 
@@ -82,7 +83,24 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="start a new run in an --out that holds an older one, deleting "
         "its checkpoints and logs (without it such an --out is refused)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (the log line every train.log_every steps stays: step, loss, lr, speed, ETA, memory)",
+    )
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        default=None,
+        help="also log the metrics to Weights & Biases (train.wandb; WANDB_MODE=offline keeps the run on disk)",
+    )
+    parser.add_argument(
+        "--no-memory-check",
+        dest="memory_check",
+        action="store_false",
+        help="run even when the estimated peak memory exceeds what the device has free (by default such a run is "
+        "refused before any model is built; lafs_fast/train/memory_guard.py)",
+    )
 
 
 def add_check_arguments(parser: argparse.ArgumentParser, flag: str) -> None:
@@ -150,7 +168,19 @@ def resolve_training_config(
     }
     flags.update(extra or {})
     overrides = [*(args.overrides or []), *(f"{k}={v}" for k, v in flags.items())]
-    return load_config(preset, args.config, overrides, defaults=stage_defaults(preset))
+    cfg = load_config(preset, args.config, overrides, defaults=stage_defaults(preset))
+    out = Path(cfg.train.out_dir)
+    # a default folder the user never named, planted as a link, would receive (and --overwrite delete) a run
+    if (
+        out.is_symlink()
+        and not any(o.startswith("train.out_dir=") for o in overrides)
+        and cfg.train.out_dir == load_config(preset, None, [], defaults=stage_defaults(preset)).train.out_dir
+    ):
+        raise FileExistsError(
+            f"the default output folder {out} is a symbolic link (to {os.readlink(out)}); pass --out {out} to "
+            "write there, or choose another --out"
+        )
+    return cfg
 
 
 def data_source(cfg: Config) -> str:
@@ -168,23 +198,44 @@ def launch_training(
     *,
     resume: str | None = None,
     overwrite: bool = False,
+    memory_check: bool = True,
 ) -> int:
     """Run ``worker(*worker_args)`` in ``train.gpus`` processes (one when under torchrun, which made
     them) and return the command's exit code: a non-finite loss or a failed rank is one line on stderr
     and 1; with several ranks, each rank's step count and parameter digest (``worker`` returns
-    ``{"steps", "digest"}``) are printed and ranks that disagree are an error."""
+    ``{"steps", "digest"}``) are printed and ranks that disagree are an error. ``memory_check``: a run
+    whose estimated peak memory exceeds what its device has free is refused before any model is built
+    (lafs_fast/train/memory_guard.py)."""
     from lafs_fast.launch import RankFailed, launch, under_torchrun
-    from lafs_fast.train.engine import NonFiniteLoss, Preempted
     from lafs_fast.train.run_folder import check_run_folder
 
     if not under_torchrun() or os.environ.get("RANK") == "0":  # rank 0 writes; another node's check would race
         check_run_folder(cfg.train.out_dir, resume, overwrite)  # before any work (the engine checks again, locked)
     nprocs = _process_count(cfg)
+    if memory_check:
+        _check_cpu_memory(prog, cfg, nprocs)
+    from lafs_fast.train.engine import NonFiniteLoss, Preempted  # loads torch's compiler: after the check
+
     try:
         results = launch(worker, worker_args, nprocs)
     except (NonFiniteLoss, Preempted, RankFailed) as exc:
         return _failure_exit(prog, exc)
     return _report_ranks(prog, results, digest_what)
+
+
+def _check_cpu_memory(prog: str, cfg: Config, nprocs: int) -> None:
+    """A CPU run's memory guard, before the engine's imports load torch's compiler (seconds, not tens);
+    the processes of this machine share its RAM. A GPU run checks in each worker, on its GPU (a CUDA
+    context made here would stay on GPU 0 for the whole job)."""
+    import torch
+
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        return
+    from lafs_fast.train.memory_guard import guard_process
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", nprocs))
+    rank0 = os.environ.get("RANK", "0") == "0"
+    guard_process(cfg, prog, torch.device("cpu"), data_source(cfg), processes=local, warn=rank0)
 
 
 def _process_count(cfg: Config) -> int:
@@ -286,6 +337,8 @@ class TrainingJob:
     def __init__(self, cfg: Config, opts: dict[str, Any], info: Any, precision: str) -> None:
         self.cfg, self.opts, self.info, self.precision = cfg, opts, info, precision
         self.stage: Any = None
+        self.engine: Any = None  # the run's Engine, once made (its log_record takes the checks' figures)
+        self.faces: Any = None  # the k-NN check's faces (rank 0, check on)
 
     def setup(self) -> Any:
         """This job's loader; sets ``self.stage`` (and may refine ``self.cfg``, e.g. the architecture
@@ -328,10 +381,15 @@ def run_job(job_cls: type[TrainingJob], cfg_dict: dict[str, Any], opts: dict[str
     from lafs_fast.config import config_from_dict
     from lafs_fast.launch import resolve_precision
     from lafs_fast.train.engine import Engine, barrier
+    from lafs_fast.train.progress import check_record
 
     cfg = config_from_dict(cfg_dict)
     with training_process(cfg) as info:
         job = job_cls(cfg, opts, info, resolve_precision(cfg.train.precision, info.device), *args)
+        if opts.get("memory_check", True) and info.device.type == "cuda":  # its GPU, before any model is built
+            from lafs_fast.train.memory_guard import guard_process
+
+            guard_process(job.cfg, job.prog, info.device, data_source(job.cfg), warn=info.is_main)
         loader = job.setup()
         torch.manual_seed(job.cfg.train.seed + 1_000 * info.rank)  # dropout / drop-path streams differ per rank
         for line in job.describe(loader):
@@ -350,9 +408,12 @@ def run_job(job_cls: type[TrainingJob], cfg_dict: dict[str, Any], opts: dict[str
             overwrite=opts.get("overwrite", False),
             precision=job.precision,
         )  # claims the run folder before anything is written there
+        job.engine = engine
+        if before is not None:  # the check before training, on the curves at step 0
+            engine.log_record(check_record(before), step=0)
         job.before_fit(engine)
         log.info(plan_line(job.prog, engine, job.cfg))
-        result = engine.fit()
+        result = engine.fit(keep_metrics_open=True)  # what is measured after the run joins the curves
         summary: dict[str, Any] = {
             "rank": info.rank,
             "steps": result.steps,
@@ -367,6 +428,7 @@ def run_job(job_cls: type[TrainingJob], cfg_dict: dict[str, Any], opts: dict[str
             if faces is not None:
                 summary.update(_check_after(job, faces, before))
             write_summary(out, summary)
+        engine.metrics.close()
         barrier(info)
         return summary
 
@@ -376,6 +438,7 @@ def _check_before(job: TrainingJob) -> tuple[Any, dict[str, float] | None]:
     from lafs_fast.eval.knn import format_check
 
     faces = job.check_faces() if job.opts.get(job.check_opt) and job.info.is_main else None
+    job.faces = faces
     if faces is None or job.opts.get("resume"):
         return faces, None
     before = job.check(faces)
@@ -386,8 +449,10 @@ def _check_before(job: TrainingJob) -> tuple[Any, dict[str, float] | None]:
 def _check_after(job: TrainingJob, faces: Any, before: dict[str, float] | None) -> dict[str, Any]:
     """The check after training, beside the one before and the raw-pixel floor; their summary keys."""
     from lafs_fast.eval.knn import pixel_floor, report_lines
+    from lafs_fast.train.progress import check_record
 
     after = job.check(faces)
+    job.engine.log_record(check_record(after))  # at the step reached
     floor = pixel_floor(faces)
     for line in report_lines(before, after, faces, floor):
         log.info(f"[{job.prog}] {line}")

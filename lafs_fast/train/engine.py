@@ -13,7 +13,11 @@ through the small :class:`Stage` interface; the engine owns everything else:
   ``torch.compile`` of the stage's modules (``train.compile``; regional for the fViT: each block
   compiled, one graph shared by all blocks per shape);
 - DDP when the process group has several ranks; rank 0 alone logs and writes;
-- a tqdm progress bar (samples/s, ETA), a JSONL metrics log (and TensorBoard when installed);
+- a tqdm progress bar (samples/s, ETA) and, every ``train.log_every`` steps, one log line (step,
+  epoch, smoothed loss, lr, the stage's health keys, speed, data wait, ETA, peak memory:
+  ``progress.py``), bar or no bar; a JSONL metrics log (and TensorBoard when installed, W&B with
+  ``train.wandb``) that also takes the measurements made beside the steps (:meth:`Engine.log_record`,
+  e.g. a validation) and periodic checks on rank 0 (:meth:`Engine.every`);
 - checkpoints written atomically (keep the last ``train.keep_last`` and every ``train.keep_every``-th
   epoch's), and resume that continues the same trajectory bit for bit on the CPU: model,
   optimiser, step (so every schedule), stage state (teacher, centre), RNG states and the loader's
@@ -51,15 +55,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import yaml
 from tqdm import tqdm
 
-from lafs_fast.config import Config, config_to_dict
+from lafs_fast.config import Config, config_to_dict, config_yaml
 from lafs_fast.io import atomic_write_bytes
 from lafs_fast.launch import DistInfo, resolve_precision
 from lafs_fast.logs import log_to_file
 from lafs_fast.train import checkpointing
-from lafs_fast.train.run_folder import MetricsLog, RunLock, check_run_folder
+from lafs_fast.train.progress import ProgressMeter
+from lafs_fast.train.run_folder import MetricsLog, RunLock, check_no_links, check_run_folder
 
 __all__ = [
     "Stage",
@@ -265,7 +269,7 @@ class Stage:
         its rows back on resume. Default: none."""
         return {}
 
-    # metrics of a step shown beside the loss on the progress bar
+    # metrics of a step shown beside the loss on the progress bar and (averaged) in the log line
     progress_keys: tuple[str, ...] = ()
 
     def check_health(self, step: int, record: dict[str, float]) -> str | None:
@@ -313,6 +317,7 @@ class _Window:
     since: float = field(default_factory=time.perf_counter)
     unchecked: tuple[int, int, dict[str, Any]] | None = None  # (step, epoch, record) whose loss is on the device
     last_loss: float = math.nan
+    meter: ProgressMeter | None = None  # the periodic log line's sums (progress.py)
 
 
 class Engine:
@@ -376,18 +381,19 @@ class Engine:
         self.last_checkpoint: Path | None = None
         self.history: list[dict[str, float]] = []
         self._checked: dict[str, Any] = {}  # the latest step record on the host
-        self.metrics = MetricsLog(self.out_dir, dist.is_main)
+        self.metrics = MetricsLog(self.out_dir, dist.is_main, config_to_dict(cfg) if cfg.train.wandb else None)
+        self._periodic: list[tuple[int, Callable[[int], None]]] = []  # (every n steps, fn(step)) on rank 0
+        self._meter: ProgressMeter | None = None
         if resume is not None:
             checkpointing.resume(self, resume)
         if dist.is_main:
-            atomic_write_bytes(
-                yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode(), self.out_dir / "config.yaml"
-            )
+            atomic_write_bytes(config_yaml(cfg).encode(), self.out_dir / "config.yaml")  # = `config show`
 
     def _claim_folder(self, resume: str | Path | None, overwrite: bool) -> None:
         """Rank 0: lock ``out_dir`` (another run's files refused or, with ``overwrite``, deleted) and
         send the run's lines to its train.log."""
         self._lock = RunLock(self.out_dir)
+        check_no_links(self.out_dir)  # a planted link to a victim: refused before anything is written or deleted
         old = self._lock.replace_old_run() if resume is None and overwrite else []
         check_run_folder(self.out_dir, None if resume is None else str(resume))
         log_to_file(self.out_dir / "train.log")  # what the run says, also in the folder (logs.py)
@@ -444,6 +450,19 @@ class Engine:
         self.history.append(record)
         self.metrics.add(record)  # metrics.jsonl (rank 0)
 
+    def log_record(self, record: dict[str, float], step: int | None = None) -> None:
+        """A measurement made beside the training steps (a validation, a k-NN check) into metrics.jsonl,
+        TensorBoard and W&B at ``step`` (default: the step reached), beside the step records (rank 0)."""
+        self.metrics.add({"step": self.step if step is None else step, **record})
+
+    def every(self, steps: int, fn: Callable[[int], None]) -> None:
+        """Call ``fn(step)`` on rank 0 after every ``steps``-th optimiser step (``step`` counted from 1,
+        as metrics.jsonl counts it), after that step's log line and checkpoint. The other ranks go on
+        and wait for rank 0 at the next collective (within ``train.dist_timeout_s``)."""
+        if steps < 1:
+            raise ValueError(f"a periodic check runs every >= 1 steps, not {steps}")
+        self._periodic.append((steps, fn))
+
     # ---------------------------------------------------------------- the loop
 
     def _autocast(self):
@@ -469,17 +488,20 @@ class Engine:
         self.loader.set_epoch(epoch)
         return iter(self.loader)
 
-    def fit(self) -> FitResult:
+    def fit(self, keep_metrics_open: bool = False) -> FitResult:
         """Train to the end of the plan (or ``train.max_steps``); checkpoint at epoch ends (every
         ``train.ckpt_every_epochs``), every ``train.ckpt_every_steps`` and at the end. SIGTERM writes a
-        checkpoint of the step reached and raises :class:`Preempted`."""
+        checkpoint of the step reached and raises :class:`Preempted`. The metrics log is closed at the
+        end, unless ``keep_metrics_open`` (the caller logs what it measures after the run, then calls
+        ``engine.metrics.close()``); an error closes it either way."""
         t_start = time.perf_counter()
         plan, max_steps = self.plan, self.cfg.train.max_steps
         stop = plan.total_steps if max_steps <= 0 else min(max_steps, plan.total_steps)
         look = {"disable": not self.progress, "unit": "step", "dynamic_ncols": True, "desc": self.stage.name}
         bar = tqdm(total=stop, initial=self.step, **look)
         self.model.train()
-        window = _Window(bar, saved_at=self.step)
+        self._meter = ProgressMeter(self.stage.progress_keys, stop, plan.epochs, self.device)
+        window = _Window(bar, saved_at=self.step, meter=self._meter)
         term = [False]  # set by SIGTERM while training (see _sigterm_handler)
         restore = _sigterm_handler(term)
         try:
@@ -490,9 +512,13 @@ class Engine:
                     self._step_and_report(batches, epoch, stop, window, term)
             if window.saved_at != self.step:
                 self.save_checkpoint(self.step % plan.steps_per_epoch == 0)
+        except BaseException:
+            self.metrics.close()
+            raise
         finally:
             restore()
             bar.close()
+        if not keep_metrics_open:
             self.metrics.close()
         epochs_done = self.step // plan.steps_per_epoch
         return FitResult(self.step, epochs_done, self.last_checkpoint, self.history, time.perf_counter() - t_start)
@@ -508,6 +534,7 @@ class Engine:
             window.last_loss = self._check_loss(*window.unchecked)
         window.unchecked = (self.step, epoch, record)
         window.samples += record.pop("_samples")
+        window.meter.add_step(record.pop("_data_wait"))
         self.step += 1
         window.bar.update(1)
         now = time.perf_counter()
@@ -523,12 +550,22 @@ class Engine:
         if log_now:
             record.update(step=self.step, epoch=epoch, samples_per_s=rate)
             self._log_metrics(record)
+            self._log_line(window.meter.line(self.step, epoch, record["lr"], rate, now - window.since))
             window.samples, window.since = 0, now
         if due:
             self.save_checkpoint(epoch_end)
             window.saved_at = self.step
+        self._run_periodic()
         if self._stop_requested(term, log_now or due):
             self._preempt(window, epoch, epoch_end)
+
+    def _run_periodic(self) -> None:
+        """Rank 0: the checks due after this step (:meth:`every`); their time counts in the next log
+        line's speed and ETA (they are part of what the run takes)."""
+        if self.dist.is_main:
+            for n, fn in self._periodic:
+                if self.step % n == 0:
+                    fn(self.step)
 
     def _checkpoint_due(self, epoch_end: bool) -> bool:
         """Whether the step just done ends with a checkpoint (``train.ckpt_every_epochs`` / ``_steps``)."""
@@ -571,6 +608,8 @@ class Engine:
                 f"last good checkpoint: {self.last_checkpoint or 'none'}"
             )
         self._checked = record
+        if self._meter is not None:
+            self._meter.add_record(record)
         warning = self.stage.check_health(step + 1, record)
         if warning:
             self._log_line(warning)
@@ -583,14 +622,16 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         total_loss: torch.Tensor | float = 0.0
         metrics_sum: dict[str, Any] = {}
-        samples = 0
+        samples, waited = 0, 0.0
         for micro in range(plan.accumulation):
+            t0 = time.perf_counter()
             try:
                 batch = next(batches)
             except StopIteration:
                 raise RuntimeError(
                     f"the loader ran out of batches at step {step} (epoch {epoch}); it yielded fewer than len(loader)"
                 ) from None
+            waited += time.perf_counter() - t0  # the loop's wait for the loader (the log line's data time)
             ctx = StepContext(step, epoch, micro, self._seed(step, micro), values, self.dist, self._autocast)
             sync = micro == plan.accumulation - 1 or not isinstance(self.model, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.model.no_sync():
@@ -611,7 +652,7 @@ class Engine:
             # an all-reduce queued on the device, read with the rest of the record one step late
             dist.all_reduce(total_loss)
             total_loss = total_loss / self.dist.world_size
-        return {"loss": total_loss, **values, **metrics_sum, "_samples": samples}
+        return {"loss": total_loss, **values, **metrics_sum, "_samples": samples, "_data_wait": waited}
 
 
 def barrier(info: DistInfo) -> None:

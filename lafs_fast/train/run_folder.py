@@ -9,21 +9,31 @@
   in the folder. A second run into the same folder at the same time is refused naming the first's
   pid; the kernel drops the lock when the holder dies (kill -9 included), so it is never stale.
   Under the lock, temporary files of killed writes are cleared.
-- :class:`MetricsLog`: the run's ``metrics.jsonl`` (and TensorBoard's ``tb/`` when it is installed).
+- Nothing is written through a link planted in the folder (a shared scratch folder is where this
+  happens): the lock is opened with ``O_NOFOLLOW`` and must be a plain file of one name, and
+  :func:`check_no_links` refuses a run file or ``tb/`` that is a symbolic link before anything is
+  written or deleted (``--overwrite`` included). ``--out`` itself may be a link: the user named it.
+- :class:`MetricsLog`: the run's ``metrics.jsonl`` (and TensorBoard's ``tb/`` when it is installed,
+  W&B with ``train.wandb``).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
 from lafs_fast.io import remove_stale_temporaries
 
-__all__ = ["RUN_FILES", "RunLock", "MetricsLog", "check_run_folder", "run_files"]
+__all__ = ["RUN_FILES", "RunLock", "MetricsLog", "check_no_links", "check_run_folder", "run_files"]
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lafs-fast.lock"
 # what a run writes (checkpoints by pattern); a folder holding any of these holds a run
@@ -40,15 +50,30 @@ RUN_FILES = (
 
 
 def run_files(out_dir: str | Path) -> list[Path]:
-    """The files (and the TensorBoard folder) of a run in ``out_dir``, checkpoints first."""
+    """The files (and the TensorBoard / W&B folders) of a run in ``out_dir``, checkpoints first."""
     d = Path(out_dir)
     if not d.is_dir():
         return []
     found = sorted(p for p in d.iterdir() if p.name.startswith("ckpt-") and p.suffix in (".pt", ".keep"))
     found += [d / n for n in RUN_FILES if (d / n).exists()]
-    if (d / "tb").is_dir():
-        found.append(d / "tb")
+    found += sorted(d.glob("teacher-*.pt"))  # pretrain --save-teacher-every
+    found += [d / n for n in ("tb", "wandb") if (d / n).is_dir()]
     return found
+
+
+def check_no_links(out_dir: str | Path) -> None:
+    """Refuse a run file, checkpoint or ``tb/`` of ``out_dir`` that is a symbolic link: the run would
+    append to, write into or delete what it points at (one sentence naming both)."""
+    d = Path(out_dir)
+    if not d.is_dir():
+        return
+    names = {*RUN_FILES, "tb", LOCK_NAME}
+    for p in sorted(d.iterdir()):
+        if p.is_symlink() and (p.name in names or p.name.startswith("ckpt-")):
+            raise FileExistsError(
+                f"{p} is a symbolic link (to {os.readlink(p)}) and a run never writes through one; delete the link "
+                "or choose another --out"
+            )
 
 
 def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool = False) -> None:
@@ -62,6 +87,26 @@ def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool = 
             f"{out_dir} already holds a run ({names}); continue it with --resume, replace it with --overwrite, "
             "or choose another --out"
         )
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file's descriptor, never through a link: ``O_NOFOLLOW``, and a plain file with one name
+    (a hard link to a victim file would have its contents replaced by our pid line)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        why = f"a symbolic link (to {os.readlink(path)})"
+    else:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            return fd
+        os.close(fd)
+        why = f"a file with {st.st_nlink} names (hard links)" if stat.S_ISREG(st.st_mode) else "not a plain file"
+    raise FileExistsError(
+        f"the run lock {path} is {why}, which lafs-fast never writes through; delete it and run again"
+    )
 
 
 class RunLock:
@@ -81,7 +126,7 @@ class RunLock:
             held[1] += 1
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -99,6 +144,7 @@ class RunLock:
 
     def replace_old_run(self) -> list[Path]:
         """Delete the files of an older run in the folder (``--overwrite``); returns what was deleted."""
+        check_no_links(self.path.parent)  # all checked before anything is deleted
         found = run_files(self.path.parent)
         for p in found:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -121,33 +167,72 @@ class RunLock:
         self.release()
 
 
-class MetricsLog:
-    """The step records of a run: one JSON line each in ``out_dir/metrics.jsonl``, and TensorBoard
-    scalars in ``out_dir/tb`` when tensorboard is installed. Only a process with ``write`` (rank 0)
-    writes anything."""
+def _no_follow(path: str, flags: int) -> int:
+    """``open(..., opener=_no_follow)``: the file, never a link's target (ELOOP for a link)."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
 
-    def __init__(self, out_dir: str | Path, write: bool) -> None:
+
+class MetricsLog:
+    """The run's records: one JSON line each in ``out_dir/metrics.jsonl``, the same keys as TensorBoard
+    scalars in ``out_dir/tb`` when tensorboard is installed (``pip install 'lafs-fast[tensorboard]'``),
+    and in a W&B run with ``wandb_config`` (``train.wandb``: the run's config dict; W&B files in
+    ``out_dir/wandb``). Every record has a ``step``; step records also an ``epoch``. Only a process
+    with ``write`` (rank 0) writes anything."""
+
+    def __init__(self, out_dir: str | Path, write: bool, wandb_config: dict | None = None) -> None:
         self.out_dir, self.write = Path(out_dir), write
         self._tb = None  # None: not opened yet; False: tensorboard missing
+        self._wandb_config = wandb_config
+        self._wandb = None  # the W&B run once opened
+        if write and wandb_config is not None:
+            from lafs_fast.errors import require_extra
+
+            require_extra("train.wandb", "wandb", "wandb")  # one sentence before the run, not after a step
 
     def add(self, record: dict[str, float]) -> None:
         if not self.write:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
+        with open(self.out_dir / "metrics.jsonl", "a", opener=_no_follow) as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if k not in ("step", "epoch")}
+        step = int(record["step"])
         if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.out_dir / "tb"))
-            except Exception:  # tensorboard not installed: the JSONL log is the record
-                self._tb = False
+            self._tb = self._open_tensorboard()
         if self._tb:
-            for k, v in record.items():
-                if k not in ("step", "epoch"):
-                    self._tb.add_scalar(k, v, record["step"])
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb_config is not None:
+            if self._wandb is None:
+                self._wandb = self._open_wandb()
+            self._wandb.log(scalars, step=step)
+
+    def _open_tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception as exc:  # noqa: BLE001 - missing or broken: the JSONL log is the record; say so once
+            log.info(
+                f"TensorBoard is not available ({type(exc).__name__}): metrics.jsonl only "
+                "(pip install 'lafs-fast[tensorboard]')"
+            )
+            return False
+        return SummaryWriter(str(self.out_dir / "tb"))
+
+    def _open_wandb(self):
+        import wandb
+
+        return wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "lafs-fast"),
+            name=self.out_dir.resolve().name,
+            dir=str(self.out_dir),
+            config=self._wandb_config,
+        )
 
     def close(self) -> None:
+        """Flush and close TensorBoard's writer and finish the W&B run (idempotent)."""
         if self._tb:
             self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

@@ -215,10 +215,8 @@ class SupervisedStage(Stage):
         self.last_loss = (loss.detach(), ce.detach())
         return loss, metrics
 
-    def after_optimizer_step(self, model: nn.Module, ctx: StepContext) -> None:
-        every = self.cfg.finetune.val_every
-        if self.val_sets and every > 0 and (ctx.step + 1) % every == 0 and self.is_main:
-            self.validate(ctx.step + 1)
+    # the log line's health keys: the nearest class centre is the label's, and it wins by the margin
+    progress_keys = ("train_acc", "margin_acc")
 
     # -- verification during training
 

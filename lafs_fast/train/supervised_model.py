@@ -21,7 +21,14 @@ from lafs_fast.sampling import grid_landmarks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ARCH_FIELDS", "layer_id", "supervised_param_groups", "read_weights", "build_supervised_model"]
+__all__ = [
+    "ARCH_FIELDS",
+    "layer_id",
+    "supervised_param_groups",
+    "read_weights",
+    "init_architecture",
+    "build_supervised_model",
+]
 
 # ModelConfig fields that fix the architecture (taken from a loaded backbone, not from the preset)
 ARCH_FIELDS = ("dim", "depth", "heads", "head_dim", "mlp_dim", "num_patches", "patch_size", "attn_scale", "image_size")
@@ -112,13 +119,7 @@ def _init_weights(cfg: Config, init: str, landmarks: str | None) -> tuple[Any, A
     w = read_weights(init)
     if w["backbone"] is None:
         raise ValueError(f"{init} holds no fViT backbone")
-    changed = [
-        f"{k} {getattr(cfg.model, k)} -> {getattr(w['model'], k)}"
-        for k in ARCH_FIELDS
-        if getattr(cfg.model, k) != getattr(w["model"], k)
-    ]
-    for k in ARCH_FIELDS:
-        setattr(cfg.model, k, getattr(w["model"], k))
+    changed = _take_architecture(cfg, w["model"])
     if changed:
         log.info(f"[supervised] architecture from {w['source']}: {', '.join(changed)}")
     log.info(f"[supervised] fViT from {w['source']}")
@@ -127,6 +128,31 @@ def _init_weights(cfg: Config, init: str, landmarks: str | None) -> tuple[Any, A
         landmark_sd = w["landmark_cnn"]
         log.info(f"[supervised] landmark CNN from {init}")
     return w["backbone"], landmark_sd
+
+
+def _take_architecture(cfg: Config, model: ModelConfig) -> list[str]:
+    """Set ``cfg.model``'s ARCH_FIELDS to ``model``'s; the changes, as 'dim 192 -> 768'."""
+    changed = [
+        f"{k} {getattr(cfg.model, k)} -> {getattr(model, k)}"
+        for k in ARCH_FIELDS
+        if getattr(cfg.model, k) != getattr(model, k)
+    ]
+    for k in ARCH_FIELDS:
+        setattr(cfg.model, k, getattr(model, k))
+    return changed
+
+
+def init_architecture(cfg: Config) -> Config:
+    """``cfg`` with the fViT architecture of its ``finetune.init`` weights (a copy; ``cfg`` itself
+    when there are none): what the run builds, so what it writes to config.yaml, what `config show`
+    prints and what the memory guard measures (a preset's shape gives way to the loaded weights')."""
+    if not cfg.finetune.init:
+        return cfg
+    if not Path(cfg.finetune.init).is_file():
+        raise FileNotFoundError(f"--init {cfg.finetune.init} (finetune.init) does not exist")
+    cfg = copy.deepcopy(cfg)
+    _take_architecture(cfg, read_weights(cfg.finetune.init)["model"])
+    return cfg
 
 
 def _landmark_weights(landmarks: str) -> Any:

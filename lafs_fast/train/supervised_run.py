@@ -147,11 +147,15 @@ _STAGE_FLAGS = (
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """Preset (small without --data, else reference) <- stage defaults <- --config <- key=value <- flags."""
+    """Preset (small without --data, else reference) <- stage defaults <- --config <- key=value <- flags,
+    then the fViT architecture of ``--init``'s weights (what the run builds and writes to config.yaml)."""
     extra = {}
     if args.head == "arcface" and not any(str(o).startswith("finetune.margin=") for o in args.overrides or []):
         extra["finetune.margin"] = 0.5  # ArcFace's usual margin unless given
-    return cli_common.resolve_training_config(args, _STAGE_FLAGS, stage_defaults, extra)
+    cfg = cli_common.resolve_training_config(args, _STAGE_FLAGS, stage_defaults, extra)
+    from lafs_fast.train.supervised_model import init_architecture
+
+    return init_architecture(cfg)  # the shape of --init's weights, as the worker builds it
 
 
 def parse_subset(spec: str) -> dict[str, Any]:
@@ -245,6 +249,7 @@ def run(args: argparse.Namespace, stage: int) -> int:
         "check": cli_common.check_enabled(cfg, args.check, args.knn_data),
         "knn_data": args.knn_data,
         "progress": not args.no_progress,
+        "memory_check": args.memory_check,
     }
     return cli_common.launch_training(
         PROG[stage],
@@ -254,6 +259,7 @@ def run(args: argparse.Namespace, stage: int) -> int:
         digest_what="shared parameters",
         resume=args.resume,
         overwrite=args.overwrite,
+        memory_check=args.memory_check,
     )
 
 
@@ -361,7 +367,19 @@ class SupervisedJob(cli_common.TrainingJob):
 
     def before_fit(self, engine: Any) -> None:
         if self.val_sets and self.info.is_main and not self.opts.get("resume"):
-            self.val_before = self.stage.validate(0)  # the starting point (and best.pt until training beats it)
+            self.val_before = self.validate(0)  # the starting point (and best.pt until training beats it)
+        if self.val_sets and self.cfg.finetune.val_every > 0:
+            engine.every(self.cfg.finetune.val_every, self.validate)
+
+    def validate(self, step: int) -> dict[str, float]:
+        """The ``--val`` sets' accuracy (%) at ``step`` (rank 0), into metrics.jsonl as ``val/<set>``
+        (and ``val/mean`` with several sets)."""
+        acc = self.stage.validate(step)
+        record = {f"val/{name}": v for name, v in acc.items()}
+        if len(acc) > 1:
+            record["val/mean"] = round(sum(acc.values()) / len(acc), 3)
+        self.engine.log_record(record, step)
+        return acc
 
     def digest(self) -> str:
         return _shared_digest(self.model, self.stage.sharded)
@@ -390,7 +408,7 @@ class SupervisedJob(cli_common.TrainingJob):
         for line in lines:
             log.info(f"[{self.prog}] {line}")
         if self.val_sets:
-            acc = st.val.last if st.val.last_step == result.steps else st.validate(result.steps)
+            acc = st.val.last if st.val.last_step == result.steps else self.validate(result.steps)
             summary["verification"] = acc
             summary["verification_before"] = self.val_before
             summary["best"] = {"mean": st.val.best, "step": st.val.best_step}
