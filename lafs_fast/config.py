@@ -399,6 +399,8 @@ def _to_int(key: str, value: Any) -> int:
         f = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
         f = math.nan
+    except OverflowError:  # an integer past float's range: no field holds one
+        raise ValueError(f"config key {key!r} expects an integer, got one of {len(str(value))} digits") from None
     if not f.is_integer():  # a bool, a non-number, a fraction (nan and inf are not integers either)
         raise ValueError(f"config key {key!r} expects an integer, got {value!r}")
     return int(f)
@@ -409,6 +411,8 @@ def _to_float(key: str, value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"config key {key!r} expects a number, got {value!r}") from None
+    except OverflowError:  # an integer past float's range
+        return math.inf if value > 0 else -math.inf
 
 
 def _to_str(key: str, value: Any) -> str:
@@ -506,6 +510,34 @@ def _flatten(d: dict[str, Any], where: str) -> dict[str, Any]:
     return flat
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases (``*name``): a config never needs them, and nested
+    aliases make a file of a few hundred bytes expand to gigabytes (a "billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # (Node | None, Any) -> Node | None
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"uses the alias *{event.anchor}; write the value out instead", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document of ``path`` (aliases refused), or a ValueError naming the file."""
+    try:
+        return yaml.load(path.read_text(), Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        if isinstance(exc, RecursionError):
+            why = "it nests too deeply"
+        elif isinstance(exc, yaml.MarkedYAMLError) and mark is not None:  # its str() spans several lines
+            why = f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
+        else:
+            why = " ".join(str(exc).split(";")[0].split())  # one line (a reader error spans two)
+        raise ValueError(f"config file {path} is not valid YAML: {why}") from None
+
+
 def load_config(
     preset: str = "reference",
     yaml_path: str | Path | None = None,
@@ -523,10 +555,7 @@ def load_config(
         path = Path(yaml_path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+        data = _read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections")
         data.pop("preset", None)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,10 +78,12 @@ class LandmarkSidecar:
             z = load_sidecar_arrays(path)
             keys, points = np.asarray(z["keys"], dtype=np.int64), np.asarray(z["points"], dtype=np.float32)
             detector = str(z["detector"]) if "detector" in z else "unknown"
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        # zlib: a bad deflate stream; NotImplementedError: a zip method or version zipfile lacks;
+        # RuntimeError: an encrypted member
+        except (OSError, ValueError, KeyError, EOFError, RuntimeError, zipfile.BadZipFile, zlib.error) as exc:
             raise ValueError(
-                f"{path} is not a landmark sidecar ({type(exc).__name__}: {exc}); remake it with `lafs-fast data "
-                "landmarks REC`"
+                f"{path} is not a landmark sidecar ({type(exc).__name__}: {' '.join(str(exc).split())}); remake it "
+                "with `lafs-fast data landmarks REC`"
             ) from None
         if points.ndim != 3 or points.shape[2] != 2 or points.shape[0] != keys.shape[0]:
             raise ValueError(f"{path}: points must be (N, P, 2) with N = {keys.shape[0]} keys, got {points.shape}")

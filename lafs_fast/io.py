@@ -27,6 +27,8 @@ __all__ = [
     "atomic_save",
     "atomic_write_bytes",
     "safe_load",
+    "check_unpacked_size",
+    "MAX_LOAD_ENV",
     "check_writable_dir",
     "check_output_file",
     "remove_stale_temporaries",
@@ -128,6 +130,69 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return stale
 
 
+MAX_LOAD_ENV = "LAFS_FAST_MAX_LOAD_BYTES"  # overrides the cap of check_unpacked_size (bytes)
+_MIN_LOAD_CAP = 64 << 20  # a small compressed archive may still unpack to this much
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_unpacked_size(path: str | Path, what: str = "checkpoint", *, stored_too: bool = True) -> None:
+    """Refuse a zip archive (a PyTorch checkpoint, an ``.npz``) whose members unpack to more than a
+    cap, before anything is unpacked: a small deflated file can otherwise claim gigabytes of memory.
+
+    The sizes are the central directory's declared ones, which are what the readers allocate (and
+    read no further than). Cap: ``$LAFS_FAST_MAX_LOAD_BYTES`` when set, else 4x the file's size
+    (what PyTorch writes is stored, not compressed, so it unpacks to about its own size) and at
+    least 64 MiB, and never more than the memory available. A file that is not a zip is left to
+    its reader. ``stored_too=False`` counts only compressed members (a reader that memory-maps the
+    stored ones, such as the landmark sidecar's, holds no copy of them)."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            total = sum(
+                max(0, info.file_size)
+                for info in zf.infolist()
+                if stored_too or info.compress_type != zipfile.ZIP_STORED
+            )
+    except (zipfile.BadZipFile, OSError):  # not a zip (a legacy checkpoint), or unreadable: its reader says
+        return
+    except (NotImplementedError, ValueError, EOFError) as exc:  # a zip whose sizes cannot be read: unchecked
+        raise ValueError(
+            f"refusing to load {what} {path}: its zip directory cannot be read ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())}), so its unpacked size cannot be checked; it is damaged or crafted"
+        ) from None
+    env = os.environ.get(MAX_LOAD_ENV, "").strip()
+    if env:
+        try:
+            cap = int(float(env))
+        except ValueError:
+            raise ValueError(f"{MAX_LOAD_ENV}={env!r} is not a number of bytes; unset it or give one") from None
+        why = f"{MAX_LOAD_ENV}"
+    else:
+        cap = max(4 * path.stat().st_size, _MIN_LOAD_CAP)
+        why = "4x its size on disk, at least 64 MiB"
+        avail = _available_memory()
+        if avail is not None and avail < cap:
+            cap, why = avail, "the memory available now"
+    if total > cap:
+        raise ValueError(
+            f"refusing to load {what} {path}: its contents unpack to {total / 2**20:.0f} MiB, more than the "
+            f"{cap / 2**20:.0f} MiB allowed ({why}), so it is crafted or damaged; set {MAX_LOAD_ENV} to a larger "
+            "number of bytes only for a file you trust"
+        )
+
+
 # torch's wording: "Unsupported global: GLOBAL argparse.Namespace was not an allowed global ..." (older:
 # "... GLOBAL x.y ..."): the name after the GLOBAL opcode, never the opcode itself; a type built from an
 # allowed global: "Can only build Tensor, ... allowlisted via `add_safe_globals`, but got <class 'x.y'>"
@@ -153,10 +218,12 @@ def _reference_globals() -> list:
 def safe_load(path: str | Path) -> Any:
     """``torch.load(weights_only=True)`` on the CPU (tensors, plain Python values and
     :func:`_reference_globals`), with one readable sentence on failure; a file that asks for any other
-    Python global is refused naming that global."""
+    Python global is refused naming that global, one that would unpack to more than
+    :func:`check_unpacked_size` allows is refused before it is read."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    check_unpacked_size(path)
     try:
         with torch.serialization.safe_globals(_reference_globals()), warnings.catch_warnings():
             # torch's note on an unusual pickle protocol: the refusal below says it

@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import io
 import os
+import tokenize
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from lafs_fast.io import check_unpacked_size
 
 ARCFACE_112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
@@ -100,6 +103,7 @@ class BlazeFaceKeypoints:
 
         pth, anchors = find_weights(("blazeface.pth", "anchors.npy"), weights, "BlazeFace")
         self.net = BlazeFace(back_model=False)
+        check_unpacked_size(pth, "weights")  # a user's --weights folder: no zip bomb
         self.net.load_state_dict(torch.load(pth, map_location="cpu", weights_only=True))
         self.net.load_anchors_from_npy(np.load(anchors), device)
         self.net.min_score_thresh = min_score
@@ -153,6 +157,7 @@ class FanLandmarks:
         self.net = FAN(4)
         if not random_init:
             (path,) = find_weights((FAN_FILE,), weights, "FAN 68-point")
+            check_unpacked_size(path, "weights")
             self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.net.to(device).eval()
         self.device = device
@@ -399,13 +404,31 @@ def write_sidecar(
     return path
 
 
+def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:  # (binary file at a .npy) -> (shape, fortran, dtype)
+    """The shape, order and dtype of the ``.npy`` that starts at ``f``'s position (format 1.0 or 2.0,
+    what ``np.savez`` writes); ValueError for anything else."""
+    read_header = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }.get(np.lib.format.read_magic(f))
+    if read_header is None:
+        raise ValueError("a member is not a .npy of format 1.0 or 2.0")
+    try:
+        return read_header(f)
+    except (SyntaxError, tokenize.TokenError) as exc:  # numpy parses the header as a Python literal
+        raise ValueError(f"a member's .npy header is damaged ({type(exc).__name__})") from None
+
+
 def load_sidecar_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` (a landmark sidecar), each uncompressed member memory-mapped
     read-only instead of read (``np.load``'s ``mmap_mode`` does not apply to .npz): loading 4.2 M
     faces holds no copy; pages are read as rows are used. Compressed members and object arrays
-    are read as ``np.load`` does (``allow_pickle=False``)."""
+    are read as ``np.load`` does (``allow_pickle=False``), each only after its header's size is
+    checked against the size the archive declares for it (a crafted header cannot allocate more)."""
+    import math
     import zipfile
 
+    check_unpacked_size(path, "landmark sidecar", stored_too=False)  # what is read into memory
     out: dict[str, np.ndarray] = {}
     with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
         for info in zf.infolist():
@@ -415,17 +438,16 @@ def load_sidecar_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 local = f.read(30)  # the local file header: its name and extra field lengths at 26..30
                 name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
                 f.seek(info.header_offset + 30 + name_len + extra_len)
-                version = np.lib.format.read_magic(f)
-                read_header = {
-                    (1, 0): np.lib.format.read_array_header_1_0,
-                    (2, 0): np.lib.format.read_array_header_2_0,
-                }.get(version)
-                shape, fortran, dtype = read_header(f) if read_header else ((), False, np.dtype(object))
-                if not dtype.hasobject and int(np.prod(shape)) > 0:
+                shape, fortran, dtype = _npy_header(f)
+                if not dtype.hasobject and math.prod(shape) > 0:
                     out[name] = np.memmap(
                         path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order="F" if fortran else "C"
                     )
                     continue
+            with zf.open(info) as member:
+                shape, _, dtype = _npy_header(member)
+            if math.prod(shape) * dtype.itemsize > info.file_size:
+                raise ValueError(f"member {info.filename} declares {shape} {dtype} but holds {info.file_size} bytes")
             with zf.open(info) as member:
                 out[name] = np.lib.format.read_array(member, allow_pickle=False)
     return out

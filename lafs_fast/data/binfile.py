@@ -12,7 +12,9 @@ protocol 2, ``bytes`` / ``bytearray``) and refuses every other one before anythi
 
 from __future__ import annotations
 
+import contextlib
 import io
+import operator
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,8 +94,21 @@ class RestrictedUnpickler(pickle.Unpickler):
                 "its own size allows, so it is corrupt or crafted; get the set from a trusted source"
             )
 
-    def _sized(self, x: Any) -> int:
-        return int(x) if isinstance(x, int) else len(x) if hasattr(x, "__len__") else 0
+    @staticmethod
+    def _sized(x: Any) -> int:
+        """The most bytes ``bytes(x)`` / ``bytearray(x)`` can allocate: ``x`` itself as a count when
+        it is one (any integer type, numpy's too), else its buffer's or its length."""
+        sizes = [0]
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
+            sizes.append(operator.index(x))
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
+            sizes.append(memoryview(x).nbytes)
+        if isinstance(x, str):  # encoded: at most its UTF-8 length (what the file spelled out)
+            sizes.append(len(x.encode("utf-8", "surrogatepass")))
+        else:
+            with contextlib.suppress(TypeError, ValueError, OverflowError):
+                sizes.append(len(x))
+        return max(sizes)
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED_GLOBALS:
@@ -149,20 +164,40 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 def restricted_loads(data: bytes) -> Any:
     """Unpickle ``data`` with :class:`RestrictedUnpickler` (Python 2 strings come back as bytes);
-    the constructors may allocate at most about the size of ``data`` itself."""
-    obj = RestrictedUnpickler(io.BytesIO(data), encoding="bytes", budget=2 * len(data) + 4096).load()
-    return _plain(obj)
+    the constructors, and the copies of objects the pickle refers to more than once, may allocate
+    at most about the size of ``data`` itself."""
+    unpickler = RestrictedUnpickler(io.BytesIO(data), encoding="bytes", budget=2 * len(data) + 4096)
+    return _plain(unpickler.load(), unpickler)
 
 
-def _plain(obj: Any) -> Any:
-    """The loaded objects with every checked array turned back into a plain ndarray."""
-    if isinstance(obj, _CheckedArray):
-        return obj.view(np.ndarray)
-    if isinstance(obj, list):
-        return [_plain(x) for x in obj]
-    if isinstance(obj, tuple):
-        return tuple(_plain(x) for x in obj)
-    return obj
+def _footprint(x: Any) -> int:
+    """Bytes a copy of ``x`` costs (its buffer, or 8 per item of a list / tuple; 0 for a scalar)."""
+    if isinstance(x, (list, tuple)):
+        return 8 * len(x)
+    if isinstance(x, (bytes, bytearray, np.ndarray)):
+        return memoryview(x).nbytes if not isinstance(x, np.ndarray) else int(x.nbytes)
+    return 0
+
+
+def _plain(obj: Any, unpickler: RestrictedUnpickler) -> Any:
+    """The loaded objects, two levels deep (a .bin is a pair of lists), with every checked array
+    turned back into a plain ndarray. A pickle can refer to one object many times for a few bytes
+    each (one image listed 10,000 times); every reference after the first is charged to the budget
+    at the size of the copy or decode it will cost downstream."""
+    seen: set[int] = set()
+
+    def walk(x: Any, depth: int) -> Any:
+        if id(x) in seen:
+            unpickler.charge(_footprint(x), "another copy of an object it refers to again")
+        seen.add(id(x))
+        if isinstance(x, _CheckedArray):
+            return x.view(np.ndarray)
+        if depth >= 2 or not isinstance(x, (list, tuple)):
+            return x
+        items = [walk(v, depth + 1) for v in x]
+        return items if isinstance(x, list) else tuple(items)
+
+    return walk(obj, 0)
 
 
 @dataclass
@@ -199,7 +234,8 @@ def load_bin(path: str | Path) -> BinSet:
     except UnsafePickleError as exc:
         raise UnsafePickleError(f"{path}: {exc}") from None
     except Exception as exc:  # truncated / not a pickle
-        raise ValueError(f"{path} is not a readable verification .bin ({type(exc).__name__}: {exc})") from None
+        why = " ".join(str(exc).split())  # one line, whatever the pickle's strings held
+        raise ValueError(f"{path} is not a readable verification .bin ({type(exc).__name__}: {why})") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise ValueError(f"{path} does not hold (images, issame): not a verification .bin")
     bins, issame = obj
@@ -221,6 +257,8 @@ def load_bin(path: str | Path) -> BinSet:
 def _is_same(issame: object, path: Path) -> np.ndarray:
     """The (P,) bool labels of a .bin: every value must be true / false (or 0 / 1); a NaN or any other
     value would otherwise turn into True and score a pair as genuine."""
+    if isinstance(issame, (list, tuple)) and not all(isinstance(v, (bool, int, float, np.generic)) for v in issame):
+        issame = None  # nested lists: refused before numpy builds an array of their product's size
     try:
         raw = np.asarray(issame).reshape(-1)
         ok = raw.dtype.kind in "biuf" and bool(np.all((raw == 0) | (raw == 1)))

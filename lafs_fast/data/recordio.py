@@ -287,9 +287,7 @@ class RecordIOReader:
         if self.has_key(0):
             h, _ = self.record(0)
             if h.flag == 2:  # the InsightFace header: [first identity record, end)
-                a, b = int(h.label[0]), int(h.label[1])
-                self.header0 = (a, b)
-                self.id_range = (a, b)
+                self.header0 = self.id_range = self._key_range(h, 0)
         if self.header0 is not None:
             a, _ = self.header0
             self.image_keys = self.keys[(self.keys > 0) & (self.keys < a)]
@@ -324,11 +322,30 @@ class RecordIOReader:
                         f"{self.idx_path} line {lineno} is not `key<TAB>offset`: {line.strip()[:60]!r}; rebuild the "
                         "index"
                     )
-                keys.append(int(fields[0]))
-                offsets.append(int(fields[1]))
+                key, offset = int(fields[0]), int(fields[1])
+                if not (-(2**63) <= key < 2**63 and offset < 2**63):  # numpy's int64 below
+                    raise RecordIOError(
+                        f"{self.idx_path} line {lineno} holds a number past 64 bits: {line.strip()[:60]!r}; rebuild "
+                        "the index"
+                    )
+                keys.append(key)
+                offsets.append(offset)
         if not keys:
             raise RecordIOError(f"{self.idx_path} is empty; rebuild the index")
         return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+
+    def _key_range(self, header: IRHeader, key: int, most: int | None = None) -> tuple[int, int]:
+        """The ``[start, end)`` range of record keys that an InsightFace header or identity record
+        ``key`` holds in its first two labels (at most ``most`` keys), or a RecordIOError: a damaged
+        one (NaN, inf, reversed, 10^9 keys) would otherwise crash int() or allocate the range."""
+        lab = np.atleast_1d(np.asarray(header.label, dtype=np.float64))[:2]
+        ok = lab.size == 2 and bool(np.isfinite(lab).all()) and 0 <= lab[0] <= lab[1] < 2**62
+        if not ok or (most is not None and lab[1] - lab[0] > most):
+            raise RecordIOError(
+                f"{self.rec_path} key {key} should hold a [start, end) range of record keys in its labels, not "
+                f"{lab.tolist()}; rebuild the rec"
+            )
+        return int(lab[0]), int(lab[1])
 
     def _open(self) -> None:
         self._file = open(self.rec_path, "rb")  # noqa: SIM115 - held open for the mmap, closed by close()
@@ -369,7 +386,8 @@ class RecordIOReader:
             c = self.header0[1] - self.header0[0]
         else:
             labels = self.scan_labels()[0]  # damaged records (NaN) are the loaders' business, not the count's
-            c = int(np.nanmax(labels)) + 1 if np.isfinite(labels).any() else 0
+            finite = labels[np.isfinite(labels)]  # an infinite label is a damaged record too
+            c = int(finite.max()) + 1 if finite.size else 0
         h = w = 112
         if len(self.image_keys):
             import io
@@ -545,8 +563,7 @@ class RecordIOReader:
                             f"{self.idx_path} lacks identity record {k} of the range [{a}, {b}) in its header; rebuild "
                             "the rec"
                         )
-                    h, _ = self.record(k)
-                    ranges.append((int(h.label[0]), int(h.label[1])))
+                    ranges.append(self._key_range(self.record(k)[0], k, most=len(self.keys)))
             else:
                 labels = self.labels
                 keys = self.image_keys
