@@ -137,3 +137,21 @@ def test_corrupt_header_flag_is_a_corrupt_record_not_a_label(tmp_path: Path) -> 
         r.check_labels()  # the corrupt record is the loaders' to skip, not a num_classes problem
         with pytest.raises(ValueError, match="key 2 .* is corrupt"):
             r.record(2)
+
+
+def test_a_stride_0_tensor_of_a_huge_shape_is_checked_as_stored(tmp_path: Path) -> None:
+    """A crafted file can hold a view of 2^40 elements over one stored float (stride 0): torch.load
+    rebuilds it for free, and the NaN check must not expand it (a bool per viewed element: 1 TB)."""
+    from lafs_fast.io import safe_load
+    from lafs_fast.models.checkpoints import check_finite
+
+    for value, refused in ((1.0, False), (float("nan"), True)):
+        huge = torch.tensor([value]).as_strided((2**20, 2**20), (0, 0))
+        torch.save({"w": huge}, tmp_path / "huge.pt")
+        loaded = safe_load(tmp_path / "huge.pt")["w"]
+        assert loaded.shape == (2**20, 2**20) and loaded.stride() == (0, 0)
+        if refused:
+            with pytest.raises(ValueError, match=r"tensor w holds 1 NaN"):
+                check_finite({"w": loaded}, "huge.pt")
+        else:
+            check_finite({"w": loaded}, "huge.pt")  # instant, no allocation of the viewed size

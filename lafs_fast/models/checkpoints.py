@@ -191,12 +191,22 @@ def infer_model_config(backbone_sd: dict[str, torch.Tensor], head_dim: int = 64)
     )
 
 
+def _as_stored(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or the elements of its storage when ``t`` claims more elements than its storage holds (a
+    stride-0 view of a huge shape over a few bytes, which a crafted file can hold: checking it as
+    viewed would allocate its full size)."""
+    stored = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+    if t.numel() <= stored:
+        return t
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
+
+
 def check_finite(tensors: Any, what: str, prefix: str = "") -> None:
     """ValueError naming the first floating-point tensor of ``tensors`` (a tensor, or dicts / lists of
     them at any depth, e.g. a state dict or a whole checkpoint) that holds a NaN or an infinity."""
     if isinstance(tensors, torch.Tensor):
         if tensors.is_floating_point():
-            bad = int((~torch.isfinite(tensors)).sum())
+            bad = int((~torch.isfinite(_as_stored(tensors))).sum())
             if bad:
                 raise ValueError(
                     f"{what}: tensor {prefix or '(top level)'} holds {bad} NaN or infinite value(s) of "
