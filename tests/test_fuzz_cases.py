@@ -37,6 +37,16 @@ def test_infinite_label_without_property_file(tmp_path):
         assert r.num_classes == 1 and r.property.inferred
 
 
+def test_infinite_label_is_a_corrupt_record_not_a_garbage_class(tmp_path):
+    """The per-image labels cast +inf to int64 (-2^63, with only numpy's RuntimeWarning): the first
+    record whose label is no class index is named as corrupt instead."""
+    from lafs_fast.data.recordio import CorruptRecordError
+
+    reader = RecordIOReader(_rec(tmp_path, _REC_INF_LABEL, b"1\t0\n2\t32\n"))
+    with reader, pytest.raises(CorruptRecordError, match=r"key 2 \(offset 32\) is corrupt: its label inf is not"):
+        _ = reader.labels
+
+
 def test_idx_number_past_64_bits(tmp_path):
     """An .idx offset of 2^63 passed the digit check and crashed numpy's int64 conversion
     (OverflowError: Python int too large to convert to C long)."""

@@ -481,6 +481,13 @@ class RecordIOReader:
             if bad:
                 key, why = next(iter(bad.items()))
                 raise CorruptRecordError(f"{self.rec_path} key {key} (offset {self.offset(key)}) is corrupt: {why}")
+            wild = np.flatnonzero(~(np.abs(labels) < 2.0**31))  # inf or 1e30 would cast to a garbage int64
+            if wild.size:
+                key = int(self.image_keys[wild[0]])
+                raise CorruptRecordError(
+                    f"{self.rec_path} key {key} (offset {self.offset(key)}) is corrupt: its label "
+                    f"{float(labels[wild[0]])} is not a class index"
+                )
             self._labels = labels.astype(np.int64)
         return self._labels
 
