@@ -24,3 +24,13 @@ TINY_PRETRAIN = [
     "views.n_local=2",
     *CPU,
 ]
+# the supervised stages' tiniest run: 4 x 2 synthetic faces at batch 4, 2 steps an epoch, 2 epochs
+TINY_SUPERVISED = [
+    *TINY_MODEL,
+    "optim.batch_size=4",
+    "optim.epochs=2",
+    "optim.warmup_epochs=0",
+    "data.synthetic_identities=4",
+    "data.synthetic_images_per_identity=2",
+    *CPU,
+]

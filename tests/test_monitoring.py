@@ -17,25 +17,10 @@ from lafs_fast.models.checkpoints import load_model
 from lafs_fast.train import pretrain, supervised_run
 from lafs_fast.train.progress import Every, parse_every
 from lafs_fast.train.run_folder import MetricsLog, run_files
-from tests import TINY_PRETRAIN
+from tests import TINY_PRETRAIN, TINY_SUPERVISED
 from tests.test_eval_util import faces, jpeg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
-
-# the supervised stages' tiniest run: 4 x 2 synthetic faces at batch 4, 2 steps an epoch
-TINY_SUPERVISED = [
-    "model.dim=32",
-    "model.depth=1",
-    "model.heads=2",
-    "model.head_dim=16",
-    "model.mlp_dim=64",
-    "optim.batch_size=4",
-    "optim.epochs=2",
-    "optim.warmup_epochs=0",
-    "data.synthetic_identities=4",
-    "data.synthetic_images_per_identity=2",
-    "train.device=cpu",
-]
 
 _NUMBER = r"[0-9.]+(?:e[+-]\d+)?"
 LINE = re.compile(

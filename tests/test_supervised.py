@@ -21,22 +21,9 @@ from lafs_fast.train.engine import Plan, StepContext
 from lafs_fast.train.supervised import SupervisedStage, landmark_lambda, landmark_lambda_schedule
 from lafs_fast.train.supervised_augment import FaceAugment, apply_mixup, build_mixup, random_erase
 from lafs_fast.train.supervised_model import build_supervised_model, layer_id, read_weights, supervised_param_groups
-from tests import TINY_DINO, TINY_MODEL
+from tests import TINY_DINO, TINY_MODEL, TINY_SUPERVISED
 
-TINY = [
-    "model.dim=32",
-    "model.depth=2",
-    "model.heads=2",
-    "model.head_dim=16",
-    "model.mlp_dim=64",
-    "optim.batch_size=4",
-    "optim.epochs=2",
-    "optim.warmup_epochs=0",
-    "data.synthetic_identities=4",
-    "data.synthetic_images_per_identity=2",
-    "train.log_every=1",
-    "train.device=cpu",  # CPU semantics (fp32, bitwise) even where a GPU runs the suite
-]
+TINY = [*TINY_SUPERVISED, "model.depth=2", "train.log_every=1"]
 # no dropout anywhere: forward passes become functions of the weights alone
 DETERMINISTIC = ["model.dropout=0", "model.emb_dropout=0", "model.drop_path=0", "model.landmark_dropout=0"]
 
