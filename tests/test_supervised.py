@@ -289,7 +289,9 @@ def test_reference_finetune_defaults():
 
 
 def test_stage2_loads_reference_format_checkpoints(tmp_path):
-    cfg = tiny(tmp_path, "model.heads=1", "model.head_dim=64")  # reference files imply 64-wide heads
+    # reference files imply 64-wide heads and the reference's dim**-0.5 attention scale (a head-dim scale is
+    # folded into the exported q weights: equal embeddings, other weights; test_checkpoints checks that)
+    cfg = tiny(tmp_path, "model.heads=1", "model.head_dim=64", "model.attn_scale=dim")
     torch.manual_seed(1)
     bb, cnn = build_backbone(cfg.model), build_landmark_cnn(cfg.model)
     ours = tmp_path / "ours.pt"
