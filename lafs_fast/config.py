@@ -82,11 +82,6 @@ def doc(default: Any, help: str, rng: Range | None = None) -> Any:  # noqa: A002
     return field(default=default, metadata={"help": help, "range": rng})
 
 
-def val(default: Any, rng: Range) -> Any:
-    """A number with its allowed range (checked by ``load_config``)."""
-    return field(default=default, metadata={"range": rng})
-
-
 @dataclass
 class ModelConfig:
     """The fViT backbone and the landmark CNN (docs/method.md section 2)."""
@@ -94,15 +89,21 @@ class ModelConfig:
     image_size: int = doc(112, "input face size (aligned, square)", rng=POSITIVE)
     patch_size: int = doc(8, "patch side P; a token has 3*P*P values", rng=POSITIVE)
     num_patches: int = doc(196, "landmarks per face = tokens of a dense view (positions 0..num_patches)", rng=POSITIVE)
-    dim: int = val(768, POSITIVE)
-    depth: int = val(12, POSITIVE)
-    heads: int = val(11, POSITIVE)
-    head_dim: int = val(64, POSITIVE)
-    mlp_dim: int = val(2048, POSITIVE)
+    dim: int = doc(768, "token / embedding width; a face's embedding has this size (reference 768)", rng=POSITIVE)
+    depth: int = doc(12, "transformer blocks (reference 12)", rng=POSITIVE)
+    heads: int = doc(
+        11,
+        "attention heads (reference 11); q, k, v are heads * head_dim wide (704 at the reference), not dim",
+        rng=POSITIVE,
+    )
+    head_dim: int = doc(64, "width of one attention head (reference 64)", rng=POSITIVE)
+    mlp_dim: int = doc(2048, "hidden width of each block's GELU MLP (reference 2048)", rng=POSITIVE)
     dropout: float = doc(0.1, "dropout in attention output and MLP", rng=UNIT)
     emb_dropout: float = doc(0.1, "dropout after adding the position embedding", rng=UNIT)
     drop_path: float = doc(0.1, "stochastic depth, the SAME rate in every block (reference), not a ramp", rng=UNIT)
-    ln_eps: float = val(1e-5, POSITIVE)
+    ln_eps: float = doc(
+        1e-5, "LayerNorm epsilon (reference 1e-5; export to the reference's layout needs 1e-5)", rng=POSITIVE
+    )
     attn_scale: str = choice(
         "dim", "dim", "head_dim", help="softmax scale dim**-0.5 (reference quirk) or head_dim**-0.5"
     )
@@ -124,13 +125,27 @@ class DinoConfig:
     """Stage 1 (docs/method.md section 3): DINO head, temperatures, EMA, centering."""
 
     out_dim: int = doc(100_000, "prototypes of the weight-normed last layer", rng=POSITIVE)
-    hidden_dim: int = val(2048, POSITIVE)
-    bottleneck_dim: int = val(256, POSITIVE)
-    student_temp: float = val(0.1, POSITIVE)
+    hidden_dim: int = doc(
+        2048,
+        "width of the DINO head's two hidden layers: MLP dim -> hidden -> hidden -> bottleneck, GELU (reference 2048)",
+        rng=POSITIVE,
+    )
+    bottleneck_dim: int = doc(
+        256, "width of the DINO head MLP's output, L2-normalised before the last layer (reference 256)", rng=POSITIVE
+    )
+    student_temp: float = doc(0.1, "student softmax temperature tau_s (reference 0.1)", rng=POSITIVE)
     teacher_temp_start: float = doc(0.07, "teacher temperature at epoch 0 (reference: 0.07, decreasing)", rng=POSITIVE)
     teacher_temp_end: float = doc(0.04, "teacher temperature after the warm-up epochs", rng=POSITIVE)
-    teacher_temp_epochs: int = val(30, NON_NEGATIVE)
-    center_momentum: float = val(0.9, UNIT)
+    teacher_temp_epochs: int = doc(
+        30,
+        "epochs of the linear teacher-temperature ramp from start to end (set per epoch); then teacher_temp_end",
+        rng=NON_NEGATIVE,
+    )
+    center_momentum: float = doc(
+        0.9,
+        "EMA momentum of the centre subtracted from the teacher outputs (centering=center; batch mean over all ranks)",
+        rng=UNIT,
+    )
     centering: str = choice(
         "center",
         "center",
@@ -145,7 +160,11 @@ class DinoConfig:
     )
     teacher_momentum: float = doc(0.996, "EMA momentum at step 0, cosine to 1.0 at the last step", rng=UNIT)
     teacher_mode: str = choice("train", "train", "eval", help="reference keeps the teacher in train mode (dropout on)")
-    freeze_last_layer_epochs: int = val(1, NON_NEGATIVE)
+    freeze_last_layer_epochs: int = doc(
+        1,
+        "the head's last layer gets no update during the first this many epochs (reference: epoch 0)",
+        rng=NON_NEGATIVE,
+    )
     norm_last_layer: bool = doc(True, "fix the weight norm of the last layer to 1")
 
 
@@ -164,10 +183,22 @@ class ViewsConfig:
         "BlazeFace points fold the grid)",
         rng=NON_NEGATIVE,
     )
-    n_global: int = val(2, POSITIVE)
-    n_local: int = val(8, NON_NEGATIVE)
-    global_tokens: int = val(196, POSITIVE)
-    local_tokens: int = val(36, POSITIVE)
+    n_global: int = doc(
+        2,
+        "global views per image, seen by teacher and student; they alternate the global-1 and global-2 recipes "
+        "(blur_p_global*, solarize)",
+        rng=POSITIVE,
+    )
+    n_local: int = doc(8, "local views per image, seen by the student only (0 = none)", rng=NON_NEGATIVE)
+    global_tokens: int = doc(
+        196, "tokens of a global view: every landmark in order (lafs mode needs model.num_patches)", rng=POSITIVE
+    )
+    local_tokens: int = doc(
+        36,
+        "tokens of a LAFS local view: landmark indices drawn with replacement (the dino baseline's come from "
+        "local_size)",
+        rng=POSITIVE,
+    )
     pack: bool = doc(
         False,
         "student: all views in ONE sequence with block-diagonal attention (xformers on CUDA, exact torch twin "
@@ -177,7 +208,7 @@ class ViewsConfig:
     local_scale_min: float = doc(
         0.05, "local crop scale of the dino baseline (DINO's 0.05-0.4; lafs locals use crop_scale_*)", rng=UNIT_OPEN_LOW
     )
-    local_scale_max: float = val(0.4, UNIT_OPEN_LOW)
+    local_scale_max: float = doc(0.4, "upper end of local_scale_* (see local_scale_min)", rng=UNIT_OPEN_LOW)
     lafs_local_scale: str = choice(
         "global",
         "global",
@@ -185,44 +216,68 @@ class ViewsConfig:
         help="crop scale of the LAFS local views: the global views' crop_scale_* (the reference) or local_scale_* "
         "(DINO's 0.05-0.4; an ablation, docs/pretraining_study.md)",
     )
-    crop_scale_min: float = val(0.4, UNIT_OPEN_LOW)
-    crop_scale_max: float = val(1.0, UNIT_OPEN_LOW)
-    flip_p: float = val(0.5, UNIT)
-    interpolation: str = choice("bicubic", "bicubic", "bilinear")
+    crop_scale_min: float = doc(
+        0.4, "RandomResizedCrop area scale of the views, lower end (reference 0.4; aspect 3/4-4/3)", rng=UNIT_OPEN_LOW
+    )
+    crop_scale_max: float = doc(1.0, "RandomResizedCrop area scale of the views, upper end", rng=UNIT_OPEN_LOW)
+    flip_p: float = doc(0.5, "horizontal flip probability of a view", rng=UNIT)
+    interpolation: str = choice(
+        "bicubic", "bicubic", "bilinear", help="resampling of the view crops (reference bicubic)"
+    )
     perturb_sigma: float = doc(5.0, "landmark position noise, px", rng=NON_NEGATIVE)
-    jitter_p: float = val(0.8, UNIT)
-    brightness: float = val(0.4, NON_NEGATIVE)
-    contrast: float = val(0.4, NON_NEGATIVE)
-    saturation: float = val(0.2, NON_NEGATIVE)
-    hue: float = val(0.1, Range(0, 0.5))
-    grayscale_p: float = val(0.2, UNIT)
-    blur_p_global1: float = val(1.0, UNIT)
-    blur_p_global2: float = val(0.1, UNIT)
-    blur_p_local: float = val(0.5, UNIT)
-    blur_radius_min: float = val(0.1, NON_NEGATIVE)
-    blur_radius_max: float = val(2.0, NON_NEGATIVE)
-    solarize_p_global2: float = val(0.2, UNIT)
-    solarize_threshold: int = val(128, Range(0, 256))
+    jitter_p: float = doc(0.8, "colour jitter probability of a view (the landmark CNN sees the clean copy)", rng=UNIT)
+    brightness: float = doc(0.4, "colour jitter brightness: factor uniform in [1 - b, 1 + b]", rng=NON_NEGATIVE)
+    contrast: float = doc(0.4, "colour jitter contrast: factor uniform in [1 - c, 1 + c]", rng=NON_NEGATIVE)
+    saturation: float = doc(0.2, "colour jitter saturation: factor uniform in [1 - s, 1 + s]", rng=NON_NEGATIVE)
+    hue: float = doc(0.1, "colour jitter hue shift, uniform in [-h, h]", rng=Range(0, 0.5))
+    grayscale_p: float = doc(0.2, "grayscale probability of a view", rng=UNIT)
+    blur_p_global1: float = doc(1.0, "Gaussian blur probability of global view 1 (and 3, 5, ...)", rng=UNIT)
+    blur_p_global2: float = doc(0.1, "Gaussian blur probability of global view 2 (and 4, 6, ...)", rng=UNIT)
+    blur_p_local: float = doc(0.5, "Gaussian blur probability of a local view", rng=UNIT)
+    blur_radius_min: float = doc(
+        0.1, "Gaussian blur sigma, px, drawn uniform in [blur_radius_min, blur_radius_max]", rng=NON_NEGATIVE
+    )
+    blur_radius_max: float = doc(2.0, "upper end of the blur sigma, px", rng=NON_NEGATIVE)
+    solarize_p_global2: float = doc(
+        0.2, "solarize probability of global view 2 (and 4, 6, ...); other views never solarize", rng=UNIT
+    )
+    solarize_threshold: int = doc(128, "solarize inverts pixels at or above this uint8 level", rng=Range(0, 256))
 
 
 @dataclass
 class OptimConfig:
     """AdamW with cosine schedules; defaults are the stage-1 reference values."""
 
-    epochs: int = val(41, POSITIVE)
+    epochs: int = doc(
+        41, "training epochs (stage 1 reference 41; stages 0 and 2: 34 with the reference preset)", rng=POSITIVE
+    )
     batch_size: int = doc(82, "per-GPU batch", rng=POSITIVE)
-    accumulation: int = val(1, POSITIVE)
+    accumulation: int = doc(
+        1,
+        "micro-batches per optimiser step; global batch = batch_size x processes x accumulation (stages 0 and 2: 3 "
+        "with the reference preset)",
+        rng=POSITIVE,
+    )
     lr: float = doc(5e-4, "peak lr per 256 samples of global batch (scaled linearly)", rng=NON_NEGATIVE)
-    min_lr: float = val(1e-6, NON_NEGATIVE)
-    warmup_epochs: int = val(10, NON_NEGATIVE)
-    weight_decay: float = val(0.04, NON_NEGATIVE)
-    weight_decay_end: float = val(0.4, NON_NEGATIVE)
+    min_lr: float = doc(1e-6, "lr at the end of the cosine decay", rng=NON_NEGATIVE)
+    warmup_epochs: int = doc(
+        10, "epochs of linear lr warm-up from 0 to the peak (stage 1 reference 10; stages 0 and 2: 5)", rng=NON_NEGATIVE
+    )
+    weight_decay: float = doc(
+        0.04,
+        "AdamW weight decay at step 0, cosine to weight_decay_end; none on biases and 1-D parameters (stages 0 and "
+        "2: 0.1, constant)",
+        rng=NON_NEGATIVE,
+    )
+    weight_decay_end: float = doc(
+        0.4, "weight decay at the last step (stage 1 reference 0.4; stages 0 and 2: 0.1)", rng=NON_NEGATIVE
+    )
     landmark_weight_decay: float = doc(0.05, "weight decay of landmark-CNN weights (stages 0 and 2)", rng=NON_NEGATIVE)
     clip_grad: float = doc(3.0, "per-parameter gradient-norm clip (0 = off)", rng=NON_NEGATIVE)
     layer_decay: float = doc(
         1.0, "layer-wise lr decay (1.0 = off, the reference's effective behaviour)", rng=UNIT_OPEN_LOW
     )
-    betas: tuple[float, float] = val((0.9, 0.999), Range(0, 1, hi_open=True))
+    betas: tuple[float, float] = doc((0.9, 0.999), "AdamW (beta1, beta2)", rng=Range(0, 1, hi_open=True))
 
 
 @dataclass
@@ -246,7 +301,9 @@ class FinetuneConfig:
         "softmax",
         help="margin head (reference: cosface); softmax: a plain linear classifier, no margin (the small preset's)",
     )
-    scale: float = val(64.0, POSITIVE)
+    scale: float = doc(
+        64.0, "logit scale s of the cosface / arcface head (reference 64; softmax ignores it)", rng=POSITIVE
+    )
     margin: float = doc(0.4, "CosFace 0.4 (reference); ArcFace usually 0.5", rng=NON_NEGATIVE)
     margin_warmup_epochs: float = doc(
         0.0,
@@ -255,9 +312,13 @@ class FinetuneConfig:
         rng=NON_NEGATIVE,
     )
     landmark_reg: bool = doc(True, "lambda-scheduled MSE to a frozen stage-0 landmark CNN")
-    mixup_alpha: float = val(0.2, NON_NEGATIVE)
-    mixup_p: float = val(0.1, UNIT)
-    randaug_magnitude: float = val(1.0, NON_NEGATIVE)
+    mixup_alpha: float = doc(0.2, "Mixup Beta(alpha, alpha) mixing weight (timm, no CutMix; 0 = off)", rng=NON_NEGATIVE)
+    mixup_p: float = doc(
+        0.1, "probability that a batch is mixed up (0 = off; reference 0.1 WebFace4M, 0.2 MS1MV3)", rng=UNIT
+    )
+    randaug_magnitude: float = doc(
+        1.0, "mean RandAugment magnitude m on the 0-10 scale (reference 1 WebFace4M, 2 MS1MV3)", rng=NON_NEGATIVE
+    )
     shard_classes: bool = doc(False, "Partial-FC-style class centres split across ranks")
     sample_rate: float = doc(1.0, "fraction of negative classes sampled by the sharded head", rng=UNIT_OPEN_LOW)
     augment: str = choice(
@@ -270,7 +331,7 @@ class FinetuneConfig:
         "device; auto: gpu on CUDA, else cpu",
     )
     randaug_ops: int = doc(2, "RandAugment ops per image (each applied with probability randaug_p)", rng=NON_NEGATIVE)
-    randaug_p: float = val(0.5, UNIT)
+    randaug_p: float = doc(0.5, "probability that each drawn RandAugment op is applied", rng=UNIT)
     randaug_std: float = doc(
         0.5, "std of the per-op RandAugment magnitude, N(randaug_magnitude, std)", rng=NON_NEGATIVE
     )
@@ -284,12 +345,27 @@ class FinetuneConfig:
 
 @dataclass
 class DataConfig:
+    """The training faces: where they come from and how they are decoded."""
+
     path: str = doc("", "'' = built-in synthetic faces; a .rec file or an image folder otherwise")
     color_order: str = choice("rgb", "rgb", "bgr", help="channel order stored in the data (MS1MV3: bgr)")
-    synthetic_identities: int = val(1000, POSITIVE)
-    synthetic_images_per_identity: int = val(8, POSITIVE)
-    loader: str = choice("auto", "auto", "dali", "nvjpeg", "pil", "synthetic")
-    workers: int = val(4, NON_NEGATIVE)
+    synthetic_identities: int = doc(1000, "identities of the built-in synthetic faces (data.path '')", rng=POSITIVE)
+    synthetic_images_per_identity: int = doc(8, "images per identity of the built-in synthetic faces", rng=POSITIVE)
+    loader: str = choice(
+        "auto",
+        "auto",
+        "dali",
+        "nvjpeg",
+        "pil",
+        "synthetic",
+        help="decoder of a .rec or image folder: auto = DALI if installed, else nvJPEG on CUDA, else PIL; "
+        "synthetic: the built-in faces only",
+    )
+    workers: int = doc(
+        4,
+        "DataLoader worker processes of the PIL loader (0 = decode in the training process); the others ignore it",
+        rng=NON_NEGATIVE,
+    )
     max_bad_fraction: float = doc(
         0.01,
         "corrupt records are skipped and named; stop once more than this fraction of a rank's "
@@ -299,15 +375,39 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/lafs"
-    seed: int = val(0, NON_NEGATIVE)
-    device: str = choice("auto", "auto", "cuda", "cpu")
-    gpus: int = val(1, POSITIVE)
-    compile: bool = True
-    precision: str = choice("auto", "auto", "bf16", "fp32")
-    log_every: int = val(10, NON_NEGATIVE)
-    ckpt_every_epochs: int = val(1, NON_NEGATIVE)
-    keep_last: int = val(2, Range(1))
+    """The run: its folder, devices and processes, precision, logging and checkpoints."""
+
+    out_dir: str = doc(
+        "runs/lafs",
+        "run folder (--out): config.yaml, train.log, metrics.jsonl, the checkpoints and the trained weights",
+    )
+    seed: int = doc(
+        0, "seeds the initial weights, the data order and every augmentation draw (per rank and step)", rng=NON_NEGATIVE
+    )
+    device: str = choice("auto", "auto", "cuda", "cpu", help="auto: cuda when a GPU is visible, else cpu")
+    gpus: int = doc(
+        1,
+        "processes to start on this machine (--gpus): one per GPU, or CPU processes with device cpu; torchrun starts "
+        "its own",
+        rng=POSITIVE,
+    )
+    compile: bool = doc(
+        True, "torch.compile the stage's modules (the fViT per block, regional); the small preset turns it off"
+    )
+    precision: str = choice(
+        "auto", "auto", "bf16", "fp32", help="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 / fp32 on every device"
+    )
+    log_every: int = doc(
+        10,
+        "a log line and a metrics.jsonl record every this many optimiser steps and at the last (0 = every step)",
+        rng=NON_NEGATIVE,
+    )
+    ckpt_every_epochs: int = doc(
+        1,
+        "checkpoint at every k-th epoch end (0 = none there); the run's last step is always checkpointed",
+        rng=NON_NEGATIVE,
+    )
+    keep_last: int = doc(2, "keep the newest this many checkpoints, besides keep_every's (marked .keep)", rng=Range(1))
     keep_every: int = doc(
         0, "also keep the checkpoint of every k-th epoch (0 = only the last keep_last)", rng=NON_NEGATIVE
     )

@@ -105,3 +105,20 @@ def test_help_keys_lists_every_key_with_its_help_default_and_range(capsys):
             assert f"  {section}.{f.name}  (" in text, f"{section}.{f.name}"
     assert "  model.dropout  (float, default 0.1, range in [0, 1])  dropout in attention output and MLP\n" in text
     assert "  finetune.head  (str, default 'cosface', one of cosface/arcface/softmax)  margin head" in text
+
+
+def test_every_key_and_section_has_a_help_text(capsys):
+    """A key added without a help text (or a section without its own docstring, which --help-keys
+    would print as the dataclass's generated signature) fails here, not silently in the listing."""
+    cfg = Config()
+    bare = []
+    for section in dataclasses.fields(cfg):
+        cls = type(getattr(cfg, section.name))
+        if not cls.__doc__ or cls.__doc__.startswith(f"{cls.__name__}("):
+            bare.append(section.name)
+        bare += [f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if not f.metadata.get("help", "").strip()]
+    assert bare == [], f"config keys / sections without a help text: {', '.join(bare)}"
+    # and the listing shows it: every key line goes on past its facts, "  key  (facts)  help"
+    lines = [ln for ln in _show(capsys, "--help-keys").splitlines() if ln.startswith("  ")]
+    assert len(lines) == sum(len(dataclasses.fields(getattr(cfg, s.name))) for s in dataclasses.fields(cfg))
+    assert [ln for ln in lines if ")  " not in ln] == []
