@@ -39,6 +39,7 @@ __all__ = [
     "config_from_dict",
     "config_yaml",
     "keys_help",
+    "backbone_parameters",
 ]
 
 
@@ -118,6 +119,18 @@ class ModelConfig:
         help="where a landmark CNN trained from scratch starts: its random init's points (reference) or the 14 x 14 "
         "patch grid (regression weights 0, bias the grid; the small preset's stage 0, docs/finetuning.md)",
     )
+
+
+def backbone_parameters(m: ModelConfig) -> int:
+    """The fViT's parameter count for a ModelConfig, without building it (the memory guard's and
+    ``build_backbone``'s size checks; tests/test_memory_guard.py checks it against the built model):
+    position table and CLS, patch embedding, per block a LayerNorm, q/k/v (no bias), the output
+    projection, a LayerNorm and the MLP, and the final LayerNorm."""
+    inner = m.heads * m.head_dim
+    block = (
+        2 * m.dim + 3 * inner * m.dim + inner * m.dim + m.dim + 2 * m.dim + 2 * m.dim * m.mlp_dim + m.mlp_dim + m.dim
+    )
+    return (m.num_patches + 2) * m.dim + (3 * m.patch_size**2 + 1) * m.dim + 2 * m.dim + m.depth * block
 
 
 @dataclass

@@ -77,21 +77,17 @@ def _is_state_dict(sd: Any) -> bool:
 
 
 def model_config_of(model: Any) -> ModelConfig:
-    """The ``model`` entry of a lafs-fast model file as a ModelConfig, checked as a config is (types,
-    ranges; ValueError naming the key) instead of a KeyError or TypeError later."""
-    from lafs_fast.config import Config, apply_overrides
+    """The ``model`` entry of a lafs-fast model file as a ModelConfig, checked as a config is
+    (:func:`lafs_fast.config.config_from_dict`: types, ranges, cross-field rules; ValueError naming the
+    key) instead of a KeyError or TypeError later."""
+    from lafs_fast.config import config_from_dict
 
     if not isinstance(model, dict) or not all(isinstance(k, str) for k in model):
         raise ValueError("malformed lafs-fast model file: its 'model' entry is not a mapping of model.* settings")
     try:
-        mcfg = apply_overrides(Config(), {f"model.{k}": v for k, v in model.items()}).model
+        return config_from_dict({"model": model}).model
     except ValueError as exc:
         raise ValueError(f"malformed lafs-fast model file: {exc}") from None
-    for f in dataclasses.fields(mcfg):  # the ranges of the config table (a negative dim, NaN dropout)
-        rng, value = f.metadata.get("range"), getattr(mcfg, f.name)
-        if rng is not None and not rng.holds(value):
-            raise ValueError(f"malformed lafs-fast model file: its model.{f.name} must be {rng}, got {value!r}")
-    return mcfg
 
 
 def check_model_file(obj: dict[str, Any]) -> None:

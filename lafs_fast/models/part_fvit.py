@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from lafs_fast.config import backbone_parameters
 from lafs_fast.models.fvit import FViT
 from lafs_fast.models.heads import ArcFace, CosFace, MarginHead, SoftmaxHead
 from lafs_fast.models.landmark_cnn import LandmarkCNN
@@ -73,9 +74,7 @@ def build_backbone(m) -> FViT:
     """FViT from a ``ModelConfig`` (refused in one sentence when its weights alone cannot fit the machine)."""
     from lafs_fast.errors import check_fits_memory
 
-    inner = m.heads * m.head_dim
-    block = m.dim * 3 * inner + inner * m.dim + 2 * m.dim * m.mlp_dim  # qkv, out, MLP (biases and norms aside)
-    params = m.depth * block + (m.num_patches + 1 + 3 * m.patch_size**2) * m.dim
+    params = backbone_parameters(m)
     check_fits_memory(
         4.0 * params,
         f"a backbone of {params / 1e9:,.1f} G parameters (model.dim={m.dim}, depth={m.depth}, mlp_dim={m.mlp_dim})",

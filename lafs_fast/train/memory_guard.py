@@ -10,7 +10,7 @@ The estimate (bytes, one training process; :func:`estimate`):
   workers and graphs); on CUDA the context adds ``CUDA_CONTEXT_BYTES``.
 - **weights**: trainable parameters x 16 bytes (fp32 weight, gradient, AdamW's two moments), frozen
   copies (the DINO teacher, the frozen stage-0 landmark CNN) x 4 bytes. The counts are the models'
-  exact ones (:func:`backbone_parameters`, :func:`dino_head_parameters`), counted without importing
+  exact ones (:func:`lafs_fast.config.backbone_parameters`, :func:`dino_head_parameters`), counted without importing
   the models: the check must come seconds after the command starts, before torch's compiler loads.
 - **activations**: what autograd keeps for backward, per token and block ``4 dim + 5 inner + 2 mlp``
   values (the two LayerNorms' inputs and outputs, q/k/v, the attention output and its softmax
@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from lafs_fast.config import Config
+from lafs_fast.config import Config, backbone_parameters
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +78,6 @@ class Estimate:
 
     def describe(self) -> str:
         return ", ".join(f"{k} {v / GB:.1f}" for k, v in self.parts.items() if v >= 0.05 * GB)
-
-
-def backbone_parameters(m: Any) -> int:
-    """The fViT's parameter count for a ModelConfig (tests/test_memory_guard.py checks it against the
-    built model): position table and CLS, patch embedding, per block a LayerNorm, q/k/v (no bias),
-    the output projection, a LayerNorm and the MLP, and the final LayerNorm."""
-    inner = m.heads * m.head_dim
-    block = (
-        2 * m.dim + 3 * inner * m.dim + inner * m.dim + m.dim + 2 * m.dim + 2 * m.dim * m.mlp_dim + m.mlp_dim + m.dim
-    )
-    return (m.num_patches + 2) * m.dim + (3 * m.patch_size**2 + 1) * m.dim + 2 * m.dim + m.depth * block
 
 
 def dino_head_parameters(dim: int, d: Any) -> int:
