@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["USER_ERRORS", "is_user_error", "user_message", "check_fits_memory"]
+__all__ = ["USER_ERRORS", "is_user_error", "user_message", "available_ram", "check_fits_memory"]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
@@ -143,6 +143,19 @@ def require_extra(feature: str, extra: str, *modules: str) -> None:
                 f"{feature} needs {name.split('.')[0]}, which is not installed ({type(exc).__name__}); "
                 f"pip install 'lafs-fast[{extra}]'"
             ) from None
+
+
+def available_ram() -> int | None:
+    """The RAM the kernel says is available now (``MemAvailable`` of /proc/meminfo, bytes), or None
+    where there is no such file (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def machine_memory() -> int:

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from lafs_fast.errors import available_ram
+
 __all__ = [
     "atomic_write",
     "atomic_save",
@@ -134,17 +136,6 @@ MAX_LOAD_ENV = "LAFS_FAST_MAX_LOAD_BYTES"  # overrides the cap of check_unpacked
 _MIN_LOAD_CAP = 64 << 20  # a small compressed archive may still unpack to this much
 
 
-def _available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def check_unpacked_size(path: str | Path, what: str = "checkpoint", *, stored_too: bool = True) -> None:
     """Refuse a zip archive (a PyTorch checkpoint, an ``.npz``) whose members unpack to more than a
     cap, before anything is unpacked: a small deflated file can otherwise claim gigabytes of memory.
@@ -182,7 +173,7 @@ def check_unpacked_size(path: str | Path, what: str = "checkpoint", *, stored_to
     else:
         cap = max(4 * path.stat().st_size, _MIN_LOAD_CAP)
         why = "4x its size on disk, at least 64 MiB"
-        avail = _available_memory()
+        avail = available_ram()
         if avail is not None and avail < cap:
             cap, why = avail, "the memory available now"
     if total > cap:

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from lafs_fast.config import Config, backbone_parameters
+from lafs_fast.errors import available_ram
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +172,9 @@ def available_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free), f"free on {torch.cuda.get_device_name(device)}"
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "RAM available"
-    except OSError:
-        pass
+    avail = available_ram()
+    if avail is not None:
+        return avail, "RAM available"
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "RAM free"
 
 
