@@ -488,8 +488,9 @@ def test_an_oversized_image_is_a_corrupt_record_everywhere(odd, reason, tmp_path
         (src / who).mkdir(parents=True)
         (src / who / "1.jpg").write_bytes(data)
     if claim is not None:  # data build decodes (and resizes) any size under the pixel cap
-        report = build_rec(src, tmp_path / "built", progress=False)
-        assert len(report["skipped"]) == 1 and reason in report["skipped"][0][1]
+        for keep_jpeg in (False, True):  # --keep-jpeg decodes the JPEG it keeps: the same cap first
+            report = build_rec(src, tmp_path / f"built{keep_jpeg}", progress=False, keep_jpeg=keep_jpeg)
+            assert len(report["skipped"]) == 1 and reason in report["skipped"][0][1]
 
 
 def test_the_jpeg_header_walk_agrees_with_pil(orl_dir):

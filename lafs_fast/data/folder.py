@@ -107,6 +107,7 @@ def _encode(
     try:
         data = path.read_bytes()
         if keep_jpeg:
+            check_image_header(data)  # the pixel cap before this path's own decode, as load_rgb's
             with Image.open(io.BytesIO(data)) as src:
                 if src.format == "JPEG" and src.mode in ("RGB", "L") and (size is None or src.size == (size, size)):
                     src.load()

@@ -23,7 +23,6 @@ Cost: one decode per image, and one (train x eval) matrix product of the 255-bit
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from lafs_fast.data.folder import load_rgb
 
 __all__ = [
     "HASH_BITS",
@@ -136,8 +137,8 @@ def open_image_set(path: str | os.PathLike) -> ImageSet:
 
 def _grey64(data: bytes, bgr: bool) -> np.ndarray:
     """Encoded image -> (64, 64) float32 grey of its RGB pixels."""
-    with Image.open(io.BytesIO(data)) as im:
-        rgb = im.convert("RGB")
+
+    rgb = load_rgb(data)  # the pixel cap read from the header first, as every decoder of the data tools
     if bgr:
         rgb = Image.fromarray(np.asarray(rgb)[..., ::-1])
     return np.asarray(rgb.convert("L").resize((_HASH_SIDE, _HASH_SIDE), Image.BILINEAR), dtype=np.float32)
