@@ -80,18 +80,22 @@ def test_the_write_probe_never_opens_a_planted_name(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == [".write-test"]  # the probe left nothing of its own
 
 
-def test_overwrite_with_tb_a_link_checks_before_it_deletes(tmp_path: Path) -> None:
-    """``--overwrite`` failed in rmtree on ``tb`` after the old run's files were already deleted."""
+@pytest.mark.parametrize("folder", ["tb", "wandb"])
+def test_overwrite_with_a_run_folder_a_link_checks_before_it_deletes(tmp_path: Path, folder: str) -> None:
+    """``--overwrite`` failed in rmtree on ``tb`` (or ``wandb``) after the old run's files were already
+    deleted."""
     out = tmp_path / "run"
     _engine(_cfg(out, "train.max_steps=2")).fit()
     victim = victim_folder(tmp_path)
-    if (out / "tb").is_dir():
+    if (out / folder).is_dir():
         import shutil
 
-        shutil.rmtree(out / "tb")
-    os.symlink(victim, out / "tb")
+        shutil.rmtree(out / folder)
+    os.symlink(victim, out / folder)
     before = sorted(p.name for p in out.iterdir())
-    with pytest.raises(FileExistsError, match=r"run/tb is a symbolic link \(to .*victim\).*delete the link") as exc:
+    with pytest.raises(
+        FileExistsError, match=rf"run/{folder} is a symbolic link \(to .*victim\).*delete the link"
+    ) as exc:
         Engine(_cfg(out, "train.max_steps=2"), Regression(), TensorLoader(24, 4), DistInfo(), out, overwrite=True)
     assert one_sentence(str(exc.value))
     assert sorted(p.name for p in out.iterdir()) == before  # nothing of the old run deleted

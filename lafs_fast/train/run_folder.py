@@ -47,6 +47,7 @@ RUN_FILES = (
     "config.yaml",
     "train.log",
 )
+RUN_DIRS = ("tb", "wandb")  # TensorBoard's and W&B's folders
 
 
 def run_files(out_dir: str | Path) -> list[Path]:
@@ -57,17 +58,17 @@ def run_files(out_dir: str | Path) -> list[Path]:
     found = sorted(p for p in d.iterdir() if p.name.startswith("ckpt-") and p.suffix in (".pt", ".keep"))
     found += [d / n for n in RUN_FILES if (d / n).exists()]
     found += sorted(d.glob("teacher-*.pt"))  # pretrain --save-teacher-every
-    found += [d / n for n in ("tb", "wandb") if (d / n).is_dir()]
+    found += [d / n for n in RUN_DIRS if (d / n).is_dir()]
     return found
 
 
 def check_no_links(out_dir: str | Path) -> None:
-    """Refuse a run file, checkpoint or ``tb/`` of ``out_dir`` that is a symbolic link: the run would
-    append to, write into or delete what it points at (one sentence naming both)."""
+    """Refuse a run file, checkpoint or folder (``tb/``, ``wandb/``) of ``out_dir`` that is a symbolic
+    link: the run would append to, write into or delete what it points at (one sentence naming both)."""
     d = Path(out_dir)
     if not d.is_dir():
         return
-    names = {*RUN_FILES, "tb", LOCK_NAME}
+    names = {*RUN_FILES, *RUN_DIRS, LOCK_NAME}
     for p in sorted(d.iterdir()):
         if p.is_symlink() and (p.name in names or p.name.startswith("ckpt-")):
             raise FileExistsError(
