@@ -59,8 +59,6 @@ class _RunFile(logging.FileHandler):
     then fails in one sentence if the disk is still full)."""
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
-        import sys
-
         exc = sys.exc_info()[1]
         if not isinstance(exc, OSError):
             super().handleError(record)

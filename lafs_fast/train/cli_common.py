@@ -234,7 +234,9 @@ def _check_cpu_memory(prog: str, cfg: Config, nprocs: int) -> None:
     context made here would stay on GPU 0 for the whole job)."""
     import torch
 
-    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+    from lafs_fast.launch import resolve_device
+
+    if resolve_device(cfg.train.device).type == "cuda":
         return
     from lafs_fast.train.memory_guard import guard_process
 
