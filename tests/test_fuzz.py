@@ -107,6 +107,14 @@ def holds(parse: Callable[[], Any]) -> Any:
             return exc
 
 
+def holds_on_file(data: bytes, name: str, parse: Callable[[Path], Any]) -> Any:
+    """:func:`holds` for a reader of a file: ``data`` written to a file ``name`` in a fresh folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        return holds(lambda: parse(path))
+
+
 # 32-bit edge values; then the float32 bit patterns of 1e9, 2^31, +inf and NaN (a label or an identity
 # range past what a rec holds)
 _EDGE_WORDS = [
@@ -307,9 +315,7 @@ def bin_files(draw: st.DrawFn) -> bytes:
 @given(data=some_bytes(bin_files()))
 @fuzz_settings(300)
 def test_bin_unpickler(data: bytes) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "x.bin").write_bytes(data)
-        holds(lambda: load_bin(Path(tmp) / "x.bin"))
+    holds_on_file(data, "x.bin", load_bin)
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -355,9 +361,8 @@ def test_yaml_config(data: st.DataObject) -> None:
             st.text(max_size=64),
         )
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "c.yaml").write_text(text, encoding="utf-8", errors="surrogatepass")
-        holds(lambda: load_config(data.draw(st.sampled_from(list(PRESETS))), Path(tmp) / "c.yaml"))
+    preset = data.draw(st.sampled_from(list(PRESETS)))
+    holds_on_file(text.encode("utf-8", "surrogatepass"), "c.yaml", lambda path: load_config(preset, path))
 
 
 _overrides = st.lists(
@@ -409,9 +414,7 @@ def _use_sidecar(path: Path) -> None:
 @given(data=some_bytes(sidecar_files()))
 @fuzz_settings(120)
 def test_landmark_sidecar(data: bytes) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "s.npz").write_bytes(data)
-        holds(lambda: _use_sidecar(Path(tmp) / "s.npz"))
+    holds_on_file(data, "s.npz", _use_sidecar)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -434,9 +437,7 @@ def checkpoint_files(draw: st.DrawFn) -> bytes:
 @given(data=some_bytes(checkpoint_files()))
 @fuzz_settings(120)
 def test_checkpoint_loader(data: bytes) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "m.pt").write_bytes(data)
-        holds(lambda: safe_load(Path(tmp) / "m.pt"))
+    holds_on_file(data, "m.pt", safe_load)
 
 
 def test_the_bounds_catch_what_they_promise(monkeypatch: pytest.MonkeyPatch) -> None:
