@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     from lafs_fast.cli import main as lafs_main
     from lafs_fast.errors import parse_command_line
     from lafs_fast.train.config_show import stage_config
-    from lafs_fast.train.memory_guard import estimate
+    from lafs_fast.train.memory_guard import estimate, run_facts
 
     stage = argv[0]
     parser, _ = build_parser(stage)
@@ -60,12 +60,13 @@ def main(argv: list[str]) -> int:
     rc = lafs_main(argv)
     import torch
 
-    from lafs_fast.data.sources import open_source
+    from lafs_fast.launch import resolve_device
     from lafs_fast.train.cli_common import data_source
 
-    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
-    classes = 0 if stage == "pretrain" else int(open_source(data_source(cfg))[1].num_classes)
-    est = estimate(cfg, stage, classes, "cuda" if cuda else "cpu", "bf16" if cuda else "fp32")
+    device = resolve_device(cfg.train.device)
+    cuda = device.type == "cuda"
+    classes, precision = run_facts(cfg, stage, device, data_source(cfg))  # as the guard resolves them
+    est = estimate(cfg, stage, classes, device.type, precision)
     row = {
         "argv": argv,
         "rc": rc,

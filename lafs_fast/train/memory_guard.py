@@ -50,7 +50,16 @@ from lafs_fast.errors import available_ram
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Estimate", "estimate", "available_memory", "check_memory", "guard_process", "step_flops", "GB"]
+__all__ = [
+    "Estimate",
+    "estimate",
+    "available_memory",
+    "check_memory",
+    "guard_process",
+    "run_facts",
+    "step_flops",
+    "GB",
+]
 
 GB = 1024**3
 # measured (docs/performance.md, "The memory guard"): the intercepts of peak RSS against the batch
@@ -224,15 +233,21 @@ def check_memory(
     return est
 
 
+def run_facts(cfg: Config, stage: str, device: torch.device, source: str) -> tuple[int, str]:
+    """(the supervised head's classes from the data ``source``, 0 for pre-training; the precision the
+    run resolves on ``device``): what :func:`estimate` needs besides the config."""
+    from lafs_fast.data.sources import open_source
+    from lafs_fast.launch import resolve_precision
+
+    classes = 0 if stage == "pretrain" else int(open_source(source)[1].num_classes)
+    return classes, resolve_precision(cfg.train.precision, device)
+
+
 def guard_process(
     cfg: Config, stage: str, device: torch.device, source: str, *, processes: int = 1, warn: bool = True
 ) -> Estimate:
     """:func:`check_memory` for a training command, before any model is built: the precision the run
     resolves on ``device``, the supervised head's classes from the data ``source`` (the full set: a
     few-shot subset has fewer), ``processes`` of this machine sharing its RAM."""
-    from lafs_fast.data.sources import open_source
-    from lafs_fast.launch import resolve_precision
-
-    classes = 0 if stage == "pretrain" else int(open_source(source)[1].num_classes)
-    precision = resolve_precision(cfg.train.precision, device)
+    classes, precision = run_facts(cfg, stage, device, source)
     return check_memory(cfg, stage, device, precision, num_classes=classes, processes=processes, warn=warn)
