@@ -34,3 +34,8 @@ TINY_SUPERVISED = [
     "data.synthetic_images_per_identity=2",
     *CPU,
 ]
+
+
+def one_sentence(text: str) -> bool:
+    """A user's error as lafs-fast says it: one line, no traceback."""
+    return "\n" not in text.strip() and "Traceback" not in text

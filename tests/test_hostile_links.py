@@ -18,6 +18,7 @@ from lafs_fast.launch import DistInfo
 from lafs_fast.train import pretrain
 from lafs_fast.train.engine import Engine
 from lafs_fast.train.run_folder import LOCK_NAME, RunLock, run_files
+from tests import one_sentence
 from tests.test_engine import Regression, TensorLoader, _cfg, _engine
 
 SECRET = b"the victim's own bytes\n"
@@ -34,10 +35,6 @@ def victim_folder(tmp_path: Path) -> Path:
     v.mkdir()
     (v / "keep.txt").write_bytes(SECRET)
     return v
-
-
-def one_sentence(text: str) -> bool:
-    return "\n" not in text.strip() and "Traceback" not in text
 
 
 def assert_untouched(victim: Path) -> None:

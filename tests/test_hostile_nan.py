@@ -19,15 +19,11 @@ from lafs_fast.eval.loading import load_eval_model
 from lafs_fast.io import atomic_save, safe_load
 from lafs_fast.models.checkpoints import TRAIN_FORMAT, load_model
 from lafs_fast.train.checkpointing import load_checkpoint
+from tests import one_sentence
 from tests.test_data_recordio import raw_record, write_raw
 from tests.test_eval_util import faces, tiny_model_file
 
 NAN_KEY = "transformer.layers.0.0.fn.fn.to_qkv.weight"
-
-
-def one_sentence(text: str) -> bool:
-    """One line, no traceback."""
-    return "\n" not in text.strip() and "Traceback" not in text
 
 
 def nan_model_file(tmp_path: Path, value: float = float("nan")) -> Path:
